@@ -1,0 +1,58 @@
+"""LogIX: training data attribution as easy as experiment tracking.
+
+    run = logix.init(project="demo")
+    run.watch(model); run.add_lora(); run.setup({"grad": ["log"]}); run.save(True)
+    with run(data_id=ids): loss.backward()
+    run.finalize()
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from logix.config import Config, load_config
+from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
+from logix.log import StepLog
+from logix.run import Run
+
+__version__ = "0.2.0"
+
+_current: Optional[Run] = None
+
+
+def init(project: str, config: Any = None, **overrides: Any) -> Run:
+    """Start a project. `config` is a YAML path, a Config, or None for defaults; keyword
+    overrides use the config's keys (`root_dir="..."`, `lora={"rank": 16}`, `rank=16`)."""
+    global _current
+    cfg = config if isinstance(config, Config) else load_config(config, **overrides)
+    if isinstance(config, Config) and overrides:
+        cfg = load_config(None, **{**config.to_dict(), **overrides})
+    _current = Run(project, cfg)
+    return _current
+
+
+def get_run() -> Run:
+    if _current is None:
+        raise UsageError("No active LogIX run: call logix.init(project) first.")
+    return _current
+
+
+def _shortcut(name: str):
+    method = getattr(Run, name)
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        return getattr(get_run(), name)(*args, **kwargs)
+
+    return call
+
+
+for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",
+              "finalize", "initialize_from_log", "build_log_dataloader", "compute_influence_all",
+              "summary", "flush"):
+    globals()[_name] = _shortcut(_name)
+del _name
+
+__all__ = ["init", "Run", "Config", "load_config", "StepLog", "get_run", "LogIXError",
+           "ConfigError", "UsageError", "LogFormatError", "WriterError"]

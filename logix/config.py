@@ -1,0 +1,222 @@
+"""Configuration: one dataclass per concern, validated on construction.
+
+The YAML file uses LogIX's key names (``root_dir``, ``logging``, ``lora``) so existing files keep
+working. Every key is optional and so is the file. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
+
+import yaml
+
+from logix.errors import ConfigError
+
+LogDtype = Literal["float32", "bfloat16", "float16"]
+LoraInit = Literal["random", "pca"]
+Hessian = Literal["auto", "none", "raw", "kfac", "ekfac"]
+Mode = Literal["dot", "cosine", "l2"]
+
+# Old LogIX wrote `log_dtype: none` for "the model's dtype"; we log float32 then.
+_DTYPE_ALIASES = {"none": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "float": "float32", "half": "float16"}
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class LoggingConfig:
+    flush_threshold: int = _help(
+        "Numbers (rows x row width) buffered in memory before a shard is written.", 1 << 26)
+    shard_rows: Optional[int] = _help(
+        "Rows per shard; overrides flush_threshold when set.", None)
+    num_workers: int = _help("Writer threads that serialise shards to disk.", 1)
+    queue_size: int = _help("Shards waiting for a writer before end() blocks (bounds memory).", 2)
+    cpu_offload: bool = _help("Keep statistics on the CPU instead of the model's device.", False)
+    log_dtype: LogDtype = _help("dtype of the logged rows on disk.", "float32")
+    include_bias: bool = _help("Log the bias gradient too (a constant 1 appended to inputs).", False)
+    nonfinite: Literal["error", "skip"] = _help(
+        "What to do with a step whose gradients contain NaN or inf: raise, or skip with a warning.",
+        "error")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.log_dtype, str):
+            self.log_dtype = _DTYPE_ALIASES.get(self.log_dtype.lower(), self.log_dtype.lower())
+        _positive(self, "flush_threshold", "num_workers", "queue_size")
+        if self.shard_rows is not None:
+            _positive(self, "shard_rows")
+
+
+@dataclass
+class LoraConfig:
+    init: LoraInit = _help("How projections are initialised: seeded Gaussian or PCA.", "random")
+    rank: int = _help("Projection rank for both sides, clipped to each layer's sizes.", 64)
+    rank_in: Optional[int] = _help("Input-side rank; overrides `rank` when set.", None)
+    rank_out: Optional[int] = _help("Output-side rank; overrides `rank` when set.", None)
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank")
+        for key in ("rank_in", "rank_out"):
+            if getattr(self, key) is not None:
+                _positive(self, key)
+
+
+@dataclass
+class InfluenceConfig:
+    hessian: Hessian = _help(
+        "Preconditioner: 'auto' picks the best the statistics allow (ekfac > kfac > raw > none).",
+        "auto")
+    mode: Mode = _help("Score: dot product, cosine similarity, or negative squared distance.", "dot")
+    damping: Optional[float] = _help("Absolute damping added to every module's curvature.", None)
+    relative_damping: float = _help(
+        "Used when `damping` is unset: damping = this x the mean eigenvalue, per module.", 0.1)
+    block_rows: int = _help("Training rows scored per matrix multiply while streaming.", 8192)
+
+    def __post_init__(self) -> None:
+        if self.damping is not None and self.damping < 0:
+            raise ConfigError(f"influence.damping must be >= 0 or null, got {self.damping}.")
+        if self.relative_damping < 0:
+            raise ConfigError(
+                f"influence.relative_damping must be >= 0, got {self.relative_damping}.")
+        _positive(self, "block_rows")
+
+
+@dataclass
+class Config:
+    root_dir: str = _help("Folder that holds one sub-folder per project.", "./logix")
+    seed: int = _help("Seed of the random projections (each module also mixes in its name).", 0)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: Union[str, os.PathLike, None] = None, **overrides: Any) -> Config:
+    """Build a Config from an optional YAML file, then keyword overrides.
+
+    Overrides use the same keys: ``root_dir="..."``, ``lora={"rank": 16}``, or a flat key of a
+    section such as ``rank=16`` or ``log_dtype="bfloat16"`` when the name is unambiguous.
+    """
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"Config file {str(path)!r} does not exist. Pass config=None to use "
+                              "the defaults, or the path of a YAML file.")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping, got "
+                              f"{type(loaded).__name__}.")
+        data = loaded
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section = _section_of(key)
+        if section is None:
+            data[key] = value
+        else:
+            data.setdefault(section, {})
+            if data[section] is None:
+                data[section] = {}
+            data[section][key] = value
+    return _build(Config, data, "")
+
+
+def _section_of(key: str) -> Optional[str]:
+    """The section that owns a flat key, or None for a top-level key."""
+    top = _field_names(Config)
+    if key in top:
+        return None
+    owners = [name for name, cls in _sections().items() if key in _field_names(cls)]
+    if len(owners) == 1:
+        return owners[0]
+    raise ConfigError(f"Unknown config key {key!r}. Top-level keys: {top}; section keys: "
+                      + "; ".join(f"{s}: {_field_names(c)}" for s, c in _sections().items()))
+
+
+def _sections() -> dict:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)
+            if f.default_factory is not dataclasses.MISSING}
+
+
+def _field_names(cls) -> list:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls, data: Any, prefix: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"Config section {prefix.rstrip('.') or 'root'!r} must be a mapping, got "
+                          f"{data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"Unknown config key(s) {[prefix + k for k in unknown]}. Allowed keys"
+                          f"{' in ' + prefix.rstrip('.') if prefix else ''}: {names}.")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        value, hint = data[name], hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, hint)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Invalid config{' section ' + prefix.rstrip('.') if prefix else ''}: {e}"
+                          ) from e
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is Literal:
+        if isinstance(value, str) and key.endswith("log_dtype"):
+            value = _DTYPE_ALIASES.get(value.lower(), value.lower())
+        if value not in args:
+            raise ConfigError(f"Config key {key!r} is {value!r}; allowed values: {list(args)}.")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Config key {key!r} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"Config key {key!r} must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Config key {key!r} must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"Config key {key!r} must be a string, got {value!r}.")
+        return os.fspath(value)
+    return value
+
+
+def _positive(obj: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"`{key}` must be a positive integer, got {value!r}.")

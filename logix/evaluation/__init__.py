@@ -1,0 +1,17 @@
+"""Counterfactual evaluation of attribution scores: LDS and brittleness.
+
+Scores follow the library sign convention: ``scores[q, i] > 0`` means
+training on example ``i`` lowers the loss of query ``q`` (helpful).
+"""
+
+from .brittleness import BrittlenessResult, brittleness
+from .lds import lds, linear_datamodeling_score, make_subsets, spearman
+
+__all__ = [
+    "BrittlenessResult",
+    "brittleness",
+    "lds",
+    "linear_datamodeling_score",
+    "make_subsets",
+    "spearman",
+]

@@ -1,0 +1,1 @@
+"""Influence: preconditioners, scoring modes and streaming over saved logs."""

@@ -1,0 +1,79 @@
+"""LoGra projections: one (P_in, P_out) pair per tracked module, and how they are initialised.
+
+Random projections are seeded Gaussians with entries of variance 1/rank (Johnson-Lindenstrauss
+scaling): E[P^T P] = I, so projected inner products estimate full-gradient inner products without
+bias, and no module's weight in a summed score depends on its rank or width. Each module's seed
+mixes the run's seed with a stable hash of the module's name, so a query run regenerates exactly
+the projections of the log. PCA projections are the top eigenvectors of the forward / backward
+covariances of a statistics pass.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Projection:
+    """P_in [rank_in, in_dim] and P_out [rank_out, out_dim]; None stands for the identity."""
+
+    p_in: Optional[Tensor]
+    p_out: Optional[Tensor]
+    in_dim: int
+    out_dim: int
+
+    @property
+    def rank_in(self) -> int:
+        return self.in_dim if self.p_in is None else self.p_in.shape[0]
+
+    @property
+    def rank_out(self) -> int:
+        return self.out_dim if self.p_out is None else self.p_out.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Width of this module's part of a log row."""
+        return self.rank_in * self.rank_out
+
+    def to(self, device=None, dtype=None) -> "Projection":
+        def move(p):
+            return None if p is None else p.to(device=device, dtype=dtype)
+
+        return Projection(move(self.p_in), move(self.p_out), self.in_dim, self.out_dim)
+
+
+def identity(in_dim: int, out_dim: int) -> Projection:
+    return Projection(None, None, in_dim, out_dim)
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A stable per-module seed: the same on every process, machine and Python version."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def random_projection(name: str, in_dim: int, out_dim: int, rank_in: int, rank_out: int,
+                      seed: int) -> Projection:
+    generator = torch.Generator().manual_seed(module_seed(seed, name))
+    rank_in, rank_out = min(rank_in, in_dim), min(rank_out, out_dim)
+    p_in = torch.randn(rank_in, in_dim, generator=generator) / rank_in**0.5
+    p_out = torch.randn(rank_out, out_dim, generator=generator) / rank_out**0.5
+    return Projection(p_in, p_out, in_dim, out_dim)
+
+
+def pca_projection(forward_cov: Tensor, backward_cov: Tensor, rank_in: int,
+                   rank_out: int) -> Projection:
+    """Rows of P_in / P_out are the top eigenvectors of the input / output-gradient covariances."""
+    return Projection(top_eigenvectors(forward_cov, rank_in), top_eigenvectors(backward_cov, rank_out),
+                      forward_cov.shape[0], backward_cov.shape[0])
+
+
+def top_eigenvectors(cov: Tensor, rank: int) -> Tensor:
+    """[rank, d]: eigenvectors of the largest eigenvalues, largest first, computed in float64."""
+    _, vectors = torch.linalg.eigh(cov.double())
+    rank = min(rank, cov.shape[0])
+    return vectors[:, -rank:].flip(-1).T.contiguous().float()

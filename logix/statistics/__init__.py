@@ -1,0 +1,1 @@
+"""Curvature statistics: covariances, eigendecompositions, corrected eigenvalues."""

@@ -1,0 +1,88 @@
+"""Running uncentred covariances, kept as sums and counts until they are read.
+
+Kinds and their definitions (x~, dy~ projected; per module):
+- ``forward``:  sum over real tokens of x~ x~^T,          divided by the number of real tokens.
+- ``backward``: sum over tokens of dy~ dy~^T,             divided by the number of examples.
+- ``grad``:     sum over examples of vec(G~) vec(G~)^T,    divided by the number of examples.
+With these, forward (x) backward matches the per-example gradient covariance in scale (exactly so
+for one token per example), which is what K-FAC approximates.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+FORWARD, BACKWARD, GRAD = "forward", "backward", "grad"
+KINDS = (FORWARD, BACKWARD, GRAD)
+_SEP = "::"
+
+
+class CovarianceState:
+    """Sums of outer products and their counts, per (module, kind)."""
+
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        self.device = device
+        self.sums: Dict[Tuple[str, str], Tensor] = {}
+        self.counts: Dict[Tuple[str, str], float] = {}
+
+    def update(self, module: str, kind: str, rows: Tensor, count: float) -> None:
+        """Add rows^T rows (rows: [M, d]) and `count` observations."""
+        rows = rows.float()
+        if self.device is not None:
+            rows = rows.to(self.device, non_blocking=True)
+        key = (module, kind)
+        if key in self.sums:
+            self.sums[key].addmm_(rows.T, rows)
+        else:
+            self.sums[key] = rows.T @ rows
+        self.counts[key] = self.counts.get(key, 0.0) + float(count)
+
+    def get(self, module: str, kind: str) -> Optional[Tensor]:
+        """The normalised covariance, or None when nothing was collected."""
+        key = (module, kind)
+        if key not in self.sums or self.counts[key] == 0:
+            return None
+        return self.sums[key] / self.counts[key]
+
+    def has(self, kind: str) -> bool:
+        return any(k == kind for _, k in self.sums)
+
+    def modules(self) -> Iterator[str]:
+        return iter(dict.fromkeys(m for m, _ in self.sums))
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def all_reduce(self) -> None:
+        """Sum sums and counts over torch.distributed ranks (a no-op in one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for key in sorted(self.sums):
+            dist.all_reduce(self.sums[key])
+            count = torch.tensor([self.counts[key]], dtype=torch.float64,
+                                 device=self.sums[key].device)
+            dist.all_reduce(count)
+            self.counts[key] = float(count.item())
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        out = {}
+        for (module, kind), total in self.sums.items():
+            out[f"{module}{_SEP}{kind}"] = total.detach().cpu().contiguous()
+            out[f"{module}{_SEP}{kind}{_SEP}count"] = torch.tensor(
+                self.counts[(module, kind)], dtype=torch.float64)
+        return out
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        self.clear()
+        for key, value in state.items():
+            parts = key.split(_SEP)
+            if len(parts) == 3 and parts[2] == "count":
+                self.counts[(parts[0], parts[1])] = float(value.item())
+            elif len(parts) == 2:
+                self.sums[(parts[0], parts[1])] = value.to(self.device) if self.device else value

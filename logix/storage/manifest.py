@@ -1,0 +1,129 @@
+"""manifest.json: what a log folder holds. Only shards that were completely written are named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from logix.errors import LogFormatError
+from logix.storage.format import FORMAT_VERSION, MANIFEST, atomic_write
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One tracked module's slice of a log row: columns [offset, offset + rank_out * rank_in)."""
+
+    name: str
+    type: str
+    in_dim: int
+    out_dim: int
+    rank_in: int
+    rank_out: int
+    offset: int
+    bias: bool = False
+
+    @property
+    def dim(self) -> int:
+        return self.rank_in * self.rank_out
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.dim)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str  # relative to the project folder
+    rows: int
+    bytes: int
+    sha256: str
+    rank: int
+    seq: int
+
+
+@dataclass
+class Manifest:
+    project: str
+    dtype: str
+    modules: List[ModuleEntry]
+    projection: Dict = field(default_factory=dict)  # {"init": ..., "seed": ...}
+    config: Dict = field(default_factory=dict)
+    shards: List[ShardEntry] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    format: str = "logix"
+
+    @property
+    def dim(self) -> int:
+        return sum(m.dim for m in self.modules)
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def module(self, name: str) -> ModuleEntry:
+        for entry in self.modules:
+            if entry.name == name:
+                return entry
+        raise LogFormatError(f"Module {name!r} is not in this log; it holds "
+                             f"{[m.name for m in self.modules]}.")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["dim"] = self.dim
+        out["rows"] = self.rows
+        return out
+
+    def save(self, project_dir: str) -> None:
+        data = json.dumps(self.to_dict(), indent=1).encode()
+        atomic_write(os.path.join(project_dir, MANIFEST), data)
+
+    @classmethod
+    def load(cls, project_dir: str) -> "Manifest":
+        path = os.path.join(project_dir, MANIFEST)
+        if not os.path.isfile(path):
+            raise LogFormatError(f"{project_dir!r} is not a LogIX log: it has no {MANIFEST}. "
+                                 "Point at the project folder (<root_dir>/<project>).")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise LogFormatError(f"{path!r} is not readable JSON: {e}") from e
+        if data.get("format") != "logix":
+            raise LogFormatError(f"{path!r} is not a LogIX manifest (no 'format': 'logix').")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise LogFormatError(f"{path!r} has format version {version}; this LogIX reads "
+                                 f"versions up to {FORMAT_VERSION}. Upgrade LogIX to read it.")
+        try:
+            return cls(project=data["project"], dtype=data["dtype"],
+                       modules=[ModuleEntry(**m) for m in data["modules"]],
+                       projection=data.get("projection", {}), config=data.get("config", {}),
+                       shards=[ShardEntry(**s) for s in data.get("shards", [])],
+                       format_version=version)
+        except (KeyError, TypeError) as e:
+            raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
+
+    def check_compatible(self, other: "Manifest") -> None:
+        """Refuse to mix rows of different layouts or dtypes in one log."""
+        problems = []
+        if self.dtype != other.dtype:
+            problems.append(f"dtype {other.dtype} vs {self.dtype} on disk")
+        if self.modules != other.modules:
+            mine = [(m.name, m.rank_out, m.rank_in) for m in self.modules]
+            theirs = [(m.name, m.rank_out, m.rank_in) for m in other.modules]
+            problems.append(f"modules/ranks {theirs} vs {mine} on disk")
+        if self.projection != other.projection:
+            problems.append(f"projection {other.projection} vs {self.projection} on disk")
+        if problems:
+            raise LogFormatError("This run does not match the log already in the project folder: "
+                                 + "; ".join(problems) + ". Use a new project name, or the same "
+                                 "model, modules, ranks, seed and log_dtype as the existing log.")
+
+
+def load_optional(project_dir: str) -> Optional[Manifest]:
+    if not os.path.isfile(os.path.join(project_dir, MANIFEST)):
+        return None
+    return Manifest.load(project_dir)

@@ -1,0 +1,143 @@
+"""Hooks that turn one training step into projected per-example gradients and statistics.
+
+Hooks exist only inside a `GradientCapture` context (one per `run.start()` / `run.end()`): the
+forward hook projects the layer input and registers a hook on the layer output; that hook projects
+the incoming output gradient and adds dy~ x~^T to the example's gradient. Each call of a layer
+pairs its own input with its own output gradient, so layers called several times in a step,
+gradient accumulation and gradient checkpointing (whose recomputed outputs never receive a
+gradient) all sum correctly. The hooks only read tensors: the model's own gradients and outputs
+are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from logix.errors import UsageError
+from logix.logra import Projection
+from logix.statistics.covariance import BACKWARD, FORWARD, CovarianceState
+from logix.tracking.modules import TrackedModule
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a step collects (from `run.setup`)."""
+
+    log_grad: bool = False
+    grad_covariance: bool = False
+    forward_covariance: bool = False
+    backward_covariance: bool = False
+
+    @property
+    def needs_backward(self) -> bool:
+        return self.log_grad or self.grad_covariance or self.backward_covariance
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.log_grad or self.grad_covariance
+
+
+ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]
+
+
+class GradientCapture:
+    """Registers hooks on enter, removes every handle on exit."""
+
+    def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
+                 plan: Plan, statistics: CovarianceState, mask: Optional[Tensor] = None) -> None:
+        self.modules = modules
+        self.projection_for = projection_for
+        self.plan = plan
+        self.statistics = statistics
+        self.mask = mask
+        self.batch_size: Optional[int] = None
+        self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], float32
+        self.calls: Dict[str, int] = dict.fromkeys(modules, 0)
+        self.mask_matched = False
+        self._handles: List = []
+
+    def __enter__(self) -> "GradientCapture":
+        for name, tracked in self.modules.items():
+            self._handles.append(tracked.module.register_forward_hook(self._forward_hook(tracked)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _forward_hook(self, tracked: TrackedModule):
+        def hook(module, inputs, output):
+            if not inputs or not isinstance(inputs[0], Tensor):
+                return
+            x = inputs[0]
+            wants_backward = self.plan.needs_backward
+            if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
+                return  # no gradient will come (inference, or a checkpoint's no-grad pass)
+            self._check_batch(tracked.name, x)
+            projection = self.projection_for(tracked.name, x.device, _compute_dtype(x, module))
+            with torch.no_grad():
+                x_proj = tracked.project_input(x.detach(), projection.p_in)  # [B, g, N, r_in]
+                mask = tracked.token_mask(x, self.mask)
+                if mask is not None:
+                    self.mask_matched = True
+                    x_proj = x_proj * mask[:, None, :, None].to(x_proj.dtype)
+            if not wants_backward:
+                self._forward_statistics(tracked.name, x_proj, mask)
+                return
+            output.register_hook(self._output_grad_hook(tracked, projection, x_proj, mask))
+
+        return hook
+
+    def _output_grad_hook(self, tracked: TrackedModule, projection: Projection, x_proj: Tensor,
+                          mask: Optional[Tensor]):
+        def hook(dy: Tensor) -> None:
+            with torch.no_grad():
+                if self.plan.forward_covariance:
+                    self._forward_statistics(tracked.name, x_proj, mask)
+                dy_proj = tracked.project_output(dy.to(x_proj.dtype), projection.p_out)
+                if self.plan.backward_covariance:
+                    rows = dy_proj.reshape(-1, dy_proj.shape[-1])
+                    self.statistics.update(tracked.name, BACKWARD, rows, dy_proj.shape[0])
+                if self.plan.needs_grad:
+                    # [B, g, N, r_out] x [B, g, N, r_in] -> [B, r_out, r_in]
+                    grad = torch.einsum("bgno,bgni->boi", dy_proj.float(), x_proj.float())
+                    if tracked.name in self.grads:
+                        self.grads[tracked.name] += grad
+                    else:
+                        self.grads[tracked.name] = grad
+                self.calls[tracked.name] += 1
+
+        return hook
+
+    def _forward_statistics(self, name: str, x_proj: Tensor, mask: Optional[Tensor]) -> None:
+        rows = x_proj.reshape(-1, x_proj.shape[-1])
+        if mask is None:
+            count = rows.shape[0]
+        else:
+            count = float(mask.sum()) * x_proj.shape[1]
+        self.statistics.update(name, FORWARD, rows, count)
+
+    def _check_batch(self, name: str, x: Tensor) -> None:
+        if self.batch_size is None:
+            self.batch_size = x.shape[0]
+            if self.mask is not None and self.mask.shape[0] != self.batch_size:
+                raise UsageError(f"mask has shape {tuple(self.mask.shape)} but the batch has "
+                                 f"{self.batch_size} examples; pass a mask of shape "
+                                 "[batch, tokens] (e.g. the attention_mask).")
+        elif x.shape[0] != self.batch_size:
+            raise UsageError(f"Module {name!r} saw a batch of {x.shape[0]} examples but an "
+                             f"earlier module saw {self.batch_size}. LogIX needs dim 0 of every "
+                             "tracked layer's input to be the example axis.")
+
+
+def _compute_dtype(x: Tensor, module: torch.nn.Module) -> torch.dtype:
+    """Project in the layer's floating dtype (embeddings see integer ids)."""
+    if x.is_floating_point():
+        return x.dtype
+    weight = getattr(module, "weight", None)
+    return weight.dtype if weight is not None else torch.float32

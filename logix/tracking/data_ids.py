@@ -1,0 +1,43 @@
+"""Turn whatever the user passes as `data_id` into a list of JSON-safe ids, one per example."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, List
+
+import torch
+
+from logix.errors import UsageError
+
+
+def normalize_data_ids(data_id: Any) -> List:
+    """A list of str/int stays as it is; a tensor of token ids [B, T] becomes one stable hash per
+    row (the same tokens give the same id in any process); a 1-D integer tensor becomes ints."""
+    if isinstance(data_id, torch.Tensor):
+        if data_id.dim() == 1 and not data_id.is_floating_point():
+            return [int(i) for i in data_id.tolist()]
+        if data_id.dim() >= 2:
+            rows = data_id.detach().to("cpu", torch.int64).reshape(data_id.shape[0], -1)
+            return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
+        raise UsageError(f"data_id tensor of shape {tuple(data_id.shape)} and dtype "
+                         f"{data_id.dtype} cannot name examples; pass integer ids [B], token ids "
+                         "[B, T], or a list of str/int.")
+    if isinstance(data_id, (str, int)):
+        data_id = [data_id]
+    try:
+        ids = list(data_id)
+    except TypeError:
+        raise UsageError(f"data_id must be a list of str/int or a tensor, got "
+                         f"{type(data_id).__name__}.") from None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (str, int)):
+            if hasattr(i, "item"):
+                continue
+            raise UsageError(f"data_id entries must be str or int, got {i!r} "
+                             f"({type(i).__name__}).")
+    ids = [i.item() if hasattr(i, "item") else i for i in ids]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({str(i) for i in ids if ids.count(i) > 1})[:5]
+        raise UsageError(f"data_id has duplicates within one batch: {dupes}. Each example in a "
+                         "batch needs its own id.")
+    return ids
