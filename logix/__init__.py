@@ -50,6 +50,7 @@ def _shortcut(name: str):
 
 for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",
               "finalize", "initialize_from_log", "build_log_dataloader", "compute_influence_all",
+              "compute_influence", "compute_self_influence",
               "summary", "flush"):
     globals()[_name] = _shortcut(_name)
 del _name

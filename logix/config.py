@@ -70,7 +70,7 @@ class LoraConfig:
 @dataclass
 class InfluenceConfig:
     hessian: Hessian = _help(
-        "Preconditioner: 'auto' picks the best the statistics allow (ekfac > kfac > raw > none).",
+        "Preconditioner: 'auto' picks the best the statistics allow (raw > ekfac > kfac > none).",
         "auto")
     mode: Mode = _help("Score: dot product, cosine similarity, or negative squared distance.", "dot")
     damping: Optional[float] = _help("Absolute damping added to every module's curvature.", None)

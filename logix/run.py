@@ -343,6 +343,8 @@ class Run:
         if self._needs_reduce:
             self.statistics.all_reduce()
             self._needs_reduce = False
+            if self._fits_ekfac():
+                self.influence.fit_ekfac(progress=False)
         if _rank() != 0:
             return
         os.makedirs(self.project_dir, exist_ok=True)
@@ -352,6 +354,11 @@ class Run:
         self._save_projections()
         state.save_statistics(self.project_dir, self.statistics.state_dict())
         self._manifest.save(self.project_dir)
+
+    def _fits_ekfac(self) -> bool:
+        """EK-FAC's eigenvalues come from the saved rows in K-FAC's eigenbasis."""
+        return (self._save and self.plan.forward_covariance and self.plan.backward_covariance
+                and self._manifest is not None and self._manifest.rows > 0)
 
     def initialize_from_log(self) -> "Run":
         """Load projections and statistics from this project's folder (a new process picks up
@@ -404,6 +411,14 @@ class Run:
         """Score the query log against every logged training example (streams the shards).
         See `logix.influence.engine.InfluenceEngine.compute_influence_all`."""
         return self.influence.compute_influence_all(src_log, loader, **kwargs)
+
+    def compute_influence(self, src_log: StepLog, tgt_log: StepLog, **kwargs):
+        """Scores between two in-memory logs. See `InfluenceEngine.compute_influence`."""
+        return self.influence.compute_influence(src_log, tgt_log, **kwargs)
+
+    def compute_self_influence(self, src_log: Optional[StepLog] = None, **kwargs):
+        """g^T (H + lambda I)^-1 g per example (of src_log, or of every saved row)."""
+        return self.influence.compute_self_influence(src_log, **kwargs)
 
     def summary(self) -> str:
         """A table of watched layers, gradient shapes, ranks and row widths (printed)."""

@@ -1,30 +1,394 @@
-"""Streaming influence: score query gradients against every logged training row."""
+"""Streaming influence: precondition the queries once, then one GEMM per block of logged rows.
+
+A score is s[q, i] = g_q^T (H + lambda I)^-1 g_i, both gradients of losses (summed over the
+examples of a batch). Positive: training on example i lowers query q's loss (helpful); negative:
+it raises it (harmful). Train logs stay unpreconditioned on disk, so every preconditioner and
+damping is a query-time choice.
+
+Modes: ``dot`` (s), ``cosine`` (s / sqrt(q^T H^-1 q * g^T H^-1 g)) and ``l2``
+(-(q - g)^T H^-1 (q - g)); the train-side g^T H^-1 g is computed once per preconditioner and cached
+in ``<project>/cache``.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 
 from logix.errors import UsageError
+from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
+                                            raw_inverse)
+from logix.influence.score_file import ScoreFileWriter, json_ids
+from logix.influence.topk import TopK
 from logix.log import StepLog
+from logix.progress import track
+from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
+from logix.statistics.eigen import EKFAC, eigh64, fit_ekfac
+from logix.storage.format import CACHE_DIR
 from logix.storage.reader import LogReader
+
+MODES = ("dot", "cosine", "l2")
+TOTAL = "total"
 
 
 class InfluenceEngine:
+    """Query methods of a Run (also reachable as `run.influence.*`)."""
+
     def __init__(self, run) -> None:
         self.run = run
+        self._eigen: Dict[tuple, object] = {}
+        self._eigen_version = -1
 
-    def compute_influence_all(self, src_log: Optional[StepLog] = None, loader=None,
-                              precondition: bool = False, **kwargs) -> dict:
-        src_log = src_log if src_log is not None else self.run.get_log()
-        reader = loader if isinstance(loader, LogReader) else self.run.reader()
-        if src_log.modules != reader.manifest.modules:
-            raise UsageError("The query log's modules or ranks differ from the saved log's.")
-        queries = src_log.grads.float()
-        scores, tgt_ids = [], []
-        for ids, block in reader.blocks(reader.block_rows):
-            scores.append(queries @ block.to(queries.device, torch.float32).T)
+    # ------------------------------------------------------------------ preconditioning
+    def available_hessians(self) -> List[str]:
+        stats, names = self.run.statistics, list(self.run.projections)
+        kinds = ["none"]
+        if names and all(stats.get(n, GRAD) is not None for n in names):
+            kinds.append("raw")
+        if names and all(stats.get(n, FORWARD) is not None and stats.get(n, BACKWARD) is not None
+                         for n in names):
+            kinds.append("kfac")
+            if self.run.statistics.has(EKFAC) or self._has_saved_rows():
+                kinds.append("ekfac")
+        return kinds
+
+    def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
+                       modules=None) -> Preconditioner:
+        """The (cached) per-module inverse curvature for a hessian kind and damping."""
+        cfg = self.run.config.influence
+        kind = hessian or cfg.hessian
+        check_kind(kind)
+        if kind == "auto":
+            available = self.available_hessians()
+            kind = next(k for k in ("raw", "ekfac", "kfac", "none") if k in available)
+        modules = modules if modules is not None else self.run.layout()
+        damping = cfg.damping if damping is None else damping
+        if kind == "none":
+            return Preconditioner("none", {}, modules)
+        if kind == "ekfac" and not self.run.statistics.has(EKFAC):
+            self.fit_ekfac()
+        stats = self.run.statistics
+        if stats.version != self._eigen_version:
+            self._eigen.clear()
+            self._eigen_version = stats.version
+        inverses = {}
+        for m in modules:
+            if kind == "raw":
+                inverses[m.name] = raw_inverse(self._eig(m.name, GRAD), damping,
+                                               cfg.relative_damping)
+            else:
+                corrected = stats.get(m.name, EKFAC) if kind == "ekfac" else None
+                inverses[m.name] = kfac_inverse(self._eig(m.name, FORWARD),
+                                                self._eig(m.name, BACKWARD), damping,
+                                                cfg.relative_damping, corrected)
+        return Preconditioner(kind, inverses, modules)
+
+    def _eig(self, module: str, kind: str):
+        key = (module, kind)
+        if key not in self._eigen:
+            cov = self.run.statistics.get(module, kind)
+            if cov is None:
+                raise UsageError(_missing_statistics(module, kind))
+            self._eigen[key] = eigh64(cov)
+        return self._eigen[key]
+
+    def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
+        """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
+        reader = reader or self.run.reader()
+        if reader.rows == 0:
+            raise UsageError("hessian='ekfac' fits its eigenvalues from saved training logs, and "
+                             "this project has none: log with run.save(True) and "
+                             "setup({'grad': ['log'], 'forward': ['covariance'], 'backward': "
+                             "['covariance']}).")
+        modules = reader.manifest.modules
+        bases = {m.name: (self._eig(m.name, BACKWARD).vectors, self._eig(m.name, FORWARD).vectors)
+                 for m in modules}
+        blocks = reader.fixed_blocks(self.run.config.influence.block_rows)
+        total = -(-reader.rows // self.run.config.influence.block_rows)
+        sums, count = fit_ekfac(track(blocks, total, "Fitting EK-FAC", progress), modules, bases)
+        stats = self.run.statistics
+        stats.drop(EKFAC)
+        for name, total_sum in sums.items():
+            stats.accumulate(name, EKFAC, total_sum, count)
+
+    # ------------------------------------------------------------------ scoring
+    def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
+                          precondition: bool = True, hessian: Optional[str] = None,
+                          damping: Optional[float] = None, influence_groups=None) -> dict:
+        """Scores between two in-memory logs: {"src_ids", "tgt_ids", "influence" [n_src,
+        n_tgt]} (+ "groups" when influence_groups is given)."""
+        src = _as_log(src_log)
+        _check_layout(src.modules, tgt_log.modules, "target log")
+        grads = tgt_log.grads.float()
+        plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
+        train_norms = plan.norms_of(grads) if plan.needs_norms else None
+        scores = plan.score(grads, train_norms)
+        return plan.result(src, list(tgt_log.data_ids), scores)
+
+    def compute_influence_all(self, src_log=None, loader=None, mode: Optional[str] = None,
+                              precondition: bool = True, hessian: Optional[str] = None,
+                              damping: Optional[float] = None, influence_groups=None,
+                              topk: Optional[int] = None, out: Optional[str] = None,
+                              block_rows: Optional[int] = None, progress: bool = True) -> dict:
+        """Score query gradients against every saved training row, streaming the shards.
+
+        src_log: the query log (default: the run's last step; a list of logs is concatenated).
+        loader: a LogReader or project folder (default: this run's saved logs).
+        mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac";
+        damping: absolute damping for every module (default: relative, see config).
+        influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
+        adds result["groups"][name], and the groups' scores sum to the total when they
+        partition the modules. topk=k: instead of the full matrix, per query the k most helpful
+        and k most harmful training examples. out=path: write scores to a safetensors file.
+
+        Returns {"src_ids", "tgt_ids", "influence" [n_query, n_train]}; positive = helpful.
+        """
+        src = _as_log(src_log if src_log is not None else self.run.get_log())
+        reader = self._reader(loader)
+        _check_layout(src.modules, reader.manifest.modules, "saved log")
+        block_rows = block_rows or self.run.config.influence.block_rows
+        plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
+        n_train = reader.rows
+        train_norms = self._train_norms(reader, plan, block_rows, progress) \
+            if plan.needs_norms else None
+        names = plan.group_names
+        n_query = len(src)
+        writer = None
+        if out is not None:
+            shapes = {_tensor_name(g): (n_query, n_train) for g in names}
+            writer = ScoreFileWriter(out, shapes, {"src_ids": json_ids(src.data_ids),
+                                                   "tgt_ids": json_ids(reader.data_ids())})
+        top = TopK(topk, len(names) * n_query) if topk else None
+        columns: List[Tensor] = []
+        tgt_ids: List = []
+        start = 0
+        blocks = reader.fixed_blocks(block_rows)
+        total_blocks = -(-n_train // block_rows)
+        for ids, rows in track(blocks, total_blocks, "Scoring", progress):
+            norms = None if train_norms is None else train_norms[start:start + rows.shape[0]]
+            scores = plan.score(rows.to(plan.device), norms)  # [groups * n_query, rows]
+            if writer is not None:
+                for g, name in enumerate(names):
+                    writer.write_columns(_tensor_name(name), start,
+                                         scores[g * n_query:(g + 1) * n_query])
+            elif top is not None:
+                top.update(scores, start)
+            else:
+                columns.append(scores.cpu())
             tgt_ids.extend(ids)
-        influence = torch.cat(scores, 1) if scores else queries.new_zeros(len(src_log), 0)
-        return {"src_ids": list(src_log.data_ids), "tgt_ids": tgt_ids, "influence": influence}
+            start += rows.shape[0]
+        if writer is not None:
+            writer.close()
+            return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "path": out}
+        if top is not None:
+            return plan.topk_result(src, tgt_ids, top)
+        scores = torch.cat(columns, 1) if columns else torch.zeros(len(names) * n_query, 0)
+        return plan.result(src, tgt_ids, scores)
+
+    def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
+                               hessian: Optional[str] = None, damping: Optional[float] = None,
+                               block_rows: Optional[int] = None, progress: bool = True) -> dict:
+        """g^T (H + lambda I)^-1 g per example: of `src_log` when given, else of every saved
+        row. Returns {"ids", "influence" [n]}."""
+        kind = hessian if precondition else "none"
+        if src_log is not None:
+            log = _as_log(src_log)
+            plan = self._plan(log, "dot", precondition, kind, damping, None)
+            return {"ids": list(log.data_ids), "influence": plan.norms_of(log.grads.float())[:, 0]}
+        reader = self._reader(loader)
+        dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
+        plan = self._plan(dummy, "dot", precondition, kind, damping, None)
+        norms = self._train_norms(reader, plan, block_rows or self.run.config.influence.block_rows,
+                                  progress)
+        return {"ids": reader.data_ids(), "influence": norms[:, 0]}
+
+    # ------------------------------------------------------------------ helpers
+    def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "_ScorePlan":
+        mode = mode or self.run.config.influence.mode
+        if mode not in MODES:
+            raise UsageError(f"mode={mode!r} is not supported; allowed values: {list(MODES)}.")
+        kind = (hessian or self.run.config.influence.hessian) if precondition else "none"
+        preconditioner = self.preconditioner(kind, damping, src.modules)
+        return _ScorePlan(src, mode, preconditioner, _group_masks(src.modules, groups))
+
+    def _reader(self, loader) -> LogReader:
+        if loader is None:
+            return self.run.reader()
+        if isinstance(loader, LogReader):
+            return loader
+        if isinstance(loader, (str, os.PathLike)):
+            return LogReader(os.fspath(loader))
+        raise UsageError(f"loader must be a LogReader, a project folder or None, got "
+                         f"{type(loader).__name__}.")
+
+    def _has_saved_rows(self) -> bool:
+        try:
+            return self.run.reader().rows > 0
+        except Exception:
+            return False
+
+    def _train_norms(self, reader: LogReader, plan: "_ScorePlan", block_rows: int,
+                     progress: bool) -> Tensor:
+        """[n_train, groups] g^T (H + lambda I)^-1 g per group, cached beside the logs."""
+        key = hashlib.sha1(json.dumps({
+            "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
+            "groups": plan.group_signature(),
+            "shards": [(s.file, s.sha256) for s in reader.manifest.shards],
+            "statistics": _statistics_fingerprint(plan.preconditioner)},
+            sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
+        if os.path.isfile(path):
+            return torch.load(path, weights_only=True)
+        parts = []
+        blocks = reader.fixed_blocks(block_rows)
+        for _, rows in track(blocks, -(-reader.rows // block_rows), "Train norms", progress):
+            parts.append(plan.norms_of(rows.to(plan.device)).cpu())
+        norms = torch.cat(parts) if parts else torch.zeros(0, len(plan.group_names))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(norms, tmp)
+        os.replace(tmp, path)
+        return norms
+
+
+class _ScorePlan:
+    """Preconditioned queries stacked per group: one GEMM scores every group of every query."""
+
+    def __init__(self, src: StepLog, mode: str, preconditioner: Preconditioner,
+                 groups: Dict[str, Tensor]) -> None:
+        self.mode = mode
+        self.preconditioner = preconditioner
+        self.groups = groups  # name -> bool column mask [dim]; TOTAL first
+        self.n_query = len(src)
+        self.device = src.grads.device
+        precond = preconditioner.apply(src.grads.double()).float()  # [n_query, dim]
+        self.queries = torch.cat([precond * mask.to(precond.device) for mask in groups.values()]
+                                 ) if len(groups) > 1 else precond
+        self.needs_norms = mode != "dot"
+        if self.needs_norms:
+            query_norms = (precond * src.grads.float()) @ self._mask_matrix().T  # [n_query, G]
+            self.query_norms = query_norms.T.reshape(-1)  # group-major, as the query rows
+
+    @property
+    def group_names(self) -> List[str]:
+        return list(self.groups)
+
+    def group_signature(self) -> List:
+        return [(name, mask.nonzero().flatten().tolist()[:1], int(mask.sum()))
+                for name, mask in self.groups.items()]
+
+    def _mask_matrix(self) -> Tensor:
+        return torch.stack(list(self.groups.values())).float().to(self.device)  # [G, dim]
+
+    def norms_of(self, rows: Tensor) -> Tensor:
+        """[n, G] g^T (H + lambda I)^-1 g restricted to each group's columns."""
+        precond = self.preconditioner.apply(rows)
+        return (precond * rows) @ self._mask_matrix().T
+
+    def score(self, rows: Tensor, train_norms: Optional[Tensor]) -> Tensor:
+        scores = self.queries @ rows.T  # [G * n_query, n]
+        if self.mode == "dot":
+            return scores
+        train = train_norms.to(scores.device).T.repeat_interleave(self.n_query, 0)  # [G*nq, n]
+        query = self.query_norms[:, None]
+        if self.mode == "cosine":
+            return scores / (query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
+        return -(query - 2 * scores + train)
+
+    def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
+        out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,
+               "influence": scores[:self.n_query]}
+        if len(self.groups) > 1:
+            out["groups"] = {name: scores[g * self.n_query:(g + 1) * self.n_query]
+                             for g, name in enumerate(self.groups) if name != TOTAL}
+        return out
+
+    def topk_result(self, src: StepLog, tgt_ids: List, top: "TopK") -> dict:
+        best, best_idx, worst, worst_idx = top.result()
+        nq = self.n_query
+
+        def ids(index: Tensor) -> List[List]:
+            return [[tgt_ids[i] for i in row] for row in index.tolist()]
+
+        out = {"src_ids": list(src.data_ids), "top_ids": ids(best_idx[:nq]),
+               "top_scores": best[:nq], "bottom_ids": ids(worst_idx[:nq]),
+               "bottom_scores": worst[:nq]}
+        if len(self.groups) > 1:
+            out["groups"] = {
+                name: {"top_ids": ids(best_idx[g * nq:(g + 1) * nq]),
+                       "top_scores": best[g * nq:(g + 1) * nq],
+                       "bottom_ids": ids(worst_idx[g * nq:(g + 1) * nq]),
+                       "bottom_scores": worst[g * nq:(g + 1) * nq]}
+                for g, name in enumerate(self.groups) if name != TOTAL}
+        return out
+
+
+def _group_masks(modules, groups) -> Dict[str, Tensor]:
+    dim = sum(m.dim for m in modules)
+    masks = {TOTAL: torch.ones(dim, dtype=torch.bool)}
+    if groups is None:
+        return masks
+    if groups == "module" or groups == "modules":
+        groups = {m.name: [m.name] for m in modules}
+    if isinstance(groups, (list, tuple)):
+        groups = {f"group{i}": list(g) if not isinstance(g, str) else [g]
+                  for i, g in enumerate(groups)}
+    if not isinstance(groups, dict):
+        raise UsageError("influence_groups must be 'module', a list of lists of module names, "
+                         f"or a dict name -> [module-name substrings]; got {groups!r}.")
+    for name, patterns in groups.items():
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        mask = torch.zeros(dim, dtype=torch.bool)
+        for m in modules:
+            if any(m.name == p or p in m.name for p in patterns):
+                mask[m.columns] = True
+        if not mask.any():
+            raise UsageError(f"influence group {name!r} ({patterns}) matches no logged module; "
+                             f"modules: {[m.name for m in modules]}.")
+        if name == TOTAL:
+            raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")
+        masks[name] = mask
+    return masks
+
+
+def _tensor_name(group: str) -> str:
+    return "influence" if group == TOTAL else f"influence/{group}"
+
+
+def _statistics_fingerprint(preconditioner: Preconditioner) -> List:
+    return [(name, float(inv.values.sum()) if inv.values is not None else 0.0)
+            for name, inv in sorted(preconditioner.inverses.items())]
+
+
+def _as_log(log: Union[StepLog, Sequence[StepLog]]) -> StepLog:
+    if isinstance(log, StepLog):
+        return log
+    if isinstance(log, (list, tuple)) and log and all(isinstance(x, StepLog) for x in log):
+        return StepLog.concat(log)
+    raise UsageError(f"Expected a StepLog from run.get_log() (or a list of them), got "
+                     f"{type(log).__name__}.")
+
+
+def _check_layout(query_modules, saved_modules, what: str) -> None:
+    if list(query_modules) != list(saved_modules):
+        mine = [(m.name, m.rank_out, m.rank_in) for m in query_modules]
+        theirs = [(m.name, m.rank_out, m.rank_in) for m in saved_modules]
+        raise UsageError(f"The query's modules/ranks {mine} differ from the {what}'s {theirs}. "
+                         "Query with the same watched layers and projections: in a new process "
+                         "call run.watch(model) then run.initialize_from_log().")
+
+
+def _missing_statistics(module: str, kind: str) -> str:
+    need = {GRAD: "{'grad': ['log', 'covariance']}",
+            FORWARD: "{'forward': ['covariance'], 'backward': ['covariance']}",
+            BACKWARD: "{'forward': ['covariance'], 'backward': ['covariance']}"}[kind]
+    return (f"No {kind} covariance for module {module!r}: this preconditioner needs run.setup("
+            f"{need}) during the logging pass, then run.finalize(). Or pass hessian='none'.")
+
+
+__all__ = ["InfluenceEngine", "KINDS", "MODES"]

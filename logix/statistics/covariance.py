@@ -27,9 +27,11 @@ class CovarianceState:
         self.device = device
         self.sums: Dict[Tuple[str, str], Tensor] = {}
         self.counts: Dict[Tuple[str, str], float] = {}
+        self.version = 0  # bumped on every change, so cached inverses know they are stale
 
     def update(self, module: str, kind: str, rows: Tensor, count: float) -> None:
         """Add rows^T rows (rows: [M, d]) and `count` observations."""
+        self.version += 1
         rows = rows.float()
         if self.device is not None:
             rows = rows.to(self.device, non_blocking=True)
@@ -39,6 +41,20 @@ class CovarianceState:
         else:
             self.sums[key] = rows.T @ rows
         self.counts[key] = self.counts.get(key, 0.0) + float(count)
+
+    def accumulate(self, module: str, kind: str, total: Tensor, count: float) -> None:
+        """Add a precomputed sum (e.g. EK-FAC's squared rotated gradients) and its count."""
+        self.version += 1
+        key = (module, kind)
+        total = total.to(self.device) if self.device is not None else total
+        self.sums[key] = self.sums[key] + total if key in self.sums else total.clone()
+        self.counts[key] = self.counts.get(key, 0.0) + float(count)
+
+    def drop(self, kind: str) -> None:
+        """Forget every module's statistics of one kind."""
+        self.version += 1
+        for key in [k for k in self.sums if k[1] == kind]:
+            del self.sums[key], self.counts[key]
 
     def get(self, module: str, kind: str) -> Optional[Tensor]:
         """The normalised covariance, or None when nothing was collected."""
@@ -54,6 +70,7 @@ class CovarianceState:
         return iter(dict.fromkeys(m for m, _ in self.sums))
 
     def clear(self) -> None:
+        self.version += 1
         self.sums.clear()
         self.counts.clear()
 
@@ -80,6 +97,7 @@ class CovarianceState:
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         self.clear()
+        self.version += 1
         for key, value in state.items():
             parts = key.split(_SEP)
             if len(parts) == 3 and parts[2] == "count":

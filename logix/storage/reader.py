@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, List, Optional, Tuple
+import queue
+import struct
+import threading
+from typing import Iterable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -66,6 +70,43 @@ class LogReader:
                 raise LogFormatError(f"Shard {path!r} is not readable: {e!r}. Run `logix verify "
                                      f"{self.project_dir}` to check every shard.") from e
 
+    def fixed_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]] = None,
+                     prefetch: int = 2) -> Iterator[Tuple[List, Tensor]]:
+        """Yield (ids, float32 rows) in blocks of exactly `block_rows` (the last may be shorter)
+        whatever the shard sizes, so every matrix multiply has the same shape and scores do not
+        depend on how the log was sharded. A block inside one float32 shard is a zero-copy view
+        of the memory-mapped file; other blocks are assembled (and upcast) by a prefetch thread.
+        """
+        produce = self._fixed_blocks(block_rows, shards)
+        return _prefetched(produce, prefetch) if prefetch > 0 else produce
+
+    def _fixed_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]]):
+        carry_ids: List = []
+        carry: List[Tensor] = []
+        carried = 0
+        for shard in self.manifest.shards if shards is None else shards:
+            ids, rows = map_shard(self._path(shard))
+            if rows.shape[0] != shard.rows or len(ids) != shard.rows:
+                raise LogFormatError(f"Shard {shard.file!r} holds {rows.shape[0]} rows and "
+                                     f"{len(ids)} ids but the manifest says {shard.rows}.")
+            pos, n = 0, rows.shape[0]
+            if carried:
+                take = min(block_rows - carried, n)
+                carry_ids += ids[:take]
+                carry.append(rows[:take])
+                carried += take
+                pos = take
+                if carried == block_rows:
+                    yield carry_ids, torch.cat(carry).float()
+                    carry_ids, carry, carried = [], [], 0
+            while n - pos >= block_rows:
+                yield ids[pos:pos + block_rows], rows[pos:pos + block_rows].float()
+                pos += block_rows
+            if pos < n:
+                carry_ids, carry, carried = ids[pos:], [rows[pos:]], n - pos
+        if carried:
+            yield carry_ids, torch.cat(carry).float()
+
     def read_all(self) -> Tuple[List, Tensor]:
         """Every row in one tensor: for small logs and tests."""
         ids, parts = [], []
@@ -81,3 +122,65 @@ class LogReader:
         if not os.path.isfile(path):
             raise LogFormatError(f"Shard {path!r} is named in the manifest but missing.")
         return path
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def map_shard(path: str) -> Tuple[List, Tensor]:
+    """(data_ids, rows) of a shard, rows a zero-copy tensor over the memory-mapped file."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        info = header[GRAD_KEY]
+        start, stop = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        ids = json.loads(header["__metadata__"][DATA_IDS_KEY])
+    except (OSError, KeyError, ValueError, struct.error) as e:
+        raise LogFormatError(f"Shard {path!r} is not a readable LogIX shard: {e!r}. Run "
+                             f"`logix verify` on the project folder.") from e
+    shape = info["shape"]
+    if stop == start:
+        return ids, torch.empty(shape, dtype=dtype)
+    if os.path.getsize(path) < 8 + header_len + stop:
+        raise LogFormatError(f"Shard {path!r} is truncated.")
+    # copy-on-write mapping: torch wants a writable buffer; pages are shared until written.
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + start,
+                    shape=(stop - start,))
+    return ids, torch.from_numpy(raw).view(dtype).reshape(shape)
+
+
+def _prefetched(blocks: Iterable, depth: int) -> Iterator:
+    """Run a block generator in a thread, `depth` blocks ahead of the consumer."""
+    slots: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in blocks:
+                if stop.is_set():
+                    return
+                slots.put(item)
+            slots.put(done)
+        except BaseException as e:  # handed to the consumer
+            slots.put(e)
+
+    thread = threading.Thread(target=produce, name="logix-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)

@@ -1,0 +1,106 @@
+"""Block-diagonal preconditioners: per module, g -> (H_m + lambda_m I)^-1 g on projected grads.
+
+- ``none``:  H = 0 and no damping: the identity.
+- ``raw``:   H = C, the projected per-example gradient covariance [d, d].
+- ``kfac``:  H = A (x) S with A, S the forward / backward covariances, in their eigenbasis.
+- ``ekfac``: K-FAC's eigenbasis with EK-FAC's corrected eigenvalues.
+Damping is `damping` when given, else `relative_damping` x the mean eigenvalue of that module's
+curvature. Stored statistics are never modified: every call builds new tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from logix.errors import UsageError
+from logix.statistics.eigen import Eigen
+
+KINDS = ("none", "raw", "kfac", "ekfac")
+
+
+@dataclass(frozen=True)
+class ModuleInverse:
+    """(H + lambda I)^-1 for one module, kept as an eigendecomposition."""
+
+    kind: str
+    damping: float
+    values: Optional[Tensor] = None  # raw: [d]; kfac/ekfac: [r_out, r_in]
+    vectors: Optional[Tensor] = None  # raw: [d, d]
+    q_out: Optional[Tensor] = None  # kfac/ekfac: [r_out, r_out]
+    q_in: Optional[Tensor] = None  # kfac/ekfac: [r_in, r_in]
+
+    def apply(self, grads: Tensor) -> Tensor:
+        """grads [n, r_out, r_in] -> (H + lambda I)^-1 grads, in grads' dtype."""
+        if self.kind == "none":
+            return grads
+        dtype = grads.dtype
+        denominator = (self.values + self.damping).to(grads.device, dtype)
+        if self.kind == "raw":
+            vectors = self.vectors.to(grads.device, dtype)
+            flat = grads.reshape(grads.shape[0], grads.shape[1] * grads.shape[2])
+            return ((flat @ vectors) / denominator @ vectors.T).reshape(grads.shape)
+        q_out, q_in = self.q_out.to(grads.device, dtype), self.q_in.to(grads.device, dtype)
+        rotated = q_out.T @ grads @ q_in / denominator  # [n, r_out, r_in] in the eigenbasis
+        return q_out @ rotated @ q_in.T
+
+    def matrix(self) -> Tensor:
+        """(H + lambda I)^-1 as an explicit [d, d] matrix (row-major vec of [r_out, r_in])."""
+        if self.kind == "raw":
+            return self.vectors @ torch.diag(1 / (self.values + self.damping)) @ self.vectors.T
+        basis = torch.kron(self.q_out, self.q_in)
+        return basis @ torch.diag(1 / (self.values + self.damping).flatten()) @ basis.T
+
+
+def resolve_damping(values: Tensor, damping: Optional[float], relative_damping: float) -> float:
+    if damping is not None:
+        return float(damping)
+    return float(relative_damping * values.mean())
+
+
+def raw_inverse(covariance: Eigen, damping: Optional[float], relative: float) -> ModuleInverse:
+    return ModuleInverse("raw", resolve_damping(covariance.values, damping, relative),
+                         values=covariance.values, vectors=covariance.vectors)
+
+
+def kfac_inverse(forward: Eigen, backward: Eigen, damping: Optional[float], relative: float,
+                 corrected: Optional[Tensor] = None) -> ModuleInverse:
+    """corrected [r_out, r_in] (EK-FAC) replaces the Kronecker eigenvalues S_o * A_i."""
+    if corrected is None:
+        values, kind = torch.outer(backward.values, forward.values), "kfac"
+    else:
+        values, kind = corrected.double(), "ekfac"
+    return ModuleInverse(kind, resolve_damping(values, damping, relative), values=values,
+                         q_out=backward.vectors, q_in=forward.vectors)
+
+
+@dataclass
+class Preconditioner:
+    """One ModuleInverse per module of a row layout."""
+
+    kind: str
+    inverses: Dict[str, ModuleInverse]
+    modules: List  # ModuleEntry in row order
+
+    def apply(self, rows: Tensor) -> Tensor:
+        """rows [n, dim] -> preconditioned rows [n, dim]."""
+        if self.kind == "none":
+            return rows
+        parts = []
+        for m in self.modules:
+            grads = rows[:, m.columns].reshape(-1, m.rank_out, m.rank_in)
+            parts.append(self.inverses[m.name].apply(grads).reshape(rows.shape[0], m.dim))
+        return torch.cat(parts, 1)
+
+    @property
+    def dampings(self) -> Dict[str, float]:
+        return {name: inv.damping for name, inv in self.inverses.items()}
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS + ("auto",):
+        raise UsageError(f"hessian={kind!r} is not supported; allowed values: "
+                         f"{list(KINDS) + ['auto']}.")

@@ -1,0 +1,20 @@
+"""The shipped config.yaml documents the defaults: loading it must equal loading nothing."""
+
+import os
+
+import logix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_config_yaml_equals_defaults():
+    assert logix.load_config(os.path.join(ROOT, "config.yaml")) == logix.load_config()
+
+
+def test_readme_commands_exist():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for command in ("bash scripts/demo.sh", "bash scripts/test.sh"):
+        assert command in readme
+        assert os.path.isfile(os.path.join(ROOT, command.split()[1]))
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "scripts/test.sh" in ci and "scripts/demo.sh" in ci
