@@ -34,6 +34,7 @@ from logix.storage.reader import LogReader
 
 MODES = ("dot", "cosine", "l2")
 TOTAL = "total"
+SCORE_CHUNK = 1024  # training rows per matrix multiply; fixed so that scores are reproducible
 
 
 class InfluenceEngine:
@@ -127,7 +128,7 @@ class InfluenceEngine:
         grads = tgt_log.grads.float()
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         train_norms = plan.norms_of(grads) if plan.needs_norms else None
-        scores = plan.score(grads, train_norms)
+        scores = plan.score(grads, train_norms).T.contiguous()
         return plan.result(src, list(tgt_log.data_ids), scores)
 
     def compute_influence_all(self, src_log=None, loader=None, mode: Optional[str] = None,
@@ -151,7 +152,7 @@ class InfluenceEngine:
         src = _as_log(src_log if src_log is not None else self.run.get_log())
         reader = self._reader(loader)
         _check_layout(src.modules, reader.manifest.modules, "saved log")
-        block_rows = block_rows or self.run.config.influence.block_rows
+        block_rows = _aligned(block_rows or self.run.config.influence.block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         n_train = reader.rows
         train_norms = self._train_norms(reader, plan, block_rows, progress) \
@@ -164,31 +165,31 @@ class InfluenceEngine:
             writer = ScoreFileWriter(out, shapes, {"src_ids": json_ids(src.data_ids),
                                                    "tgt_ids": json_ids(reader.data_ids())})
         top = TopK(topk, len(names) * n_query) if topk else None
-        columns: List[Tensor] = []
+        full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
+                                                        device=plan.device)
         tgt_ids: List = []
         start = 0
         blocks = reader.fixed_blocks(block_rows)
         total_blocks = -(-n_train // block_rows)
         for ids, rows in track(blocks, total_blocks, "Scoring", progress):
-            norms = None if train_norms is None else train_norms[start:start + rows.shape[0]]
-            scores = plan.score(rows.to(plan.device), norms)  # [groups * n_query, rows]
+            n = rows.shape[0]
+            norms = None if train_norms is None else train_norms[start:start + n]
+            slab = None if full is None else full[start:start + n]
+            scores = plan.score(rows.to(plan.device), norms, out=slab)  # [n, G * n_query]
             if writer is not None:
                 for g, name in enumerate(names):
                     writer.write_columns(_tensor_name(name), start,
-                                         scores[g * n_query:(g + 1) * n_query])
+                                         scores[:, g * n_query:(g + 1) * n_query].T)
             elif top is not None:
-                top.update(scores, start)
-            else:
-                columns.append(scores.cpu())
+                top.update(scores.T, start)
             tgt_ids.extend(ids)
-            start += rows.shape[0]
+            start += n
         if writer is not None:
             writer.close()
             return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "path": out}
         if top is not None:
             return plan.topk_result(src, tgt_ids, top)
-        scores = torch.cat(columns, 1) if columns else torch.zeros(len(names) * n_query, 0)
-        return plan.result(src, tgt_ids, scores)
+        return plan.result(src, tgt_ids, full.T.contiguous().cpu())
 
     def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
                                hessian: Optional[str] = None, damping: Optional[float] = None,
@@ -203,8 +204,8 @@ class InfluenceEngine:
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
-        norms = self._train_norms(reader, plan, block_rows or self.run.config.influence.block_rows,
-                                  progress)
+        norms = self._train_norms(
+            reader, plan, _aligned(block_rows or self.run.config.influence.block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0]}
 
     # ------------------------------------------------------------------ helpers
@@ -287,18 +288,35 @@ class _ScorePlan:
 
     def norms_of(self, rows: Tensor) -> Tensor:
         """[n, G] g^T (H + lambda I)^-1 g restricted to each group's columns."""
-        precond = self.preconditioner.apply(rows)
-        return (precond * rows) @ self._mask_matrix().T
+        masks = self._mask_matrix()
 
-    def score(self, rows: Tensor, train_norms: Optional[Tensor]) -> Tensor:
-        scores = self.queries @ rows.T  # [G * n_query, n]
+        def norms(chunk):
+            return ((self.preconditioner.apply(chunk) * chunk) @ masks.T).T
+
+        return _fixed_chunks(rows, norms).T
+
+    def score(self, rows: Tensor, train_norms: Optional[Tensor],
+              out: Optional[Tensor] = None) -> Tensor:
+        """Scores of `rows` [n, dim] against every (group, query): [n, G * n_query], written
+        into `out` when given (one contiguous slab per block, no copies)."""
+        n, width = rows.shape[0], self.queries.shape[0]
+        out = out if out is not None else rows.new_empty(n, width)
+        queries_t = self.queries.T  # [dim, G * n_query]
+        for start in range(0, n, SCORE_CHUNK):
+            chunk = rows[start:start + SCORE_CHUNK]
+            k = chunk.shape[0]
+            if k == SCORE_CHUNK:
+                torch.matmul(chunk, queries_t, out=out[start:start + k])
+            else:  # pad: the same matrix shape as every other chunk, see _fixed_chunks
+                padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
+                out[start:start + k] = (padded @ queries_t)[:k]
         if self.mode == "dot":
-            return scores
-        train = train_norms.to(scores.device).T.repeat_interleave(self.n_query, 0)  # [G*nq, n]
-        query = self.query_norms[:, None]
+            return out
+        train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*n_query]
+        query = self.query_norms.to(out.device)[None, :]
         if self.mode == "cosine":
-            return scores / (query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
-        return -(query - 2 * scores + train)
+            return out.div_(query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
+        return out.mul_(2).sub_(query).sub_(train)
 
     def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
         out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,
@@ -326,6 +344,31 @@ class _ScorePlan:
                        "bottom_scores": worst[g * nq:(g + 1) * nq]}
                 for g, name in enumerate(self.groups) if name != TOTAL}
         return out
+
+
+def _aligned(block_rows: int) -> int:
+    """Blocks start at multiples of SCORE_CHUNK, so every row sits at the same position of the
+    same chunk shape whatever block size was asked for."""
+    return max(SCORE_CHUNK, -(-block_rows // SCORE_CHUNK) * SCORE_CHUNK)
+
+
+def _fixed_chunks(rows: Tensor, fn) -> Tensor:
+    """fn over zero-padded chunks of exactly SCORE_CHUNK rows, concatenated along columns.
+
+    BLAS picks kernels (and so rounding) by matrix shape and a row's position in it; with one
+    shape for every call and blocks aligned to chunks (`_aligned`), a row's score is the same
+    bits whatever the shard size or block size it was read with.
+    """
+    parts = []
+    for start in range(0, rows.shape[0], SCORE_CHUNK):
+        chunk = rows[start:start + SCORE_CHUNK]
+        n = chunk.shape[0]
+        if n < SCORE_CHUNK:
+            chunk = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - n, chunk.shape[1])])
+        parts.append(fn(chunk)[:, :n])
+    if not parts:
+        return fn(rows.new_zeros(0, rows.shape[1]))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
 def _group_masks(modules, groups) -> Dict[str, Tensor]:

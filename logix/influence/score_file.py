@@ -47,7 +47,7 @@ class ScoreFileWriter:
     def write_columns(self, name: str, start: int, block: Tensor) -> None:
         """block [rows, n] goes to columns [start, start + n) of tensor `name`."""
         if name in self._maps:
-            self._maps[name][:, start:start + block.shape[1]] = block.cpu().numpy()
+            self._maps[name][:, start:start + block.shape[1]] = block.contiguous().cpu().numpy()
 
     def close(self) -> None:
         for array in self._maps.values():
