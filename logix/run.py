@@ -18,7 +18,7 @@ from logix.log import StepLog
 from logix.logra import Projection
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.storage import state
-from logix.storage.format import DTYPES
+from logix.storage.format import DTYPES, STATE_DIR, STATISTICS_FILE
 from logix.storage.manifest import Manifest, ModuleEntry, ShardEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.writer import ShardWriter
@@ -65,6 +65,7 @@ class Run:
         self._on_device: Dict[tuple, Projection] = {}
         self._needs_reduce = False
         self._influence = None
+        self._checkpoint: Optional[str] = None
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: Union[None, Sequence[str], Callable] = None,
@@ -195,8 +196,10 @@ class Run:
         ids = normalize_data_ids(data_id)
         if mask is not None and not isinstance(mask, Tensor):
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
+        # The step's forward/backward statistics stay apart until end() keeps the step.
+        step_statistics = CovarianceState(device=self.statistics.device)
         self._capture = GradientCapture(self.modules, self._projection_for, self.plan,
-                                        self.statistics, mask).__enter__()
+                                        step_statistics, mask).__enter__()
         self._step_ids, self._step_scale = ids, scale
 
     def end(self) -> None:
@@ -216,6 +219,7 @@ class Run:
                              "layer's input [batch, tokens, ...]; pass the attention mask of "
                              "this batch.")
         if not self.plan.needs_grad:
+            self._keep_statistics(capture.statistics)
             return
         if capture.batch_size is None or not capture.grads:
             raise UsageError("No gradient reached the tracked layers between start() and end(). "
@@ -232,15 +236,19 @@ class Run:
                                  "steps with a warning.")
             warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}).")
             return
+        self._keep_statistics(capture.statistics)
         if self.plan.grad_covariance:
             for entry in self.layout():
                 self.statistics.update(entry.name, GRAD, rows[:, entry.columns], rows.shape[0])
-        if self.plan.forward_covariance or self.plan.backward_covariance \
-                or self.plan.grad_covariance:
-            self._needs_reduce = True
         self._last_log = StepLog(ids, rows, self.layout())
         if self._save and self.plan.log_grad:
             self._ensure_writer().append(ids, rows.to(DTYPES[self.config.logging.log_dtype]))
+
+    def _keep_statistics(self, step: CovarianceState) -> None:
+        self.statistics.merge(step)
+        if self.plan.forward_covariance or self.plan.backward_covariance \
+                or self.plan.grad_covariance:
+            self._needs_reduce = True
 
     def _assemble(self, capture: GradientCapture) -> Tensor:
         parts = []
@@ -265,6 +273,47 @@ class Run:
                 self._capture = None
             raise
         self.end()
+
+    @contextlib.contextmanager
+    def checkpoint(self, name: str, segment: int, lr: float, steps: int, momentum: float = 0.0,
+                   train_ids: Optional[Sequence] = None):
+        """Log one training checkpoint for SOURCE (`compute_influence_all(method="source")`).
+
+        Load the checkpoint's weights, then run an ordinary logging pass inside this block.
+        segment: the training stage it belongs to (0 = earliest); lr, steps, momentum: that
+        segment's optimizer summary (effective step lr / (1 - momentum), `steps` updates);
+        train_ids: the examples the segment trained on (default: every id logged in it). Rows
+        and statistics are kept apart from other checkpoints', named in the manifest.
+        """
+        _check_checkpoint_args(name, segment, lr, steps, momentum)
+        if self._checkpoint is not None:
+            raise UsageError(f"checkpoint({name!r}) inside checkpoint({self._checkpoint!r}): "
+                             "close one checkpoint block before opening the next.")
+        self.flush()
+        known = self._manifest or load_optional(self.project_dir)
+        if known is not None and name in known.checkpoints:
+            raise UsageError(f"Checkpoint {name!r} is already in this log; use a new name.")
+        writer = self._ensure_writer() if self._save else None
+        outer = self.statistics
+        self.statistics = CovarianceState(device=outer.device)
+        self._checkpoint = name
+        if writer is not None:
+            writer.tag = name
+        try:
+            yield self
+            self.flush()
+        finally:
+            if writer is not None:
+                writer.tag = None
+            inner, self.statistics, self._checkpoint = self.statistics, outer, None
+        inner.all_reduce()
+        info = {"segment": int(segment), "lr": float(lr), "steps": int(steps),
+                "momentum": float(momentum),
+                "train_ids": None if train_ids is None else normalize_data_ids(train_ids)}
+        if writer is not None and _rank() == 0:
+            state.save_checkpoint_statistics(self.project_dir, name, inner.state_dict(), info)
+            self._manifest.checkpoints[name] = {k: v for k, v in info.items() if k != "train_ids"}
+            self._manifest.save(self.project_dir)
 
     def get_log(self, copy: bool = False) -> StepLog:
         """The last step's projected gradients (a query's test log)."""
@@ -339,7 +388,8 @@ class Run:
         Safe to call more than once."""
         if self._capture is not None:
             raise UsageError("finalize() inside a step: call run.end() first.")
-        self.flush()
+        if self._writer is not None:
+            self._writer.close()  # writes every buffered row, then stops the writer threads
         if self._needs_reduce:
             self.statistics.all_reduce()
             self._needs_reduce = False
@@ -352,7 +402,10 @@ class Run:
             existing = load_optional(self.project_dir)
             self._manifest = existing or self._new_manifest()
         self._save_projections()
-        state.save_statistics(self.project_dir, self.statistics.state_dict())
+        # A run that collected no statistics (one that only appends rows) keeps the saved ones.
+        if self.statistics.sums or not os.path.isfile(
+                os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
+            state.save_statistics(self.project_dir, self.statistics.state_dict())
         self._manifest.save(self.project_dir)
 
     def _fits_ekfac(self) -> bool:
@@ -425,6 +478,19 @@ class Run:
         from logix.summary import render_summary
 
         return render_summary(self)
+
+
+def _check_checkpoint_args(name, segment, lr, steps, momentum) -> None:
+    if not isinstance(name, str) or not name or "/" in name or os.sep in name:
+        raise UsageError(f"checkpoint name must be a non-empty string without '/', got {name!r}.")
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 0:
+        raise UsageError(f"checkpoint segment must be an integer >= 0, got {segment!r}.")
+    if not lr > 0:
+        raise UsageError(f"checkpoint lr must be > 0, got {lr!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise UsageError(f"checkpoint steps must be a positive integer, got {steps!r}.")
+    if not 0 <= momentum < 1:
+        raise UsageError(f"checkpoint momentum must be in [0, 1), got {momentum!r}.")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

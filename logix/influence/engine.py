@@ -24,6 +24,7 @@ from logix.errors import UsageError
 from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
                                             raw_inverse)
 from logix.influence.score_file import ScoreFileWriter, json_ids
+from logix.influence.source import source_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
 from logix.progress import track
@@ -43,7 +44,7 @@ class InfluenceEngine:
     def __init__(self, run) -> None:
         self.run = run
         self._eigen: Dict[tuple, object] = {}
-        self._eigen_version = -1
+        self._eigen_version = None
 
     # ------------------------------------------------------------------ preconditioning
     def available_hessians(self) -> List[str]:
@@ -74,9 +75,9 @@ class InfluenceEngine:
         if kind == "ekfac" and not self.run.statistics.has(EKFAC):
             self.fit_ekfac()
         stats = self.run.statistics
-        if stats.version != self._eigen_version:
+        if (id(stats), stats.version) != self._eigen_version:
             self._eigen.clear()
-            self._eigen_version = stats.version
+            self._eigen_version = (id(stats), stats.version)
         inverses = {}
         for m in modules:
             if kind == "raw":
@@ -135,7 +136,8 @@ class InfluenceEngine:
                               precondition: bool = True, hessian: Optional[str] = None,
                               damping: Optional[float] = None, influence_groups=None,
                               topk: Optional[int] = None, out: Optional[str] = None,
-                              block_rows: Optional[int] = None, progress: bool = True) -> dict:
+                              block_rows: Optional[int] = None, progress: bool = True,
+                              method: str = "influence") -> dict:
         """Score query gradients against every saved training row, streaming the shards.
 
         src_log: the query log (default: the run's last step; a list of logs is concatenated).
@@ -147,9 +149,27 @@ class InfluenceEngine:
         partition the modules. topk=k: instead of the full matrix, per query the k most helpful
         and k most harmful training examples. out=path: write scores to a safetensors file.
 
+        method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
+        logix.influence.source); hessian then picks its curvature (default ekfac).
+
         Returns {"src_ids", "tgt_ids", "influence" [n_query, n_train]}; positive = helpful.
         """
         src = _as_log(src_log if src_log is not None else self.run.get_log())
+        if method == "source":
+            if influence_groups is not None or out is not None or loader is not None:
+                raise UsageError("method='source' supports topk but not influence_groups, out "
+                                 "or loader.")
+            result = source_influence(self.run, src, hessian or "ekfac",
+                                      _aligned(block_rows or self.run.config.influence.block_rows))
+            if topk:
+                top = TopK(topk, len(src))
+                top.update(result["influence"], 0)
+                plan = _ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
+                                  _group_masks(src.modules, None))
+                return plan.topk_result(src, result["tgt_ids"], top)
+            return result
+        if method != "influence":
+            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', 'source'.")
         reader = self._reader(loader)
         _check_layout(src.modules, reader.manifest.modules, "saved log")
         block_rows = _aligned(block_rows or self.run.config.influence.block_rows)
@@ -239,7 +259,7 @@ class InfluenceEngine:
         key = hashlib.sha1(json.dumps({
             "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
             "groups": plan.group_signature(),
-            "shards": [(s.file, s.sha256) for s in reader.manifest.shards],
+            "shards": [(s.file, s.sha256) for s in reader.shards],
             "statistics": _statistics_fingerprint(plan.preconditioner)},
             sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")

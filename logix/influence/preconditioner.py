@@ -37,14 +37,18 @@ class ModuleInverse:
         """grads [n, r_out, r_in] -> (H + lambda I)^-1 grads, in grads' dtype."""
         if self.kind == "none":
             return grads
+        return self.transform(grads, lambda values: 1 / (values + self.damping))
+
+    def transform(self, grads: Tensor, fn) -> Tensor:
+        """grads [n, r_out, r_in] -> f(H) grads, f applied to H's eigenvalues (float64)."""
         dtype = grads.dtype
-        denominator = (self.values + self.damping).to(grads.device, dtype)
+        factor = fn(self.values).to(grads.device, dtype)
         if self.kind == "raw":
             vectors = self.vectors.to(grads.device, dtype)
             flat = grads.reshape(grads.shape[0], grads.shape[1] * grads.shape[2])
-            return ((flat @ vectors) / denominator @ vectors.T).reshape(grads.shape)
+            return ((flat @ vectors) * factor @ vectors.T).reshape(grads.shape)
         q_out, q_in = self.q_out.to(grads.device, dtype), self.q_in.to(grads.device, dtype)
-        rotated = q_out.T @ grads @ q_in / denominator  # [n, r_out, r_in] in the eigenbasis
+        rotated = q_out.T @ grads @ q_in * factor  # [n, r_out, r_in] in the eigenbasis
         return q_out @ rotated @ q_in.T
 
     def matrix(self) -> Tensor:

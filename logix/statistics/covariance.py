@@ -56,6 +56,17 @@ class CovarianceState:
         for key in [k for k in self.sums if k[1] == kind]:
             del self.sums[key], self.counts[key]
 
+    def merge(self, other: "CovarianceState") -> None:
+        """Add another state's sums and counts (one step's, once the step is kept)."""
+        if other.sums:
+            self.version += 1
+        for key, total in other.sums.items():
+            if key in self.sums:
+                self.sums[key].add_(total.to(self.sums[key].device))
+            else:
+                self.sums[key] = total if self.device is None else total.to(self.device)
+            self.counts[key] = self.counts.get(key, 0.0) + other.counts[key]
+
     def get(self, module: str, kind: str) -> Optional[Tensor]:
         """The normalised covariance, or None when nothing was collected."""
         key = (module, kind)

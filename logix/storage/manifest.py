@@ -42,6 +42,7 @@ class ShardEntry:
     sha256: str
     rank: int
     seq: int
+    checkpoint: Optional[str] = None  # set for rows logged inside run.checkpoint(...)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Manifest:
     projection: Dict = field(default_factory=dict)  # {"init": ..., "seed": ...}
     config: Dict = field(default_factory=dict)
     shards: List[ShardEntry] = field(default_factory=list)
+    checkpoints: Dict[str, dict] = field(default_factory=dict)  # name -> segment, lr, steps, ...
     format_version: int = FORMAT_VERSION
     format: str = "logix"
 
@@ -61,7 +63,8 @@ class Manifest:
 
     @property
     def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
+        """Rows outside checkpoints (those that plain influence reads)."""
+        return sum(s.rows for s in self.shards if s.checkpoint is None)
 
     def module(self, name: str) -> ModuleEntry:
         for entry in self.modules:
@@ -102,7 +105,7 @@ class Manifest:
                        modules=[ModuleEntry(**m) for m in data["modules"]],
                        projection=data.get("projection", {}), config=data.get("config", {}),
                        shards=[ShardEntry(**s) for s in data.get("shards", [])],
-                       format_version=version)
+                       checkpoints=data.get("checkpoints", {}), format_version=version)
         except (KeyError, TypeError) as e:
             raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
 

@@ -23,21 +23,25 @@ class LogReader:
     """Read-only view of a project folder. Memory stays bounded by one block at a time."""
 
     def __init__(self, project_dir: str, manifest: Optional[Manifest] = None,
-                 block_rows: int = 8192) -> None:
+                 block_rows: int = 8192, checkpoint: Optional[str] = None) -> None:
+        """checkpoint: read the rows logged inside run.checkpoint(name) instead of the plain
+        (untagged) rows."""
         self.project_dir = project_dir
         self.manifest = manifest if manifest is not None else Manifest.load(project_dir)
         self.block_rows = block_rows
+        self.checkpoint = checkpoint
+        self.shards = [s for s in self.manifest.shards if s.checkpoint == checkpoint]
 
     def __iter__(self) -> Iterator[Tuple[List, Tensor]]:
         return self.blocks(self.block_rows)
 
     def __len__(self) -> int:
         """Number of blocks one pass yields."""
-        return sum(-(-s.rows // self.block_rows) for s in self.manifest.shards)
+        return sum(-(-s.rows // self.block_rows) for s in self.shards)
 
     @property
     def rows(self) -> int:
-        return self.manifest.rows
+        return sum(s.rows for s in self.shards)
 
     @property
     def dim(self) -> int:
@@ -48,12 +52,12 @@ class LogReader:
             return json.loads((f.metadata() or {})[DATA_IDS_KEY])
 
     def data_ids(self) -> List:
-        return [i for shard in self.manifest.shards for i in self.shard_ids(shard)]
+        return [i for shard in self.shards for i in self.shard_ids(shard)]
 
     def blocks(self, block_rows: int = 8192, shards: Optional[List[ShardEntry]] = None
                ) -> Iterator[Tuple[List, Tensor]]:
         """Yield (data_ids, rows [<= block_rows, dim] in the stored dtype), in manifest order."""
-        for shard in self.manifest.shards if shards is None else shards:
+        for shard in self.shards if shards is None else shards:
             path = self._path(shard)
             try:
                 with safe_open(path, framework="pt") as f:
@@ -84,7 +88,7 @@ class LogReader:
         carry_ids: List = []
         carry: List[Tensor] = []
         carried = 0
-        for shard in self.manifest.shards if shards is None else shards:
+        for shard in self.shards if shards is None else shards:
             ids, rows = map_shard(self._path(shard))
             if rows.shape[0] != shard.rows or len(ids) != shard.rows:
                 raise LogFormatError(f"Shard {shard.file!r} holds {rows.shape[0]} rows and "

@@ -60,3 +60,26 @@ def _write(project_dir: str, filename: str, tensors: dict, metadata: dict) -> No
     os.makedirs(os.path.join(project_dir, STATE_DIR), exist_ok=True)
     data = safetensors_bytes(tensors, metadata=metadata or None)
     atomic_write(os.path.join(project_dir, STATE_DIR, filename), data)
+
+
+def checkpoint_file(name: str) -> str:
+    return f"checkpoint-{name}.safetensors"
+
+
+def save_checkpoint_statistics(project_dir: str, name: str, state: Dict[str, torch.Tensor],
+                               info: dict) -> None:
+    """One checkpoint's statistics, with its optimizer summary and train ids in the metadata."""
+    _write(project_dir, checkpoint_file(name), state, {"checkpoint": json.dumps(info)})
+
+
+def load_checkpoint_statistics(project_dir: str, name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    path = os.path.join(project_dir, STATE_DIR, checkpoint_file(name))
+    if not os.path.isfile(path):
+        raise LogFormatError(f"{path!r} is missing: checkpoint {name!r} was not closed (its "
+                             "`with run.checkpoint(...)` block did not finish).")
+    with safe_open(path, framework="pt") as f:
+        info = json.loads((f.metadata() or {})["checkpoint"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, info

@@ -56,6 +56,7 @@ class ShardWriter:
         self._pending_ids: List = []
         self._pending_rows: List[Tensor] = []
         self._pending = 0
+        self.tag: Optional[str] = None  # checkpoint name stamped on the shards written next
 
     @property
     def pending_rows(self) -> int:
@@ -106,7 +107,7 @@ class ShardWriter:
         self._pending_rows = [(tail.clone(), None)] if tail.shape[0] else []
         self._pending -= n
         self._start_workers()
-        self._queue.put((self._seq, ids, head))
+        self._queue.put((self._seq, ids, head, self.tag))
         self._seq += 1
 
     def _start_workers(self) -> None:
@@ -121,26 +122,27 @@ class ShardWriter:
             try:
                 if item is _STOP:
                     return
-                seq, ids, rows = item
+                seq, ids, rows, tag = item
                 if self._error is not None:
                     self._lost_rows += rows.shape[0]
                     continue
                 try:
-                    self._write(seq, ids, rows)
+                    self._write(seq, ids, rows, tag)
                 except BaseException as e:  # kept and re-raised in the user's thread
                     self._error = e
                     self._lost_rows += rows.shape[0]
             finally:
                 self._queue.task_done()
 
-    def _write(self, seq: int, ids: list, rows: Tensor) -> None:
+    def _write(self, seq: int, ids: list, rows: Tensor, tag: Optional[str]) -> None:
         data = safetensors_bytes({GRAD_KEY: rows.contiguous()},
                                  metadata={DATA_IDS_KEY: json.dumps(ids)})
         name = shard_name(self.rank, seq)
         os.makedirs(os.path.join(self.project_dir, LOGS_DIR), exist_ok=True)
         atomic_write(os.path.join(self.project_dir, LOGS_DIR, name), data)
         entry = ShardEntry(file=f"{LOGS_DIR}/{name}", rows=rows.shape[0], bytes=len(data),
-                           sha256=hashlib.sha256(data).hexdigest(), rank=self.rank, seq=seq)
+                           sha256=hashlib.sha256(data).hexdigest(), rank=self.rank, seq=seq,
+                           checkpoint=tag)
         with self._announce:
             self.on_shard(entry)
 

@@ -1,0 +1,155 @@
+"""SOURCE: attribution across checkpoints and training stages (approximate unrolled
+differentiation, Bae et al.), on the projected gradients of several logged checkpoints.
+
+Training is split into segments l = 1..L. Each segment is summarised by its checkpoints: the
+average curvature H_l (per module, EK-FAC / K-FAC / raw, eigendecomposed once), the average
+per-example gradient g_l,i, an effective step eta_l = lr / (1 - momentum) and K_l steps. With
+a = eta_l K_l, and f applied to H's eigenvalues:
+
+    F_r(s) = (1 - exp(-a s)) / s   (a at s = 0)       S_l = exp(-a H_l)
+    score_i = sum_l 1/N_l * (S_{l+1} ... S_L q)^T F_r(H_l) g_l,i
+
+with q the query gradient at the final weights and N_l the number of examples segment l trained
+on; an example a segment did not train on contributes nothing to that segment. As for influence
+functions, a positive score means training on example i lowered the query's loss.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from logix.errors import UsageError
+from logix.influence.preconditioner import ModuleInverse
+from logix.log import StepLog
+from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
+from logix.statistics.eigen import eigh64, fit_ekfac
+from logix.storage import state
+from logix.storage.reader import LogReader
+
+HESSIANS = ("raw", "kfac", "ekfac")
+
+
+def source_influence(run, src: StepLog, hessian: str = "ekfac", block_rows: int = 8192) -> dict:
+    """{"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments"}; see module doc."""
+    if hessian == "auto":
+        hessian = "ekfac"
+    if hessian not in HESSIANS:
+        raise UsageError(f"method='source' takes hessian in {list(HESSIANS)}, got {hessian!r}.")
+    base = run.reader()
+    manifest = base.manifest
+    if not manifest.checkpoints:
+        raise UsageError("method='source' needs checkpoints: log each one inside `with "
+                         "run.checkpoint(name, segment=..., lr=..., steps=...)`.")
+    if list(src.modules) != list(manifest.modules):
+        raise UsageError("The query's modules/ranks differ from the saved log's.")
+    segments: Dict[int, List[str]] = defaultdict(list)
+    for name, info in manifest.checkpoints.items():
+        segments[info["segment"]].append(name)
+    readers = {name: LogReader(base.project_dir, manifest, block_rows, checkpoint=name)
+               for name in manifest.checkpoints}
+    stats, infos = {}, {}
+    for name in manifest.checkpoints:
+        tensors, infos[name] = state.load_checkpoint_statistics(base.project_dir, name)
+        stats[name] = CovarianceState()
+        stats[name].load_state_dict(tensors)
+
+    columns: Dict = {}
+    for name in manifest.checkpoints:
+        for i in readers[name].data_ids():
+            columns.setdefault(i, len(columns))
+    tgt_ids = list(columns)
+    scores = torch.zeros(len(src), len(tgt_ids), dtype=torch.float64)
+    query = src.grads.double().cpu()  # carried back through the segments
+    summary = []
+    for segment in sorted(segments, reverse=True):
+        names = segments[segment]
+        spectra = _segment_spectra(manifest.modules, [stats[n] for n in names], hessian,
+                                   [readers[n] for n in names])
+        a = _segment_step(names, manifest.checkpoints)
+        weighted = _apply(manifest.modules, spectra, query, lambda s: _f_r(s, a)).float()
+        trained = _trained_ids(names, infos, readers)
+        scale = 1.0 / (len(names) * len(trained))
+        for name in names:
+            for ids, rows in readers[name].fixed_blocks(block_rows):
+                keep = [k for k, i in enumerate(ids) if i in trained]
+                if not keep:
+                    continue
+                index = torch.tensor([columns[ids[k]] for k in keep])
+                contribution = (weighted @ rows[keep].T).double() * scale
+                scores.index_add_(1, index, contribution)
+        query = _apply(manifest.modules, spectra, query, lambda s: torch.exp(-a * s))
+        summary.append({"segment": segment, "checkpoints": names, "eta_k": a,
+                        "examples": len(trained)})
+    return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "influence": scores.float(),
+            "segments": summary[::-1]}
+
+
+def _f_r(values: Tensor, a: float) -> Tensor:
+    """(1 - exp(-a s)) / s, with its limit a where a s is tiny."""
+    small = values * a < 1e-12
+    safe = torch.where(small, torch.ones_like(values), values)
+    return torch.where(small, torch.full_like(values, a), -torch.expm1(-a * safe) / safe)
+
+
+def _segment_step(names: List[str], checkpoints: Dict[str, dict]) -> float:
+    """eta K of a segment, averaged over its checkpoints' summaries."""
+    values = [checkpoints[n]["lr"] / (1 - checkpoints[n]["momentum"]) * checkpoints[n]["steps"]
+              for n in names]
+    return sum(values) / len(values)
+
+
+def _trained_ids(names: List[str], infos: Dict[str, dict], readers: Dict[str, LogReader]) -> set:
+    given = [infos[n]["train_ids"] for n in names if infos[n]["train_ids"] is not None]
+    if given:
+        return {i for ids in given for i in ids}
+    return {i for n in names for i in readers[n].data_ids()}
+
+
+def _segment_spectra(modules, stats: List[CovarianceState], hessian: str,
+                     readers: List[LogReader]) -> Dict[str, ModuleInverse]:
+    """Per module, the eigendecomposition of the segment's average curvature."""
+
+    def average(name: str, kind: str) -> Tensor:
+        covs = [s.get(name, kind) for s in stats]
+        if any(c is None for c in covs):
+            need = "{'grad': ['log', 'covariance']}" if kind == GRAD else \
+                "{'forward': ['covariance'], 'backward': ['covariance']}"
+            raise UsageError(f"SOURCE with hessian={hessian!r} needs {kind} covariances at every "
+                             f"checkpoint: run.setup({need}) inside each checkpoint block.")
+        return sum(c.double() for c in covs) / len(covs)
+
+    spectra = {}
+    for m in modules:
+        if hessian == "raw":
+            eig = eigh64(average(m.name, GRAD))
+            spectra[m.name] = ModuleInverse("raw", 0.0, values=eig.values, vectors=eig.vectors)
+            continue
+        forward, backward = eigh64(average(m.name, FORWARD)), eigh64(average(m.name, BACKWARD))
+        spectra[m.name] = ModuleInverse(hessian, 0.0,
+                                        values=torch.outer(backward.values, forward.values),
+                                        q_out=backward.vectors, q_in=forward.vectors)
+    if hessian == "ekfac":
+        bases = {m.name: (spectra[m.name].q_out, spectra[m.name].q_in) for m in modules}
+        totals: Optional[Dict[str, Tensor]] = None
+        count = 0
+        for reader in readers:
+            sums, n = fit_ekfac(reader.fixed_blocks(reader.block_rows), modules, bases)
+            totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+            count += n
+        for m in modules:
+            old = spectra[m.name]
+            spectra[m.name] = ModuleInverse("ekfac", 0.0, values=totals[m.name] / count,
+                                            q_out=old.q_out, q_in=old.q_in)
+    return spectra
+
+
+def _apply(modules, spectra: Dict[str, ModuleInverse], rows: Tensor, fn) -> Tensor:
+    parts = []
+    for m in modules:
+        grads = rows[:, m.columns].reshape(-1, m.rank_out, m.rank_in)
+        parts.append(spectra[m.name].transform(grads, fn).reshape(rows.shape[0], m.dim))
+    return torch.cat(parts, 1)

@@ -1,0 +1,173 @@
+"""Score files: influence scores saved as one safetensors file (docs/format.md, "Score files").
+
+    <name>.safetensors
+      tensor "influence"   [n_test, n_train], float32; row q, column i is the score of training
+                           example tgt_ids[i] for query src_ids[q] (positive: helpful)
+      tensor "influence/<group>" (optional, one per influence group) [n_test, n_train]
+      metadata "format": "logix-scores", "format_version": "1",
+               "src_ids": JSON list (n_test), "tgt_ids": JSON list (n_train),
+               "meta": JSON object (optional: mode, hessian, project, ...)
+
+`save_scores` writes what `compute_influence_all` returns; `load_scores` reads it back whole and
+`open_scores` memory-maps it so one query's row can be read without loading the matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from logix.errors import LogFormatError
+from logix.storage.format import TMP_SUFFIX, fsync_dir
+
+SCORES_FORMAT = "logix-scores"
+SCORES_FORMAT_VERSION = 1
+INFLUENCE_KEY = "influence"
+GROUP_PREFIX = "influence/"  # + group name: the scores of one influence group
+GROUPS_KEY = "groups"
+SRC_IDS_KEY = "src_ids"
+TGT_IDS_KEY = "tgt_ids"
+META_KEY = "meta"
+
+
+def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = None) -> str:
+    """Write {"influence": [n_test, n_train], "src_ids": [...], "tgt_ids": [...]} to `path`
+    atomically (temporary name, fsync, rename). `meta`: extra JSON-safe facts (mode, project).
+    Returns the path."""
+    missing = [k for k in (INFLUENCE_KEY, SRC_IDS_KEY, TGT_IDS_KEY) if k not in result]
+    if missing:
+        raise LogFormatError(f"save_scores needs the keys {INFLUENCE_KEY!r}, {SRC_IDS_KEY!r} and "
+                             f"{TGT_IDS_KEY!r} (what compute_influence_all returns); missing "
+                             f"{missing}.")
+    src_ids, tgt_ids = list(result[SRC_IDS_KEY]), list(result[TGT_IDS_KEY])
+    tensors = {INFLUENCE_KEY: result[INFLUENCE_KEY]}
+    for name, group in (result.get(GROUPS_KEY) or {}).items():
+        tensors[GROUP_PREFIX + str(name)] = group
+    for key, scores in tensors.items():
+        if not isinstance(scores, Tensor) or scores.dim() != 2:
+            raise LogFormatError(f"{key!r} must be a 2-D tensor [n_test, n_train], got "
+                                 f"{_describe(scores)}.")
+        if tuple(scores.shape) != (len(src_ids), len(tgt_ids)):
+            raise LogFormatError(f"{key!r} of shape {tuple(scores.shape)} does not match "
+                                 f"{len(src_ids)} src_ids x {len(tgt_ids)} tgt_ids.")
+    metadata = {"format": SCORES_FORMAT, "format_version": str(SCORES_FORMAT_VERSION),
+                SRC_IDS_KEY: _json(src_ids, SRC_IDS_KEY), TGT_IDS_KEY: _json(tgt_ids, TGT_IDS_KEY)}
+    if meta:
+        metadata[META_KEY] = _json(dict(meta), META_KEY)
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + TMP_SUFFIX
+    try:  # save_file streams to disk: no second in-memory copy of a large matrix
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(folder)
+    return path
+
+
+class ScoreFile:
+    """A memory-mapped score file: ids and shape from the header, rows read on demand."""
+
+    def __init__(self, path: str, group: Optional[str] = None) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise LogFormatError(f"{self.path!r} is not a file; pass a score file written by "
+                                 "save_scores or compute_influence_all(..., out=path).")
+        try:
+            self._file = safe_open(self.path, framework="pt")
+            metadata = self._file.metadata() or {}
+            keys = list(self._file.keys())
+        except (SafetensorError, OSError) as e:
+            raise LogFormatError(f"{self.path!r} is not a readable safetensors file: {e}") from e
+        if metadata.get("format", SCORES_FORMAT) != SCORES_FORMAT:
+            raise LogFormatError(f"{self.path!r} is a {metadata['format']!r} file, not a score "
+                                 f"file ('format': {SCORES_FORMAT!r}).")
+        version = metadata.get("format_version", str(SCORES_FORMAT_VERSION))
+        if not version.isdigit() or int(version) > SCORES_FORMAT_VERSION:
+            raise LogFormatError(f"{self.path!r} has score format version {version}; this LogIX "
+                                 f"reads versions up to {SCORES_FORMAT_VERSION}. Upgrade LogIX.")
+        if INFLUENCE_KEY not in keys:
+            raise LogFormatError(f"{self.path!r} has no {INFLUENCE_KEY!r} tensor (it holds "
+                                 f"{keys[:5]}); it is not a LogIX score file.")
+        self.groups = sorted(k[len(GROUP_PREFIX):] for k in keys if k.startswith(GROUP_PREFIX))
+        self.key = INFLUENCE_KEY if group is None else GROUP_PREFIX + group
+        if self.key not in keys:
+            raise LogFormatError(f"{self.path!r} has no scores of group {group!r}; its groups: "
+                                 f"{self.groups or 'none'}.")
+        self.src_ids = self._ids(metadata, SRC_IDS_KEY)
+        self.tgt_ids = self._ids(metadata, TGT_IDS_KEY)
+        try:
+            self.meta = json.loads(metadata[META_KEY]) if META_KEY in metadata else {}
+        except json.JSONDecodeError as e:
+            raise LogFormatError(f"{self.path!r}: metadata {META_KEY!r} is not JSON: {e}") from e
+        self._slice = self._file.get_slice(self.key)
+        self.shape = tuple(self._slice.get_shape())
+        if len(self.shape) != 2 or self.shape != (len(self.src_ids), len(self.tgt_ids)):
+            raise LogFormatError(f"{self.path!r}: {self.key!r} has shape {list(self.shape)} "
+                                 f"but the metadata names {len(self.src_ids)} src_ids and "
+                                 f"{len(self.tgt_ids)} tgt_ids.")
+
+    def row(self, query: int) -> Tensor:
+        """Scores of query `query` against every training example, [n_train] float32."""
+        return self._slice[query:query + 1][0].float()
+
+    def read_all(self, group: Optional[str] = None) -> Tensor:
+        """The whole [n_test, n_train] matrix (of `group`, default this file's opened one)."""
+        key = self.key if group is None else GROUP_PREFIX + group
+        return self._file.get_tensor(key).float()
+
+    def _ids(self, metadata: dict, key: str) -> List:
+        if key not in metadata:
+            raise LogFormatError(f"{self.path!r} has no {key!r} in its metadata; it is not a "
+                                 "LogIX score file.")
+        try:
+            ids = json.loads(metadata[key])
+        except json.JSONDecodeError as e:
+            raise LogFormatError(f"{self.path!r}: metadata {key!r} is not JSON: {e}") from e
+        if not isinstance(ids, list):
+            raise LogFormatError(f"{self.path!r}: metadata {key!r} must be a JSON list.")
+        return ids
+
+
+def open_scores(path: str, group: Optional[str] = None) -> ScoreFile:
+    """Memory-map a score file; `group` picks the scores of one influence group."""
+    return ScoreFile(path, group)
+
+
+def load_scores(path: str) -> Dict[str, Any]:
+    """{"influence": [n_test, n_train] float32, "src_ids": [...], "tgt_ids": [...], "meta": {},
+    and "groups": {name: [n_test, n_train]} when the file has groups}: the dict
+    `compute_influence_all` returned, read back."""
+    scores = ScoreFile(path)
+    out = {INFLUENCE_KEY: scores.read_all(), SRC_IDS_KEY: scores.src_ids,
+           TGT_IDS_KEY: scores.tgt_ids, META_KEY: scores.meta}
+    if scores.groups:
+        out[GROUPS_KEY] = {g: scores.read_all(g) for g in scores.groups}
+    return out
+
+
+def _json(value, key: str) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise LogFormatError(f"{key} must be JSON-safe (str/int ids): {e}") from e
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    return type(value).__name__
