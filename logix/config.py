@@ -120,7 +120,9 @@ def load_config(path: Union[str, os.PathLike, None] = None, **overrides: Any) ->
         if value is None:
             continue
         section = _section_of(key)
-        if section is None:
+        if section is None and key in _sections() and isinstance(value, Mapping):
+            data[key] = {**(data.get(key) or {}), **value}  # merge, keep other keys of the file
+        elif section is None:
             data[key] = value
         else:
             data.setdefault(section, {})

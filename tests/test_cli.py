@@ -284,7 +284,7 @@ def test_corrupt_manifest_is_reported_without_a_traceback(log_dir, capsys, conte
 def test_malformed_manifest_fields_are_reported(log_dir, capsys):
     _edit_manifest(log_dir, lambda m: m["shards"][0].update(rows="4"))
     code, _, err = cli(capsys, "show", log_dir)
-    assert code == 1 and "rows='4' is not a non-negative integer" in err
+    assert code == 1 and "rows is '4', expected int" in err
 
 
 def test_usage_errors_exit_2(capsys):

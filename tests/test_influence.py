@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import logix
-from logix.influence.score_file import load_score_file
+from logix.storage.scores import load_scores
 
 HESSIANS = ["none", "raw", "kfac", "ekfac"]
 MODES = ["dot", "cosine", "l2"]
@@ -251,7 +251,7 @@ def test_topk_equals_sorting_and_out_equals_memory(tmp_path):
     out = tmp_path / "scores.safetensors"
     written = run.compute_influence_all(test, hessian="kfac", block_rows=16, out=str(out))
     assert written["path"] == str(out)
-    loaded = load_score_file(str(out))
+    loaded = load_scores(str(out))
     assert torch.equal(loaded["influence"], full["influence"])
     assert loaded["tgt_ids"] == full["tgt_ids"] and loaded["src_ids"] == full["src_ids"]
 

@@ -23,7 +23,6 @@ from torch import Tensor
 from logix.errors import UsageError
 from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
                                             raw_inverse)
-from logix.influence.score_file import ScoreFileWriter, json_ids
 from logix.influence.source import source_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
@@ -32,6 +31,7 @@ from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
 from logix.statistics.eigen import EKFAC, eigh64, fit_ekfac
 from logix.storage.format import CACHE_DIR
 from logix.storage.reader import LogReader
+from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter
 
 MODES = ("dot", "cosine", "l2")
 TOTAL = "total"
@@ -182,8 +182,9 @@ class InfluenceEngine:
         writer = None
         if out is not None:
             shapes = {_tensor_name(g): (n_query, n_train) for g in names}
-            writer = ScoreFileWriter(out, shapes, {"src_ids": json_ids(src.data_ids),
-                                                   "tgt_ids": json_ids(reader.data_ids())})
+            writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
+                                     meta={"mode": plan.mode, "hessian": plan.preconditioner.kind,
+                                           "project": self.run.project})
         top = TopK(topk, len(names) * n_query) if topk else None
         full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
                                                         device=plan.device)
@@ -191,19 +192,24 @@ class InfluenceEngine:
         start = 0
         blocks = reader.fixed_blocks(block_rows)
         total_blocks = -(-n_train // block_rows)
-        for ids, rows in track(blocks, total_blocks, "Scoring", progress):
-            n = rows.shape[0]
-            norms = None if train_norms is None else train_norms[start:start + n]
-            slab = None if full is None else full[start:start + n]
-            scores = plan.score(rows.to(plan.device), norms, out=slab)  # [n, G * n_query]
+        try:
+            for ids, rows in track(blocks, total_blocks, "Scoring", progress):
+                n = rows.shape[0]
+                norms = None if train_norms is None else train_norms[start:start + n]
+                slab = None if full is None else full[start:start + n]
+                scores = plan.score(rows.to(plan.device), norms, out=slab)  # [n, G * n_query]
+                if writer is not None:
+                    for g, name in enumerate(names):
+                        writer.write_columns(_tensor_name(name), start,
+                                             scores[:, g * n_query:(g + 1) * n_query].T)
+                elif top is not None:
+                    top.update(scores.T, start)
+                tgt_ids.extend(ids)
+                start += n
+        except BaseException:
             if writer is not None:
-                for g, name in enumerate(names):
-                    writer.write_columns(_tensor_name(name), start,
-                                         scores[:, g * n_query:(g + 1) * n_query].T)
-            elif top is not None:
-                top.update(scores.T, start)
-            tgt_ids.extend(ids)
-            start += n
+                writer.abort()
+            raise
         if writer is not None:
             writer.close()
             return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "path": out}
@@ -420,7 +426,7 @@ def _group_masks(modules, groups) -> Dict[str, Tensor]:
 
 
 def _tensor_name(group: str) -> str:
-    return "influence" if group == TOTAL else f"influence/{group}"
+    return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
 
 def _statistics_fingerprint(preconditioner: Preconditioner) -> List:

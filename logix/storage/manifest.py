@@ -90,23 +90,24 @@ class Manifest:
             raise LogFormatError(f"{project_dir!r} is not a LogIX log: it has no {MANIFEST}. "
                                  "Point at the project folder (<root_dir>/<project>).")
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError) as e:
             raise LogFormatError(f"{path!r} is not readable JSON: {e}") from e
-        if data.get("format") != "logix":
+        if not isinstance(data, dict) or data.get("format") != "logix":
             raise LogFormatError(f"{path!r} is not a LogIX manifest (no 'format': 'logix').")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1 \
+                or version > FORMAT_VERSION:
             raise LogFormatError(f"{path!r} has format version {version}; this LogIX reads "
                                  f"versions up to {FORMAT_VERSION}. Upgrade LogIX to read it.")
         try:
             return cls(project=data["project"], dtype=data["dtype"],
-                       modules=[ModuleEntry(**m) for m in data["modules"]],
+                       modules=[_typed(ModuleEntry, m) for m in data["modules"]],
                        projection=data.get("projection", {}), config=data.get("config", {}),
-                       shards=[ShardEntry(**s) for s in data.get("shards", [])],
+                       shards=[_typed(ShardEntry, s) for s in data.get("shards", [])],
                        checkpoints=data.get("checkpoints", {}), format_version=version)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
 
     def check_compatible(self, other: "Manifest") -> None:
@@ -124,6 +125,20 @@ class Manifest:
             raise LogFormatError("This run does not match the log already in the project folder: "
                                  + "; ".join(problems) + ". Use a new project name, or the same "
                                  "model, modules, ranks, seed and log_dtype as the existing log.")
+
+
+def _typed(cls, data):
+    """Build a frozen entry from JSON, refusing values of the wrong type (e.g. "rows": "5")."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be a JSON object, got {data!r}")
+    allowed = {"str": (str,), "int": (int,), "bool": (bool,), "Optional[str]": (str, type(None))}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            kinds = allowed[str(f.type)]
+            if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+                raise ValueError(f"{cls.__name__}.{f.name} is {value!r}, expected {f.type}")
+    return cls(**data)
 
 
 def load_optional(project_dir: str) -> Optional[Manifest]:

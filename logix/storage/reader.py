@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from logix.errors import LogFormatError
@@ -70,7 +70,7 @@ class LogReader:
                     for start in range(0, n, block_rows):
                         stop = min(start + block_rows, n)
                         yield ids[start:stop], rows[start:stop]
-            except (OSError, KeyError, json.JSONDecodeError) as e:
+            except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as e:
                 raise LogFormatError(f"Shard {path!r} is not readable: {e!r}. Run `logix verify "
                                      f"{self.project_dir}` to check every shard.") from e
 

@@ -77,6 +77,70 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
     return path
 
 
+class ScoreFileWriter:
+    """Writes a score file column block by column block, for matrices too large for memory.
+
+    The header is written first (shapes are known up front), the data region is memory-mapped,
+    each streamed block fills its columns, and `close` fsyncs and renames the file into place;
+    `abort` removes the temporary file.
+    """
+
+    def __init__(self, path: str, shapes: Dict[str, tuple], src_ids: List, tgt_ids: List,
+                 meta: Optional[Mapping] = None) -> None:
+        import struct
+
+        import numpy as np
+
+        self.path = os.fspath(path)
+        metadata = {"format": SCORES_FORMAT, "format_version": str(SCORES_FORMAT_VERSION),
+                    SRC_IDS_KEY: _json(list(src_ids), SRC_IDS_KEY),
+                    TGT_IDS_KEY: _json(list(tgt_ids), TGT_IDS_KEY)}
+        if meta:
+            metadata[META_KEY] = _json(dict(meta), META_KEY)
+        header, offset = {}, 0
+        for name, shape in shapes.items():
+            size = 4 * int(np.prod(shape))
+            header[name] = {"dtype": "F32", "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._tmp = self.path + TMP_SUFFIX
+        with open(self._tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            f.truncate(8 + len(encoded) + offset)
+        self._maps = {}
+        for name, shape in shapes.items():
+            if int(np.prod(shape)):
+                start = 8 + len(encoded) + header[name]["data_offsets"][0]
+                self._maps[name] = np.memmap(self._tmp, dtype=np.float32, mode="r+",
+                                             offset=start, shape=tuple(shape))
+
+    def write_columns(self, name: str, start: int, block: Tensor) -> None:
+        """block [n_test, n] goes to columns [start, start + n) of tensor `name`."""
+        if name in self._maps:
+            self._maps[name][:, start:start + block.shape[1]] = \
+                block.detach().to("cpu", torch.float32).numpy()
+
+    def close(self) -> str:
+        for array in self._maps.values():
+            array.flush()
+        self._maps.clear()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        return self.path
+
+    def abort(self) -> None:
+        self._maps.clear()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
 class ScoreFile:
     """A memory-mapped score file: ids and shape from the header, rows read on demand."""
 
