@@ -678,14 +678,15 @@ def _check_shard_header(path: str, name: str, size: int, manifest, shard,
 
 def _check_stray_files(project_dir: str, manifest, report: _Report) -> None:
     from logix.storage.format import LOGS_DIR, STATE_DIR, TMP_SUFFIX
+    from logix.storage.manifest import INDEX_PREFIX
 
     named = {os.path.normpath(s.file) for s in manifest.shards}
     logs = os.path.join(project_dir, LOGS_DIR)
     if os.path.isdir(logs):
         for entry in sorted(os.listdir(logs)):
             rel = os.path.normpath(os.path.join(LOGS_DIR, entry))
-            if rel in named:
-                continue
+            if rel in named or (entry.startswith(INDEX_PREFIX) and entry.endswith(".json")):
+                continue  # index-r<rank>.json: a distributed rank's list of its shards
             if entry.endswith(TMP_SUFFIX):
                 report.warn(f"{rel!r} is a leftover temporary file from an interrupted write; "
                             "it holds no logged rows and can be deleted.")

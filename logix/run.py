@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from logix import logra
+from logix import distributed, logra
 from logix.config import Config
 from logix.errors import ConfigError, UsageError
 from logix.log import StepLog
@@ -19,7 +19,8 @@ from logix.logra import Projection
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.storage import state
 from logix.storage.format import DTYPES, STATE_DIR, STATISTICS_FILE
-from logix.storage.manifest import Manifest, ModuleEntry, ShardEntry, load_optional
+from logix.storage.manifest import (Manifest, ModuleEntry, ShardEntry, load_optional,
+                                    save_rank_index)
 from logix.storage.reader import LogReader
 from logix.storage.writer import ShardWriter
 from logix.tracking.capture import GradientCapture, Plan
@@ -310,7 +311,7 @@ class Run:
         info = {"segment": int(segment), "lr": float(lr), "steps": int(steps),
                 "momentum": float(momentum),
                 "train_ids": None if train_ids is None else normalize_data_ids(train_ids)}
-        if writer is not None and _rank() == 0:
+        if writer is not None and distributed.rank() == 0:
             state.save_checkpoint_statistics(self.project_dir, name, inner.state_dict(), info)
             self._manifest.checkpoints[name] = {k: v for k, v in info.items() if k != "train_ids"}
             self._manifest.save(self.project_dir)
@@ -360,20 +361,26 @@ class Run:
         existing = load_optional(self.project_dir)
         if existing is not None:
             existing.check_compatible(manifest)
-            manifest.shards = existing.shards
+            manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
         self._manifest = manifest
-        self._save_projections()
+        if distributed.rank() == 0:  # the layout is readable before the first shard lands
+            self._save_projections()
+            manifest.save(self.project_dir)
         cfg = self.config.logging
         dim = sum(p.dim for p in self.projections.values())
         rows_per_shard = cfg.shard_rows or max(1, cfg.flush_threshold // max(dim, 1))
-        self._writer = ShardWriter(self.project_dir, _rank(), rows_per_shard, self._on_shard,
+        self._writer = ShardWriter(self.project_dir, distributed.rank(), rows_per_shard,
+                                   self._on_shard,
                                    num_workers=cfg.num_workers, queue_size=cfg.queue_size)
         return self._writer
 
     def _on_shard(self, entry: ShardEntry) -> None:
         self._manifest.shards.append(entry)
         self._manifest.shards.sort(key=lambda s: (s.rank, s.seq))
-        self._manifest.save(self.project_dir)
+        if distributed.is_distributed():  # each rank lists its own shards; rank 0 merges them
+            save_rank_index(self.project_dir, entry.rank, self._manifest.shards)
+        else:
+            self._manifest.save(self.project_dir)
 
     def _save_projections(self) -> None:
         state.save_projections(self.project_dir, self.projections, self.projection_meta)
@@ -390,17 +397,22 @@ class Run:
             raise UsageError("finalize() inside a step: call run.end() first.")
         if self._writer is not None:
             self._writer.close()  # writes every buffered row, then stops the writer threads
-        if self._needs_reduce:
+        distributed.barrier()  # every rank's shards are on disk and in its index
+        if distributed.any_rank(self._needs_reduce):
             self.statistics.all_reduce()
             self._needs_reduce = False
-            if self._fits_ekfac():
+            if distributed.any_rank(self._fits_ekfac()):
                 self.influence.fit_ekfac(progress=False)
-        if _rank() != 0:
-            return
+        if distributed.rank() == 0:
+            self._save_final_state()
+        distributed.barrier()  # the manifest is complete when finalize returns on any rank
+
+    def _save_final_state(self) -> None:
         os.makedirs(self.project_dir, exist_ok=True)
         if self._manifest is None:
             existing = load_optional(self.project_dir)
             self._manifest = existing or self._new_manifest()
+        self._manifest.merge_rank_indexes(self.project_dir)
         self._save_projections()
         # A run that collected no statistics (one that only appends rows) keeps the saved ones.
         if self.statistics.sums or not os.path.isfile(
@@ -440,9 +452,11 @@ class Run:
     def reader(self) -> LogReader:
         """A reader over this project's saved logs (flushes pending rows first)."""
         self.flush()
-        if self._manifest is not None:
-            return LogReader(self.project_dir, self._manifest)
-        return LogReader(self.project_dir)
+        if self._manifest is None:
+            return LogReader(self.project_dir)
+        if distributed.is_distributed():  # other ranks' shards, from their indexes
+            self._manifest.merge_rank_indexes(self.project_dir)
+        return LogReader(self.project_dir, self._manifest)
 
     def build_log_dataloader(self, batch_size: Optional[int] = None):
         """LogIX compatibility: an iterable of saved row blocks (a LogReader)."""
@@ -511,9 +525,3 @@ def _passes(name: str, module: nn.Module, name_filter, type_filter) -> bool:
     if isinstance(name_filter, str):
         name_filter = [name_filter]
     return any(f in name for f in name_filter)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from logix import distributed
 from logix.errors import UsageError
 from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
                                             raw_inverse)
@@ -31,7 +32,7 @@ from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
 from logix.statistics.eigen import EKFAC, eigh64, fit_ekfac
 from logix.storage.format import CACHE_DIR
 from logix.storage.reader import LogReader
-from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter
+from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
 
 MODES = ("dot", "cosine", "l2")
 TOTAL = "total"
@@ -102,7 +103,10 @@ class InfluenceEngine:
     def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
         """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
         reader = reader or self.run.reader()
-        if reader.rows == 0:
+        total_rows = reader.rows
+        if distributed.is_distributed():  # each rank fits its own shards; sums are reduced
+            reader = _own_part(reader)
+        if total_rows == 0:
             raise UsageError("hessian='ekfac' fits its eigenvalues from saved training logs, and "
                              "this project has none: log with run.save(True) and "
                              "setup({'grad': ['log'], 'forward': ['covariance'], 'backward': "
@@ -113,6 +117,9 @@ class InfluenceEngine:
         blocks = reader.fixed_blocks(self.run.config.influence.block_rows)
         total = -(-reader.rows // self.run.config.influence.block_rows)
         sums, count = fit_ekfac(track(blocks, total, "Fitting EK-FAC", progress), modules, bases)
+        for name in sorted(sums):
+            distributed.all_reduce_sum(sums[name])
+        count = int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)))
         stats = self.run.statistics
         stats.drop(EKFAC)
         for name, total_sum in sums.items():
@@ -137,7 +144,7 @@ class InfluenceEngine:
                               damping: Optional[float] = None, influence_groups=None,
                               topk: Optional[int] = None, out: Optional[str] = None,
                               block_rows: Optional[int] = None, progress: bool = True,
-                              method: str = "influence") -> dict:
+                              method: str = "influence", gather: str = "all") -> dict:
         """Score query gradients against every saved training row, streaming the shards.
 
         src_log: the query log (default: the run's last step; a list of logs is concatenated).
@@ -151,6 +158,10 @@ class InfluenceEngine:
 
         method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
         logix.influence.source); hessian then picks its curvature (default ekfac).
+
+        Under torch.distributed every rank scores its share of the shards and the parts are
+        gathered (full matrix in manifest order, or merged top-k): on every rank with
+        gather="all", on rank 0 only with gather="rank0" (other ranks get None).
 
         Returns {"src_ids", "tgt_ids", "influence" [n_query, n_train]}; positive = helpful.
         """
@@ -174,6 +185,18 @@ class InfluenceEngine:
         _check_layout(src.modules, reader.manifest.modules, "saved log")
         block_rows = _aligned(block_rows or self.run.config.influence.block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
+        if not distributed.is_distributed():
+            return self._stream(src, reader, plan, topk, out, block_rows, progress)
+        # Each rank scores its share of the shards; the parts are gathered in manifest order.
+        local = self._stream(src, _own_part(reader), plan, topk, None, block_rows, progress)
+        merged = _merge_topk(local, topk) if topk else _merge_full(local, reader)
+        if out is not None and distributed.rank() == 0:
+            merged["path"] = save_scores(out, merged, meta={"mode": plan.mode, "project":
+                                                            self.run.project})
+        return merged if gather == "all" or distributed.rank() == 0 else None
+
+    def _stream(self, src: StepLog, reader: LogReader, plan: "_ScorePlan", topk, out,
+                block_rows: int, progress: bool) -> dict:
         n_train = reader.rows
         train_norms = self._train_norms(reader, plan, block_rows, progress) \
             if plan.needs_norms else None
@@ -370,6 +393,61 @@ class _ScorePlan:
                        "bottom_scores": worst[g * nq:(g + 1) * nq]}
                 for g, name in enumerate(self.groups) if name != TOTAL}
         return out
+
+
+def _merge_full(local: dict, reader: LogReader) -> dict:
+    """Gather every rank's columns and lay them out in manifest shard order."""
+    parts = distributed.all_gather_objects(
+        (local["tgt_ids"], local["influence"], local.get("groups", {})))
+    world = len(parts)
+    cursor = [0] * world
+    ids, columns, groups = [], [], {name: [] for name in parts[0][2]}
+    for i, shard in enumerate(reader.shards):
+        r = i % world  # the round-robin owner, as in _own_part
+        a, b = cursor[r], cursor[r] + shard.rows
+        cursor[r] = b
+        ids.extend(parts[r][0][a:b])
+        columns.append(parts[r][1][:, a:b])
+        for name in groups:
+            groups[name].append(parts[r][2][name][:, a:b])
+    merged = {"src_ids": local["src_ids"], "tgt_ids": ids, "influence": torch.cat(columns, 1)}
+    if groups:
+        merged["groups"] = {name: torch.cat(cols, 1) for name, cols in groups.items()}
+    return merged
+
+
+def _merge_topk(local: dict, k: int) -> dict:
+    """Merge every rank's top-k and bottom-k candidates into the global ones."""
+    parts = distributed.all_gather_objects(local)
+
+    def merge(result_parts, ids_key, scores_key, largest):
+        scores = torch.cat([p[scores_key] for p in result_parts], 1)
+        ids = [sum((p[ids_key][q] for p in result_parts), []) for q in range(scores.shape[0])]
+        values, index = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest)
+        return [[ids[q][i] for i in row] for q, row in enumerate(index.tolist())], values
+
+    merged = {"src_ids": local["src_ids"]}
+    merged["top_ids"], merged["top_scores"] = merge(parts, "top_ids", "top_scores", True)
+    merged["bottom_ids"], merged["bottom_scores"] = merge(parts, "bottom_ids", "bottom_scores",
+                                                          False)
+    if "groups" in local:
+        merged["groups"] = {}
+        for name in local["groups"]:
+            group_parts = [p["groups"][name] for p in parts]
+            entry = {}
+            entry["top_ids"], entry["top_scores"] = merge(group_parts, "top_ids", "top_scores",
+                                                          True)
+            entry["bottom_ids"], entry["bottom_scores"] = merge(group_parts, "bottom_ids",
+                                                                "bottom_scores", False)
+            merged["groups"][name] = entry
+    return merged
+
+
+def _own_part(reader: LogReader) -> LogReader:
+    """This rank's share of the shards (round robin) under torch.distributed."""
+    part = LogReader(reader.project_dir, reader.manifest, reader.block_rows, reader.checkpoint)
+    part.shards = reader.shards[distributed.rank()::distributed.world_size()]
+    return part
 
 
 def _aligned(block_rows: int) -> int:

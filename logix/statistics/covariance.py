@@ -15,6 +15,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from logix.distributed import all_gather_objects, all_reduce_sum, is_distributed
+
 FORWARD, BACKWARD, GRAD = "forward", "backward", "grad"
 KINDS = (FORWARD, BACKWARD, GRAD)
 _SEP = "::"
@@ -86,17 +88,25 @@ class CovarianceState:
         self.counts.clear()
 
     def all_reduce(self) -> None:
-        """Sum sums and counts over torch.distributed ranks (a no-op in one process)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """Sum sums and counts over torch.distributed ranks (a no-op in one process). Every
+        rank must hold the same keys (the same modules and kinds were collected)."""
+        if not is_distributed():
             return
+        shapes = {}
+        for theirs in all_gather_objects({k: (list(v.shape), str(v.dtype).split(".")[-1])
+                                          for k, v in self.sums.items()}):
+            shapes.update(theirs)
+        device = next(iter(self.sums.values())).device if self.sums else self.device
+        for key, (shape, dtype) in shapes.items():  # a rank that saw no step joins with zeros
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(shape, device=device, dtype=getattr(torch, dtype))
+                self.counts[key] = 0.0
         for key in sorted(self.sums):
-            dist.all_reduce(self.sums[key])
-            count = torch.tensor([self.counts[key]], dtype=torch.float64,
-                                 device=self.sums[key].device)
-            dist.all_reduce(count)
+            all_reduce_sum(self.sums[key])
+            count = all_reduce_sum(torch.tensor([self.counts[key]], dtype=torch.float64,
+                                                device=self.sums[key].device))
             self.counts[key] = float(count.item())
+        self.version += 1
 
     def state_dict(self) -> Dict[str, Tensor]:
         out = {}

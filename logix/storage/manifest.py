@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from logix.errors import LogFormatError
-from logix.storage.format import FORMAT_VERSION, MANIFEST, atomic_write
+from logix.storage.format import FORMAT_VERSION, LOGS_DIR, MANIFEST, atomic_write
+
+INDEX_PREFIX = "index-r"  # logs/index-r<rank>.json
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,38 @@ class Manifest:
             raise LogFormatError(f"{path!r} has format version {version}; this LogIX reads "
                                  f"versions up to {FORMAT_VERSION}. Upgrade LogIX to read it.")
         try:
-            return cls(project=data["project"], dtype=data["dtype"],
-                       modules=[_typed(ModuleEntry, m) for m in data["modules"]],
-                       projection=data.get("projection", {}), config=data.get("config", {}),
-                       shards=[_typed(ShardEntry, s) for s in data.get("shards", [])],
-                       checkpoints=data.get("checkpoints", {}), format_version=version)
+            manifest = cls(
+                project=data["project"], dtype=data["dtype"],
+                modules=[_typed(ModuleEntry, m) for m in data["modules"]],
+                projection=data.get("projection", {}), config=data.get("config", {}),
+                shards=[_typed(ShardEntry, s) for s in data.get("shards", [])],
+                checkpoints=data.get("checkpoints", {}), format_version=version)
         except (KeyError, TypeError, ValueError) as e:
             raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
+        manifest.merge_rank_indexes(project_dir)
+        return manifest
+
+    def merge_rank_indexes(self, project_dir: str) -> None:
+        """Add the shards that ranks of a torch.distributed run listed in logs/index-r*.json
+        (each written atomically after the shard itself), so every completed shard of every
+        rank is visible even before rank 0 writes the final manifest."""
+        logs = os.path.join(project_dir, LOGS_DIR)
+        if not os.path.isdir(logs):
+            return
+        known = {s.file for s in self.shards}
+        for name in sorted(os.listdir(logs)):
+            if not (name.startswith(INDEX_PREFIX) and name.endswith(".json")):
+                continue
+            try:
+                with open(os.path.join(logs, name), "rb") as f:
+                    entries = json.loads(f.read().decode("utf-8"))
+                shards = [_typed(ShardEntry, e) for e in entries]
+            except (OSError, ValueError, TypeError) as e:
+                raise LogFormatError(f"{os.path.join(logs, name)!r} is not a readable shard "
+                                     f"index: {e}") from e
+            self.shards.extend(s for s in shards if s.file not in known)
+            known.update(s.file for s in shards)
+        self.shards.sort(key=lambda s: (s.rank, s.seq))
 
     def check_compatible(self, other: "Manifest") -> None:
         """Refuse to mix rows of different layouts or dtypes in one log."""
@@ -125,6 +152,12 @@ class Manifest:
             raise LogFormatError("This run does not match the log already in the project folder: "
                                  + "; ".join(problems) + ". Use a new project name, or the same "
                                  "model, modules, ranks, seed and log_dtype as the existing log.")
+
+
+def save_rank_index(project_dir: str, rank: int, shards: List[ShardEntry]) -> None:
+    """A rank's own completed shards, for runs of several processes (see merge_rank_indexes)."""
+    data = json.dumps([dataclasses.asdict(s) for s in shards if s.rank == rank]).encode()
+    atomic_write(os.path.join(project_dir, LOGS_DIR, f"{INDEX_PREFIX}{rank}.json"), data)
 
 
 def _typed(cls, data):

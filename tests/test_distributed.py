@@ -1,0 +1,84 @@
+"""Two torchrun processes (gloo, CPU) log and query like one process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from logix.storage.manifest import Manifest
+from logix.storage.reader import LogReader
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "ddp_logging.py")
+
+
+def launch(root, mode, processes):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if processes == 1:
+        command = [sys.executable, WORKER, str(root), mode]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={processes}", WORKER, str(root), mode]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    for processes in (1, 2):
+        done = launch(root, "log", processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def rows_by_id(project_dir):
+    ids, rows = LogReader(project_dir).read_all()
+    assert len(ids) == 40 and len(set(ids)) == 40
+    return dict(zip(ids, rows))
+
+
+def test_two_processes_log_the_same_rows_and_statistics(logs):
+    one, two = rows_by_id(logs / "ddp-log-1"), rows_by_id(logs / "ddp-log-2")
+    assert one.keys() == two.keys()
+    for i in one:
+        torch.testing.assert_close(two[i], one[i], rtol=1e-5, atol=1e-6)
+    manifest = Manifest.load(str(logs / "ddp-log-2"))
+    assert {s.rank for s in manifest.shards} == {0, 1}
+    assert len({s.file for s in manifest.shards}) == len(manifest.shards)
+    r1, r2 = (torch.load(logs / f"result-{w}.pt") for w in (1, 2))
+    for key, value in r1["stats"].items():
+        assert value is not None, key
+        torch.testing.assert_close(r2["stats"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_score_like_one(logs):
+    r1, r2 = (torch.load(logs / f"result-{w}.pt") for w in (1, 2))
+    order = [r2["full"]["tgt_ids"].index(i) for i in r1["full"]["tgt_ids"]]
+    torch.testing.assert_close(r2["full"]["influence"][:, order], r1["full"]["influence"],
+                               rtol=1e-4, atol=1e-5)
+    full = r2["full"]["influence"]
+    values = full.sort(1, descending=True).values
+    torch.testing.assert_close(r2["top"]["top_scores"], values[:, :4])
+    torch.testing.assert_close(r2["top"]["bottom_scores"], values[:, -4:].flip(1))
+    assert r2["rank0"]["influence"].shape == (3, 40)
+
+
+def test_a_crashed_rank_leaves_the_other_shards_readable(tmp_path):
+    done = launch(tmp_path, "crash", 2)
+    assert done.returncode != 0
+    project = tmp_path / "ddp-crash-2"
+    manifest = Manifest.load(str(project))
+    by_rank = {r: [s for s in manifest.shards if s.rank == r] for r in (0, 1)}
+    assert sum(s.rows for s in by_rank[1]) == 16  # four steps of four, all flushed
+    ids, rows = LogReader(str(project)).read_all()
+    assert len(ids) == sum(s.rows for s in manifest.shards) and torch.isfinite(rows).all()
+    assert not list((project / "logs").glob("*.tmp"))
+
+
+def test_verify_accepts_a_distributed_log(logs, capsys):
+    from logix.cli import main
+
+    assert main(["verify", str(logs / "ddp-log-2")]) == 0
+    out = capsys.readouterr().out
+    assert "0 errors, 0 warnings" in out

@@ -1,0 +1,67 @@
+"""Launched by tests/test_distributed.py, with torchrun (2 processes, gloo) or plainly (1).
+
+    python ddp_logging.py ROOT MODE      MODE: log | crash
+Logs a small MLP over 40 examples (each rank takes every world-th batch), queries influence,
+and saves what the test compares to ROOT/result-<world>.pt (rank 0).
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+import logix
+
+N, BATCH = 40, 4
+
+
+def main(root: str, mode: str) -> None:
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+    run = logix.init(f"ddp-{mode}-{world}", root_dir=root, rank=3, shard_rows=3)
+    run.watch(wrapped)
+    run.add_lora()
+    run.setup({"grad": ["log", "covariance"], "forward": ["covariance"],
+               "backward": ["covariance"]})
+    run.save(True)
+    batches = [list(range(s, s + BATCH)) for s in range(0, N, BATCH)]
+    for step, ids in enumerate(batches[rank::world]):
+        with run(data_id=ids):
+            F.cross_entropy(wrapped(x[ids]), y[ids], reduction="sum").backward()
+        wrapped.zero_grad()
+        if mode == "crash" and rank == 1 and step == 3:
+            run.flush()  # three steps' shards are complete and indexed, the fourth's rows not
+            os._exit(3)
+    run.finalize()
+
+    run.eval()
+    with run(data_id=["q0", "q1", "q2"]):
+        F.cross_entropy(model(x[:3]), y[:3], reduction="sum").backward()
+    test = run.get_log()
+    full = run.compute_influence_all(test, hessian="ekfac", block_rows=8)
+    top = run.compute_influence_all(test, hessian="ekfac", topk=4, block_rows=8)
+    only_rank0 = run.compute_influence_all(test, hessian="kfac", gather="rank0")
+    if rank == 0:
+        stats = {f"{m}::{k}": run.statistics.get(m, k) for m in run.projections
+                 for k in ("forward", "backward", "grad", "ekfac")}
+        torch.save({"full": full, "top": top, "stats": stats, "rank0": only_rank0},
+                   os.path.join(root, f"result-{world}.pt"))
+    elif only_rank0 is not None:
+        raise AssertionError("gather='rank0' returned scores on another rank")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
