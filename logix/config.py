@@ -41,6 +41,9 @@ class LoggingConfig:
     cpu_offload: bool = _help("Keep statistics on the CPU instead of the model's device.", False)
     log_dtype: LogDtype = _help("dtype of the logged rows on disk.", "float32")
     include_bias: bool = _help("Log the bias gradient too (a constant 1 appended to inputs).", False)
+    on_duplicate: Literal["skip", "error", "allow"] = _help(
+        "A data id already in the log (e.g. a resumed run, a second epoch): skip its row with a "
+        "warning, raise, or log it again.", "skip")
     nonfinite: Literal["error", "skip"] = _help(
         "What to do with a step whose gradients contain NaN or inf: raise, or skip with a warning.",
         "error")

@@ -67,6 +67,7 @@ class Run:
         self._needs_reduce = False
         self._influence = None
         self._checkpoint: Optional[str] = None
+        self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: Union[None, Sequence[str], Callable] = None,
@@ -243,7 +244,33 @@ class Run:
                 self.statistics.update(entry.name, GRAD, rows[:, entry.columns], rows.shape[0])
         self._last_log = StepLog(ids, rows, self.layout())
         if self._save and self.plan.log_grad:
-            self._ensure_writer().append(ids, rows.to(DTYPES[self.config.logging.log_dtype]))
+            writer = self._ensure_writer()
+            keep = self._unseen(ids)
+            if len(keep) < len(ids):
+                ids, rows = [ids[k] for k in keep], rows[keep]
+            if ids:
+                writer.append(ids, rows.to(DTYPES[self.config.logging.log_dtype]))
+
+    def _unseen(self, ids: List) -> List[int]:
+        """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
+        if self._logged_ids is None:
+            reader = self.reader()
+            self._logged_ids = {(s.checkpoint, i) for s in reader.manifest.shards
+                                for i in reader.shard_ids(s)}
+        policy = self.config.logging.on_duplicate
+        keep = [k for k, i in enumerate(ids) if (self._checkpoint, i) not in self._logged_ids]
+        if len(keep) < len(ids) and policy != "allow":
+            seen = [i for k, i in enumerate(ids) if k not in set(keep)]
+            if policy == "error":
+                raise UsageError(f"data ids {seen[:5]} are already in this log (project "
+                                 f"{self.project!r}); nothing of this step was written. Set "
+                                 "logging.on_duplicate to 'skip' or 'allow', or use new ids.")
+            warnings.warn(f"Skipped {len(seen)} rows whose data ids are already logged (e.g. "
+                          f"{seen[:3]}); logging.on_duplicate='allow' keeps them.")
+        if policy == "allow":
+            keep = list(range(len(ids)))
+        self._logged_ids.update((self._checkpoint, ids[k]) for k in keep)
+        return keep
 
     def _keep_statistics(self, step: CovarianceState) -> None:
         self.statistics.merge(step)

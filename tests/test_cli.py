@@ -225,7 +225,7 @@ def test_verify_warns_about_stray_and_temporary_files(log_dir, capsys):
 
 def test_verify_warns_about_ids_logged_twice(tmp_path, capsys):
     _log(tmp_path)
-    _, _, project_dir = _log(tmp_path, steps=1)  # reopens the project: ex0..ex2 again
+    _, _, project_dir = _log(tmp_path, steps=1, on_duplicate="allow")  # ex0..ex2 again
     manifest = json.load(open(os.path.join(project_dir, "manifest.json")))
     assert manifest["rows"] == (STEPS + 1) * BATCH  # appended, not replaced
     code, out, _ = cli(capsys, "verify", project_dir)

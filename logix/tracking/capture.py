@@ -62,7 +62,8 @@ class GradientCapture:
 
     def __enter__(self) -> "GradientCapture":
         for name, tracked in self.modules.items():
-            self._handles.append(tracked.module.register_forward_hook(self._forward_hook(tracked)))
+            self._handles.append(tracked.module.register_forward_hook(
+                self._forward_hook(tracked), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,10 +72,11 @@ class GradientCapture:
         self._handles.clear()
 
     def _forward_hook(self, tracked: TrackedModule):
-        def hook(module, inputs, output):
-            if not inputs or not isinstance(inputs[0], Tensor):
+        def hook(module, inputs, kwargs, output):
+            # The layer's input, passed by position or by keyword (`layer(input=x)`).
+            x = inputs[0] if inputs else next(iter(kwargs.values()), None)
+            if not isinstance(x, Tensor):
                 return
-            x = inputs[0]
             wants_backward = self.plan.needs_backward
             if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
                 return  # no gradient will come (inference, or a checkpoint's no-grad pass)
@@ -132,7 +134,9 @@ class GradientCapture:
         elif x.shape[0] != self.batch_size:
             raise UsageError(f"Module {name!r} saw a batch of {x.shape[0]} examples but an "
                              f"earlier module saw {self.batch_size}. LogIX needs dim 0 of every "
-                             "tracked layer's input to be the example axis.")
+                             "tracked layer's input to be the example axis; leave layers whose "
+                             "input is shared by the batch (e.g. position embeddings fed [1, T] "
+                             "position ids) out of run.watch(model, name_filter=...).")
 
 
 def _compute_dtype(x: Tensor, module: torch.nn.Module) -> torch.dtype:

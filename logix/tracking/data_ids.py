@@ -12,16 +12,10 @@ from logix.errors import UsageError
 
 def normalize_data_ids(data_id: Any) -> List:
     """A list of str/int stays as it is; a tensor of token ids [B, T] becomes one stable hash per
-    row (the same tokens give the same id in any process); a 1-D integer tensor becomes ints."""
+    row (the same tokens give the same id in any process); a 1-D integer tensor becomes ints.
+    Ids must be unique within a batch."""
     if isinstance(data_id, torch.Tensor):
-        if data_id.dim() == 1 and not data_id.is_floating_point():
-            return [int(i) for i in data_id.tolist()]
-        if data_id.dim() >= 2:
-            rows = data_id.detach().to("cpu", torch.int64).reshape(data_id.shape[0], -1)
-            return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
-        raise UsageError(f"data_id tensor of shape {tuple(data_id.shape)} and dtype "
-                         f"{data_id.dtype} cannot name examples; pass integer ids [B], token ids "
-                         "[B, T], or a list of str/int.")
+        return _unique(_tensor_ids(data_id))
     if isinstance(data_id, (str, int)):
         data_id = [data_id]
     try:
@@ -35,7 +29,21 @@ def normalize_data_ids(data_id: Any) -> List:
                 continue
             raise UsageError(f"data_id entries must be str or int, got {i!r} "
                              f"({type(i).__name__}).")
-    ids = [i.item() if hasattr(i, "item") else i for i in ids]
+    return _unique([i.item() if hasattr(i, "item") else i for i in ids])
+
+
+def _tensor_ids(data_id: torch.Tensor) -> List:
+    if data_id.dim() == 1 and not data_id.is_floating_point():
+        return [int(i) for i in data_id.tolist()]
+    if data_id.dim() >= 2:
+        rows = data_id.detach().to("cpu", torch.int64).reshape(data_id.shape[0], -1)
+        return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
+    raise UsageError(f"data_id tensor of shape {tuple(data_id.shape)} and dtype "
+                     f"{data_id.dtype} cannot name examples; pass integer ids [B], token ids "
+                     "[B, T], or a list of str/int.")
+
+
+def _unique(ids: List) -> List:
     if len(set(ids)) != len(ids):
         dupes = sorted({str(i) for i in ids if ids.count(i) > 1})[:5]
         raise UsageError(f"data_id has duplicates within one batch: {dupes}. Each example in a "

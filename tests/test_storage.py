@@ -1,0 +1,274 @@
+"""The on-disk format (DESIGN.md section 5): shards, manifest, state files, dtypes, appending,
+reopening in a new process, and the writer's error reporting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import make_mlp, seeded
+from logix.errors import LogFormatError, UsageError, WriterError
+from logix.storage.format import DTYPES, parse_shard_name
+from logix.storage.manifest import Manifest
+from logix.storage.reader import LogReader
+
+ALL = {"grad": ["log", "covariance"], "forward": ["covariance"], "backward": ["covariance"]}
+BATCH_SIZES = (2, 3, 4)
+
+
+def log_project(new_run, project, model_seed=0, batch_sizes=BATCH_SIZES, rank=3, first_id=0,
+                setup=ALL, **overrides):
+    """Log a few steps of make_mlp; returns the run, the ids and the float32 rows it logged."""
+    model = make_mlp(seed=model_seed)
+    g = seeded(100 + first_id)
+    run = new_run(project, **overrides)
+    run.watch(model)
+    if rank is not None:
+        run.add_lora(rank=rank)
+    run.setup(setup).save(True)
+    ids, rows = [], []
+    for step, b in enumerate(batch_sizes):
+        step_ids = [f"ex{first_id + len(ids) + i}" for i in range(b)]
+        x = torch.randn(b, 6, generator=g)
+        with run(data_id=step_ids):
+            model(x).pow(2).sum().backward()
+        ids += step_ids
+        rows.append(run.get_log().grads.clone())
+    run.finalize()
+    return run, ids, torch.cat(rows)
+
+
+def shard_files(project_dir):
+    logs = os.path.join(project_dir, "logs")
+    return sorted(f for f in os.listdir(logs) if parse_shard_name(f))
+
+
+def all_files(project_dir):
+    return [os.path.join(d, f) for d, _, files in os.walk(project_dir) for f in files]
+
+
+# --------------------------------------------------------------------------- new process
+REOPEN_SCRIPT = r"""
+import sys, torch, logix
+sys.path.insert(0, sys.argv[3])
+from conftest import make_mlp
+from logix.storage.reader import LogReader
+
+root, out = sys.argv[1], sys.argv[2]
+ids, rows = LogReader(root + "/reopen").read_all()
+run = logix.init("reopen", root_dir=root)
+run.watch(make_mlp(seed=0)).initialize_from_log()
+saved = {"rows": rows.clone()}
+for name, p in run.projections.items():
+    saved[name + "/p_in"], saved[name + "/p_out"] = p.p_in, p.p_out
+for (name, kind) in run.statistics.sums:
+    saved[name + "/" + kind] = run.statistics.get(name, kind)
+loaded = sorted("/".join(k) for k in run.statistics.sums)
+torch.save({"ids": ids, "tensors": saved, "loaded": loaded, "init": run.projection_meta}, out)
+"""
+
+
+def test_log_reopened_in_a_new_process(new_run, tmp_root, tmp_path):
+    run, ids, rows = log_project(new_run, "reopen", shard_rows=2)
+    out = tmp_path / "reopened.pt"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", REOPEN_SCRIPT, tmp_root, str(out), tests_dir],
+                   check=True, timeout=120)
+    got = torch.load(out)
+    assert len(ids) == 9 and got["ids"] == ids
+    assert torch.equal(got["tensors"]["rows"], rows)
+    assert got["init"] == {"init": "random", "seed": 0}
+    for name, p in run.projections.items():
+        assert torch.equal(got["tensors"][name + "/p_in"], p.p_in)
+        assert torch.equal(got["tensors"][name + "/p_out"], p.p_out)
+    kinds = sorted("/".join(key) for key in run.statistics.sums)
+    assert {f"{n}/{k}" for n in ("0", "2") for k in ("forward", "backward", "grad")} <= set(kinds)
+    assert got["loaded"] == kinds
+    for key in kinds:
+        name, kind = key.split("/")
+        assert torch.equal(got["tensors"][key], run.statistics.get(name, kind)), key
+
+
+def test_initialize_from_log_restores_state_in_process(new_run):
+    run, ids, rows = log_project(new_run, "again")
+    fresh = new_run("again").watch(make_mlp(seed=0)).initialize_from_log()
+    assert fresh.layout() == run.layout()
+    for name in run.projections:
+        assert torch.equal(fresh.projections[name].p_in, run.projections[name].p_in)
+    for key, total in run.statistics.sums.items():
+        assert torch.equal(fresh.statistics.sums[key], total)
+        assert fresh.statistics.counts[key] == run.statistics.counts[key]
+
+
+def test_initialize_from_log_checks_the_watched_layers(new_run):
+    log_project(new_run, "mismatch")
+    with pytest.raises(UsageError, match="differ"):
+        new_run("mismatch").watch(make_mlp(seed=0), name_filter=["0"]).initialize_from_log()
+    with pytest.raises(UsageError, match="differ"):
+        new_run("mismatch").watch(make_mlp(hidden=4, seed=0)).initialize_from_log()
+    with pytest.raises(LogFormatError, match="manifest"):
+        new_run("nothing-here").watch(make_mlp(seed=0)).initialize_from_log()
+
+
+# --------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_log_dtype_roundtrip(new_run, tmp_root, dtype):
+    run, ids, rows = log_project(new_run, dtype, log_dtype=dtype, shard_rows=4)
+    assert rows.dtype == torch.float32  # the in-memory log stays float32
+    read_ids, read = LogReader(os.path.join(tmp_root, dtype)).read_all()
+    assert read_ids == ids
+    assert read.dtype == DTYPES[dtype]
+    assert torch.equal(read, rows.to(DTYPES[dtype]))
+    if dtype != "float32":
+        assert not torch.equal(read.float(), rows)  # the cast did happen
+    assert Manifest.load(os.path.join(tmp_root, dtype)).dtype == dtype
+
+
+# --------------------------------------------------------------------------- shards
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_shard_boundaries_do_not_matter(new_run, tmp_root, num_workers):
+    results = {}
+    for shard_rows in (1, 3, 1000):
+        project = f"rows{shard_rows}"
+        _, ids, rows = log_project(new_run, project, shard_rows=shard_rows,
+                                   num_workers=num_workers)
+        files = shard_files(os.path.join(tmp_root, project))
+        assert len(files) == -(-9 // shard_rows)
+        results[shard_rows] = LogReader(os.path.join(tmp_root, project)).read_all()
+        assert results[shard_rows][0] == ids and torch.equal(results[shard_rows][1], rows)
+    for shard_rows in (3, 1000):
+        assert results[shard_rows][0] == results[1][0]
+        assert torch.equal(results[shard_rows][1], results[1][1])
+
+
+def test_shards_are_plain_safetensors_and_manifest_is_exact(new_run, tmp_root):
+    run, ids, rows = log_project(new_run, "plain", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "plain")
+    manifest = Manifest.load(project_dir)
+    on_disk = shard_files(project_dir)
+    assert [os.path.basename(s.file) for s in manifest.shards] == on_disk
+    assert len(on_disk) == 3
+    seen_ids, seen_rows = [], []
+    for shard in manifest.shards:
+        path = os.path.join(project_dir, shard.file)
+        tensors = load_file(path)
+        assert set(tensors) == {"grad"}
+        grad = tensors["grad"]
+        assert grad.dtype == torch.float32 and grad.shape == (shard.rows, manifest.dim)
+        with safe_open(path, framework="pt") as f:
+            shard_ids = json.loads(f.metadata()["data_ids"])
+        assert len(shard_ids) == shard.rows
+        data = open(path, "rb").read()
+        assert shard.bytes == len(data) == os.path.getsize(path)
+        assert shard.sha256 == hashlib.sha256(data).hexdigest()
+        assert parse_shard_name(os.path.basename(shard.file)) == (shard.rank, shard.seq)
+        seen_ids += shard_ids
+        seen_rows.append(grad)
+    assert seen_ids == ids and torch.equal(torch.cat(seen_rows), rows)
+    assert manifest.rows == 9 and manifest.dim == rows.shape[1]
+    assert [(m.name, m.offset, m.dim) for m in manifest.modules] == \
+        [(e.name, e.offset, e.dim) for e in run.layout()]
+    raw = json.load(open(os.path.join(project_dir, "manifest.json")))
+    assert raw["format"] == "logix" and raw["rows"] == 9 and raw["dtype"] == "float32"
+    assert not [f for f in all_files(project_dir) if f.endswith(".tmp")]
+    for name in ("statistics.safetensors", "projections.safetensors"):
+        assert os.path.isfile(os.path.join(project_dir, "state", name))
+
+
+def test_finalize_stops_writer_threads(new_run):
+    before = {t for t in threading.enumerate() if t.name == "logix-writer"}
+    log_project(new_run, "threads", shard_rows=2)
+    after = {t for t in threading.enumerate() if t.name == "logix-writer"}
+    assert after <= before
+
+
+# --------------------------------------------------------------------------- appending
+def test_second_run_appends_shards(new_run, tmp_root):
+    _, ids1, rows1 = log_project(new_run, "append", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "append")
+    first = Manifest.load(project_dir).shards
+    _, ids2, rows2 = log_project(new_run, "append", shard_rows=4, first_id=9,
+                                 setup={"grad": ["log"]})
+    manifest = Manifest.load(project_dir)
+    seqs = [s.seq for s in manifest.shards]
+    assert manifest.shards[:len(first)] == first
+    assert seqs == sorted(set(seqs)) and len(seqs) == 2 * len(first)
+    assert [os.path.basename(s.file) for s in manifest.shards] == shard_files(project_dir)
+    ids, rows = LogReader(project_dir).read_all()
+    assert ids == ids1 + ids2 and not set(ids1) & set(ids2)
+    assert torch.equal(rows, torch.cat([rows1, rows2]))
+    # The second run collected no statistics: the first run's are kept, not overwritten.
+    fresh = new_run("append").watch(make_mlp(seed=0)).initialize_from_log()
+    assert fresh.statistics.get("0", "forward") is not None
+
+
+@pytest.mark.parametrize("change", [dict(rank=4), dict(log_dtype="bfloat16"), dict(seed=1)],
+                         ids=["rank", "dtype", "seed"])
+def test_incompatible_run_refuses_to_append(new_run, tmp_root, change):
+    log_project(new_run, "strict", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "strict")
+    before = shard_files(project_dir)
+    rank = change.pop("rank", 3)
+    with pytest.raises(LogFormatError, match="does not match"):
+        log_project(new_run, "strict", rank=rank, first_id=9, **change)
+    assert shard_files(project_dir) == before
+    assert LogReader(project_dir).rows == 9
+
+
+# --------------------------------------------------------------------------- failures
+def test_writer_failure_is_reported(new_run, tmp_root, monkeypatch):
+    import logix.storage.writer as writer
+
+    def broken(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "atomic_write", broken)
+    with pytest.raises(WriterError, match="disk full|rows were not written"):
+        log_project(new_run, "broken", shard_rows=1)
+    assert not os.path.isdir(os.path.join(tmp_root, "broken", "logs")) or \
+        not shard_files(os.path.join(tmp_root, "broken"))
+
+
+def test_reader_rejects_a_folder_without_manifest(tmp_path):
+    with pytest.raises(LogFormatError, match="manifest"):
+        LogReader(str(tmp_path))
+
+
+def test_resumed_run_skips_or_refuses_ids_already_logged(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+
+    def log(ids, **overrides):
+        run = logix.init("resume", root_dir=str(tmp_path), shard_rows=2, **overrides)
+        run.watch(model)
+        run.setup({"grad": ["log"]})
+        run.save(True)
+        with run(data_id=ids):
+            model(x[: len(ids)]).sum().backward()
+        run.finalize()
+        return run
+
+    log([0, 1, 2, 3])
+    with pytest.warns(UserWarning, match="already logged"):
+        run = log([2, 3, 4, 5])  # default on_duplicate: skip
+    ids, _ = run.reader().read_all()
+    assert sorted(ids) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(logix.UsageError, match="already in this log"):
+        log([5, 6], on_duplicate="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = log([0, 7], on_duplicate="allow")
+    ids, _ = run.reader().read_all()
+    assert sorted(ids) == [0, 0, 1, 2, 3, 4, 5, 7]
