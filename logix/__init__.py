@@ -33,6 +33,8 @@ def init(project: str, config: Any = None, **overrides: Any) -> Run:
 
 
 def get_run() -> Run:
+    """The run of the last `logix.init` (what the module-level shortcuts such as
+    `logix.watch` call)."""
     if _current is None:
         raise UsageError("No active LogIX run: call logix.init(project) first.")
     return _current

@@ -125,6 +125,9 @@ class Run:
             raise ConfigError(f"add_lora init={init!r}; allowed values: ['random', 'pca'].")
         r_in = rank_in or rank or lora.rank_in or lora.rank
         r_out = rank_out or rank or lora.rank_out or lora.rank
+        if init == "pca" and distributed.any_rank(self._needs_reduce):
+            self.statistics.all_reduce()  # every rank derives the same projection
+            self._needs_reduce = False
         projections = {}
         for name, tracked in self.modules.items():
             if init == "random":

@@ -1,0 +1,78 @@
+"""Regenerate docs/api.md from the docstrings of LogIX's public API.
+
+    python docs/gen_api.py          # rewrite docs/api.md
+    python docs/gen_api.py --check  # exit 1 if docs/api.md is stale (a test runs this)
+"""
+
+import inspect
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (heading, object path) in reading order; methods of a class are listed under it.
+SECTIONS = [
+    ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config"]),
+    ("Run", ["logix.Run"]),
+    ("Query results", ["logix.StepLog"]),
+    ("Influence engine", ["logix.influence.engine.InfluenceEngine"]),
+    ("Reading logs", ["logix.storage.reader.LogReader", "logix.storage.scores.load_scores",
+                      "logix.storage.scores.open_scores", "logix.storage.scores.save_scores"]),
+    ("Evaluation", ["logix.evaluation.make_subsets", "logix.evaluation.lds",
+                    "logix.evaluation.linear_datamodeling_score", "logix.evaluation.brittleness"]),
+]
+
+
+def resolve(path):
+    module_name, _, attr = path.rpartition(".")
+    module = __import__(module_name, fromlist=[attr])
+    return getattr(module, attr)
+
+
+def signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj)).replace("'", "")  # postponed annotations are strings
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def render() -> str:
+    lines = ["# API reference", "",
+             "Generated from the docstrings by `python docs/gen_api.py`; a test keeps it current.",
+             ""]
+    for heading, paths in SECTIONS:
+        lines += [f"## {heading}", ""]
+        for path in paths:
+            obj = resolve(path)
+            name = path.split(".")[-1]
+            lines += [f"### `{path}{signature(obj) if not inspect.isclass(obj) else ''}`", "",
+                      inspect.getdoc(obj) or "(no docstring)", ""]
+            if inspect.isclass(obj):
+                for method_name, method in inspect.getmembers(obj, inspect.isfunction):
+                    if method_name.startswith("_") and method_name != "__call__":
+                        continue
+                    if method.__qualname__.split(".")[0] != obj.__name__:
+                        continue
+                    doc = inspect.getdoc(method)
+                    if not doc:
+                        continue
+                    lines += [f"#### `{name}.{method_name}{signature(method)}`", "", doc, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    target = os.path.join(HERE, "api.md")
+    text = render()
+    if "--check" in sys.argv:
+        current = open(target).read() if os.path.exists(target) else ""
+        if current != text:
+            print("docs/api.md is stale: run `python docs/gen_api.py`.")
+            return 1
+        return 0
+    with open(target, "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
