@@ -359,8 +359,6 @@ def _cmd_show(args) -> int:
         print(json.dumps(info, indent=1))
         return EXIT_OK
 
-    from rich.table import Table
-
     out = _console()
     Table = _table_factory()
     head = Table.grid(padding=(0, 2))

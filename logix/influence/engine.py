@@ -24,6 +24,8 @@ from logix import distributed
 from logix.errors import UsageError
 from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
                                             raw_inverse)
+from logix.influence.gather import merge_full, merge_topk, own_part
+from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
 from logix.influence.source import source_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
@@ -34,9 +36,6 @@ from logix.storage.format import CACHE_DIR
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
 
-MODES = ("dot", "cosine", "l2")
-TOTAL = "total"
-SCORE_CHUNK = 1024  # training rows per matrix multiply; fixed so that scores are reproducible
 
 
 class InfluenceEngine:
@@ -105,7 +104,7 @@ class InfluenceEngine:
         reader = reader or self.run.reader()
         total_rows = reader.rows
         if distributed.is_distributed():  # each rank fits its own shards; sums are reduced
-            reader = _own_part(reader)
+            reader = own_part(reader)
         if total_rows == 0:
             raise UsageError("hessian='ekfac' fits its eigenvalues from saved training logs, and "
                              "this project has none: log with run.save(True) and "
@@ -171,31 +170,31 @@ class InfluenceEngine:
                 raise UsageError("method='source' supports topk but not influence_groups, out "
                                  "or loader.")
             result = source_influence(self.run, src, hessian or "ekfac",
-                                      _aligned(block_rows or self.run.config.influence.block_rows))
+                                      aligned(block_rows or self.run.config.influence.block_rows))
             if topk:
                 top = TopK(topk, len(src))
                 top.update(result["influence"], 0)
-                plan = _ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
-                                  _group_masks(src.modules, None))
+                plan = ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
+                                  group_masks(src.modules, None))
                 return plan.topk_result(src, result["tgt_ids"], top)
             return result
         if method != "influence":
             raise UsageError(f"method={method!r} is not supported; allowed: 'influence', 'source'.")
         reader = self._reader(loader)
         _check_layout(src.modules, reader.manifest.modules, "saved log")
-        block_rows = _aligned(block_rows or self.run.config.influence.block_rows)
+        block_rows = aligned(block_rows or self.run.config.influence.block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         if not distributed.is_distributed():
             return self._stream(src, reader, plan, topk, out, block_rows, progress)
         # Each rank scores its share of the shards; the parts are gathered in manifest order.
-        local = self._stream(src, _own_part(reader), plan, topk, None, block_rows, progress)
-        merged = _merge_topk(local, topk) if topk else _merge_full(local, reader)
+        local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress)
+        merged = merge_topk(local, topk) if topk else merge_full(local, reader)
         if out is not None and distributed.rank() == 0:
             merged["path"] = save_scores(out, merged, meta={"mode": plan.mode, "project":
                                                             self.run.project})
         return merged if gather == "all" or distributed.rank() == 0 else None
 
-    def _stream(self, src: StepLog, reader: LogReader, plan: "_ScorePlan", topk, out,
+    def _stream(self, src: StepLog, reader: LogReader, plan: "ScorePlan", topk, out,
                 block_rows: int, progress: bool) -> dict:
         n_train = reader.rows
         train_norms = self._train_norms(reader, plan, block_rows, progress) \
@@ -254,17 +253,17 @@ class InfluenceEngine:
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
         norms = self._train_norms(
-            reader, plan, _aligned(block_rows or self.run.config.influence.block_rows), progress)
+            reader, plan, aligned(block_rows or self.run.config.influence.block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0]}
 
     # ------------------------------------------------------------------ helpers
-    def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "_ScorePlan":
+    def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "ScorePlan":
         mode = mode or self.run.config.influence.mode
         if mode not in MODES:
             raise UsageError(f"mode={mode!r} is not supported; allowed values: {list(MODES)}.")
         kind = (hessian or self.run.config.influence.hessian) if precondition else "none"
         preconditioner = self.preconditioner(kind, damping, src.modules)
-        return _ScorePlan(src, mode, preconditioner, _group_masks(src.modules, groups))
+        return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
     def _reader(self, loader) -> LogReader:
         if loader is None:
@@ -282,7 +281,7 @@ class InfluenceEngine:
         except Exception:
             return False
 
-    def _train_norms(self, reader: LogReader, plan: "_ScorePlan", block_rows: int,
+    def _train_norms(self, reader: LogReader, plan: "ScorePlan", block_rows: int,
                      progress: bool) -> Tensor:
         """[n_train, groups] g^T (H + lambda I)^-1 g per group, cached beside the logs."""
         key = hashlib.sha1(json.dumps({
@@ -304,203 +303,6 @@ class InfluenceEngine:
         torch.save(norms, tmp)
         os.replace(tmp, path)
         return norms
-
-
-class _ScorePlan:
-    """Preconditioned queries stacked per group: one GEMM scores every group of every query."""
-
-    def __init__(self, src: StepLog, mode: str, preconditioner: Preconditioner,
-                 groups: Dict[str, Tensor]) -> None:
-        self.mode = mode
-        self.preconditioner = preconditioner
-        self.groups = groups  # name -> bool column mask [dim]; TOTAL first
-        self.n_query = len(src)
-        self.device = src.grads.device
-        precond = preconditioner.apply(src.grads.double()).float()  # [n_query, dim]
-        self.queries = torch.cat([precond * mask.to(precond.device) for mask in groups.values()]
-                                 ) if len(groups) > 1 else precond
-        self.needs_norms = mode != "dot"
-        if self.needs_norms:
-            query_norms = (precond * src.grads.float()) @ self._mask_matrix().T  # [n_query, G]
-            self.query_norms = query_norms.T.reshape(-1)  # group-major, as the query rows
-
-    @property
-    def group_names(self) -> List[str]:
-        return list(self.groups)
-
-    def group_signature(self) -> List:
-        return [(name, mask.nonzero().flatten().tolist()[:1], int(mask.sum()))
-                for name, mask in self.groups.items()]
-
-    def _mask_matrix(self) -> Tensor:
-        return torch.stack(list(self.groups.values())).float().to(self.device)  # [G, dim]
-
-    def norms_of(self, rows: Tensor) -> Tensor:
-        """[n, G] g^T (H + lambda I)^-1 g restricted to each group's columns."""
-        masks = self._mask_matrix()
-
-        def norms(chunk):
-            return ((self.preconditioner.apply(chunk) * chunk) @ masks.T).T
-
-        return _fixed_chunks(rows, norms).T
-
-    def score(self, rows: Tensor, train_norms: Optional[Tensor],
-              out: Optional[Tensor] = None) -> Tensor:
-        """Scores of `rows` [n, dim] against every (group, query): [n, G * n_query], written
-        into `out` when given (one contiguous slab per block, no copies)."""
-        n, width = rows.shape[0], self.queries.shape[0]
-        out = out if out is not None else rows.new_empty(n, width)
-        queries_t = self.queries.T  # [dim, G * n_query]
-        for start in range(0, n, SCORE_CHUNK):
-            chunk = rows[start:start + SCORE_CHUNK]
-            k = chunk.shape[0]
-            if k == SCORE_CHUNK:
-                torch.matmul(chunk, queries_t, out=out[start:start + k])
-            else:  # pad: the same matrix shape as every other chunk, see _fixed_chunks
-                padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
-                out[start:start + k] = (padded @ queries_t)[:k]
-        if self.mode == "dot":
-            return out
-        train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*n_query]
-        query = self.query_norms.to(out.device)[None, :]
-        if self.mode == "cosine":
-            return out.div_(query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
-        return out.mul_(2).sub_(query).sub_(train)
-
-    def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
-        out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,
-               "influence": scores[:self.n_query]}
-        if len(self.groups) > 1:
-            out["groups"] = {name: scores[g * self.n_query:(g + 1) * self.n_query]
-                             for g, name in enumerate(self.groups) if name != TOTAL}
-        return out
-
-    def topk_result(self, src: StepLog, tgt_ids: List, top: "TopK") -> dict:
-        best, best_idx, worst, worst_idx = top.result()
-        nq = self.n_query
-
-        def ids(index: Tensor) -> List[List]:
-            return [[tgt_ids[i] for i in row] for row in index.tolist()]
-
-        out = {"src_ids": list(src.data_ids), "top_ids": ids(best_idx[:nq]),
-               "top_scores": best[:nq], "bottom_ids": ids(worst_idx[:nq]),
-               "bottom_scores": worst[:nq]}
-        if len(self.groups) > 1:
-            out["groups"] = {
-                name: {"top_ids": ids(best_idx[g * nq:(g + 1) * nq]),
-                       "top_scores": best[g * nq:(g + 1) * nq],
-                       "bottom_ids": ids(worst_idx[g * nq:(g + 1) * nq]),
-                       "bottom_scores": worst[g * nq:(g + 1) * nq]}
-                for g, name in enumerate(self.groups) if name != TOTAL}
-        return out
-
-
-def _merge_full(local: dict, reader: LogReader) -> dict:
-    """Gather every rank's columns and lay them out in manifest shard order."""
-    parts = distributed.all_gather_objects(
-        (local["tgt_ids"], local["influence"], local.get("groups", {})))
-    world = len(parts)
-    cursor = [0] * world
-    ids, columns, groups = [], [], {name: [] for name in parts[0][2]}
-    for i, shard in enumerate(reader.shards):
-        r = i % world  # the round-robin owner, as in _own_part
-        a, b = cursor[r], cursor[r] + shard.rows
-        cursor[r] = b
-        ids.extend(parts[r][0][a:b])
-        columns.append(parts[r][1][:, a:b])
-        for name in groups:
-            groups[name].append(parts[r][2][name][:, a:b])
-    merged = {"src_ids": local["src_ids"], "tgt_ids": ids, "influence": torch.cat(columns, 1)}
-    if groups:
-        merged["groups"] = {name: torch.cat(cols, 1) for name, cols in groups.items()}
-    return merged
-
-
-def _merge_topk(local: dict, k: int) -> dict:
-    """Merge every rank's top-k and bottom-k candidates into the global ones."""
-    parts = distributed.all_gather_objects(local)
-
-    def merge(result_parts, ids_key, scores_key, largest):
-        scores = torch.cat([p[scores_key] for p in result_parts], 1)
-        ids = [sum((p[ids_key][q] for p in result_parts), []) for q in range(scores.shape[0])]
-        values, index = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest)
-        return [[ids[q][i] for i in row] for q, row in enumerate(index.tolist())], values
-
-    merged = {"src_ids": local["src_ids"]}
-    merged["top_ids"], merged["top_scores"] = merge(parts, "top_ids", "top_scores", True)
-    merged["bottom_ids"], merged["bottom_scores"] = merge(parts, "bottom_ids", "bottom_scores",
-                                                          False)
-    if "groups" in local:
-        merged["groups"] = {}
-        for name in local["groups"]:
-            group_parts = [p["groups"][name] for p in parts]
-            entry = {}
-            entry["top_ids"], entry["top_scores"] = merge(group_parts, "top_ids", "top_scores",
-                                                          True)
-            entry["bottom_ids"], entry["bottom_scores"] = merge(group_parts, "bottom_ids",
-                                                                "bottom_scores", False)
-            merged["groups"][name] = entry
-    return merged
-
-
-def _own_part(reader: LogReader) -> LogReader:
-    """This rank's share of the shards (round robin) under torch.distributed."""
-    part = LogReader(reader.project_dir, reader.manifest, reader.block_rows, reader.checkpoint)
-    part.shards = reader.shards[distributed.rank()::distributed.world_size()]
-    return part
-
-
-def _aligned(block_rows: int) -> int:
-    """Blocks start at multiples of SCORE_CHUNK, so every row sits at the same position of the
-    same chunk shape whatever block size was asked for."""
-    return max(SCORE_CHUNK, -(-block_rows // SCORE_CHUNK) * SCORE_CHUNK)
-
-
-def _fixed_chunks(rows: Tensor, fn) -> Tensor:
-    """fn over zero-padded chunks of exactly SCORE_CHUNK rows, concatenated along columns.
-
-    BLAS picks kernels (and so rounding) by matrix shape and a row's position in it; with one
-    shape for every call and blocks aligned to chunks (`_aligned`), a row's score is the same
-    bits whatever the shard size or block size it was read with.
-    """
-    parts = []
-    for start in range(0, rows.shape[0], SCORE_CHUNK):
-        chunk = rows[start:start + SCORE_CHUNK]
-        n = chunk.shape[0]
-        if n < SCORE_CHUNK:
-            chunk = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - n, chunk.shape[1])])
-        parts.append(fn(chunk)[:, :n])
-    if not parts:
-        return fn(rows.new_zeros(0, rows.shape[1]))
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-
-
-def _group_masks(modules, groups) -> Dict[str, Tensor]:
-    dim = sum(m.dim for m in modules)
-    masks = {TOTAL: torch.ones(dim, dtype=torch.bool)}
-    if groups is None:
-        return masks
-    if groups == "module" or groups == "modules":
-        groups = {m.name: [m.name] for m in modules}
-    if isinstance(groups, (list, tuple)):
-        groups = {f"group{i}": list(g) if not isinstance(g, str) else [g]
-                  for i, g in enumerate(groups)}
-    if not isinstance(groups, dict):
-        raise UsageError("influence_groups must be 'module', a list of lists of module names, "
-                         f"or a dict name -> [module-name substrings]; got {groups!r}.")
-    for name, patterns in groups.items():
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        mask = torch.zeros(dim, dtype=torch.bool)
-        for m in modules:
-            if any(m.name == p or p in m.name for p in patterns):
-                mask[m.columns] = True
-        if not mask.any():
-            raise UsageError(f"influence group {name!r} ({patterns}) matches no logged module; "
-                             f"modules: {[m.name for m in modules]}.")
-        if name == TOTAL:
-            raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")
-        masks[name] = mask
-    return masks
 
 
 def _tensor_name(group: str) -> str:

@@ -1,0 +1,160 @@
+"""Scoring math: preconditioned queries stacked per influence group, one GEMM per fixed-shape
+chunk of training rows, and the score modes (dot, cosine, l2)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from logix.errors import UsageError
+from logix.influence.preconditioner import Preconditioner
+from logix.influence.topk import TopK
+from logix.log import StepLog
+
+MODES = ("dot", "cosine", "l2")
+TOTAL = "total"
+SCORE_CHUNK = 1024  # training rows per matrix multiply; fixed so that scores are reproducible
+
+
+class ScorePlan:
+    """Preconditioned queries stacked per group: one GEMM scores every group of every query."""
+
+    def __init__(self, src: StepLog, mode: str, preconditioner: Preconditioner,
+                 groups: Dict[str, Tensor]) -> None:
+        self.mode = mode
+        self.preconditioner = preconditioner
+        self.groups = groups  # name -> bool column mask [dim]; TOTAL first
+        self.n_query = len(src)
+        self.device = src.grads.device
+        precond = preconditioner.apply(src.grads.double()).float()  # [n_query, dim]
+        self.queries = torch.cat([precond * mask.to(precond.device) for mask in groups.values()]
+                                 ) if len(groups) > 1 else precond
+        self.needs_norms = mode != "dot"
+        if self.needs_norms:
+            query_norms = (precond * src.grads.float()) @ self._mask_matrix().T  # [n_query, G]
+            self.query_norms = query_norms.T.reshape(-1)  # group-major, as the query rows
+
+    @property
+    def group_names(self) -> List[str]:
+        return list(self.groups)
+
+    def group_signature(self) -> List:
+        return [(name, mask.nonzero().flatten().tolist()[:1], int(mask.sum()))
+                for name, mask in self.groups.items()]
+
+    def _mask_matrix(self) -> Tensor:
+        return torch.stack(list(self.groups.values())).float().to(self.device)  # [G, dim]
+
+    def norms_of(self, rows: Tensor) -> Tensor:
+        """[n, G] g^T (H + lambda I)^-1 g restricted to each group's columns."""
+        masks = self._mask_matrix()
+
+        def norms(chunk):
+            return ((self.preconditioner.apply(chunk) * chunk) @ masks.T).T
+
+        return fixed_chunks(rows, norms).T
+
+    def score(self, rows: Tensor, train_norms: Optional[Tensor],
+              out: Optional[Tensor] = None) -> Tensor:
+        """Scores of `rows` [n, dim] against every (group, query): [n, G * n_query], written
+        into `out` when given (one contiguous slab per block, no copies)."""
+        n, width = rows.shape[0], self.queries.shape[0]
+        out = out if out is not None else rows.new_empty(n, width)
+        queries_t = self.queries.T  # [dim, G * n_query]
+        for start in range(0, n, SCORE_CHUNK):
+            chunk = rows[start:start + SCORE_CHUNK]
+            k = chunk.shape[0]
+            if k == SCORE_CHUNK:
+                torch.matmul(chunk, queries_t, out=out[start:start + k])
+            else:  # pad: the same matrix shape as every other chunk, see fixed_chunks
+                padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
+                out[start:start + k] = (padded @ queries_t)[:k]
+        if self.mode == "dot":
+            return out
+        train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*n_query]
+        query = self.query_norms.to(out.device)[None, :]
+        if self.mode == "cosine":
+            return out.div_(query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
+        return out.mul_(2).sub_(query).sub_(train)
+
+    def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
+        out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,
+               "influence": scores[:self.n_query]}
+        if len(self.groups) > 1:
+            out["groups"] = {name: scores[g * self.n_query:(g + 1) * self.n_query]
+                             for g, name in enumerate(self.groups) if name != TOTAL}
+        return out
+
+    def topk_result(self, src: StepLog, tgt_ids: List, top: TopK) -> dict:
+        best, best_idx, worst, worst_idx = top.result()
+        nq = self.n_query
+
+        def ids(index: Tensor) -> List[List]:
+            return [[tgt_ids[i] for i in row] for row in index.tolist()]
+
+        out = {"src_ids": list(src.data_ids), "top_ids": ids(best_idx[:nq]),
+               "top_scores": best[:nq], "bottom_ids": ids(worst_idx[:nq]),
+               "bottom_scores": worst[:nq]}
+        if len(self.groups) > 1:
+            out["groups"] = {
+                name: {"top_ids": ids(best_idx[g * nq:(g + 1) * nq]),
+                       "top_scores": best[g * nq:(g + 1) * nq],
+                       "bottom_ids": ids(worst_idx[g * nq:(g + 1) * nq]),
+                       "bottom_scores": worst[g * nq:(g + 1) * nq]}
+                for g, name in enumerate(self.groups) if name != TOTAL}
+        return out
+
+
+def aligned(block_rows: int) -> int:
+    """Blocks start at multiples of SCORE_CHUNK, so every row sits at the same position of the
+    same chunk shape whatever block size was asked for."""
+    return max(SCORE_CHUNK, -(-block_rows // SCORE_CHUNK) * SCORE_CHUNK)
+
+
+def fixed_chunks(rows: Tensor, fn) -> Tensor:
+    """fn over zero-padded chunks of exactly SCORE_CHUNK rows, concatenated along columns.
+
+    BLAS picks kernels (and so rounding) by matrix shape and a row's position in it; with one
+    shape for every call and blocks aligned to chunks (`aligned`), a row's score is the same
+    bits whatever the shard size or block size it was read with.
+    """
+    parts = []
+    for start in range(0, rows.shape[0], SCORE_CHUNK):
+        chunk = rows[start:start + SCORE_CHUNK]
+        n = chunk.shape[0]
+        if n < SCORE_CHUNK:
+            chunk = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - n, chunk.shape[1])])
+        parts.append(fn(chunk)[:, :n])
+    if not parts:
+        return fn(rows.new_zeros(0, rows.shape[1]))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+def group_masks(modules, groups) -> Dict[str, Tensor]:
+    dim = sum(m.dim for m in modules)
+    masks = {TOTAL: torch.ones(dim, dtype=torch.bool)}
+    if groups is None:
+        return masks
+    if groups == "module" or groups == "modules":
+        groups = {m.name: [m.name] for m in modules}
+    if isinstance(groups, (list, tuple)):
+        groups = {f"group{i}": list(g) if not isinstance(g, str) else [g]
+                  for i, g in enumerate(groups)}
+    if not isinstance(groups, dict):
+        raise UsageError("influence_groups must be 'module', a list of lists of module names, "
+                         f"or a dict name -> [module-name substrings]; got {groups!r}.")
+    for name, patterns in groups.items():
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        mask = torch.zeros(dim, dtype=torch.bool)
+        for m in modules:
+            if any(m.name == p or p in m.name for p in patterns):
+                mask[m.columns] = True
+        if not mask.any():
+            raise UsageError(f"influence group {name!r} ({patterns}) matches no logged module; "
+                             f"modules: {[m.name for m in modules]}.")
+        if name == TOTAL:
+            raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")
+        masks[name] = mask
+    return masks
