@@ -204,7 +204,7 @@ class Run:
         # The step's forward/backward statistics stay apart until end() keeps the step.
         step_statistics = CovarianceState(device=self.statistics.device)
         self._capture = GradientCapture(self.modules, self._projection_for, self.plan,
-                                        step_statistics, mask).__enter__()
+                                        step_statistics, mask, examples=len(ids)).__enter__()
         self._step_ids, self._step_scale = ids, scale
 
     def end(self) -> None:

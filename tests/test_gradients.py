@@ -234,8 +234,8 @@ def lm_batch_loss(model, ids, mask):
 
 
 def no_position_embeddings(name: str) -> bool:
-    # Position embeddings see position ids [1, T] (broadcast over the batch): their per-example
-    # gradient is not observable from the layer, see test_watch_whole_gpt2_default_filters.
+    # Position embeddings see position ids [1, T] (broadcast over the batch); they are tested on
+    # their own in test_watch_whole_gpt2_default_filters.
     return "wpe" not in name and "position_embeddings" not in name
 
 
@@ -304,15 +304,20 @@ def test_tied_gpt2_embeddings_sum_to_the_shared_gradient(new_run):
     assert_close_scaled(total, shared)
 
 
-@pytest.mark.xfail(strict=True, raises=UsageError, reason="Design limit: GPT-2/BERT position "
-                   "embeddings get position ids [1, T] broadcast over the batch, so "
-                   "run.watch(model) with default filters raises on any batch > 1; users must "
-                   "exclude them with name_filter.")
 def test_watch_whole_gpt2_default_filters(new_run):
+    """Position embeddings see position ids [1, T] shared by the batch; the hooks expand them so
+    that their per-example gradients are logged too, and training is unchanged."""
     model = make_tiny_gpt2(seed=12)
-    ids, mask = padded_tokens([4, 3], 4, seed=12)
+    ids, mask = padded_tokens([4, 3, 2], 4, seed=12)
     run = watched_run(new_run, model)
+    assert any("wpe" in e.name for e in run.layout())
+    lm_batch_loss(model, ids, mask).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
     log_lm(run, model, ids, mask)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, reference[n]), n
+    check_log(run, model, per_example_grads(model, lm_example_loss, ids, mask))
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -48,12 +48,14 @@ class GradientCapture:
     """Registers hooks on enter, removes every handle on exit."""
 
     def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
-                 plan: Plan, statistics: CovarianceState, mask: Optional[Tensor] = None) -> None:
+                 plan: Plan, statistics: CovarianceState, mask: Optional[Tensor] = None,
+                 examples: Optional[int] = None) -> None:
         self.modules = modules
         self.projection_for = projection_for
         self.plan = plan
         self.statistics = statistics
         self.mask = mask
+        self.examples = examples  # number of data ids of the step
         self.batch_size: Optional[int] = None
         self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], float32
         self.calls: Dict[str, int] = dict.fromkeys(modules, 0)
@@ -80,6 +82,14 @@ class GradientCapture:
             wants_backward = self.plan.needs_backward
             if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
                 return  # no gradient will come (inference, or a checkpoint's no-grad pass)
+            replaced = None
+            if wants_backward and tracked.broadcast_input and x.shape[0] == 1 \
+                    and (self.examples or 1) > 1 and output.shape[0] == 1:
+                # One input row shared by the batch (position ids [1, T]): each example gets its
+                # own view of the output, so its gradient arrives per example. The values are
+                # the same and autograd sums the views back: training is unchanged.
+                x = x.expand(self.examples, *x.shape[1:])
+                output = replaced = output.expand(self.examples, *output.shape[1:])
             self._check_batch(tracked.name, x)
             projection = self.projection_for(tracked.name, x.device, _compute_dtype(x, module))
             with torch.no_grad():
@@ -92,6 +102,7 @@ class GradientCapture:
                 self._forward_statistics(tracked.name, x_proj, mask)
                 return
             output.register_hook(self._output_grad_hook(tracked, projection, x_proj, mask))
+            return replaced
 
         return hook
 
@@ -135,8 +146,8 @@ class GradientCapture:
             raise UsageError(f"Module {name!r} saw a batch of {x.shape[0]} examples but an "
                              f"earlier module saw {self.batch_size}. LogIX needs dim 0 of every "
                              "tracked layer's input to be the example axis; leave layers whose "
-                             "input is shared by the batch (e.g. position embeddings fed [1, T] "
-                             "position ids) out of run.watch(model, name_filter=...).")
+                             "input mixes or is shared by the examples out of "
+                             "run.watch(model, name_filter=...).")
 
 
 def _compute_dtype(x: Tensor, module: torch.nn.Module) -> torch.dtype:

@@ -32,6 +32,9 @@ class TrackedModule(abc.ABC):
 
     module_type: ClassVar[type]
     groups: int = 1
+    # True when a batch-1 input may be shared by every example (position ids [1, T] of an
+    # embedding): the hooks then expand it to the batch to see per-example gradients.
+    broadcast_input: ClassVar[bool] = False
 
     def __init_subclass__(cls, module_type: Optional[type] = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -100,6 +103,8 @@ class TrackedLinear(TrackedModule, module_type=nn.Linear):
 
 
 class TrackedEmbedding(TrackedModule, module_type=nn.Embedding):
+    broadcast_input = True
+
     def _gradient_shape(self):
         return self.module.num_embeddings, self.module.embedding_dim
 

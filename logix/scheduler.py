@@ -1,0 +1,131 @@
+"""LogIXScheduler: the passes over the data that a choice of projection and curvature needs.
+
+    scheduler = LogIXScheduler(run, lora="pca", hessian="ekfac", save="grad")
+    for _ in scheduler:                 # one iteration = one pass (epoch) over the data
+        for batch in loader:
+            with run(data_id=batch["ids"]):
+                loss_fn(model, batch).backward()
+
+Passes, in order:
+1. ``lora="pca"`` only: a statistics pass without projections that collects the forward and
+   backward covariances PCA needs (nothing is logged or written).
+2. The logging pass: projections are added before it (``add_lora(init=...)``), it collects the
+   curvature ``hessian`` asks for (raw: projected-gradient covariance; kfac / ekfac: forward and
+   backward covariances; ekfac's corrected eigenvalues are fitted later from the saved logs) and,
+   with ``save="grad"``, writes the projected gradients to disk.
+
+Saving is switched on for the logging pass only and put back as it was when the iteration ends;
+the run is finalized then (flush, reduce statistics across processes, save state).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Literal, get_args
+
+from logix.errors import ConfigError, UsageError
+
+Lora = Literal["none", "random", "pca"]
+Hessian = Literal["none", "raw", "kfac", "ekfac"]
+Save = Literal["none", "grad"]
+
+_COVARIANCE = ["covariance"]
+
+
+class LogIXScheduler:
+    """An iterable of pass indices; each step of the iteration prepares the run for one pass.
+
+    Args:
+        run: the `logix.Run` to drive; watch the model before iterating.
+        lora: "none" (full gradients), "random" or "pca" LoGra projections.
+        hessian: curvature collected during the logging pass: "none", "raw", "kfac" or "ekfac".
+        save: "grad" writes the logging pass's projected gradients to disk; "none" keeps only
+            the last step in memory (`run.get_log()`).
+    """
+
+    def __init__(self, run, lora: Lora = "none", hessian: Hessian = "none",
+                 save: Save = "grad") -> None:
+        for key, value, kind in (("lora", lora, Lora), ("hessian", hessian, Hessian),
+                                 ("save", save, Save)):
+            if value not in get_args(kind):
+                raise ConfigError(f"LogIXScheduler {key}={value!r}; allowed values: "
+                                  f"{list(get_args(kind))}.")
+        if hessian == "ekfac" and save != "grad":
+            raise ConfigError("LogIXScheduler hessian='ekfac' fits its corrected eigenvalues from "
+                              "the saved gradient logs: use save='grad'.")
+        self.run = run
+        self.lora, self.hessian, self.save = lora, hessian, save
+        self._passes: List[Dict[str, List[str]]] = self._plan()
+        self._next = 0
+        self._saving_before = None
+        self._done = False
+
+    def _plan(self) -> List[Dict[str, List[str]]]:
+        passes = []
+        if self.lora == "pca":
+            passes.append({"forward": _COVARIANCE, "backward": _COVARIANCE})
+        logging_pass: Dict[str, List[str]] = {}
+        if self.save == "grad":
+            logging_pass["grad"] = ["log"]
+        if self.hessian == "raw":
+            logging_pass.setdefault("grad", []).append("covariance")
+        elif self.hessian in ("kfac", "ekfac"):
+            logging_pass["forward"] = _COVARIANCE
+            logging_pass["backward"] = _COVARIANCE
+        passes.append(logging_pass)
+        return passes
+
+    def __len__(self) -> int:
+        """Number of passes over the data."""
+        return len(self._passes)
+
+    @property
+    def logging_pass(self) -> int:
+        """Index of the pass that logs gradients (always the last one)."""
+        return len(self._passes) - 1
+
+    def __iter__(self) -> "LogIXScheduler":
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        if self._next == len(self._passes):
+            self._finish()
+            raise StopIteration
+        index = self._next
+        if not self.run.modules:
+            raise UsageError("LogIXScheduler needs watched layers: call run.watch(model) before "
+                             "iterating over the scheduler.")
+        if index == self.logging_pass:
+            self._enter_logging_pass()
+        self.run.setup(self._passes[index])
+        self._next += 1
+        return index
+
+    def _enter_logging_pass(self) -> None:
+        run = self.run
+        if self.lora == "pca":
+            # Every process must compute the same PCA: sum the covariances first.
+            run.statistics.all_reduce()
+        if self.lora != "none":
+            run.add_lora(init=self.lora)
+        if self.save == "grad":
+            self._saving_before = _saving(run)
+            run.save(True)
+
+    def _finish(self) -> None:
+        self._done = True
+        try:
+            self.run.finalize()
+        finally:
+            if self._saving_before is not None:
+                self.run.save(self._saving_before)
+
+    def __repr__(self) -> str:
+        return (f"LogIXScheduler(lora={self.lora!r}, hessian={self.hessian!r}, "
+                f"save={self.save!r}, passes={len(self)})")
+
+
+def _saving(run) -> bool:
+    """Whether the run writes logged rows now. Run has no public getter for this yet."""
+    return bool(getattr(run, "_save", False))
