@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ class StepLog:
     data_ids: List
     grads: Tensor
     modules: List[ModuleEntry]
+    projection: Dict = field(default_factory=dict)  # init, seed, checksum of the projections
 
     def __len__(self) -> int:
         return len(self.data_ids)
@@ -36,14 +37,18 @@ class StepLog:
                          f"{[m.name for m in self.modules]}.")
 
     def clone(self) -> "StepLog":
-        return StepLog(list(self.data_ids), self.grads.clone(), list(self.modules))
+        return StepLog(list(self.data_ids), self.grads.clone(), list(self.modules),
+                       dict(self.projection))
 
     @staticmethod
     def concat(logs: Sequence["StepLog"]) -> "StepLog":
         """Join the logs of several query batches into one."""
         if not logs:
             raise UsageError("StepLog.concat needs at least one log.")
-        if any(log.modules != logs[0].modules for log in logs):
-            raise UsageError("Cannot concatenate logs with different modules or ranks.")
+        if any(log.modules != logs[0].modules or log.projection != logs[0].projection
+               for log in logs):
+            raise UsageError("Cannot concatenate logs with different modules, ranks or "
+                             "projections.")
         ids = [i for log in logs for i in log.data_ids]
-        return StepLog(ids, torch.cat([log.grads for log in logs]), list(logs[0].modules))
+        return StepLog(ids, torch.cat([log.grads for log in logs]), list(logs[0].modules),
+                       dict(logs[0].projection))

@@ -10,9 +10,10 @@ covariances of a statistics pass.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -77,3 +78,14 @@ def top_eigenvectors(cov: Tensor, rank: int) -> Tensor:
     _, vectors = torch.linalg.eigh(cov.double())
     rank = min(rank, cov.shape[0])
     return vectors[:, -rank:].flip(-1).T.contiguous().float()
+
+
+def fingerprint(projections: Dict[str, Projection]) -> str:
+    """A short hash of every module's matrices: queries and logs must share it."""
+    digest = hashlib.sha1()
+    for name, p in projections.items():
+        digest.update(f"{name}:{p.in_dim}x{p.out_dim}".encode())
+        for matrix in (p.p_in, p.p_out):
+            if matrix is not None:
+                digest.update(matrix.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

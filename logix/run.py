@@ -52,7 +52,7 @@ class Run:
         self.project_dir = os.path.join(config.root_dir, project)
         self.modules: Dict[str, TrackedModule] = {}
         self.projections: Dict[str, Projection] = {}
-        self.projection_meta = {"init": "none", "seed": config.seed}
+        self.projection_meta: Dict = {"init": "none", "seed": config.seed}
         self.statistics = CovarianceState(
             device=torch.device("cpu") if config.logging.cpu_offload else None)
         self.plan = Plan(log_grad=True)
@@ -95,7 +95,8 @@ class Run:
                 "logix.tracking.modules.TrackedModule for a custom layer type.")
         self.modules = modules
         self.projections = {n: logra.identity(m.in_dim, m.out_dim) for n, m in modules.items()}
-        self.projection_meta = {"init": "none", "seed": self.config.seed}
+        self.projection_meta = {"init": "none", "seed": self.config.seed,
+                                "checksum": logra.fingerprint(self.projections)}
         self._on_device.clear()
         self.statistics.clear()
         logger.info("LogIX watches %d layers of %s", len(modules), type(model).__name__)
@@ -136,7 +137,8 @@ class Run:
             else:
                 projections[name] = self._pca_projection(name, r_in, r_out)
         self.projections = projections
-        self.projection_meta = {"init": init, "seed": self.config.seed}
+        self.projection_meta = {"init": init, "seed": self.config.seed,
+                                "checksum": logra.fingerprint(projections)}
         self._on_device.clear()
         self.statistics.clear()
         return self
@@ -241,18 +243,19 @@ class Run:
                                  "steps with a warning.")
             warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}).")
             return
+        keep = []
+        if self._save and self.plan.log_grad:  # refusals come before anything of the step is kept
+            writer = self._ensure_writer()  # a log of another layout or dtype
+            keep = self._unseen(ids)  # ids already logged, by logging.on_duplicate
         self._keep_statistics(capture.statistics)
         if self.plan.grad_covariance:
             for entry in self.layout():
                 self.statistics.update(entry.name, GRAD, rows[:, entry.columns], rows.shape[0])
-        self._last_log = StepLog(ids, rows, self.layout())
-        if self._save and self.plan.log_grad:
-            writer = self._ensure_writer()
-            keep = self._unseen(ids)
+        self._last_log = StepLog(ids, rows, self.layout(), dict(self.projection_meta))
+        if keep:
             if len(keep) < len(ids):
                 ids, rows = [ids[k] for k in keep], rows[keep]
-            if ids:
-                writer.append(ids, rows.to(DTYPES[self.config.logging.log_dtype]))
+            writer.append(ids, rows.to(DTYPES[self.config.logging.log_dtype]))
 
     def _unseen(self, ids: List) -> List[int]:
         """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""

@@ -12,9 +12,11 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import logix
 from conftest import make_mlp, seeded
 from logix.errors import LogFormatError, UsageError, WriterError
 from logix.storage.format import DTYPES, parse_shard_name
@@ -86,7 +88,7 @@ def test_log_reopened_in_a_new_process(new_run, tmp_root, tmp_path):
     got = torch.load(out)
     assert len(ids) == 9 and got["ids"] == ids
     assert torch.equal(got["tensors"]["rows"], rows)
-    assert got["init"] == {"init": "random", "seed": 0}
+    assert got["init"] == run.projection_meta and got["init"]["init"] == "random"
     for name, p in run.projections.items():
         assert torch.equal(got["tensors"][name + "/p_in"], p.p_in)
         assert torch.equal(got["tensors"][name + "/p_out"], p.p_out)

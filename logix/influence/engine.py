@@ -131,7 +131,7 @@ class InfluenceEngine:
         """Scores between two in-memory logs: {"src_ids", "tgt_ids", "influence" [n_src,
         n_tgt]} (+ "groups" when influence_groups is given)."""
         src = _as_log(src_log)
-        _check_layout(src.modules, tgt_log.modules, "target log")
+        _check_layout(src, tgt_log.modules, tgt_log.projection, "target log")
         grads = tgt_log.grads.float()
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         train_norms = plan.norms_of(grads) if plan.needs_norms else None
@@ -181,7 +181,11 @@ class InfluenceEngine:
         if method != "influence":
             raise UsageError(f"method={method!r} is not supported; allowed: 'influence', 'source'.")
         reader = self._reader(loader)
-        _check_layout(src.modules, reader.manifest.modules, "saved log")
+        if reader.rows == 0:  # an empty score matrix would hide a logging pass that saved nothing
+            raise UsageError(f"There are no logged rows to score against in "
+                             f"{reader.project_dir!r}. Log training steps with run.save(True) "
+                             "and run.setup({'grad': ['log']}) first, and call run.finalize().")
+        _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
         block_rows = aligned(block_rows or self.run.config.influence.block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         if not distributed.is_distributed():
@@ -323,13 +327,20 @@ def _as_log(log: Union[StepLog, Sequence[StepLog]]) -> StepLog:
                      f"{type(log).__name__}.")
 
 
-def _check_layout(query_modules, saved_modules, what: str) -> None:
-    if list(query_modules) != list(saved_modules):
-        mine = [(m.name, m.rank_out, m.rank_in) for m in query_modules]
+def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str) -> None:
+    fix = ("Query with the same watched layers and projections: in a new process call "
+           "run.watch(model) then run.initialize_from_log().")
+    if list(src.modules) != list(saved_modules):
+        mine = [(m.name, m.rank_out, m.rank_in) for m in src.modules]
         theirs = [(m.name, m.rank_out, m.rank_in) for m in saved_modules]
         raise UsageError(f"The query's modules/ranks {mine} differ from the {what}'s {theirs}. "
-                         "Query with the same watched layers and projections: in a new process "
-                         "call run.watch(model) then run.initialize_from_log().")
+                         + fix)
+    mine, theirs = src.projection.get("checksum"), (saved_projection or {}).get("checksum")
+    if mine and theirs and mine != theirs:
+        raise UsageError(f"The query's LoGra projections (init {src.projection.get('init')!r}, "
+                         f"seed {src.projection.get('seed')}) differ from the {what}'s (init "
+                         f"{saved_projection.get('init')!r}, seed {saved_projection.get('seed')})"
+                         f": scores would be meaningless. " + fix)
 
 
 def _missing_statistics(module: str, kind: str) -> str:

@@ -44,8 +44,10 @@ def source_influence(run, src: StepLog, hessian: str = "ekfac", block_rows: int 
     if not manifest.checkpoints:
         raise UsageError("method='source' needs checkpoints: log each one inside `with "
                          "run.checkpoint(name, segment=..., lr=..., steps=...)`.")
-    if list(src.modules) != list(manifest.modules):
-        raise UsageError("The query's modules/ranks differ from the saved log's.")
+    if list(src.modules) != list(manifest.modules) or \
+            src.projection.get("checksum") not in (None, manifest.projection.get("checksum")):
+        raise UsageError("The query's modules, ranks or projections differ from the saved log's; "
+                         "in a new process call run.watch(model) then run.initialize_from_log().")
     segments: Dict[int, List[str]] = defaultdict(list)
     for name, info in manifest.checkpoints.items():
         segments[info["segment"]].append(name)

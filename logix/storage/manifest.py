@@ -143,15 +143,24 @@ class Manifest:
         if self.dtype != other.dtype:
             problems.append(f"dtype {other.dtype} vs {self.dtype} on disk")
         if self.modules != other.modules:
-            mine = [(m.name, m.rank_out, m.rank_in) for m in self.modules]
-            theirs = [(m.name, m.rank_out, m.rank_in) for m in other.modules]
-            problems.append(f"modules/ranks {theirs} vs {mine} on disk")
+            problems.append(_module_differences(other.modules, self.modules))
         if self.projection != other.projection:
             problems.append(f"projection {other.projection} vs {self.projection} on disk")
         if problems:
             raise LogFormatError("This run does not match the log already in the project folder: "
                                  + "; ".join(problems) + ". Use a new project name, or the same "
                                  "model, modules, ranks, seed and log_dtype as the existing log.")
+
+
+def _module_differences(new: List[ModuleEntry], old: List[ModuleEntry]) -> str:
+    """What differs between two row layouts, e.g. "module '0': in_dim 7 vs 6 on disk"."""
+    if [m.name for m in new] != [m.name for m in old]:
+        return f"modules {[m.name for m in new]} vs {[m.name for m in old]} on disk"
+    fields = ("type", "in_dim", "out_dim", "rank_in", "rank_out", "bias")
+    return "; ".join(
+        f"module {a.name!r}: " + ", ".join(f"{f} {getattr(a, f)} vs {getattr(b, f)}"
+                                           for f in fields if getattr(a, f) != getattr(b, f))
+        + " on disk" for a, b in zip(new, old) if a != b)
 
 
 def save_rank_index(project_dir: str, rank: int, shards: List[ShardEntry]) -> None:

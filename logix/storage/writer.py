@@ -50,8 +50,9 @@ class ShardWriter:
         self._num_workers = num_workers
         self._threads: List[threading.Thread] = []
         self._announce = threading.Lock()
+        self._buffer = threading.Lock()  # append and flush may come from different threads
         self._error: Optional[BaseException] = None
-        self._lost_rows = 0
+        self._lost_ids: List = []  # ids of rows a failed writer dropped
         self._seq = next_sequence(project_dir, rank)
         self._pending_ids: List = []
         self._pending_rows: List[Tensor] = []
@@ -65,17 +66,19 @@ class ShardWriter:
     def append(self, data_ids: Sequence, rows: Tensor) -> None:
         """Queue rows [B, D] (already in the log dtype) with their ids. Copies; never aliases."""
         self.raise_if_failed()
-        self._pending_ids.extend(data_ids)
-        self._pending_rows.append(_host_copy(rows))
-        self._pending += rows.shape[0]
-        while self._pending >= self.rows_per_shard:
-            self._submit(self.rows_per_shard)
+        with self._buffer:
+            self._pending_ids.extend(data_ids)
+            self._pending_rows.append(_host_copy(rows))
+            self._pending += rows.shape[0]
+            while self._pending >= self.rows_per_shard:
+                self._submit(self.rows_per_shard)
 
     def flush(self) -> None:
         """Write every buffered row and wait until all shards are on disk."""
         self.raise_if_failed()
-        if self._pending:
-            self._submit(self._pending)
+        with self._buffer:
+            if self._pending:
+                self._submit(self._pending)
         self._queue.join()
         self.raise_if_failed()
 
@@ -91,10 +94,13 @@ class ShardWriter:
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
-            raise WriterError(f"The log writer failed ({self._error!r}); {self._lost_rows} rows "
-                              "were not written. Shards already in the manifest are intact. Fix "
-                              "the cause (disk space, permissions) and log the missing rows "
-                              "again.") from self._error
+            self._queue.join()  # the failed worker drops the shards still queued: count them
+            lost = self._lost_ids + self._pending_ids  # and the rows still buffered here
+            raise WriterError(f"The log writer failed ({self._error!r}); {len(lost)} rows were "
+                              f"not written (data ids {lost[:5]}{' ...' if len(lost) > 5 else ''})"
+                              ". Shards already in the manifest are intact. Fix the cause (disk "
+                              "space, permissions) and log the missing rows again."
+                              ) from self._error
 
     def _submit(self, n: int) -> None:
         for _, event in self._pending_rows:
@@ -124,13 +130,13 @@ class ShardWriter:
                     return
                 seq, ids, rows, tag = item
                 if self._error is not None:
-                    self._lost_rows += rows.shape[0]
+                    self._lost_ids.extend(ids)
                     continue
                 try:
                     self._write(seq, ids, rows, tag)
                 except BaseException as e:  # kept and re-raised in the user's thread
+                    self._lost_ids.extend(ids)
                     self._error = e
-                    self._lost_rows += rows.shape[0]
             finally:
                 self._queue.task_done()
 
