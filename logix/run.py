@@ -67,6 +67,7 @@ class Run:
         self._needs_reduce = False
         self._influence = None
         self._checkpoint: Optional[str] = None
+        self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
 
     # ------------------------------------------------------------------ what to track
@@ -220,6 +221,13 @@ class Run:
         ids = self._step_ids
         if self._writer is not None:
             self._writer.raise_if_failed()
+        if self._checkpoint_ids is not None:
+            outside = [i for i in ids if i not in self._checkpoint_ids]
+            if outside:
+                raise UsageError(
+                    f"checkpoint({self._checkpoint!r}) was given train_ids, and this step logs "
+                    f"ids outside them ({outside[:5]}); the segment's curvature would include "
+                    "examples it did not train on. Log only train_ids inside the block.")
         if capture.mask is not None and capture.batch_size is not None \
                 and not capture.mask_matched:
             raise UsageError(f"mask of shape {tuple(capture.mask.shape)} lines up with no tracked "
@@ -331,6 +339,7 @@ class Run:
         outer = self.statistics
         self.statistics = CovarianceState(device=outer.device)
         self._checkpoint = name
+        self._checkpoint_ids = None if train_ids is None else set(normalize_data_ids(train_ids))
         if writer is not None:
             writer.tag = name
         try:
@@ -340,6 +349,7 @@ class Run:
             if writer is not None:
                 writer.tag = None
             inner, self.statistics, self._checkpoint = self.statistics, outer, None
+            self._checkpoint_ids = None
         inner.all_reduce()
         info = {"segment": int(segment), "lr": float(lr), "steps": int(steps),
                 "momentum": float(momentum),

@@ -55,9 +55,10 @@ def log_checkpoints(tmp_path, plan, hessian_setup, rank=None):
     for name, segment, lr, steps, train_ids in plan:
         train_steps(model, x, y, steps=3, lr=0.3)
         snapshots[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        members = list(range(N)) if train_ids is None else list(train_ids)
         with run.checkpoint(name, segment=segment, lr=lr, steps=steps, train_ids=train_ids):
-            for start in range(0, N, 4):
-                ids = list(range(start, start + 4))
+            for start in range(0, len(members), 4):  # only the examples the segment trained on
+                ids = members[start:start + 4]
                 with run(data_id=ids):
                     F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
     run.finalize()
@@ -82,14 +83,14 @@ def explicit_source(model, snapshots, plan, query_grads, curvature):
         q = query_grads[layer].reshape(query_grads[layer].shape[0], -1).double()
         for segment in segments:
             members = [p for p in plan if p[1] == segment]
-            h = sum(curvature(grads[p[0]][layer]) for p in members) / len(members)
+            trained = members[0][4] if members[0][4] is not None else list(range(N))
+            h = sum(curvature(grads[p[0]][layer][trained]) for p in members) / len(members)
             g = sum(grads[p[0]][layer] for p in members) / len(members)
             a = sum(p[2] * p[3] for p in members) / len(members)
             values, vectors = torch.linalg.eigh(h)
             values = values.clamp_min(0)
             f_r = torch.where(values * a < 1e-12, torch.full_like(values, a),
                               -torch.expm1(-a * values) / values.clamp_min(1e-300))
-            trained = members[0][4] if members[0][4] is not None else list(range(N))
             mask = torch.zeros(N, dtype=torch.float64)
             mask[trained] = 1.0
             total += (q @ vectors @ torch.diag(f_r) @ vectors.T @ g.T) * mask / len(trained)
@@ -123,7 +124,9 @@ def test_examples_absent_from_a_segment_lose_exactly_its_contribution(tmp_path):
     plan = [("c0", 0, 0.1, 20, list(range(4, N))), ("c1", 1, 0.05, 40, None)]
     run, model, snapshots, test = log_checkpoints(
         tmp_path, plan, {"grad": ["log", "covariance"]})
-    got = run.compute_influence_all(test, method="source", hessian="raw")["influence"].double()
+    result = run.compute_influence_all(test, method="source", hessian="raw")
+    # Columns come in order of first appearance: ids 4.. (segment 0) before 0-3 (segment 1 only).
+    got = result["influence"].double()[:, [result["tgt_ids"].index(i) for i in range(N)]]
     final_query = query_grads_of(model)  # explicit_source loads checkpoint weights into model
     expected = explicit_source(model, snapshots, plan, final_query, raw_fisher)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
@@ -191,3 +194,16 @@ def test_checkpoint_bookkeeping_and_errors(tmp_path):
             pass
     with pytest.raises(logix.UsageError, match="hessian"):
         run.compute_influence_all(test, method="source", hessian="none")
+
+
+def test_rows_outside_train_ids_are_refused(tmp_path):
+    x, y = data()
+    model = make_model()
+    run = logix.init("source", root_dir=str(tmp_path))
+    run.watch(model)
+    run.setup({"grad": ["log", "covariance"]})
+    run.save(True)
+    with pytest.raises(logix.UsageError, match="outside them"):
+        with run.checkpoint("c0", segment=0, lr=0.1, steps=5, train_ids=[0, 1, 2, 3]):
+            with run(data_id=[2, 3, 4, 5]):
+                F.cross_entropy(model(x[2:6]), y[2:6], reduction="sum").backward()
