@@ -426,3 +426,12 @@ def test_no_warnings_on_well_posed_lds():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lds(torch.randn(3, 20), masks, torch.randn(10, 3))
+
+
+def test_align_scores_reorders_columns_by_id():
+    from logix.evaluation import align_scores
+
+    result = {"tgt_ids": [2, 0, 1], "influence": torch.tensor([[20.0, 0.0, 10.0]])}
+    assert torch.equal(align_scores(result, range(3)), torch.tensor([[0.0, 10.0, 20.0]]))
+    with pytest.raises(ValueError, match="not in the scores"):
+        align_scores(result, [0, 7])

@@ -4,10 +4,12 @@ Scores follow the library sign convention: ``scores[q, i] > 0`` means
 training on example ``i`` lowers the loss of query ``q`` (helpful).
 """
 
+from .align import align_scores
 from .brittleness import BrittlenessResult, brittleness
 from .lds import lds, linear_datamodeling_score, make_subsets, spearman
 
 __all__ = [
+    "align_scores",
     "BrittlenessResult",
     "brittleness",
     "lds",

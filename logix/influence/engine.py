@@ -163,6 +163,8 @@ class InfluenceEngine:
         gather="all", on rank 0 only with gather="rank0" (other ranks get None).
 
         Returns {"src_ids", "tgt_ids", "influence" [n_query, n_train]}; positive = helpful.
+        Columns follow tgt_ids: the order rows were logged (for SOURCE: first appearance across
+        checkpoints); logix.evaluation.align_scores reorders them.
         """
         src = _as_log(src_log if src_log is not None else self.run.get_log())
         if method == "source":
