@@ -66,6 +66,7 @@ def worker(root: str, examples: int, out: str) -> None:
         with open(out, "w") as f:
             json.dump({"logging_s": logging_s, "influence_s": influence_s}, f)
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -60,6 +60,7 @@ def main(root: str, mode: str) -> None:
     elif only_rank0 is not None:
         raise AssertionError("gather='rank0' returned scores on another rank")
     if dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 
