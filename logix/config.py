@@ -33,7 +33,7 @@ def _help(text: str, default: Any) -> Any:
 @dataclass
 class LoggingConfig:
     flush_threshold: int = _help(
-        "Numbers (rows x row width) buffered in memory before a shard is written.", 1 << 26)
+        "Numbers (rows x row width) per shard: 8M = 32 MiB of float32 rows.", 1 << 23)
     shard_rows: Optional[int] = _help(
         "Rows per shard; overrides flush_threshold when set.", None)
     num_workers: int = _help("Writer threads that serialise shards to disk.", 1)

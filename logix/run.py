@@ -69,6 +69,7 @@ class Run:
         self._checkpoint: Optional[str] = None
         self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
+        self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: Union[None, Sequence[str], Callable] = None,
@@ -243,7 +244,7 @@ class Run:
             raise UsageError(f"data_id names {len(ids)} examples but the batch has "
                              f"{capture.batch_size}; pass one id per example.")
         rows = self._assemble(capture)  # [B, dim] float32
-        if not bool(torch.isfinite(rows).all()):
+        if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
             bad = [ids[i] for i in (~torch.isfinite(rows).all(1)).nonzero().flatten().tolist()]
             if self.config.logging.nonfinite == "error":
                 raise UsageError(f"NaN or inf gradients for data ids {bad[:5]}; nothing of this "
@@ -263,7 +264,7 @@ class Run:
         if keep:
             if len(keep) < len(ids):
                 ids, rows = [ids[k] for k in keep], rows[keep]
-            writer.append(ids, rows.to(DTYPES[self.config.logging.log_dtype]))
+            writer.append(ids, rows)  # cast to the log dtype while copied into the shard
 
     def _unseen(self, ids: List) -> List[int]:
         """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
@@ -375,6 +376,10 @@ class Run:
 
     # ------------------------------------------------------------------ layout and disk
     def layout(self) -> List[ModuleEntry]:
+        """Each watched module's slice of a log row (cached until the projections change)."""
+        cached = self._layout
+        if cached is not None and cached[0] is self.projections:
+            return cached[1]
         entries, offset = [], 0
         for name, projection in self.projections.items():
             tracked = self.modules[name]
@@ -383,6 +388,7 @@ class Run:
                                        rank_out=projection.rank_out, offset=offset,
                                        bias=tracked.has_bias))
             offset += projection.dim
+        self._layout = (self.projections, entries)
         return entries
 
     def _projection_for(self, name: str, device: torch.device, dtype: torch.dtype) -> Projection:
@@ -412,8 +418,8 @@ class Run:
         cfg = self.config.logging
         dim = sum(p.dim for p in self.projections.values())
         rows_per_shard = cfg.shard_rows or max(1, cfg.flush_threshold // max(dim, 1))
-        self._writer = ShardWriter(self.project_dir, distributed.rank(), rows_per_shard,
-                                   self._on_shard,
+        self._writer = ShardWriter(self.project_dir, distributed.rank(), rows_per_shard, dim,
+                                   DTYPES[cfg.log_dtype], self._on_shard,
                                    num_workers=cfg.num_workers, queue_size=cfg.queue_size)
         return self._writer
 

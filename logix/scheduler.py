@@ -104,11 +104,8 @@ class LogIXScheduler:
 
     def _enter_logging_pass(self) -> None:
         run = self.run
-        if self.lora == "pca":
-            # Every process must compute the same PCA: sum the covariances first.
-            run.statistics.all_reduce()
         if self.lora != "none":
-            run.add_lora(init=self.lora)
+            run.add_lora(init=self.lora)  # PCA: add_lora reduces the covariances across ranks
         if self.save == "grad":
             self._saving_before = _saving(run)
             run.save(True)

@@ -294,11 +294,11 @@ def failing_after(n_ok: int, error: BaseException, calls=None):
     real = writer_module.atomic_write
     calls = [] if calls is None else calls
 
-    def write(path, data):
+    def write(path, *parts):
         calls.append(path)
         if len(calls) > n_ok:
             raise error
-        real(path, data)
+        return real(path, *parts)
 
     return write
 
@@ -548,9 +548,9 @@ def test_read_back_equals_logged(tmp_path_factory, batches, shard_rows, dtype, n
 def slow_writes(monkeypatch, seconds: float) -> None:
     real = writer_module.atomic_write
 
-    def write(path, data):
+    def write(path, *parts):
         time.sleep(seconds)
-        real(path, data)
+        return real(path, *parts)
 
     monkeypatch.setattr(writer_module, "atomic_write", write)
 

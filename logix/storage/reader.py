@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from logix.errors import LogFormatError
-from logix.storage.format import DATA_IDS_KEY, GRAD_KEY
+from logix.storage.format import DATA_IDS_KEY, GRAD_KEY, SAFETENSORS_DTYPES
 from logix.storage.manifest import Manifest, ShardEntry
 
 
@@ -128,7 +128,7 @@ class LogReader:
         return path
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def map_shard(path: str) -> Tuple[List, Tensor]:
@@ -139,7 +139,7 @@ def map_shard(path: str) -> Tuple[List, Tensor]:
             header = json.loads(f.read(header_len))
         info = header[GRAD_KEY]
         start, stop = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        dtype = _TORCH_DTYPES[info["dtype"]]
         ids = json.loads(header["__metadata__"][DATA_IDS_KEY])
     except (OSError, KeyError, ValueError, struct.error) as e:
         raise LogFormatError(f"Shard {path!r} is not a readable LogIX shard: {e!r}. Run "

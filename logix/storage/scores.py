@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from logix.errors import LogFormatError
-from logix.storage.format import TMP_SUFFIX, fsync_dir
+from logix.storage.format import TMP_SUFFIX, fsync_dir, safetensors_header
 
 SCORES_FORMAT = "logix-scores"
 SCORES_FORMAT_VERSION = 1
@@ -87,8 +87,6 @@ class ScoreFileWriter:
 
     def __init__(self, path: str, shapes: Dict[str, tuple], src_ids: List, tgt_ids: List,
                  meta: Optional[Mapping] = None) -> None:
-        import struct
-
         import numpy as np
 
         self.path = os.fspath(path)
@@ -97,27 +95,23 @@ class ScoreFileWriter:
                     TGT_IDS_KEY: _json(list(tgt_ids), TGT_IDS_KEY)}
         if meta:
             metadata[META_KEY] = _json(dict(meta), META_KEY)
-        header, offset = {}, 0
-        for name, shape in shapes.items():
-            size = 4 * int(np.prod(shape))
-            header[name] = {"dtype": "F32", "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        header["__metadata__"] = metadata
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
+        header = safetensors_header({name: (torch.float32, shape) for name, shape in
+                                     shapes.items()}, metadata)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._tmp = self.path + TMP_SUFFIX
+        offset = 0
+        starts = {}
+        for name, shape in shapes.items():
+            starts[name] = len(header) + offset
+            offset += 4 * int(np.prod(shape))
         with open(self._tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)))
-            f.write(encoded)
-            f.truncate(8 + len(encoded) + offset)
+            f.write(header)
+            f.truncate(len(header) + offset)
         self._maps = {}
         for name, shape in shapes.items():
             if int(np.prod(shape)):
-                start = 8 + len(encoded) + header[name]["data_offsets"][0]
                 self._maps[name] = np.memmap(self._tmp, dtype=np.float32, mode="r+",
-                                             offset=start, shape=tuple(shape))
+                                             offset=starts[name], shape=tuple(shape))
 
     def write_columns(self, name: str, start: int, block: Tensor) -> None:
         """block [n_test, n] goes to columns [start, start + n) of tensor `name`."""
