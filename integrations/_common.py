@@ -1,0 +1,186 @@
+"""Pieces the framework integrations share. Nothing here imports transformers or lightning."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from logix.errors import ConfigError, UsageError
+from logix.log import StepLog
+from logix.tracking.data_ids import normalize_data_ids
+
+# (data ids, mask or None, scale) of one batch
+Described = Tuple[List, Optional[Tensor], float]
+
+
+def example_ids(inputs: Tensor, attention_mask: Optional[Tensor] = None) -> List[str]:
+    """One stable id per example, from its content.
+
+    Token ids [B, T]: the hash `run.start` gives a token-id tensor, taken over the real tokens
+    only, so the same example gets the same id whatever padding its batch needed. Float inputs
+    [B, ...]: a hash of the example's float32 bytes.
+    """
+    if not isinstance(inputs, Tensor) or inputs.dim() < 1:
+        raise UsageError(f"Cannot derive data ids from {type(inputs).__name__}; pass explicit "
+                         "ids (a dataset column or a data_id_fn).")
+    if inputs.is_floating_point():
+        rows = inputs.detach().to("cpu", torch.float32).reshape(inputs.shape[0], -1)
+        return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
+    if inputs.dim() == 1:
+        inputs = inputs[:, None]
+    if attention_mask is None or bool(attention_mask.all()):
+        return normalize_data_ids(inputs)
+    keep = attention_mask.detach().to(device=inputs.device, dtype=torch.bool)
+    return [normalize_data_ids(row[m][None])[0] for row, m in zip(inputs, keep)]
+
+
+class _Discarded(Exception):
+    """Thrown into an open step to detach its hooks without logging it."""
+
+
+class OpenStep:
+    """One `with run(data_id=..., mask=..., scale=...)` block opened in one framework hook and
+    closed in another: `close()` logs the step (run.end()); `discard()` detaches its hooks and
+    logs nothing (a skipped or failed step)."""
+
+    def __init__(self, run, data_id, mask: Optional[Tensor], scale: float) -> None:
+        self._block = run(data_id=data_id, mask=mask, scale=scale)
+        self._block.__enter__()
+
+    def close(self) -> None:
+        self._block.__exit__(None, None, None)
+
+    def discard(self) -> None:
+        self._block.__exit__(_Discarded, _Discarded(), None)
+
+
+EpochChoice = Union[str, Sequence[int]]  # "last", "all", or epoch indices (0-based)
+
+
+def check_epochs(epochs: EpochChoice) -> EpochChoice:
+    if epochs in ("last", "all"):
+        return epochs
+    if isinstance(epochs, str) or not all(isinstance(e, int) and e >= 0 for e in epochs):
+        raise ConfigError(f"epochs={epochs!r}; allowed: 'last', 'all', or a list of epoch "
+                          "indices (0-based).")
+    return list(epochs)
+
+
+def logs_epoch(epochs: EpochChoice, epoch: int, total: Optional[int]) -> bool:
+    """Whether epoch `epoch` of `total` (None: unknown) is logged."""
+    if epochs == "all":
+        return True
+    if epochs == "last":
+        return total is None or epoch == total - 1
+    return epoch in epochs
+
+
+def saving(run) -> bool:
+    """Whether the run writes logged rows now. Run has no public getter for this yet."""
+    return bool(getattr(run, "_save", False))
+
+
+@contextlib.contextmanager
+def saving_enabled(run, enabled: bool = True):
+    """`run.save(enabled)` for the block, then saving as it was."""
+    before = saving(run)
+    run.save(enabled)
+    try:
+        yield run
+    finally:
+        run.save(before)
+
+
+@contextlib.contextmanager
+def query_mode(run):
+    """`run.eval()` for the block (log in memory only, no statistics), then the run's plan and
+    saving flag as they were."""
+    plan, before = run.plan, saving(run)
+    run.eval()
+    try:
+        yield run
+    finally:
+        run.plan = plan
+        run.save(before)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() for the block, then every submodule's own training flag as it was."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def watch_like_log(run, model: nn.Module) -> None:
+    """A new process at query time: watch the layers the saved log holds, then load its
+    projections and statistics."""
+    from logix.storage.manifest import Manifest
+
+    names = {m.name for m in Manifest.load(run.project_dir).modules}
+    run.watch(model, name_filter=lambda name: name in names)
+    run.initialize_from_log()
+
+
+def log_batches(run, model: nn.Module, batches: Iterable,
+                describe: Callable[[Any], Described],
+                loss_of: Callable[[Any, int], Tensor]) -> Optional[StepLog]:
+    """One pass of post-hoc logging: for each batch (moved to the model's device), start(ids,
+    mask, scale) -> loss -> gradients -> end(). `describe` may take its id entry out of the
+    batch. The model is in eval mode (no dropout) and its parameters' .grad are untouched.
+    Returns the concatenated in-memory logs when the run is in query mode, else None."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("No parameter of the model requires grad, so no gradient reaches the "
+                         "tracked layers. Unfreeze the layers you want to attribute through.")
+    collected = []
+    keep = run.plan.log_grad and not saving(run)
+    device = model_device(model)
+    with eval_mode(model), torch.enable_grad():
+        for index, batch in enumerate(batches):
+            batch = to_device(batch, device)
+            ids, mask, scale = describe(batch)
+            with run(data_id=ids, mask=mask, scale=scale):
+                loss = loss_of(batch, index)
+                torch.autograd.grad(loss, params, allow_unused=True)
+            if keep:
+                collected.append(run.get_log(copy=True))
+    return StepLog.concat(collected) if collected else None
+
+
+def run_passes(run, scheduler, one_pass: Callable[[], Any], finalize: bool = True) -> None:
+    """One pass (then finalize) without a scheduler; the scheduler's passes with one."""
+    if scheduler is None:
+        one_pass()
+        if finalize:
+            run.finalize()
+        return
+    if scheduler.run is not run:
+        raise UsageError("The scheduler drives a different run than the one given.")
+    for _ in scheduler:  # the scheduler finalizes after its last pass
+        one_pass()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
