@@ -18,8 +18,13 @@ SECTIONS = [
     ("Influence engine", ["logix.influence.engine.InfluenceEngine"]),
     ("Reading logs", ["logix.storage.reader.LogReader", "logix.storage.scores.load_scores",
                       "logix.storage.scores.open_scores", "logix.storage.scores.save_scores"]),
+    ("Integrations", ["logix.LogIXScheduler", "logix.integrations.huggingface.LogIXCallback",
+                      "logix.integrations.huggingface.extract_log",
+                      "logix.integrations.huggingface.influence_of",
+                      "logix.integrations.lightning.LogIXCallback"]),
     ("Evaluation", ["logix.evaluation.make_subsets", "logix.evaluation.lds",
-                    "logix.evaluation.linear_datamodeling_score", "logix.evaluation.brittleness"]),
+                    "logix.evaluation.linear_datamodeling_score", "logix.evaluation.brittleness",
+                    "logix.evaluation.align_scores"]),
 ]
 
 

@@ -15,6 +15,7 @@ from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
 from logix.log import StepLog
 from logix.run import Run
+from logix.scheduler import LogIXScheduler
 
 __version__ = "0.2.0"
 
@@ -57,5 +58,5 @@ for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "
     globals()[_name] = _shortcut(_name)
 del _name
 
-__all__ = ["init", "Run", "Config", "load_config", "StepLog", "get_run", "LogIXError",
+__all__ = ["init", "Run", "LogIXScheduler", "Config", "load_config", "StepLog", "get_run", "LogIXError",
            "ConfigError", "UsageError", "LogFormatError", "WriterError"]
