@@ -1,6 +1,6 @@
 """Logging overhead of LogIX at train time, against the naive design and against LogIX 0.1.1.
 
-    python benchmarks/logging_overhead.py [--quick] [--profile] [--json out.json]
+    python benchmarks/logging_overhead.py [--quick] [--profile] [--nice -20] [--json out.json]
 
 What it measures (each model / configuration in a fresh subprocess, so peaks are separate):
 
@@ -19,9 +19,10 @@ What it measures (each model / configuration in a fresh subprocess, so peaks are
   matrix; the memory the full matrix needs is reported beside the measured peak).
 * Old LogIX (optional): the same MLP logged with LogIX 0.1.1 from /work/peers/logix-ai-venv, in a
   subprocess of that venv; skipped cleanly when the venv is absent.
-* --profile: where the logging time goes on the MLP (an ablation ladder that switches parts of
-  the pipeline on one at a time, writer-phase timers, a cProfile of the training thread, and a
-  probe of how long the writer thread holds the GIL).
+* --profile: where the logging time goes on the MLP (fp32 logs, each thread setting): a ladder
+  of epochs that adds one part of the logging path per rung (hooks + start()/end(); the append
+  copy into the shard buffer; header + streaming write + sha256; fsync), one epoch with timers
+  on those calls (wall and CPU time per thread), and each piece timed alone.
 
 The machine may be shared: every epoch records other processes' CPU use ("ext", in cores), the
 harness waits for a quiet moment before each timed epoch, and the tables show the spread.
@@ -30,12 +31,14 @@ harness waits for a quiet moment before each timed epoch, and the tables show th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -363,205 +366,54 @@ def worker_old(p):
 
 
 # ============================================================================ worker: profile
-def worker_profile(p):
-    """Where does the logging time go? MLP, one log dtype, one thread setting."""
-    import cProfile
-    import hashlib
-    import io
-    import pstats
-    import threading
+# Each rung adds one part of the logging path: (save rows, write shards, fsync).
+LADDER = {"plain": None,
+          "hooks + start()/end(), save(False)": (False, True, True),
+          "+ append: copy rows into the shard buffer": (True, False, True),
+          "+ header, streaming write, sha256": (True, True, False),
+          "+ fsync (full logging)": (True, True, True)}
 
-    import torch
 
-    import logix.storage.writer as W
+def _no_write(self, *args):  # ShardWriter._write stand-in: the buffer goes round, no disk
+    return None
 
-    C.set_threads(p.get("threads"))
-    model, batches, loss_fn, name_filter = _setup_data(p)
-    opt = torch.optim.SGD(model.parameters(), lr=p["lr"])
-    root = tempfile.mkdtemp(prefix="logix-bench-prof-", dir=p.get("root"))
-    dtype = p["dtype"]
-    orig_write = W.ShardWriter._write
-    orig_atomic = getattr(W, "atomic_write", None)
-    ser = getattr(W, "safetensors_bytes", None)
 
-    def write_noop(self, seq, ids, rows, *rest):
-        return None
+def _no_fsync(fd):
+    return None
 
-    def write_serialise(self, seq, ids, rows, *rest):
-        ser({"grad": rows.contiguous()}, metadata={"data_ids": json.dumps(ids)})
 
-    def write_serialise_sha(self, seq, ids, rows, *rest):
-        data = ser({"grad": rows.contiguous()}, metadata={"data_ids": json.dumps(ids)})
-        hashlib.sha256(data).hexdigest()
+@contextlib.contextmanager
+def _patched(*changes):
+    """Set (object, attribute, value) for the duration of the block."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
+    for obj, name, value in changes:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
-    def atomic_nofsync(path, data):
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
 
-    variants = [  # (name, save, _write, atomic_write)
-        ("plain", None, None, None),
-        ("hooks+assemble (save False)", False, None, None),
-        ("+ cast/host copy/queue (write no-op)", True, write_noop, None),
-        ("+ safetensors serialise", True, write_serialise, None),
-        ("+ sha256", True, write_serialise_sha, None),
-        ("+ file write, no fsync", True, orig_write, atomic_nofsync),
-        ("full (fsync, rename, manifest)", True, orig_write, orig_atomic),
-    ]
-    if ser is None or orig_atomic is None:  # the writer changed: keep what still applies
-        variants = [v for v in variants if v[2] in (None, write_noop, orig_write)
-                    and v[3] is None]
+class _Timers:
+    """Wall and CPU time of wrapped calls, summed per (label, thread)."""
 
-    counter = [0]
+    def __init__(self):
+        self.stats, self._lock = {}, threading.Lock()
 
-    def epoch(variant, profiler=None):
-        name, save, write, atomic = variant
-        W.ShardWriter._write = write or orig_write
-        if orig_atomic is not None:
-            W.atomic_write = atomic or orig_atomic
-        run = None
-        if save is not None:
-            counter[0] += 1
-            run = _new_run(f"p{counter[0]}", root, model, name_filter, p["rank"], dtype)
-            run.save(save)
-        C.quiesce(p["quiet_wait"])
-        try:
-            if profiler is not None:
-                profiler.enable()
-            with C.Measure() as m:
-                _train_epoch(model, opt, batches, loss_fn, run)
-                if run is not None:
-                    run.finalize()
-            if profiler is not None:
-                profiler.disable()
-        finally:
-            W.ShardWriter._write = orig_write
-            if orig_atomic is not None:
-                W.atomic_write = orig_atomic
-        if run is not None:
-            _close_run(run)
-            shutil.rmtree(os.path.join(root, f"p{counter[0]}"), ignore_errors=True)
-        return m.as_dict()
-
-    for v in variants:  # warm-up
-        epoch(v)
-    by_name = {v[0]: v for v in variants}
-    ladder, clean = C.interleaved(list(by_name), lambda n: epoch(by_name[n]), p["rounds"],
-                                  p["max_time"], p["clean_ext"])
-
-    # ---- writer-thread phase timers (one full epoch, instrumented)
-    phase = {"serialise": 0.0, "sha256": 0.0, "atomic_write (write+fsync+rename)": 0.0,
-             "manifest update": 0.0, "append (training thread)": 0.0}
-    counts = {"shards": 0}
-    lock = threading.Lock()
-
-    def timed(key, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
+    def wrap(self, label, fn):
+        def timed(*args, **kwargs):
+            w, c = time.perf_counter(), time.thread_time()
             try:
-                return fn(*a, **kw)
+                return fn(*args, **kwargs)
             finally:
-                with lock:
-                    phase[key] += time.perf_counter() - t
-        return wrapper
-
-    class HashShim:
-        @staticmethod
-        def sha256(data):
-            t = time.perf_counter()
-            h = hashlib.sha256(data)
-            with lock:
-                phase["sha256"] += time.perf_counter() - t
-            return h
-
-    saved = dict(ser=ser, atomic=orig_atomic, hashlib=getattr(W, "hashlib", None),
-                 append=W.ShardWriter.append)
-    instrumented = None
-    if ser is not None and orig_atomic is not None and saved["hashlib"] is not None:
-        W.safetensors_bytes = timed("serialise", ser)
-        W.atomic_write = timed("atomic_write (write+fsync+rename)", orig_atomic)
-        W.hashlib = HashShim
-        W.ShardWriter.append = timed("append (training thread)", saved["append"])
-        counter[0] += 1
-        run = _new_run(f"p{counter[0]}", root, model, name_filter, p["rank"], dtype)
-        orig_on_shard = run._on_shard
-
-        def on_shard(entry):
-            counts["shards"] += 1
-            return timed("manifest update", orig_on_shard)(entry)
-
-        run._on_shard = on_shard
-        C.quiesce(p["quiet_wait"])
-        try:
-            with C.Measure() as m:
-                _train_epoch(model, opt, batches, loss_fn, run)
-                t = time.perf_counter()
-                run.finalize()
-                fin = time.perf_counter() - t
-        finally:
-            W.safetensors_bytes, W.atomic_write = saved["ser"], saved["atomic"]
-            W.hashlib, W.ShardWriter.append = saved["hashlib"], saved["append"]
-        _close_run(run)
-        shutil.rmtree(os.path.join(root, f"p{counter[0]}"), ignore_errors=True)
-        instrumented = dict(epoch=m.as_dict(), finalize=fin, phases=phase, shards=counts["shards"])
-
-    components = _components(p, model, opt, batches, loss_fn, name_filter, root)
-
-    # ---- cProfile of the training thread (writer disabled, so only the hook path shows)
-    prof = cProfile.Profile()
-    epoch(("cprofile", True, write_noop, None), profiler=prof)
-    stream = io.StringIO()
-    st = pstats.Stats(prof, stream=stream)
-    total = sum(v[2] for v in st.stats.values())  # tottime over all functions
-    rows = []
-    for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-        rows.append(dict(func=f"{os.path.relpath(fname, REPO) if fname.startswith(REPO) else os.path.basename(fname)}:{line}({func})"
-                         if fname != "~" else func, tottime=tt, cumtime=ct, calls=nc))
-    rows.sort(key=lambda r: -r["tottime"])
-    logix_cum = sorted((r for r in rows if r["func"].startswith("logix/")),
-                       key=lambda r: -r["cumtime"])[:14]
-
-    # ---- GIL probe: does the writer thread stall the training thread?
-    gil = {}
-    counter[0] += 1
-    probe_run = _new_run(f"p{counter[0]}", root, model, name_filter, p["rank"], dtype)
-    dim = sum(e.dim for e in probe_run.layout())
-    cfg = probe_run.config.logging
-    rps = getattr(cfg, "shard_rows", None) or max(1, cfg.flush_threshold // dim)
-    shard = torch.randn(min(rps, len(batches) * p["batch"]), dim).to(getattr(torch, dtype))
-
-    def probe(fn):
-        done = threading.Event()
-        gaps = []
-
-        def work():
-            fn()
-            done.set()
-
-        th = threading.Thread(target=work)
-        last = time.perf_counter()
-        th.start()
-        while not done.is_set():
-            sum(range(100))
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-        th.join()
-        return max(gaps) if gaps else 0.0
-
-    if ser is not None:
-        data = ser({"grad": shard.contiguous()}, metadata={"data_ids": json.dumps(list(range(
-            shard.shape[0])))})
-        gil["serialise"] = probe(lambda: ser({"grad": shard.contiguous()}))
-        gil["sha256"] = probe(lambda: hashlib.sha256(data).hexdigest())
-        tmp = os.path.join(root, "probe.bin")
-        gil["write+fsync"] = probe(lambda: orig_atomic(tmp, data))
-        gil["shard_bytes"] = len(data)
-    shutil.rmtree(root, ignore_errors=True)
-    C.emit(dict(params=p, ladder=ladder, clean=clean, components=components,
-                instrumented=instrumented, cprofile_total=total,
-                cprofile_top=rows[:25], cprofile_logix=logix_cum, gil=gil, rows_per_shard=rps, dim=dim,
-                threads=torch.get_num_threads()))
+                wall, cpu = time.perf_counter() - w, time.thread_time() - c
+                thread = "writer" if threading.current_thread().name == "logix-writer" \
+                    else "training"
+                with self._lock:
+                    s = self.stats.setdefault(f"{label}|{thread}", [0, 0.0, 0.0])
+                    s[0], s[1], s[2] = s[0] + 1, s[1] + wall, s[2] + cpu
+        return timed
 
 
 def _best(fn, repeats, inner=1):
@@ -575,304 +427,23 @@ def _best(fn, repeats, inner=1):
     return best
 
 
-def _components(p, model, opt, batches, loss_fn, name_filter, root):
-    """Cost of each piece of the logging path in isolation, best of many repeats (so other
-    processes' load mostly drops out). Per-step pieces in microseconds, per-shard in ms."""
-    import hashlib
-
-    import torch
-
-    import logix.storage.writer as W
-
-    run = _new_run("components", root, model, name_filter, p["rank"], p["dtype"])
-    run.save(False)
-    ids, x, y = batches[0]
-    b = x.shape[0]
-    reps = p.get("component_repeats", 30)
-
-    def plain_step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
-
-    def hooked_step():
-        run.start(data_id=ids)
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
-        run.end()
-
-    for _ in range(3):
-        plain_step()
-        hooked_step()
-    step_plain = _best(plain_step, reps)
-    step_hooks = _best(hooked_step, reps)
-
-    # Inputs of each tracked layer and gradients of its output, captured once.
-    acts, grads_out, handles = {}, {}, []
-    for name, tr in run.modules.items():
-        def fwd(mod, inp, out, name=name):
-            acts[name] = inp[0].detach()
-            out.register_hook(lambda g, name=name: grads_out.__setitem__(name, g.detach()))
-        handles.append(tr.module.register_forward_hook(fwd))
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model, x, y).backward()
-    for h in handles:
-        h.remove()
-    proj = {n: run._projection_for(n, acts[n].device, acts[n].dtype) for n in run.modules}
-    xp = {n: run.modules[n].project_input(acts[n], proj[n].p_in) for n in run.modules}
-    dp = {n: run.modules[n].project_output(grads_out[n], proj[n].p_out) for n in run.modules}
-
-    def project_in():
-        for n, tr in run.modules.items():
-            tr.project_input(acts[n], proj[n].p_in)
-
-    def project_out():
-        for n, tr in run.modules.items():
-            tr.project_output(grads_out[n], proj[n].p_out)
-
-    def einsum():
-        for n in run.modules:
-            torch.einsum("bgno,bgni->boi", dp[n].float(), xp[n].float())
-
-    def bmm():  # the same contraction as one batched matmul, for comparison
-        for n in run.modules:
-            d, xx = dp[n], xp[n]
-            torch.bmm(d.reshape(b, -1, d.shape[-1]).transpose(1, 2),
-                      xx.reshape(b, -1, xx.shape[-1]))
-
-    g = {n: torch.einsum("bgno,bgni->boi", dp[n].float(), xp[n].float()) for n in run.modules}
-    rows = torch.cat([g[n].reshape(b, -1) for n in run.modules], 1)
-    out = {}
-    out["plain training step (fwd+bwd)"] = step_plain
-    out["training step with hooks, save(False)"] = step_hooks
-    out["project_input x P_i^T (all layers)"] = _best(project_in, reps, 5)
-    out["project_output dy P_o^T (all layers)"] = _best(project_out, reps, 5)
-    out["einsum dy~ x~^T (all layers)"] = _best(einsum, reps, 5)
-    out["  same as torch.bmm"] = _best(bmm, reps, 5)
-    out["_assemble: torch.cat of layer blocks"] = _best(
-        lambda: torch.cat([g[n].reshape(b, -1) for n in run.modules], 1), reps, 5)
-    out["isfinite(rows).all() check"] = _best(lambda: bool(torch.isfinite(rows).all()), reps, 5)
-    out["run.layout() rebuilt in end()"] = _best(run.layout, reps, 5)
-    out["start(): hooks registered (GradientCapture)"] = _best(
-        lambda: (run.start(data_id=ids), run._capture.__exit__(None, None, None),
-                 setattr(run, "_capture", None)), reps, 5)
-    out["cast rows to bfloat16"] = _best(lambda: rows.to(torch.bfloat16), reps, 5)
-    out["writer.append host copy (rows.to('cpu', copy=True))"] = _best(
-        lambda: rows.detach().to("cpu", copy=True), reps, 5)
-    per_step = dict(out)
-
-    # Per shard (the default flush_threshold gives this many rows).
-    dim = rows.shape[1]
-    cfg = run.config.logging
-    rps = getattr(cfg, "shard_rows", None) or max(1, cfg.flush_threshold // dim)
-    rps = min(rps, len(batches) * b)
-    dtype = getattr(torch, p["dtype"])
-    parts = [rows.to(dtype) for _ in range(max(1, rps // b))]
-    shard = torch.cat(parts, 0)
-    ids_json = json.dumps(list(range(shard.shape[0])))
-    shard_reps = max(2, min(5, reps // 10))
-    per_shard = {}
-    per_shard["_submit: torch.cat of the step blocks"] = _best(lambda: torch.cat(parts, 0),
-                                                              shard_reps)
-    data = W.safetensors_bytes({"grad": shard}, metadata={"data_ids": ids_json})
-    per_shard["safetensors serialise to bytes (GIL held)"] = _best(
-        lambda: W.safetensors_bytes({"grad": shard}, metadata={"data_ids": ids_json}), shard_reps)
-    per_shard["sha256 of the shard"] = _best(lambda: hashlib.sha256(data).hexdigest(), shard_reps)
-    path = os.path.join(root, "component.bin")
-
-    def write_only():
-        with open(path, "wb") as f:
-            f.write(data)
-
-    def write_fsync():
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    per_shard["file write (page cache)"] = _best(write_only, shard_reps)
-    per_shard["file write + fsync"] = _best(write_fsync, shard_reps)
-    os.remove(path)
-    for key in list(per_step):
-        per_step[key] *= 1e6
-    for key in list(per_shard):
-        per_shard[key] *= 1e3
-    return dict(per_step_us=per_step, per_shard_ms=per_shard, steps=len(batches),
-                rows=sum(len(bt[0]) for bt in batches),
-                rows_per_shard=rps, shard_bytes=len(data), dim=dim)
+def _gil_stall(fn):
+    """Longest gap of a pure-Python loop in this thread while fn runs in another thread."""
+    done, gaps = threading.Event(), []
+    th = threading.Thread(target=lambda: (fn(), done.set()))
+    last = time.perf_counter()
+    th.start()
+    while not done.is_set():
+        sum(range(100))
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    th.join()
+    return max(gaps, default=0.0)
 
 
-# ============================================================================ worker: what-if
-# Prototypes of the recommended writer / end() changes, applied in this process only by
-# monkeypatching, to measure what they would gain. Not part of the library.
-_ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def _proto_stream_write(self, seq, ids, rows, *rest):
-    """ShardWriter._write without the in-memory copy: the safetensors header, then the tensor's
-    own bytes straight from its storage, hashed chunk by chunk while they are written (file
-    writes and sha256 updates release the GIL). Same file format, same manifest entry."""
-    import dataclasses
-    import hashlib
-
-    import torch
-
-    from logix.storage import format as F
-    from logix.storage.manifest import ShardEntry
-
-    rows = rows.contiguous()
-    nbytes = rows.numel() * rows.element_size()
-    header = {"__metadata__": {F.DATA_IDS_KEY: json.dumps(ids)},
-              F.GRAD_KEY: {"dtype": _ST_DTYPE[str(rows.dtype).split(".")[-1]],
-                           "shape": list(rows.shape), "data_offsets": [0, nbytes]}}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    prefix = len(head).to_bytes(8, "little") + head
-    body = memoryview(rows.reshape(-1).view(torch.uint8).numpy())
-    name = F.shard_name(self.rank, seq)
-    os.makedirs(os.path.join(self.project_dir, F.LOGS_DIR), exist_ok=True)
-    path = os.path.join(self.project_dir, F.LOGS_DIR, name)
-    digest = hashlib.sha256(prefix)
-    step = 8 << 20
-    with open(path + F.TMP_SUFFIX, "wb") as f:
-        f.write(prefix)
-        for i in range(0, nbytes, step):
-            chunk = body[i:i + step]
-            f.write(chunk)
-            digest.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + F.TMP_SUFFIX, path)
-    _fsync_dir(os.path.dirname(path))
-    kwargs = dict(file=f"{F.LOGS_DIR}/{name}", rows=rows.shape[0], bytes=len(prefix) + nbytes,
-                  sha256=digest.hexdigest(), rank=self.rank, seq=seq)
-    if rest and "checkpoint" in {fl.name for fl in dataclasses.fields(ShardEntry)}:
-        kwargs["checkpoint"] = rest[0]
-    entry = ShardEntry(**kwargs)
-    with self._announce:
-        self.on_shard(entry)
-    pool = getattr(self, "_proto_pool", None)
-    if pool is not None and rows._base is not None:  # hand the shard buffer back for reuse
-        pool.append(rows._base)
-
-
-class _NoHash:
-    def __init__(self, *a):
-        pass
-
-    def update(self, *a):
-        pass
-
-    def hexdigest(self):
-        return "0" * 64
-
-
-def _proto_stream_write_nohash(self, seq, ids, rows, *rest):
-    import hashlib
-
-    real = hashlib.sha256
-    hashlib.sha256 = _NoHash  # only this thread calls it while the writer runs
-    try:
-        return _proto_stream_write(self, seq, ids, rows, *rest)
-    finally:
-        hashlib.sha256 = real
-
-
-def _proto_nice_work(orig):
-    """The writer thread lowers its own priority (Linux: nice is per thread) so that the
-    training threads get the cores first; it catches up in their gaps and at the final flush."""
-    def work(self):
-        import threading
-
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
-        except (OSError, AttributeError):
-            pass
-        return orig(self)
-    return work
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _proto_prealloc_append(self, data_ids, rows):
-    """ShardWriter.append copying each step's rows straight into a preallocated shard buffer
-    (recycled after the writer is done with it): no per-step host copy, no torch.cat of the
-    step blocks and no tail clone per shard, no first-touch page faults of a new buffer."""
-    import contextlib
-
-    self.raise_if_failed()
-    if not hasattr(self, "_proto_pool"):
-        self._proto_pool, self._proto_buf, self._proto_fill = [], None, 0
-    lock = getattr(self, "_buffer", None)  # the writer's buffer lock, where it has one
-    with lock if lock is not None else contextlib.nullcontext():
-        _proto_fill_rows(self, data_ids, rows)
-
-
-def _proto_fill_rows(self, data_ids, rows):
-    import torch
-
-    n, i = rows.shape[0], 0
-    while i < n:
-        if self._proto_buf is None:
-            buf = self._proto_pool.pop() if self._proto_pool else None
-            if buf is None or buf.dtype != rows.dtype or buf.shape[1] != rows.shape[1]:
-                buf = torch.empty(self.rows_per_shard, rows.shape[1], dtype=rows.dtype)
-            self._proto_buf, self._proto_fill = buf, 0
-        take = min(n - i, self._proto_buf.shape[0] - self._proto_fill)
-        self._proto_buf[self._proto_fill:self._proto_fill + take].copy_(rows[i:i + take])
-        self._pending_ids.extend(data_ids[i:i + take])
-        self._proto_fill += take
-        self._pending += take
-        i += take
-        if self._proto_fill == self._proto_buf.shape[0]:
-            self._submit(self._proto_fill)
-
-
-def _proto_submit(orig):
-    def submit(self, n):
-        buf = getattr(self, "_proto_buf", None)
-        if buf is not None:  # the original _submit then queues this one block without copying
-            self._pending_rows = [(buf[:self._proto_fill], None)]
-            self._proto_buf, self._proto_fill = None, 0
-        return orig(self, n)
-    return submit
-
-
-class _LazyAll:
-    def __init__(self, t):
-        self.t = t
-
-    def all(self, *args, **kwargs):
-        import torch
-
-        if args or kwargs:
-            return torch.isfinite(self.t).all(*args, **kwargs)
-        s = torch.isfinite(self.t.sum())  # one reduction; exact check only if it fails
-        return s if bool(s) else torch.isfinite(self.t).all()
-
-
-class _TorchFastFinite:
-    """Stands in for `torch` inside logix.run: isfinite(rows).all() becomes one sum."""
-
-    def __getattr__(self, name):
-        import torch
-
-        return getattr(torch, name)
-
-    @staticmethod
-    def isfinite(t):
-        import torch
-
-        return _LazyAll(t) if t.dim() == 2 else torch.isfinite(t)
-
-
-def worker_whatif(p):
+def worker_profile(p):
+    """Where the logging time goes: MLP, one log dtype, one thread setting."""
     import torch
 
     import logix.run as R
@@ -881,107 +452,125 @@ def worker_whatif(p):
     C.set_threads(p.get("threads"))
     model, batches, loss_fn, name_filter = _setup_data(p)
     opt = torch.optim.SGD(model.parameters(), lr=p["lr"])
-    root = tempfile.mkdtemp(prefix="logix-bench-whatif-", dir=p.get("root"))
-    orig = dict(write=W.ShardWriter._write, append=W.ShardWriter.append,
-                work=W.ShardWriter._work,
-                submit=W.ShardWriter._submit, torch=R.torch)
-    small = p["small_shard_rows"]
-    arms = {  # name: (dtype, shard_rows, stream, prealloc, fast_finite)
-        "plain": None,
-        "as is, fp32": ("float32", None, False, False, False),
-        f"shard_rows={small}": ("float32", small, False, False, False),
-        "+ streaming write": ("float32", small, True, False, False),
-        "+ preallocated buffers": ("float32", small, True, True, False),
-        "+ isfinite via sum (all)": ("float32", small, True, True, True),
-        "+ writer thread at nice +10": ("float32", small, True, True, True, "nice"),
-        "  (no sha256: what it costs)": ("float32", small, "nohash", True, True, "nice"),
-        "as is, bf16": ("bfloat16", None, False, False, False),
-        "all changes, bf16": ("bfloat16", small, True, True, True, "nice"),
-    }
+    root = tempfile.mkdtemp(prefix="logix-bench-prof-", dir=p.get("root"))
     counter = [0]
-    checks = {}
+    timed = [  # (object, attribute, label) timed in the instrumented epoch; indent = nested
+        (R.Run, "start", "start(): attach hooks"),
+        (R.Run, "end", "end(), all of it"),
+        (W.ShardWriter, "append", "  append: copy rows into the shard buffer"),
+        (W.ShardWriter, "_submit", "    _submit: queue a full buffer (waits while full)"),
+        (W.ShardWriter, "_write", "_write: one shard, all of it"),
+        (W, "safetensors_header", "  header"),
+        (W, "atomic_write", "  atomic_write: stream + sha256 + fsync + rename"),
+        (R.Run, "_on_shard", "  manifest update"),
+        (os, "fsync", "fsync, every call (shard, folder, manifest, state)")]
 
-    def do(name):
-        spec = arms[name]
-        if spec is None:
-            C.quiesce(p["quiet_wait"])
-            with C.Measure() as m:
-                _train_epoch(model, opt, batches, loss_fn)
-            return dict(m.as_dict(), finalize=0.0)
-        dtype, shard_rows, stream, prealloc, fast = spec[:5]
-        nice_writer = len(spec) > 5
-        counter[0] += 1
-        import logix
-
-        project = f"w{counter[0]}"
-        run = logix.init(project, root_dir=root, log_dtype=dtype, seed=0,
-                         **({"shard_rows": shard_rows} if shard_rows else {}))
-        run.watch(model, name_filter=name_filter)
-        run.add_lora(rank=p["rank"])
-        run.setup({"grad": ["log"]})
-        run.save(True)
-        W.ShardWriter._write = (_proto_stream_write if stream is True else
-                                _proto_stream_write_nohash if stream == "nohash" else
-                                orig["write"])
-        W.ShardWriter._work = _proto_nice_work(orig["work"]) if nice_writer else orig["work"]
-        W.ShardWriter.append = _proto_prealloc_append if prealloc else orig["append"]
-        W.ShardWriter._submit = _proto_submit(orig["submit"]) if prealloc else orig["submit"]
-        R.torch = _TorchFastFinite() if fast else orig["torch"]
+    def epoch(name, timers=None):
+        spec, run, changes = LADDER.get(name, (True, True, True)), None, []
+        if spec is not None:
+            save, write, fsync = spec
+            if timers is not None:
+                changes = [(obj, attr, timers.wrap(label, getattr(obj, attr)))
+                           for obj, attr, label in timed]
+            changes += [(W.ShardWriter, "_write", _no_write)] if not write else []
+            changes += [(os, "fsync", _no_fsync)] if not fsync else []
+            counter[0] += 1
+            run = _new_run(f"p{counter[0]}", root, model, name_filter, p["rank"], p["dtype"])
+            run.save(save)
         C.quiesce(p["quiet_wait"])
-        try:
-            with C.Measure() as m:
-                _train_epoch(model, opt, batches, loss_fn, run)
-                t = time.perf_counter()
+        with _patched(*changes), C.Measure() as m:
+            _train_epoch(model, opt, batches, loss_fn, run)
+            t = time.perf_counter()
+            if run is not None:
                 run.finalize()
-                fin = time.perf_counter() - t
-        finally:
-            W.ShardWriter._write, W.ShardWriter.append = orig["write"], orig["append"]
-            W.ShardWriter._submit, R.torch = orig["submit"], orig["torch"]
-            W.ShardWriter._work = orig["work"]
-        project_dir = os.path.join(root, project)
-        if name not in checks and stream == "nohash":
-            checks[name] = "n/a (no sha256)"
-        elif name not in checks:
-            checks[name] = _check_logs(run, project_dir, sum(len(b[0]) for b in batches))
-        _close_run(run)
-        shutil.rmtree(project_dir, ignore_errors=True)
+            fin = time.perf_counter() - t
+        if run is not None:
+            _close_run(run)
+            shutil.rmtree(os.path.join(root, f"p{counter[0]}"), ignore_errors=True)
         return dict(m.as_dict(), finalize=fin)
 
-    names = list(arms)
-    for nm in names:
-        do(nm)
-    results, clean = C.interleaved(names, do, p["rounds"], p["max_time"], p["clean_ext"])
+    for name in LADDER:  # warm-up
+        epoch(name)
+    ladder, clean = C.interleaved(list(LADDER), epoch, p["rounds"], p["max_time"],
+                                  p["clean_ext"])
+    timers = _Timers()
+    instrumented = epoch("instrumented", timers)
+    components = _components(p, model, opt, batches, loss_fn, name_filter, root)
     shutil.rmtree(root, ignore_errors=True)
-    C.emit(dict(params=p, arms=results, clean=clean, checks=checks,
-                rss_peak_mb=C.peak_rss_mb(), threads=torch.get_num_threads()))
+    C.emit(dict(params=p, ladder=ladder, clean=clean, instrumented=instrumented,
+                timers=timers.stats, timed=[t[2] for t in timed], components=components,
+                threads=torch.get_num_threads()))
 
 
-def _check_logs(run, project_dir, rows_expected) -> str:
-    """Shards readable by safetensors and LogIX's reader, sizes and sha256 as the manifest says."""
+def _components(p, model, opt, batches, loss_fn, name_filter, root):
+    """Each piece of the logging path alone, best of many repeats (so other processes' load
+    mostly drops out): per step in microseconds, per shard in milliseconds."""
     import hashlib
 
-    from safetensors.torch import load_file
+    import torch
 
-    try:
-        man = json.load(open(os.path.join(project_dir, "manifest.json")))
-        total = 0
-        for sh in man["shards"]:
-            path = os.path.join(project_dir, sh["file"])
-            with open(path, "rb") as f:
-                data = f.read()
-            if len(data) != sh["bytes"] or hashlib.sha256(data).hexdigest() != sh["sha256"]:
-                return f"bad size/sha256 in {sh['file']}"
-            t = load_file(path)["grad"]
-            total += t.shape[0]
-        n = sum(len(ids) for ids, _ in run.reader())
-        if total != rows_expected or n != rows_expected:
-            return f"rows {total}/{n} != {rows_expected}"
-        return "ok"
-    except Exception as e:  # report, do not hide
-        return f"error: {e!r}"[:200]
+    import logix.storage.format as F
+    from logix.storage.writer import ShardWriter
+
+    run = _new_run("components", root, model, name_filter, p["rank"], p["dtype"])
+    run.save(False)
+    ids, x, y = batches[0]
+    reps = p.get("component_repeats", 30)
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+
+    def hooked_step():
+        run.start(data_id=ids)
+        plain_step()
+        run.end()
+
+    for _ in range(3):
+        plain_step()
+        hooked_step()
+    rows = run.get_log().grads  # [batch, dim] float32, as end() hands it to the writer
+    dim = rows.shape[1]
+    cfg = run.config.logging
+    rps = cfg.shard_rows or max(1, cfg.flush_threshold // dim)
+    per_step = {"training step (zero_grad, forward, backward)": _best(plain_step, reps),
+                "same step with hooks + start()/end(), save(False)": _best(hooked_step, reps),
+                "  isfinite(rows.sum()) in end()": _best(
+                    lambda: bool(torch.isfinite(rows.sum())), reps, 20)}
+    for dtype in ("float32", "bfloat16"):
+        writer = ShardWriter(os.path.join(root, "components"), 0, rps, dim,
+                             getattr(torch, dtype), lambda entry: None)
+        writer._write = _no_write.__get__(writer)  # full buffers are recycled untouched
+        per_step[f"append: copy into the shard buffer ({dtype})"] = _best(
+            lambda: writer.append(ids, rows), reps, 20)
+        writer.close()
+
+    shard = torch.randn(rps, dim).to(getattr(torch, p["dtype"]))
+    shard_ids = list(range(rps))
+    body = F.tensor_bytes(shard)
+
+    def header():
+        return F.safetensors_header({"grad": (shard.dtype, tuple(shard.shape))},
+                                    {"data_ids": json.dumps(shard_ids)})
+
+    path = os.path.join(root, "component.safetensors")
+    sr = max(3, min(8, reps // 4))
+    per_shard = {"header (json.dumps of the ids + safetensors_header)": _best(header, sr),
+                 "sha256 of the shard alone": _best(lambda: hashlib.sha256(body).digest(), sr)}
+    with _patched((os, "fsync", _no_fsync)):
+        per_shard["atomic_write with fsync off (page cache + sha256)"] = _best(
+            lambda: F.atomic_write(path, header(), body), sr)
+    per_shard["atomic_write (+ fsync of file and folder, rename)"] = _best(
+        lambda: F.atomic_write(path, header(), body), sr)
+    stall = _gil_stall(lambda: F.atomic_write(path, header(), body))
+    return dict(per_step_us={k: v * 1e6 for k, v in per_step.items()},
+                per_shard_ms={k: v * 1e3 for k, v in per_shard.items()},
+                gil_stall_ms=stall * 1e3, steps=len(batches),
+                rows=sum(len(b[0]) for b in batches), rows_per_shard=rps, dim=dim,
+                shard_bytes=len(header()) + len(body))
 
 
-WORKERS = {"whatif": worker_whatif, "overhead": worker_overhead, "naive": worker_naive, "old": worker_old,
+WORKERS = {"overhead": worker_overhead, "naive": worker_naive, "old": worker_old,
            "profile": worker_profile}
 
 
@@ -1086,7 +675,9 @@ def report_naive(naive, overhead):
         epoch = per_batch * res["batches"]
         L = logged.get(m)
         sp = epoch / L["log"] if L else float("nan")
-        extra = (epoch - L["plain"]) / max(1e-9, L["log"] - L["plain"]) if L else float("nan")
+        # logging cost only: meaningless when noise makes the logged epoch no slower than plain
+        extra = ((epoch - L["plain"]) / (L["log"] - L["plain"])
+                 if L and L["log"] > L["plain"] else float("nan"))
         resident = res["rss_peak_mb"] + (res["p_full_bytes"] - res["p_resident_bytes"]) / 2**20
         speedups[m] = dict(epoch=sp, extra=extra,
                            mem=(L["rss"] / res["rss_peak_mb"]) if L else float("nan"),
@@ -1095,7 +686,8 @@ def report_naive(naive, overhead):
                 if res["col_blocks_timed"] < res["col_blocks"] else "all col blocks timed")
         rows.append([m, res["k"], f"{res['n_params']:,}", f"{tr:.3f}", f"{gr:.3f}", f"{pr:.3f}",
                      f"{epoch:.1f}", C.fmt(L["log"] if L else None, 2), f"{sp:.1f}x",
-                     f"{extra:.0f}x", f"{res['rss_peak_mb']:.0f}", f"{resident:,.0f}",
+                     f"{extra:.0f}x" if extra == extra else "n/a",
+                     f"{res['rss_peak_mb']:.0f}", f"{resident:,.0f}",
                      f"{L['rss']:.0f}" if L else "n/a",
                      C.human_bytes(res["p_full_bytes"]), res["mode"], note])
     print(C.table(["model", "k", "n params", "train s/b", "vmap grads s/b", "project s/b",
@@ -1125,6 +717,7 @@ def report_old(old, ours_ratios):
         dtype = arm[4:]
         s = old["storage"].get(dtype, {})
         per_ex = (s.get("data_bytes", 0) + s.get("metadata_bytes", 0)) / max(1, s.get("rows", 1))
+        meta = s.get("metadata_bytes", 0) / max(1, s.get("rows", 1))
         ours_dtype = "float32" if dtype in ("none", "float32") else "bfloat16"
         ours = ours_ratios.get(("mlp", ours_dtype, None, False))
         if ours is None:
@@ -1132,7 +725,7 @@ def report_old(old, ours_ratios):
                          if m == "mlp" and d == ours_dtype and not pinned), None)
         out[dtype] = dict(theirs=r, ours=ours)
         rows.append(["LogIX 0.1.1", arm, C.fmt(C.median(walls)),
-                     f"{r:.2f}x", f"{per_ex:,.0f} (meta {s.get('metadata_bytes', 0) / max(1, s.get('rows', 1)):,.0f})",
+                     f"{r:.2f}x", f"{per_ex:,.0f} (meta {meta:,.0f})",
                      f"{ours:.2f}x ({ours_dtype})" if ours else "n/a",
                      f"{ours / r:.2f} / {(ours - 1) / max(1e-9, r - 1):.2f}" if ours else "n/a"])
     print(C.table(["library", "arm", "epoch s", "ratio vs plain", "B/example on disk",
@@ -1140,10 +733,12 @@ def report_old(old, ours_ratios):
                   f"== Old LogIX {old.get('version')} on the same MLP (its own subprocess and "
                   "plain baseline) =="))
     print(f"   {_rounds_note(old)}; peak RSS {old['rss_peak_mb']:.0f} MiB.")
-    print("   LogIX 0.1.1 inserts LoRA modules (A, zero B, C) into the model and logs B's gradient; "
+    print("   LogIX 0.1.1 inserts LoRA modules (A, zero B, C) into the model and logs B's "
+          "gradient; "
           "its watch() freezes untracked weights, which this benchmark unfreezes so that both\n"
           "   arms still train. Both track the same 4 body layers (rank 32: 4096 numbers per "
-          "example).\n   bfloat16 logs crash in 0.1.1 (numpy has no bf16), so its half-precision arm is float16.")
+          "example).\n   bfloat16 logs crash in 0.1.1 (numpy has no bf16), so its "
+          "half-precision arm is float16.")
     return out
 
 
@@ -1179,107 +774,81 @@ def _pf(ok):
     return "PASS" if ok else "FAIL"
 
 
-def report_whatif(res):
-    arms = C.pick(res["arms"], res.get("clean", []))
-    rows = []
-    for name, vals in arms.items():
-        walls = [v["wall"] for v in vals]
-        if name == "plain":
-            rss = max(v.get("rss_peak", float("nan")) for v in vals)
-            rows.append([name, C.fmt(C.median(walls)), "", "", "", f"{rss:.0f}", ""])
-            continue
-        r = _ratios(arms, name)
-        rss = max(v.get("rss_peak", float("nan")) for v in res["arms"][name])
-        rows.append([name, C.fmt(C.median(walls)), C.fmt(C.median([v["finalize"] for v in vals])),
-                     f"{C.median(r):.2f}x", _spread(r), f"{rss:.0f}",
-                     res["checks"].get(name, "")])
-    print(C.table(["arm (cumulative, fp32 unless noted)", "epoch s", "finalize s",
-                   "ratio vs plain", "range", "peak RSS MiB", "logs check"], rows,
-                  f"== What-if: recommended changes prototyped by monkeypatching (MLP, "
-                  f"threads={res['threads']}, {_rounds_note(res)}) =="))
-    print("   shard_rows: a config key (default: flush_threshold / dim = "
-          f"{(1 << 26) // 4096} rows here); streaming write: header + tensor bytes written and "
-          "hashed\n   in 8 MiB chunks (no serialised copy, GIL released); preallocated buffers: "
-          "rows copied into a recycled shard buffer\n   (no per-step copy, no cat per shard); "
-          "isfinite via sum: one reduction per step, the exact check only when it fails;\n"
-          "   writer at nice +10: the writer thread lowers its own priority; no sha256: the "
-          "checksum skipped, to show its cost (not a proposal).\n"
-          "   logs check: every shard loads with safetensors, has the manifest's size and "
-          "sha256, and LogIX's reader yields all rows.")
-
-
 def report_profile(prof):
+    def thr(res):
+        return f"{res['threads']} thr"
+
+    lad = [C.pick(res["ladder"], res.get("clean", [])) for res in prof]
+    med = [{n: C.median([x["wall"] for x in arms[n]]) for n in arms} for arms in lad]
+    rows, names = [], list(lad[0])
+    for i, n in enumerate(names):
+        row = [n]
+        for m in med:
+            total = m[names[-1]] - m[names[0]]
+            d = m[n] - m[names[i - 1]] if i else None
+            row += [f"{m[n]:.3f}", "" if d is None else f"{d:+.3f}",
+                    "" if d is None or total <= 0 else f"{100 * d / total:+.0f}%"]
+        rows.append(row)
+    heads = ["rung (each adds one part)"]
     for res in prof:
-        lad = C.pick(res["ladder"], res.get("clean", []))
-        names = list(lad)
-        med = {n: C.median([x["wall"] for x in lad[n]]) for n in names}
-        base = med[names[0]]
-        total = med[names[-1]] - base
+        heads += [f"epoch s, {thr(res)}", "added s", "of overhead"]
+    notes = "; ".join(f"{thr(r)}: {_rounds_note(r)}" for r in prof)
+    print(C.table(heads, rows, f"== Profile ladder: MLP, {prof[0]['params']['dtype']} logs, "
+                  f"median epoch (incl. finalize) over interleaved rounds ({notes}) =="))
+    print("   fsync off: os.fsync is a no-op in that rung, so the pages reach the disk after the "
+          "epoch (os.sync between epochs).")
+
+    for res, m in zip(prof, med):
+        ins, plain = res["instrumented"], m["plain"]
+        ep = ins["wall"]
         rows = []
-        prev = base
-        for n in names:
-            d = med[n] - prev
-            rows.append([n, f"{med[n]:.3f}", "" if n == names[0] else f"{d:+.3f}",
-                         "" if n == names[0] or total <= 0 else f"{100 * d / total:+.0f}%",
-                         C.fmt(C.median([x["ext"] for x in lad[n]]), 2)])
-            prev = med[n]
-        print(C.table(["variant (cumulative)", "epoch s", "step cost s", "% of overhead",
-                       "ext load"], rows,
-                      f"== Profile ladder: MLP, {res['params']['dtype']} logs, threads="
-                      f"{res['threads']}; each row adds one part of the pipeline; medians, "
-                      f"{_rounds_note(res)} =="))
-        ins = res.get("instrumented")
-        if ins:
-            ep = ins["epoch"]["wall"]
-            rows = [[k, f"{v:.3f}", f"{100 * v / ep:.1f}%"] for k, v in ins["phases"].items()]
-            print(C.table(["phase (writer thread unless noted)", "s per epoch", "% of epoch"],
-                          rows, f"-- writer phases, one instrumented epoch ({ep:.2f} s, "
-                          f"{ins['shards']} shards of up to {res['rows_per_shard']} rows x "
-                          f"{res['dim']}; finalize {ins['finalize']:.2f} s)"))
-        if res.get("gil"):
-            g = res["gil"]
-            print(f"-- GIL probe on one {C.human_bytes(g.get('shard_bytes', 0))} shard: longest "
-                  f"training-thread stall while the writer runs: serialise "
-                  f"{1e3 * g.get('serialise', 0):.0f} ms, sha256 {1e3 * g.get('sha256', 0):.0f} "
-                  f"ms, write+fsync {1e3 * g.get('write+fsync', 0):.0f} ms")
-        comp = res.get("components")
-        if comp:
-            steps = comp["steps"]
-            rows_logged = comp.get("rows", steps * res["params"]["batch"])
-            shards = rows_logged / comp["rows_per_shard"]  # shard-equivalents of bytes
-            plain = comp["per_step_us"]["plain training step (fwd+bwd)"] * steps / 1e6
-            rows = []
-            for k, v in comp["per_step_us"].items():
-                rows.append([k, f"{v:,.0f} us/step", f"{v * steps / 1e6:.3f}",
-                             f"{100 * v * steps / 1e6 / plain:.1f}%"])
-            for k, v in comp["per_shard_ms"].items():
-                rows.append([k, f"{v:,.1f} ms/shard", f"{v * shards / 1e3:.3f}",
-                             f"{100 * v * shards / 1e3 / plain:.1f}%"])
-            print(C.table(["component (best of repeats)", "cost", "s per epoch",
-                           "% of plain epoch"], rows,
-                          f"-- components in isolation: {steps} steps, {shards:.2f} shard-sizes of "
-                          f"{comp['rows_per_shard']} rows x {comp['dim']} "
-                          f"({C.human_bytes(comp['shard_bytes'])}); plain epoch ~{plain:.2f} s"))
-        tot = res["cprofile_total"]
-        rows = [[r["func"][:90], r["calls"], f"{r['tottime']:.3f}", f"{100 * r['tottime'] / tot:.1f}%"]
-                for r in res["cprofile_top"][:18]]
-        print(C.table(["function (training thread, writer no-op)", "calls", "tottime s",
-                       "% of profiled"], rows, "-- cProfile top functions by own time"))
-        rows = [[r["func"][:90], r["calls"], f"{r['cumtime']:.3f}",
-                 f"{100 * r['cumtime'] / tot:.1f}%"] for r in res.get("cprofile_logix", [])]
-        if rows:
-            print(C.table(["LogIX function", "calls", "cumtime s", "% of profiled"], rows,
-                          "-- cProfile: LogIX's own functions by inclusive time (training "
-                          "thread; cProfile inflates Python-heavy code)"))
+        order = {label: i for i, label in enumerate(res["timed"])}
+        for key, (calls, wall, cpu) in sorted(res["timers"].items(), key=lambda kv: (
+                order.get(kv[0].split("|")[0], 99), kv[0])):
+            label, thread = key.split("|")
+            rows.append([label, thread, calls, f"{wall:.3f}", f"{cpu:.3f}",
+                         f"{100 * wall / ep:.1f}%"])
+        rows.append(["finalize() (final shard, state, manifest)", "training", 1,
+                     f"{ins['finalize']:.3f}", "", f"{100 * ins['finalize'] / ep:.1f}%"])
+        print()
+        print(C.table(["call (indent: inside the row above)", "thread", "calls", "wall s",
+                       "thread CPU s", "% of epoch"], rows,
+                      f"-- {thr(res)}: one instrumented full-logging epoch, {ep:.2f} s "
+                      f"(plain {plain:.2f} s, process CPU {ins['cpu']:.2f} s, others' cores "
+                      f"{C.fmt(ins['ext'], 2)})"))
+        s = res["timers"]
+        inside = sum(s.get(f"{k}|training", [0, 0.0])[1]
+                     for k in ("start(): attach hooks", "end(), all of it")) + ins["finalize"]
+        print(f"   overhead {ep - plain:+.2f} s = start()/end()/finalize() on the training "
+              f"thread {inside:.2f} s + the rest {ep - plain - inside:+.2f} s (hooks inside "
+              "forward/backward, and compute slowed by the writer thread)")
+
+    comp = prof[0]["components"]
+    steps, shards = comp["steps"], comp["rows"] / comp["rows_per_shard"]
+    rows = []
+    for k in comp["per_step_us"]:
+        vals = [r["components"]["per_step_us"][k] for r in prof]
+        rows.append([k, "step"] + [f"{v:,.0f} us ({v * steps / 1e6:.3f} s)" for v in vals])
+    for k in comp["per_shard_ms"]:
+        vals = [r["components"]["per_shard_ms"][k] for r in prof]
+        rows.append([k, "shard"] + [f"{v:,.1f} ms ({v * shards / 1e3:.3f} s)" for v in vals])
+    print()
+    print(C.table(["piece (best of repeats)", "per"] + [f"cost (per epoch), {thr(r)}"
+                                                       for r in prof], rows,
+                  f"-- pieces alone: {steps} steps and {shards:.2f} shard-sizes per epoch; a "
+                  f"shard is {comp['rows_per_shard']} rows x {comp['dim']} "
+                  f"({C.human_bytes(comp['shard_bytes'])})"))
+    print("   longest stall of a Python loop while another thread runs atomic_write on one "
+          "shard (the GIL): " + ", ".join(f"{r['components']['gil_stall_ms']:.1f} ms ({thr(r)})"
+                                          for r in prof))
 
 
 # ============================================================================ parent: driver
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes; runs in under a minute")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes (about a minute on a quiet machine)")
     ap.add_argument("--profile", action="store_true", help="also profile the logging path")
-    ap.add_argument("--whatif", action="store_true",
-                    help="also time prototypes of the recommended changes (monkeypatched)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=None, help="override rounds per config")
     ap.add_argument("--threads", default=None,
@@ -1376,12 +945,6 @@ def main(argv=None):
                 print(f"    old LogIX arm failed: {str(e).splitlines()[-1]}")
         else:
             print(f"... LogIX 0.1.1 arm skipped: {args.old_python} not found")
-    whatif = []
-    if args.whatif:
-        for t in threads:
-            print(f"... what-if arms, MLP, threads={t or 'default'}", flush=True)
-            whatif.append(ours("whatif", dict(S["mlp"], **common, threads=t or None,
-                                               rounds=rounds["mlp"], small_shard_rows=2048)))
     prof = []
     if args.profile:
         for t in threads:
@@ -1399,15 +962,12 @@ def main(argv=None):
     if raw_old is not None:
         print()
     report_goals(ratios, speedups, worst, naive)
-    for w in whatif:
-        print()
-        report_whatif(w)
     if prof:
         print()
         report_profile(prof)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        raw.update(overhead=overhead, naive=naive, old=old, profile=prof, whatif=whatif)
+        raw.update(overhead=overhead, naive=naive, old=old, profile=prof)
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)
 

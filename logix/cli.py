@@ -521,9 +521,11 @@ def _check_manifest(manifest, raw: dict, report: _Report) -> None:
     if raw.get("dim") is not None and raw.get("dim") != manifest.dim:
         report.error(f"manifest 'dim' is {raw.get('dim')} but its modules add up to "
                      f"{manifest.dim} columns.")
-    if raw.get("rows") is not None and raw.get("rows") != manifest.rows:
+    listed = sum(s.get("rows", 0) for s in raw.get("shards", [])
+                 if isinstance(s, dict) and s.get("checkpoint") is None)
+    if raw.get("rows") is not None and raw.get("rows") != listed:  # index shards come on top
         report.error(f"manifest 'rows' is {raw.get('rows')} but its shards hold "
-                     f"{manifest.rows} rows.")
+                     f"{listed} rows.")
     names = [m.name for m in manifest.modules]
     if len(set(names)) != len(names):
         report.error(f"module names repeat in the manifest: {names}.")
@@ -676,15 +678,15 @@ def _check_shard_header(path: str, name: str, size: int, manifest, shard,
 
 def _check_stray_files(project_dir: str, manifest, report: _Report) -> None:
     from logix.storage.format import LOGS_DIR, STATE_DIR, TMP_SUFFIX
-    from logix.storage.manifest import INDEX_PREFIX
+    from logix.storage.manifest import INDEX_PREFIX, INDEX_SUFFIX
 
     named = {os.path.normpath(s.file) for s in manifest.shards}
     logs = os.path.join(project_dir, LOGS_DIR)
     if os.path.isdir(logs):
         for entry in sorted(os.listdir(logs)):
             rel = os.path.normpath(os.path.join(LOGS_DIR, entry))
-            if rel in named or (entry.startswith(INDEX_PREFIX) and entry.endswith(".json")):
-                continue  # index-r<rank>.json: a distributed rank's list of its shards
+            if rel in named or (entry.startswith(INDEX_PREFIX) and entry.endswith(INDEX_SUFFIX)):
+                continue  # index-r<rank>.jsonl: a writer's list of its completed shards
             if entry.endswith(TMP_SUFFIX):
                 report.warn(f"{rel!r} is a leftover temporary file from an interrupted write; "
                             "it holds no logged rows and can be deleted.")

@@ -19,8 +19,8 @@ from logix.logra import Projection
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.storage import state
 from logix.storage.format import DTYPES, STATE_DIR, STATISTICS_FILE
-from logix.storage.manifest import (Manifest, ModuleEntry, ShardEntry, load_optional,
-                                    save_rank_index)
+from logix.storage.manifest import (Manifest, ModuleEntry, ShardEntry, append_rank_index,
+                                    load_optional)
 from logix.storage.reader import LogReader
 from logix.storage.writer import ShardWriter
 from logix.tracking.capture import GradientCapture, Plan
@@ -33,6 +33,7 @@ logger = logging.getLogger("logix")
 _SETUP_CHOICES = {"forward": {"covariance"}, "backward": {"covariance"},
                   "grad": {"log", "covariance"}}
 _SETUP_ALIASES = {"cov": "covariance", "save": "log"}
+_FLOAT16_MAX = 65504.0
 
 
 class Run:
@@ -252,6 +253,11 @@ class Run:
                                  "steps with a warning.")
             warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}).")
             return
+        if self._save and self.config.logging.log_dtype == "float16" \
+                and float(rows.abs().max()) > _FLOAT16_MAX:
+            raise UsageError(f"Gradients of this step reach {float(rows.abs().max()):.3g}, beyond "
+                             f"float16's range ({_FLOAT16_MAX:g}): they would be stored as inf. "
+                             "Use logging.log_dtype: bfloat16 (same size, float32's range).")
         keep = []
         if self._save and self.plan.log_grad:  # refusals come before anything of the step is kept
             writer = self._ensure_writer()  # a log of another layout or dtype
@@ -424,12 +430,11 @@ class Run:
         return self._writer
 
     def _on_shard(self, entry: ShardEntry) -> None:
+        """A shard is complete: list it in this rank's index (manifest.json is rewritten only at
+        finalize, so the cost per shard stays constant)."""
+        append_rank_index(self.project_dir, entry)
         self._manifest.shards.append(entry)
         self._manifest.shards.sort(key=lambda s: (s.rank, s.seq))
-        if distributed.is_distributed():  # each rank lists its own shards; rank 0 merges them
-            save_rank_index(self.project_dir, entry.rank, self._manifest.shards)
-        else:
-            self._manifest.save(self.project_dir)
 
     def _save_projections(self) -> None:
         state.save_projections(self.project_dir, self.projections, self.projection_meta)
@@ -503,8 +508,7 @@ class Run:
         self.flush()
         if self._manifest is None:
             return LogReader(self.project_dir)
-        if distributed.is_distributed():  # other ranks' shards, from their indexes
-            self._manifest.merge_rank_indexes(self.project_dir)
+        self._manifest.merge_rank_indexes(self.project_dir)  # other ranks' shards
         return LogReader(self.project_dir, self._manifest)
 
     def build_log_dataloader(self, batch_size: Optional[int] = None):

@@ -371,23 +371,22 @@ def test_permission_denied_surfaces_at_flush_and_finalize(new_run, tmp_root, mon
 
 
 def test_failed_manifest_update_counts_the_shard_as_not_written(new_run, tmp_root, monkeypatch):
-    """The shard landed but the manifest could not name it: its rows are reported lost, it
-    stays unlisted (verify warns, exit 0), and a resumed run numbers its shards after it."""
-    import logix.storage.manifest as manifest_module
+    """The shard landed but its index line could not be written: its rows are reported lost,
+    it stays unlisted (verify warns, exit 0), and a resumed run numbers its shards after it."""
+    import logix.run as run_module
 
     g = seeded(24)
     model = make_mlp(seed=24)
-    real = manifest_module.atomic_write
+    real = run_module.append_rank_index
     calls = []
 
-    def write(path, data):
-        if path.endswith("manifest.json"):
-            calls.append(path)
-            if len(calls) > 2:  # the run's first manifest and the first shard's update
-                raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+    def append(project_dir, entry):
+        calls.append(entry.file)
+        if len(calls) > 1:  # the first shard is listed, the second is not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(project_dir, entry)
 
-    monkeypatch.setattr(manifest_module, "atomic_write", write)
+    monkeypatch.setattr(run_module, "append_rank_index", append)
     run = logging_run(new_run, "index", model, shard_rows=2)
     step(run, model, torch.randn(2, 6, generator=g), ["a", "b"])
     step(run, model, torch.randn(2, 6, generator=g), ["c", "d"])
@@ -620,3 +619,14 @@ def test_two_runs_in_one_process_interleaved(new_run, tmp_root, monkeypatch):
         assert ids == logged[name][0]
         assert torch.equal(rows, torch.cat(logged[name][1]))
         assert verify(os.path.join(tmp_root, name)) == 0
+
+
+def test_float16_overflow_is_refused_not_stored_as_inf(new_run, tmp_root):
+    seeded(31)
+    model = torch.nn.Linear(6, 3)
+    run = logging_run(new_run, "fp16", model, log_dtype="float16")
+    x = torch.full((2, 6), 1e3)  # gradients of (Wx)^2 ~ 1e6: far beyond float16's range
+    with pytest.raises(UsageError, match="float16's range"):
+        step(run, model, x, [0, 1])
+    run.finalize()
+    assert run.reader().rows == 0

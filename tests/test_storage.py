@@ -230,7 +230,7 @@ def test_incompatible_run_refuses_to_append(new_run, tmp_root, change):
 def test_writer_failure_is_reported(new_run, tmp_root, monkeypatch):
     import logix.storage.writer as writer
 
-    def broken(path, data):
+    def broken(path, *parts):
         raise OSError("disk full")
 
     monkeypatch.setattr(writer, "atomic_write", broken)

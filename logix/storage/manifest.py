@@ -11,7 +11,8 @@ from typing import Dict, List, Optional
 from logix.errors import LogFormatError
 from logix.storage.format import FORMAT_VERSION, LOGS_DIR, MANIFEST, atomic_write
 
-INDEX_PREFIX = "index-r"  # logs/index-r<rank>.json
+INDEX_PREFIX = "index-r"  # logs/index-r<rank>.jsonl
+INDEX_SUFFIX = ".jsonl"
 
 
 @dataclass(frozen=True)
@@ -116,25 +117,33 @@ class Manifest:
         return manifest
 
     def merge_rank_indexes(self, project_dir: str) -> None:
-        """Add the shards that ranks of a torch.distributed run listed in logs/index-r*.json
-        (each written atomically after the shard itself), so every completed shard of every
-        rank is visible even before rank 0 writes the final manifest."""
+        """Add the shards listed in logs/index-r<rank>.jsonl: each writer appends one line per
+        shard once the shard is complete on disk, so every completed shard of every rank is
+        visible before (or without) the final manifest. A torn last line, from a crash while it
+        was appended, names no complete shard and is skipped."""
         logs = os.path.join(project_dir, LOGS_DIR)
         if not os.path.isdir(logs):
             return
         known = {s.file for s in self.shards}
         for name in sorted(os.listdir(logs)):
-            if not (name.startswith(INDEX_PREFIX) and name.endswith(".json")):
+            if not (name.startswith(INDEX_PREFIX) and name.endswith(INDEX_SUFFIX)):
                 continue
+            path = os.path.join(logs, name)
             try:
-                with open(os.path.join(logs, name), "rb") as f:
-                    entries = json.loads(f.read().decode("utf-8"))
-                shards = [_typed(ShardEntry, e) for e in entries]
-            except (OSError, ValueError, TypeError) as e:
-                raise LogFormatError(f"{os.path.join(logs, name)!r} is not a readable shard "
-                                     f"index: {e}") from e
-            self.shards.extend(s for s in shards if s.file not in known)
-            known.update(s.file for s in shards)
+                with open(path, "rb") as f:
+                    lines = f.read().decode("utf-8", errors="replace").splitlines()
+            except OSError as e:
+                raise LogFormatError(f"{path!r} is not readable: {e}") from e
+            for number, line in enumerate(lines):
+                try:
+                    shard = _typed(ShardEntry, json.loads(line))
+                except (ValueError, TypeError) as e:
+                    if number == len(lines) - 1:
+                        break  # torn by a crash mid-append
+                    raise LogFormatError(f"{path!r} line {number + 1} is malformed: {e}") from e
+                if shard.file not in known:
+                    self.shards.append(shard)
+                    known.add(shard.file)
         self.shards.sort(key=lambda s: (s.rank, s.seq))
 
     def check_compatible(self, other: "Manifest") -> None:
@@ -163,10 +172,14 @@ def _module_differences(new: List[ModuleEntry], old: List[ModuleEntry]) -> str:
         + " on disk" for a, b in zip(new, old) if a != b)
 
 
-def save_rank_index(project_dir: str, rank: int, shards: List[ShardEntry]) -> None:
-    """A rank's own completed shards, for runs of several processes (see merge_rank_indexes)."""
-    data = json.dumps([dataclasses.asdict(s) for s in shards if s.rank == rank]).encode()
-    atomic_write(os.path.join(project_dir, LOGS_DIR, f"{INDEX_PREFIX}{rank}.json"), data)
+def append_rank_index(project_dir: str, entry: ShardEntry) -> None:
+    """Record one completed shard in its rank's append-only index (see merge_rank_indexes):
+    constant work per shard, however long the run."""
+    path = os.path.join(project_dir, LOGS_DIR, f"{INDEX_PREFIX}{entry.rank}{INDEX_SUFFIX}")
+    with open(path, "ab") as f:
+        f.write(json.dumps(dataclasses.asdict(entry)).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _typed(cls, data):
