@@ -67,6 +67,13 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+def roofline_seconds(reader: LogReader, queries) -> float:
+    """A plain torch.matmul of the same shapes with every row in memory (this also warms the
+    page cache for the streaming arms)."""
+    _, train = reader.read_all()
+    return best_of(lambda: queries @ train.T)
+
+
 def naive_pairs_per_second(reader: LogReader, test, limit: int) -> float:
     """The naive design: one example at a time, as nested per-module dicts, scored per module."""
     modules = reader.manifest.modules
@@ -154,10 +161,7 @@ def main() -> None:
           f"{args.queries} queries; torch threads {torch.get_num_threads()}")
     pairs = args.train * args.queries
 
-    _, train = reader.read_all()  # warms the page cache and gives the in-memory roofline
-    queries = test.grads.float()
-    roofline = pairs / best_of(lambda: queries @ train.T)
-    del train
+    roofline = pairs / roofline_seconds(reader, test.grads.float())
 
     rows = []
     for hessian in ("none",):

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from logix.errors import UsageError
-
 from conftest import (assert_close_scaled, gradient_matrix, make_conv_model, make_embedding_model,
                       make_hf_conv1d_model, make_mlp, make_shared, make_tiny_bert, make_tiny_gpt2,
                       padded_tokens, per_example_grads, per_example_grads_loop, project, seeded)
