@@ -80,15 +80,10 @@ def logs_epoch(epochs: EpochChoice, epoch: int, total: Optional[int]) -> bool:
     return epoch in epochs
 
 
-def saving(run) -> bool:
-    """Whether the run writes logged rows now. Run has no public getter for this yet."""
-    return bool(getattr(run, "_save", False))
-
-
 @contextlib.contextmanager
 def saving_enabled(run, enabled: bool = True):
     """`run.save(enabled)` for the block, then saving as it was."""
-    before = saving(run)
+    before = run.saving
     run.save(enabled)
     try:
         yield run
@@ -100,7 +95,7 @@ def saving_enabled(run, enabled: bool = True):
 def query_mode(run):
     """`run.eval()` for the block (log in memory only, no statistics), then the run's plan and
     saving flag as they were."""
-    plan, before = run.plan, saving(run)
+    plan, before = run.plan, run.saving
     run.eval()
     try:
         yield run
@@ -143,7 +138,7 @@ def log_batches(run, model: nn.Module, batches: Iterable,
         raise UsageError("No parameter of the model requires grad, so no gradient reaches the "
                          "tracked layers. Unfreeze the layers you want to attribute through.")
     collected = []
-    keep = run.plan.log_grad and not saving(run)
+    keep = run.plan.log_grad and not run.saving
     device = model_device(model)
     with eval_mode(model), torch.enable_grad():
         for index, batch in enumerate(batches):

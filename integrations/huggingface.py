@@ -8,7 +8,10 @@ During training (nothing about training changes; weights come out bit-identical)
     run.setup({"grad": ["log"]})
     run.save(True)
     trainer = Trainer(model, args, train_dataset=train, callbacks=[LogIXCallback(run)])
-    trainer.train()                 # every micro-batch logged; run.finalize() at the end
+    trainer.train()                 # the last epoch's micro-batches logged; then run.finalize()
+
+Watch layers whose input has one row per example: position embeddings see a single position row
+shared by the batch and cannot be split per example (hence `type_filter=[nn.Linear]` above).
 
 After training, with a trained model (post-hoc):
 

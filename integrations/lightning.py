@@ -8,7 +8,7 @@ During training (nothing about training changes; weights come out bit-identical)
     run.setup({"grad": ["log"]})
     run.save(True)
     trainer = lightning.Trainer(..., callbacks=[LogIXCallback(run, data_id_fn=lambda b: b["idx"])])
-    trainer.fit(module, loader)         # every training batch logged; run.finalize() at the end
+    trainer.fit(module, loader)         # the last epoch's batches logged; then run.finalize()
 
 What a logged row is: the LoGra-projected gradient of the example's SUMMED loss. Lightning
 backpropagates `training_step`'s loss divided by `accumulate_grad_batches` (automatic

@@ -188,6 +188,11 @@ class Run:
         self._save = bool(enabled)
         return self
 
+    @property
+    def saving(self) -> bool:
+        """Whether end() writes logged rows to disk (see save())."""
+        return self._save
+
     def eval(self) -> "Run":
         """Query mode: log gradients in memory only; no statistics, nothing written."""
         self._save = False
@@ -414,6 +419,8 @@ class Run:
         os.makedirs(self.project_dir, exist_ok=True)
         manifest = self._new_manifest()
         existing = load_optional(self.project_dir)
+        if existing is not None and not existing.shards:
+            existing = None  # e.g. finalize() after a PCA pass: no rows to stay compatible with
         if existing is not None:
             existing.check_compatible(manifest)
             manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints

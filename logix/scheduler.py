@@ -11,8 +11,8 @@ Passes, in order:
    backward covariances PCA needs (nothing is logged or written).
 2. The logging pass: projections are added before it (``add_lora(init=...)``), it collects the
    curvature ``hessian`` asks for (raw: projected-gradient covariance; kfac / ekfac: forward and
-   backward covariances; ekfac's corrected eigenvalues are fitted later from the saved logs) and,
-   with ``save="grad"``, writes the projected gradients to disk.
+   backward covariances; ekfac's corrected eigenvalues are then fitted from the saved rows by
+   `run.finalize()`) and, with ``save="grad"``, writes the projected gradients to disk.
 
 Saving is switched on for the logging pass only and put back as it was when the iteration ends;
 the run is finalized then (flush, reduce statistics across processes, save state).
@@ -107,7 +107,7 @@ class LogIXScheduler:
         if self.lora != "none":
             run.add_lora(init=self.lora)  # PCA: add_lora reduces the covariances across ranks
         if self.save == "grad":
-            self._saving_before = _saving(run)
+            self._saving_before = run.saving
             run.save(True)
 
     def _finish(self) -> None:
@@ -121,8 +121,3 @@ class LogIXScheduler:
     def __repr__(self) -> str:
         return (f"LogIXScheduler(lora={self.lora!r}, hessian={self.hessian!r}, "
                 f"save={self.save!r}, passes={len(self)})")
-
-
-def _saving(run) -> bool:
-    """Whether the run writes logged rows now. Run has no public getter for this yet."""
-    return bool(getattr(run, "_save", False))
