@@ -309,7 +309,7 @@ def test_lds_driver_ridge_influence_sign_end_to_end():
         a = x[indices].T @ x[indices] + lam * torch.eye(d, dtype=torch.float64)  # [d, d]
         return torch.linalg.solve(a, x[indices].T @ y[indices])  # [d]
 
-    def test_loss(theta):
+    def losses_on_test(theta):
         return 0.5 * (xt @ theta - yt) ** 2  # [n_test]
 
     theta = train(torch.arange(n), 0)
@@ -318,9 +318,9 @@ def test_lds_driver_ridge_influence_sign_end_to_end():
     hessian = x.T @ x + lam * torch.eye(d, dtype=torch.float64)  # [d, d]
     scores = g_test @ torch.linalg.solve(hessian, g_train.T)  # [n_test, n]
 
-    good = linear_datamodeling_score(train, test_loss, scores, n_subsets=60, progress=False)
+    good = linear_datamodeling_score(train, losses_on_test, scores, n_subsets=60, progress=False)
     assert good["lds"] > 0.5
-    flipped = linear_datamodeling_score(train, test_loss, -scores, n_subsets=60, progress=False)
+    flipped = linear_datamodeling_score(train, losses_on_test, -scores, n_subsets=60, progress=False)
     assert flipped["lds"] < -0.5
 
 
@@ -425,7 +425,8 @@ def test_no_warnings_on_well_posed_lds():
     masks = make_subsets(20, 10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lds(torch.randn(3, 20), masks, torch.randn(10, 3))
+        result = lds(torch.randn(3, 20), masks, torch.randn(10, 3))
+    assert torch.isfinite(result["per_query"]).all() and -1 <= result["lds"] <= 1
 
 
 def test_align_scores_reorders_columns_by_id():
