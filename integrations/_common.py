@@ -165,6 +165,16 @@ def run_passes(run, scheduler, one_pass: Callable[[], Any], finalize: bool = Tru
         one_pass()
 
 
+def finish_training(run, passes) -> None:
+    """At the end of training: run a scheduler's remaining passes (its last one finalizes the
+    run), or finalize the run directly when no scheduler drives it."""
+    if passes is None:
+        run.finalize()
+        return
+    for _ in passes:
+        continue
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)

@@ -55,8 +55,8 @@ from transformers import TrainerCallback
 from logix.errors import ConfigError, UsageError
 from logix.integrations._arguments import BaseLogIXArguments
 from logix.integrations._common import (
-    Described, EpochChoice, OpenStep, check_epochs, example_ids, log_batches, logs_epoch,
-    query_mode, run_passes, saving_enabled, watch_like_log,
+    Described, EpochChoice, OpenStep, check_epochs, example_ids, finish_training, log_batches,
+    logs_epoch, query_mode, run_passes, saving_enabled, watch_like_log,
 )
 from logix.scheduler import LogIXScheduler
 
@@ -169,12 +169,8 @@ class LogIXCallback(TrainerCallback):
         self._close()
         self._armed = False
         self._remove_hooks()
-        if self._passes is not None:
-            for _ in self._passes:  # the scheduler finalizes when it runs out
-                pass
-            self._passes = None
-        else:
-            self.run.finalize()
+        finish_training(self.run, self._passes)
+        self._passes = None
 
     # ------------------------------------------------------------------ model hooks
     def _before_forward(self, module, args, kwargs):

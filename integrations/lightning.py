@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from logix.errors import UsageError
 from logix.integrations._arguments import BaseLogIXArguments
 from logix.integrations._common import (
-    EpochChoice, OpenStep, check_epochs, example_ids, log_batches, logs_epoch, model_device,
-    query_mode, run_passes, saving_enabled, watch_like_log,
+    EpochChoice, OpenStep, check_epochs, example_ids, finish_training, log_batches, logs_epoch,
+    model_device, query_mode, run_passes, saving_enabled, watch_like_log,
 )
 from logix.scheduler import LogIXScheduler
 from logix.tracking.data_ids import normalize_data_ids
@@ -144,12 +144,8 @@ class LogIXCallback(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._discard()
-        if self._passes is not None:
-            for _ in self._passes:  # the scheduler finalizes when it runs out
-                pass
-            self._passes = None
-        else:
-            self.run.finalize()
+        finish_training(self.run, self._passes)
+        self._passes = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._discard()
