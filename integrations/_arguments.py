@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
 from logix.errors import ConfigError
+from logix.influence import curvature
 
-_HESSIANS = ("none", "raw", "kfac", "ekfac")
 _SAVES = ("none", "grad")
 _LORAS = ("none", "random", "pca")
 
@@ -24,7 +24,8 @@ class BaseLogIXArguments:
     lora: Union[bool, str] = field(
         default=False, metadata={"help": "LoGra projections: False/'none', True (the config's "
                                          "lora.init), 'random' or 'pca'."})
-    hessian: str = field(default="none", metadata={"help": "'none', 'raw', 'kfac' or 'ekfac'."})
+    hessian: str = field(default="none", metadata={"help": "A curvature kind: 'none', 'raw', "
+                                                            "'kfac' or 'ekfac'."})
     save: str = field(default="none", metadata={"help": "'grad' writes gradients; 'none'."})
     initialize_from_log: bool = field(
         default=False, metadata={"help": "Load projections and statistics of an earlier log "
@@ -42,9 +43,9 @@ class BaseLogIXArguments:
 
     def __post_init__(self) -> None:
         self.mode = "log"
-        if self.hessian not in _HESSIANS:
+        if self.hessian not in curvature.names():
             raise ConfigError(f"LogIXArguments.hessian={self.hessian!r}; allowed: "
-                              f"{list(_HESSIANS)}.")
+                              f"{list(curvature.names())}.")
         if self.save not in _SAVES:
             raise ConfigError(f"LogIXArguments.save={self.save!r}; allowed: {list(_SAVES)}.")
         if not isinstance(self.lora, bool) and self.lora not in _LORAS:

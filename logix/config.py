@@ -15,10 +15,11 @@ from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 import yaml
 
 from logix.errors import ConfigError
+from logix.influence import curvature
 
 LogDtype = Literal["float32", "bfloat16", "float16"]
 LoraInit = Literal["random", "pca"]
-Hessian = Literal["auto", "none", "raw", "kfac", "ekfac"]
+Hessian = Literal[(curvature.AUTO, *curvature.names())]
 Mode = Literal["dot", "cosine", "l2"]
 
 # Old LogIX wrote `log_dtype: none` for "the model's dtype"; we log float32 then.
@@ -73,7 +74,9 @@ class LoraConfig:
 @dataclass
 class InfluenceConfig:
     hessian: Hessian = _help(
-        "Preconditioner: 'auto' picks the best the statistics allow (raw > ekfac > kfac > none).",
+        "Preconditioner: a kind of logix.influence.curvature, or 'auto': the kind the logging run "
+        "declared (its scheduler's hessian), else the best the statistics allow "
+        "(raw > ekfac > kfac > none).",
         "auto")
     mode: Mode = _help("Score: dot product, cosine similarity, or negative squared distance.", "dot")
     damping: Optional[float] = _help("Absolute damping added to every module's curvature.", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import warnings
@@ -49,7 +50,7 @@ class Run:
         if not project or not isinstance(project, str) or os.sep in project:
             raise ConfigError(f"project must be a non-empty folder name, got {project!r}.")
         self.project = project
-        self.config = config
+        self.config = copy.deepcopy(config)  # the run may declare its curvature in it
         self.project_dir = os.path.join(config.root_dir, project)
         self.modules: Dict[str, TrackedModule] = {}
         self.projections: Dict[str, Projection] = {}
@@ -181,6 +182,15 @@ class Run:
                          grad_covariance=("grad", "covariance") in chosen,
                          forward_covariance=("forward", "covariance") in chosen,
                          backward_covariance=("backward", "covariance") in chosen)
+        return self
+
+    def declare_curvature(self, hessian: str) -> "Run":
+        """The curvature queries use unless told otherwise (`influence.hessian`; 'auto' picks
+        the best the statistics allow). `LogIXScheduler` declares its `hessian`; the manifest's
+        config snapshot keeps it for later processes."""
+        from logix.influence import curvature
+
+        self.config.influence.hessian = curvature.check(hessian)
         return self
 
     def save(self, enabled: bool = True) -> "Run":
@@ -474,6 +484,7 @@ class Run:
             existing = load_optional(self.project_dir)
             self._manifest = existing or self._new_manifest()
         self._manifest.merge_rank_indexes(self.project_dir)
+        self._manifest.config = self.config.to_dict()
         self._save_projections()
         # A run that collected no statistics (one that only appends rows) keeps the saved ones.
         if self.statistics.sums or not os.path.isfile(

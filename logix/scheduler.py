@@ -15,7 +15,8 @@ Passes, in order:
    `run.finalize()`) and, with ``save="grad"``, writes the projected gradients to disk.
 
 Saving is switched on for the logging pass only and put back as it was when the iteration ends;
-the run is finalized then (flush, reduce statistics across processes, save state).
+the run is finalized then (flush, reduce statistics across processes, save state). The logging
+pass declares ``hessian`` as the run's curvature: queries use it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 from typing import Dict, List, Literal, get_args
 
 from logix.errors import ConfigError, UsageError
+from logix.influence import curvature
 
 Lora = Literal["none", "random", "pca"]
-Hessian = Literal["none", "raw", "kfac", "ekfac"]
 Save = Literal["none", "grad"]
 
 _COVARIANCE = ["covariance"]
@@ -37,21 +38,24 @@ class LogIXScheduler:
     Args:
         run: the `logix.Run` to drive; watch the model before iterating.
         lora: "none" (full gradients), "random" or "pca" LoGra projections.
-        hessian: curvature collected during the logging pass: "none", "raw", "kfac" or "ekfac".
+        hessian: curvature collected during the logging pass, a kind of
+            `logix.influence.curvature` ("none", "raw", "kfac", "ekfac"); queries then use it
+            unless told otherwise.
         save: "grad" writes the logging pass's projected gradients to disk; "none" keeps only
             the last step in memory (`run.get_log()`).
     """
 
-    def __init__(self, run, lora: Lora = "none", hessian: Hessian = "none",
+    def __init__(self, run, lora: Lora = "none", hessian: str = "none",
                  save: Save = "grad") -> None:
-        for key, value, kind in (("lora", lora, Lora), ("hessian", hessian, Hessian),
-                                 ("save", save, Save)):
-            if value not in get_args(kind):
+        for key, value, allowed in (("lora", lora, get_args(Lora)),
+                                    ("hessian", hessian, curvature.names()),
+                                    ("save", save, get_args(Save))):
+            if value not in allowed:
                 raise ConfigError(f"LogIXScheduler {key}={value!r}; allowed values: "
-                                  f"{list(get_args(kind))}.")
-        if hessian == "ekfac" and save != "grad":
-            raise ConfigError("LogIXScheduler hessian='ekfac' fits its corrected eigenvalues from "
-                              "the saved gradient logs: use save='grad'.")
+                                  f"{list(allowed)}.")
+        if curvature.get(hessian).needs_rows and save != "grad":
+            raise ConfigError(f"LogIXScheduler hessian={hessian!r} is fitted from the saved "
+                              "gradient logs: use save='grad'.")
         self.run = run
         self.lora, self.hessian, self.save = lora, hessian, save
         self._passes: List[Dict[str, List[str]]] = self._plan()
@@ -66,11 +70,8 @@ class LogIXScheduler:
         logging_pass: Dict[str, List[str]] = {}
         if self.save == "grad":
             logging_pass["grad"] = ["log"]
-        if self.hessian == "raw":
-            logging_pass.setdefault("grad", []).append("covariance")
-        elif self.hessian in ("kfac", "ekfac"):
-            logging_pass["forward"] = _COVARIANCE
-            logging_pass["backward"] = _COVARIANCE
+        for stage, items in curvature.get(self.hessian).setup_spec().items():
+            logging_pass.setdefault(stage, []).extend(items)
         passes.append(logging_pass)
         return passes
 
@@ -104,6 +105,7 @@ class LogIXScheduler:
 
     def _enter_logging_pass(self) -> None:
         run = self.run
+        run.declare_curvature(self.hessian)
         if self.lora != "none":
             run.add_lora(init=self.lora)  # PCA: add_lora reduces the covariances across ranks
         if self.save == "grad":

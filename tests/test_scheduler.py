@@ -138,3 +138,56 @@ def test_invalid_choices_are_refused():
         LogIXScheduler(run, hessian="ekfac", save="none")
     with pytest.raises(UsageError, match="watch"):
         next(iter(LogIXScheduler(run)))
+
+
+def test_the_declared_curvature_is_what_a_plain_query_uses(tmp_path):
+    """After LogIXScheduler(hessian="kfac") the saved rows would let `auto` pick EK-FAC; the
+    declared K-FAC is used instead, here and in a new run that reopens the log."""
+    model, batches = make_model(), make_batches()
+    run = new_run(tmp_path, "declared", model)
+    for _ in LogIXScheduler(run, lora="random", hessian="kfac", save="grad"):
+        one_pass(run, model, batches)
+    assert "ekfac" in run.influence.available_hessians()
+    ids, x, y = batches[0]
+    run.eval()
+    with run(data_id=["q0", "q1"]):
+        F.cross_entropy(model(x[:2]), y[:2], reduction="sum").backward()
+    query = run.get_log(copy=True)
+
+    result = run.compute_influence_all(query, progress=False)
+    kfac = run.compute_influence_all(query, hessian="kfac", progress=False)
+    ekfac = run.compute_influence_all(query, hessian="ekfac", progress=False)
+    assert result["meta"]["hessian"] == "kfac" and ekfac["meta"]["hessian"] == "ekfac"
+    assert torch.equal(result["influence"], kfac["influence"])
+    assert not torch.allclose(result["influence"], ekfac["influence"])
+    assert set(result["meta"]["damping"]) == {"0", "2"}
+    assert result["meta"]["mode"] == "dot"
+    assert result["meta"]["projection"]["init"] == "random"
+
+    reopened = logix.init("declared", root_dir=str(tmp_path), lora={"rank": 3})
+    reopened.watch(model)
+    reopened.initialize_from_log()
+    again = reopened.compute_influence_all(query, progress=False)
+    assert again["meta"]["hessian"] == "kfac"
+    assert torch.equal(again["influence"], result["influence"])
+
+
+def test_an_argument_overrides_the_declared_curvature_and_score_files_keep_meta(tmp_path):
+    from logix.storage.scores import load_scores
+
+    model, batches = make_model(), make_batches()
+    run = new_run(tmp_path, "meta", model)
+    for _ in LogIXScheduler(run, lora="random", hessian="raw", save="grad"):
+        one_pass(run, model, batches)
+    run.eval()
+    ids, x, y = batches[1]
+    with run(data_id=["q"]):
+        F.cross_entropy(model(x[:1]), y[:1], reduction="sum").backward()
+    path = str(tmp_path / "scores.safetensors")
+    written = run.compute_influence_all(hessian="none", mode="cosine", out=path, progress=False)
+    assert written["meta"]["hessian"] == "none" and written["meta"]["mode"] == "cosine"
+    meta = load_scores(path)["meta"]
+    assert meta["hessian"] == "none" and meta["mode"] == "cosine"
+    assert meta["projection"]["checksum"] == run.projection_meta["checksum"]
+    top = run.compute_influence_all(topk=2, progress=False)
+    assert top["meta"]["hessian"] == "raw"

@@ -22,17 +22,16 @@ from torch import Tensor
 
 from logix import distributed
 from logix.errors import UsageError
-from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
-                                            raw_inverse)
+from logix.influence import curvature
+from logix.influence.preconditioner import Preconditioner
 from logix.influence.gather import merge_full, merge_topk, own_part
 from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
 from logix.influence.source import source_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
 from logix.progress import track
-from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
-from logix.statistics.eigen import EKFAC, eigh64, fit_ekfac
 from logix.storage.format import CACHE_DIR
+from logix.storage.manifest import load_optional
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
 
@@ -43,86 +42,68 @@ class InfluenceEngine:
 
     def __init__(self, run) -> None:
         self.run = run
-        self._eigen: Dict[tuple, object] = {}
-        self._eigen_version = None
+        self._spectra_cache: Optional[curvature.Spectra] = None
 
     # ------------------------------------------------------------------ preconditioning
     def available_hessians(self) -> List[str]:
-        stats, names = self.run.statistics, list(self.run.projections)
-        kinds = ["none"]
-        if names and all(stats.get(n, GRAD) is not None for n in names):
-            kinds.append("raw")
-        if names and all(stats.get(n, FORWARD) is not None and stats.get(n, BACKWARD) is not None
-                         for n in names):
-            kinds.append("kfac")
-            if self.run.statistics.has(EKFAC) or self._has_saved_rows():
-                kinds.append("ekfac")
-        return kinds
+        return curvature.available(self.run.statistics, list(self.run.projections),
+                                   self._has_saved_rows)
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
                        modules=None) -> Preconditioner:
-        """The (cached) per-module inverse curvature for a hessian kind and damping."""
+        """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
+        are cached until the statistics change)."""
         cfg = self.run.config.influence
-        kind = hessian or cfg.hessian
-        check_kind(kind)
-        if kind == "auto":
-            available = self.available_hessians()
-            kind = next(k for k in ("raw", "ekfac", "kfac", "none") if k in available)
+        name = curvature.check(hessian or cfg.hessian)
+        if name == curvature.AUTO:
+            name = self._declared() or curvature.pick_auto(self.available_hessians())
+        kind = curvature.get(name)
         modules = modules if modules is not None else self.run.layout()
         damping = cfg.damping if damping is None else damping
-        if kind == "none":
-            return Preconditioner("none", {}, modules)
-        if kind == "ekfac" and not self.run.statistics.has(EKFAC):
-            self.fit_ekfac()
-        stats = self.run.statistics
-        if (id(stats), stats.version) != self._eigen_version:
-            self._eigen.clear()
-            self._eigen_version = (id(stats), stats.version)
-        inverses = {}
-        for m in modules:
-            if kind == "raw":
-                inverses[m.name] = raw_inverse(self._eig(m.name, GRAD), damping,
-                                               cfg.relative_damping)
-            else:
-                corrected = stats.get(m.name, EKFAC) if kind == "ekfac" else None
-                inverses[m.name] = kfac_inverse(self._eig(m.name, FORWARD),
-                                                self._eig(m.name, BACKWARD), damping,
-                                                cfg.relative_damping, corrected)
-        return Preconditioner(kind, inverses, modules)
+        if not kind.covariances:
+            return Preconditioner(name, {}, modules)
+        if not kind.fitted(self.run.statistics):
+            self.fit(name)
+        spectra = self._spectra()
+        inverses = {m.name: kind.inverse(m.name, spectra, damping, cfg.relative_damping)
+                    for m in modules}
+        return Preconditioner(name, inverses, modules)
 
-    def _eig(self, module: str, kind: str):
-        key = (module, kind)
-        if key not in self._eigen:
-            cov = self.run.statistics.get(module, kind)
-            if cov is None:
-                raise UsageError(_missing_statistics(module, kind))
-            self._eigen[key] = eigh64(cov)
-        return self._eigen[key]
+    def _declared(self) -> Optional[str]:
+        """The curvature the logging run declared (its manifest's config snapshot), if any."""
+        manifest = load_optional(self.run.project_dir)
+        declared = (manifest.config.get("influence") or {}).get("hessian") if manifest else None
+        return None if declared in (None, curvature.AUTO) else curvature.check(declared)
 
-    def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
-        """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
+    def _spectra(self) -> curvature.Spectra:
+        if self._spectra_cache is None or self._spectra_cache.statistics is not self.run.statistics:
+            self._spectra_cache = curvature.Spectra(self.run.statistics)
+        return self._spectra_cache
+
+    def fit(self, hessian: str, reader: Optional[LogReader] = None, progress: bool = True) -> None:
+        """Fit what a curvature kind takes from the saved logs (EK-FAC's eigenvalues: one
+        streaming pass); kinds that need no rows do nothing."""
+        kind = curvature.get(hessian)
+        if not kind.needs_rows:
+            return
         reader = reader or self.run.reader()
         total_rows = reader.rows
         if distributed.is_distributed():  # each rank fits its own shards; sums are reduced
             reader = own_part(reader)
         if total_rows == 0:
-            raise UsageError("hessian='ekfac' fits its eigenvalues from saved training logs, and "
+            raise UsageError(f"hessian={hessian!r} is fitted from saved training logs, and "
                              "this project has none: log with run.save(True) and "
                              "setup({'grad': ['log'], 'forward': ['covariance'], 'backward': "
                              "['covariance']}).")
-        modules = reader.manifest.modules
-        bases = {m.name: (self._eig(m.name, BACKWARD).vectors, self._eig(m.name, FORWARD).vectors)
-                 for m in modules}
-        blocks = reader.fixed_blocks(self.run.config.influence.block_rows)
-        total = -(-reader.rows // self.run.config.influence.block_rows)
-        sums, count = fit_ekfac(track(blocks, total, "Fitting EK-FAC", progress), modules, bases)
-        for name in sorted(sums):
-            distributed.all_reduce_sum(sums[name])
-        count = int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)))
-        stats = self.run.statistics
-        stats.drop(EKFAC)
-        for name, total_sum in sums.items():
-            stats.accumulate(name, EKFAC, total_sum, count)
+        block_rows = self.run.config.influence.block_rows
+        blocks = track(reader.fixed_blocks(block_rows), -(-reader.rows // block_rows),
+                       f"Fitting {hessian}", progress)
+        kind.fit(self.run.statistics, self._spectra(), blocks, reader.manifest.modules,
+                 reduce=_reduce_sums)
+
+    def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
+        """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
+        self.fit("ekfac", reader, progress)
 
     # ------------------------------------------------------------------ scoring
     def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
@@ -178,7 +159,7 @@ class InfluenceEngine:
                 top.update(result["influence"], 0)
                 plan = ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
                                   group_masks(src.modules, None))
-                return plan.topk_result(src, result["tgt_ids"], top)
+                return {**plan.topk_result(src, result["tgt_ids"], top), "meta": result["meta"]}
             return result
         if method != "influence":
             raise UsageError(f"method={method!r} is not supported; allowed: 'influence', 'source'.")
@@ -196,8 +177,8 @@ class InfluenceEngine:
         local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress)
         merged = merge_topk(local, topk) if topk else merge_full(local, reader)
         if out is not None and distributed.rank() == 0:
-            merged["path"] = save_scores(out, merged, meta={"mode": plan.mode, "project":
-                                                            self.run.project})
+            merged["path"] = save_scores(out, merged, meta={**plan.meta,
+                                                            "project": self.run.project})
         return merged if gather == "all" or distributed.rank() == 0 else None
 
     def _stream(self, src: StepLog, reader: LogReader, plan: "ScorePlan", topk, out,
@@ -211,8 +192,7 @@ class InfluenceEngine:
         if out is not None:
             shapes = {_tensor_name(g): (n_query, n_train) for g in names}
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
-                                     meta={"mode": plan.mode, "hessian": plan.preconditioner.kind,
-                                           "project": self.run.project})
+                                     meta={**plan.meta, "project": self.run.project})
         top = TopK(topk, len(names) * n_query) if topk else None
         full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
                                                         device=plan.device)
@@ -240,7 +220,8 @@ class InfluenceEngine:
             raise
         if writer is not None:
             writer.close()
-            return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "path": out}
+            return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "path": out,
+                    "meta": plan.meta}
         if top is not None:
             return plan.topk_result(src, tgt_ids, top)
         return plan.result(src, tgt_ids, full.T.contiguous().cpu())
@@ -254,13 +235,14 @@ class InfluenceEngine:
         if src_log is not None:
             log = _as_log(src_log)
             plan = self._plan(log, "dot", precondition, kind, damping, None)
-            return {"ids": list(log.data_ids), "influence": plan.norms_of(log.grads.float())[:, 0]}
+            return {"ids": list(log.data_ids), "influence": plan.norms_of(log.grads.float())[:, 0],
+                    "meta": plan.meta}
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
         norms = self._train_norms(
             reader, plan, aligned(block_rows or self.run.config.influence.block_rows), progress)
-        return {"ids": reader.data_ids(), "influence": norms[:, 0]}
+        return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "ScorePlan":
@@ -311,6 +293,14 @@ class InfluenceEngine:
         return norms
 
 
+def _reduce_sums(sums: Dict[str, Tensor], count: int):
+    """Sum per-module sums and a row count over torch.distributed ranks."""
+    for name in sorted(sums):
+        distributed.all_reduce_sum(sums[name])
+    total = distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))
+    return sums, int(total)
+
+
 def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
@@ -345,12 +335,4 @@ def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str
                          f": scores would be meaningless. " + fix)
 
 
-def _missing_statistics(module: str, kind: str) -> str:
-    need = {GRAD: "{'grad': ['log', 'covariance']}",
-            FORWARD: "{'forward': ['covariance'], 'backward': ['covariance']}",
-            BACKWARD: "{'forward': ['covariance'], 'backward': ['covariance']}"}[kind]
-    return (f"No {kind} covariance for module {module!r}: this preconditioner needs run.setup("
-            f"{need}) during the logging pass, then run.finalize(). Or pass hessian='none'.")
-
-
-__all__ = ["InfluenceEngine", "KINDS", "MODES"]
+__all__ = ["InfluenceEngine", "MODES"]

@@ -24,7 +24,8 @@ def merge_full(local: dict, reader: LogReader) -> dict:
         columns.append(parts[r][1][:, a:b])
         for name in groups:
             groups[name].append(parts[r][2][name][:, a:b])
-    merged = {"src_ids": local["src_ids"], "tgt_ids": ids, "influence": torch.cat(columns, 1)}
+    merged = {"src_ids": local["src_ids"], "tgt_ids": ids, "influence": torch.cat(columns, 1),
+              "meta": local["meta"]}
     if groups:
         merged["groups"] = {name: torch.cat(cols, 1) for name, cols in groups.items()}
     return merged
@@ -40,7 +41,7 @@ def merge_topk(local: dict, k: int) -> dict:
         values, index = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest)
         return [[ids[q][i] for i in row] for q, row in enumerate(index.tolist())], values
 
-    merged = {"src_ids": local["src_ids"]}
+    merged = {"src_ids": local["src_ids"], "meta": local["meta"]}
     merged["top_ids"], merged["top_scores"] = merge(parts, "top_ids", "top_scores", True)
     merged["bottom_ids"], merged["bottom_scores"] = merge(parts, "bottom_ids", "bottom_scores",
                                                           False)

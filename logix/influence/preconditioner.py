@@ -1,11 +1,9 @@
 """Block-diagonal preconditioners: per module, g -> (H_m + lambda_m I)^-1 g on projected grads.
 
-- ``none``:  H = 0 and no damping: the identity.
-- ``raw``:   H = C, the projected per-example gradient covariance [d, d].
-- ``kfac``:  H = A (x) S with A, S the forward / backward covariances, in their eigenbasis.
-- ``ekfac``: K-FAC's eigenbasis with EK-FAC's corrected eigenvalues.
-Damping is `damping` when given, else `relative_damping` x the mean eigenvalue of that module's
-curvature. Stored statistics are never modified: every call builds new tensors.
+Each module's H is kept as an eigendecomposition: [d] values and [d, d] vectors (``raw``) or
+[r_out, r_in] values in a Kronecker eigenbasis (``kfac``, ``ekfac``); `logix.influence.curvature`
+says how each kind builds it. Damping is `damping` when given, else `relative_damping` x the
+mean eigenvalue of that module's curvature. Stored statistics are never modified: every call builds new tensors.
 """
 
 from __future__ import annotations
@@ -15,11 +13,6 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
-
-from logix.errors import UsageError
-from logix.statistics.eigen import Eigen
-
-KINDS = ("none", "raw", "kfac", "ekfac")
 
 
 @dataclass(frozen=True)
@@ -65,22 +58,6 @@ def resolve_damping(values: Tensor, damping: Optional[float], relative_damping: 
     return float(relative_damping * values.mean())
 
 
-def raw_inverse(covariance: Eigen, damping: Optional[float], relative: float) -> ModuleInverse:
-    return ModuleInverse("raw", resolve_damping(covariance.values, damping, relative),
-                         values=covariance.values, vectors=covariance.vectors)
-
-
-def kfac_inverse(forward: Eigen, backward: Eigen, damping: Optional[float], relative: float,
-                 corrected: Optional[Tensor] = None) -> ModuleInverse:
-    """corrected [r_out, r_in] (EK-FAC) replaces the Kronecker eigenvalues S_o * A_i."""
-    if corrected is None:
-        values, kind = torch.outer(backward.values, forward.values), "kfac"
-    else:
-        values, kind = corrected.double(), "ekfac"
-    return ModuleInverse(kind, resolve_damping(values, damping, relative), values=values,
-                         q_out=backward.vectors, q_in=forward.vectors)
-
-
 @dataclass
 class Preconditioner:
     """One ModuleInverse per module of a row layout."""
@@ -91,7 +68,7 @@ class Preconditioner:
 
     def apply(self, rows: Tensor) -> Tensor:
         """rows [n, dim] -> preconditioned rows [n, dim]."""
-        if self.kind == "none":
+        if not self.inverses:
             return rows
         parts = []
         for m in self.modules:
@@ -103,8 +80,3 @@ class Preconditioner:
     def dampings(self) -> Dict[str, float]:
         return {name: inv.damping for name, inv in self.inverses.items()}
 
-
-def check_kind(kind: str) -> None:
-    if kind not in KINDS + ("auto",):
-        raise UsageError(f"hessian={kind!r} is not supported; allowed values: "
-                         f"{list(KINDS) + ['auto']}.")

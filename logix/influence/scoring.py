@@ -27,6 +27,7 @@ class ScorePlan:
         self.preconditioner = preconditioner
         self.groups = groups  # name -> bool column mask [dim]; TOTAL first
         self.n_query = len(src)
+        self.projection = dict(src.projection)
         self.device = src.grads.device
         precond = preconditioner.apply(src.grads.double()).float()  # [n_query, dim]
         self.queries = torch.cat([precond * mask.to(precond.device) for mask in groups.values()]
@@ -35,6 +36,13 @@ class ScorePlan:
         if self.needs_norms:
             query_norms = (precond * src.grads.float()) @ self._mask_matrix().T  # [n_query, G]
             self.query_norms = query_norms.T.reshape(-1)  # group-major, as the query rows
+
+    @property
+    def meta(self) -> dict:
+        """What these scores are: curvature, damping per module, mode and projection used."""
+        return {"method": "influence", "hessian": self.preconditioner.kind,
+                "damping": self.preconditioner.dampings, "mode": self.mode,
+                "projection": self.projection}
 
     @property
     def group_names(self) -> List[str]:
@@ -81,7 +89,7 @@ class ScorePlan:
 
     def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
         out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,
-               "influence": scores[:self.n_query]}
+               "influence": scores[:self.n_query], "meta": self.meta}
         if len(self.groups) > 1:
             out["groups"] = {name: scores[g * self.n_query:(g + 1) * self.n_query]
                              for g, name in enumerate(self.groups) if name != TOTAL}
@@ -96,7 +104,7 @@ class ScorePlan:
 
         out = {"src_ids": list(src.data_ids), "top_ids": ids(best_idx[:nq]),
                "top_scores": best[:nq], "bottom_ids": ids(worst_idx[:nq]),
-               "bottom_scores": worst[:nq]}
+               "bottom_scores": worst[:nq], "meta": self.meta}
         if len(self.groups) > 1:
             out["groups"] = {
                 name: {"top_ids": ids(best_idx[g * nq:(g + 1) * nq]),

@@ -17,28 +17,28 @@ functions, a positive score means training on example i lowered the query's loss
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor
 
 from logix.errors import UsageError
+from logix.influence import curvature
 from logix.influence.preconditioner import ModuleInverse
 from logix.log import StepLog
-from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
-from logix.statistics.eigen import eigh64, fit_ekfac
+from logix.statistics.covariance import CovarianceState
 from logix.storage import state
 from logix.storage.reader import LogReader
 
-HESSIANS = ("raw", "kfac", "ekfac")
 
 
 def source_influence(run, src: StepLog, hessian: str = "ekfac", block_rows: int = 8192) -> dict:
     """{"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments"}; see module doc."""
-    if hessian == "auto":
+    if hessian == curvature.AUTO:
         hessian = "ekfac"
-    if hessian not in HESSIANS:
-        raise UsageError(f"method='source' takes hessian in {list(HESSIANS)}, got {hessian!r}.")
+    if not curvature.get(hessian).covariances:
+        allowed = [k for k in curvature.names() if curvature.get(k).covariances]
+        raise UsageError(f"method='source' takes hessian in {allowed}, got {hessian!r}.")
     base = run.reader()
     manifest = base.manifest
     if not manifest.checkpoints:
@@ -86,8 +86,10 @@ def source_influence(run, src: StepLog, hessian: str = "ekfac", block_rows: int 
         query = _apply(manifest.modules, spectra, query, lambda s: torch.exp(-a * s))
         summary.append({"segment": segment, "checkpoints": names, "eta_k": a,
                         "examples": len(trained)})
+    meta = {"method": "source", "hessian": hessian, "damping": {}, "mode": "dot",
+            "projection": dict(src.projection)}
     return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "influence": scores.float(),
-            "segments": summary[::-1]}
+            "segments": summary[::-1], "meta": meta}
 
 
 def _f_r(values: Tensor, a: float) -> Tensor:
@@ -113,40 +115,21 @@ def _trained_ids(names: List[str], infos: Dict[str, dict], readers: Dict[str, Lo
 
 def _segment_spectra(modules, stats: List[CovarianceState], hessian: str,
                      readers: List[LogReader]) -> Dict[str, ModuleInverse]:
-    """Per module, the eigendecomposition of the segment's average curvature."""
-
-    def average(name: str, kind: str) -> Tensor:
-        covs = [s.get(name, kind) for s in stats]
+    """Per module, the eigendecomposition of the segment's average curvature (undamped)."""
+    kind = curvature.get(hessian)
+    average = CovarianceState()
+    for name, cov in ((m.name, c) for m in modules for c in kind.covariances):
+        covs = [s.get(name, cov) for s in stats]
         if any(c is None for c in covs):
-            need = "{'grad': ['log', 'covariance']}" if kind == GRAD else \
-                "{'forward': ['covariance'], 'backward': ['covariance']}"
-            raise UsageError(f"SOURCE with hessian={hessian!r} needs {kind} covariances at every "
-                             f"checkpoint: run.setup({need}) inside each checkpoint block.")
-        return sum(c.double() for c in covs) / len(covs)
-
-    spectra = {}
-    for m in modules:
-        if hessian == "raw":
-            eig = eigh64(average(m.name, GRAD))
-            spectra[m.name] = ModuleInverse("raw", 0.0, values=eig.values, vectors=eig.vectors)
-            continue
-        forward, backward = eigh64(average(m.name, FORWARD)), eigh64(average(m.name, BACKWARD))
-        spectra[m.name] = ModuleInverse(hessian, 0.0,
-                                        values=torch.outer(backward.values, forward.values),
-                                        q_out=backward.vectors, q_in=forward.vectors)
-    if hessian == "ekfac":
-        bases = {m.name: (spectra[m.name].q_out, spectra[m.name].q_in) for m in modules}
-        totals: Optional[Dict[str, Tensor]] = None
-        count = 0
-        for reader in readers:
-            sums, n = fit_ekfac(reader.fixed_blocks(reader.block_rows), modules, bases)
-            totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-            count += n
-        for m in modules:
-            old = spectra[m.name]
-            spectra[m.name] = ModuleInverse("ekfac", 0.0, values=totals[m.name] / count,
-                                            q_out=old.q_out, q_in=old.q_in)
-    return spectra
+            raise UsageError(f"SOURCE with hessian={hessian!r} needs {cov} covariances at every "
+                             f"checkpoint: run.setup({kind.setup_spec()}) inside each "
+                             "checkpoint block.")
+        average.accumulate(name, cov, sum(c.double() for c in covs) / len(covs), 1)
+    spectra = curvature.Spectra(average)
+    if kind.needs_rows:
+        blocks = (block for reader in readers for block in reader.fixed_blocks(reader.block_rows))
+        kind.fit(average, spectra, blocks, modules)
+    return {m.name: kind.spectrum(m.name, spectra) for m in modules}
 
 
 def _apply(modules, spectra: Dict[str, ModuleInverse], rows: Tensor, fn) -> Tensor:

@@ -1,0 +1,213 @@
+"""Curvature kinds: what each needs while logging, how it is fitted, and how it inverts.
+
+Every kind is one subclass, registered by name:
+
+    class KFAC(Curvature, name="kfac"):
+        covariances = (FORWARD, BACKWARD)
+        ...
+
+Configuration, the scheduler, the integrations' arguments, influence queries and SOURCE all read
+this table; a new kind is one new class here (plus its tests).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Dict, Iterable, List, Optional, Tuple, Type
+
+import torch
+
+from logix.errors import UsageError
+from logix.influence.preconditioner import ModuleInverse, resolve_damping
+from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
+from logix.statistics.eigen import EKFAC as EKFAC_STATISTIC
+from logix.statistics.eigen import Eigen, eigh64, fit_ekfac
+
+AUTO = "auto"
+# What `auto` picks, best first, among the kinds the statistics allow.
+AUTO_ORDER = ("raw", "ekfac", "kfac", "none")
+
+
+class Curvature:
+    """One curvature kind. Subclass with `class X(Curvature, name="x")` to register it."""
+
+    name: ClassVar[str]
+    covariances: ClassVar[Tuple[str, ...]] = ()  # collected during the logging pass
+    needs_rows: ClassVar[bool] = False  # fitted from the saved rows after logging
+    _kinds: ClassVar[Dict[str, Type["Curvature"]]] = {}
+
+    def __init_subclass__(cls, name: str, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.spectrum.__func__ is Curvature.spectrum.__func__:
+            raise TypeError(f"Curvature kind {name!r} must define spectrum().")
+        cls.name = name
+        Curvature._kinds[name] = cls
+
+    @classmethod
+    def setup_spec(cls) -> Dict[str, List[str]]:
+        """What `run.setup` must collect during the logging pass for this kind."""
+        spec: Dict[str, List[str]] = {}
+        for kind in cls.covariances:
+            spec.setdefault(kind, []).append("covariance")
+        return spec
+
+    @classmethod
+    def collected(cls, statistics: CovarianceState, modules: Iterable[str]) -> bool:
+        """Whether every module has the covariances this kind is built from."""
+        modules = list(modules)
+        return bool(modules) and all(statistics.get(m, kind) is not None
+                                     for m in modules for kind in cls.covariances)
+
+    @classmethod
+    def fitted(cls, statistics: CovarianceState) -> bool:
+        """Whether what is fitted after logging (if anything) is in `statistics`."""
+        return True
+
+    @classmethod
+    def fit(cls, statistics: CovarianceState, spectra: "Spectra", blocks, modules,
+            reduce: Optional[Callable] = None) -> None:
+        """Fit from saved rows (`blocks` of (ids, rows)); kinds that need no rows do nothing."""
+
+    @classmethod
+    def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
+        """The module's curvature as an eigendecomposition, undamped (every kind defines it)."""
+        ...
+
+    @classmethod
+    def inverse(cls, module: str, spectra: "Spectra", damping: Optional[float],
+                relative_damping: float) -> ModuleInverse:
+        """(H + lambda I)^-1 for one module; damping absolute, else relative to the mean
+        eigenvalue."""
+        spec = cls.spectrum(module, spectra)
+        if spec.values is None:
+            return spec
+        return ModuleInverse(spec.kind, resolve_damping(spec.values, damping, relative_damping),
+                             values=spec.values, vectors=spec.vectors, q_out=spec.q_out,
+                             q_in=spec.q_in)
+
+
+class NoCurvature(Curvature, name="none"):
+    """H = 0 and no damping: plain gradient dot products."""
+
+    @classmethod
+    def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
+        return ModuleInverse("none", 0.0)
+
+
+class Raw(Curvature, name="raw"):
+    """H = C, the full covariance of the projected per-example gradients."""
+
+    covariances = (GRAD,)
+
+    @classmethod
+    def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
+        eig = spectra.eig(module, GRAD)
+        return ModuleInverse("raw", 0.0, values=eig.values, vectors=eig.vectors)
+
+
+class KFAC(Curvature, name="kfac"):
+    """H = A (x) S, the forward and backward covariances, in their Kronecker eigenbasis."""
+
+    covariances = (FORWARD, BACKWARD)
+
+    @classmethod
+    def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
+        forward, backward = spectra.eig(module, FORWARD), spectra.eig(module, BACKWARD)
+        return ModuleInverse("kfac", 0.0, values=torch.outer(backward.values, forward.values),
+                             q_out=backward.vectors, q_in=forward.vectors)
+
+
+class EKFAC(KFAC, name="ekfac"):
+    """K-FAC's eigenbasis with eigenvalues refitted from the saved per-example rows."""
+
+    needs_rows = True
+
+    @classmethod
+    def fitted(cls, statistics: CovarianceState) -> bool:
+        return statistics.has(EKFAC_STATISTIC)
+
+    @classmethod
+    def fit(cls, statistics: CovarianceState, spectra: "Spectra", blocks, modules,
+            reduce: Optional[Callable] = None) -> None:
+        bases = {m.name: (spectra.eig(m.name, BACKWARD).vectors,
+                          spectra.eig(m.name, FORWARD).vectors) for m in modules}
+        sums, count = fit_ekfac(blocks, modules, bases)
+        if reduce is not None:
+            sums, count = reduce(sums, count)
+        statistics.drop(EKFAC_STATISTIC)
+        for name, total in sums.items():
+            statistics.accumulate(name, EKFAC_STATISTIC, total, count)
+
+    @classmethod
+    def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
+        kfac = KFAC.spectrum(module, spectra)
+        corrected = spectra.statistics.get(module, EKFAC_STATISTIC)
+        if corrected is None:
+            raise UsageError(f"No EK-FAC eigenvalues for module {module!r}: they are fitted from "
+                             "the saved rows (run.finalize() does it when rows were saved).")
+        return ModuleInverse("ekfac", 0.0, values=corrected.double(), q_out=kfac.q_out,
+                             q_in=kfac.q_in)
+
+
+class Spectra:
+    """Eigendecompositions of one CovarianceState's covariances, computed once per version."""
+
+    def __init__(self, statistics: CovarianceState) -> None:
+        self.statistics = statistics
+        self._cache: Dict[Tuple[str, str], Eigen] = {}
+        self._version = statistics.version
+
+    def eig(self, module: str, kind: str) -> Eigen:
+        if self.statistics.version != self._version:
+            self._cache.clear()
+            self._version = self.statistics.version
+        key = (module, kind)
+        if key not in self._cache:
+            cov = self.statistics.get(module, kind)
+            if cov is None:
+                raise UsageError(missing_statistics(module, kind))
+            self._cache[key] = eigh64(cov)
+        return self._cache[key]
+
+
+def names() -> Tuple[str, ...]:
+    """Every registered kind, in registration order."""
+    return tuple(Curvature._kinds)
+
+
+def get(name: str) -> Type[Curvature]:
+    """The kind called `name`; a UsageError lists the allowed names."""
+    kind = Curvature._kinds.get(name)
+    if kind is None:
+        raise UsageError(f"hessian={name!r} is not supported; allowed values: "
+                         f"{[AUTO, *names()]}.")
+    return kind
+
+
+def check(name: str, allow_auto: bool = True) -> str:
+    """`name` when it is a registered kind (or 'auto'), else a UsageError."""
+    if not (allow_auto and name == AUTO):
+        get(name)
+    return name
+
+
+def available(statistics: CovarianceState, modules: Iterable[str], has_rows: Callable[[], bool]
+              ) -> List[str]:
+    """The kinds whose statistics are present, in registration order."""
+    modules = list(modules)
+    out = []
+    for name, kind in Curvature._kinds.items():
+        if not kind.covariances or kind.collected(statistics, modules):
+            if not kind.needs_rows or kind.fitted(statistics) or has_rows():
+                out.append(name)
+    return out
+
+
+def pick_auto(kinds: List[str]) -> str:
+    """What 'auto' means given the available kinds."""
+    return next(k for k in AUTO_ORDER if k in kinds)
+
+
+def missing_statistics(module: str, kind: str) -> str:
+    need = {k: c.setup_spec() for c in Curvature._kinds.values() for k in c.covariances}[kind]
+    return (f"No {kind} covariance for module {module!r}: this preconditioner needs run.setup("
+            f"{need}) during the logging pass, then run.finalize(). Or pass hessian='none'.")
