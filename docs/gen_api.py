@@ -15,7 +15,7 @@ SECTIONS = [
     ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config"]),
     ("Run", ["logix.Run"]),
     ("Query results", ["logix.StepLog"]),
-    ("Influence engine", ["logix.influence.engine.InfluenceEngine"]),
+    ("Attributor (scoring a saved log)", ["logix.Attributor"]),
     ("Reading logs", ["logix.storage.reader.LogReader", "logix.storage.scores.load_scores",
                       "logix.storage.scores.open_scores", "logix.storage.scores.save_scores"]),
     ("Integrations", ["logix.LogIXScheduler", "logix.integrations.huggingface.LogIXCallback",

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
+from logix.influence.attributor import Attributor
 from logix.log import StepLog
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
@@ -58,5 +59,5 @@ for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "
     globals()[_name] = _shortcut(_name)
 del _name
 
-__all__ = ["init", "Run", "LogIXScheduler", "Config", "load_config", "StepLog", "get_run", "LogIXError",
+__all__ = ["init", "Run", "Attributor", "LogIXScheduler", "Config", "load_config", "StepLog", "get_run", "LogIXError",
            "ConfigError", "UsageError", "LogFormatError", "WriterError"]

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from logix import distributed, logra
 from logix.config import Config
 from logix.errors import ConfigError, UsageError
+from logix.influence import curvature
+from logix.influence.attributor import Attributor
 from logix.log import StepLog
 from logix.logra import Projection
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
@@ -188,8 +190,6 @@ class Run:
         """The curvature queries use unless told otherwise (`influence.hessian`; 'auto' picks
         the best the statistics allow). `LogIXScheduler` declares its `hessian`; the manifest's
         config snapshot keeps it for later processes."""
-        from logix.influence import curvature
-
         self.config.influence.hessian = curvature.check(hessian)
         return self
 
@@ -473,7 +473,8 @@ class Run:
             self.statistics.all_reduce()
             self._needs_reduce = False
             if distributed.any_rank(self._fits_ekfac()):
-                self.influence.fit_ekfac(progress=False)
+                curvature.fit("ekfac", self.statistics, self.reader(),
+                              self.config.influence.block_rows, progress=False)
         if distributed.rank() == 0:
             self._save_final_state()
         distributed.barrier()  # the manifest is complete when finalize returns on any rank
@@ -537,26 +538,30 @@ class Run:
 
     # ------------------------------------------------------------------ queries
     @property
-    def influence(self):
-        """LogIX's `run.influence.*` names for the query methods."""
-        from logix.influence.engine import InfluenceEngine
-
-        if self._influence is None:
-            self._influence = InfluenceEngine(self)
+    def influence(self) -> Attributor:
+        """The `Attributor` over this run's log and live statistics (also LogIX's
+        `run.influence.*` names for the query methods)."""
+        if self._influence is None or self._influence.statistics is not self.statistics:
+            self._influence = Attributor(self.project_dir, self.config, statistics=self.statistics,
+                                         reader=self.reader, modules=self.layout,
+                                         project=self.project)
         return self._influence
 
     def compute_influence_all(self, src_log: Optional[StepLog] = None, loader=None, **kwargs):
-        """Score the query log against every logged training example (streams the shards).
-        See `logix.influence.engine.InfluenceEngine.compute_influence_all`."""
-        return self.influence.compute_influence_all(src_log, loader, **kwargs)
+        """Score the query log (default: the last step) against every logged training example,
+        streaming the shards. See `logix.Attributor.compute_influence_all`."""
+        return self.influence.compute_influence_all(self._query(src_log), loader, **kwargs)
 
     def compute_influence(self, src_log: StepLog, tgt_log: StepLog, **kwargs):
-        """Scores between two in-memory logs. See `InfluenceEngine.compute_influence`."""
+        """Scores between two in-memory logs. See `logix.Attributor.compute_influence`."""
         return self.influence.compute_influence(src_log, tgt_log, **kwargs)
 
     def compute_self_influence(self, src_log: Optional[StepLog] = None, **kwargs):
         """g^T (H + lambda I)^-1 g per example (of src_log, or of every saved row)."""
         return self.influence.compute_self_influence(src_log, **kwargs)
+
+    def _query(self, src_log):
+        return self.get_log() if src_log is None else src_log
 
     def summary(self) -> str:
         """A table of watched layers, gradient shapes, ranks and row widths (printed)."""

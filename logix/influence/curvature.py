@@ -15,12 +15,16 @@ from __future__ import annotations
 from typing import Callable, ClassVar, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
+from torch import Tensor
 
+from logix import distributed
 from logix.errors import UsageError
+from logix.influence.gather import own_part
 from logix.influence.preconditioner import ModuleInverse, resolve_damping
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.statistics.eigen import EKFAC as EKFAC_STATISTIC
 from logix.statistics.eigen import Eigen, eigh64, fit_ekfac
+from logix.progress import track
 
 AUTO = "auto"
 # What `auto` picks, best first, among the kinds the statistics allow.
@@ -167,6 +171,32 @@ class Spectra:
                 raise UsageError(missing_statistics(module, kind))
             self._cache[key] = eigh64(cov)
         return self._cache[key]
+
+
+def fit(name: str, statistics: CovarianceState, reader, block_rows: int,
+        progress: bool = True) -> None:
+    """Fit what kind `name` takes from the saved rows of `reader` into `statistics` (EK-FAC: one
+    streaming pass); kinds that need no rows do nothing. Under torch.distributed each rank reads
+    its own shards and the sums are reduced."""
+    kind = get(name)
+    if not kind.needs_rows:
+        return
+    if reader.rows == 0:
+        raise UsageError(f"hessian={name!r} is fitted from saved training logs, and this project "
+                         "has none: log with run.save(True) and setup({'grad': ['log'], "
+                         "'forward': ['covariance'], 'backward': ['covariance']}).")
+    part = own_part(reader) if distributed.is_distributed() else reader
+    blocks = track(part.fixed_blocks(block_rows), -(-part.rows // block_rows),
+                   f"Fitting {name}", progress)
+    kind.fit(statistics, Spectra(statistics), blocks, reader.manifest.modules,
+             reduce=_reduce_sums)
+
+
+def _reduce_sums(sums: Dict[str, Tensor], count: int):
+    for module in sorted(sums):
+        distributed.all_reduce_sum(sums[module])
+    total = distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))
+    return sums, int(total)
 
 
 def names() -> Tuple[str, ...]:

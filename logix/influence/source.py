@@ -32,14 +32,15 @@ from logix.storage.reader import LogReader
 
 
 
-def source_influence(run, src: StepLog, hessian: str = "ekfac", block_rows: int = 8192) -> dict:
-    """{"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments"}; see module doc."""
+def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
+                     block_rows: int = 8192) -> dict:
+    """SOURCE scores of the queries `src` against the checkpoints logged in `base`'s project:
+    {"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments", "meta"}; see module doc."""
     if hessian == curvature.AUTO:
         hessian = "ekfac"
     if not curvature.get(hessian).covariances:
         allowed = [k for k in curvature.names() if curvature.get(k).covariances]
         raise UsageError(f"method='source' takes hessian in {allowed}, got {hessian!r}.")
-    base = run.reader()
     manifest = base.manifest
     if not manifest.checkpoints:
         raise UsageError("method='source' needs checkpoints: log each one inside `with "

@@ -12,15 +12,17 @@ in ``<project>/cache``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
 
 from logix import distributed
+from logix.config import Config, InfluenceConfig, load_config
 from logix.errors import UsageError
 from logix.influence import curvature
 from logix.influence.preconditioner import Preconditioner
@@ -30,39 +32,84 @@ from logix.influence.source import source_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
 from logix.progress import track
-from logix.storage.format import CACHE_DIR
-from logix.storage.manifest import load_optional
+from logix.statistics.covariance import CovarianceState
+from logix.storage import state
+from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE
+from logix.storage.manifest import ModuleEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
 
 
+class Attributor:
+    """Scores queries against a saved training log, built from what is on disk: the manifest,
+    the statistics and the shards. No model and no `Run` is needed:
 
-class InfluenceEngine:
-    """Query methods of a Run (also reachable as `run.influence.*`)."""
+        attributor = logix.Attributor("logix/myproject")
+        result = attributor.compute_influence_all(query_log)   # a StepLog, file or folder
 
-    def __init__(self, run) -> None:
-        self.run = run
+    project_dir: the training log's folder. config: a `Config` or `InfluenceConfig` (default: the
+    logging run's config snapshot in the manifest, so its declared curvature is kept).
+    statistics: a `CovarianceState` (default: loaded from ``state/statistics.safetensors``).
+    reader: a `LogReader`, or a function returning a fresh one per query (default: a reader of
+    `project_dir`). modules: a function returning the row layout when there is no manifest yet.
+    A `Run` builds one from its live values (`run.influence`).
+    """
+
+    def __init__(self, project_dir: Union[str, os.PathLike], config=None, *,
+                 statistics: Optional[CovarianceState] = None,
+                 reader: Union[None, LogReader, Callable[[], LogReader]] = None,
+                 modules: Optional[Callable[[], List[ModuleEntry]]] = None,
+                 project: Optional[str] = None) -> None:
+        self.project_dir = os.fspath(project_dir)
+        manifest = load_optional(self.project_dir)
+        if manifest is None and statistics is None and reader is None:
+            raise UsageError(f"{self.project_dir!r} holds no LogIX log (no manifest.json). Pass "
+                             "the folder of a finalized project: <root_dir>/<project>.")
+        self.influence_config = _influence_config(config, manifest)
+        if statistics is None:
+            statistics = CovarianceState()
+            if os.path.isfile(os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
+                statistics.load_state_dict(state.load_statistics(self.project_dir))
+        self.statistics = statistics
+        self.project = project or (manifest.project if manifest else
+                                   os.path.basename(os.path.normpath(self.project_dir)))
+        self._reader_source = reader
+        self._modules = modules
         self._spectra_cache: Optional[curvature.Spectra] = None
 
     # ------------------------------------------------------------------ preconditioning
     def available_hessians(self) -> List[str]:
-        return curvature.available(self.run.statistics, list(self.run.projections),
+        """The curvature kinds the statistics (and saved rows) allow."""
+        return curvature.available(self.statistics, [m.name for m in self.modules()],
                                    self._has_saved_rows)
+
+    def modules(self) -> List[ModuleEntry]:
+        """The row layout: the live run's, else the manifest's."""
+        if self._modules is not None:
+            return self._modules()
+        return self.reader().manifest.modules
+
+    def reader(self) -> LogReader:
+        """A reader over the training log (the run's flushes pending rows first)."""
+        source = self._reader_source
+        if source is None:
+            return LogReader(self.project_dir)
+        return source if isinstance(source, LogReader) else source()
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
                        modules=None) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
         are cached until the statistics change)."""
-        cfg = self.run.config.influence
+        cfg = self.influence_config
         name = curvature.check(hessian or cfg.hessian)
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
         kind = curvature.get(name)
-        modules = modules if modules is not None else self.run.layout()
+        modules = modules if modules is not None else self.modules()
         damping = cfg.damping if damping is None else damping
         if not kind.covariances:
             return Preconditioner(name, {}, modules)
-        if not kind.fitted(self.run.statistics):
+        if not kind.fitted(self.statistics):
             self.fit(name)
         spectra = self._spectra()
         inverses = {m.name: kind.inverse(m.name, spectra, damping, cfg.relative_damping)
@@ -71,35 +118,20 @@ class InfluenceEngine:
 
     def _declared(self) -> Optional[str]:
         """The curvature the logging run declared (its manifest's config snapshot), if any."""
-        manifest = load_optional(self.run.project_dir)
+        manifest = load_optional(self.project_dir)
         declared = (manifest.config.get("influence") or {}).get("hessian") if manifest else None
         return None if declared in (None, curvature.AUTO) else curvature.check(declared)
 
     def _spectra(self) -> curvature.Spectra:
-        if self._spectra_cache is None or self._spectra_cache.statistics is not self.run.statistics:
-            self._spectra_cache = curvature.Spectra(self.run.statistics)
+        if self._spectra_cache is None or self._spectra_cache.statistics is not self.statistics:
+            self._spectra_cache = curvature.Spectra(self.statistics)
         return self._spectra_cache
 
     def fit(self, hessian: str, reader: Optional[LogReader] = None, progress: bool = True) -> None:
-        """Fit what a curvature kind takes from the saved logs (EK-FAC's eigenvalues: one
-        streaming pass); kinds that need no rows do nothing."""
-        kind = curvature.get(hessian)
-        if not kind.needs_rows:
-            return
-        reader = reader or self.run.reader()
-        total_rows = reader.rows
-        if distributed.is_distributed():  # each rank fits its own shards; sums are reduced
-            reader = own_part(reader)
-        if total_rows == 0:
-            raise UsageError(f"hessian={hessian!r} is fitted from saved training logs, and "
-                             "this project has none: log with run.save(True) and "
-                             "setup({'grad': ['log'], 'forward': ['covariance'], 'backward': "
-                             "['covariance']}).")
-        block_rows = self.run.config.influence.block_rows
-        blocks = track(reader.fixed_blocks(block_rows), -(-reader.rows // block_rows),
-                       f"Fitting {hessian}", progress)
-        kind.fit(self.run.statistics, self._spectra(), blocks, reader.manifest.modules,
-                 reduce=_reduce_sums)
+        """Fit what a curvature kind takes from the saved rows into the statistics (EK-FAC's
+        eigenvalues: one streaming pass); kinds that need no rows do nothing."""
+        curvature.fit(hessian, self.statistics, reader or self.reader(),
+                      self.influence_config.block_rows, progress)
 
     def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
         """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
@@ -147,13 +179,13 @@ class InfluenceEngine:
         Columns follow tgt_ids: the order rows were logged (for SOURCE: first appearance across
         checkpoints); logix.evaluation.align_scores reorders them.
         """
-        src = _as_log(src_log if src_log is not None else self.run.get_log())
+        src = _as_log(src_log)
         if method == "source":
             if influence_groups is not None or out is not None or loader is not None:
                 raise UsageError("method='source' supports topk but not influence_groups, out "
                                  "or loader.")
-            result = source_influence(self.run, src, hessian or "ekfac",
-                                      aligned(block_rows or self.run.config.influence.block_rows))
+            result = source_influence(self.reader(), src, hessian or "ekfac",
+                                      aligned(block_rows or self.influence_config.block_rows))
             if topk:
                 top = TopK(topk, len(src))
                 top.update(result["influence"], 0)
@@ -169,7 +201,7 @@ class InfluenceEngine:
                              f"{reader.project_dir!r}. Log training steps with run.save(True) "
                              "and run.setup({'grad': ['log']}) first, and call run.finalize().")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
-        block_rows = aligned(block_rows or self.run.config.influence.block_rows)
+        block_rows = aligned(block_rows or self.influence_config.block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         if not distributed.is_distributed():
             return self._stream(src, reader, plan, topk, out, block_rows, progress)
@@ -178,7 +210,7 @@ class InfluenceEngine:
         merged = merge_topk(local, topk) if topk else merge_full(local, reader)
         if out is not None and distributed.rank() == 0:
             merged["path"] = save_scores(out, merged, meta={**plan.meta,
-                                                            "project": self.run.project})
+                                                            "project": self.project})
         return merged if gather == "all" or distributed.rank() == 0 else None
 
     def _stream(self, src: StepLog, reader: LogReader, plan: "ScorePlan", topk, out,
@@ -192,7 +224,7 @@ class InfluenceEngine:
         if out is not None:
             shapes = {_tensor_name(g): (n_query, n_train) for g in names}
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
-                                     meta={**plan.meta, "project": self.run.project})
+                                     meta={**plan.meta, "project": self.project})
         top = TopK(topk, len(names) * n_query) if topk else None
         full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
                                                         device=plan.device)
@@ -241,21 +273,21 @@ class InfluenceEngine:
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
         norms = self._train_norms(
-            reader, plan, aligned(block_rows or self.run.config.influence.block_rows), progress)
+            reader, plan, aligned(block_rows or self.influence_config.block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "ScorePlan":
-        mode = mode or self.run.config.influence.mode
+        mode = mode or self.influence_config.mode
         if mode not in MODES:
             raise UsageError(f"mode={mode!r} is not supported; allowed values: {list(MODES)}.")
-        kind = (hessian or self.run.config.influence.hessian) if precondition else "none"
+        kind = (hessian or self.influence_config.hessian) if precondition else "none"
         preconditioner = self.preconditioner(kind, damping, src.modules)
         return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
     def _reader(self, loader) -> LogReader:
         if loader is None:
-            return self.run.reader()
+            return self.reader()
         if isinstance(loader, LogReader):
             return loader
         if isinstance(loader, (str, os.PathLike)):
@@ -265,7 +297,7 @@ class InfluenceEngine:
 
     def _has_saved_rows(self) -> bool:
         try:
-            return self.run.reader().rows > 0
+            return self.reader().rows > 0
         except Exception:
             return False
 
@@ -293,14 +325,6 @@ class InfluenceEngine:
         return norms
 
 
-def _reduce_sums(sums: Dict[str, Tensor], count: int):
-    """Sum per-module sums and a row count over torch.distributed ranks."""
-    for name in sorted(sums):
-        distributed.all_reduce_sum(sums[name])
-    total = distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))
-    return sums, int(total)
-
-
 def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
@@ -310,13 +334,42 @@ def _statistics_fingerprint(preconditioner: Preconditioner) -> List:
             for name, inv in sorted(preconditioner.inverses.items())]
 
 
-def _as_log(log: Union[StepLog, Sequence[StepLog]]) -> StepLog:
+def _as_log(log) -> StepLog:
+    """A query log from a StepLog, a list of them, a `StepLog.save` file or a project folder
+    (every saved row of it becomes a query)."""
     if isinstance(log, StepLog):
         return log
     if isinstance(log, (list, tuple)) and log and all(isinstance(x, StepLog) for x in log):
         return StepLog.concat(log)
-    raise UsageError(f"Expected a StepLog from run.get_log() (or a list of them), got "
-                     f"{type(log).__name__}.")
+    if isinstance(log, (str, os.PathLike)):
+        path = os.fspath(log)
+        if os.path.isdir(path):
+            reader = LogReader(path)
+            ids, rows = reader.read_all()
+            return StepLog(ids, rows.float(), reader.manifest.modules,
+                           dict(reader.manifest.projection))
+        if os.path.isfile(path):
+            return StepLog.load(path)
+        raise UsageError(f"Query log {path!r} does not exist.")
+    if log is None:
+        raise UsageError("Pass the query log: a StepLog (run.get_log()), a list of them, a file "
+                         "written by StepLog.save, or the folder of a logged query project.")
+    raise UsageError(f"Expected a StepLog from run.get_log() (or a list of them, a StepLog file "
+                     f"or a project folder), got {type(log).__name__}.")
+
+
+def _influence_config(config, manifest) -> InfluenceConfig:
+    """The influence settings: given, else the logging run's snapshot, else the defaults."""
+    if isinstance(config, Config):
+        return config.influence
+    if isinstance(config, InfluenceConfig):
+        return config
+    if config is not None:
+        raise UsageError(f"config must be a logix.Config, an InfluenceConfig or None, got "
+                         f"{type(config).__name__}.")
+    saved = (manifest.config.get("influence") if manifest else None) or {}
+    known = {f.name for f in dataclasses.fields(InfluenceConfig)}
+    return load_config(None, influence={k: v for k, v in saved.items() if k in known}).influence
 
 
 def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str) -> None:
@@ -335,4 +388,4 @@ def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str
                          f": scores would be meaningless. " + fix)
 
 
-__all__ = ["InfluenceEngine", "MODES"]
+__all__ = ["Attributor", "MODES"]
