@@ -283,6 +283,12 @@ def _query_html(v: Dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _flip(r: Dict[str, Any]) -> str:
+    if r["base_margin"] is not None and r["base_margin"] <= 0:
+        return "wrong to begin with"
+    return str(r["k_flip"]) if r["k_flip"] is not None else "no flip"
+
+
 def _tokens_html(v: Dict[str, Any]) -> str:
     tokens = v["tokens"]
     if tokens is None:
@@ -354,7 +360,7 @@ def evaluation_page(data: Dict[str, Any], links: Links) -> str:
             ks = sorted(r["margins"], key=int)
             rows.append(f'<tr><td>{r["test_index"]}</td><td class="num">'
                         f'{_num(r["base_margin"])}</td><td class="num">'
-                        f'{r["k_flip"] if r["k_flip"] is not None else "no flip"}</td><td>'
+                        f'{_flip(r)}</td><td>'
                         + ", ".join(f"k={k}: {_num(r['margins'][k])}" for k in ks)
                         + "</td><td>" + ", ".join(
                             f"k={k}: {_num(f)}" for k, f in sorted(
