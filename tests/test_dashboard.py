@@ -113,7 +113,8 @@ def test_channels_first_rgb_image_is_stored_channels_last(tmp_path):
     image[0] = 255
     describe(str(tmp_path), ["a"], images=[image])
     stored = load_content(str(tmp_path)).get("a")["image"]
-    assert stored.shape == (2, 5, 3) and (stored[..., 0] == 255).all() and (stored[..., 1:] == 0).all()
+    assert stored.shape == (2, 5, 3)
+    assert (stored[..., 0] == 255).all() and (stored[..., 1:] == 0).all()
 
 
 def test_png_data_uri_decodes_to_the_pixels():

@@ -50,8 +50,8 @@ class Dashboard:
                 names = sorted(os.listdir(root))
             except OSError:
                 continue
-            found += [os.path.join(root, n) for n in names
-                      if _has_manifest(os.path.join(root, n)) or _looks_like_log(os.path.join(root, n))]
+            paths = [os.path.join(root, n) for n in names]
+            found += [p for p in paths if _has_manifest(p) or _looks_like_log(p)]
         keys: Dict[str, str] = {}
         for path in found:
             key = base = os.path.basename(path.rstrip(os.sep)) or "project"

@@ -97,7 +97,7 @@ def _image(image) -> torch.Tensor:
         raise UsageError(f"describe() images must be [H, W], [H, W, C] or [C, H, W] with C in "
                          f"(1, 3, 4); got shape {list(array.shape)}.")
     if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise UsageError(f"describe() images must hold numbers, got dtype {array.dtype}.")
         array = np.clip(np.nan_to_num(array.astype(np.float64)) * 255.0, 0, 255).round()
     return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8)))
