@@ -24,7 +24,10 @@ SECTIONS = [
                       "logix.integrations.lightning.LogIXCallback"]),
     ("Evaluation", ["logix.evaluation.make_subsets", "logix.evaluation.lds",
                     "logix.evaluation.linear_datamodeling_score", "logix.evaluation.brittleness",
-                    "logix.evaluation.align_scores"]),
+                    "logix.evaluation.align_scores", "logix.evaluation.save_results",
+                    "logix.evaluation.load_results"]),
+    ("Dashboard", ["logix.dashboard.make_server", "logix.dashboard.serve",
+                   "logix.dashboard.build_report", "logix.storage.content.load_content"]),
 ]
 
 

@@ -5,6 +5,8 @@
                                            check every shard against the manifest
     logix top SCORES [--k N] [--query I] [--json]
                                            most helpful / harmful training examples per query
+    logix ui [ROOT ...] [--port P]         browse logs and scores in a local web page
+    logix report ROOT ... -o report.html   the same pages as one self-contained HTML file
 
 Exit status: 0 fine; 1 the log or score file is damaged or unreadable (verify found an error, a
 corrupt manifest, a newer format version); 2 usage error (bad arguments, a path that does not
@@ -111,7 +113,32 @@ def _parser() -> argparse.ArgumentParser:
                      help="rank by the scores of one influence group (files written with "
                           "influence_groups) instead of the total")
     top.add_argument("--json", action="store_true", help="print the result as JSON")
+    top.add_argument("--content", default=None, metavar="DIR",
+                     help="project folder whose example content (run.describe) to print beside "
+                          "the ids (default: the project folder the score file sits in)")
     top.set_defaults(handler=_cmd_top)
+
+    ui = sub.add_parser("ui", help="browse logs, scores and evaluations in a web page",
+                        description="Serve a read-only dashboard of the projects under ROOT "
+                                    "(a project folder or a folder of them) on a local port.")
+    ui.add_argument("roots", metavar="ROOT", nargs="*", default=["logix"],
+                    help="project folders or folders of projects (default: ./logix)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only)")
+    ui.set_defaults(handler=_cmd_ui)
+
+    report = sub.add_parser("report", help="write the dashboard as one HTML file",
+                            description="Write every dashboard page of the projects under ROOT "
+                                        "into one self-contained HTML file (opens offline).")
+    report.add_argument("roots", metavar="ROOT", nargs="+",
+                        help="project folders or folders of projects")
+    report.add_argument("-o", "--out", default="report.html", help="output file (report.html)")
+    report.add_argument("--queries", type=_positive_int, default=20,
+                        help="queries shown per score file (default 20)")
+    report.add_argument("--k", type=_positive_int, default=10,
+                        help="helpful / harmful examples per query (default 10)")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 
@@ -777,6 +804,7 @@ def _cmd_top(args) -> int:
                        f"queries (0..{n_test - 1}).", EXIT_USAGE)
     queries = range(n_test) if args.query is None else [args.query]
     results = [_top_one(scores, q, args.k) for q in queries]
+    described = _attach_content(results, args.scores, args.content)
     if args.json:
         print(json.dumps(results, indent=1))
         return EXIT_OK
@@ -791,7 +819,8 @@ def _cmd_top(args) -> int:
               f"lowers the query's loss), negative = harmful.{others}")
     for r in results:
         note = f"; {r['nonfinite']} non-finite scores ignored" if r["nonfinite"] else ""
-        table = Table(title=f"query {r['query']}: {_esc(r['src_id'])}{note}")
+        about = f" ({_esc(_describe_entry(r))})" if described and _describe_entry(r) else ""
+        table = Table(title=f"query {r['query']}: {_esc(r['src_id'])}{about}{note}")
         table.add_column("#", justify="right")
         table.add_column("most helpful", overflow="fold")
         table.add_column("score", justify="right")
@@ -800,9 +829,9 @@ def _cmd_top(args) -> int:
         for i in range(max(len(r["helpful"]), len(r["harmful"]))):
             help_ = r["helpful"][i] if i < len(r["helpful"]) else None
             harm = r["harmful"][i] if i < len(r["harmful"]) else None
-            table.add_row(str(i + 1), _esc(help_["id"]) if help_ else "",
-                          f"{help_['score']:.6g}" if help_ else "",
-                          _esc(harm["id"]) if harm else "",
+            table.add_row(str(i + 1), _esc(help_["id"]) + _describe_entry(help_, True)
+                          if help_ else "", f"{help_['score']:.6g}" if help_ else "",
+                          _esc(harm["id"]) + _describe_entry(harm, True) if harm else "",
                           f"{harm['score']:.6g}" if harm else "")
         if n_train == 0:
             table.caption = "no training examples in this file"
@@ -827,6 +856,72 @@ def _top_one(scores, query: int, k: int) -> Dict:
 
     return {"query": query, "src_id": scores.src_ids[query], "helpful": entries(best),
             "harmful": entries(worst), "nonfinite": int((~finite).sum())}
+
+
+def _attach_content(results: List[Dict], scores_path: str, content_dir: Optional[str]) -> bool:
+    """Add "text" / "label" (from run.describe) to the query and to each listed example.
+    Returns whether any content was found."""
+    from logix.storage.content import load_content
+
+    folder = content_dir
+    if folder is None:  # the project folder the score file sits in, if any
+        folder = os.path.dirname(os.path.abspath(scores_path))
+        while not os.path.isfile(os.path.join(folder, "manifest.json")):
+            if os.path.dirname(folder) == folder:
+                return False
+            folder = os.path.dirname(folder)
+    elif not os.path.isdir(folder):
+        raise CliError(f"--content {folder!r} is not a folder; pass the project folder "
+                       "(<root_dir>/<project>) whose examples were described.", EXIT_USAGE)
+    store = load_content(folder)
+    if not len(store):
+        return False
+    for r in results:
+        for entry, data_id in [(r, r["src_id"])] + [(e, e["id"]) for e in
+                                                    r["helpful"] + r["harmful"]]:
+            content = store.get(data_id)
+            entry.update({k: content[k] for k in ("text", "label") if k in content})
+    return True
+
+
+def _describe_entry(entry: Dict, bracket: bool = False) -> str:
+    """"label: text" of an entry that has content (shortened), else ""."""
+    parts = [str(entry[k]) for k in ("label", "text") if entry.get(k) is not None]
+    text = " ".join(" ".join(parts).split())
+    text = text if len(text) <= 60 else text[:57] + "..."
+    if not text:
+        return ""
+    return f" [dim]({_esc(text)})[/dim]" if bracket else text
+
+
+# --------------------------------------------------------------------------- ui, report
+def _cmd_ui(args) -> int:
+    from logix.dashboard import serve
+
+    for root in args.roots:
+        if not os.path.isdir(root):
+            raise CliError(f"{root!r} is not a folder; pass <root_dir> or a project folder.",
+                           EXIT_USAGE)
+    try:
+        serve(args.roots, args.host, args.port,
+              ready=lambda url: print(f"LogIX dashboard on {url} (read-only; Ctrl-C stops)",
+                                      flush=True))
+    except OSError as e:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {e}. Pick another --port "
+                       "(0: any free one).", EXIT_USAGE) from None
+    return EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from logix.dashboard import build_report
+
+    for root in args.roots:
+        if not os.path.isdir(root):
+            raise CliError(f"{root!r} is not a folder; pass <root_dir> or a project folder.",
+                           EXIT_USAGE)
+    path = build_report(args.roots, args.out, max_queries=args.queries, k=args.k)
+    print(f"wrote {path} ({_human_bytes(os.path.getsize(path))})")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -569,6 +569,15 @@ class Run:
 
         return render_summary(self)
 
+    def describe(self, ids, texts=None, images=None, labels=None) -> str:
+        """Store what the examples `ids` are (one text / image / label per id, None where there
+        is none) beside the log, for `logix top` and the dashboard. Ids are normalized as
+        `start(data_id=...)` does. Writes one crash-safe file under content/; returns its path."""
+        from logix.storage.content import describe
+
+        return describe(self.project_dir, ids, texts=texts, images=images, labels=labels,
+                        rank=distributed.rank())
+
 
 def _check_checkpoint_args(name, segment, lr, steps, momentum) -> None:
     if not isinstance(name, str) or not name or "/" in name or os.sep in name:

@@ -8,3 +8,12 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Headless Chromium for the dashboard's browser tests (tests/test_dashboard_browser.py); they
+# skip, naming the package, where it cannot be installed (not root).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+  else
+    echo "setup: chromium / chromium-driver missing (not root: not installed); browser tests skip" >&2
+  fi
+fi

@@ -7,6 +7,7 @@ training on example ``i`` lowers the loss of query ``q`` (helpful).
 from .align import align_scores
 from .brittleness import BrittlenessResult, brittleness
 from .lds import lds, linear_datamodeling_score, make_subsets, spearman
+from .results import load_results, save_results
 
 __all__ = [
     "align_scores",
@@ -14,6 +15,8 @@ __all__ = [
     "brittleness",
     "lds",
     "linear_datamodeling_score",
+    "load_results",
     "make_subsets",
+    "save_results",
     "spearman",
 ]

@@ -32,6 +32,12 @@ GROUPS_KEY = "groups"
 SRC_IDS_KEY = "src_ids"
 TGT_IDS_KEY = "tgt_ids"
 META_KEY = "meta"
+# Per-token scores (optional): tensor TOKEN_INFLUENCE_KEY [n_tokens, n_train], one row per query
+# token; metadata TOKEN_QUERY_KEY (JSON list, the query row of each token row, ascending) and
+# TOKEN_TEXT_KEY (JSON list of the tokens' strings). A query's token rows sum to its row.
+TOKEN_INFLUENCE_KEY = "token_influence"
+TOKEN_QUERY_KEY = "token_query"
+TOKEN_TEXT_KEY = "token_text"
 
 
 def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = None) -> str:

@@ -1,0 +1,296 @@
+"""The dashboard without a browser: example content, evaluation result files, the JSON endpoints
+of `logix ui` (numbers against the score matrix), bad input as messages, `logix report`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import threading
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from dashboard_fixtures import N_TEST, N_TRAIN, TOKENS, build_root, snapshot
+from logix.cli import main
+from logix.dashboard import build_report, make_server
+from logix.dashboard.plots import png_data_uri
+from logix.errors import UsageError
+from logix.evaluation import load_results
+from logix.storage.content import load_content
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ui"))
+    info = build_root(path)
+    info["root"] = path
+    return info
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    srv = make_server([root["root"]], port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def get(url: str):
+    """(status, parsed JSON or text) of a GET."""
+    try:
+        with urllib.request.urlopen(url) as r:
+            status, body, kind = r.status, r.read(), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, body, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, json.loads(body) if kind == "application/json" else body.decode()
+
+
+def decode_png(uri: str) -> np.ndarray:
+    """Grey 8-bit PNG (filter type 0, as png_data_uri writes) back to an array."""
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, width + 1)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:]
+
+
+# --------------------------------------------------------------------------- example content
+def test_describe_round_trip(root):
+    store = load_content(root["run"].project_dir)
+    assert len(store) == N_TRAIN + N_TEST
+    entry = store.get(5)
+    assert entry["text"] == "train example 5" and entry["label"] == 5 % 3
+    expected = np.round(root["images"][5].numpy() * 255).astype(np.uint8)
+    np.testing.assert_array_equal(entry["image"], expected)
+    assert store.get("q1") == {"text": "A dog", "label": "dog"}
+    assert store.get("never-described") == {}
+
+
+def test_describe_later_call_overrides_field_by_field(tmp_path):
+    from logix.storage.content import describe
+
+    describe(str(tmp_path), [1, 2], texts=["one", "two"], labels=[0, 1])
+    describe(str(tmp_path), [2], labels=["second"])
+    store = load_content(str(tmp_path))
+    assert store.get(2) == {"text": "two", "label": "second"}
+    assert sorted(os.listdir(tmp_path / "content")) == ["content-r0-000000.safetensors",
+                                                        "content-r0-000001.safetensors"]
+
+
+def test_describe_rejects_bad_input(tmp_path):
+    from logix.storage.content import describe
+
+    with pytest.raises(UsageError, match="2 ids but 1 texts"):
+        describe(str(tmp_path), [1, 2], texts=["only one"])
+    with pytest.raises(UsageError, match="images must be"):
+        describe(str(tmp_path), [1], images=[np.zeros((2, 3, 4, 5))])
+    with pytest.raises(UsageError, match="needs texts="):
+        describe(str(tmp_path), [1])
+    assert not os.path.exists(tmp_path / "content") or not os.listdir(tmp_path / "content")
+
+
+def test_channels_first_rgb_image_is_stored_channels_last(tmp_path):
+    from logix.storage.content import describe
+
+    image = torch.zeros(3, 2, 5, dtype=torch.uint8)  # [C, H, W]
+    image[0] = 255
+    describe(str(tmp_path), ["a"], images=[image])
+    stored = load_content(str(tmp_path)).get("a")["image"]
+    assert stored.shape == (2, 5, 3)
+    assert (stored[..., 0] == 255).all() and (stored[..., 1:] == 0).all()
+
+
+def test_png_data_uri_decodes_to_the_pixels():
+    image = (np.arange(35).reshape(5, 7) * 7).astype(np.uint8)
+    np.testing.assert_array_equal(decode_png(png_data_uri(image)), image)
+
+
+# --------------------------------------------------------------------------- evaluation files
+def test_results_round_trip(root):
+    lds = load_results(root["lds"])
+    assert lds["kind"] == "lds" and lds["lds"] == 0.4
+    assert lds["per_query"][0] == pytest.approx(0.2) and lds["per_query"][1] is None
+    brittle = load_results(root["brittle"])
+    assert brittle["results"][0]["k_flip"] == 4 and brittle["results"][0]["margins"]["4"] == -0.1
+
+
+def test_results_refuse_other_files(tmp_path):
+    from logix.evaluation import save_results
+
+    path = tmp_path / "x.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a LogIX evaluation result file"):
+        load_results(str(path))
+    with pytest.raises(TypeError, match="save_results takes"):
+        save_results(str(tmp_path / "y.json"), {"nope": 1})
+
+
+# --------------------------------------------------------------------------- JSON endpoints
+def test_projects_endpoint(server, root):
+    status, data = get(server + "/api/projects")
+    assert status == 200
+    (row,) = data["projects"]
+    manifest = root["run"].reader().manifest
+    assert row["key"] == "demo" and row["rows"] == N_TRAIN == manifest.rows
+    assert row["width"] == manifest.dim and row["modules"] == 2 and row["state"] == "finalized"
+    assert row["shards"] == len(manifest.shards) and row["disk_bytes"] > 0
+
+
+def test_project_endpoint(server, root):
+    status, data = get(server + "/api/project/demo?hash=1")
+    assert status == 200
+    assert data["verify"] == {"ok": True, "errors": [], "warnings": [], "hashed": True}
+    assert [m["name"] for m in data["summary"]["modules"]] == ["0", "2"]
+    assert {f["file"] for f in data["score_files"]} == {"scores/test.safetensors",
+                                                        "scores/tokens.safetensors",
+                                                        "scores/broken.safetensors"}
+    assert {f["file"] for f in data["evaluation_files"]} == {"evaluation/lds.json",
+                                                             "evaluation/brittle.json"}
+    assert data["content"]["described"] == N_TRAIN + N_TEST
+    # spectra: eigenvalues of the stored covariance (sum / count), brute force
+    from safetensors.torch import load_file
+
+    stats = load_file(os.path.join(root["run"].project_dir, "state", "statistics.safetensors"))
+    cov = stats["0::forward"].double() / stats["0::forward::count"].double()
+    expected = torch.linalg.eigvalsh(cov).flip(0)
+    got = torch.tensor(data["spectra"]["modules"]["0"]["forward"]["eigenvalues"],
+                       dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
+    assert data["growth"]["rows"][-1] == N_TRAIN
+
+
+def test_scores_endpoint_matches_the_matrix(server, root):
+    influence = root["result"]["influence"]
+    tgt = root["result"]["tgt_ids"]
+    for q in range(N_TEST):
+        status, data = get(server + f"/api/scores/demo/scores/test.safetensors?query={q}&k=4")
+        assert status == 200
+        assert data["src_id"] == root["test_ids"][q]
+        top = torch.topk(influence[q], 4)
+        bottom = torch.topk(influence[q], 4, largest=False)
+        assert [e["id"] for e in data["helpful"]] == [tgt[i] for i in top.indices.tolist()]
+        assert [e["id"] for e in data["harmful"]] == [tgt[i] for i in bottom.indices.tolist()]
+        assert [e["score"] for e in data["helpful"]] == pytest.approx(top.values.tolist())
+        groups = root["result"]["groups"]
+        first = data["helpful"][0]
+        column = tgt.index(first["id"])
+        assert first["groups"] == pytest.approx({g: float(groups[g][q, column]) for g in groups})
+        assert first["content"]["text"] == f"train example {first['id']}"
+        assert first["content"]["image"].startswith("data:image/png;base64,")
+        assert data["src_content"]["label"] == ["cat", "dog", "hi"][q]
+        assert data["tokens"] is None
+
+
+def test_per_token_scores_endpoint(server, root):
+    status, data = get(server + "/api/scores/demo/scores/tokens.safetensors?query=0&k=2")
+    assert status == 200
+    assert data["tokens"]["tokens"] == TOKENS[0]
+    influence = root["result"]["influence"]
+    for entry in data["helpful"] + data["harmful"]:
+        row = data["tokens"]["rows"][json.dumps(entry["id"])]
+        assert len(row) == len(TOKENS[0])
+        assert sum(row) == pytest.approx(entry["score"], rel=1e-5)  # tokens sum to the query
+        column = root["result"]["tgt_ids"].index(entry["id"])
+        assert sum(row) == pytest.approx(float(influence[0, column]), rel=1e-5)
+
+
+def test_evaluation_endpoint(server):
+    status, data = get(server + "/api/evaluation/demo/evaluation/lds.json")
+    assert status == 200 and data["kind"] == "lds" and data["lds"] == 0.4
+
+
+@pytest.mark.parametrize("path, status, message", [
+    ("/api/project/nope", 404, "No project 'nope'"),
+    ("/api/scores/demo/scores/broken.safetensors", 422, "not a readable safetensors file"),
+    ("/api/scores/demo/scores/test.safetensors?query=99", 400, "out of range"),
+    ("/api/scores/demo/scores/test.safetensors?k=abc", 400, "not a whole number"),
+    ("/api/scores/demo/../../etc/passwd", 404, "No score file"),
+    ("/api/evaluation/demo/manifest.json", 404, "No evaluation result file"),
+    ("/api/whatever", 404, "No page"),
+])
+def test_bad_requests_are_messages(server, path, status, message):
+    got, data = get(server + path)
+    assert got == status and message in data["error"]
+
+
+def test_bad_pages_are_html_messages_without_traceback(server):
+    status, html = get(server + "/scores/demo/scores/broken.safetensors")
+    assert status == 422 and 'class="error"' in html and "not a readable" in html
+    assert "Traceback" not in html
+
+
+def test_server_only_reads(server, root):
+    before = snapshot(root["root"])
+    for path in ("/", "/project/demo?hash=1", "/scores/demo/scores/test.safetensors?query=1",
+                 "/scores/demo/scores/tokens.safetensors", "/evaluation/demo/evaluation/lds.json",
+                 "/evaluation/demo/evaluation/brittle.json", "/api/projects"):
+        assert get(server + path)[0] == 200
+    request = urllib.request.Request(server + "/api/projects", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request)
+    assert e.value.code == 405
+    assert snapshot(root["root"]) == before
+
+
+def test_folder_that_is_not_a_log(root):
+    from logix.dashboard.data import Dashboard
+
+    board = Dashboard([os.path.join(root["root"], "notes")])
+    data = board.projects()
+    assert data["projects"] == []
+    assert "is not a LogIX log" in data["problems"][0]
+
+
+def test_log_being_written_and_corrupt_manifest(tmp_path):
+    from logix.dashboard.data import Dashboard
+
+    (tmp_path / "started" / "logs").mkdir(parents=True)  # a run before its first manifest
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{ not json")
+    rows = {r["key"]: r for r in Dashboard([str(tmp_path)]).projects()["projects"]}
+    assert "no manifest.json yet" in rows["started"]["error"]
+    assert "corrupt" in rows["bad"]["error"]
+
+
+# --------------------------------------------------------------------------- report, CLI
+def test_report_is_self_contained(root, tmp_path):
+    out = build_report([root["root"]], str(tmp_path / "report.html"), max_queries=2, k=3)
+    html = open(out, encoding="utf-8").read()
+    for anchor in ('id="projects"', 'id="project-demo"', 'id="scores-demo-scores_test_safetensors"',
+                   'id="evaluation-demo-evaluation_lds_json"'):
+        assert anchor in html
+    assert html.count('class="query-view"') >= 2 + 2  # two score files, two queries each
+    assert "not a readable safetensors file" in html  # the broken file is a message
+    bare = html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a namespace, not fetched
+    assert "http://" not in bare and "https://" not in bare
+    assert "<link" not in html and "<script src" not in html
+
+
+def test_cli_report_and_top_with_content(root, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", root["root"], "-o", str(out), "--queries", "1"]) == 0
+    assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
+    assert main(["top", root["scores"], "--k", "2", "--query", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    assert result["text"] == "A dog" and result["label"] == "dog"
+    assert result["helpful"][0]["text"] == f"train example {result['helpful'][0]['id']}"
+    assert main(["top", root["scores"], "--k", "2", "--query", "1"]) == 0
+    assert "A dog" in capsys.readouterr().out
+    assert main(["ui", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,183 @@
+"""The dashboard in a real browser: headless Chromium (Debian's `chromium` and `chromium-driver`,
+installed by scripts/setup.sh) driven by selenium clicks through every page and checks the
+rendered DOM against the score matrix; screenshots must not be blank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+import zlib
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dashboard_fixtures import N_TRAIN, TOKENS, build_root
+
+_MISSING = [name for name, binary in (("chromium", "chromium"),
+                                      ("chromium-driver", "chromedriver"))
+            if shutil.which(binary) is None]
+pytestmark = pytest.mark.skipif(
+    bool(_MISSING), reason=f"Debian package(s) {', '.join(_MISSING)} missing: "
+                           "bash scripts/setup.sh installs them (as root), or apt-get install "
+                           "chromium chromium-driver")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="selenium missing: pip install -e '.[test]'")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+_WAIT = 60  # seconds a page may take on a loaded machine (a ceiling, not a measurement)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("browser"))
+    info = build_root(path)
+    info["root"] = path
+    return info
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    from logix.dashboard import make_server
+
+    srv = make_server([root["root"]], port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options,
+                              service=webdriver.ChromeService(shutil.which("chromedriver")))
+    driver.set_page_load_timeout(_WAIT)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition):
+    return WebDriverWait(driver, _WAIT).until(condition)
+
+
+def text(driver, selector: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, selector).text
+
+
+def assert_not_blank(driver, path: str) -> None:
+    """Save a screenshot; its pixels must take many values (a blank page takes one)."""
+    assert driver.save_screenshot(path)
+    data = open(path, "rb").read()
+    pos, idat = 8, b""
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    assert len(set(zlib.decompress(idat))) > 20, f"{path} looks blank"
+
+
+def test_click_through_every_page(browser, server, root, tmp_path):
+    influence, tgt = root["result"]["influence"], root["result"]["tgt_ids"]
+    browser.get(server + "/")
+    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-key="demo"]')
+    assert row.find_element(By.CSS_SELECTOR, 'td[data-field="rows"]').text == str(N_TRAIN)
+    assert_not_blank(browser, str(tmp_path / "projects.png"))
+
+    row.find_element(By.LINK_TEXT, "demo").click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "verify-status"))
+    assert text(browser, "#verify-status").startswith("OK")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#modules tbody tr")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#spectra svg polyline")) >= 2
+    assert_not_blank(browser, str(tmp_path / "project.png"))
+
+    browser.find_element(By.LINK_TEXT, "scores/test.safetensors").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".query-id"))
+    assert text(browser, ".query-id") == "q0"
+    assert "cat" in text(browser, ".query-content")
+    best = int(torch.argmax(influence[0]))
+    assert text(browser, "table.helpful tbody tr:first-child td.id") == str(tgt[best])
+    shown = float(text(browser, "table.helpful tbody tr:first-child td.score"))
+    assert shown == pytest.approx(float(influence[0, best]), rel=1e-5)
+    worst = int(torch.argmin(influence[0]))
+    assert text(browser, "table.harmful tbody tr:first-child td.id") == str(tgt[worst])
+    loaded = browser.execute_script(
+        "return [...document.querySelectorAll('img.example')].every(i => i.naturalWidth > 0)")
+    assert loaded and browser.find_elements(By.CSS_SELECTOR, "img.example")
+    assert_not_blank(browser, str(tmp_path / "scores.png"))
+
+    Select(browser.find_element(By.CSS_SELECTOR, "select.query-select")).select_by_value("2")
+    wait_for(browser, lambda d: text(d, ".query-id") == "q2")
+    best = int(torch.argmax(influence[2]))
+    assert text(browser, "table.helpful tbody tr:first-child td.id") == str(tgt[best])
+
+    browser.find_element(By.LINK_TEXT, "demo").click()
+    wait_for(browser, lambda d: d.find_elements(By.LINK_TEXT, "evaluation/lds.json"))
+    browser.find_element(By.LINK_TEXT, "evaluation/lds.json").click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "lds-value"))
+    assert text(browser, "#lds-value") == "0.4000"
+    assert browser.find_elements(By.CSS_SELECTOR, "figure.plot svg rect")
+    assert_not_blank(browser, str(tmp_path / "evaluation.png"))
+
+
+def test_per_token_heat_map(browser, server):
+    browser.get(server + "/scores/demo/scores/tokens.safetensors?query=0&k=2")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.tokens tr")
+    assert len(rows) == 4  # 2 helpful + 2 harmful
+    tokens = rows[0].find_elements(By.CSS_SELECTOR, "span.tok")
+    assert [t.text for t in tokens] == TOKENS[0]  # spaces kept (white-space: pre)
+    colours = {t.value_of_css_property("background-color") for t in tokens}
+    assert len(colours) == len(TOKENS[0])  # scores 1:2:3 of the query's: three shades
+
+
+def test_broken_score_file_is_a_message(browser, server):
+    browser.get(server + "/scores/demo/scores/broken.safetensors")
+    assert "not a readable safetensors file" in text(browser, ".error")
+    assert "Traceback" not in browser.page_source
+
+
+def test_projects_page_updates_while_logging(browser, server, root):
+    browser.get(server + "/")
+    cell = 'tr[data-key="demo"] td[data-field="rows"]'
+    assert text(browser, cell) == str(N_TRAIN)
+    import logix
+    from conftest import make_mlp
+
+    model = make_mlp(in_dim=6, hidden=5, out_dim=3, seed=0)
+    run = logix.init("demo", root_dir=root["root"])  # reopen: new shards append
+    run.watch(model)
+    run.add_lora(rank=2)
+    run.setup({"grad": ["log"]})
+    run.save(True)
+    with run(data_id=[f"extra{i}" for i in range(4)]):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long),
+                        reduction="sum").backward()
+    run.flush()  # a shard on disk and in the rank index, no finalize: a run still logging
+    wait_for(browser, lambda d: text(d, cell) == str(N_TRAIN + 4))
+    assert text(browser, 'tr[data-key="demo"] td[data-field="state"]') == "logging"
+    run.finalize()
+
+
+def test_static_report_offline(browser, root, tmp_path):
+    from logix.dashboard import build_report
+
+    out = build_report([root["root"]], str(tmp_path / "report.html"), max_queries=3, k=3)
+    browser.get("file://" + os.path.abspath(out))
+    section = browser.find_element(By.ID, "scores-demo-scores_test_safetensors")
+    views = section.find_elements(By.CSS_SELECTOR, ".query-view")
+    assert [v.is_displayed() for v in views] == [True, False, False]
+    Select(section.find_element(By.CSS_SELECTOR, "select.query-select")).select_by_value("1")
+    assert [v.is_displayed() for v in views] == [False, True, False]
+    assert "q1" in views[1].find_element(By.CSS_SELECTOR, ".query-id").text
+    browser.find_element(By.CSS_SELECTOR, '#project-demo a.score-link').click()
+    assert "#scores-demo-scores_" in browser.current_url  # in-file anchors, no server
+    assert_not_blank(browser, str(tmp_path / "report.png"))
