@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from logix import distributed
+from logix.config import query_settings
 from logix.errors import UsageError
-from logix.influence.preconditioner import (KINDS, Preconditioner, check_kind, kfac_inverse,
-                                            raw_inverse)
+from logix.influence.preconditioner import (KINDS, Preconditioner, check_invertible,
+                                            kfac_inverse, raw_inverse)
 from logix.influence.gather import merge_full, merge_topk, own_part
 from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
 from logix.influence.source import source_influence
@@ -33,6 +34,7 @@ from logix.progress import track
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
 from logix.statistics.eigen import EKFAC, eigh64, fit_ekfac
 from logix.storage.format import CACHE_DIR
+from logix.storage.manifest import load_optional
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
 
@@ -62,14 +64,13 @@ class InfluenceEngine:
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
                        modules=None) -> Preconditioner:
         """The (cached) per-module inverse curvature for a hessian kind and damping."""
-        cfg = self.run.config.influence
-        kind = hessian or cfg.hessian
-        check_kind(kind)
+        cfg = query_settings(self.run.config.influence, hessian=hessian, damping=damping)
+        kind = cfg.hessian
         if kind == "auto":
             available = self.available_hessians()
             kind = next(k for k in ("raw", "ekfac", "kfac", "none") if k in available)
         modules = modules if modules is not None else self.run.layout()
-        damping = cfg.damping if damping is None else damping
+        damping = cfg.damping
         if kind == "none":
             return Preconditioner("none", {}, modules)
         if kind == "ekfac" and not self.run.statistics.has(EKFAC):
@@ -88,6 +89,7 @@ class InfluenceEngine:
                 inverses[m.name] = kfac_inverse(self._eig(m.name, FORWARD),
                                                 self._eig(m.name, BACKWARD), damping,
                                                 cfg.relative_damping, corrected)
+            check_invertible(m.name, inverses[m.name])
         return Preconditioner(kind, inverses, modules)
 
     def _eig(self, module: str, kind: str):
@@ -166,14 +168,17 @@ class InfluenceEngine:
         Columns follow tgt_ids: the order rows were logged (for SOURCE: first appearance across
         checkpoints); logix.evaluation.align_scores reorders them.
         """
+        _check_topk(topk, out)
+        if gather not in ("all", "rank0"):
+            raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
+        block_rows = query_settings(self.run.config.influence, block_rows=block_rows).block_rows
         src = _as_log(src_log if src_log is not None else self.run.get_log())
         if method == "source":
             if influence_groups is not None or out is not None or loader is not None:
                 raise UsageError("method='source' supports topk but not influence_groups, out "
                                  "or loader.")
-            result = source_influence(self.run, src, hessian or "ekfac",
-                                      aligned(block_rows or self.run.config.influence.block_rows))
-            if topk:
+            result = source_influence(self.run, src, hessian or "ekfac", aligned(block_rows))
+            if topk is not None:
                 top = TopK(topk, len(src))
                 top.update(result["influence"], 0)
                 plan = ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
@@ -188,13 +193,13 @@ class InfluenceEngine:
                              f"{reader.project_dir!r}. Log training steps with run.save(True) "
                              "and run.setup({'grad': ['log']}) first, and call run.finalize().")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
-        block_rows = aligned(block_rows or self.run.config.influence.block_rows)
+        block_rows = aligned(block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         if not distributed.is_distributed():
             return self._stream(src, reader, plan, topk, out, block_rows, progress)
         # Each rank scores its share of the shards; the parts are gathered in manifest order.
         local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress)
-        merged = merge_topk(local, topk) if topk else merge_full(local, reader)
+        merged = merge_topk(local, topk) if topk is not None else merge_full(local, reader)
         if out is not None and distributed.rank() == 0:
             merged["path"] = save_scores(out, merged, meta={"mode": plan.mode, "project":
                                                             self.run.project})
@@ -213,7 +218,7 @@ class InfluenceEngine:
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
                                      meta={"mode": plan.mode, "hessian": plan.preconditioner.kind,
                                            "project": self.run.project})
-        top = TopK(topk, len(names) * n_query) if topk else None
+        top = TopK(topk, len(names) * n_query) if topk is not None else None
         full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
                                                         device=plan.device)
         tgt_ids: List = []
@@ -250,6 +255,7 @@ class InfluenceEngine:
                                block_rows: Optional[int] = None, progress: bool = True) -> dict:
         """g^T (H + lambda I)^-1 g per example: of `src_log` when given, else of every saved
         row. Returns {"ids", "influence" [n]}."""
+        block_rows = query_settings(self.run.config.influence, block_rows=block_rows).block_rows
         kind = hessian if precondition else "none"
         if src_log is not None:
             log = _as_log(src_log)
@@ -258,17 +264,18 @@ class InfluenceEngine:
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
-        norms = self._train_norms(
-            reader, plan, aligned(block_rows or self.run.config.influence.block_rows), progress)
+        norms = self._train_norms(reader, plan, aligned(block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0]}
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "ScorePlan":
-        mode = mode or self.run.config.influence.mode
-        if mode not in MODES:
-            raise UsageError(f"mode={mode!r} is not supported; allowed values: {list(MODES)}.")
-        kind = (hessian or self.run.config.influence.hessian) if precondition else "none"
-        preconditioner = self.preconditioner(kind, damping, src.modules)
+        if not isinstance(precondition, bool):
+            raise UsageError(f"precondition must be True or False, got {precondition!r}.")
+        cfg = query_settings(self.run.config.influence, mode=mode, hessian=hessian,
+                             damping=damping)
+        preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
+                                             cfg.damping, src.modules)
+        mode = cfg.mode
         return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
     def _reader(self, loader) -> LogReader:
@@ -277,25 +284,26 @@ class InfluenceEngine:
         if isinstance(loader, LogReader):
             return loader
         if isinstance(loader, (str, os.PathLike)):
-            return LogReader(os.fspath(loader))
+            return LogReader(os.fspath(loader), verify=self.run.config.influence.verify)
         raise UsageError(f"loader must be a LogReader, a project folder or None, got "
                          f"{type(loader).__name__}.")
 
     def _has_saved_rows(self) -> bool:
-        try:
-            return self.run.reader().rows > 0
-        except Exception:
+        """False when nothing was logged yet (no manifest); a damaged log or a failed writer
+        raises instead of silently changing what hessian='auto' picks."""
+        if self.run._manifest is None and load_optional(self.run.project_dir) is None:
             return False
+        return self.run.reader().rows > 0
 
     def _train_norms(self, reader: LogReader, plan: "ScorePlan", block_rows: int,
                      progress: bool) -> Tensor:
         """[n_train, groups] g^T (H + lambda I)^-1 g per group, cached beside the logs."""
-        key = hashlib.sha1(json.dumps({
+        digest = hashlib.sha256(json.dumps({
             "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
-            "groups": plan.group_signature(),
-            "shards": [(s.file, s.sha256) for s in reader.shards],
-            "statistics": _statistics_fingerprint(plan.preconditioner)},
-            sort_keys=True, default=str).encode()).hexdigest()[:20]
+            "shards": [(s.file, s.sha256) for s in reader.shards]},
+            sort_keys=True, default=str).encode())
+        _hash_tensors(digest, plan)
+        key = digest.hexdigest()[:24]
         path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
         if os.path.isfile(path):
             return torch.load(path, weights_only=True)
@@ -311,13 +319,33 @@ class InfluenceEngine:
         return norms
 
 
+def _check_topk(topk, out) -> None:
+    if topk is None:
+        return
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
+        raise UsageError(f"topk must be a positive integer or None (the full matrix), got "
+                         f"{topk!r}.")
+    if out is not None:
+        raise UsageError(f"topk={topk} and out={out!r} together are not supported: out= writes "
+                         "the full score matrix. Pass out= alone (then `logix top FILE --k N` "
+                         "or ScoreFile.row reads the best examples per query), or topk= alone.")
+
+
 def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
 
-def _statistics_fingerprint(preconditioner: Preconditioner) -> List:
-    return [(name, float(inv.values.sum()) if inv.values is not None else 0.0)
-            for name, inv in sorted(preconditioner.inverses.items())]
+def _hash_tensors(digest, plan: ScorePlan) -> None:
+    """Feed the group masks and every tensor of the preconditioner into `digest`: two plans
+    share cached train norms only when their groups and inverses are identical."""
+    for name, mask in plan.groups.items():
+        digest.update(name.encode() + b"\0")
+        digest.update(mask.cpu().numpy().tobytes())
+    for name, inv in sorted(plan.preconditioner.inverses.items()):
+        digest.update(name.encode() + b"\0")
+        for tensor in (inv.values, inv.vectors, inv.q_out, inv.q_in):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
 def _as_log(log: Union[StepLog, Sequence[StepLog]]) -> StepLog:
