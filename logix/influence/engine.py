@@ -154,8 +154,12 @@ class InfluenceEngine:
         damping: absolute damping for every module (default: relative, see config).
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds result["groups"][name], and the groups' scores sum to the total when they
-        partition the modules. topk=k: instead of the full matrix, per query the k most helpful
-        and k most harmful training examples. out=path: write scores to a safetensors file.
+        partition the modules. topk=k (a positive int): instead of the full matrix, per query the
+        k most helpful and k most harmful training examples. out=path: write the full scores to
+        a safetensors file (not with topk). Arguments follow the config's rules (damping >= 0,
+        ...); a damped curvature that is singular, or scores with NaN/inf, raise UsageError.
+        Shards are checked against the manifest's sha256 once per process (config
+        influence.verify; or pass loader=LogReader(dir, verify=False)).
 
         method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
         logix.influence.source); hessian then picks its curvature (default ekfac).
