@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 
 import yaml
 
-from logix.errors import ConfigError
+from logix.errors import ConfigError, UsageError
 
 LogDtype = Literal["float32", "bfloat16", "float16"]
 LoraInit = Literal["random", "pca"]
@@ -143,8 +143,6 @@ def load_config(path: Union[str, os.PathLike, None] = None, **overrides: Any) ->
 def query_settings(base: InfluenceConfig, **given: Any) -> InfluenceConfig:
     """`base` with the query arguments that were given (None: keep the config's value), checked
     by the same rules as the config's influence section. Raises UsageError naming the argument."""
-    from logix.errors import UsageError
-
     data = {**dataclasses.asdict(base), **{k: v for k, v in given.items() if v is not None}}
     try:
         return _build(InfluenceConfig, data, "")
