@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import logix
+from logix.storage import reader as reader_module
 from logix.storage.reader import LogReader
 
 
@@ -94,6 +95,32 @@ def naive_pairs_per_second(reader: LogReader, test, limit: int) -> float:
                     return
 
     return limit * len(test) / best_of(run_naive, 1)
+
+
+def verification_cost(reader: LogReader) -> dict:
+    """MB/s of the first-read sha256 check of every shard against a plain read of the same bytes
+    (page cache warm for both), and the cost of a cached check."""
+    paths = [(os.path.join(reader.project_dir, s.file), s) for s in reader.shards]
+    size = sum(s.bytes for _, s in paths) / 1e6
+
+    def plain():
+        for path, _ in paths:
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+    def verify():
+        reader_module._verified.clear()
+        for path, shard in paths:
+            reader_module.verify_shard(path, shard)
+
+    plain_s, verify_s = best_of(plain), best_of(verify)
+    start = time.perf_counter()
+    for path, shard in paths:  # cached: a stat per shard
+        reader_module.verify_shard(path, shard)
+    cached_s = time.perf_counter() - start
+    return {"MB": size, "plain_MBps": size / plain_s, "verify_MBps": size / verify_s,
+            "cached_ms": cached_s * 1e3}
 
 
 def memory_probe(root: str, block_rows: int) -> dict:
@@ -177,6 +204,11 @@ def main() -> None:
           f"{roofline / naive:10.1f}")
     for name, value in rows:
         print(f"{name:38s} {value:12.3e} {value / roofline:12.2f} {value / naive:10.1f}")
+
+    cost = verification_cost(reader)
+    print(f"\nshard verification ({cost['MB']:.0f} MB): sha256 {cost['verify_MBps']:.0f} MB/s vs "
+          f"plain read {cost['plain_MBps']:.0f} MB/s, once per process; cached check "
+          f"{cost['cached_ms']:.2f} ms for {len(reader.shards)} shards")
 
     block_rows = 2048
     log_bytes = reader.rows * reader.dim * 4

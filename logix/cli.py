@@ -3,7 +3,7 @@
     logix show DIR [--shards] [--json]     what a log holds (modules, rows, shards, statistics)
     logix verify DIR [-v] [--no-hash] [--strict]
                                            check every shard against the manifest
-    logix top SCORES [--k N] [--query I] [--json]
+    logix top SCORES [--k N] [--query Q] [--json]
                                            most helpful / harmful training examples per query
     logix ui [ROOT ...] [--port P]         browse logs and scores in a local web page
     logix report ROOT ... -o report.html   the same pages as one self-contained HTML file
@@ -107,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "the query's loss) and the k with the smallest (harmful).")
     top.add_argument("scores", metavar="SCORES", help="a score file (.safetensors)")
     top.add_argument("--k", type=_positive_int, default=10, help="how many of each (default 10)")
-    top.add_argument("--query", type=_index, default=None, metavar="I",
-                     help="only query number I (0-based row of the score matrix)")
+    top.add_argument("--query", default=None, metavar="Q",
+                     help="only this query: its data id (as in the file's src_ids), a 0-based "
+                          "row number, or '#I' for row I when an id looks like a row number")
     top.add_argument("--group", default=None, metavar="NAME",
                      help="rank by the scores of one influence group (files written with "
                           "influence_groups) instead of the total")
@@ -149,16 +150,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a query number (0, 1, ...)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -798,12 +789,11 @@ def _cmd_top(args) -> int:
         scores = open_scores(args.scores, args.group)
     except LogFormatError as e:
         raise CliError(str(e)) from None
-    n_test, n_train = scores.shape
-    if args.query is not None and args.query >= n_test:
-        raise CliError(f"--query {args.query} is out of range: {args.scores!r} holds {n_test} "
-                       f"queries (0..{n_test - 1}).", EXIT_USAGE)
-    queries = range(n_test) if args.query is None else [args.query]
-    results = [_top_one(scores, q, args.k) for q in queries]
+    with scores:
+        n_test, n_train = scores.shape
+        queries = range(n_test) if args.query is None else _query_rows(scores, args.query)
+        results = [_top_one(scores, q, args.k) for q in queries]
+        groups = scores.groups
     described = _attach_content(results, args.scores, args.content)
     if args.json:
         print(json.dumps(results, indent=1))
@@ -812,8 +802,8 @@ def _cmd_top(args) -> int:
     out = _console()
     Table = _table_factory()
     group = f" (group {_esc(args.group)})" if args.group else ""
-    others = (f" Groups in the file: {_esc(', '.join(scores.groups))} (--group NAME)."
-              if scores.groups and not args.group else "")
+    others = (f" Groups in the file: {_esc(', '.join(groups))} (--group NAME)."
+              if groups and not args.group else "")
     out.print(f"{_esc(args.scores)}{group}: {_plural(n_test, 'query')} x "
               f"{_plural(n_train, 'training example')}. Positive = helpful (training on it "
               f"lowers the query's loss), negative = harmful.{others}")
@@ -837,6 +827,31 @@ def _cmd_top(args) -> int:
             table.caption = "no training examples in this file"
         out.print(table)
     return EXIT_OK
+
+
+def _query_rows(scores, query: str) -> List[int]:
+    """Rows of --query: the rows whose data id is `query`, or row number `query` ('#I' always
+    means row I)."""
+    n_test = scores.shape[0]
+    by_id = [] if query.startswith("#") else [
+        i for i, x in enumerate(scores.src_ids) if str(x) == query]
+    number = query[1:] if query.startswith("#") else query
+    row = int(number) if number.isdigit() else None
+    if by_id and row is not None and row < n_test and by_id != [row]:
+        raise CliError(f"--query {query} is ambiguous: it is the data id of row(s) {by_id} and "
+                       f"also row number {row}. Pass --query '#{row}' for the row number.",
+                       EXIT_USAGE)
+    if by_id:
+        return by_id
+    if row is not None and row < n_test:
+        return [row]
+    ids = ", ".join(str(x) for x in scores.src_ids[:5]) + (", ..." if n_test > 5 else "")
+    if row is not None:
+        raise CliError(f"--query {query} is out of range: {scores.path!r} holds {n_test} queries "
+                       f"(rows 0..{n_test - 1}), and no query has that id (ids: {ids}).",
+                       EXIT_USAGE)
+    raise CliError(f"--query {query} is not a query id of {scores.path!r} (ids: {ids}) nor a row "
+                   "number.", EXIT_USAGE)
 
 
 def _top_one(scores, query: int, k: int) -> Dict:

@@ -7,6 +7,7 @@ working. Every key is optional and so is the file. Unknown keys are errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 
 import yaml
 
-from logix.errors import ConfigError
+from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 
 LogDtype = Literal["float32", "bfloat16", "float16"]
@@ -83,13 +84,17 @@ class InfluenceConfig:
     relative_damping: float = _help(
         "Used when `damping` is unset: damping = this x the mean eigenvalue, per module.", 0.1)
     block_rows: int = _help("Training rows scored per matrix multiply while streaming.", 8192)
+    verify: bool = _help(
+        "Check each shard's sha256 against the manifest the first time a process reads it "
+        "(cached by path, size and modification time); false reads shards unchecked.", True)
 
     def __post_init__(self) -> None:
-        if self.damping is not None and self.damping < 0:
-            raise ConfigError(f"influence.damping must be >= 0 or null, got {self.damping}.")
-        if self.relative_damping < 0:
-            raise ConfigError(
-                f"influence.relative_damping must be >= 0, got {self.relative_damping}.")
+        if self.damping is not None and not 0 <= self.damping < math.inf:
+            raise ConfigError(f"influence.damping must be a finite number >= 0 or null, got "
+                              f"{self.damping}.")
+        if not 0 <= self.relative_damping < math.inf:
+            raise ConfigError(f"influence.relative_damping must be a finite number >= 0, got "
+                              f"{self.relative_damping}.")
         _positive(self, "block_rows")
 
 
@@ -136,6 +141,17 @@ def load_config(path: Union[str, os.PathLike, None] = None, **overrides: Any) ->
                 data[section] = {}
             data[section][key] = value
     return _build(Config, data, "")
+
+
+def query_settings(base: InfluenceConfig, **given: Any) -> InfluenceConfig:
+    """`base` with the query arguments that were given (None: keep the config's value), checked
+    by the same rules as the config's influence section. Raises UsageError naming the argument."""
+    data = {**dataclasses.asdict(base), **{k: v for k, v in given.items() if v is not None}}
+    try:
+        return _build(InfluenceConfig, data, "")
+    except ConfigError as e:
+        raise UsageError(f"Invalid query argument: {e}".replace("Config key", "argument")
+                         ) from None
 
 
 def _section_of(key: str) -> Optional[str]:

@@ -450,8 +450,7 @@ class Run:
         """A shard is complete: list it in this rank's index (manifest.json is rewritten only at
         finalize, so the cost per shard stays constant)."""
         append_rank_index(self.project_dir, entry)
-        self._manifest.shards.append(entry)
-        self._manifest.shards.sort(key=lambda s: (s.rank, s.seq))
+        self._manifest.shards.append(entry)  # readers and save() put shards in (rank, seq) order
 
     def _save_projections(self) -> None:
         state.save_projections(self.project_dir, self.projections, self.projection_meta)
@@ -525,10 +524,11 @@ class Run:
     def reader(self) -> LogReader:
         """A reader over this project's saved logs (flushes pending rows first)."""
         self.flush()
+        verify = self.config.influence.verify
         if self._manifest is None:
-            return LogReader(self.project_dir)
+            return LogReader(self.project_dir, verify=verify)
         self._manifest.merge_rank_indexes(self.project_dir)  # other ranks' shards
-        return LogReader(self.project_dir, self._manifest)
+        return LogReader(self.project_dir, self._manifest, verify=verify)
 
     def build_log_dataloader(self, batch_size: Optional[int] = None):
         """LogIX compatibility: an iterable of saved row blocks (a LogReader)."""

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from logix import distributed
-from logix.config import Config, InfluenceConfig, load_config
+from logix.config import Config, InfluenceConfig, load_config, query_settings
 from logix.errors import UsageError
 from logix.influence import curvature
-from logix.influence.preconditioner import Preconditioner
+from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
 from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
 from logix.influence.source import source_influence
@@ -93,27 +93,28 @@ class Attributor:
         """A reader over the training log (the run's flushes pending rows first)."""
         source = self._reader_source
         if source is None:
-            return LogReader(self.project_dir)
+            return LogReader(self.project_dir, verify=self.influence_config.verify)
         return source if isinstance(source, LogReader) else source()
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
                        modules=None) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
         are cached until the statistics change)."""
-        cfg = self.influence_config
-        name = curvature.check(hessian or cfg.hessian)
+        cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
+        name = cfg.hessian
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
         kind = curvature.get(name)
         modules = modules if modules is not None else self.modules()
-        damping = cfg.damping if damping is None else damping
         if not kind.covariances:
             return Preconditioner(name, {}, modules)
         if not kind.fitted(self.statistics):
             self.fit(name)
         spectra = self._spectra()
-        inverses = {m.name: kind.inverse(m.name, spectra, damping, cfg.relative_damping)
-                    for m in modules}
+        inverses = {}
+        for m in modules:
+            inverses[m.name] = kind.inverse(m.name, spectra, cfg.damping, cfg.relative_damping)
+            check_invertible(m.name, inverses[m.name])
         return Preconditioner(name, inverses, modules)
 
     def _declared(self) -> Optional[str]:
@@ -165,8 +166,12 @@ class Attributor:
         damping: absolute damping for every module (default: relative, see config).
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds result["groups"][name], and the groups' scores sum to the total when they
-        partition the modules. topk=k: instead of the full matrix, per query the k most helpful
-        and k most harmful training examples. out=path: write scores to a safetensors file.
+        partition the modules. topk=k (a positive int): instead of the full matrix, per query the
+        k most helpful and k most harmful training examples. out=path: write the full scores to
+        a safetensors file (not with topk). Arguments follow the config's rules (damping >= 0,
+        ...); a damped curvature that is singular, or scores with NaN/inf, raise UsageError.
+        Shards are checked against the manifest's sha256 once per process (config
+        influence.verify; or pass loader=LogReader(dir, verify=False)).
 
         method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
         logix.influence.source); hessian then picks its curvature (default ekfac).
@@ -179,14 +184,17 @@ class Attributor:
         Columns follow tgt_ids: the order rows were logged (for SOURCE: first appearance across
         checkpoints); logix.evaluation.align_scores reorders them.
         """
+        _check_topk(topk, out)
+        if gather not in ("all", "rank0"):
+            raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
+        block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
         src = _as_log(src_log)
         if method == "source":
             if influence_groups is not None or out is not None or loader is not None:
                 raise UsageError("method='source' supports topk but not influence_groups, out "
                                  "or loader.")
-            result = source_influence(self.reader(), src, hessian or "ekfac",
-                                      aligned(block_rows or self.influence_config.block_rows))
-            if topk:
+            result = source_influence(self.reader(), src, hessian or "ekfac", aligned(block_rows))
+            if topk is not None:
                 top = TopK(topk, len(src))
                 top.update(result["influence"], 0)
                 plan = ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
@@ -201,13 +209,13 @@ class Attributor:
                              f"{reader.project_dir!r}. Log training steps with run.save(True) "
                              "and run.setup({'grad': ['log']}) first, and call run.finalize().")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
-        block_rows = aligned(block_rows or self.influence_config.block_rows)
+        block_rows = aligned(block_rows)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         if not distributed.is_distributed():
             return self._stream(src, reader, plan, topk, out, block_rows, progress)
         # Each rank scores its share of the shards; the parts are gathered in manifest order.
         local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress)
-        merged = merge_topk(local, topk) if topk else merge_full(local, reader)
+        merged = merge_topk(local, topk) if topk is not None else merge_full(local, reader)
         if out is not None and distributed.rank() == 0:
             merged["path"] = save_scores(out, merged, meta={**plan.meta,
                                                             "project": self.project})
@@ -225,7 +233,7 @@ class Attributor:
             shapes = {_tensor_name(g): (n_query, n_train) for g in names}
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
                                      meta={**plan.meta, "project": self.project})
-        top = TopK(topk, len(names) * n_query) if topk else None
+        top = TopK(topk, len(names) * n_query) if topk is not None else None
         full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
                                                         device=plan.device)
         tgt_ids: List = []
@@ -263,6 +271,7 @@ class Attributor:
                                block_rows: Optional[int] = None, progress: bool = True) -> dict:
         """g^T (H + lambda I)^-1 g per example: of `src_log` when given, else of every saved
         row. Returns {"ids", "influence" [n]}."""
+        block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
         kind = hessian if precondition else "none"
         if src_log is not None:
             log = _as_log(src_log)
@@ -272,17 +281,18 @@ class Attributor:
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
-        norms = self._train_norms(
-            reader, plan, aligned(block_rows or self.influence_config.block_rows), progress)
+        norms = self._train_norms(reader, plan, aligned(block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "ScorePlan":
-        mode = mode or self.influence_config.mode
-        if mode not in MODES:
-            raise UsageError(f"mode={mode!r} is not supported; allowed values: {list(MODES)}.")
-        kind = (hessian or self.influence_config.hessian) if precondition else "none"
-        preconditioner = self.preconditioner(kind, damping, src.modules)
+        if not isinstance(precondition, bool):
+            raise UsageError(f"precondition must be True or False, got {precondition!r}.")
+        cfg = query_settings(self.influence_config, mode=mode, hessian=hessian,
+                             damping=damping)
+        preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
+                                             cfg.damping, src.modules)
+        mode = cfg.mode
         return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
     def _reader(self, loader) -> LogReader:
@@ -291,25 +301,26 @@ class Attributor:
         if isinstance(loader, LogReader):
             return loader
         if isinstance(loader, (str, os.PathLike)):
-            return LogReader(os.fspath(loader))
+            return LogReader(os.fspath(loader), verify=self.influence_config.verify)
         raise UsageError(f"loader must be a LogReader, a project folder or None, got "
                          f"{type(loader).__name__}.")
 
     def _has_saved_rows(self) -> bool:
-        try:
-            return self.reader().rows > 0
-        except Exception:
+        """False when nothing was logged yet (no manifest); a damaged log or a failed writer
+        raises instead of silently changing what hessian='auto' picks."""
+        if load_optional(self.project_dir) is None:
             return False
+        return self.reader().rows > 0
 
     def _train_norms(self, reader: LogReader, plan: "ScorePlan", block_rows: int,
                      progress: bool) -> Tensor:
         """[n_train, groups] g^T (H + lambda I)^-1 g per group, cached beside the logs."""
-        key = hashlib.sha1(json.dumps({
+        digest = hashlib.sha256(json.dumps({
             "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
-            "groups": plan.group_signature(),
-            "shards": [(s.file, s.sha256) for s in reader.shards],
-            "statistics": _statistics_fingerprint(plan.preconditioner)},
-            sort_keys=True, default=str).encode()).hexdigest()[:20]
+            "shards": [(s.file, s.sha256) for s in reader.shards]},
+            sort_keys=True, default=str).encode())
+        _hash_tensors(digest, plan)
+        key = digest.hexdigest()[:24]
         path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
         if os.path.isfile(path):
             return torch.load(path, weights_only=True)
@@ -325,13 +336,33 @@ class Attributor:
         return norms
 
 
+def _check_topk(topk, out) -> None:
+    if topk is None:
+        return
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
+        raise UsageError(f"topk must be a positive integer or None (the full matrix), got "
+                         f"{topk!r}.")
+    if out is not None:
+        raise UsageError(f"topk={topk} and out={out!r} together are not supported: out= writes "
+                         "the full score matrix. Pass out= alone (then `logix top FILE --k N` "
+                         "or ScoreFile.row reads the best examples per query), or topk= alone.")
+
+
 def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
 
-def _statistics_fingerprint(preconditioner: Preconditioner) -> List:
-    return [(name, float(inv.values.sum()) if inv.values is not None else 0.0)
-            for name, inv in sorted(preconditioner.inverses.items())]
+def _hash_tensors(digest, plan: ScorePlan) -> None:
+    """Feed the group masks and every tensor of the preconditioner into `digest`: two plans
+    share cached train norms only when their groups and inverses are identical."""
+    for name, mask in plan.groups.items():
+        digest.update(name.encode() + b"\0")
+        digest.update(mask.cpu().numpy().tobytes())
+    for name, inv in sorted(plan.preconditioner.inverses.items()):
+        digest.update(name.encode() + b"\0")
+        for tensor in (inv.values, inv.vectors, inv.q_out, inv.q_in):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
 def _as_log(log) -> StepLog:

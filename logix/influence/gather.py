@@ -60,6 +60,7 @@ def merge_topk(local: dict, k: int) -> dict:
 
 def own_part(reader: LogReader) -> LogReader:
     """This rank's share of the shards (round robin) under torch.distributed."""
-    part = LogReader(reader.project_dir, reader.manifest, reader.block_rows, reader.checkpoint)
+    part = LogReader(reader.project_dir, reader.manifest, reader.block_rows, reader.checkpoint,
+                     reader.verify)
     part.shards = reader.shards[distributed.rank()::distributed.world_size()]
     return part

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from logix.errors import UsageError
+
 
 @dataclass(frozen=True)
 class ModuleInverse:
@@ -80,3 +82,18 @@ class Preconditioner:
     def dampings(self) -> Dict[str, float]:
         return {name: inv.damping for name, inv in self.inverses.items()}
 
+
+def check_invertible(module: str, inverse: ModuleInverse) -> None:
+    """Refuse a curvature that is singular once damped (smallest eigenvalue of H + lambda I at
+    or below round-off of the largest, as numpy's matrix_rank): its inverse, and every score,
+    would be inf/NaN or round-off noise."""
+    shifted = inverse.values + inverse.damping
+    largest, smallest = float(shifted.max()), float(shifted.min())
+    if smallest > largest * shifted.numel() * torch.finfo(torch.float64).eps:
+        return
+    suggestion = float(0.1 * inverse.values.mean()) or 1e-3
+    raise UsageError(
+        f"Module {module!r}: its {inverse.kind} curvature plus damping {inverse.damping:g} is "
+        f"singular (eigenvalues from {smallest:.3g} to {largest:.3g}), so (H + damping I)^-1 "
+        f"and the scores would be inf/NaN. Pass damping > 0 (e.g. damping={suggestion:.3g}, "
+        f"0.1 x that module's mean eigenvalue), or hessian='none'.")

@@ -3,6 +3,7 @@ chunk of training rows, and the score modes (dot, cosine, l2)."""
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -30,6 +31,7 @@ class ScorePlan:
         self.projection = dict(src.projection)
         self.device = src.grads.device
         precond = preconditioner.apply(src.grads.double()).float()  # [n_query, dim]
+        self._check_finite(precond, src.grads, "The preconditioned query gradients")
         self.queries = torch.cat([precond * mask.to(precond.device) for mask in groups.values()]
                                  ) if len(groups) > 1 else precond
         self.needs_norms = mode != "dot"
@@ -48,10 +50,6 @@ class ScorePlan:
     def group_names(self) -> List[str]:
         return list(self.groups)
 
-    def group_signature(self) -> List:
-        return [(name, mask.nonzero().flatten().tolist()[:1], int(mask.sum()))
-                for name, mask in self.groups.items()]
-
     def _mask_matrix(self) -> Tensor:
         return torch.stack(list(self.groups.values())).float().to(self.device)  # [G, dim]
 
@@ -62,7 +60,9 @@ class ScorePlan:
         def norms(chunk):
             return ((self.preconditioner.apply(chunk) * chunk) @ masks.T).T
 
-        return fixed_chunks(rows, norms).T
+        out = fixed_chunks(rows, norms).T
+        self._check_finite(out, rows, "The training rows' g^T (H + lambda I)^-1 g")
+        return out
 
     def score(self, rows: Tensor, train_norms: Optional[Tensor],
               out: Optional[Tensor] = None) -> Tensor:
@@ -79,13 +79,35 @@ class ScorePlan:
             else:  # pad: the same matrix shape as every other chunk, see fixed_chunks
                 padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
                 out[start:start + k] = (padded @ queries_t)[:k]
-        if self.mode == "dot":
-            return out
-        train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*n_query]
-        query = self.query_norms.to(out.device)[None, :]
-        if self.mode == "cosine":
-            return out.div_(query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
-        return out.mul_(2).sub_(query).sub_(train)
+        if self.mode != "dot":
+            train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*nq]
+            query = self.query_norms.to(out.device)[None, :]
+            if self.mode == "cosine":
+                out.div_(query.clamp_min(1e-30).sqrt() * train.clamp_min(1e-30).sqrt())
+            else:
+                out.mul_(2).sub_(query).sub_(train)
+        self._check_finite(out, rows, "Scores")
+        return out
+
+    def _check_finite(self, values: Tensor, rows: Tensor, what: str) -> None:
+        """Raise a UsageError naming the module to blame when `values` hold NaN or inf:
+        modules whose input `rows` [n, dim] are not finite, else the module whose preconditioned
+        query is largest (float32 overflow)."""
+        if torch.isfinite(values).all():
+            return
+        modules = self.preconditioner.modules
+        bad = [m.name for m in modules if not torch.isfinite(rows[:, m.columns]).all()]
+        if bad:
+            raise UsageError(f"{what} are not finite: the gradients of module(s) {bad} hold NaN "
+                             "or inf. Check the log with `logix verify` and the query step's "
+                             "loss; rows of a damaged log must be logged again.")
+        queries = getattr(self, "queries", values)
+        worst = max(modules, key=lambda m: float(
+            queries[:, m.columns].abs().nan_to_num(nan=math.inf, posinf=math.inf).max()))
+        raise UsageError(f"{what} overflow float32 (NaN/inf); the largest preconditioned "
+                         f"values are in module {worst.name!r}: (H + damping I)^-1 is nearly "
+                         f"singular there. Pass a larger damping (now "
+                         f"{self.preconditioner.dampings.get(worst.name, 0.0):g}).")
 
     def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
         out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,

@@ -52,7 +52,8 @@ def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
     segments: Dict[int, List[str]] = defaultdict(list)
     for name, info in manifest.checkpoints.items():
         segments[info["segment"]].append(name)
-    readers = {name: LogReader(base.project_dir, manifest, block_rows, checkpoint=name)
+    readers = {name: LogReader(base.project_dir, manifest, block_rows, checkpoint=name,
+                                 verify=base.verify)
                for name in manifest.checkpoints}
     stats, infos = {}, {}
     for name in manifest.checkpoints:

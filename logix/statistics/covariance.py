@@ -36,7 +36,8 @@ class CovarianceState:
         self.version += 1
         rows = rows.float()
         if self.device is not None:
-            rows = rows.to(self.device, non_blocking=True)
+            # blocking: a non_blocking device->CPU copy may not have landed when addmm_ reads it
+            rows = rows.to(self.device)
         key = (module, kind)
         if key in self.sums:
             self.sums[key].addmm_(rows.T, rows)

@@ -78,6 +78,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["shards"].sort(key=lambda s: (s["rank"], s["seq"]))  # writers append in any order
         out["dim"] = self.dim
         out["rows"] = self.rows
         return out

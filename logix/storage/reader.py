@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
 import struct
 import threading
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -23,14 +24,18 @@ class LogReader:
     """Read-only view of a project folder. Memory stays bounded by one block at a time."""
 
     def __init__(self, project_dir: str, manifest: Optional[Manifest] = None,
-                 block_rows: int = 8192, checkpoint: Optional[str] = None) -> None:
+                 block_rows: int = 8192, checkpoint: Optional[str] = None,
+                 verify: bool = True) -> None:
         """checkpoint: read the rows logged inside run.checkpoint(name) instead of the plain
-        (untagged) rows."""
+        (untagged) rows. verify: check each shard's size and sha256 against the manifest the
+        first time this process reads it (see `verify_shard`); False skips the check."""
         self.project_dir = project_dir
         self.manifest = manifest if manifest is not None else Manifest.load(project_dir)
         self.block_rows = block_rows
         self.checkpoint = checkpoint
-        self.shards = [s for s in self.manifest.shards if s.checkpoint == checkpoint]
+        self.verify = verify
+        self.shards = sorted((s for s in self.manifest.shards if s.checkpoint == checkpoint),
+                             key=lambda s: (s.rank, s.seq))
 
     def __iter__(self) -> Iterator[Tuple[List, Tensor]]:
         return self.blocks(self.block_rows)
@@ -125,7 +130,35 @@ class LogReader:
         path = os.path.join(self.project_dir, shard.file)
         if not os.path.isfile(path):
             raise LogFormatError(f"Shard {path!r} is named in the manifest but missing.")
+        if self.verify:
+            verify_shard(path, shard)
         return path
+
+
+_verified: Set[Tuple[str, int, int, str]] = set()  # (real path, size, mtime_ns, sha256)
+_verified_lock = threading.Lock()
+
+
+def verify_shard(path: str, shard: ShardEntry) -> None:
+    """Raise LogFormatError unless the file's size and sha256 are the ones the manifest recorded.
+    The whole file is hashed once per process; later reads of the same path, size and
+    modification time are free."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, shard.sha256)
+    if key in _verified:
+        return
+    fix = (f"Restore or re-log it (`logix verify` checks every shard of a project), or pass "
+           f"verify=False to read it unchecked.")
+    if stat.st_size != shard.bytes:
+        raise LogFormatError(f"Shard {path!r} is {stat.st_size} bytes but the manifest recorded "
+                             f"{shard.bytes}: it was truncated or changed. " + fix)
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != shard.sha256:
+        raise LogFormatError(f"Shard {path!r} is corrupt: its sha256 {digest[:16]}... does not "
+                             f"match the manifest's {shard.sha256[:16]}.... " + fix)
+    with _verified_lock:
+        _verified.add(key)
 
 
 _TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from logix.errors import LogFormatError
+from logix.errors import LogFormatError, UsageError
 from logix.storage.format import TMP_SUFFIX, fsync_dir, safetensors_header
 
 SCORES_FORMAT = "logix-scores"
@@ -142,7 +142,8 @@ class ScoreFileWriter:
 
 
 class ScoreFile:
-    """A memory-mapped score file: ids and shape from the header, rows read on demand."""
+    """A memory-mapped score file: ids and shape from the header, rows read on demand.
+    `close()` (or leaving a `with` block) releases the mapping."""
 
     def __init__(self, path: str, group: Optional[str] = None) -> None:
         from safetensors import SafetensorError, safe_open
@@ -157,6 +158,14 @@ class ScoreFile:
             keys = list(self._file.keys())
         except (SafetensorError, OSError) as e:
             raise LogFormatError(f"{self.path!r} is not a readable safetensors file: {e}") from e
+        self._slice = None
+        try:
+            self._check(metadata, keys, group)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, metadata: dict, keys: List[str], group: Optional[str]) -> None:
         if metadata.get("format", SCORES_FORMAT) != SCORES_FORMAT:
             raise LogFormatError(f"{self.path!r} is a {metadata['format']!r} file, not a score "
                                  f"file ('format': {SCORES_FORMAT!r}).")
@@ -187,12 +196,31 @@ class ScoreFile:
 
     def row(self, query: int) -> Tensor:
         """Scores of query `query` against every training example, [n_train] float32."""
+        self._check_open()
         return self._slice[query:query + 1][0].float()
 
     def read_all(self, group: Optional[str] = None) -> Tensor:
         """The whole [n_test, n_train] matrix (of `group`, default this file's opened one)."""
+        self._check_open()
         key = self.key if group is None else GROUP_PREFIX + group
         return self._file.get_tensor(key).float()
+
+    def close(self) -> None:
+        """Release the file and its memory map; reading afterwards raises UsageError."""
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+            self._file = self._slice = None
+
+    def __enter__(self) -> "ScoreFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise UsageError(f"Score file {self.path!r} is closed; open it again with "
+                             "open_scores(path).")
 
     def _ids(self, metadata: dict, key: str) -> List:
         if key not in metadata:
@@ -216,11 +244,11 @@ def load_scores(path: str) -> Dict[str, Any]:
     """{"influence": [n_test, n_train] float32, "src_ids": [...], "tgt_ids": [...], "meta": {},
     and "groups": {name: [n_test, n_train]} when the file has groups}: the dict
     `compute_influence_all` returned, read back."""
-    scores = ScoreFile(path)
-    out = {INFLUENCE_KEY: scores.read_all(), SRC_IDS_KEY: scores.src_ids,
-           TGT_IDS_KEY: scores.tgt_ids, META_KEY: scores.meta}
-    if scores.groups:
-        out[GROUPS_KEY] = {g: scores.read_all(g) for g in scores.groups}
+    with ScoreFile(path) as scores:
+        out = {INFLUENCE_KEY: scores.read_all(), SRC_IDS_KEY: scores.src_ids,
+               TGT_IDS_KEY: scores.tgt_ids, META_KEY: scores.meta}
+        if scores.groups:
+            out[GROUPS_KEY] = {g: scores.read_all(g) for g in scores.groups}
     return out
 
 
