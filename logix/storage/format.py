@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -11,6 +12,8 @@ import struct
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+
+from logix.errors import LogFormatError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,9 +26,16 @@ GRAD_KEY = "grad"
 DATA_IDS_KEY = "data_ids"
 TMP_SUFFIX = ".tmp"
 
+KEY_SEP = "::"  # joins a module name and a kind in state files: "<module>::forward"
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "BOOL": 1}  # bytes per element of each safetensors dtype code
+MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 _SLICE = 8 << 20  # bytes per write call
+_HASH_CHUNK = 1 << 20
 
 _SHARD = re.compile(r"^shard-r(\d+)-(\d+)\.safetensors$")
 
@@ -40,24 +50,88 @@ def parse_shard_name(name: str):
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def atomic_write(path: str, *parts) -> str:
-    """Write `parts` (bytes or buffers) to a temporary name, fsync, rename: readers see the old
-    file or the whole new one. Large buffers go out in slices without a joined copy. Returns
-    the sha256 of what was written."""
-    digest = hashlib.sha256()
+def state_key(module: str, *kind: str) -> str:
+    """The tensor name of a module's entry in a state file, e.g. "fc1::forward::count"."""
+    return KEY_SEP.join((module,) + kind)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Open `path` + TMP_SUFFIX for writing; on success fsync and rename it into place (readers
+    see the old file or the whole new one), on error remove it."""
+    path = os.fspath(path)
     tmp = path + TMP_SUFFIX
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        commit(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def commit(tmp: str, path: str) -> None:
+    """Rename a fully written (and fsynced) temporary file into place, durably."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write(path: str, *parts) -> str:
+    """Write `parts` (bytes or buffers) atomically (see `atomic_file`). Large buffers go out in
+    slices without a joined copy. Returns the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with atomic_file(path) as f:
         for part in parts:
             view = memoryview(part).cast("B")
             for start in range(0, len(view), _SLICE):
                 piece = view[start:start + _SLICE]
                 f.write(piece)
                 digest.update(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
     return digest.hexdigest()
+
+
+def file_sha256(path: str, advance=None) -> str:
+    """sha256 of a file read in chunks (bounded memory); `advance(n)` after each chunk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
+    return digest.hexdigest()
+
+
+def read_header(path: str) -> Tuple[dict, int, int]:
+    """(header, data start, file size) of a safetensors file, checked so that every tensor lies
+    inside the file. A LogFormatError says exactly what is wrong."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise LogFormatError(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(prefix, "little")
+            if n > min(size - 8, MAX_HEADER):
+                raise LogFormatError(f"the header claims {n} bytes but the file has {size - 8} "
+                                     "after the length (truncated?)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise LogFormatError(str(e)) from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LogFormatError(f"the header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise LogFormatError("the header is not a JSON object")
+    data_size = size - 8 - n
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] <= data_size):
+            raise LogFormatError(f"tensor {key!r} ends at byte {offsets and offsets[-1]} of a "
+                                 f"{data_size}-byte data section (truncated?)")
+    return header, 8 + n, size
 
 
 def safetensors_header(tensors: Dict[str, Tuple[torch.dtype, Sequence[int]]],
