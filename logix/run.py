@@ -75,6 +75,7 @@ class Run:
         self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
+        self._finalized = False  # finalize() ran and saving was not switched on again since
         self._statistics_loaded = False  # initialize_from_log() put the saved ones in .statistics
         # Saved statistics of an earlier session whose log this run appends to; merged into
         # this run's at finalize so that they describe every row (see _check_resumed_statistics).
@@ -193,14 +194,22 @@ class Run:
         return self
 
     def save(self, enabled: bool = True) -> "Run":
-        """Write logged gradients to disk (True) or only keep the last step in memory (False)."""
+        """Write logged gradients to disk (True) or only keep the last step in memory (False).
+        After `finalize()`, `save(True)` is needed again to log more rows (see `start`)."""
         self._save = bool(enabled)
+        if self._save:
+            self._finalized = False
         return self
 
     @property
     def saving(self) -> bool:
         """Whether end() writes logged rows to disk (see save())."""
         return self._save
+
+    @property
+    def finalized(self) -> bool:
+        """Whether finalize() closed the log (and save(True) was not called since)."""
+        return self._finalized
 
     def eval(self) -> "Run":
         """Query mode: log gradients in memory only; no statistics, nothing written."""
@@ -211,10 +220,19 @@ class Run:
     # ------------------------------------------------------------------ per step
     def start(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0) -> None:
         """Attach hooks for one step. `mask` [batch, tokens] zeroes padding tokens; `scale`
-        multiplies the logged gradients (e.g. the batch size when the loss is a mean)."""
+        multiplies the logged gradients (e.g. the batch size when the loss is a mean).
+
+        After `finalize()` a step that would write rows is refused until `run.eval()` (a query,
+        kept in memory) or `run.save(True)` (more training rows) says which one it is."""
         if self._capture is not None:
             raise UsageError("start() called twice without end(): call run.end() after each "
                              "step's backward pass.")
+        if self._finalized and self._save and self.plan.log_grad:
+            raise UsageError(
+                "run.finalize() closed this training log, and saving is still on: this step "
+                "would append its rows to it. For a query, call run.eval() first (gradients kept "
+                "in memory, nothing written, statistics unchanged); to log more training rows "
+                "into this project, call run.save(True) again.")
         if not self.modules:
             raise UsageError("Nothing is watched: call run.watch(model) before run.start().")
         ids = normalize_data_ids(data_id)
@@ -509,7 +527,8 @@ class Run:
 
     def finalize(self) -> None:
         """Flush the writer, reduce statistics across processes, save state and manifest.
-        Safe to call more than once."""
+        Safe to call more than once. Later steps must say whether they are queries
+        (`run.eval()`) or more training rows (`run.save(True)`)."""
         if self._capture is not None:
             raise UsageError("finalize() inside a step: call run.end() first.")
         if self._writer is not None:
@@ -524,6 +543,7 @@ class Run:
         if distributed.rank() == 0:
             self._save_final_state()
         distributed.barrier()  # the manifest is complete when finalize returns on any rank
+        self._finalized = True
 
     def _save_final_state(self) -> None:
         os.makedirs(self.project_dir, exist_ok=True)
