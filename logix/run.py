@@ -528,7 +528,8 @@ class Run:
     def finalize(self) -> None:
         """Flush the writer, reduce statistics across processes, save state and manifest.
         Safe to call more than once. Later steps must say whether they are queries
-        (`run.eval()`) or more training rows (`run.save(True)`)."""
+        (`run.eval()`) or more training rows (`run.save(True)`, e.g. after a periodic
+        finalize in one process)."""
         if self._capture is not None:
             raise UsageError("finalize() inside a step: call run.end() first.")
         if self._writer is not None:
