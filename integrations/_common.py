@@ -82,26 +82,30 @@ def logs_epoch(epochs: EpochChoice, epoch: int, total: Optional[int]) -> bool:
 
 @contextlib.contextmanager
 def saving_enabled(run, enabled: bool = True):
-    """`run.save(enabled)` for the block, then saving as it was."""
+    """`run.save(enabled)` for the block, then saving as it was, unless the block finalized
+    the run: it then stays closed to more rows (see `Run.start`)."""
     before = run.saving
     run.save(enabled)
     try:
         yield run
     finally:
-        run.save(before)
+        if not (before and run.finalized):
+            run.save(before)
 
 
 @contextlib.contextmanager
 def query_mode(run):
     """`run.eval()` for the block (log in memory only, no statistics), then the run's plan and
-    saving flag as they were."""
+    saving flag as they were; a finalized run stays in query mode (a later step is a query
+    too, never a row of the closed training log)."""
     plan, before = run.plan, run.saving
     run.eval()
     try:
         yield run
     finally:
-        run.plan = plan
-        run.save(before)
+        if not run.finalized:
+            run.plan = plan
+            run.save(before)
 
 
 @contextlib.contextmanager

@@ -3,15 +3,17 @@
 During training (nothing about training changes; weights come out bit-identical):
 
     run = logix.init("sst2")
-    run.watch(model, type_filter=[torch.nn.Linear])
+    run.watch(model)                # every Linear, Conv1D and Embedding (name_filter= for fewer)
     run.add_lora(rank=16)
     run.setup({"grad": ["log"]})
-    run.save(True)
+    run.save(True)                  # without it nothing is written (a warning at train begin)
     trainer = Trainer(model, args, train_dataset=train, callbacks=[LogIXCallback(run)])
     trainer.train()                 # the last epoch's micro-batches logged; then run.finalize()
 
-Watch layers whose input has one row per example: position embeddings see a single position row
-shared by the batch and cannot be split per example (hence `type_filter=[nn.Linear]` above).
+Position embeddings that see `[1, T]` position ids shared by the batch are expanded to the batch
+inside the hooks, so the whole model can be watched. After training the run is finalized: call
+`run.eval()` before a hand-made query (`influence_of` does it for you); a step with saving still
+on is refused rather than appended to the training log.
 
 After training, with a trained model (post-hoc):
 
@@ -44,6 +46,7 @@ import functools
 import inspect
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -126,6 +129,7 @@ class LogIXCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise UsageError("LogIXCallback got no model from the Trainer.")
+        self._check_arguments(args, model)
         self._model, self._args, self._optimizer = model, args, optimizer
         if not self.run.modules:
             self.run.watch(model, name_filter=self.name_filter, type_filter=self.type_filter)
@@ -142,6 +146,32 @@ class LogIXCallback(TrainerCallback):
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
+
+    def _check_arguments(self, args, model: nn.Module) -> None:
+        """Settings that would fail (or log nothing) only at the first logged step, which
+        with epochs="last" comes after every earlier epoch of training."""
+        if getattr(args, "label_smoothing_factor", 0) > 0 and self.loss_scale_fn is None:
+            raise UsageError(
+                f"TrainingArguments(label_smoothing_factor={args.label_smoothing_factor}): the "
+                "Trainer then computes a smoothed loss outside the model, so LogIXCallback cannot "
+                "tell how it was reduced. Train with label_smoothing_factor=0, or pass "
+                "loss_scale_fn=lambda inputs: <number the Trainer's loss must be multiplied by "
+                "to become the loss summed over examples>.")
+        column = self.data_id_column
+        if column is not None and getattr(args, "remove_unused_columns", False) \
+                and column not in _forward_arguments(model) | {"label", "label_ids"} \
+                | set(getattr(args, "label_names", None) or []):
+            raise UsageError(
+                f"data_id_column={column!r} is not an argument of the model's forward, so the "
+                "Trainer drops it from every batch: set TrainingArguments("
+                "remove_unused_columns=False), or pass data_id_column=None to name examples by a "
+                "hash of their tokens.")
+        saved_by_scheduler = self.scheduler is not None and self.scheduler.save == "grad"
+        if self.run.plan.log_grad and not self.run.saving and not saved_by_scheduler:
+            warnings.warn("LogIXCallback: run.save(True) was not called, so no training row will "
+                          "be written (only the last micro-batch stays in memory). Call "
+                          "run.save(True) before trainer.train() to log the training set.",
+                          stacklevel=2)
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self._micro = 0
@@ -322,6 +352,11 @@ class _Expected:
 
 
 # ---------------------------------------------------------------------- loss bookkeeping
+def _forward_arguments(model: nn.Module) -> set:
+    """Names of the model's forward arguments (the columns the Trainer keeps)."""
+    return set(inspect.signature(_base_model(model).forward).parameters)
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)  # PEFT
     return get_base() if callable(get_base) else model

@@ -81,6 +81,10 @@ class LogIXCallback(Callback):
             Without max_epochs (training bounded by max_steps), "last" logs every epoch.
         scheduler: a `LogIXScheduler`; each epoch is then one of its passes (max_epochs must
             equal len(scheduler)) and `epochs` is ignored.
+        model_fn: `fn(pl_module) -> nn.Module`, the network the callback watches when the run
+            watches nothing yet (e.g. `lambda m: m.model` to leave the LightningModule's other
+            parts out); default: the LightningModule itself.
+        name_filter, type_filter: used when the callback watches the model itself.
     """
 
     def __init__(self, run, data_id_fn: Optional[BatchFn] = None,
@@ -253,16 +257,25 @@ def patch(module_cls, trainer_cls, logix_args: LogIXArguments,
     and validation off) and adds `extract_log(model, dataloader)` (post-hoc logging with the
     scheduler the arguments describe), `influence(model, dataloader)` and `self_influence(...)`.
     For logging during real training, pass `LogIXCallback` to a plain Trainer instead.
+    The run (`logix.init(logix_args.project, config=logix_args.config)`) is created when the
+    first patched module or trainer is built, not by `patch` itself.
     """
-    import logix
+    made = []
 
-    run = logix.init(project=logix_args.project, config=logix_args.config)
+    def the_run():
+        if not made:
+            import logix
+
+            made.append(logix.init(project=logix_args.project, config=logix_args.config))
+        return made[0]
+
     options = dict(data_id_fn=data_id_extractor, mask_fn=mask_extractor)
 
     class PatchedModule(module_cls):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.logix, self.logix_args = run, logix_args
+            run = self.logix = the_run()
+            self.logix_args = logix_args
             run.watch(getattr(self, logix_args.model_key),
                       name_filter=logix_args.name_filter or None,
                       type_filter=logix_args.type_filter or None)
@@ -272,10 +285,11 @@ def patch(module_cls, trainer_cls, logix_args: LogIXArguments,
     class PatchedTrainer(trainer_cls):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.logix, self.logix_args = run, logix_args
+            self.logix, self.logix_args = the_run(), logix_args
 
         def extract_log(self, model, train_dataloaders=None, datamodule=None) -> None:
             logix_args.mode = "log"
+            run = self.logix
             scheduler = LogIXScheduler(run, lora=logix_args.lora_init(run),
                                        hessian=logix_args.hessian, save=logix_args.save)
             loader = train_dataloaders if datamodule is None else datamodule.train_dataloader()
@@ -286,18 +300,18 @@ def patch(module_cls, trainer_cls, logix_args: LogIXArguments,
             logix_args.mode = "influence"
             loader = train_dataloaders if datamodule is None else datamodule.train_dataloader()
             with _on_device(model, self.strategy.root_device):
-                return influence_of(run, model, loader, **options,
+                return influence_of(self.logix, model, loader, **options,
                                     **logix_args.influence_kwargs())
 
         def self_influence(self, model, train_dataloaders=None, datamodule=None):
             logix_args.mode = "self_influence"
-            compute = getattr(run.influence, "compute_self_influence", None)
+            compute = getattr(self.logix.influence, "compute_self_influence", None)
             if compute is None:
                 raise UsageError("This LogIX's influence engine has no compute_self_influence.")
             loader = train_dataloaders if datamodule is None else datamodule.train_dataloader()
             describe, loss_of = _posthoc(data_id_extractor, mask_extractor, None, None, model)
-            with _on_device(model, self.strategy.root_device), query_mode(run):
-                log = log_batches(run, model, loader, describe, loss_of)
+            with _on_device(model, self.strategy.root_device), query_mode(self.logix):
+                log = log_batches(self.logix, model, loader, describe, loss_of)
             return compute(log)
 
     PatchedModule.__name__ = PatchedModule.__qualname__ = f"LogIX{module_cls.__name__}"

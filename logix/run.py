@@ -14,14 +14,16 @@ from torch import Tensor, nn
 
 from logix import distributed, logra
 from logix.config import Config
-from logix.errors import ConfigError, UsageError
+from logix.errors import ConfigError, LogFormatError, UsageError
 from logix.influence import curvature
 from logix.influence.attributor import Attributor
 from logix.log import StepLog
 from logix.logra import Projection
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
+from logix.statistics.eigen import EKFAC
 from logix.storage import state
-from logix.storage.format import DTYPES, STATE_DIR, STATISTICS_FILE
+from logix.storage.format import (DTYPES, GRAD_KEY, LOGS_DIR, STATE_DIR, STATISTICS_FILE,
+                                  parse_shard_name)
 from logix.storage.manifest import (Manifest, ModuleEntry, ShardEntry, append_rank_index,
                                     load_optional)
 from logix.storage.reader import LogReader
@@ -63,6 +65,7 @@ class Run:
         self._save = False
         self._capture: Optional[GradientCapture] = None
         self._step_ids: Optional[List] = None
+        self._step_keep: Optional[List[int]] = None  # positions of the step's rows to write
         self._step_scale = 1.0
         self._last_log: Optional[StepLog] = None
         self._writer: Optional[ShardWriter] = None
@@ -74,6 +77,12 @@ class Run:
         self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
+        self._finalized = False  # finalize() ran and saving was not switched on again since
+        self._statistics_loaded = False  # initialize_from_log() put the saved ones in .statistics
+        # Saved statistics of an earlier session whose log this run appends to; merged into
+        # this run's at finalize so that they describe every row (see _check_resumed_statistics).
+        self._resumed: Optional[Dict[str, Tensor]] = None
+        self._resumed_rows = 0  # rows the log held when this run opened it (0: checked)
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: Union[None, Sequence[str], Callable] = None,
@@ -194,14 +203,22 @@ class Run:
         return self
 
     def save(self, enabled: bool = True) -> "Run":
-        """Write logged gradients to disk (True) or only keep the last step in memory (False)."""
+        """Write logged gradients to disk (True) or only keep the last step in memory (False).
+        After `finalize()`, `save(True)` is needed again to log more rows (see `start`)."""
         self._save = bool(enabled)
+        if self._save:
+            self._finalized = False
         return self
 
     @property
     def saving(self) -> bool:
         """Whether end() writes logged rows to disk (see save())."""
         return self._save
+
+    @property
+    def finalized(self) -> bool:
+        """Whether finalize() closed the log (and save(True) was not called since)."""
+        return self._finalized
 
     def eval(self) -> "Run":
         """Query mode: log gradients in memory only; no statistics, nothing written."""
@@ -212,20 +229,36 @@ class Run:
     # ------------------------------------------------------------------ per step
     def start(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0) -> None:
         """Attach hooks for one step. `mask` [batch, tokens] zeroes padding tokens; `scale`
-        multiplies the logged gradients (e.g. the batch size when the loss is a mean)."""
+        multiplies the logged gradients (e.g. the batch size when the loss is a mean).
+
+        After `finalize()` a step that would write rows is refused until `run.eval()` (a query,
+        kept in memory) or `run.save(True)` (more training rows) says which one it is."""
         if self._capture is not None:
             raise UsageError("start() called twice without end(): call run.end() after each "
                              "step's backward pass.")
+        if self._finalized and self._save and self.plan.log_grad:
+            raise UsageError(
+                "run.finalize() closed this training log, and saving is still on: this step "
+                "would append its rows to it. For a query, call run.eval() first (gradients kept "
+                "in memory, nothing written, statistics unchanged); to log more training rows "
+                "into this project, call run.save(True) again.")
         if not self.modules:
             raise UsageError("Nothing is watched: call run.watch(model) before run.start().")
         ids = normalize_data_ids(data_id)
         if mask is not None and not isinstance(mask, Tensor):
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
-        # The step's forward/backward statistics stay apart until end() keeps the step.
+        keep = None
+        if self._save and self.plan.log_grad:  # refusals come before anything of the step runs
+            self._ensure_writer()  # a log of another layout or dtype
+            keep = self._unseen(ids)  # ids already logged, by logging.on_duplicate
+        # The step's forward/backward statistics stay apart until end() keeps the step, and
+        # count only the examples whose rows the log keeps.
         step_statistics = CovarianceState(device=self.statistics.device)
-        self._capture = GradientCapture(self.modules, self._projection_for, self.plan,
-                                        step_statistics, mask, examples=len(ids)).__enter__()
-        self._step_ids, self._step_scale = ids, scale
+        self._capture = GradientCapture(
+            self.modules, self._projection_for, self.plan, step_statistics, mask,
+            examples=len(ids), counted=None if keep is None or len(keep) == len(ids) else keep
+        ).__enter__()
+        self._step_ids, self._step_keep, self._step_scale = ids, keep, scale
 
     def end(self) -> None:
         """Detach hooks, assemble the step's rows, update statistics and queue rows for disk."""
@@ -273,19 +306,19 @@ class Run:
             raise UsageError(f"Gradients of this step reach {float(rows.abs().max()):.3g}, beyond "
                              f"float16's range ({_FLOAT16_MAX:g}): they would be stored as inf. "
                              "Use logging.log_dtype: bfloat16 (same size, float32's range).")
-        keep = []
-        if self._save and self.plan.log_grad:  # refusals come before anything of the step is kept
-            writer = self._ensure_writer()  # a log of another layout or dtype
-            keep = self._unseen(ids)  # ids already logged, by logging.on_duplicate
+        keep = self._step_keep  # None: nothing is written, every example counts
+        if keep is not None and self._checkpoint is None:
+            self._check_resumed_statistics()
+        kept = rows if keep is None or len(keep) == len(ids) else rows[keep]
         self._keep_statistics(capture.statistics)
         if self.plan.grad_covariance:
             for entry in self.layout():
-                self.statistics.update(entry.name, GRAD, rows[:, entry.columns], rows.shape[0])
+                self.statistics.update(entry.name, GRAD, kept[:, entry.columns], kept.shape[0])
         self._last_log = StepLog(ids, rows, self.layout(), dict(self.projection_meta))
         if keep:
-            if len(keep) < len(ids):
-                ids, rows = [ids[k] for k in keep], rows[keep]
-            writer.append(ids, rows)  # cast to the log dtype while copied into the shard
+            kept_ids = [ids[k] for k in keep]
+            self._logged_ids.update((self._checkpoint, i) for i in kept_ids)
+            self._writer.append(kept_ids, kept)  # cast to the log dtype while copied
 
     def _unseen(self, ids: List) -> List[int]:
         """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
@@ -294,19 +327,54 @@ class Run:
             self._logged_ids = {(s.checkpoint, i) for s in reader.manifest.shards
                                 for i in reader.shard_ids(s)}
         policy = self.config.logging.on_duplicate
-        keep = [k for k, i in enumerate(ids) if (self._checkpoint, i) not in self._logged_ids]
-        if len(keep) < len(ids) and policy != "allow":
-            seen = [i for k, i in enumerate(ids) if k not in set(keep)]
+        if policy == "allow":
+            return list(range(len(ids)))
+        logged, checkpoint = self._logged_ids, self._checkpoint
+        keep = [k for k, i in enumerate(ids) if (checkpoint, i) not in logged]
+        if len(keep) < len(ids):
+            seen = [i for i in ids if (checkpoint, i) in logged]
             if policy == "error":
                 raise UsageError(f"data ids {seen[:5]} are already in this log (project "
                                  f"{self.project!r}); nothing of this step was written. Set "
                                  "logging.on_duplicate to 'skip' or 'allow', or use new ids.")
             warnings.warn(f"Skipped {len(seen)} rows whose data ids are already logged (e.g. "
-                          f"{seen[:3]}); logging.on_duplicate='allow' keeps them.")
-        if policy == "allow":
-            keep = list(range(len(ids)))
-        self._logged_ids.update((self._checkpoint, ids[k]) for k in keep)
+                          f"{seen[:3]}); logging.on_duplicate='allow' keeps them, and the "
+                          "statistics count only the kept rows.")
         return keep
+
+    def _check_resumed_statistics(self) -> None:
+        """Before this run adds rows to a log of an earlier session: the statistics saved with
+        those rows and the ones this run collects must be of the same kinds, so that their
+        merge (sums and counts added at finalize) describes every row of the log."""
+        if not self._resumed_rows:
+            return
+        saved = (self.statistics.state_dict() if self._statistics_loaded
+                 else self._resumed or {})
+        saved_kinds = {k.split("::")[1] for k in saved if k.count("::") == 1} - {EKFAC}
+        plan = self.plan
+        kinds = {kind for kind, on in ((FORWARD, plan.forward_covariance),
+                                       (BACKWARD, plan.backward_covariance),
+                                       (GRAD, plan.grad_covariance)) if on}
+        if kinds != saved_kinds:
+            raise UsageError(
+                f"Project {self.project!r} already holds {self._resumed_rows} rows whose saved "
+                f"statistics are {sorted(saved_kinds) or 'none'}, and this run collects "
+                f"{sorted(kinds) or 'none'}: the statistics would no longer describe every row "
+                "of the log. Collect the same covariances as the earlier session (run.setup), "
+                "or log into a new project.")
+        self._resumed_rows = 0
+
+    def _merge_resumed_statistics(self) -> None:
+        """Add the earlier session's saved statistics to this run's (after the all-reduce, so
+        every rank holds them once). EK-FAC's eigenvalues are refitted over all rows."""
+        if not self._resumed:
+            return
+        saved = CovarianceState()
+        saved.load_state_dict(self._resumed)
+        saved.drop(EKFAC)
+        self.statistics.drop(EKFAC)
+        self.statistics.merge(saved)
+        self._resumed = None
 
     def _keep_statistics(self, step: CovarianceState) -> None:
         self.statistics.merge(step)
@@ -434,6 +502,11 @@ class Run:
         if existing is not None:
             existing.check_compatible(manifest)
             manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
+            self._resumed_rows = existing.rows
+            if not self._statistics_loaded:
+                self._resumed = state.load_statistics(self.project_dir)
+        else:
+            _refuse_orphan_shards(self.project_dir, manifest.dim)
         self._manifest = manifest
         if distributed.rank() == 0:  # the layout is readable before the first shard lands
             self._save_projections()
@@ -462,7 +535,9 @@ class Run:
 
     def finalize(self) -> None:
         """Flush the writer, reduce statistics across processes, save state and manifest.
-        Safe to call more than once."""
+        Safe to call more than once. Later steps must say whether they are queries
+        (`run.eval()`) or more training rows (`run.save(True)`, e.g. after a periodic
+        finalize in one process)."""
         if self._capture is not None:
             raise UsageError("finalize() inside a step: call run.end() first.")
         if self._writer is not None:
@@ -471,12 +546,14 @@ class Run:
         if distributed.any_rank(self._needs_reduce):
             self.statistics.all_reduce()
             self._needs_reduce = False
+            self._merge_resumed_statistics()
             if distributed.any_rank(self._fits_ekfac()):
                 curvature.fit("ekfac", self.statistics, self.reader(),
                               self.config.influence.block_rows, progress=False)
         if distributed.rank() == 0:
             self._save_final_state()
         distributed.barrier()  # the manifest is complete when finalize returns on any rank
+        self._finalized = True
 
     def _save_final_state(self) -> None:
         os.makedirs(self.project_dir, exist_ok=True)
@@ -513,9 +590,11 @@ class Run:
         self.modules = {m.name: self.modules[m.name] for m in manifest.modules}
         self.projections = {m.name: projections[m.name] for m in manifest.modules}
         self.projection_meta = meta
+        self.config = copy.deepcopy(self.config)  # the caller's Config stays as it was
         self.config.logging.log_dtype = manifest.dtype
         self._on_device.clear()
         self.statistics.load_state_dict(state.load_statistics(self.project_dir))
+        self._statistics_loaded, self._resumed = True, None
         if self.layout() != manifest.modules:
             raise UsageError("The watched layers' shapes differ from the log's; load the same "
                              "model architecture as the logging run.")
@@ -590,6 +669,32 @@ def _check_checkpoint_args(name, segment, lr, steps, momentum) -> None:
         raise UsageError(f"checkpoint steps must be a positive integer, got {steps!r}.")
     if not 0 <= momentum < 1:
         raise UsageError(f"checkpoint momentum must be in [0, 1), got {momentum!r}.")
+
+
+def _refuse_orphan_shards(project_dir: str, dim: int) -> None:
+    """Shards on disk that no manifest describes (manifest.json was deleted): their layout
+    cannot be checked, so rows are not appended beside them."""
+    logs = os.path.join(project_dir, LOGS_DIR)
+    shards = sorted(n for n in os.listdir(logs) if parse_shard_name(n)) \
+        if os.path.isdir(logs) else []
+    if not shards:
+        return
+    widths = sorted({_shard_width(os.path.join(logs, n)) for n in shards} - {None})
+    raise LogFormatError(
+        f"{logs!r} holds {len(shards)} shards (rows of width {widths or 'unknown'}; this run's "
+        f"rows have width {dim}) but {project_dir!r} has no manifest.json to check their layout "
+        "against. Move the logs/ folder away (or restore manifest.json), or use a new project.")
+
+
+def _shard_width(path: str) -> Optional[int]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(GRAD_KEY).get_shape()
+    except (OSError, SafetensorError, KeyError):
+        return None
+    return int(shape[1]) if len(shape) == 2 else None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -14,9 +14,11 @@ Passes, in order:
    backward covariances; ekfac's corrected eigenvalues are then fitted from the saved rows by
    `run.finalize()`) and, with ``save="grad"``, writes the projected gradients to disk.
 
-Saving is switched on for the logging pass only and put back as it was when the iteration ends;
-the run is finalized then (flush, reduce statistics across processes, save state). The logging
-pass declares ``hessian`` as the run's curvature: queries use it unless told otherwise.
+Saving is switched on for the logging pass only; when the iteration ends the run is finalized
+(flush, reduce statistics across processes, save state) and saving is put back as it was. If it
+was on, a later step must say whether it is a query (`run.eval()`) or more training rows
+(`run.save(True)`): see `Run.start`. The logging pass declares
+``hessian`` as the run's curvature: queries use it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -116,9 +118,10 @@ class LogIXScheduler:
         self._done = True
         try:
             self.run.finalize()
-        finally:
-            if self._saving_before is not None:
-                self.run.save(self._saving_before)
+        finally:  # a finalized run stays closed to more rows until save(True) (Run.start)
+            before = self._saving_before
+            if before is not None and not (before and self.run.finalized):
+                self.run.save(before)
 
     def __repr__(self) -> str:
         return (f"LogIXScheduler(lora={self.lora!r}, hessian={self.hessian!r}, "

@@ -46,14 +46,14 @@ def test_two_processes_log_the_same_rows_and_statistics(logs):
     manifest = Manifest.load(str(logs / "ddp-log-2"))
     assert {s.rank for s in manifest.shards} == {0, 1}
     assert len({s.file for s in manifest.shards}) == len(manifest.shards)
-    r1, r2 = (torch.load(logs / f"result-{w}.pt") for w in (1, 2))
+    r1, r2 = (torch.load(logs / f"result-log-{w}.pt") for w in (1, 2))
     for key, value in r1["stats"].items():
         assert value is not None, key
         torch.testing.assert_close(r2["stats"][key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_two_processes_score_like_one(logs):
-    r1, r2 = (torch.load(logs / f"result-{w}.pt") for w in (1, 2))
+    r1, r2 = (torch.load(logs / f"result-log-{w}.pt") for w in (1, 2))
     order = [r2["full"]["tgt_ids"].index(i) for i in r1["full"]["tgt_ids"]]
     torch.testing.assert_close(r2["full"]["influence"][:, order], r1["full"]["influence"],
                                rtol=1e-4, atol=1e-5)
@@ -62,6 +62,24 @@ def test_two_processes_score_like_one(logs):
     torch.testing.assert_close(r2["top"]["top_scores"], values[:, :4])
     torch.testing.assert_close(r2["top"]["bottom_scores"], values[:, -4:].flip(1))
     assert r2["rank0"]["influence"].shape == (3, 40)
+
+
+def test_fsdp2_fully_shard_logs_and_scores_like_one_process(logs):
+    """FSDP2 on CPU (gloo): `fully_shard` on each Linear and the root. The hooks see the
+    unsharded weights' inputs and output gradients, so rows, statistics and scores equal one
+    process without FSDP."""
+    done = launch(logs, "fsdp", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, fsdp = rows_by_id(logs / "ddp-log-1"), rows_by_id(logs / "ddp-fsdp-2")
+    assert one.keys() == fsdp.keys()
+    for i in one:
+        torch.testing.assert_close(fsdp[i], one[i], rtol=1e-5, atol=1e-6)
+    r1, r2 = (torch.load(logs / name) for name in ("result-log-1.pt", "result-fsdp-2.pt"))
+    for key, value in r1["stats"].items():
+        torch.testing.assert_close(r2["stats"][key], value, rtol=1e-4, atol=1e-6)
+    order = [r2["full"]["tgt_ids"].index(i) for i in r1["full"]["tgt_ids"]]
+    torch.testing.assert_close(r2["full"]["influence"][:, order], r1["full"]["influence"],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_a_crashed_rank_leaves_the_other_shards_readable(tmp_path):

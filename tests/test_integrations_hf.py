@@ -273,11 +273,57 @@ def test_data_id_column_and_no_logging_during_evaluation(tmp_path):
 
 
 def test_data_id_column_dropped_by_trainer_is_explained(tmp_path):
+    """Refused at train begin, not after the epochs before the logged one."""
     model = make_model("cls")
+    before = copy.deepcopy(model.state_dict())
     run = new_run(tmp_path, model, "cls")
     with pytest.raises(UsageError, match="remove_unused_columns=False"):
         train(model, make_data("cls", 8, with_ids=True), tmp_path,
-              [LogIXCallback(run, data_id_column="idx")])
+              [LogIXCallback(run, data_id_column="idx")], num_train_epochs=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_label_smoothing_is_refused_at_train_begin(tmp_path):
+    model = make_model("cls")
+    before = copy.deepcopy(model.state_dict())
+    run = new_run(tmp_path, model, "cls")
+    with pytest.raises(UsageError, match=r"label_smoothing_factor=0.1.*loss_scale_fn"):
+        train(model, make_data("cls", 8), tmp_path, [LogIXCallback(run)], num_train_epochs=3,
+              label_smoothing_factor=0.1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_forgotten_save_warns_at_train_begin(tmp_path):
+    model = make_model("cls")
+    run = new_run(tmp_path, model, "cls").save(False)
+    with pytest.warns(UserWarning, match=r"run.save\(True\) was not called"):
+        train(model, make_data("cls", 4), tmp_path, [LogIXCallback(run)])
+    assert run.get_log().grads.shape[0] == BATCH  # the last micro-batch, in memory only
+
+
+def test_a_query_after_training_never_lands_in_the_training_log(tmp_path):
+    """Forgetting run.eval() before a hand-made query: refused, not appended to the log;
+    influence_of switches to query mode itself and leaves the finalized run there."""
+    model = make_model("cls")
+    run = new_run(tmp_path, model, "cls")
+    train(model, make_data("cls", 8), tmp_path, [LogIXCallback(run)])
+    query = make_data("cls", 2, seed=9)
+    batch = {k: torch.stack([r[k] for r in query.rows]) for k in query.rows[0]}
+
+    def manual_query():
+        with run(data_id=["q0", "q1"]):
+            model(**batch).loss.backward()
+        return run.get_log()
+
+    with pytest.raises(UsageError, match=r"finalize\(\) closed this training log.*run.eval"):
+        manual_query()
+    result = influence_of(run, model, query, batch_size=2)
+    assert result["influence"].shape == (2, 8)
+    assert manual_query().data_ids == ["q0", "q1"]  # still in query mode: kept in memory
+    run.eval()
+    manual_query()
+    assert run.reader().rows == 8
 
 
 class GALossTrainer(Trainer):

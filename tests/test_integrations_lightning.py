@@ -231,6 +231,7 @@ def test_old_patch_api_logs_post_hoc_with_a_scheduler(tmp_path, monkeypatch):
     args = LogIXArguments(project="old", lora="pca", hessian="kfac", save="grad")
     Module, Trainer = patch(Classifier, pl.Trainer, args,
                             data_id_extractor=lambda b: b["idx"])
+    assert logix._current is None  # the run is made when it is needed, not at patch time
     module = Module()
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, enable_progress_bar=False,
                       logger=False, enable_checkpointing=False)

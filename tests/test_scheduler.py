@@ -123,7 +123,14 @@ def test_saving_is_restored_to_what_it_was(tmp_path):
     run.save(True)
     for _ in LogIXScheduler(run, save="grad"):
         one_pass(run, model, batches)
-    one_pass(run, model, make_batches(1, first_id=100))  # saving stayed on, as the user had it
+    assert run.saving  # as the user had it, but the scheduler finalized the log: a later step
+    with pytest.raises(UsageError, match=r"finalize\(\) closed this training log.*run.eval\(\)"):
+        one_pass(run, model, make_batches(1, first_id=100))  # a forgotten run.eval() for a query
+    run.eval()
+    one_pass(run, model, make_batches(1, first_id=100))
+    assert run.reader().rows == 5
+    run.setup({"grad": ["log"]}).save(True)  # more training rows, said explicitly
+    one_pass(run, model, make_batches(1, first_id=100))
     run.flush()
     assert run.reader().rows == 10
 

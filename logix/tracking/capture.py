@@ -49,13 +49,16 @@ class GradientCapture:
 
     def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
                  plan: Plan, statistics: CovarianceState, mask: Optional[Tensor] = None,
-                 examples: Optional[int] = None) -> None:
+                 examples: Optional[int] = None, counted: Optional[List[int]] = None) -> None:
         self.modules = modules
         self.projection_for = projection_for
         self.plan = plan
         self.statistics = statistics
         self.mask = mask
         self.examples = examples  # number of data ids of the step
+        # Positions of the examples whose rows the log keeps; statistics count only those
+        # (None: every example).
+        self.counted = None if counted is None else torch.tensor(counted, dtype=torch.long)
         self.batch_size: Optional[int] = None
         self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], float32
         self.calls: Dict[str, int] = dict.fromkeys(modules, 0)
@@ -114,8 +117,9 @@ class GradientCapture:
                     self._forward_statistics(tracked.name, x_proj, mask)
                 dy_proj = tracked.project_output(dy.to(x_proj.dtype), projection.p_out)
                 if self.plan.backward_covariance:
-                    rows = dy_proj.reshape(-1, dy_proj.shape[-1])
-                    self.statistics.update(tracked.name, BACKWARD, rows, dy_proj.shape[0])
+                    counted = self._counted(dy_proj)
+                    rows = counted.reshape(-1, counted.shape[-1])
+                    self.statistics.update(tracked.name, BACKWARD, rows, counted.shape[0])
                 if self.plan.needs_grad:
                     # [B, g, N, r_out] x [B, g, N, r_in] -> [B, r_out, r_in]
                     grad = torch.einsum("bgno,bgni->boi", dy_proj.float(), x_proj.float())
@@ -128,12 +132,21 @@ class GradientCapture:
         return hook
 
     def _forward_statistics(self, name: str, x_proj: Tensor, mask: Optional[Tensor]) -> None:
+        x_proj = self._counted(x_proj)
+        mask = None if mask is None else self._counted(mask)
         rows = x_proj.reshape(-1, x_proj.shape[-1])
         if mask is None:
             count = rows.shape[0]
         else:
             count = float(mask.sum()) * x_proj.shape[1]
         self.statistics.update(name, FORWARD, rows, count)
+
+    def _counted(self, t: Tensor) -> Tensor:
+        """The counted examples of a per-example tensor [B, ...] (all when the batch does not
+        line up with the data ids; end() refuses such a step)."""
+        if self.counted is None or t.shape[0] != self.examples:
+            return t
+        return t[self.counted.to(t.device)]
 
     def _check_batch(self, name: str, x: Tensor) -> None:
         if self.batch_size is None:

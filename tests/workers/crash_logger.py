@@ -51,6 +51,7 @@ def log_until_killed(root: str, project: str, attempt: int, batch: int, shard_ro
         if step % finalize_every == 0:
             note(f"f {logged}")
             run.finalize()
+            run.save(True)  # a mid-run finalize: the steps after it are training rows too
             note(f"F {logged}")
     run.finalize()
     note("done")

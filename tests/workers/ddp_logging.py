@@ -1,8 +1,9 @@
 """Launched by tests/test_distributed.py, with torchrun (2 processes, gloo) or plainly (1).
 
-    python ddp_logging.py ROOT MODE      MODE: log | crash
+    python ddp_logging.py ROOT MODE      MODE: log | crash | fsdp
 Logs a small MLP over 40 examples (each rank takes every world-th batch), queries influence,
-and saves what the test compares to ROOT/result-<world>.pt (rank 0).
+and saves what the test compares to ROOT/result-<mode>-<world>.pt (rank 0). The model is
+wrapped in DDP, or with MODE fsdp in FSDP2 (`fully_shard` on each Linear and on the root).
 """
 
 import os
@@ -25,7 +26,15 @@ def main(root: str, mode: str) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        wrapped = fully_shard(model)  # the same object, its parameters now sharded DTensors
+        assert type(model[0].weight).__name__ == "DTensor"
+    else:
+        wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
 
@@ -56,7 +65,7 @@ def main(root: str, mode: str) -> None:
         stats = {f"{m}::{k}": run.statistics.get(m, k) for m in run.projections
                  for k in ("forward", "backward", "grad", "ekfac")}
         torch.save({"full": full, "top": top, "stats": stats, "rank0": only_rank0},
-                   os.path.join(root, f"result-{world}.pt"))
+                   os.path.join(root, f"result-{mode}-{world}.pt"))
     elif only_rank0 is not None:
         raise AssertionError("gather='rank0' returned scores on another rank")
     if dist.is_initialized():

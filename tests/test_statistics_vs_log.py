@@ -1,0 +1,143 @@
+"""Statistics describe exactly the rows in the log (docs/concepts.md, "Statistics and the log"):
+an example whose row is not written (a duplicate id skipped, a refused step) adds nothing to the
+forward, backward or gradient covariances; a later session that appends rows merges its
+statistics with the saved ones; a folder whose manifest is gone is not appended to."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import logix
+from conftest import make_mlp, seeded
+from logix.errors import LogFormatError, UsageError
+from logix.storage.reader import LogReader
+from test_statistics import ALL_STATS, check_mlp_statistics
+
+T = 4  # tokens per example
+
+
+def data(n, seed):
+    g = seeded(seed)
+    x, y = torch.randn(n, T, 6, generator=g), torch.randn(n, T, 3, generator=g)
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    return x, y, mask
+
+
+def log_steps(run, model, x, y, mask, batches, logged):
+    """Log each batch of ids; returns the (x, y, mask) of the examples whose rows were new."""
+    kept = []
+    for ids in batches:
+        with run(data_id=ids, mask=mask[ids]):
+            (((model(x[ids]) - y[ids]) ** 2).sum(-1) * mask[ids]).sum().backward()
+        new = [i for i in ids if i not in logged]
+        logged.update(new)
+        if new:
+            kept.append((x[new], y[new], mask[new]))
+    return kept
+
+
+def logging_run(new_run, project, model, setup=ALL_STATS):
+    run = new_run(project, shard_rows=5)
+    run.watch(model).add_lora(rank=3)
+    return run.setup({**setup, "grad": ["log"] + setup.get("grad", [])}).save(True)
+
+
+def test_skipped_duplicates_add_nothing_to_the_statistics(new_run, tmp_root):
+    """Three passes over 12 ids, the later ones in batches that mix logged and new ids: 12 rows,
+    and every covariance (forward counts real tokens) equals brute force over those 12 rows."""
+    model = make_mlp(seed=40)
+    x, y, mask = data(12, seed=40)
+    passes = [[[0, 1, 2], [3, 4, 5]],
+              [[4, 6, 0], [7, 8, 1], [9, 10, 11], [2, 3, 5]],
+              [[11, 0, 5], [1, 2, 3], [4, 6, 7], [8, 9, 10]]]
+    run = logging_run(new_run, "epochs", model)
+    kept, logged = [], set()
+    for batches in passes:
+        with pytest.warns(UserWarning, match="Skipped") if logged else contextlib.nullcontext():
+            kept += log_steps(run, model, x, y, mask, batches, logged)
+    run.finalize()
+    assert LogReader(os.path.join(tmp_root, "epochs")).rows == 12
+    assert run.statistics.counts[("0", "grad")] == 12
+    assert run.statistics.counts[("0", "backward")] == 12
+    assert run.statistics.counts[("0", "forward")] == float(mask.sum())
+    check_mlp_statistics(run, model, kept, include_bias=False, use_mask=True)
+    saved = new_run("epochs").watch(model).initialize_from_log()
+    check_mlp_statistics(saved, model, kept, include_bias=False, use_mask=True)
+    assert saved.statistics.counts[("0", "ekfac")] == 12
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["reopen", "initialize_from_log"])
+def test_a_second_session_merges_its_statistics_with_the_saved_ones(new_run, tmp_root, reload):
+    """Without initialize_from_log the saved statistics used to be replaced by the second
+    session's; with it, its skipped duplicates were counted. Both now describe all rows."""
+    model = make_mlp(seed=41)
+    x, y, mask = data(10, seed=41)
+    logged = set()
+    first = logging_run(new_run, "two", model)
+    kept = log_steps(first, model, x, y, mask, [[0, 1, 2], [3, 4]], logged)
+    first.finalize()
+    second = logging_run(new_run, "two", model)
+    if reload:
+        second.initialize_from_log()
+    with pytest.warns(UserWarning, match="Skipped 1 rows"):
+        kept += log_steps(second, model, x, y, mask, [[3, 5, 6], [4, 7, 8, 9]], logged)
+    second.finalize()
+    assert LogReader(os.path.join(tmp_root, "two")).rows == 10
+    saved = new_run("two").watch(model).initialize_from_log()
+    assert saved.statistics.counts[("2", "grad")] == 10
+    check_mlp_statistics(saved, model, kept, include_bias=False, use_mask=True)
+    assert saved.statistics.counts[("2", "ekfac")] == 10  # refitted over every row
+
+
+def test_a_second_session_with_other_statistics_is_refused(new_run, tmp_root):
+    model = make_mlp(seed=42)
+    x, y, mask = data(6, seed=42)
+    first = logging_run(new_run, "kinds", model)
+    log_steps(first, model, x, y, mask, [[0, 1, 2]], set())
+    first.finalize()
+    second = logging_run(new_run, "kinds", model, setup={})
+    with pytest.raises(UsageError, match=r"already holds 3 rows whose saved statistics are "
+                                         r"\['backward', 'forward', 'grad'\].*collects none"):
+        log_steps(second, model, x, y, mask, [[3, 4, 5]], set())
+    second.finalize()
+    assert LogReader(os.path.join(tmp_root, "kinds")).rows == 3
+    saved = new_run("kinds").watch(model).initialize_from_log()
+    assert saved.statistics.counts[("0", "grad")] == 3
+
+
+def test_shards_without_a_manifest_are_not_appended_to(new_run, tmp_root):
+    """manifest.json deleted, the next run has another rank: its rows would be of another width
+    beside the old shards (and the old index file would list them in the new manifest)."""
+    model = make_mlp(seed=43)
+    x, y, mask = data(6, seed=43)
+    first = logging_run(new_run, "orphans", model)
+    log_steps(first, model, x, y, mask, [[0, 1, 2]], set())
+    first.finalize()
+    project_dir = os.path.join(tmp_root, "orphans")
+    os.remove(os.path.join(project_dir, "manifest.json"))
+    before = sorted(os.listdir(os.path.join(project_dir, "logs")))
+    second = new_run("orphans", shard_rows=5)
+    second.watch(model).add_lora(rank=2).setup({"grad": ["log"]}).save(True)
+    with pytest.raises(LogFormatError, match=r"holds 1 shards \(rows of width \[18\]; this "
+                                             r"run's rows have width 8\).*no manifest.json"):
+        log_steps(second, model, x, y, mask, [[3, 4, 5]], set())
+    assert sorted(os.listdir(os.path.join(project_dir, "logs"))) == before
+
+
+def test_initialize_from_log_leaves_the_callers_config_alone(tmp_root):
+    model = make_mlp(seed=44)
+    run = logix.init("bf16", root_dir=tmp_root, log_dtype="bfloat16")
+    run.watch(model).setup({"grad": ["log"]}).save(True)
+    with run(data_id=[0, 1]):
+        model(torch.randn(2, 6)).sum().backward()
+    run.finalize()
+    config = logix.load_config(None, root_dir=tmp_root)
+    reopened = logix.init("bf16", config=config).watch(model).initialize_from_log()
+    assert reopened.config.logging.log_dtype == "bfloat16"
+    assert config.logging.log_dtype == "float32"
+
