@@ -155,7 +155,8 @@ def test_projects_page_updates_while_logging(browser, server, root):
     run = logix.init("demo", root_dir=root["root"])  # reopen: new shards append
     run.watch(model)
     run.add_lora(rank=2)
-    run.setup({"grad": ["log"]})
+    run.setup({"grad": ["log", "covariance"], "forward": ["covariance"],
+               "backward": ["covariance"]})  # what the log's earlier session collected
     run.save(True)
     with run(data_id=[f"extra{i}" for i in range(4)]):
         model.zero_grad()
