@@ -49,19 +49,28 @@ class LoggingConfig:
     nonfinite: Literal["error", "skip"] = _help(
         "What to do with a step whose gradients contain NaN or inf: raise, or skip with a warning.",
         "error")
+    on_unused_layer: Literal["error", "zero"] = _help(
+        "A watched layer that runs no forward, or whose output gets no gradient, in a step: "
+        "raise, or log zeros for it (a layer legitimately unused in some steps).", "error")
+    max_statistics_bytes: Optional[int] = _help(
+        "Memory that statistics and one shard of rows may take; run.watch / add_lora / setup "
+        "refuse more. null: half of the RAM, or of the GPU's memory where statistics live.",
+        None)
 
     def __post_init__(self) -> None:
         if isinstance(self.log_dtype, str):
             self.log_dtype = _DTYPE_ALIASES.get(self.log_dtype.lower(), self.log_dtype.lower())
         _positive(self, "flush_threshold", "num_workers", "queue_size")
-        if self.shard_rows is not None:
-            _positive(self, "shard_rows")
+        for key in ("shard_rows", "max_statistics_bytes"):
+            if getattr(self, key) is not None:
+                _positive(self, key)
 
 
 @dataclass
 class LoraConfig:
     init: LoraInit = _help("How projections are initialised: seeded Gaussian or PCA.", "random")
-    rank: int = _help("Projection rank for both sides, clipped to each layer's sizes.", 64)
+    rank: int = _help(
+        "Projection rank for both sides; a side no wider than it is not projected.", 64)
     rank_in: Optional[int] = _help("Input-side rank; overrides `rank` when set.", None)
     rank_out: Optional[int] = _help("Output-side rank; overrides `rank` when set.", None)
 

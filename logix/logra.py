@@ -59,24 +59,32 @@ def module_seed(seed: int, name: str) -> int:
 
 def random_projection(name: str, in_dim: int, out_dim: int, rank_in: int, rank_out: int,
                       seed: int) -> Projection:
+    """Seeded Gaussian P_in / P_out; a side whose rank reaches its size is the identity (None):
+    a square random matrix would only distort dot products and save nothing."""
     generator = torch.Generator().manual_seed(module_seed(seed, name))
-    rank_in, rank_out = min(rank_in, in_dim), min(rank_out, out_dim)
-    p_in = torch.randn(rank_in, in_dim, generator=generator) / rank_in**0.5
-    p_out = torch.randn(rank_out, out_dim, generator=generator) / rank_out**0.5
-    return Projection(p_in, p_out, in_dim, out_dim)
+
+    def gaussian(rank: int, dim: int) -> Optional[Tensor]:
+        if rank >= dim:
+            return None
+        return torch.randn(rank, dim, generator=generator) / rank**0.5
+
+    return Projection(gaussian(rank_in, in_dim), gaussian(rank_out, out_dim), in_dim, out_dim)
 
 
 def pca_projection(forward_cov: Tensor, backward_cov: Tensor, rank_in: int,
                    rank_out: int) -> Projection:
-    """Rows of P_in / P_out are the top eigenvectors of the input / output-gradient covariances."""
+    """Rows of P_in / P_out are the top eigenvectors of the input / output-gradient covariances;
+    a side whose rank reaches its size is the identity (None)."""
     return Projection(top_eigenvectors(forward_cov, rank_in), top_eigenvectors(backward_cov, rank_out),
                       forward_cov.shape[0], backward_cov.shape[0])
 
 
-def top_eigenvectors(cov: Tensor, rank: int) -> Tensor:
-    """[rank, d]: eigenvectors of the largest eigenvalues, largest first, computed in float64."""
+def top_eigenvectors(cov: Tensor, rank: int) -> Optional[Tensor]:
+    """[rank, d]: eigenvectors of the largest eigenvalues, largest first, computed in float64;
+    None (the identity) when rank >= d."""
+    if rank >= cov.shape[0]:
+        return None
     _, vectors = torch.linalg.eigh(cov.double())
-    rank = min(rank, cov.shape[0])
     return vectors[:, -rank:].flip(-1).T.contiguous().float()
 
 

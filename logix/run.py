@@ -19,6 +19,7 @@ from logix.influence import curvature
 from logix.influence.attributor import Attributor
 from logix.log import StepLog
 from logix.logra import Projection
+from logix.statistics import budget
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.statistics.eigen import EKFAC
 from logix.storage import state
@@ -30,7 +31,8 @@ from logix.storage.reader import LogReader
 from logix.storage.writer import ShardWriter
 from logix.tracking.capture import GradientCapture, Plan
 from logix.tracking.data_ids import normalize_data_ids
-from logix.tracking.modules import TrackedModule, supported_types, tracked_class
+from logix.tracking.modules import (TrackedModule, bypassed_layers, supported_types,
+                                    tied_layers, tracked_class)
 
 logger = logging.getLogger("logix")
 
@@ -83,6 +85,7 @@ class Run:
         # this run's at finalize so that they describe every row (see _check_resumed_statistics).
         self._resumed: Optional[Dict[str, Tensor]] = None
         self._resumed_rows = 0  # rows the log held when this run opened it (0: checked)
+        self._lora_used: Optional[dict] = None  # add_lora's init and ranks, for the manifest
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: Union[None, Sequence[str], Callable] = None,
@@ -96,10 +99,13 @@ class Run:
         if self._writer is not None and self._writer.pending_rows + len(self._manifest.shards):
             raise UsageError("watch() after rows were logged would change the row layout. "
                              "Finish this project (run.finalize()) and start a new one.")
-        modules = {}
+        modules, bypassed = {}, bypassed_layers(model)
         for name, module in model.named_modules():
             klass = tracked_class(module)
             if klass is None or not _passes(name, module, name_filter, type_filter):
+                continue
+            if name in bypassed:
+                warnings.warn(f"Not watching {name!r}: {bypassed[name]}")
                 continue
             modules[name] = klass(name, module, self.config.logging.include_bias)
         if not modules:
@@ -108,12 +114,19 @@ class Run:
                 f"{name_filter!r}, type_filter={type_filter!r}). LogIX tracks: "
                 f"{supported_types()}. Loosen the filters, or subclass "
                 "logix.tracking.modules.TrackedModule for a custom layer type.")
+        for first, second in tied_layers(modules):
+            warnings.warn(
+                f"Layers {first!r} and {second!r} share one weight (tied): LogIX logs them as two "
+                "blocks whose sum is the shared weight's gradient, so scores miss the cross terms "
+                "between them (see 'Tied weights' in docs/concepts.md).")
         self.modules = modules
         self.projections = {n: logra.identity(m.in_dim, m.out_dim) for n, m in modules.items()}
         self.projection_meta = {"init": "none", "seed": self.config.seed,
                                 "checksum": logra.fingerprint(self.projections)}
+        self._lora_used = None
         self._on_device.clear()
         self.statistics.clear()
+        self._check_memory()
         logger.info("LogIX watches %d layers of %s", len(modules), type(model).__name__)
         return self
 
@@ -122,6 +135,9 @@ class Run:
                  rank: Optional[int] = None, rank_in: Optional[int] = None,
                  rank_out: Optional[int] = None) -> "Run":
         """Give every watched layer a LoGra projection (init "random" or "pca").
+
+        rank (both sides), rank_in, rank_out: positive integers, defaulting to the config's lora
+        keys; a side no wider than its rank is not projected (the identity).
 
         PCA needs forward and backward covariances from an earlier pass without projections.
         Statistics collected so far belong to the old space and are reset (`clear` is kept for
@@ -139,8 +155,13 @@ class Run:
         init = init or lora.init
         if init not in ("random", "pca"):
             raise ConfigError(f"add_lora init={init!r}; allowed values: ['random', 'pca'].")
-        r_in = rank_in or rank or lora.rank_in or lora.rank
-        r_out = rank_out or rank or lora.rank_out or lora.rank
+        for key, value in (("rank", rank), ("rank_in", rank_in), ("rank_out", rank_out)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ConfigError(f"add_lora {key}={value!r}: a rank must be a positive integer "
+                                  f"(or None for the config's lora.{key}).")
+        r_in = _first_set(rank_in, rank, lora.rank_in, lora.rank)
+        r_out = _first_set(rank_out, rank, lora.rank_out, lora.rank)
         if init == "pca" and distributed.any_rank(self._needs_reduce):
             self.statistics.all_reduce()  # every rank derives the same projection
             self._needs_reduce = False
@@ -154,8 +175,11 @@ class Run:
         self.projections = projections
         self.projection_meta = {"init": init, "seed": self.config.seed,
                                 "checksum": logra.fingerprint(projections)}
+        self._lora_used = {"init": init, "rank": _first_set(rank, lora.rank), "rank_in": r_in,
+                           "rank_out": r_out}
         self._on_device.clear()
         self.statistics.clear()
+        self._check_memory()
         return self
 
     def _pca_projection(self, name: str, r_in: int, r_out: int) -> Projection:
@@ -193,6 +217,7 @@ class Run:
                          grad_covariance=("grad", "covariance") in chosen,
                          forward_covariance=("forward", "covariance") in chosen,
                          backward_covariance=("backward", "covariance") in chosen)
+        self._check_memory()
         return self
 
     def declare_curvature(self, hessian: str) -> "Run":
@@ -201,6 +226,24 @@ class Run:
         config snapshot keeps it for later processes."""
         self.config.influence.hessian = curvature.check(hessian)
         return self
+
+    def _check_memory(self) -> None:
+        """Refuse statistics and row buffers beyond logging.max_statistics_bytes before they are
+        allocated (see logix.statistics.budget)."""
+        if not self.modules:
+            return
+        cfg = self.config.logging
+        limit = cfg.max_statistics_bytes
+        if limit is None:
+            weight = next(iter(self.modules.values())).module.weight
+            limit = budget.default_budget(self.statistics.device or weight.device)
+        dim = sum(p.dim for p in self.projections.values())
+        budget.check(budget.sizes(self.layout(), self.plan, self._rows_per_shard(dim),
+                                  DTYPES[cfg.log_dtype].itemsize), limit)
+
+    def _rows_per_shard(self, dim: int) -> int:
+        cfg = self.config.logging
+        return cfg.shard_rows or max(1, cfg.flush_threshold // max(dim, 1))
 
     def save(self, enabled: bool = True) -> "Run":
         """Write logged gradients to disk (True) or only keep the last step in memory (False).
@@ -283,6 +326,7 @@ class Run:
             raise UsageError(f"mask of shape {tuple(capture.mask.shape)} lines up with no tracked "
                              "layer's input [batch, tokens, ...]; pass the attention mask of "
                              "this batch.")
+        self._check_layers_seen(capture)
         if not self.plan.needs_grad:
             self._keep_statistics(capture.statistics)
             return
@@ -319,6 +363,29 @@ class Run:
             kept_ids = [ids[k] for k in keep]
             self._logged_ids.update((self._checkpoint, i) for i in kept_ids)
             self._writer.append(kept_ids, kept)  # cast to the log dtype while copied
+
+    def _check_layers_seen(self, capture: GradientCapture) -> None:
+        """Refuse a step in which a watched layer ran no forward, or (when the plan needs a
+        backward pass) whose output received no gradient: its part of the row would be zeros."""
+        if self.config.logging.on_unused_layer == "zero" or (self.plan.needs_grad
+                                                             and not capture.grads):
+            return  # the second case: nothing reached any layer, which end() names itself
+        no_forward = [n for n, count in capture.forwards.items() if count == 0]
+        no_gradient = [n for n, count in capture.calls.items() if count == 0
+                       and capture.forwards[n] > 0] if self.plan.needs_backward else []
+        if not no_forward and not no_gradient:
+            return
+        problems = []
+        if no_forward:
+            problems.append(f"ran no forward pass: {no_forward}")
+        if no_gradient:
+            problems.append(f"ran forward but their output received no gradient (the loss does "
+                            f"not depend on it, or it does not require grad): {no_gradient}")
+        raise UsageError(
+            f"Watched layers of this step {'; '.join(problems)}. Their logged gradient would be "
+            "zeros; nothing of this step was kept. Leave them out with run.watch(model, "
+            "name_filter=...), or, for layers legitimately unused in some steps, set "
+            "logging.on_unused_layer: zero (their part of the row is then zero).")
 
     def _unseen(self, ids: List) -> List[int]:
         """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
@@ -489,7 +556,14 @@ class Run:
     def _new_manifest(self) -> Manifest:
         return Manifest(project=self.project, dtype=self.config.logging.log_dtype,
                         modules=self.layout(), projection=dict(self.projection_meta),
-                        config=self.config.to_dict())
+                        config=self._config_snapshot())
+
+    def _config_snapshot(self) -> dict:
+        """The config as used: add_lora's own init and ranks replace the config's lora keys."""
+        snapshot = self.config.to_dict()
+        if self._lora_used is not None:
+            snapshot["lora"] = dict(self._lora_used)
+        return snapshot
 
     def _ensure_writer(self) -> ShardWriter:
         if self._writer is not None:
@@ -513,8 +587,8 @@ class Run:
             manifest.save(self.project_dir)
         cfg = self.config.logging
         dim = sum(p.dim for p in self.projections.values())
-        rows_per_shard = cfg.shard_rows or max(1, cfg.flush_threshold // max(dim, 1))
-        self._writer = ShardWriter(self.project_dir, distributed.rank(), rows_per_shard, dim,
+        self._writer = ShardWriter(self.project_dir, distributed.rank(),
+                                   self._rows_per_shard(dim), dim,
                                    DTYPES[cfg.log_dtype], self._on_shard,
                                    num_workers=cfg.num_workers, queue_size=cfg.queue_size)
         return self._writer
@@ -561,7 +635,7 @@ class Run:
             existing = load_optional(self.project_dir)
             self._manifest = existing or self._new_manifest()
         self._manifest.merge_rank_indexes(self.project_dir)
-        self._manifest.config = self.config.to_dict()
+        self._manifest.config = self._config_snapshot()
         self._save_projections()
         # A run that collected no statistics (one that only appends rows) keeps the saved ones.
         if self.statistics.sums or not os.path.isfile(
@@ -595,9 +669,12 @@ class Run:
         self._on_device.clear()
         self.statistics.load_state_dict(state.load_statistics(self.project_dir))
         self._statistics_loaded, self._resumed = True, None
-        if self.layout() != manifest.modules:
-            raise UsageError("The watched layers' shapes differ from the log's; load the same "
-                             "model architecture as the logging run.")
+        for ours, logged in zip(self.layout(), manifest.modules):
+            if ours != logged:
+                raise UsageError(
+                    f"The watched layer {ours.name!r} differs from the log's: watched "
+                    f"{_shape(ours)}, logged {_shape(logged)}. Load the same model architecture (and "
+                    "logging.include_bias) as the logging run.")
         return self
 
     def reader(self) -> LogReader:
@@ -695,6 +772,15 @@ def _shard_width(path: str) -> Optional[int]:
     except (OSError, SafetensorError, KeyError):
         return None
     return int(shape[1]) if len(shape) == 2 else None
+
+
+def _shape(entry: ModuleEntry) -> str:
+    return (f"{entry.type} in_dim={entry.in_dim} out_dim={entry.out_dim} rank_in={entry.rank_in} "
+            f"rank_out={entry.rank_out} bias={entry.bias} offset={entry.offset}")
+
+
+def _first_set(*values):
+    return next(v for v in values if v is not None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -29,6 +29,7 @@ from logix.integrations.huggingface import (  # noqa: E402
     LogIXCallback, extract_log, influence_of,
 )
 from logix.scheduler import LogIXScheduler  # noqa: E402
+from conftest import project  # noqa: E402
 
 VOCAB, T, BATCH = 64, 8, 4
 
@@ -160,7 +161,7 @@ def brute_force_rows(model, weights, batch, kind, run):
         if isinstance(run.modules[name].module, Conv1D):
             g = g.transpose(1, 2)  # Conv1D stores [in, out]
         proj = run.projections[name]
-        g = proj.p_out @ g @ proj.p_in.T  # [B, r_out, r_in]
+        g = project(g, proj.p_in, proj.p_out)  # [B, r_out, r_in]
         parts.append(g.reshape(g.shape[0], -1))
     return torch.cat(parts, 1)
 

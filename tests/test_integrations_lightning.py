@@ -16,6 +16,7 @@ import lightning.pytorch as pl  # noqa: E402
 import logix  # noqa: E402
 from logix.integrations.lightning import LogIXCallback, influence_of  # noqa: E402
 from logix.scheduler import LogIXScheduler  # noqa: E402
+from conftest import project  # noqa: E402
 
 VOCAB, T, BATCH = 32, 6, 4
 
@@ -141,7 +142,7 @@ def brute_force_rows(module, weights, batch, kind, run):
         if isinstance(run.modules[name].module, nn.Embedding):
             g = g.transpose(1, 2)  # weight [num_embeddings, dim]; LoGra's G is [dim, ids]
         proj = run.projections[name]
-        g = proj.p_out @ g @ proj.p_in.T
+        g = project(g, proj.p_in, proj.p_out)
         parts.append(g.reshape(g.shape[0], -1))
     return torch.cat(parts, 1)
 

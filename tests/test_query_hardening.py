@@ -15,7 +15,7 @@ from logix.cli import main
 from logix.errors import LogFormatError, UsageError
 from logix.statistics.eigen import EKFAC
 from logix.storage import reader as reader_module
-from logix.storage.manifest import Manifest, ShardEntry
+from logix.storage.manifest import Manifest
 from logix.storage.reader import LogReader
 from logix.storage.scores import open_scores, save_scores
 

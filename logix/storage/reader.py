@@ -147,8 +147,8 @@ def verify_shard(path: str, shard: ShardEntry) -> None:
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, shard.sha256)
     if key in _verified:
         return
-    fix = (f"Restore or re-log it (`logix verify` checks every shard of a project), or pass "
-           f"verify=False to read it unchecked.")
+    fix = ("Restore or re-log it (`logix verify` checks every shard of a project), or pass "
+           "verify=False to read it unchecked.")
     if stat.st_size != shard.bytes:
         raise LogFormatError(f"Shard {path!r} is {stat.st_size} bytes but the manifest recorded "
                              f"{shard.bytes}: it was truncated or changed. " + fix)

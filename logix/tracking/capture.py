@@ -61,7 +61,8 @@ class GradientCapture:
         self.counted = None if counted is None else torch.tensor(counted, dtype=torch.long)
         self.batch_size: Optional[int] = None
         self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], float32
-        self.calls: Dict[str, int] = dict.fromkeys(modules, 0)
+        self.forwards: Dict[str, int] = dict.fromkeys(modules, 0)  # forward calls
+        self.calls: Dict[str, int] = dict.fromkeys(modules, 0)  # output gradients received
         self.mask_matched = False
         self._handles: List = []
 
@@ -82,6 +83,7 @@ class GradientCapture:
             x = inputs[0] if inputs else next(iter(kwargs.values()), None)
             if not isinstance(x, Tensor):
                 return
+            self.forwards[tracked.name] += 1
             wants_backward = self.plan.needs_backward
             if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
                 return  # no gradient will come (inference, or a checkpoint's no-grad pass)
@@ -94,9 +96,11 @@ class GradientCapture:
                 x = x.expand(self.examples, *x.shape[1:])
                 output = replaced = output.expand(self.examples, *output.shape[1:])
             self._check_batch(tracked.name, x)
-            projection = self.projection_for(tracked.name, x.device, _compute_dtype(x, module))
+            dtype = _compute_dtype(x, module)
+            projection = self.projection_for(tracked.name, x.device, dtype)
             with torch.no_grad():
-                x_proj = tracked.project_input(x.detach(), projection.p_in)  # [B, g, N, r_in]
+                x = x.detach().to(dtype) if x.is_floating_point() else x.detach()
+                x_proj = tracked.project_input(x, projection.p_in)  # [B, g, N, r_in]
                 mask = tracked.token_mask(x, self.mask)
                 if mask is not None:
                     self.mask_matched = True
@@ -164,8 +168,8 @@ class GradientCapture:
 
 
 def _compute_dtype(x: Tensor, module: torch.nn.Module) -> torch.dtype:
-    """Project in the layer's floating dtype (embeddings see integer ids)."""
-    if x.is_floating_point():
-        return x.dtype
+    """Project in the layer's floating dtype (embeddings see integer ids), at least float32:
+    bfloat16 / float16 inputs and output gradients are projected in float32, not rounded."""
     weight = getattr(module, "weight", None)
-    return weight.dtype if weight is not None else torch.float32
+    dtype = x.dtype if x.is_floating_point() else getattr(weight, "dtype", torch.float32)
+    return torch.promote_types(dtype, torch.float32)

@@ -215,6 +215,40 @@ def tracked_class(module: nn.Module) -> Optional[Type[TrackedModule]]:
     return None
 
 
+# Children that their parent uses through their parameters, never by calling them: hooks on them
+# never fire. parent type -> {child attribute: why}.
+_BYPASSED = {
+    nn.MultiheadAttention: {
+        "out_proj": "nn.MultiheadAttention uses out_proj's weight directly and never calls its "
+                    "forward, so hooks on it never fire. Its gradient is not logged."},
+}
+
+
+def bypassed_layers(model: nn.Module) -> Dict[str, str]:
+    """{name: why} of the layers of `model` whose forward their parent never calls."""
+    found = {}
+    for name, module in model.named_modules():
+        for parent_type, children in _BYPASSED.items():
+            if isinstance(module, parent_type):
+                for child, why in children.items():
+                    found[f"{name}.{child}" if name else child] = why
+    return found
+
+
+def tied_layers(modules: Dict[str, TrackedModule]) -> list:
+    """[(first, second)] names of tracked layers that share one weight parameter."""
+    owner, pairs = {}, []
+    for name, tracked in modules.items():
+        weight = getattr(tracked.module, "weight", None)
+        if weight is None:
+            continue
+        if id(weight) in owner:
+            pairs.append((owner[id(weight)], name))
+        else:
+            owner[id(weight)] = name
+    return pairs
+
+
 def supported_types() -> list:
     _register_hf_conv1d()
     return sorted(t.__module__.split(".")[0] + "." + t.__name__ for t in _REGISTRY)
