@@ -13,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from logix.errors import ConfigError, UsageError
+
+INITS = ("random", "pca")
 
 
 @dataclass
@@ -86,6 +90,45 @@ def top_eigenvectors(cov: Tensor, rank: int) -> Optional[Tensor]:
         return None
     _, vectors = torch.linalg.eigh(cov.double())
     return vectors[:, -rank:].flip(-1).T.contiguous().float()
+
+
+def resolve_ranks(lora, rank: Optional[int], rank_in: Optional[int],
+                  rank_out: Optional[int]) -> Tuple[int, int]:
+    """(rank_in, rank_out): the arguments given, else the config's lora keys. Each must be a
+    positive integer."""
+    for key, value in (("rank", rank), ("rank_in", rank_in), ("rank_out", rank_out)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            raise ConfigError(f"add_lora {key}={value!r}: a rank must be a positive integer "
+                              f"(or None for the config's lora.{key}).")
+    return (_first_set(rank_in, rank, lora.rank_in, lora.rank),
+            _first_set(rank_out, rank, lora.rank_out, lora.rank))
+
+
+def build_projections(dims: Dict[str, Tuple[int, int]], init: str, rank_in: int, rank_out: int,
+                      seed: int, covariance: Callable[[str, str], Optional[Tensor]]
+                      ) -> Dict[str, Projection]:
+    """One projection per module ({name: (in_dim, out_dim)}): seeded random, or PCA from
+    `covariance(name, "forward" | "backward")` of an unprojected statistics pass."""
+    if init not in INITS:
+        raise ConfigError(f"add_lora init={init!r}; allowed values: {list(INITS)}.")
+    if init == "random":
+        return {name: random_projection(name, in_dim, out_dim, rank_in, rank_out, seed)
+                for name, (in_dim, out_dim) in dims.items()}
+    projections = {}
+    for name in dims:
+        forward, backward = covariance(name, "forward"), covariance(name, "backward")
+        if forward is None or backward is None:
+            raise UsageError(
+                f"add_lora(init='pca') needs forward and backward covariances of {name!r}. Run "
+                "one pass first with run.setup({'forward': ['covariance'], 'backward': "
+                "['covariance']}) and start()/end() around each step, then call add_lora.")
+        projections[name] = pca_projection(forward, backward, rank_in, rank_out)
+    return projections
+
+
+def _first_set(*values):
+    return next(v for v in values if v is not None)
 
 
 def fingerprint(projections: Dict[str, Projection]) -> str:

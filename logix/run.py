@@ -1,4 +1,6 @@
-"""Run: the object users touch. It wires tracking, LoGra, statistics and storage together."""
+"""Run: the object users touch. A facade over the rooms that do the work: module selection and
+hooks (`tracking/`), projections (`logra`), statistics (`statistics/`), the writing side of the
+log (`storage.session.LogSession`) and scoring (`influence.attributor.Attributor`)."""
 
 from __future__ import annotations
 
@@ -6,41 +8,33 @@ import contextlib
 import copy
 import logging
 import os
-import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from logix import distributed, logra
 from logix.config import Config
-from logix.errors import ConfigError, LogFormatError, UsageError
+from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 from logix.influence.attributor import Attributor
+from logix.influence.checkpoints import check_inside, checkpoint_info
 from logix.log import StepLog
 from logix.logra import Projection
 from logix.statistics import budget
-from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
-from logix.statistics.eigen import EKFAC
+from logix.statistics.covariance import GRAD, CovarianceState
 from logix.storage import state
-from logix.storage.format import (DTYPES, GRAD_KEY, LOGS_DIR, STATE_DIR, STATISTICS_FILE,
-                                  parse_shard_name)
-from logix.storage.manifest import (Manifest, ModuleEntry, ShardEntry, append_rank_index,
-                                    load_optional)
+from logix.storage.format import DTYPES
+from logix.storage.manifest import Manifest, ModuleEntry, load_optional
 from logix.storage.reader import LogReader
-from logix.storage.writer import ShardWriter
-from logix.tracking.capture import GradientCapture, Plan
+from logix.storage.session import LogSession
+from logix.tracking import step
+from logix.tracking.capture import GradientCapture, Plan, plan_from_setup
 from logix.tracking.data_ids import normalize_data_ids
-from logix.tracking.modules import (TrackedModule, bypassed_layers, supported_types,
-                                    tied_layers, tracked_class)
+from logix.tracking.modules import TrackedModule
+from logix.tracking.selection import NameFilter, select_modules
 
 logger = logging.getLogger("logix")
-
-# What `run.setup` accepts per stage; old LogIX spellings map onto these.
-_SETUP_CHOICES = {"forward": {"covariance"}, "backward": {"covariance"},
-                  "grad": {"log", "covariance"}}
-_SETUP_ALIASES = {"cov": "covariance", "save": "log"}
-_FLOAT16_MAX = 65504.0
 
 
 class Run:
@@ -64,69 +58,37 @@ class Run:
         self.statistics = CovarianceState(
             device=torch.device("cpu") if config.logging.cpu_offload else None)
         self.plan = Plan(log_grad=True)
+        self._session = LogSession(self.project_dir, self.config.logging)
         self._save = False
-        self._capture: Optional[GradientCapture] = None
-        self._step_ids: Optional[List] = None
-        self._step_keep: Optional[List[int]] = None  # positions of the step's rows to write
-        self._step_scale = 1.0
-        self._last_log: Optional[StepLog] = None
-        self._writer: Optional[ShardWriter] = None
-        self._manifest: Optional[Manifest] = None
-        self._on_device: Dict[tuple, Projection] = {}
-        self._needs_reduce = False
-        self._influence = None
-        self._checkpoint: Optional[str] = None
-        self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
-        self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
-        self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
         self._finalized = False  # finalize() ran and saving was not switched on again since
         self._statistics_loaded = False  # initialize_from_log() put the saved ones in .statistics
-        # Saved statistics of an earlier session whose log this run appends to; merged into
-        # this run's at finalize so that they describe every row (see _check_resumed_statistics).
-        self._resumed: Optional[Dict[str, Tensor]] = None
-        self._resumed_rows = 0  # rows the log held when this run opened it (0: checked)
+        self._needs_reduce = False
+        self._capture: Optional[GradientCapture] = None
+        self._step: Optional[tuple] = None  # (ids, positions of rows to write or None, scale)
+        self._last_log: Optional[StepLog] = None
+        self._on_device: Dict[tuple, Projection] = {}
+        self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
         self._lora_used: Optional[dict] = None  # add_lora's init and ranks, for the manifest
+        self._checkpoint: Optional[str] = None
+        self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
+        self._influence: Optional[Attributor] = None
 
     # ------------------------------------------------------------------ what to track
-    def watch(self, model: nn.Module, name_filter: Union[None, Sequence[str], Callable] = None,
+    def watch(self, model: nn.Module, name_filter: NameFilter = None,
               type_filter: Optional[Sequence[type]] = None) -> "Run":
         """Track every supported layer of `model` whose name and type pass the filters.
 
         name_filter: substrings (a layer is kept if any occurs in its name) or a predicate on the
         name. type_filter: layer classes to keep. Parameters' requires_grad is never changed.
         """
-        model = _unwrap(model)
-        if self._writer is not None and self._writer.pending_rows + len(self._manifest.shards):
+        if self._session.has_rows:
             raise UsageError("watch() after rows were logged would change the row layout. "
                              "Finish this project (run.finalize()) and start a new one.")
-        modules, bypassed = {}, bypassed_layers(model)
-        for name, module in model.named_modules():
-            klass = tracked_class(module)
-            if klass is None or not _passes(name, module, name_filter, type_filter):
-                continue
-            if name in bypassed:
-                warnings.warn(f"Not watching {name!r}: {bypassed[name]}")
-                continue
-            modules[name] = klass(name, module, self.config.logging.include_bias)
-        if not modules:
-            raise UsageError(
-                f"No supported layers matched in {type(model).__name__} (name_filter="
-                f"{name_filter!r}, type_filter={type_filter!r}). LogIX tracks: "
-                f"{supported_types()}. Loosen the filters, or subclass "
-                "logix.tracking.modules.TrackedModule for a custom layer type.")
-        for first, second in tied_layers(modules):
-            warnings.warn(
-                f"Layers {first!r} and {second!r} share one weight (tied): LogIX logs them as two "
-                "blocks whose sum is the shared weight's gradient, so scores miss the cross terms "
-                "between them (see 'Tied weights' in docs/concepts.md).")
+        modules = select_modules(model, name_filter, type_filter,
+                                 self.config.logging.include_bias)
         self.modules = modules
-        self.projections = {n: logra.identity(m.in_dim, m.out_dim) for n, m in modules.items()}
-        self.projection_meta = {"init": "none", "seed": self.config.seed,
-                                "checksum": logra.fingerprint(self.projections)}
-        self._lora_used = None
-        self._on_device.clear()
-        self.statistics.clear()
-        self._check_memory()
+        self._set_projections({n: logra.identity(m.in_dim, m.out_dim)
+                               for n, m in modules.items()}, "none", lora_used=None)
         logger.info("LogIX watches %d layers of %s", len(modules), type(model).__name__)
         return self
 
@@ -153,70 +115,37 @@ class Run:
                              "space next to projected ones; they cannot be mixed.")
         lora = self.config.lora
         init = init or lora.init
-        if init not in ("random", "pca"):
-            raise ConfigError(f"add_lora init={init!r}; allowed values: ['random', 'pca'].")
-        for key, value in (("rank", rank), ("rank_in", rank_in), ("rank_out", rank_out)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):
-                raise ConfigError(f"add_lora {key}={value!r}: a rank must be a positive integer "
-                                  f"(or None for the config's lora.{key}).")
-        r_in = _first_set(rank_in, rank, lora.rank_in, lora.rank)
-        r_out = _first_set(rank_out, rank, lora.rank_out, lora.rank)
-        if init == "pca" and distributed.any_rank(self._needs_reduce):
-            self.statistics.all_reduce()  # every rank derives the same projection
-            self._needs_reduce = False
-        projections = {}
-        for name, tracked in self.modules.items():
-            if init == "random":
-                projections[name] = logra.random_projection(
-                    name, tracked.in_dim, tracked.out_dim, r_in, r_out, self.config.seed)
-            else:
-                projections[name] = self._pca_projection(name, r_in, r_out)
+        r_in, r_out = logra.resolve_ranks(lora, rank, rank_in, rank_out)
+        if init == "pca":
+            if self.projection_meta["init"] != "none":
+                raise UsageError("add_lora(init='pca') must come before any other add_lora(): "
+                                 "PCA needs covariances of the unprojected layers.")
+            if distributed.any_rank(self._needs_reduce):
+                self.statistics.all_reduce()  # every rank derives the same projection
+                self._needs_reduce = False
+        dims = {name: (m.in_dim, m.out_dim) for name, m in self.modules.items()}
+        projections = logra.build_projections(dims, init, r_in, r_out, self.config.seed,
+                                              self.statistics.get)
+        self._set_projections(projections, init, lora_used={
+            "init": init, "rank": rank if rank is not None else lora.rank, "rank_in": r_in,
+            "rank_out": r_out})
+        return self
+
+    def _set_projections(self, projections: Dict[str, Projection], init: str,
+                         lora_used: Optional[dict]) -> None:
+        """New projections: statistics of the old space are dropped, memory is rechecked."""
         self.projections = projections
         self.projection_meta = {"init": init, "seed": self.config.seed,
                                 "checksum": logra.fingerprint(projections)}
-        self._lora_used = {"init": init, "rank": _first_set(rank, lora.rank), "rank_in": r_in,
-                           "rank_out": r_out}
+        self._lora_used = lora_used
         self._on_device.clear()
         self.statistics.clear()
         self._check_memory()
-        return self
-
-    def _pca_projection(self, name: str, r_in: int, r_out: int) -> Projection:
-        if self.projection_meta["init"] != "none":
-            raise UsageError("add_lora(init='pca') must come before any other add_lora(): PCA "
-                             "needs covariances of the unprojected layers.")
-        forward = self.statistics.get(name, FORWARD)
-        backward = self.statistics.get(name, BACKWARD)
-        if forward is None or backward is None:
-            raise UsageError(
-                f"add_lora(init='pca') needs forward and backward covariances of {name!r}. Run "
-                "one pass first with run.setup({'forward': ['covariance'], 'backward': "
-                "['covariance']}) and start()/end() around each step, then call add_lora.")
-        return logra.pca_projection(forward, backward, r_in, r_out)
 
     def setup(self, spec: Dict[str, Iterable[str]]) -> "Run":
         """What each step collects, e.g. {"grad": ["log", "covariance"], "forward":
         ["covariance"], "backward": ["covariance"]}."""
-        if not isinstance(spec, dict):
-            raise ConfigError(f"setup() takes a dict like {{'grad': ['log']}}, got {spec!r}.")
-        chosen = {}
-        for stage, items in spec.items():
-            if stage not in _SETUP_CHOICES:
-                raise ConfigError(f"setup() stage {stage!r} is unknown; allowed stages: "
-                                  f"{sorted(_SETUP_CHOICES)}.")
-            if isinstance(items, str):
-                items = [items]
-            for item in items:
-                item = _SETUP_ALIASES.get(item, item)
-                if item not in _SETUP_CHOICES[stage]:
-                    raise ConfigError(f"setup() {stage!r}: {item!r} is not supported; allowed: "
-                                      f"{sorted(_SETUP_CHOICES[stage])}.")
-                chosen[(stage, item)] = True
-        self.plan = Plan(log_grad=("grad", "log") in chosen,
-                         grad_covariance=("grad", "covariance") in chosen,
-                         forward_covariance=("forward", "covariance") in chosen,
-                         backward_covariance=("backward", "covariance") in chosen)
+        self.plan = plan_from_setup(spec)
         self._check_memory()
         return self
 
@@ -237,12 +166,12 @@ class Run:
         if limit is None:
             weight = next(iter(self.modules.values())).module.weight
             limit = budget.default_budget(self.statistics.device or weight.device)
-        dim = sum(p.dim for p in self.projections.values())
-        budget.check(budget.sizes(self.layout(), self.plan, self._rows_per_shard(dim),
+        budget.check(budget.sizes(self.layout(), self.plan, self._rows_per_shard(),
                                   DTYPES[cfg.log_dtype].itemsize), limit)
 
-    def _rows_per_shard(self, dim: int) -> int:
+    def _rows_per_shard(self) -> int:
         cfg = self.config.logging
+        dim = sum(p.dim for p in self.projections.values())
         return cfg.shard_rows or max(1, cfg.flush_threshold // max(dim, 1))
 
     def save(self, enabled: bool = True) -> "Run":
@@ -279,7 +208,8 @@ class Run:
         if self._capture is not None:
             raise UsageError("start() called twice without end(): call run.end() after each "
                              "step's backward pass.")
-        if self._finalized and self._save and self.plan.log_grad:
+        writes = self._save and self.plan.log_grad
+        if self._finalized and writes:
             raise UsageError(
                 "run.finalize() closed this training log, and saving is still on: this step "
                 "would append its rows to it. For a query, call run.eval() first (gradients kept "
@@ -291,9 +221,10 @@ class Run:
         if mask is not None and not isinstance(mask, Tensor):
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
         keep = None
-        if self._save and self.plan.log_grad:  # refusals come before anything of the step runs
-            self._ensure_writer()  # a log of another layout or dtype
-            keep = self._unseen(ids)  # ids already logged, by logging.on_duplicate
+        if writes:  # refusals come before anything of the step runs
+            self._session.open(self._new_manifest(), self._save_projections,
+                               self._statistics_loaded, self._rows_per_shard())
+            keep = self._session.unseen(ids, self._checkpoint)
         # The step's forward/backward statistics stay apart until end() keeps the step, and
         # count only the examples whose rows the log keeps.
         step_statistics = CovarianceState(device=self.statistics.device)
@@ -301,7 +232,7 @@ class Run:
             self.modules, self._projection_for, self.plan, step_statistics, mask,
             examples=len(ids), counted=None if keep is None or len(keep) == len(ids) else keep
         ).__enter__()
-        self._step_ids, self._step_keep, self._step_scale = ids, keep, scale
+        self._step = (ids, keep, scale)
 
     def end(self) -> None:
         """Detach hooks, assemble the step's rows, update statistics and queue rows for disk."""
@@ -311,48 +242,20 @@ class Run:
                              "the forward pass.")
         capture.__exit__(None, None, None)
         self._capture = None
-        ids = self._step_ids
-        if self._writer is not None:
-            self._writer.raise_if_failed()
-        if self._checkpoint_ids is not None:
-            outside = [i for i in ids if i not in self._checkpoint_ids]
-            if outside:
-                raise UsageError(
-                    f"checkpoint({self._checkpoint!r}) was given train_ids, and this step logs "
-                    f"ids outside them ({outside[:5]}); the segment's curvature would include "
-                    "examples it did not train on. Log only train_ids inside the block.")
-        if capture.mask is not None and capture.batch_size is not None \
-                and not capture.mask_matched:
-            raise UsageError(f"mask of shape {tuple(capture.mask.shape)} lines up with no tracked "
-                             "layer's input [batch, tokens, ...]; pass the attention mask of "
-                             "this batch.")
-        self._check_layers_seen(capture)
+        ids, keep, scale = self._step  # keep None: nothing is written, every example counts
+        self._session.raise_if_failed()
+        check_inside(self._checkpoint, self._checkpoint_ids, ids)
+        step.check_capture(capture, self.plan, self.config.logging.on_unused_layer)
         if not self.plan.needs_grad:
             self._keep_statistics(capture.statistics)
             return
-        if capture.batch_size is None or not capture.grads:
-            raise UsageError("No gradient reached the tracked layers between start() and end(). "
-                             "Call loss.backward() before run.end(), outside torch.no_grad().")
-        if len(ids) != capture.batch_size:
-            raise UsageError(f"data_id names {len(ids)} examples but the batch has "
-                             f"{capture.batch_size}; pass one id per example.")
-        rows = self._assemble(capture)  # [B, dim] float32
-        if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
-            bad = [ids[i] for i in (~torch.isfinite(rows).all(1)).nonzero().flatten().tolist()]
-            if self.config.logging.nonfinite == "error":
-                raise UsageError(f"NaN or inf gradients for data ids {bad[:5]}; nothing of this "
-                                 "step was logged. Set logging.nonfinite: skip to drop such "
-                                 "steps with a warning.")
-            warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}).")
+        rows = step.keep_rows(step.step_rows(capture, ids, self.projections, scale), ids,
+                              self.config.logging, self._save)
+        if rows is None:
             return
-        if self._save and self.config.logging.log_dtype == "float16" \
-                and float(rows.abs().max()) > _FLOAT16_MAX:
-            raise UsageError(f"Gradients of this step reach {float(rows.abs().max()):.3g}, beyond "
-                             f"float16's range ({_FLOAT16_MAX:g}): they would be stored as inf. "
-                             "Use logging.log_dtype: bfloat16 (same size, float32's range).")
-        keep = self._step_keep  # None: nothing is written, every example counts
         if keep is not None and self._checkpoint is None:
-            self._check_resumed_statistics()
+            self._session.check_resumed(self.plan.covariances, self.statistics,
+                                        self._statistics_loaded)
         kept = rows if keep is None or len(keep) == len(ids) else rows[keep]
         self._keep_statistics(capture.statistics)
         if self.plan.grad_covariance:
@@ -360,105 +263,12 @@ class Run:
                 self.statistics.update(entry.name, GRAD, kept[:, entry.columns], kept.shape[0])
         self._last_log = StepLog(ids, rows, self.layout(), dict(self.projection_meta))
         if keep:
-            kept_ids = [ids[k] for k in keep]
-            self._logged_ids.update((self._checkpoint, i) for i in kept_ids)
-            self._writer.append(kept_ids, kept)  # cast to the log dtype while copied
+            self._session.append([ids[k] for k in keep], kept, self._checkpoint)
 
-    def _check_layers_seen(self, capture: GradientCapture) -> None:
-        """Refuse a step in which a watched layer ran no forward, or (when the plan needs a
-        backward pass) whose output received no gradient: its part of the row would be zeros."""
-        if self.config.logging.on_unused_layer == "zero" or (self.plan.needs_grad
-                                                             and not capture.grads):
-            return  # the second case: nothing reached any layer, which end() names itself
-        no_forward = [n for n, count in capture.forwards.items() if count == 0]
-        no_gradient = [n for n, count in capture.calls.items() if count == 0
-                       and capture.forwards[n] > 0] if self.plan.needs_backward else []
-        if not no_forward and not no_gradient:
-            return
-        problems = []
-        if no_forward:
-            problems.append(f"ran no forward pass: {no_forward}")
-        if no_gradient:
-            problems.append(f"ran forward but their output received no gradient (the loss does "
-                            f"not depend on it, or it does not require grad): {no_gradient}")
-        raise UsageError(
-            f"Watched layers of this step {'; '.join(problems)}. Their logged gradient would be "
-            "zeros; nothing of this step was kept. Leave them out with run.watch(model, "
-            "name_filter=...), or, for layers legitimately unused in some steps, set "
-            "logging.on_unused_layer: zero (their part of the row is then zero).")
-
-    def _unseen(self, ids: List) -> List[int]:
-        """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
-        if self._logged_ids is None:
-            reader = self.reader()
-            self._logged_ids = {(s.checkpoint, i) for s in reader.manifest.shards
-                                for i in reader.shard_ids(s)}
-        policy = self.config.logging.on_duplicate
-        if policy == "allow":
-            return list(range(len(ids)))
-        logged, checkpoint = self._logged_ids, self._checkpoint
-        keep = [k for k, i in enumerate(ids) if (checkpoint, i) not in logged]
-        if len(keep) < len(ids):
-            seen = [i for i in ids if (checkpoint, i) in logged]
-            if policy == "error":
-                raise UsageError(f"data ids {seen[:5]} are already in this log (project "
-                                 f"{self.project!r}); nothing of this step was written. Set "
-                                 "logging.on_duplicate to 'skip' or 'allow', or use new ids.")
-            warnings.warn(f"Skipped {len(seen)} rows whose data ids are already logged (e.g. "
-                          f"{seen[:3]}); logging.on_duplicate='allow' keeps them, and the "
-                          "statistics count only the kept rows.")
-        return keep
-
-    def _check_resumed_statistics(self) -> None:
-        """Before this run adds rows to a log of an earlier session: the statistics saved with
-        those rows and the ones this run collects must be of the same kinds, so that their
-        merge (sums and counts added at finalize) describes every row of the log."""
-        if not self._resumed_rows:
-            return
-        saved = (self.statistics.state_dict() if self._statistics_loaded
-                 else self._resumed or {})
-        saved_kinds = {k.split("::")[1] for k in saved if k.count("::") == 1} - {EKFAC}
-        plan = self.plan
-        kinds = {kind for kind, on in ((FORWARD, plan.forward_covariance),
-                                       (BACKWARD, plan.backward_covariance),
-                                       (GRAD, plan.grad_covariance)) if on}
-        if kinds != saved_kinds:
-            raise UsageError(
-                f"Project {self.project!r} already holds {self._resumed_rows} rows whose saved "
-                f"statistics are {sorted(saved_kinds) or 'none'}, and this run collects "
-                f"{sorted(kinds) or 'none'}: the statistics would no longer describe every row "
-                "of the log. Collect the same covariances as the earlier session (run.setup), "
-                "or log into a new project.")
-        self._resumed_rows = 0
-
-    def _merge_resumed_statistics(self) -> None:
-        """Add the earlier session's saved statistics to this run's (after the all-reduce, so
-        every rank holds them once). EK-FAC's eigenvalues are refitted over all rows."""
-        if not self._resumed:
-            return
-        saved = CovarianceState()
-        saved.load_state_dict(self._resumed)
-        saved.drop(EKFAC)
-        self.statistics.drop(EKFAC)
-        self.statistics.merge(saved)
-        self._resumed = None
-
-    def _keep_statistics(self, step: CovarianceState) -> None:
-        self.statistics.merge(step)
-        if self.plan.forward_covariance or self.plan.backward_covariance \
-                or self.plan.grad_covariance:
+    def _keep_statistics(self, step_statistics: CovarianceState) -> None:
+        self.statistics.merge(step_statistics)
+        if self.plan.covariances:
             self._needs_reduce = True
-
-    def _assemble(self, capture: GradientCapture) -> Tensor:
-        parts = []
-        reference = next(iter(capture.grads.values()))
-        for name, projection in self.projections.items():
-            grad = capture.grads.get(name)
-            if grad is None:  # layer unused in this step: its gradient is zero
-                grad = reference.new_zeros(reference.shape[0], projection.dim)
-            parts.append(grad.reshape(grad.shape[0], -1))
-        rows = torch.cat(parts, 1)
-        return rows * self._step_scale if self._step_scale != 1.0 else rows
 
     @contextlib.contextmanager
     def __call__(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0):
@@ -467,11 +277,14 @@ class Run:
         try:
             yield self
         except BaseException:
-            if self._capture is not None:
-                self._capture.__exit__(None, None, None)
-                self._capture = None
+            self._drop_capture()
             raise
         self.end()
+
+    def _drop_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
 
     @contextlib.contextmanager
     def checkpoint(self, name: str, segment: int, lr: float, steps: int, momentum: float = 0.0,
@@ -484,19 +297,21 @@ class Run:
         train_ids: the examples the segment trained on (default: every id logged in it). Rows
         and statistics are kept apart from other checkpoints', named in the manifest.
         """
-        _check_checkpoint_args(name, segment, lr, steps, momentum)
+        info = checkpoint_info(name, segment, lr, steps, momentum, train_ids)
         if self._checkpoint is not None:
             raise UsageError(f"checkpoint({name!r}) inside checkpoint({self._checkpoint!r}): "
                              "close one checkpoint block before opening the next.")
         self.flush()
-        known = self._manifest or load_optional(self.project_dir)
+        known = self._session.manifest or load_optional(self.project_dir)
         if known is not None and name in known.checkpoints:
             raise UsageError(f"Checkpoint {name!r} is already in this log; use a new name.")
-        writer = self._ensure_writer() if self._save else None
+        writer = self._session.open(self._new_manifest(), self._save_projections,
+                                    self._statistics_loaded, self._rows_per_shard()) \
+            if self._save else None
         outer = self.statistics
         self.statistics = CovarianceState(device=outer.device)
         self._checkpoint = name
-        self._checkpoint_ids = None if train_ids is None else set(normalize_data_ids(train_ids))
+        self._checkpoint_ids = None if train_ids is None else set(info["train_ids"])
         if writer is not None:
             writer.tag = name
         try:
@@ -508,13 +323,8 @@ class Run:
             inner, self.statistics, self._checkpoint = self.statistics, outer, None
             self._checkpoint_ids = None
         inner.all_reduce()
-        info = {"segment": int(segment), "lr": float(lr), "steps": int(steps),
-                "momentum": float(momentum),
-                "train_ids": None if train_ids is None else normalize_data_ids(train_ids)}
-        if writer is not None and distributed.rank() == 0:
-            state.save_checkpoint_statistics(self.project_dir, name, inner.state_dict(), info)
-            self._manifest.checkpoints[name] = {k: v for k, v in info.items() if k != "train_ids"}
-            self._manifest.save(self.project_dir)
+        if writer is not None:
+            self._session.add_checkpoint(name, inner, info)
 
     def get_log(self, copy: bool = False) -> StepLog:
         """The last step's projected gradients (a query's test log)."""
@@ -524,9 +334,7 @@ class Run:
 
     def clear(self) -> None:
         """Forget statistics and the last step (nothing on disk changes)."""
-        if self._capture is not None:
-            self._capture.__exit__(None, None, None)
-            self._capture = None
+        self._drop_capture()
         self.statistics.clear()
         self._last_log = None
 
@@ -565,47 +373,12 @@ class Run:
             snapshot["lora"] = dict(self._lora_used)
         return snapshot
 
-    def _ensure_writer(self) -> ShardWriter:
-        if self._writer is not None:
-            return self._writer
-        os.makedirs(self.project_dir, exist_ok=True)
-        manifest = self._new_manifest()
-        existing = load_optional(self.project_dir)
-        if existing is not None and not existing.shards:
-            existing = None  # e.g. finalize() after a PCA pass: no rows to stay compatible with
-        if existing is not None:
-            existing.check_compatible(manifest)
-            manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
-            self._resumed_rows = existing.rows
-            if not self._statistics_loaded:
-                self._resumed = state.load_statistics(self.project_dir)
-        else:
-            _refuse_orphan_shards(self.project_dir, manifest.dim)
-        self._manifest = manifest
-        if distributed.rank() == 0:  # the layout is readable before the first shard lands
-            self._save_projections()
-            manifest.save(self.project_dir)
-        cfg = self.config.logging
-        dim = sum(p.dim for p in self.projections.values())
-        self._writer = ShardWriter(self.project_dir, distributed.rank(),
-                                   self._rows_per_shard(dim), dim,
-                                   DTYPES[cfg.log_dtype], self._on_shard,
-                                   num_workers=cfg.num_workers, queue_size=cfg.queue_size)
-        return self._writer
-
-    def _on_shard(self, entry: ShardEntry) -> None:
-        """A shard is complete: list it in this rank's index (manifest.json is rewritten only at
-        finalize, so the cost per shard stays constant)."""
-        append_rank_index(self.project_dir, entry)
-        self._manifest.shards.append(entry)  # readers and save() put shards in (rank, seq) order
-
     def _save_projections(self) -> None:
         state.save_projections(self.project_dir, self.projections, self.projection_meta)
 
     def flush(self) -> None:
         """Write every buffered row to disk now."""
-        if self._writer is not None:
-            self._writer.flush()
+        self._session.flush()
 
     def finalize(self) -> None:
         """Flush the writer, reduce statistics across processes, save state and manifest.
@@ -614,39 +387,26 @@ class Run:
         finalize in one process)."""
         if self._capture is not None:
             raise UsageError("finalize() inside a step: call run.end() first.")
-        if self._writer is not None:
-            self._writer.close()  # writes every buffered row, then stops the writer threads
+        self._session.close()
         distributed.barrier()  # every rank's shards are on disk and in its index
         if distributed.any_rank(self._needs_reduce):
             self.statistics.all_reduce()
             self._needs_reduce = False
-            self._merge_resumed_statistics()
+            self._session.merge_resumed(self.statistics)
             if distributed.any_rank(self._fits_ekfac()):
                 curvature.fit("ekfac", self.statistics, self.reader(),
                               self.config.influence.block_rows, progress=False)
         if distributed.rank() == 0:
-            self._save_final_state()
+            self._session.save_final(self._new_manifest, self._config_snapshot(),
+                                     self._save_projections, self.statistics)
         distributed.barrier()  # the manifest is complete when finalize returns on any rank
         self._finalized = True
 
-    def _save_final_state(self) -> None:
-        os.makedirs(self.project_dir, exist_ok=True)
-        if self._manifest is None:
-            existing = load_optional(self.project_dir)
-            self._manifest = existing or self._new_manifest()
-        self._manifest.merge_rank_indexes(self.project_dir)
-        self._manifest.config = self._config_snapshot()
-        self._save_projections()
-        # A run that collected no statistics (one that only appends rows) keeps the saved ones.
-        if self.statistics.sums or not os.path.isfile(
-                os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
-            state.save_statistics(self.project_dir, self.statistics.state_dict())
-        self._manifest.save(self.project_dir)
-
     def _fits_ekfac(self) -> bool:
         """EK-FAC's eigenvalues come from the saved rows in K-FAC's eigenbasis."""
+        manifest = self._session.manifest
         return (self._save and self.plan.forward_covariance and self.plan.backward_covariance
-                and self._manifest is not None and self._manifest.rows > 0)
+                and manifest is not None and manifest.rows > 0)
 
     def initialize_from_log(self) -> "Run":
         """Load projections and statistics from this project's folder (a new process picks up
@@ -664,27 +424,21 @@ class Run:
         self.modules = {m.name: self.modules[m.name] for m in manifest.modules}
         self.projections = {m.name: projections[m.name] for m in manifest.modules}
         self.projection_meta = meta
-        self.config = copy.deepcopy(self.config)  # the caller's Config stays as it was
-        self.config.logging.log_dtype = manifest.dtype
+        self.config.logging.log_dtype = manifest.dtype  # the run's own copy of the config
         self._on_device.clear()
         self.statistics.load_state_dict(state.load_statistics(self.project_dir))
-        self._statistics_loaded, self._resumed = True, None
+        self._statistics_loaded = True
         for ours, logged in zip(self.layout(), manifest.modules):
             if ours != logged:
                 raise UsageError(
                     f"The watched layer {ours.name!r} differs from the log's: watched "
-                    f"{_shape(ours)}, logged {_shape(logged)}. Load the same model architecture (and "
-                    "logging.include_bias) as the logging run.")
+                    f"{_shape(ours)}, logged {_shape(logged)}. Load the same model architecture "
+                    "(and logging.include_bias) as the logging run.")
         return self
 
     def reader(self) -> LogReader:
         """A reader over this project's saved logs (flushes pending rows first)."""
-        self.flush()
-        verify = self.config.influence.verify
-        if self._manifest is None:
-            return LogReader(self.project_dir, verify=verify)
-        self._manifest.merge_rank_indexes(self.project_dir)  # other ranks' shards
-        return LogReader(self.project_dir, self._manifest, verify=verify)
+        return self._session.reader(verify=self.config.influence.verify)
 
     def build_log_dataloader(self, batch_size: Optional[int] = None):
         """LogIX compatibility: an iterable of saved row blocks (a LogReader)."""
@@ -735,69 +489,6 @@ class Run:
                         rank=distributed.rank())
 
 
-def _check_checkpoint_args(name, segment, lr, steps, momentum) -> None:
-    if not isinstance(name, str) or not name or "/" in name or os.sep in name:
-        raise UsageError(f"checkpoint name must be a non-empty string without '/', got {name!r}.")
-    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 0:
-        raise UsageError(f"checkpoint segment must be an integer >= 0, got {segment!r}.")
-    if not lr > 0:
-        raise UsageError(f"checkpoint lr must be > 0, got {lr!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise UsageError(f"checkpoint steps must be a positive integer, got {steps!r}.")
-    if not 0 <= momentum < 1:
-        raise UsageError(f"checkpoint momentum must be in [0, 1), got {momentum!r}.")
-
-
-def _refuse_orphan_shards(project_dir: str, dim: int) -> None:
-    """Shards on disk that no manifest describes (manifest.json was deleted): their layout
-    cannot be checked, so rows are not appended beside them."""
-    logs = os.path.join(project_dir, LOGS_DIR)
-    shards = sorted(n for n in os.listdir(logs) if parse_shard_name(n)) \
-        if os.path.isdir(logs) else []
-    if not shards:
-        return
-    widths = sorted({_shard_width(os.path.join(logs, n)) for n in shards} - {None})
-    raise LogFormatError(
-        f"{logs!r} holds {len(shards)} shards (rows of width {widths or 'unknown'}; this run's "
-        f"rows have width {dim}) but {project_dir!r} has no manifest.json to check their layout "
-        "against. Move the logs/ folder away (or restore manifest.json), or use a new project.")
-
-
-def _shard_width(path: str) -> Optional[int]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            shape = f.get_slice(GRAD_KEY).get_shape()
-    except (OSError, SafetensorError, KeyError):
-        return None
-    return int(shape[1]) if len(shape) == 2 else None
-
-
 def _shape(entry: ModuleEntry) -> str:
     return (f"{entry.type} in_dim={entry.in_dim} out_dim={entry.out_dim} rank_in={entry.rank_in} "
             f"rank_out={entry.rank_out} bias={entry.bias} offset={entry.offset}")
-
-
-def _first_set(*values):
-    return next(v for v in values if v is not None)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def _passes(name: str, module: nn.Module, name_filter, type_filter) -> bool:
-    if type_filter is not None and not isinstance(module, tuple(type_filter)):
-        return False
-    if name_filter is None:
-        return True
-    if callable(name_filter):
-        return bool(name_filter(name))
-    if isinstance(name_filter, str):
-        name_filter = [name_filter]
-    return any(f in name for f in name_filter)

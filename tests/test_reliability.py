@@ -326,7 +326,7 @@ def test_disk_full_surfaces_at_next_end_and_keeps_written_shards(new_run, tmp_ro
         step(run, model, torch.randn(3, 6, generator=g), ids)
         logged += ids
     deadline = time.monotonic() + 30  # let the writer thread meet the full disk
-    while run._writer._error is None and time.monotonic() < deadline:
+    while run._session.writer._error is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert len(calls) == 4
     with pytest.raises(WriterError, match="No space left on device") as err:
@@ -373,11 +373,11 @@ def test_permission_denied_surfaces_at_flush_and_finalize(new_run, tmp_root, mon
 def test_failed_manifest_update_counts_the_shard_as_not_written(new_run, tmp_root, monkeypatch):
     """The shard landed but its index line could not be written: its rows are reported lost,
     it stays unlisted (verify warns, exit 0), and a resumed run numbers its shards after it."""
-    import logix.run as run_module
+    import logix.storage.session as session_module
 
     g = seeded(24)
     model = make_mlp(seed=24)
-    real = run_module.append_rank_index
+    real = session_module.append_rank_index
     calls = []
 
     def append(project_dir, entry):
@@ -386,7 +386,7 @@ def test_failed_manifest_update_counts_the_shard_as_not_written(new_run, tmp_roo
             raise OSError(errno.ENOSPC, "No space left on device")
         real(project_dir, entry)
 
-    monkeypatch.setattr(run_module, "append_rank_index", append)
+    monkeypatch.setattr(session_module, "append_rank_index", append)
     run = logging_run(new_run, "index", model, shard_rows=2)
     step(run, model, torch.randn(2, 6, generator=g), ["a", "b"])
     step(run, model, torch.randn(2, 6, generator=g), ["c", "d"])

@@ -12,14 +12,14 @@ are untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor
 
-from logix.errors import UsageError
+from logix.errors import ConfigError, UsageError
 from logix.logra import Projection
-from logix.statistics.covariance import BACKWARD, FORWARD, CovarianceState
+from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.tracking.modules import TrackedModule
 
 
@@ -39,6 +39,41 @@ class Plan:
     @property
     def needs_grad(self) -> bool:
         return self.log_grad or self.grad_covariance
+
+    @property
+    def covariances(self) -> frozenset:
+        """The covariance kinds this plan collects."""
+        return frozenset(kind for kind, on in ((FORWARD, self.forward_covariance),
+                                               (BACKWARD, self.backward_covariance),
+                                               (GRAD, self.grad_covariance)) if on)
+
+
+# What `run.setup` accepts per stage; old LogIX spellings map onto these.
+SETUP_CHOICES = {"forward": {"covariance"}, "backward": {"covariance"},
+                 "grad": {"log", "covariance"}}
+_SETUP_ALIASES = {"cov": "covariance", "save": "log"}
+
+
+def plan_from_setup(spec: Dict[str, Iterable[str]]) -> Plan:
+    """The Plan of a `run.setup` spec such as {"grad": ["log", "covariance"], "forward":
+    ["covariance"], "backward": ["covariance"]}."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"setup() takes a dict like {{'grad': ['log']}}, got {spec!r}.")
+    chosen = set()
+    for stage, items in spec.items():
+        if stage not in SETUP_CHOICES:
+            raise ConfigError(f"setup() stage {stage!r} is unknown; allowed stages: "
+                              f"{sorted(SETUP_CHOICES)}.")
+        for item in [items] if isinstance(items, str) else items:
+            item = _SETUP_ALIASES.get(item, item)
+            if item not in SETUP_CHOICES[stage]:
+                raise ConfigError(f"setup() {stage!r}: {item!r} is not supported; allowed: "
+                                  f"{sorted(SETUP_CHOICES[stage])}.")
+            chosen.add((stage, item))
+    return Plan(log_grad=("grad", "log") in chosen,
+                grad_covariance=("grad", "covariance") in chosen,
+                forward_covariance=("forward", "covariance") in chosen,
+                backward_covariance=("backward", "covariance") in chosen)
 
 
 ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]

@@ -1,0 +1,209 @@
+"""LogSession: one run's writing side of a project folder. It opens (or reopens) the log, keeps
+the duplicate-id index, appends rows through the shard writer, records checkpoints, and saves
+the manifest and state at finalize."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Dict, List, Optional
+
+from torch import Tensor
+
+from logix import distributed
+from logix.config import LoggingConfig
+from logix.errors import LogFormatError, UsageError
+from logix.statistics.covariance import CovarianceState
+from logix.statistics.eigen import EKFAC
+from logix.storage import state
+from logix.storage.format import (DTYPES, GRAD_KEY, KEY_SEP, LOGS_DIR, STATE_DIR,
+                                  STATISTICS_FILE, parse_shard_name)
+from logix.storage.manifest import Manifest, ShardEntry, append_rank_index, load_optional
+from logix.storage.reader import LogReader
+from logix.storage.writer import ShardWriter
+
+
+class LogSession:
+    """The writing side of one run. `manifest` is None until the first row is logged (or the
+    session reopens an existing log); `writer` likewise."""
+
+    def __init__(self, project_dir: str, logging: LoggingConfig) -> None:
+        self.project_dir = project_dir
+        self.logging = logging
+        self.manifest: Optional[Manifest] = None
+        self.writer: Optional[ShardWriter] = None
+        self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
+        # Saved statistics of an earlier session whose log this one appends to; merged into
+        # the run's at finalize so that they describe every row (see check_resumed).
+        self._resumed: Optional[Dict[str, Tensor]] = None
+        self._resumed_rows = 0  # rows the log held when this session opened it (0: checked)
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether this session wrote or queued any row."""
+        return self.writer is not None and bool(self.writer.pending_rows + len(self.manifest.shards))
+
+    # ------------------------------------------------------------------ opening
+    def open(self, manifest: Manifest, save_projections: Callable[[], None],
+             statistics_loaded: bool, rows_per_shard: int) -> ShardWriter:
+        """Start writing rows of `manifest`'s layout, appending to the log already in the folder
+        when its layout matches (refused otherwise). Idempotent."""
+        if self.writer is not None:
+            return self.writer
+        os.makedirs(self.project_dir, exist_ok=True)
+        existing = load_optional(self.project_dir)
+        if existing is not None and not existing.shards:
+            existing = None  # e.g. finalize() after a PCA pass: no rows to stay compatible with
+        if existing is not None:
+            existing.check_compatible(manifest)
+            manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
+            self._resumed_rows = existing.rows
+            if not statistics_loaded:
+                self._resumed = state.load_statistics(self.project_dir)
+        else:
+            _refuse_orphan_shards(self.project_dir, manifest.dim)
+        self.manifest = manifest
+        if distributed.rank() == 0:  # the layout is readable before the first shard lands
+            save_projections()
+            manifest.save(self.project_dir)
+        cfg = self.logging
+        self.writer = ShardWriter(self.project_dir, distributed.rank(), rows_per_shard,
+                                  manifest.dim, DTYPES[cfg.log_dtype], self._on_shard,
+                                  num_workers=cfg.num_workers, queue_size=cfg.queue_size)
+        return self.writer
+
+    def _on_shard(self, entry: ShardEntry) -> None:
+        """A shard is complete: list it in this rank's index (manifest.json is rewritten only at
+        finalize, so the cost per shard stays constant)."""
+        append_rank_index(self.project_dir, entry)
+        self.manifest.shards.append(entry)  # readers and save() put shards in (rank, seq) order
+
+    # ------------------------------------------------------------------ rows
+    def unseen(self, ids: List, checkpoint: Optional[str]) -> List[int]:
+        """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
+        if self._logged_ids is None:
+            reader = self.reader(verify=False)
+            self._logged_ids = {(s.checkpoint, i) for s in reader.manifest.shards
+                                for i in reader.shard_ids(s)}
+        policy = self.logging.on_duplicate
+        if policy == "allow":
+            return list(range(len(ids)))
+        logged = self._logged_ids
+        keep = [k for k, i in enumerate(ids) if (checkpoint, i) not in logged]
+        if len(keep) < len(ids):
+            seen = [i for i in ids if (checkpoint, i) in logged]
+            if policy == "error":
+                raise UsageError(f"data ids {seen[:5]} are already in this log ("
+                                 f"{self.project_dir!r}); nothing of this step was written. Set "
+                                 "logging.on_duplicate to 'skip' or 'allow', or use new ids.")
+            warnings.warn(f"Skipped {len(seen)} rows whose data ids are already logged (e.g. "
+                          f"{seen[:3]}); logging.on_duplicate='allow' keeps them, and the "
+                          "statistics count only the kept rows.")
+        return keep
+
+    def append(self, ids: List, rows: Tensor, checkpoint: Optional[str]) -> None:
+        """Queue rows for disk (cast to the log dtype while copied into the shard buffer)."""
+        self._logged_ids.update((checkpoint, i) for i in ids)
+        self.writer.append(ids, rows)
+
+    def raise_if_failed(self) -> None:
+        if self.writer is not None:
+            self.writer.raise_if_failed()
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Write every buffered row, then stop the writer threads."""
+        if self.writer is not None:
+            self.writer.close()
+
+    def reader(self, verify: bool = True) -> LogReader:
+        """A reader over the saved logs, this session's pending rows flushed first."""
+        self.flush()
+        if self.manifest is None:
+            return LogReader(self.project_dir, verify=verify)
+        self.manifest.merge_rank_indexes(self.project_dir)  # other ranks' shards
+        return LogReader(self.project_dir, self.manifest, verify=verify)
+
+    # ------------------------------------------------------------------ statistics of a reopened log
+    def check_resumed(self, kinds: frozenset, statistics: CovarianceState,
+                      statistics_loaded: bool) -> None:
+        """Before this session adds rows to an earlier session's log: the statistics saved with
+        those rows and the ones collected now must be of the same kinds, so that their merge
+        (sums and counts added at finalize) describes every row of the log."""
+        if not self._resumed_rows:
+            return
+        saved = statistics.state_dict() if statistics_loaded else self._resumed or {}
+        saved_kinds = {k.split(KEY_SEP)[1] for k in saved if k.count(KEY_SEP) == 1} - {EKFAC}
+        if set(kinds) != saved_kinds:
+            raise UsageError(
+                f"Project folder {self.project_dir!r} already holds {self._resumed_rows} rows "
+                f"whose saved statistics are {sorted(saved_kinds) or 'none'}, and this run "
+                f"collects {sorted(kinds) or 'none'}: the statistics would no longer describe "
+                "every row of the log. Collect the same covariances as the earlier session "
+                "(run.setup), or log into a new project.")
+        self._resumed_rows = 0
+
+    def merge_resumed(self, statistics: CovarianceState) -> None:
+        """Add the earlier session's saved statistics to `statistics` (after the all-reduce, so
+        every rank holds them once). EK-FAC's eigenvalues are refitted over all rows."""
+        if not self._resumed:
+            return
+        saved = CovarianceState()
+        saved.load_state_dict(self._resumed)
+        saved.drop(EKFAC)
+        statistics.drop(EKFAC)
+        statistics.merge(saved)
+        self._resumed = None
+
+    # ------------------------------------------------------------------ checkpoints and finalize
+    def add_checkpoint(self, name: str, statistics: CovarianceState, info: dict) -> None:
+        """Save a closed checkpoint's statistics and list it in the manifest (rank 0)."""
+        if distributed.rank() != 0:
+            return
+        state.save_checkpoint_statistics(self.project_dir, name, statistics.state_dict(), info)
+        self.manifest.checkpoints[name] = {k: v for k, v in info.items() if k != "train_ids"}
+        self.manifest.save(self.project_dir)
+
+    def save_final(self, new_manifest: Callable[[], Manifest], config_snapshot: dict,
+                   save_projections: Callable[[], None], statistics: CovarianceState) -> None:
+        """Rank 0 at finalize: every rank's shards in the manifest, projections, statistics."""
+        os.makedirs(self.project_dir, exist_ok=True)
+        if self.manifest is None:
+            self.manifest = load_optional(self.project_dir) or new_manifest()
+        self.manifest.merge_rank_indexes(self.project_dir)
+        self.manifest.config = config_snapshot
+        save_projections()
+        # A run that collected no statistics (one that only appends rows) keeps the saved ones.
+        if statistics.sums or not os.path.isfile(
+                os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
+            state.save_statistics(self.project_dir, statistics.state_dict())
+        self.manifest.save(self.project_dir)
+
+
+def _refuse_orphan_shards(project_dir: str, dim: int) -> None:
+    """Shards on disk that no manifest describes (manifest.json was deleted): their layout
+    cannot be checked, so rows are not appended beside them."""
+    logs = os.path.join(project_dir, LOGS_DIR)
+    shards = sorted(n for n in os.listdir(logs) if parse_shard_name(n)) \
+        if os.path.isdir(logs) else []
+    if not shards:
+        return
+    widths = sorted({_shard_width(os.path.join(logs, n)) for n in shards} - {None})
+    raise LogFormatError(
+        f"{logs!r} holds {len(shards)} shards (rows of width {widths or 'unknown'}; this run's "
+        f"rows have width {dim}) but {project_dir!r} has no manifest.json to check their layout "
+        "against. Move the logs/ folder away (or restore manifest.json), or use a new project.")
+
+
+def _shard_width(path: str) -> Optional[int]:
+    from logix.storage.format import read_header
+
+    try:
+        header, _, _ = read_header(path)
+        shape = header[GRAD_KEY]["shape"]
+    except (LogFormatError, KeyError, TypeError):
+        return None
+    return int(shape[1]) if isinstance(shape, list) and len(shape) == 2 else None

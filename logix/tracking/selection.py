@@ -1,0 +1,65 @@
+"""Which layers of a model are watched: `run.watch(model, name_filter=, type_filter=)`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Union
+
+from torch import nn
+
+from logix.errors import UsageError
+from logix.tracking.modules import (TrackedModule, bypassed_layers, supported_types,
+                                    tied_layers, tracked_class)
+
+NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+
+def select_modules(model: nn.Module, name_filter: NameFilter = None,
+                   type_filter: Optional[Sequence[type]] = None,
+                   include_bias: bool = False) -> Dict[str, TrackedModule]:
+    """Every supported layer of `model` (unwrapped from DDP) whose name and type pass the
+    filters, by name. Layers whose forward their parent never calls are skipped with a warning;
+    tied weights are warned about. Parameters' requires_grad is never changed."""
+    model = unwrap(model)
+    modules, bypassed = {}, bypassed_layers(model)
+    for name, module in model.named_modules():
+        klass = tracked_class(module)
+        if klass is None or not _passes(name, module, name_filter, type_filter):
+            continue
+        if name in bypassed:
+            warnings.warn(f"Not watching {name!r}: {bypassed[name]}")
+            continue
+        modules[name] = klass(name, module, include_bias)
+    if not modules:
+        raise UsageError(
+            f"No supported layers matched in {type(model).__name__} (name_filter="
+            f"{name_filter!r}, type_filter={type_filter!r}). LogIX tracks: "
+            f"{supported_types()}. Loosen the filters, or subclass "
+            "logix.tracking.modules.TrackedModule for a custom layer type.")
+    for first, second in tied_layers(modules):
+        warnings.warn(
+            f"Layers {first!r} and {second!r} share one weight (tied): LogIX logs them as two "
+            "blocks whose sum is the shared weight's gradient, so scores miss the cross terms "
+            "between them (see 'Tied weights' in docs/concepts.md).")
+    return modules
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _passes(name: str, module: nn.Module, name_filter: NameFilter, type_filter) -> bool:
+    if type_filter is not None and not isinstance(module, tuple(type_filter)):
+        return False
+    if name_filter is None:
+        return True
+    if callable(name_filter):
+        return bool(name_filter(name))
+    if isinstance(name_filter, str):
+        name_filter = [name_filter]
+    return any(f in name for f in name_filter)

@@ -1,0 +1,85 @@
+"""One step's rows: the checks that refuse a step whose gradients would be wrong or lost, and
+the assembly of every watched module's projected gradient into rows [batch, dim]."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from logix.config import LoggingConfig
+from logix.errors import UsageError
+from logix.logra import Projection
+from logix.tracking.capture import GradientCapture, Plan
+
+FLOAT16_MAX = 65504.0
+
+
+def check_capture(capture: GradientCapture, plan: Plan, on_unused_layer: str) -> None:
+    """Refuse a step whose mask lined up with no layer, or in which a watched layer ran no
+    forward or (when the plan needs a backward pass) received no output gradient: its part of
+    the row would be zeros."""
+    if capture.mask is not None and capture.batch_size is not None \
+            and not capture.mask_matched:
+        raise UsageError(f"mask of shape {tuple(capture.mask.shape)} lines up with no tracked "
+                         "layer's input [batch, tokens, ...]; pass the attention mask of "
+                         "this batch.")
+    if on_unused_layer == "zero" or (plan.needs_grad and not capture.grads):
+        return  # the second case: nothing reached any layer, which step_rows names itself
+    no_forward = [n for n, count in capture.forwards.items() if count == 0]
+    no_gradient = [n for n, count in capture.calls.items() if count == 0
+                   and capture.forwards[n] > 0] if plan.needs_backward else []
+    if not no_forward and not no_gradient:
+        return
+    problems = []
+    if no_forward:
+        problems.append(f"ran no forward pass: {no_forward}")
+    if no_gradient:
+        problems.append(f"ran forward but their output received no gradient (the loss does "
+                        f"not depend on it, or it does not require grad): {no_gradient}")
+    raise UsageError(
+        f"Watched layers of this step {'; '.join(problems)}. Their logged gradient would be "
+        "zeros; nothing of this step was kept. Leave them out with run.watch(model, "
+        "name_filter=...), or, for layers legitimately unused in some steps, set "
+        "logging.on_unused_layer: zero (their part of the row is then zero).")
+
+
+def step_rows(capture: GradientCapture, ids: List, projections: Dict[str, Projection],
+              scale: float) -> Tensor:
+    """[batch, dim] float32: every module's projected gradient side by side, in row order,
+    times `scale` (a layer unused in the step contributes zeros)."""
+    if capture.batch_size is None or not capture.grads:
+        raise UsageError("No gradient reached the tracked layers between start() and end(). "
+                         "Call loss.backward() before run.end(), outside torch.no_grad().")
+    if len(ids) != capture.batch_size:
+        raise UsageError(f"data_id names {len(ids)} examples but the batch has "
+                         f"{capture.batch_size}; pass one id per example.")
+    parts = []
+    reference = next(iter(capture.grads.values()))
+    for name, projection in projections.items():
+        grad = capture.grads.get(name)
+        if grad is None:
+            grad = reference.new_zeros(reference.shape[0], projection.dim)
+        parts.append(grad.reshape(grad.shape[0], -1))
+    rows = torch.cat(parts, 1)
+    return rows * scale if scale != 1.0 else rows
+
+
+def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool) -> Optional[Tensor]:
+    """`rows`, or None when the step is skipped for NaN/inf (logging.nonfinite: skip); raises
+    for NaN/inf by default and for values float16 storage cannot hold."""
+    if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
+        bad = [ids[i] for i in (~torch.isfinite(rows).all(1)).nonzero().flatten().tolist()]
+        if cfg.nonfinite == "error":
+            raise UsageError(f"NaN or inf gradients for data ids {bad[:5]}; nothing of this "
+                             "step was logged. Set logging.nonfinite: skip to drop such "
+                             "steps with a warning.")
+        warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}).")
+        return None
+    if saving and cfg.log_dtype == "float16" and float(rows.abs().max()) > FLOAT16_MAX:
+        raise UsageError(f"Gradients of this step reach {float(rows.abs().max()):.3g}, beyond "
+                         f"float16's range ({FLOAT16_MAX:g}): they would be stored as inf. "
+                         "Use logging.log_dtype: bfloat16 (same size, float32's range).")
+    return rows
