@@ -16,22 +16,12 @@ exist, a folder that is not a LogIX log). The on-disk format is described in doc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-# safetensors dtype codes of the dtypes a log may hold, and bytes per element.
-_ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1}
-_HASH_CHUNK = 1 << 20
-_MAX_HEADER = 100_000_000  # safetensors refuses larger headers
-_STAT_SEP = "::"
 
 
 class CliError(Exception):
@@ -225,154 +215,21 @@ def _project_dir(path: str) -> str:
 def _load_manifest(project_dir: str):
     """(Manifest, raw JSON dict); a damaged manifest becomes a CliError (exit 1)."""
     from logix.errors import LogFormatError
-    from logix.storage.format import MANIFEST
-    from logix.storage.manifest import Manifest
+    from logix.storage.manifest import read_manifest
 
-    path = os.path.join(project_dir, MANIFEST)
     try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read())
-    except OSError as e:
-        raise CliError(f"{path!r} cannot be read: {e}") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CliError(f"{path!r} is corrupt: not readable JSON ({e}).") from None
-    if not isinstance(raw, dict):
-        raise CliError(f"{path!r} is corrupt: it holds a JSON {type(raw).__name__}, not the "
-                       "manifest object.")
-    try:
-        manifest = Manifest.load(project_dir)
+        return read_manifest(project_dir)
     except LogFormatError as e:
         raise CliError(str(e)) from None
-    except (ValueError, TypeError, AttributeError) as e:  # not a JSON object, bad encoding
-        raise CliError(f"{path!r} is not a valid LogIX manifest: {e}") from None
-    problems = _manifest_type_problems(manifest)
-    if problems:
-        raise CliError(f"{path!r} has malformed fields: " + "; ".join(problems[:5]))
-    return manifest, raw
-
-
-def _manifest_type_problems(manifest) -> List[str]:
-    """Fields whose type would make any arithmetic on the manifest fail."""
-    problems = []
-    ints = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    for m in manifest.modules:
-        for key in ("in_dim", "out_dim", "rank_in", "rank_out", "offset"):
-            if not ints(getattr(m, key)) or getattr(m, key) < 0:
-                problems.append(f"module {m.name!r}: {key}={getattr(m, key)!r} is not a "
-                                "non-negative integer")
-    for s in manifest.shards:
-        for key in ("rows", "bytes", "rank", "seq"):
-            if not ints(getattr(s, key)) or getattr(s, key) < 0:
-                problems.append(f"shard {s.file!r}: {key}={getattr(s, key)!r} is not a "
-                                "non-negative integer")
-        if not isinstance(s.file, str) or not isinstance(s.sha256, str):
-            problems.append(f"shard {s.file!r}: file and sha256 must be strings")
-    if not isinstance(manifest.projection, dict):
-        problems.append(f"projection={manifest.projection!r} is not an object")
-    return problems
-
-
-def _statistics(project_dir: str) -> Dict:
-    """{"present": bool, "error": str|None, "entries": {module: {kind: {"shape", "count"}}}}
-    from the header of state/statistics.safetensors (sums are not loaded)."""
-    from logix.storage.format import STATE_DIR, STATISTICS_FILE
-
-    path = os.path.join(project_dir, STATE_DIR, STATISTICS_FILE)
-    info = {"file": f"{STATE_DIR}/{STATISTICS_FILE}", "present": os.path.isfile(path),
-            "error": None, "entries": {}, "orphan_counts": []}
-    if not info["present"]:
-        return info
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = sorted(f.keys())
-            counts = {}
-            for key in keys:
-                parts = key.split(_STAT_SEP)
-                if len(parts) >= 3 and parts[-1] == "count":
-                    counts[_STAT_SEP.join(parts[:-1])] = float(f.get_tensor(key).double().sum())
-                elif len(parts) >= 2:
-                    module, kind = parts[0], _STAT_SEP.join(parts[1:])
-                    info["entries"].setdefault(module, {})[kind] = {
-                        "shape": list(f.get_slice(key).get_shape()), "count": None}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        info["error"] = f"{e}"
-        return info
-    for base, count in counts.items():
-        module, _, kind = base.partition(_STAT_SEP)
-        entry = info["entries"].get(module, {}).get(kind)
-        if entry is None:
-            info["orphan_counts"].append(base)
-        else:
-            entry["count"] = count
-    return info
-
-
-def _projections(project_dir: str) -> Dict:
-    """Header facts of state/projections.safetensors: which matrices, their shapes, metadata."""
-    from logix.storage.format import PROJECTIONS_FILE, STATE_DIR
-
-    path = os.path.join(project_dir, STATE_DIR, PROJECTIONS_FILE)
-    info = {"file": f"{STATE_DIR}/{PROJECTIONS_FILE}", "present": os.path.isfile(path),
-            "error": None, "shapes": {}, "meta": None, "dims": None}
-    if not info["present"]:
-        return info
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            info["shapes"] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        info["meta"] = json.loads(metadata["meta"]) if "meta" in metadata else None
-        info["dims"] = json.loads(metadata["dims"]) if "dims" in metadata else None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        info["error"] = f"{e}"
-    return info
 
 
 # --------------------------------------------------------------------------- show
-def _summary(project_dir: str, manifest, list_shards: bool) -> Dict:
-    from logix.storage.format import DTYPES
-
-    itemsize = DTYPES[manifest.dtype].itemsize if manifest.dtype in DTYPES else None
-    full = sum(m.in_dim * m.out_dim for m in manifest.modules)
-    dim = manifest.dim
-    shards_by_rank: Dict[int, int] = {}
-    for s in manifest.shards:
-        shards_by_rank[s.rank] = shards_by_rank.get(s.rank, 0) + 1
-    out = {
-        "path": os.path.abspath(project_dir),
-        "project": manifest.project,
-        "format_version": manifest.format_version,
-        "dtype": manifest.dtype,
-        "projection": dict(manifest.projection),
-        "modules": [{"name": m.name, "type": m.type, "gradient": [m.out_dim, m.in_dim],
-                     "rank": [m.rank_out, m.rank_in], "offset": m.offset, "width": m.dim,
-                     "bias": m.bias} for m in manifest.modules],
-        "row_width": dim,
-        "rows": manifest.rows,
-        "shards": {"count": len(manifest.shards),
-                   "bytes": sum(s.bytes for s in manifest.shards),
-                   "by_rank": {str(r): n for r, n in sorted(shards_by_rank.items())}},
-        "bytes_per_example": dim * itemsize if itemsize else None,
-        "full_gradient_numbers": full,
-        "full_gradient_bytes_per_example": full * itemsize if itemsize else None,
-        "compression": (full / dim) if dim else None,
-        "statistics": _statistics(project_dir),
-        "projections_file": _projections(project_dir),
-    }
-    if list_shards:
-        out["shards"]["files"] = [{"file": s.file, "rank": s.rank, "seq": s.seq, "rows": s.rows,
-                                   "bytes": s.bytes, "sha256": s.sha256}
-                                  for s in manifest.shards]
-    return out
-
-
 def _cmd_show(args) -> int:
+    from logix.storage.overview import summary
+
     project_dir = _project_dir(args.dir)
     manifest, _ = _load_manifest(project_dir)
-    info = _summary(project_dir, manifest, args.shards)
+    info = summary(project_dir, manifest, args.shards)
     if args.json:
         print(json.dumps(info, indent=1))
         return EXIT_OK
@@ -450,329 +307,42 @@ def _cmd_show(args) -> int:
 
 
 # --------------------------------------------------------------------------- verify
-@dataclass
-class _Report:
-    errors: List[str] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
-
-    def error(self, message: str) -> None:
-        self.errors.append(message)
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-
 def _cmd_verify(args) -> int:
+    from logix.errors import LogFormatError
+    from logix.progress import progress_bar
+    from logix.storage.manifest import load_optional
+    from logix.storage.verify import verify
+
     project_dir = _project_dir(args.dir)
     out = _console()
     try:
-        manifest, raw = _load_manifest(project_dir)
-    except CliError as e:
+        manifest = load_optional(project_dir)
+        total = sum(s.bytes for s in manifest.shards) if manifest else 0
+        with progress_bar(total, "hashing shards", enabled=not args.no_hash,
+                          min_total=256 << 20) as advance:
+            report = verify(project_dir, hashing=not args.no_hash, advance=advance)
+    except LogFormatError as e:
         out.print(f"[red]ERROR[/red] {_esc(str(e))}")
         out.print("[red]FAILED[/red]: the manifest cannot be read, so no shard was checked.")
         return EXIT_ERROR
-    report = _Report()
-    _check_manifest(manifest, raw, report)
-    seen_ids: Dict = {}
-    duplicates: List = []
-    checked_bytes = 0
-    with _progress(sum(s.bytes for s in manifest.shards), not args.no_hash) as advance:
-        for shard in manifest.shards:
-            before = len(report.errors)
-            size = _check_shard(project_dir, manifest, shard, report, not args.no_hash,
-                                seen_ids, duplicates, advance)
-            checked_bytes += size
-            if args.verbose and len(report.errors) == before:
-                out.print(f"[green]ok[/green]    {_esc(shard.file)}  {shard.rows} rows  "
-                          f"{_human_bytes(shard.bytes)}")
-    if duplicates:
-        examples = "; ".join(f"{json.dumps(i)} in {a} and {b}" for i, a, b in duplicates[:5])
-        verb = "appears" if len(duplicates) == 1 else "appear"
-        report.warn(f"{_plural(len(duplicates), 'data id')} {verb} more than once in the log (e.g. "
-                    f"{examples}); scores will list such examples once per row.")
-    _check_stray_files(project_dir, manifest, report)
-    _check_state(project_dir, manifest, report)
-
+    if args.verbose:
+        sizes = {s.file: s for s in manifest.shards}
+        for name in report.ok_shards:
+            out.print(f"[green]ok[/green]    {_esc(name)}  {sizes[name].rows} rows  "
+                      f"{_human_bytes(sizes[name].bytes)}")
     for message in report.errors:
         out.print(f"[red]ERROR[/red] {_esc(message)}")
     for message in report.warnings:
         out.print(f"[yellow]WARN[/yellow]  {_esc(message)}")
     failed = bool(report.errors) or (args.strict and bool(report.warnings))
     verdict = "[red]FAILED[/red]" if failed else "[green]OK[/green]"
-    hashed = "" if not args.no_hash else " (sha256 not checked: --no-hash)"
-    out.print(f"{verdict}: {_plural(len(manifest.shards), 'shard')} "
-              f"({_plural(manifest.rows, 'row')}) in the manifest, {_human_bytes(checked_bytes)} "
-              f"read{hashed}; "
+    hashed = "" if report.hashed else " (sha256 not checked: --no-hash)"
+    out.print(f"{verdict}: {_plural(report.shards, 'shard')} "
+              f"({_plural(report.rows, 'row')}) in the manifest, "
+              f"{_human_bytes(report.bytes_read)} read{hashed}; "
               f"{_plural(len(report.errors), 'error')}, "
               f"{_plural(len(report.warnings), 'warning')}")
     return EXIT_ERROR if failed else EXIT_OK
-
-
-class _progress:
-    """A transient progress bar on a terminal's stderr while hashing; nothing otherwise."""
-
-    def __init__(self, total: int, hashing: bool) -> None:
-        self.total, self.hashing, self.bar = total, hashing, None
-
-    def __enter__(self):
-        err = _console(stderr=True)
-        if self.hashing and err.is_terminal and self.total > (256 << 20):
-            from rich.progress import Progress
-
-            self.bar = Progress(console=err, transient=True)
-            self.bar.__enter__()
-            task = self.bar.add_task("hashing shards", total=self.total)
-            return lambda n: self.bar.advance(task, n)
-        return lambda n: None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
-
-
-def _check_manifest(manifest, raw: dict, report: _Report) -> None:
-    from logix.storage.format import DTYPES
-
-    if manifest.dtype not in DTYPES:
-        report.error(f"manifest dtype {manifest.dtype!r} is not one of {sorted(DTYPES)}.")
-    if raw.get("dim") is not None and raw.get("dim") != manifest.dim:
-        report.error(f"manifest 'dim' is {raw.get('dim')} but its modules add up to "
-                     f"{manifest.dim} columns.")
-    listed = sum(s.get("rows", 0) for s in raw.get("shards", [])
-                 if isinstance(s, dict) and s.get("checkpoint") is None)
-    if raw.get("rows") is not None and raw.get("rows") != listed:  # index shards come on top
-        report.error(f"manifest 'rows' is {raw.get('rows')} but its shards hold "
-                     f"{listed} rows.")
-    names = [m.name for m in manifest.modules]
-    if len(set(names)) != len(names):
-        report.error(f"module names repeat in the manifest: {names}.")
-    spans = sorted((m.offset, m.offset + m.dim, m.name) for m in manifest.modules)
-    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
-        if b0 < a1:
-            report.error(f"modules {a!r} [{a0}, {a1}) and {b!r} [{b0}, {b1}) overlap in the row.")
-    for start, stop, name in spans:
-        if stop > manifest.dim:
-            report.error(f"module {name!r} columns [{start}, {stop}) run past the row width "
-                         f"{manifest.dim}.")
-    files = [s.file for s in manifest.shards]
-    for f in sorted({f for f in files if files.count(f) > 1}):
-        report.error(f"shard {f!r} is named more than once in the manifest.")
-
-
-def _check_shard(project_dir: str, manifest, shard, report: _Report, hashing: bool,
-                 seen_ids: Dict, duplicates: List, advance) -> int:
-    """Check one shard; returns the bytes read. Reads the file once in chunks (bounded memory)."""
-    from logix.storage.format import parse_shard_name
-
-    name = shard.file
-    if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
-        report.error(f"shard {name!r}: the path leaves the project folder.")
-        return 0
-    parsed = parse_shard_name(os.path.basename(name))
-    if parsed is None:
-        report.warn(f"shard {name!r}: the name does not follow shard-r<rank>-<seq>.safetensors.")
-    elif parsed != (shard.rank, shard.seq):
-        report.warn(f"shard {name!r}: the name says rank {parsed[0]} seq {parsed[1]}, the "
-                    f"manifest rank {shard.rank} seq {shard.seq}.")
-    path = os.path.join(project_dir, name)
-    if not os.path.isfile(path):
-        report.error(f"shard {name!r} is named in the manifest but missing.")
-        return 0
-    size = os.path.getsize(path)
-    if size != shard.bytes:
-        what = "truncated?" if size < shard.bytes else "extra bytes?"
-        report.error(f"shard {name!r} is {size} bytes; the manifest says {shard.bytes} ({what}).")
-    if hashing:
-        digest = hashlib.sha256()
-        try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-                    digest.update(chunk)
-                    advance(len(chunk))
-        except OSError as e:
-            report.error(f"shard {name!r} cannot be read: {e}.")
-            return 0
-        if digest.hexdigest() != shard.sha256:
-            report.error(f"shard {name!r}: sha256 {digest.hexdigest()[:16]}... does not match "
-                         f"the manifest's {str(shard.sha256)[:16]}...; its bytes changed after "
-                         "it was written.")
-    ids = _check_shard_header(path, name, size, manifest, shard, report)
-    if ids is not None:
-        for i in ids:
-            key = i if isinstance(i, (str, int)) else json.dumps(i)
-            if key in seen_ids:
-                duplicates.append((i, seen_ids[key], name))
-            else:
-                seen_ids[key] = name
-    return size
-
-
-def _check_shard_header(path: str, name: str, size: int, manifest, shard,
-                        report: _Report) -> Optional[list]:
-    """Parse the safetensors header by hand (exact messages), then open it with safetensors.
-    Returns the shard's data ids, or None when they cannot be read."""
-    from logix.storage.format import DATA_IDS_KEY, GRAD_KEY
-
-    def bad(message: str) -> None:
-        report.error(f"shard {name!r} is not a readable safetensors file: {message}.")
-
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                return bad(f"{size} bytes, shorter than the 8-byte header length")
-            n = int.from_bytes(prefix, "little")
-            if n > min(size - 8, _MAX_HEADER):
-                return bad(f"the header claims {n} bytes but the file has {size - 8} after the "
-                           "length (truncated?)")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        return bad(str(e))
-    except (ValueError, UnicodeDecodeError) as e:
-        return bad(f"the header is not JSON ({e})")
-    if not isinstance(header, dict):
-        return bad("the header is not a JSON object")
-    data_size = size - 8 - n
-    for key, spec in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] <= data_size):
-            return bad(f"tensor {key!r} ends at byte {offsets and offsets[-1]} of a "
-                       f"{data_size}-byte data section (truncated?)")
-    grad = header.get(GRAD_KEY)
-    if not isinstance(grad, dict):
-        report.error(f"shard {name!r} has no {GRAD_KEY!r} tensor (it holds "
-                     f"{[k for k in header if k != '__metadata__'][:5]}).")
-    else:
-        shape, dtype = grad.get("shape"), grad.get("dtype")
-        want_dtype = _ST_DTYPE.get(manifest.dtype)
-        if dtype != want_dtype:
-            report.error(f"shard {name!r}: {GRAD_KEY!r} is {dtype}, the manifest says "
-                         f"{manifest.dtype} ({want_dtype}).")
-        if not (isinstance(shape, list) and len(shape) == 2):
-            report.error(f"shard {name!r}: {GRAD_KEY!r} has shape {shape}, not [rows, width].")
-        else:
-            if shape[1] != manifest.dim:
-                report.error(f"shard {name!r}: {GRAD_KEY!r} is {shape[1]} columns wide, the "
-                             f"manifest's row width is {manifest.dim}.")
-            if shape[0] != shard.rows:
-                report.error(f"shard {name!r} holds {shape[0]} rows, the manifest says "
-                             f"{shard.rows}.")
-            start, stop = grad["data_offsets"]
-            need = shape[0] * shape[1] * _ST_ITEMSIZE.get(dtype, 0)
-            if dtype in _ST_ITEMSIZE and stop - start != need:
-                report.error(f"shard {name!r}: {GRAD_KEY!r} spans {stop - start} bytes, its "
-                             f"shape and dtype need {need}.")
-    ids = None
-    metadata = header.get("__metadata__") or {}
-    if DATA_IDS_KEY not in metadata:
-        report.error(f"shard {name!r} has no {DATA_IDS_KEY!r} in its metadata.")
-    else:
-        try:
-            ids = json.loads(metadata[DATA_IDS_KEY])
-        except (ValueError, TypeError) as e:
-            report.error(f"shard {name!r}: metadata {DATA_IDS_KEY!r} is not JSON ({e}).")
-        if ids is not None and not isinstance(ids, list):
-            report.error(f"shard {name!r}: metadata {DATA_IDS_KEY!r} is not a JSON list.")
-            ids = None
-        if ids is not None and len(ids) != shard.rows:
-            report.error(f"shard {name!r} names {len(ids)} data ids for {shard.rows} rows.")
-        if ids is not None:
-            odd = [i for i in ids if isinstance(i, bool) or not isinstance(i, (str, int))]
-            if odd:
-                report.warn(f"shard {name!r}: data ids should be str or int, found {odd[:3]}.")
-    from safetensors import SafetensorError, safe_open
-
-    try:  # the library itself must agree (this is what every reader uses)
-        with safe_open(path, framework="pt") as f:
-            if GRAD_KEY in f.keys():
-                f.get_slice(GRAD_KEY).get_shape()
-    except (SafetensorError, OSError, RuntimeError) as e:
-        bad(f"safetensors refuses it ({e})")
-    return ids
-
-
-def _check_stray_files(project_dir: str, manifest, report: _Report) -> None:
-    from logix.storage.format import LOGS_DIR, STATE_DIR, TMP_SUFFIX
-    from logix.storage.manifest import INDEX_PREFIX, INDEX_SUFFIX
-
-    named = {os.path.normpath(s.file) for s in manifest.shards}
-    logs = os.path.join(project_dir, LOGS_DIR)
-    if os.path.isdir(logs):
-        for entry in sorted(os.listdir(logs)):
-            rel = os.path.normpath(os.path.join(LOGS_DIR, entry))
-            if rel in named or (entry.startswith(INDEX_PREFIX) and entry.endswith(INDEX_SUFFIX)):
-                continue  # index-r<rank>.jsonl: a writer's list of its completed shards
-            if entry.endswith(TMP_SUFFIX):
-                report.warn(f"{rel!r} is a leftover temporary file from an interrupted write; "
-                            "it holds no logged rows and can be deleted.")
-            else:
-                report.warn(f"{rel!r} is in {LOGS_DIR}/ but not named in the manifest; readers "
-                            "ignore it (a shard written after the last manifest update, or a "
-                            "foreign file).")
-    for folder in (project_dir, os.path.join(project_dir, STATE_DIR)):
-        if not os.path.isdir(folder):
-            continue
-        for entry in sorted(os.listdir(folder)):
-            if entry.endswith(TMP_SUFFIX):
-                rel = os.path.relpath(os.path.join(folder, entry), project_dir)
-                report.warn(f"{rel!r} is a leftover temporary file from an interrupted write; "
-                            "it can be deleted.")
-
-
-def _check_state(project_dir: str, manifest, report: _Report) -> None:
-    modules = {m.name: m for m in manifest.modules}
-    proj = _projections(project_dir)
-    if not proj["present"]:
-        message = (f"{proj['file']} is missing; queries need it to project test gradients "
-                   "the same way.")
-        (report.error if manifest.shards else report.warn)(message)
-    elif proj["error"]:
-        report.error(f"{proj['file']} is not readable: {proj['error']}.")
-    else:
-        if proj["meta"] is not None and proj["meta"] != manifest.projection:
-            report.error(f"{proj['file']} says projection {proj['meta']}, the manifest "
-                         f"{manifest.projection}.")
-        dims = proj["dims"] or {}
-        for name, m in modules.items():
-            if name in dims and list(dims[name]) != [m.in_dim, m.out_dim]:
-                report.error(f"{proj['file']}: module {name!r} has [in, out] {dims[name]}, the "
-                             f"manifest [{m.in_dim}, {m.out_dim}].")
-            for side, rank, full in (("p_in", m.rank_in, m.in_dim),
-                                     ("p_out", m.rank_out, m.out_dim)):
-                shape = proj["shapes"].get(f"{name}{_STAT_SEP}{side}")
-                if shape is None and rank != full:
-                    report.error(f"{proj['file']} has no {name}{_STAT_SEP}{side} but module "
-                                 f"{name!r} is projected to rank {rank} of {full}.")
-                elif shape is not None and shape != [rank, full]:
-                    report.error(f"{proj['file']}: {name}{_STAT_SEP}{side} is {shape}, the "
-                                 f"manifest needs [{rank}, {full}].")
-    stats = _statistics(project_dir)
-    if not stats["present"]:
-        report.warn(f"{stats['file']} is missing (finalize() was not called?); queries with a "
-                    "preconditioner need it.")
-        return
-    if stats["error"]:
-        report.error(f"{stats['file']} is not readable: {stats['error']}.")
-        return
-    for base in stats["orphan_counts"]:
-        report.warn(f"{stats['file']}: {base}{_STAT_SEP}count has no matching statistic.")
-    for module, kinds in stats["entries"].items():
-        m = modules.get(module)
-        if m is None:
-            report.warn(f"{stats['file']} holds statistics of {module!r}, which is not in the "
-                        "manifest.")
-            continue
-        expected = {"forward": [m.rank_in] * 2, "backward": [m.rank_out] * 2,
-                    "grad": [m.dim] * 2}
-        for kind, entry in kinds.items():
-            if kind in expected and entry["shape"] != expected[kind]:
-                report.error(f"{stats['file']}: {module}{_STAT_SEP}{kind} is {entry['shape']}, "
-                             f"the manifest's ranks need {expected[kind]}.")
-            if kind in expected and entry["count"] is None:
-                report.error(f"{stats['file']}: {module}{_STAT_SEP}{kind} has no count.")
 
 
 # --------------------------------------------------------------------------- top

@@ -451,3 +451,20 @@ def test_save_scores_keeps_groups_and_top_picks_one(tmp_path, capsys):
     assert code == 0 and json.loads(out)[0]["helpful"][0]["id"] == "a"
     code, _, err = cli(capsys, "top", path, "--group", "nope")
     assert code == 1 and "fc1" in err
+
+
+def test_verify_is_a_storage_function_whose_report_the_cli_prints(log_dir):
+    from logix.storage.verify import verify
+
+    report = verify(log_dir)
+    assert report.ok and report.shards == 3 and len(report.ok_shards) == 3
+    assert report.bytes_read == sum(os.path.getsize(os.path.join(log_dir, f))
+                                    for f in report.ok_shards)
+    shard = os.path.join(log_dir, report.ok_shards[1])
+    with open(shard, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    damaged = verify(log_dir)
+    assert not damaged.ok and len(damaged.ok_shards) == 2
+    assert any("sha256" in e and report.ok_shards[1] in e for e in damaged.errors)
+    assert verify(log_dir, hashing=False).ok  # size and header are intact

@@ -70,9 +70,9 @@ def test_truncated_shard_is_refused(tmp_path):
 def test_verification_runs_once_per_shard_and_process(tmp_path, monkeypatch):
     run, test = logged(tmp_path, setup=())  # no EK-FAC fit: finalize reads no shard
     hashed = []
-    real = reader_module.hashlib.file_digest
-    monkeypatch.setattr(reader_module.hashlib, "file_digest",
-                        lambda f, name: hashed.append(f.name) or real(f, name))
+    real = reader_module.file_sha256
+    monkeypatch.setattr(reader_module, "file_sha256",
+                        lambda path: hashed.append(path) or real(path))
     first = run.compute_influence_all(test, hessian="none", mode="cosine")["influence"]
     assert len(hashed) == len(run.reader().shards) == 3
     again = run.compute_influence_all(test, hessian="none", mode="cosine")["influence"]

@@ -12,7 +12,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 from logix.errors import LogFormatError
-from logix.storage.format import CACHE_DIR, LOGS_DIR, MANIFEST, STATE_DIR, STATISTICS_FILE
+from logix.storage.format import (CACHE_DIR, KEY_SEP, LOGS_DIR, MANIFEST, STATE_DIR,
+                                  STATISTICS_FILE)
 
 CONTENT_DIR = "content"
 _RESERVED = {LOGS_DIR, STATE_DIR, CACHE_DIR, CONTENT_DIR}  # never scanned for score files
@@ -107,7 +108,7 @@ class Dashboard:
 
     # ------------------------------------------------------------------ project page
     def project(self, key: str, hashing: bool = False) -> Dict[str, Any]:
-        from logix.cli import _summary
+        from logix.storage.overview import summary
 
         path = self.folder(key)
         out: Dict[str, Any] = {"key": key, "row": self.project_row(key, path)}
@@ -116,8 +117,7 @@ class Dashboard:
             out["error"] = out["row"]["error"]
             return out
         manifest, _ = _manifest(path)
-        summary = _summary(path, manifest, False)
-        out["summary"] = summary
+        out["summary"] = summary(path, manifest)
         out["spectra"] = self._spectra(path)
         out["growth"] = _growth(path, manifest)
         out["verify"] = _verify(path, hashing)
@@ -164,7 +164,7 @@ class Dashboard:
             with safe_open(stats_path, framework="pt") as f:
                 keys = sorted(f.keys())
                 for name in keys:
-                    parts = name.split("::")
+                    parts = name.split(KEY_SEP)
                     if len(parts) != 2 or f"{name}::count" not in keys:
                         continue
                     shape = f.get_slice(name).get_shape()
@@ -285,38 +285,23 @@ def _looks_like_log(path: str) -> bool:
 
 def _manifest(path: str):
     """(Manifest with every rank's index merged, raw manifest.json) or LogFormatError."""
-    from logix.cli import CliError, _load_manifest
+    from logix.storage.manifest import read_manifest
 
     if not _has_manifest(path):
         raise LogFormatError(f"{path!r} has no {MANIFEST} yet: a run that has not written its "
                              "first shard, or a folder that is not a LogIX log.")
-    try:
-        return _load_manifest(path)
-    except CliError as e:
-        raise LogFormatError(str(e)) from None
+    return read_manifest(path)
 
 
 def _verify(path: str, hashing: bool) -> Dict[str, Any]:
     """`logix verify` (without sha256 unless `hashing`): {"ok", "errors", "warnings"}."""
-    from logix.cli import (CliError, _check_manifest, _check_shard, _check_state,
-                           _check_stray_files, _load_manifest, _Report)
+    from logix.storage.verify import verify
 
-    report = _Report()
     try:
-        manifest, raw = _load_manifest(path)
-    except CliError as e:
+        report = verify(path, hashing=hashing)
+    except LogFormatError as e:
         return {"ok": False, "errors": [str(e)], "warnings": [], "hashed": hashing}
-    _check_manifest(manifest, raw, report)
-    seen: Dict = {}
-    duplicates: List = []
-    for shard in manifest.shards:
-        _check_shard(path, manifest, shard, report, hashing, seen, duplicates, lambda n: None)
-    if duplicates:
-        report.warn(f"{len(duplicates)} data ids appear more than once in the log (e.g. "
-                    f"{json.dumps(duplicates[0][0])}).")
-    _check_stray_files(path, manifest, report)
-    _check_state(path, manifest, report)
-    return {"ok": not report.errors, "errors": report.errors, "warnings": report.warnings,
+    return {"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
             "hashed": hashing}
 
 

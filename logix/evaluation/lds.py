@@ -13,17 +13,18 @@ negative score means it is harmful.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+from logix.progress import progress_bar
+from logix.storage.format import atomic_file
 
 __all__ = ["make_subsets", "lds", "linear_datamodeling_score", "spearman"]
 
@@ -292,18 +293,9 @@ def lds(
 # Retraining driver with an on-disk cache
 # --------------------------------------------------------------------------- #
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file through a temp name in the same folder, then os.replace it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """`write(file)` through a temporary name in the same folder, then a durable rename."""
+    with atomic_file(os.fspath(path)) as fh:
+        write(fh)
 
 
 def _open_cache(cache_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
@@ -354,23 +346,6 @@ def _load_cached(path: Path, digest: str, n_test: int) -> torch.Tensor | None:
             f"the cache does not match these settings, use another cache_dir"
         )
     return _check_outputs(outputs, n_test, f"cached outputs in {path}")
-
-
-@contextlib.contextmanager
-def _progress(total: int, enabled: bool, description: str) -> Iterator[Callable[[], None]]:
-    """Yield an ``advance()`` callable driving a rich progress bar if available."""
-    if enabled:
-        try:
-            from rich.console import Console
-            from rich.progress import Progress
-        except ImportError:
-            enabled = False
-    if not enabled:
-        yield lambda: None
-        return
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
 
 
 def linear_datamodeling_score(
@@ -435,7 +410,7 @@ def linear_datamodeling_score(
         root = _open_cache(cache_dir, meta)
 
     outputs = torch.zeros(n_subsets, n_test, dtype=torch.float64)  # [n_subsets, n_test]
-    with _progress(n_subsets * len(seeds), progress, "LDS retraining") as advance:
+    with progress_bar(n_subsets * len(seeds), "LDS retraining", enabled=progress) as advance:
         for j in range(n_subsets):
             indices = torch.nonzero(masks[j]).flatten()  # [n_kept], sorted
             digest = _digest(indices)

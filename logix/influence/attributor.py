@@ -34,7 +34,7 @@ from logix.log import StepLog
 from logix.progress import track
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
-from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE
+from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE, atomic_file
 from logix.storage.manifest import ModuleEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
@@ -330,9 +330,8 @@ class Attributor:
             parts.append(plan.norms_of(rows.to(plan.device)).cpu())
         norms = torch.cat(parts) if parts else torch.zeros(0, len(plan.group_names))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(norms, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            torch.save(norms, f)
         return norms
 
 

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from logix.distributed import all_gather_objects, all_reduce_sum, is_distributed
+from logix.storage.format import KEY_SEP, state_key
 
 FORWARD, BACKWARD, GRAD = "forward", "backward", "grad"
 KINDS = (FORWARD, BACKWARD, GRAD)
-_SEP = "::"
 
 
 class CovarianceState:
@@ -112,8 +112,8 @@ class CovarianceState:
     def state_dict(self) -> Dict[str, Tensor]:
         out = {}
         for (module, kind), total in self.sums.items():
-            out[f"{module}{_SEP}{kind}"] = total.detach().cpu().contiguous()
-            out[f"{module}{_SEP}{kind}{_SEP}count"] = torch.tensor(
+            out[state_key(module, kind)] = total.detach().cpu().contiguous()
+            out[state_key(module, kind, "count")] = torch.tensor(
                 self.counts[(module, kind)], dtype=torch.float64)
         return out
 
@@ -121,7 +121,7 @@ class CovarianceState:
         self.clear()
         self.version += 1
         for key, value in state.items():
-            parts = key.split(_SEP)
+            parts = key.split(KEY_SEP)
             if len(parts) == 3 and parts[2] == "count":
                 self.counts[(parts[0], parts[1])] = float(value.item())
             elif len(parts) == 2:

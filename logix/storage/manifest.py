@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from logix.errors import LogFormatError
 from logix.storage.format import FORMAT_VERSION, LOGS_DIR, MANIFEST, atomic_write
@@ -89,33 +89,9 @@ class Manifest:
 
     @classmethod
     def load(cls, project_dir: str) -> "Manifest":
-        path = os.path.join(project_dir, MANIFEST)
-        if not os.path.isfile(path):
-            raise LogFormatError(f"{project_dir!r} is not a LogIX log: it has no {MANIFEST}. "
-                                 "Point at the project folder (<root_dir>/<project>).")
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
-        except (OSError, ValueError) as e:
-            raise LogFormatError(f"{path!r} is not readable JSON: {e}") from e
-        if not isinstance(data, dict) or data.get("format") != "logix":
-            raise LogFormatError(f"{path!r} is not a LogIX manifest (no 'format': 'logix').")
-        version = data.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1 \
-                or version > FORMAT_VERSION:
-            raise LogFormatError(f"{path!r} has format version {version}; this LogIX reads "
-                                 f"versions up to {FORMAT_VERSION}. Upgrade LogIX to read it.")
-        try:
-            manifest = cls(
-                project=data["project"], dtype=data["dtype"],
-                modules=[_typed(ModuleEntry, m) for m in data["modules"]],
-                projection=data.get("projection", {}), config=data.get("config", {}),
-                shards=[_typed(ShardEntry, s) for s in data.get("shards", [])],
-                checkpoints=data.get("checkpoints", {}), format_version=version)
-        except (KeyError, TypeError, ValueError) as e:
-            raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
-        manifest.merge_rank_indexes(project_dir)
-        return manifest
+        """The project's manifest, every rank's shard index merged; LogFormatError when it is
+        missing, unreadable, of a newer format or malformed."""
+        return read_manifest(project_dir)[0]
 
     def merge_rank_indexes(self, project_dir: str) -> None:
         """Add the shards listed in logs/index-r<rank>.jsonl: each writer appends one line per
@@ -181,6 +157,63 @@ def append_rank_index(project_dir: str, entry: ShardEntry) -> None:
         f.write(json.dumps(dataclasses.asdict(entry)).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_manifest(project_dir: str) -> Tuple[Manifest, dict]:
+    """(Manifest with every rank's index merged, the raw JSON object) of a project folder. A
+    LogFormatError says what is wrong: missing, unreadable, not JSON, a newer format version,
+    fields of the wrong type or negative sizes."""
+    path = os.path.join(project_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise LogFormatError(f"{project_dir!r} is not a LogIX log: it has no {MANIFEST}. "
+                             "Point at the project folder (<root_dir>/<project>).")
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise LogFormatError(f"{path!r} cannot be read: {e}") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LogFormatError(f"{path!r} is corrupt: not readable JSON ({e}).") from e
+    if not isinstance(data, dict):
+        raise LogFormatError(f"{path!r} is corrupt: it holds a JSON {type(data).__name__}, not "
+                             "the manifest object.")
+    if data.get("format") != "logix":
+        raise LogFormatError(f"{path!r} is not a LogIX manifest (no 'format': 'logix').")
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1 \
+            or version > FORMAT_VERSION:
+        raise LogFormatError(f"{path!r} has format version {version}; this LogIX reads "
+                             f"versions up to {FORMAT_VERSION}. Upgrade LogIX to read it.")
+    try:
+        manifest = Manifest(
+            project=data["project"], dtype=data["dtype"],
+            modules=[_typed(ModuleEntry, m) for m in data["modules"]],
+            projection=data.get("projection", {}), config=data.get("config", {}),
+            shards=[_typed(ShardEntry, s) for s in data.get("shards", [])],
+            checkpoints=data.get("checkpoints", {}), format_version=version)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
+    problems = _field_problems(manifest)
+    if problems:
+        raise LogFormatError(f"{path!r} has malformed fields: " + "; ".join(problems[:5]))
+    manifest.merge_rank_indexes(project_dir)
+    return manifest, data
+
+
+def _field_problems(manifest: Manifest) -> List[str]:
+    """Sizes that would make arithmetic on the manifest fail or lie."""
+    problems = []
+    for m in manifest.modules:
+        for key in ("in_dim", "out_dim", "rank_in", "rank_out", "offset"):
+            if getattr(m, key) < 0:
+                problems.append(f"module {m.name!r}: {key}={getattr(m, key)!r} is negative")
+    for s in manifest.shards:
+        for key in ("rows", "bytes", "rank", "seq"):
+            if getattr(s, key) < 0:
+                problems.append(f"shard {s.file!r}: {key}={getattr(s, key)!r} is negative")
+    if not isinstance(manifest.projection, dict):
+        problems.append(f"projection={manifest.projection!r} is not an object")
+    return problems
 
 
 def _typed(cls, data):

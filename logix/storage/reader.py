@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
-import struct
 import threading
 from typing import Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from logix.errors import LogFormatError
-from logix.storage.format import DATA_IDS_KEY, GRAD_KEY, SAFETENSORS_DTYPES
+from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, TORCH_DTYPES, file_sha256,
+                                  read_header)
 from logix.storage.manifest import Manifest, ShardEntry
 
 
@@ -53,8 +51,13 @@ class LogReader:
         return self.manifest.dim
 
     def shard_ids(self, shard: ShardEntry) -> List:
-        with safe_open(self._path(shard), framework="pt") as f:
-            return json.loads((f.metadata() or {})[DATA_IDS_KEY])
+        path = self._path(shard)
+        try:
+            header, _, _ = read_header(path)
+            return json.loads(header["__metadata__"][DATA_IDS_KEY])
+        except (LogFormatError, KeyError, TypeError, ValueError) as e:
+            raise LogFormatError(f"Shard {path!r} has no readable data ids: {e}. Run `logix "
+                                 f"verify {self.project_dir}` to check every shard.") from e
 
     def data_ids(self) -> List:
         return [i for shard in self.shards for i in self.shard_ids(shard)]
@@ -63,21 +66,17 @@ class LogReader:
                ) -> Iterator[Tuple[List, Tensor]]:
         """Yield (data_ids, rows [<= block_rows, dim] in the stored dtype), in manifest order."""
         for shard in self.shards if shards is None else shards:
-            path = self._path(shard)
-            try:
-                with safe_open(path, framework="pt") as f:
-                    ids = json.loads((f.metadata() or {})[DATA_IDS_KEY])
-                    rows = f.get_slice(GRAD_KEY)
-                    n = rows.get_shape()[0]
-                    if n != shard.rows or len(ids) != n:
-                        raise LogFormatError(f"Shard {path!r} holds {n} rows and {len(ids)} ids "
-                                             f"but the manifest says {shard.rows}.")
-                    for start in range(0, n, block_rows):
-                        stop = min(start + block_rows, n)
-                        yield ids[start:stop], rows[start:stop]
-            except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as e:
-                raise LogFormatError(f"Shard {path!r} is not readable: {e!r}. Run `logix verify "
-                                     f"{self.project_dir}` to check every shard.") from e
+            ids, rows = self._map(shard)
+            for start in range(0, rows.shape[0], block_rows):
+                yield ids[start:start + block_rows], rows[start:start + block_rows]
+
+    def _map(self, shard: ShardEntry) -> Tuple[List, Tensor]:
+        """(ids, rows) of one shard, memory-mapped, checked against the manifest's row count."""
+        ids, rows = map_shard(self._path(shard))
+        if rows.shape[0] != shard.rows or len(ids) != shard.rows:
+            raise LogFormatError(f"Shard {shard.file!r} holds {rows.shape[0]} rows and "
+                                 f"{len(ids)} ids but the manifest says {shard.rows}.")
+        return ids, rows
 
     def fixed_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]] = None,
                      prefetch: int = 2) -> Iterator[Tuple[List, Tensor]]:
@@ -94,10 +93,7 @@ class LogReader:
         carry: List[Tensor] = []
         carried = 0
         for shard in self.shards if shards is None else shards:
-            ids, rows = map_shard(self._path(shard))
-            if rows.shape[0] != shard.rows or len(ids) != shard.rows:
-                raise LogFormatError(f"Shard {shard.file!r} holds {rows.shape[0]} rows and "
-                                     f"{len(ids)} ids but the manifest says {shard.rows}.")
+            ids, rows = self._map(shard)
             pos, n = 0, rows.shape[0]
             if carried:
                 take = min(block_rows - carried, n)
@@ -152,8 +148,7 @@ def verify_shard(path: str, shard: ShardEntry) -> None:
     if stat.st_size != shard.bytes:
         raise LogFormatError(f"Shard {path!r} is {stat.st_size} bytes but the manifest recorded "
                              f"{shard.bytes}: it was truncated or changed. " + fix)
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = file_sha256(path)
     if digest != shard.sha256:
         raise LogFormatError(f"Shard {path!r} is corrupt: its sha256 {digest[:16]}... does not "
                              f"match the manifest's {shard.sha256[:16]}.... " + fix)
@@ -161,29 +156,22 @@ def verify_shard(path: str, shard: ShardEntry) -> None:
         _verified.add(key)
 
 
-_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-
-
 def map_shard(path: str) -> Tuple[List, Tensor]:
     """(data_ids, rows) of a shard, rows a zero-copy tensor over the memory-mapped file."""
     try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        header, data_start, _ = read_header(path)
         info = header[GRAD_KEY]
         start, stop = info["data_offsets"]
-        dtype = _TORCH_DTYPES[info["dtype"]]
+        dtype = TORCH_DTYPES[info["dtype"]]
         ids = json.loads(header["__metadata__"][DATA_IDS_KEY])
-    except (OSError, KeyError, ValueError, struct.error) as e:
-        raise LogFormatError(f"Shard {path!r} is not a readable LogIX shard: {e!r}. Run "
+        shape = info["shape"]
+    except (LogFormatError, KeyError, TypeError, ValueError) as e:
+        raise LogFormatError(f"Shard {path!r} is not a readable LogIX shard: {e}. Run "
                              f"`logix verify` on the project folder.") from e
-    shape = info["shape"]
     if stop == start:
         return ids, torch.empty(shape, dtype=dtype)
-    if os.path.getsize(path) < 8 + header_len + stop:
-        raise LogFormatError(f"Shard {path!r} is truncated.")
     # copy-on-write mapping: torch wants a writable buffer; pages are shared until written.
-    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + start,
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start + start,
                     shape=(stop - start,))
     return ids, torch.from_numpy(raw).view(dtype).reshape(shape)
 

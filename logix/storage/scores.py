@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from logix.errors import LogFormatError, UsageError
-from logix.storage.format import TMP_SUFFIX, fsync_dir, safetensors_header
+from logix.storage.format import (TMP_SUFFIX, atomic_write, commit, safetensors_header,
+                                  tensor_bytes)
 
 SCORES_FORMAT = "logix-scores"
 SCORES_FORMAT_VERSION = 1
@@ -64,22 +65,13 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
                 SRC_IDS_KEY: _json(src_ids, SRC_IDS_KEY), TGT_IDS_KEY: _json(tgt_ids, TGT_IDS_KEY)}
     if meta:
         metadata[META_KEY] = _json(dict(meta), META_KEY)
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    header = safetensors_header({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
+                                metadata)
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + TMP_SUFFIX
-    try:  # save_file streams to disk: no second in-memory copy of a large matrix
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # header and tensors stream to disk: no serialised copy of a large matrix
+    atomic_write(path, header, *(tensor_bytes(v) for v in tensors.values()))
     return path
 
 
@@ -131,8 +123,7 @@ class ScoreFileWriter:
         self._maps.clear()
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(self._tmp, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        commit(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

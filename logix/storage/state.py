@@ -12,7 +12,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from logix.errors import LogFormatError
 from logix.logra import Projection
-from logix.storage.format import PROJECTIONS_FILE, STATE_DIR, STATISTICS_FILE, atomic_write
+from logix.storage.format import (PROJECTIONS_FILE, STATE_DIR, STATISTICS_FILE, atomic_write,
+                                  state_key)
 
 _P_IN, _P_OUT = "p_in", "p_out"
 
@@ -22,9 +23,9 @@ def save_projections(project_dir: str, projections: Dict[str, Projection], meta:
     tensors = {}
     for name, p in projections.items():
         if p.p_in is not None:
-            tensors[f"{name}::{_P_IN}"] = p.p_in.detach().float().cpu().contiguous()
+            tensors[state_key(name, _P_IN)] = p.p_in.detach().float().cpu().contiguous()
         if p.p_out is not None:
-            tensors[f"{name}::{_P_OUT}"] = p.p_out.detach().float().cpu().contiguous()
+            tensors[state_key(name, _P_OUT)] = p.p_out.detach().float().cpu().contiguous()
     dims = {name: [p.in_dim, p.out_dim] for name, p in projections.items()}
     metadata = {"meta": json.dumps(meta), "dims": json.dumps(dims)}
     _write(project_dir, PROJECTIONS_FILE, tensors, metadata)
@@ -41,8 +42,8 @@ def load_projections(project_dir: str) -> Tuple[Dict[str, Projection], dict]:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     dims = json.loads(metadata["dims"])
-    projections = {name: Projection(tensors.get(f"{name}::{_P_IN}"),
-                                    tensors.get(f"{name}::{_P_OUT}"), in_dim, out_dim)
+    projections = {name: Projection(tensors.get(state_key(name, _P_IN)),
+                                    tensors.get(state_key(name, _P_OUT)), in_dim, out_dim)
                    for name, (in_dim, out_dim) in dims.items()}
     return projections, json.loads(metadata["meta"])
 
