@@ -169,6 +169,39 @@ def run_passes(run, scheduler, one_pass: Callable[[], Any], finalize: bool = Tru
         one_pass()
 
 
+def extract(run, model: nn.Module, batches: Iterable, describe: Callable[[Any], Described],
+            loss_of: Callable[[Any, int], Tensor], scheduler=None, save: bool = True,
+            finalize: bool = True) -> None:
+    """Post-hoc logging of `batches` (both integrations' `extract_log`): the scheduler's passes
+    when given (it sets up, saves and finalizes); otherwise one pass with saving on (`save`),
+    restored after, then finalize (`finalize`)."""
+    if not run.modules:
+        run.watch(model)
+
+    def one_pass():
+        log_batches(run, model, batches, describe, loss_of)
+
+    if scheduler is not None:
+        run_passes(run, scheduler, one_pass)
+        return
+    with saving_enabled(run, save):
+        run_passes(run, None, one_pass, finalize=finalize)
+
+
+def query_log(run, model: nn.Module, batches: Iterable, describe: Callable[[Any], Described],
+              loss_of: Callable[[Any, int], Tensor]) -> StepLog:
+    """The in-memory query log of `batches` (both integrations' `influence_of` and
+    `self_influence`): query mode, nothing written, statistics unchanged. A run that watches
+    nothing yet (a new process) watches the log's layers and loads its state first."""
+    if not run.modules:
+        watch_like_log(run, model)
+    with query_mode(run):
+        log = log_batches(run, model, batches, describe, loss_of)
+    if log is None:
+        raise UsageError("The query data yielded no batches.")
+    return log
+
+
 def finish_training(run, passes) -> None:
     """At the end of training: run a scheduler's remaining passes (its last one finalizes the
     run), or finalize the run directly when no scheduler drives it."""

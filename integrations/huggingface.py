@@ -23,12 +23,14 @@ After training, with a trained model (post-hoc):
 
 What a logged row is: the LoGra-projected gradient of the example's SUMMED loss (summed over its
 tokens for a causal LM, its own loss for a classifier), whatever the Trainer backpropagates. The
-Trainer's loss is a mean (over the micro-batch, or over the tokens of all accumulated
-micro-batches when the model takes `num_items_in_batch`), possibly divided by the accumulation
-steps and multiplied by the fp16 grad scaler; the callback works out that factor for each
-micro-batch and passes its inverse to `run.start(scale=...)`. It checks the factor against the
-gradient that actually reaches the model's loss, and refuses to log wrong numbers: a loss it
-cannot see (`compute_loss_func`, label smoothing, a custom `compute_loss`) needs `loss_scale_fn`.
+explicit way to say how the Trainer's loss relates to that sum, and the first choice, is
+`loss_scale_fn(inputs) -> n` (the backpropagated loss times n is the summed loss). Without it
+the callback infers n from how transformers reduces losses today (`_hf_loss.py`, the one module
+that reads transformers' internals): a mean over the micro-batch or over the tokens of all
+accumulated micro-batches (`num_items_in_batch`), divided by the accumulation steps, times the
+fp16 grad scaler. Either way n is checked against the gradient that actually reaches the model's
+loss, and wrong numbers are refused, not logged: a loss the callback cannot see
+(`compute_loss_func`, label smoothing, a custom `compute_loss`) needs `loss_scale_fn`.
 
 Data ids: by default a stable hash of each example's real tokens (`input_ids` where
 `attention_mask` is 1), so an example keeps its id across epochs and paddings. To use your own
@@ -42,8 +44,6 @@ must not carry it.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import sys
 import warnings
@@ -51,22 +51,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from logix.errors import ConfigError, UsageError
 from logix.integrations._arguments import BaseLogIXArguments
 from logix.integrations._common import (
-    Described, EpochChoice, OpenStep, check_epochs, example_ids, finish_training, log_batches,
-    logs_epoch, query_mode, run_passes, saving_enabled, watch_like_log,
+    Described, EpochChoice, OpenStep, check_epochs, example_ids, extract, finish_training,
+    logs_epoch, query_log,
+)
+from logix.integrations._hf_loss import (
+    IGNORE_INDEX, LABELS, count_items, forward_arguments, honours_num_items, loss_of, summed_loss,
 )
 from logix.scheduler import LogIXScheduler
 
 __all__ = ["LogIXCallback", "extract_log", "influence_of", "LogIXArguments", "patch_trainer"]
 
-_IGNORE_INDEX = -100
-_LABELS = "labels"
 _NUM_ITEMS = "num_items_in_batch"
 # Relative tolerance of the check that the loss factor we assumed is the one autograd applied.
 _FACTOR_RTOL = 1e-3
@@ -159,7 +159,7 @@ class LogIXCallback(TrainerCallback):
                 "to become the loss summed over examples>.")
         column = self.data_id_column
         if column is not None and getattr(args, "remove_unused_columns", False) \
-                and column not in _forward_arguments(model) | {"label", "label_ids"} \
+                and column not in forward_arguments(model) | {"label", "label_ids"} \
                 | set(getattr(args, "label_names", None) or []):
             raise UsageError(
                 f"data_id_column={column!r} is not an argument of the model's forward, so the "
@@ -221,7 +221,7 @@ class LogIXCallback(TrainerCallback):
         if self._step is None or self._loss_hooked:
             return
         self._loss_hooked = True
-        loss = _loss_of(output)
+        loss = loss_of(output)
         if not isinstance(loss, Tensor) or not loss.requires_grad or self._expect is None:
             return
         loss.register_hook(self._record_factor)
@@ -259,7 +259,7 @@ class LogIXCallback(TrainerCallback):
         if self.loss_scale_fn is not None:
             self._expect = None
             return float(self.loss_scale_fn(kwargs))
-        if kwargs.get(_LABELS) is None:
+        if kwargs.get(LABELS) is None:
             raise UsageError(
                 "LogIXCallback cannot tell how this loss was reduced: the model got no `labels` "
                 "(a compute_loss_func, label smoothing or a custom compute_loss computes it "
@@ -351,101 +351,6 @@ class _Expected:
         self.factor, self.denominator, self.ambiguous = factor, denominator, ambiguous
 
 
-# ---------------------------------------------------------------------- loss bookkeeping
-def _forward_arguments(model: nn.Module) -> set:
-    """Names of the model's forward arguments (the columns the Trainer keeps)."""
-    return set(inspect.signature(_base_model(model).forward).parameters)
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)  # PEFT
-    return get_base() if callable(get_base) else model
-
-
-def shifts_labels(model: nn.Module) -> bool:
-    """Whether the model's loss predicts labels[t + 1] from position t (a causal LM)."""
-    base = _base_model(model)
-    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
-        return False
-    loss_type = getattr(base, "loss_type", "none")
-    if loss_type is not None and "CausalLM" not in str(loss_type):
-        return False
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    try:
-        return base.loss_function is ForCausalLMLoss
-    except AttributeError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_uses_loss_function(cls: type) -> bool:
-    try:
-        return "loss_function" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return True
-
-
-def honours_num_items(model: nn.Module) -> bool:
-    """Whether the model divides its loss by the `num_items_in_batch` it is given (models that
-    compute their loss with `self.loss_function`); others (e.g. BERT classifiers) take a mean
-    over the micro-batch and ignore it. Checked against the numbers at the first micro-batch."""
-    return _forward_uses_loss_function(type(_base_model(model)))
-
-
-def _targets(model: nn.Module, kwargs: dict):
-    shifted = kwargs.get("shift_labels")
-    if shifted is not None:
-        return shifted, False
-    labels = kwargs[_LABELS]
-    if shifts_labels(model):
-        return labels[..., 1:], True
-    return labels, False
-
-
-def count_items(model: nn.Module, kwargs: dict) -> float:
-    """How many items a mean-reduced loss of this batch divides by: the labels that are not
-    -100 (after the causal shift), or every element of float labels (regression)."""
-    targets, _ = _targets(model, kwargs)
-    if targets.is_floating_point():
-        return float(targets.numel())
-    return float(targets.ne(_IGNORE_INDEX).sum())
-
-
-def summed_loss(model: nn.Module, kwargs: dict, output) -> Optional[float]:
-    """The batch loss summed over items, recomputed from the logits for the standard heads (None
-    when the output has no logits)."""
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    if not isinstance(logits, Tensor):
-        return None
-    targets, shifted = _targets(model, kwargs)
-    with torch.no_grad():
-        logits = logits.detach().float()
-        if shifted:
-            logits = logits[..., :-1, :]
-        if targets.is_floating_point():
-            problem = getattr(getattr(model, "config", None), "problem_type", None)
-            if problem == "multi_label_classification":
-                return float(F.binary_cross_entropy_with_logits(
-                    logits, targets.float(), reduction="sum"))
-            return float(F.mse_loss(logits.squeeze(), targets.float().squeeze(), reduction="sum"))
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                     targets.reshape(-1).to(logits.device),
-                                     ignore_index=_IGNORE_INDEX, reduction="sum"))
-
-
-def _loss_of(output) -> Optional[Tensor]:
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    if loss is None and isinstance(output, (tuple, list)) and output \
-            and isinstance(output[0], Tensor) and output[0].dim() == 0:
-        loss = output[0]
-    return loss
-
-
 def _length(loader) -> Optional[int]:
     try:
         return len(loader)
@@ -477,7 +382,7 @@ def _describer(model: nn.Module, data_id_column, mask_column, input_column,
         mask = batch.get(mask_column) if mask_column else None
         if loss_scale_fn is not None:
             scale = float(loss_scale_fn(batch))
-        elif batch.get(_LABELS) is None:
+        elif batch.get(LABELS) is None:
             raise UsageError("The batch has no `labels`, so the model computes no loss. Add "
                              "labels, or pass loss_fn= and loss_scale_fn=.")
         else:
@@ -488,7 +393,7 @@ def _describer(model: nn.Module, data_id_column, mask_column, input_column,
 
 
 def _default_loss(model: nn.Module, batch: dict) -> Tensor:
-    loss = _loss_of(model(**batch))
+    loss = loss_of(model(**batch))
     if loss is None:
         raise UsageError("The model returned no loss; pass loss_fn=lambda model, batch: loss.")
     return loss
@@ -512,20 +417,10 @@ def extract_log(run, model: nn.Module, dataset, *, batch_size: int = 16, collate
             saves and finalizes. Without one, the run's own setup is used, saving is on for the
             pass (`save`) and restored after, and the run is finalized (`finalize`).
     """
-    if not run.modules:
-        run.watch(model)
     describe = _describer(model, data_id_column, mask_column, input_column, loss_scale_fn)
     loss_fn = loss_fn or _default_loss
-    loader = _loader(dataset, batch_size, collate_fn)
-
-    def one_pass():
-        log_batches(run, model, loader, describe, lambda batch, _: loss_fn(model, batch))
-
-    if scheduler is not None:
-        run_passes(run, scheduler, one_pass)
-        return
-    with saving_enabled(run, save):
-        run_passes(run, None, one_pass, finalize=finalize)
+    extract(run, model, _loader(dataset, batch_size, collate_fn), describe,
+            lambda batch, _: loss_fn(model, batch), scheduler, save, finalize)
 
 
 def influence_of(run, model: nn.Module, eval_dataset, *, batch_size: int = 16, collate_fn=None,
@@ -542,15 +437,10 @@ def influence_of(run, model: nn.Module, eval_dataset, *, batch_size: int = 16, c
     "tgt_ids" (training examples), "influence" [n_query, n_train]; a positive score means
     training on that example lowers the query's loss.
     """
-    if not run.modules:
-        watch_like_log(run, model)
     describe = _describer(model, data_id_column, mask_column, input_column, loss_scale_fn)
     loss_fn = loss_fn or _default_loss
-    with query_mode(run):
-        test_log = log_batches(run, model, _loader(eval_dataset, batch_size, collate_fn),
-                               describe, lambda batch, _: loss_fn(model, batch))
-    if test_log is None:
-        raise UsageError("eval_dataset yielded no batches.")
+    test_log = query_log(run, model, _loader(eval_dataset, batch_size, collate_fn), describe,
+                         lambda batch, _: loss_fn(model, batch))
     return run.compute_influence_all(test_log, **influence_kwargs)
 
 
@@ -560,7 +450,7 @@ class LogIXArguments(BaseLogIXArguments):
     """Old LogIX's `logix.huggingface.LogIXArguments` (same field names)."""
 
     input_key: str = field(default="input_ids", metadata={"help": "Batch key of token ids."})
-    label_key: str = field(default=_LABELS, metadata={"help": "Batch key of labels."})
+    label_key: str = field(default=LABELS, metadata={"help": "Batch key of labels."})
     attention_key: str = field(default="attention_mask",
                                metadata={"help": "Batch key of the attention mask."})
     data_id: str = field(default="detokenize", metadata={
@@ -575,7 +465,7 @@ class LogIXArguments(BaseLogIXArguments):
         if self.data_id not in ("detokenize", "hash"):
             raise ConfigError(f"LogIXArguments.data_id={self.data_id!r}; allowed: "
                               "['detokenize', 'hash'].")
-        if self.label_key != _LABELS or self.ignore_idx != _IGNORE_INDEX:
+        if self.label_key != LABELS or self.ignore_idx != IGNORE_INDEX:
             raise ConfigError("LogIXArguments: label_key must be 'labels' and ignore_idx -100, "
                               "as in Hugging Face models' own losses.")
 
@@ -631,18 +521,14 @@ def patch_trainer(TrainerClass):
 
         def self_influence(self, dataset=None):
             self.logix_args.mode = "self_influence"
-            compute = getattr(self.logix.influence, "compute_self_influence", None)
-            if compute is None:
-                raise UsageError("This LogIX's influence engine has no compute_self_influence.")
             options = self._options()
             describe = _describer(self.model, options.get("data_id_column"),
                                   options["mask_column"], options["input_column"], None)
-            with query_mode(self.logix):
-                log = log_batches(self.logix, self.model,
-                                  _loader(dataset or self.train_dataset, options["batch_size"],
-                                          options["collate_fn"]),
-                                  describe, lambda batch, _: _default_loss(self.model, batch))
-            return compute(log)
+            loader = _loader(dataset or self.train_dataset, options["batch_size"],
+                             options["collate_fn"])
+            log = query_log(self.logix, self.model, loader, describe,
+                            lambda batch, _: _default_loss(self.model, batch))
+            return self.logix.compute_self_influence(log)
 
     PatchedTrainer.__name__ = PatchedTrainer.__qualname__ = f"LogIX{TrainerClass.__name__}"
     return PatchedTrainer

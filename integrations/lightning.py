@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from logix.errors import UsageError
 from logix.integrations._arguments import BaseLogIXArguments
 from logix.integrations._common import (
-    EpochChoice, OpenStep, check_epochs, example_ids, finish_training, log_batches, logs_epoch,
-    model_device, query_mode, run_passes, saving_enabled, watch_like_log,
+    EpochChoice, OpenStep, check_epochs, example_ids, extract, finish_training, logs_epoch,
+    model_device, query_log,
 )
 from logix.scheduler import LogIXScheduler
 from logix.tracking.data_ids import normalize_data_ids
@@ -208,18 +208,8 @@ def extract_log(run, module: nn.Module, dataloader, *, data_id_fn: Optional[Batc
     its passes run (it sets up, saves and finalizes); otherwise saving is on for the pass
     (`save`), restored after, and the run is finalized (`finalize`).
     """
-    if not run.modules:
-        run.watch(module)
     describe, loss_of = _posthoc(data_id_fn, mask_fn, loss_scale_fn, loss_fn, module)
-
-    def one_pass():
-        log_batches(run, module, dataloader, describe, loss_of)
-
-    if scheduler is not None:
-        run_passes(run, scheduler, one_pass)
-        return
-    with saving_enabled(run, save):
-        run_passes(run, None, one_pass, finalize=finalize)
+    extract(run, module, dataloader, describe, loss_of, scheduler, save, finalize)
 
 
 def influence_of(run, module: nn.Module, dataloader, *, data_id_fn: Optional[BatchFn] = None,
@@ -229,14 +219,9 @@ def influence_of(run, module: nn.Module, dataloader, *, data_id_fn: Optional[Bat
     memory). Returns `run.compute_influence_all`'s dict: "src_ids", "tgt_ids", "influence"
     [n_query, n_train]; a positive score means training on that example lowers the query's
     loss."""
-    if not run.modules:
-        watch_like_log(run, module)
     describe, loss_of = _posthoc(data_id_fn, mask_fn, loss_scale_fn, loss_fn, module)
-    with query_mode(run):
-        test_log = log_batches(run, module, dataloader, describe, loss_of)
-    if test_log is None:
-        raise UsageError("The query dataloader yielded no batches.")
-    return run.compute_influence_all(test_log, **influence_kwargs)
+    return run.compute_influence_all(query_log(run, module, dataloader, describe, loss_of),
+                                     **influence_kwargs)
 
 
 # ---------------------------------------------------------------------- old LogIX API
@@ -305,14 +290,11 @@ def patch(module_cls, trainer_cls, logix_args: LogIXArguments,
 
         def self_influence(self, model, train_dataloaders=None, datamodule=None):
             logix_args.mode = "self_influence"
-            compute = getattr(self.logix.influence, "compute_self_influence", None)
-            if compute is None:
-                raise UsageError("This LogIX's influence engine has no compute_self_influence.")
             loader = train_dataloaders if datamodule is None else datamodule.train_dataloader()
             describe, loss_of = _posthoc(data_id_extractor, mask_extractor, None, None, model)
-            with _on_device(model, self.strategy.root_device), query_mode(self.logix):
-                log = log_batches(self.logix, model, loader, describe, loss_of)
-            return compute(log)
+            with _on_device(model, self.strategy.root_device):
+                log = query_log(self.logix, model, loader, describe, loss_of)
+            return self.logix.compute_self_influence(log)
 
     PatchedModule.__name__ = PatchedModule.__qualname__ = f"LogIX{module_cls.__name__}"
     PatchedTrainer.__name__ = PatchedTrainer.__qualname__ = f"LogIX{trainer_cls.__name__}"
