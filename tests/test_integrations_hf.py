@@ -413,3 +413,28 @@ def test_importing_logix_does_not_import_transformers():
     code = "import logix, sys; print('transformers' in sys.modules, 'lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_a_transformers_that_moved_its_loss_fails_in_one_place_naming_loss_scale_fn(monkeypatch):
+    """The loss-factor inference reads transformers internals in one small module; when they
+    move, the error says what to pass instead."""
+    import builtins
+
+    from logix.integrations import _hf_loss
+
+    real_import = builtins.__import__
+
+    def without_loss_utils(name, *args, **kwargs):
+        if name == "transformers.loss.loss_utils":
+            raise ImportError("No module named 'transformers.loss.loss_utils'")
+        return real_import(name, *args, **kwargs)
+
+    _hf_loss._causal_lm_loss.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", without_loss_utils)
+    try:
+        with pytest.raises(UsageError, match="loss_scale_fn"):
+            _hf_loss.shifts_labels(tiny_gpt2())
+    finally:
+        monkeypatch.undo()
+        _hf_loss._causal_lm_loss.cache_clear()
+    assert _hf_loss.shifts_labels(tiny_gpt2())
