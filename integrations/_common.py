@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from logix.errors import ConfigError, UsageError
 from logix.log import StepLog
-from logix.tracking.data_ids import normalize_data_ids
+from logix.storage.data_ids import normalize_data_ids
 
 # (data ids, mask or None, scale) of one batch
 Described = Tuple[List, Optional[Tensor], float]

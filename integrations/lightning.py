@@ -40,7 +40,7 @@ from logix.integrations._common import (
     model_device, query_log,
 )
 from logix.scheduler import LogIXScheduler
-from logix.tracking.data_ids import normalize_data_ids
+from logix.storage.data_ids import normalize_data_ids
 
 __all__ = ["LogIXCallback", "extract_log", "influence_of", "LogIXArguments", "patch"]
 

@@ -16,11 +16,9 @@ from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 import yaml
 
 from logix.errors import ConfigError, UsageError
-from logix.influence import curvature
 
 LogDtype = Literal["float32", "bfloat16", "float16"]
 LoraInit = Literal["random", "pca"]
-Hessian = Literal[(curvature.AUTO, *curvature.names())]
 Mode = Literal["dot", "cosine", "l2"]
 
 # Old LogIX wrote `log_dtype: none` for "the model's dtype"; we log float32 then.
@@ -83,7 +81,7 @@ class LoraConfig:
 
 @dataclass
 class InfluenceConfig:
-    hessian: Hessian = _help(
+    hessian: str = _help(
         "Preconditioner: a kind of logix.influence.curvature, or 'auto': the kind the logging run "
         "declared (its scheduler's hessian), else the best the statistics allow "
         "(raw > ekfac > kfac > none).",
@@ -98,6 +96,12 @@ class InfluenceConfig:
         "(cached by path, size and modification time); false reads shards unchecked.", True)
 
     def __post_init__(self) -> None:
+        from logix.influence import curvature  # the registry of kinds; imported when checked
+
+        allowed = [curvature.AUTO, *curvature.names()]
+        if self.hessian not in allowed:
+            raise ConfigError(f"Config key 'hessian' is {self.hessian!r}; allowed values: "
+                              f"{allowed}.")
         if self.damping is not None and not 0 <= self.damping < math.inf:
             raise ConfigError(f"influence.damping must be a finite number >= 0 or null, got "
                               f"{self.damping}.")

@@ -21,7 +21,7 @@ from logix.influence.attributor import Attributor
 from logix.influence.checkpoints import check_inside, checkpoint_info
 from logix.log import StepLog
 from logix.logra import Projection
-from logix.statistics import budget
+from logix.statistics import budget, resume
 from logix.statistics.covariance import GRAD, CovarianceState
 from logix.storage import state
 from logix.storage.format import DTYPES
@@ -30,7 +30,7 @@ from logix.storage.reader import LogReader
 from logix.storage.session import LogSession
 from logix.tracking import step
 from logix.tracking.capture import GradientCapture, Plan, plan_from_setup
-from logix.tracking.data_ids import normalize_data_ids
+from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.modules import TrackedModule
 from logix.tracking.selection import NameFilter, select_modules
 
@@ -254,8 +254,8 @@ class Run:
         if rows is None:
             return
         if keep is not None and self._checkpoint is None:
-            self._session.check_resumed(self.plan.covariances, self.statistics,
-                                        self._statistics_loaded)
+            resume.check_same_kinds(self._session, self.plan.covariances, self.statistics,
+                                    self._statistics_loaded)
         kept = rows if keep is None or len(keep) == len(ids) else rows[keep]
         self._keep_statistics(capture.statistics)
         if self.plan.grad_covariance:
@@ -324,7 +324,7 @@ class Run:
             self._checkpoint_ids = None
         inner.all_reduce()
         if writer is not None:
-            self._session.add_checkpoint(name, inner, info)
+            self._session.add_checkpoint(name, inner.state_dict(), info)
 
     def get_log(self, copy: bool = False) -> StepLog:
         """The last step's projected gradients (a query's test log)."""
@@ -392,13 +392,13 @@ class Run:
         if distributed.any_rank(self._needs_reduce):
             self.statistics.all_reduce()
             self._needs_reduce = False
-            self._session.merge_resumed(self.statistics)
+            resume.merge_saved(self._session, self.statistics)
             if distributed.any_rank(self._fits_ekfac()):
                 curvature.fit("ekfac", self.statistics, self.reader(),
                               self.config.influence.block_rows, progress=False)
         if distributed.rank() == 0:
             self._session.save_final(self._new_manifest, self._config_snapshot(),
-                                     self._save_projections, self.statistics)
+                                     self._save_projections, self.statistics.state_dict())
         distributed.barrier()  # the manifest is complete when finalize returns on any rank
         self._finalized = True
 

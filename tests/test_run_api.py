@@ -15,7 +15,7 @@ from torch import nn
 import logix
 from conftest import make_conv_model, make_embedding_model, make_mlp, seeded
 from logix.errors import ConfigError, UsageError
-from logix.tracking.data_ids import normalize_data_ids
+from logix.storage.data_ids import normalize_data_ids
 
 
 def tracked_names(run):

@@ -7,7 +7,7 @@ import os
 from typing import Optional, Sequence
 
 from logix.errors import UsageError
-from logix.tracking.data_ids import normalize_data_ids
+from logix.storage.data_ids import normalize_data_ids
 
 
 def checkpoint_info(name: str, segment: int, lr: float, steps: int, momentum: float,

@@ -23,7 +23,7 @@ import torch
 
 from logix.errors import LogFormatError, UsageError
 from logix.storage.format import atomic_write
-from logix.tracking.data_ids import normalize_data_ids
+from logix.storage.data_ids import normalize_data_ids
 
 CONTENT_DIR = "content"
 CONTENT_FORMAT = "logix-content"

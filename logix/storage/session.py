@@ -13,11 +13,9 @@ from torch import Tensor
 from logix import distributed
 from logix.config import LoggingConfig
 from logix.errors import LogFormatError, UsageError
-from logix.statistics.covariance import CovarianceState
-from logix.statistics.eigen import EKFAC
 from logix.storage import state
-from logix.storage.format import (DTYPES, GRAD_KEY, KEY_SEP, LOGS_DIR, STATE_DIR,
-                                  STATISTICS_FILE, parse_shard_name)
+from logix.storage.format import (DTYPES, GRAD_KEY, LOGS_DIR, STATE_DIR, STATISTICS_FILE,
+                                  parse_shard_name)
 from logix.storage.manifest import Manifest, ShardEntry, append_rank_index, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.writer import ShardWriter
@@ -33,10 +31,10 @@ class LogSession:
         self.manifest: Optional[Manifest] = None
         self.writer: Optional[ShardWriter] = None
         self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
-        # Saved statistics of an earlier session whose log this one appends to; merged into
-        # the run's at finalize so that they describe every row (see check_resumed).
-        self._resumed: Optional[Dict[str, Tensor]] = None
-        self._resumed_rows = 0  # rows the log held when this session opened it (0: checked)
+        # Saved statistics of an earlier session whose log this one appends to, and its rows
+        # (see logix.statistics.resume: checked at the first step, merged at finalize).
+        self.resumed_state: Optional[Dict[str, Tensor]] = None
+        self.resumed_rows = 0
 
     @property
     def has_rows(self) -> bool:
@@ -57,9 +55,9 @@ class LogSession:
         if existing is not None:
             existing.check_compatible(manifest)
             manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
-            self._resumed_rows = existing.rows
+            self.resumed_rows = existing.rows
             if not statistics_loaded:
-                self._resumed = state.load_statistics(self.project_dir)
+                self.resumed_state = state.load_statistics(self.project_dir)
         else:
             _refuse_orphan_shards(self.project_dir, manifest.dim)
         self.manifest = manifest
@@ -127,48 +125,18 @@ class LogSession:
         self.manifest.merge_rank_indexes(self.project_dir)  # other ranks' shards
         return LogReader(self.project_dir, self.manifest, verify=verify)
 
-    # ------------------------------------------------------------------ statistics of a reopened log
-    def check_resumed(self, kinds: frozenset, statistics: CovarianceState,
-                      statistics_loaded: bool) -> None:
-        """Before this session adds rows to an earlier session's log: the statistics saved with
-        those rows and the ones collected now must be of the same kinds, so that their merge
-        (sums and counts added at finalize) describes every row of the log."""
-        if not self._resumed_rows:
-            return
-        saved = statistics.state_dict() if statistics_loaded else self._resumed or {}
-        saved_kinds = {k.split(KEY_SEP)[1] for k in saved if k.count(KEY_SEP) == 1} - {EKFAC}
-        if set(kinds) != saved_kinds:
-            raise UsageError(
-                f"Project folder {self.project_dir!r} already holds {self._resumed_rows} rows "
-                f"whose saved statistics are {sorted(saved_kinds) or 'none'}, and this run "
-                f"collects {sorted(kinds) or 'none'}: the statistics would no longer describe "
-                "every row of the log. Collect the same covariances as the earlier session "
-                "(run.setup), or log into a new project.")
-        self._resumed_rows = 0
-
-    def merge_resumed(self, statistics: CovarianceState) -> None:
-        """Add the earlier session's saved statistics to `statistics` (after the all-reduce, so
-        every rank holds them once). EK-FAC's eigenvalues are refitted over all rows."""
-        if not self._resumed:
-            return
-        saved = CovarianceState()
-        saved.load_state_dict(self._resumed)
-        saved.drop(EKFAC)
-        statistics.drop(EKFAC)
-        statistics.merge(saved)
-        self._resumed = None
-
     # ------------------------------------------------------------------ checkpoints and finalize
-    def add_checkpoint(self, name: str, statistics: CovarianceState, info: dict) -> None:
-        """Save a closed checkpoint's statistics and list it in the manifest (rank 0)."""
+    def add_checkpoint(self, name: str, statistics: Dict[str, Tensor], info: dict) -> None:
+        """Save a closed checkpoint's statistics (a state dict) and list it in the manifest
+        (rank 0)."""
         if distributed.rank() != 0:
             return
-        state.save_checkpoint_statistics(self.project_dir, name, statistics.state_dict(), info)
+        state.save_checkpoint_statistics(self.project_dir, name, statistics, info)
         self.manifest.checkpoints[name] = {k: v for k, v in info.items() if k != "train_ids"}
         self.manifest.save(self.project_dir)
 
     def save_final(self, new_manifest: Callable[[], Manifest], config_snapshot: dict,
-                   save_projections: Callable[[], None], statistics: CovarianceState) -> None:
+                   save_projections: Callable[[], None], statistics: Dict[str, Tensor]) -> None:
         """Rank 0 at finalize: every rank's shards in the manifest, projections, statistics."""
         os.makedirs(self.project_dir, exist_ok=True)
         if self.manifest is None:
@@ -177,9 +145,9 @@ class LogSession:
         self.manifest.config = config_snapshot
         save_projections()
         # A run that collected no statistics (one that only appends rows) keeps the saved ones.
-        if statistics.sums or not os.path.isfile(
+        if statistics or not os.path.isfile(
                 os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
-            state.save_statistics(self.project_dir, statistics.state_dict())
+            state.save_statistics(self.project_dir, statistics)
         self.manifest.save(self.project_dir)
 
 

@@ -1,0 +1,44 @@
+"""Statistics of a reopened log: a session that appends rows to an earlier session's log must
+collect the same covariance kinds, and its statistics are merged with the saved ones at finalize,
+so that the statistics describe every row of the log (docs/concepts.md, "Statistics and the
+log")."""
+
+from __future__ import annotations
+
+from logix.errors import UsageError
+from logix.statistics.covariance import CovarianceState
+from logix.statistics.eigen import EKFAC
+from logix.storage.format import KEY_SEP
+from logix.storage.session import LogSession
+
+
+def check_same_kinds(session: LogSession, kinds: frozenset, statistics: CovarianceState,
+                     statistics_loaded: bool) -> None:
+    """Before the first step that adds rows to an earlier session's log: the statistics saved
+    with those rows (loaded into `statistics` by initialize_from_log, else read at reopening)
+    and the `kinds` collected now must be the same."""
+    if not session.resumed_rows:
+        return
+    saved = statistics.state_dict() if statistics_loaded else session.resumed_state or {}
+    saved_kinds = {k.split(KEY_SEP)[1] for k in saved if k.count(KEY_SEP) == 1} - {EKFAC}
+    if set(kinds) != saved_kinds:
+        raise UsageError(
+            f"Project folder {session.project_dir!r} already holds {session.resumed_rows} rows "
+            f"whose saved statistics are {sorted(saved_kinds) or 'none'}, and this run collects "
+            f"{sorted(kinds) or 'none'}: the statistics would no longer describe every row of "
+            "the log. Collect the same covariances as the earlier session (run.setup), or log "
+            "into a new project.")
+    session.resumed_rows = 0
+
+
+def merge_saved(session: LogSession, statistics: CovarianceState) -> None:
+    """Add the earlier session's saved statistics to `statistics` (after the all-reduce, so
+    every rank holds them once). EK-FAC's eigenvalues are refitted over all rows."""
+    if not session.resumed_state:
+        return
+    saved = CovarianceState()
+    saved.load_state_dict(session.resumed_state)
+    saved.drop(EKFAC)
+    statistics.drop(EKFAC)
+    statistics.merge(saved)
+    session.resumed_state = None
