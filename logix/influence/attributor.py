@@ -97,15 +97,19 @@ class Attributor:
         return source if isinstance(source, LogReader) else source()
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
-                       modules=None) -> Preconditioner:
+                       modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
-        are cached until the statistics change)."""
+        are cached until the statistics change); for a kind that solves each query (lissa), a
+        Preconditioner whose `apply` runs that solve against the saved rows."""
         cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
         name = cfg.hessian
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
         kind = curvature.get(name)
         modules = modules if modules is not None else self.modules()
+        solver = kind.query_solver(self.reader(), modules, cfg, progress)
+        if solver is not None:
+            return solver
         if not kind.covariances:
             return Preconditioner(name, {}, modules)
         if not kind.fitted(self.statistics):
@@ -162,7 +166,9 @@ class Attributor:
 
         src_log: the query log (default: the run's last step; a list of logs is concatenated).
         loader: a LogReader or project folder (default: this run's saved logs).
-        mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac";
+        mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
+        "lissa" (solves each query against the saved rows' Fisher; mode "dot" only; settings
+        influence.lissa_depth / lissa_scale / lissa_tol; residuals in result["meta"]["solver"]);
         damping: absolute damping for every module (default: relative, see config).
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds result["groups"][name], and the groups' scores sum to the total when they
@@ -281,6 +287,10 @@ class Attributor:
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
+        if plan.preconditioner.queries_only:
+            raise UsageError(f"hessian={plan.preconditioner.kind!r} solves per query, so the "
+                             "self-influence of every saved row would take one solve per row. "
+                             "Pass src_log= (those examples only), or hessian='raw' / 'ekfac'.")
         norms = self._train_norms(reader, plan, aligned(block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
@@ -293,6 +303,11 @@ class Attributor:
         preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
                                              cfg.damping, src.modules)
         mode = cfg.mode
+        if preconditioner.queries_only and mode != "dot":
+            raise UsageError(f"hessian={preconditioner.kind!r} solves each query against the "
+                             f"saved rows and has no train-side inverse, so mode={mode!r} (which "
+                             "needs g^T H^-1 g of every training row) is not supported: use "
+                             "mode='dot', or hessian='raw' / 'ekfac' for cosine and l2.")
         return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
     def _reader(self, loader) -> LogReader:
