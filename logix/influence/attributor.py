@@ -29,6 +29,8 @@ from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
 from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
 from logix.influence.source import source_influence
+from logix.influence.ensemble import ensemble_influence
+from logix.influence.tracin import tracin_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
 from logix.progress import track
@@ -38,6 +40,9 @@ from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE
 from logix.storage.manifest import ModuleEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
+
+
+CHECKPOINT_METHODS = ("ensemble", "tracin")
 
 
 class Attributor:
@@ -181,6 +186,11 @@ class Attributor:
 
         method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
         logix.influence.source); hessian then picks its curvature (default ekfac).
+        method="ensemble": influence averaged over those checkpoints, each with its own
+        curvature (logix.influence.ensemble); method="tracin": TracIn-CP, sum over checkpoints of
+        lr x the dot products (logix.influence.tracin). For both, src_log may be
+        {checkpoint name: query log at that checkpoint's weights}; one log serves every
+        checkpoint otherwise.
 
         Under torch.distributed every rank scores its share of the shards and the parts are
         gathered (full matrix in manifest order, or merged top-k): on every rank with
@@ -194,6 +204,18 @@ class Attributor:
         if gather not in ("all", "rank0"):
             raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
         block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
+        if method in CHECKPOINT_METHODS:
+            if influence_groups is not None or out is not None or loader is not None:
+                raise UsageError(f"method={method!r} supports topk but not influence_groups, "
+                                 "out or loader.")
+            queries = {name: _as_log(log) for name, log in src_log.items()} \
+                if isinstance(src_log, dict) else _as_log(src_log)
+            if method == "tracin":
+                result = tracin_influence(self, queries, block_rows, progress)
+            else:
+                result = ensemble_influence(self, queries, mode, hessian, damping, block_rows,
+                                            progress)
+            return result if topk is None else _topk_of(result, topk)
         src = _as_log(src_log)
         if method == "source":
             if influence_groups is not None or out is not None or loader is not None:
@@ -208,7 +230,8 @@ class Attributor:
                 return {**plan.topk_result(src, result["tgt_ids"], top), "meta": result["meta"]}
             return result
         if method != "influence":
-            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', 'source'.")
+            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', "
+                             f"'source', {', '.join(repr(m) for m in CHECKPOINT_METHODS)}.")
         reader = self._reader(loader)
         if reader.rows == 0:  # an empty score matrix would hide a logging pass that saved nothing
             raise UsageError(f"There are no logged rows to score against in "
@@ -349,6 +372,20 @@ class Attributor:
         torch.save(norms, tmp)
         os.replace(tmp, path)
         return norms
+
+
+def _topk_of(result: dict, topk: int) -> dict:
+    """The top-k form of a full result (methods that sum scores over checkpoints)."""
+    top = TopK(topk, len(result["src_ids"]))
+    top.update(result["influence"], 0)
+    best, best_idx, worst, worst_idx = top.result()
+    tgt = result["tgt_ids"]
+
+    def ids(index):
+        return [[tgt[i] for i in row] for row in index.tolist()]
+
+    return {"src_ids": result["src_ids"], "top_ids": ids(best_idx), "top_scores": best,
+            "bottom_ids": ids(worst_idx), "bottom_scores": worst, "meta": result["meta"]}
 
 
 def _check_topk(topk, out) -> None:
