@@ -112,7 +112,7 @@ class Attributor:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
         kind = curvature.get(name)
         modules = modules if modules is not None else self.modules()
-        solver = kind.query_solver(self.reader(), modules, cfg, progress)
+        solver = kind.query_solver(self.reader, modules, cfg, progress)
         if solver is not None:
             return solver
         if not kind.covariances:

@@ -81,8 +81,9 @@ class Curvature:
     def query_solver(cls, reader, modules, settings, progress: bool = True
                      ) -> Optional[Preconditioner]:
         """For a kind that is no eigendecomposition: a Preconditioner that solves
-        (H + lambda I) x = g_q for the queries against `reader`'s saved rows (settings: the
-        query's InfluenceConfig). None (the default) for kinds with a spectrum."""
+        (H + lambda I) x = g_q for the queries against the saved rows (reader: a function
+        returning the log's LogReader; settings: the query's InfluenceConfig). None (the
+        default) for kinds with a spectrum."""
         return None
 
     @classmethod
@@ -176,7 +177,7 @@ class LiSSA(Curvature, name="lissa"):
     def query_solver(cls, reader, modules, settings, progress: bool = True) -> Preconditioner:
         from logix.influence.lissa import LissaPreconditioner
 
-        return LissaPreconditioner(reader, modules, settings.damping, settings.relative_damping,
+        return LissaPreconditioner(reader(), modules, settings.damping, settings.relative_damping,
                                    settings.lissa_depth, settings.lissa_scale,
                                    settings.lissa_tol, settings.block_rows, progress)
 
