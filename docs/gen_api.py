@@ -16,6 +16,7 @@ SECTIONS = [
     ("Run", ["logix.Run"]),
     ("Query results", ["logix.StepLog"]),
     ("Attributor (scoring a saved log)", ["logix.Attributor"]),
+    ("Influence estimators", ["logix.influence.lissa.lissa"]),
     ("Reading logs", ["logix.storage.reader.LogReader", "logix.storage.scores.load_scores",
                       "logix.storage.scores.open_scores", "logix.storage.scores.save_scores"]),
     ("Integrations", ["logix.LogIXScheduler", "logix.integrations.huggingface.LogIXCallback",

@@ -91,6 +91,13 @@ class InfluenceConfig:
     relative_damping: float = _help(
         "Used when `damping` is unset: damping = this x the mean eigenvalue, per module.", 0.1)
     block_rows: int = _help("Training rows scored per matrix multiply while streaming.", 8192)
+    lissa_depth: int = _help("hessian='lissa': most recursion steps (streaming passes) per query "
+                             "solve.", 1000)
+    lissa_scale: Optional[float] = _help(
+        "hessian='lissa': the recursion's scale, above the largest eigenvalue of F + damping I "
+        "(default: estimated per module by 20 power-iteration passes).", None)
+    lissa_tol: float = _help("hessian='lissa': stop once every query's relative residual "
+                             "||g - (F + damping I) x|| / ||g|| is at most this.", 1e-4)
     verify: bool = _help(
         "Check each shard's sha256 against the manifest the first time a process reads it "
         "(cached by path, size and modification time); false reads shards unchecked.", True)
@@ -109,6 +116,13 @@ class InfluenceConfig:
             raise ConfigError(f"influence.relative_damping must be a finite number >= 0, got "
                               f"{self.relative_damping}.")
         _positive(self, "block_rows")
+        _positive(self, "lissa_depth")
+        if self.lissa_scale is not None and not 0 < self.lissa_scale < math.inf:
+            raise ConfigError(f"influence.lissa_scale must be a finite number > 0 or null, got "
+                              f"{self.lissa_scale}.")
+        if not 0 <= self.lissa_tol < math.inf:
+            raise ConfigError(f"influence.lissa_tol must be a finite number >= 0, got "
+                              f"{self.lissa_tol}.")
 
 
 @dataclass

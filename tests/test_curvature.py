@@ -9,7 +9,7 @@ from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
 
 
 def test_every_reader_of_curvature_kinds_sees_the_registry():
-    assert curvature.names() == ("none", "raw", "kfac", "ekfac")
+    assert curvature.names() == ("none", "raw", "kfac", "ekfac", "lissa")
     for name in ("auto",) + curvature.names():
         assert InfluenceConfig(hessian=name).hessian == name
     with pytest.raises(ConfigError, match="allowed"):
@@ -24,6 +24,7 @@ def test_kinds_declare_what_logging_must_collect():
     assert curvature.get("kfac").setup_spec() == {FORWARD: ["covariance"],
                                                   BACKWARD: ["covariance"]}
     assert curvature.get("ekfac").needs_rows and not curvature.get("kfac").needs_rows
+    assert curvature.get("lissa").setup_spec() == {} and curvature.get("lissa").needs_rows
 
 
 def test_a_kind_without_a_spectrum_is_refused_at_definition():

@@ -29,6 +29,8 @@ from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
 from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
 from logix.influence.source import source_influence
+from logix.influence.ensemble import ensemble_influence
+from logix.influence.tracin import tracin_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
 from logix.progress import track
@@ -38,6 +40,9 @@ from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE, atomic_f
 from logix.storage.manifest import ModuleEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
+
+
+CHECKPOINT_METHODS = ("ensemble", "tracin")
 
 
 class Attributor:
@@ -97,15 +102,19 @@ class Attributor:
         return source if isinstance(source, LogReader) else source()
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
-                       modules=None) -> Preconditioner:
+                       modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
-        are cached until the statistics change)."""
+        are cached until the statistics change); for a kind that solves each query (lissa), a
+        Preconditioner whose `apply` runs that solve against the saved rows."""
         cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
         name = cfg.hessian
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
         kind = curvature.get(name)
         modules = modules if modules is not None else self.modules()
+        solver = kind.query_solver(self.reader, modules, cfg, progress)
+        if solver is not None:
+            return solver
         if not kind.covariances:
             return Preconditioner(name, {}, modules)
         if not kind.fitted(self.statistics):
@@ -162,7 +171,9 @@ class Attributor:
 
         src_log: the query log (default: the run's last step; a list of logs is concatenated).
         loader: a LogReader or project folder (default: this run's saved logs).
-        mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac";
+        mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
+        "lissa" (solves each query against the saved rows' Fisher; mode "dot" only; settings
+        influence.lissa_depth / lissa_scale / lissa_tol; residuals in result["meta"]["solver"]);
         damping: absolute damping for every module (default: relative, see config).
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds result["groups"][name], and the groups' scores sum to the total when they
@@ -175,6 +186,11 @@ class Attributor:
 
         method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
         logix.influence.source); hessian then picks its curvature (default ekfac).
+        method="ensemble": influence averaged over those checkpoints, each with its own
+        curvature (logix.influence.ensemble); method="tracin": TracIn-CP, sum over checkpoints of
+        lr x the dot products (logix.influence.tracin). For both, src_log may be
+        {checkpoint name: query log at that checkpoint's weights}; one log serves every
+        checkpoint otherwise.
 
         Under torch.distributed every rank scores its share of the shards and the parts are
         gathered (full matrix in manifest order, or merged top-k): on every rank with
@@ -188,6 +204,18 @@ class Attributor:
         if gather not in ("all", "rank0"):
             raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
         block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
+        if method in CHECKPOINT_METHODS:
+            if influence_groups is not None or out is not None or loader is not None:
+                raise UsageError(f"method={method!r} supports topk but not influence_groups, "
+                                 "out or loader.")
+            queries = {name: _as_log(log) for name, log in src_log.items()} \
+                if isinstance(src_log, dict) else _as_log(src_log)
+            if method == "tracin":
+                result = tracin_influence(self, queries, block_rows, progress)
+            else:
+                result = ensemble_influence(self, queries, mode, hessian, damping, block_rows,
+                                            progress)
+            return result if topk is None else _topk_of(result, topk)
         src = _as_log(src_log)
         if method == "source":
             if influence_groups is not None or out is not None or loader is not None:
@@ -202,7 +230,8 @@ class Attributor:
                 return {**plan.topk_result(src, result["tgt_ids"], top), "meta": result["meta"]}
             return result
         if method != "influence":
-            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', 'source'.")
+            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', "
+                             f"'source', {', '.join(repr(m) for m in CHECKPOINT_METHODS)}.")
         reader = self._reader(loader)
         if reader.rows == 0:  # an empty score matrix would hide a logging pass that saved nothing
             raise UsageError(f"There are no logged rows to score against in "
@@ -281,6 +310,10 @@ class Attributor:
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
         plan = self._plan(dummy, "dot", precondition, kind, damping, None)
+        if plan.preconditioner.queries_only:
+            raise UsageError(f"hessian={plan.preconditioner.kind!r} solves per query, so the "
+                             "self-influence of every saved row would take one solve per row. "
+                             "Pass src_log= (those examples only), or hessian='raw' / 'ekfac'.")
         norms = self._train_norms(reader, plan, aligned(block_rows), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
@@ -293,6 +326,11 @@ class Attributor:
         preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
                                              cfg.damping, src.modules)
         mode = cfg.mode
+        if preconditioner.queries_only and mode != "dot":
+            raise UsageError(f"hessian={preconditioner.kind!r} solves each query against the "
+                             f"saved rows and has no train-side inverse, so mode={mode!r} (which "
+                             "needs g^T H^-1 g of every training row) is not supported: use "
+                             "mode='dot', or hessian='raw' / 'ekfac' for cosine and l2.")
         return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
     def _reader(self, loader) -> LogReader:
@@ -333,6 +371,20 @@ class Attributor:
         with atomic_file(path) as f:
             torch.save(norms, f)
         return norms
+
+
+def _topk_of(result: dict, topk: int) -> dict:
+    """The top-k form of a full result (methods that sum scores over checkpoints)."""
+    top = TopK(topk, len(result["src_ids"]))
+    top.update(result["influence"], 0)
+    best, best_idx, worst, worst_idx = top.result()
+    tgt = result["tgt_ids"]
+
+    def ids(index):
+        return [[tgt[i] for i in row] for row in index.tolist()]
+
+    return {"src_ids": result["src_ids"], "top_ids": ids(best_idx), "top_scores": best,
+            "bottom_ids": ids(worst_idx), "bottom_scores": worst, "meta": result["meta"]}
 
 
 def _check_topk(topk, out) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from logix import distributed
 from logix.errors import UsageError
 from logix.influence.gather import own_part
-from logix.influence.preconditioner import ModuleInverse, resolve_damping
+from logix.influence.preconditioner import ModuleInverse, Preconditioner, resolve_damping
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
 from logix.statistics.eigen import EKFAC as EKFAC_STATISTIC
 from logix.statistics.eigen import Eigen, eigh64, fit_ekfac
@@ -41,8 +41,9 @@ class Curvature:
 
     def __init_subclass__(cls, name: str, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.spectrum.__func__ is Curvature.spectrum.__func__:
-            raise TypeError(f"Curvature kind {name!r} must define spectrum().")
+        if cls.spectrum.__func__ is Curvature.spectrum.__func__ and \
+                cls.query_solver.__func__ is Curvature.query_solver.__func__:
+            raise TypeError(f"Curvature kind {name!r} must define spectrum() or query_solver().")
         cls.name = name
         Curvature._kinds[name] = cls
 
@@ -75,6 +76,15 @@ class Curvature:
     def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
         """The module's curvature as an eigendecomposition, undamped (every kind defines it)."""
         ...
+
+    @classmethod
+    def query_solver(cls, reader, modules, settings, progress: bool = True
+                     ) -> Optional[Preconditioner]:
+        """For a kind that is no eigendecomposition: a Preconditioner that solves
+        (H + lambda I) x = g_q for the queries against the saved rows (reader: a function
+        returning the log's LogReader; settings: the query's InfluenceConfig). None (the
+        default) for kinds with a spectrum."""
+        return None
 
     @classmethod
     def inverse(cls, module: str, spectra: "Spectra", damping: Optional[float],
@@ -150,6 +160,26 @@ class EKFAC(KFAC, name="ekfac"):
                              "the saved rows (run.finalize() does it when rows were saved).")
         return ModuleInverse("ekfac", 0.0, values=corrected.double(), q_out=kfac.q_out,
                              q_in=kfac.q_in)
+
+
+class LiSSA(Curvature, name="lissa"):
+    """H = the empirical Fisher of the saved rows, per module, never formed: each query solves
+    (F + lambda I) x = g_q by the LiSSA recursion, one streaming pass over the rows per step
+    (logix.influence.lissa). Scores in mode 'dot' only (no train-side inverse)."""
+
+    needs_rows = True
+
+    @classmethod
+    def fitted(cls, statistics: CovarianceState) -> bool:
+        return False  # nothing to fit: the rows themselves are the curvature
+
+    @classmethod
+    def query_solver(cls, reader, modules, settings, progress: bool = True) -> Preconditioner:
+        from logix.influence.lissa import LissaPreconditioner
+
+        return LissaPreconditioner(reader(), modules, settings.damping, settings.relative_damping,
+                                   settings.lissa_depth, settings.lissa_scale,
+                                   settings.lissa_tol, settings.block_rows, progress)
 
 
 class Spectra:

@@ -9,7 +9,7 @@ mean eigenvalue of that module's curvature. Stored statistics are never modified
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -63,6 +63,8 @@ def resolve_damping(values: Tensor, damping: Optional[float], relative_damping: 
 @dataclass
 class Preconditioner:
     """One ModuleInverse per module of a row layout."""
+
+    queries_only: ClassVar[bool] = False  # a query-side solve (lissa): no train-side inverse
 
     kind: str
     inverses: Dict[str, ModuleInverse]

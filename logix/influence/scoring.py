@@ -42,9 +42,13 @@ class ScorePlan:
     @property
     def meta(self) -> dict:
         """What these scores are: curvature, damping per module, mode and projection used."""
-        return {"method": "influence", "hessian": self.preconditioner.kind,
+        meta = {"method": "influence", "hessian": self.preconditioner.kind,
                 "damping": self.preconditioner.dampings, "mode": self.mode,
                 "projection": self.projection}
+        diagnostics = getattr(self.preconditioner, "diagnostics", None)
+        if diagnostics:
+            meta["solver"] = diagnostics  # lissa: iterations, residual per step, scale
+        return meta
 
     @property
     def group_names(self) -> List[str]:
