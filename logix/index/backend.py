@@ -46,7 +46,7 @@ def default_nlist(rows: int) -> int:
 
 def factory_string(kind: str, width: int, quantize: Optional[str], nlist: int, hnsw_m: int,
                    pq_m: Optional[int] = None) -> str:
-    """The faiss.index_factory description of an index kind (inner-product metric)."""
+    """The faiss.index_factory description of an index kind."""
     if quantize not in QUANTIZERS:
         raise UsageError(f"quantize={quantize!r} is not supported; allowed: {list(QUANTIZERS)}.")
     if quantize == "pq":
@@ -67,13 +67,28 @@ def factory_string(kind: str, width: int, quantize: Optional[str], nlist: int, h
 
 
 def _pq_subquantizers(width: int) -> int:
-    """About 4 dimensions per byte-sized code, dividing the width."""
-    target = max(1, width // 4)
+    """About 8 dimensions per byte-sized code, dividing the width."""
+    target = max(1, width // 8)
     return max(m for m in range(1, target + 1) if width % m == 0)
 
 
-def new_index(description: str, width: int):
+def augmented(kind: str) -> bool:
+    """IVF and HNSW search inner products as nearest neighbours (see `augment_width`); their
+    clustering and graphs work far better in L2 than with raw inner products."""
+    return kind in ("ivf", "hnsw")
+
+
+def augment_width(width: int) -> int:
+    """Maximum inner-product search as L2 search: x -> [x, sqrt(M^2 - |x|^2), 0...], q -> [q, 0,
+    0...], so |x' - q'|^2 = M^2 + |q|^2 - 2 <x, q>. Zeros pad the width to a multiple of 8 (PQ
+    codes split it evenly)."""
+    return -(-(width + 1) // 8) * 8
+
+
+def new_index(description: str, width: int, kind: str):
     faiss = import_faiss()
+    if augmented(kind):
+        return faiss.index_factory(augment_width(width), description, faiss.METRIC_L2)
     return faiss.index_factory(width, description, faiss.METRIC_INNER_PRODUCT)
 
 
@@ -86,11 +101,14 @@ def write(index, path: str) -> int:
     return os.path.getsize(path)
 
 
-def read(path: str, mmap: bool = True):
-    """Load an index; memory-mapped (read only) when `mmap`: flat codes and IVF lists stay on
-    disk and pages load as they are touched."""
+def read(path: str, kind: str, mmap: bool = True):
+    """Load an index; memory-mapped (read only) when `mmap`: flat codes (flat, hnsw storage) and
+    IVF lists stay on disk and pages load as they are touched."""
     faiss = import_faiss()
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    flags = 0
+    if mmap:  # IVF lists map with IO_FLAG_MMAP; flat codes need IO_FLAG_MMAP_IFC (faiss >= 1.9)
+        mapping = faiss.IO_FLAG_MMAP if kind == "ivf" else getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+        flags = mapping | faiss.IO_FLAG_READ_ONLY
     return faiss.read_index(path, flags)
 
 

@@ -18,9 +18,11 @@ from logix import distributed
 from logix.errors import UsageError
 from logix.index import backend, store
 from logix.index.builder import SERVED_MODES
+from logix.index.builder import augment as builder_augment
 from logix.index.rows import RowStore
 from logix.index.sketch import Sketch
 from logix.influence.gather import own_part
+from logix.influence.scoring import SCORE_CHUNK
 from logix.log import StepLog
 
 MIN_CANDIDATES = 100
@@ -122,7 +124,7 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
                  nprobe, ef) -> dict:
     """This process's index: candidates, then exact scores; {src_ids, top_*[, bottom_*]}."""
     path = os.path.join(store.folder(full.project_dir, manifest.name), store.INDEX_FILE)
-    index = backend.read(path)
+    index = backend.read(path, manifest.kind)
     if index.ntotal != manifest.rows:
         raise UsageError(f"Index {manifest.name!r} file holds {index.ntotal} vectors but its "
                          f"manifest says {manifest.rows} (an interrupted update). Rebuild it: "
@@ -133,6 +135,10 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
     queries = plan.queries  # [n_query, dim] preconditioned
     if manifest.sketch:
         queries = Sketch(full.dim, manifest.sketch["width"], manifest.sketch["seed"])(queries)
+    augment = manifest.faiss.get("augment")
+    query_sq = queries.pow(2).sum(1, keepdim=True)
+    if augment is not None:
+        queries = builder_augment(queries, torch.zeros(len(queries)))
     queries = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
     c = min(candidates, int(index.ntotal))
     norms = None
@@ -146,7 +152,10 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
         if rerank:
             scores = _exact(plan, rows, found, norms, _log_starts(full, manifest))
         else:
-            scores = sign * torch.from_numpy(found_scores).float()
+            scores = torch.from_numpy(found_scores).float()
+            if augment is not None:  # L2 distances back to inner products
+                scores = (augment ** 2 + query_sq - scores) / 2
+            scores = sign * scores
             if plan.needs_norms:  # cosine: the index's rows are normalised, the query is not
                 scores = scores / plan.query_norms[:, None].clamp_min(1e-30).sqrt()
         fill = float("-inf") if largest else float("inf")
@@ -160,13 +169,31 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
 
 def _exact(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor],
            starts: Tensor) -> Tensor:
-    """[n_query, c] exact scores of each query's candidates (one GEMM over their union)."""
+    """[n_query, c] exact scores of each query's candidates.
+
+    Each candidate goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its
+    position modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the
+    same matrix multiply at the same row and has the stream's bits."""
     union, inverse = torch.unique(found.clamp_min(0), return_inverse=True)
+    slots = union % SCORE_CHUNK
+    by_slot = torch.argsort(slots, stable=True)
+    first = torch.searchsorted(slots[by_slot], slots[by_slot])  # first of each slot group
+    chunk = torch.empty_like(union)
+    chunk[by_slot] = torch.arange(len(union)) - first  # k-th candidate of its slot -> chunk k
     train_norms = None
     if norms is not None:
         shard, local = rows.locate(union)
         train_norms = norms[starts[shard] + local]
-    scores = plan.score(rows.read(union), train_norms)  # [n_union, n_query]
+    scores = torch.empty(len(union), plan.n_query)
+    for c in range(int(chunk.max()) + 1 if len(union) else 0):
+        members = (chunk == c).nonzero().flatten()
+        block = torch.zeros(SCORE_CHUNK, rows.dim)
+        block[slots[members]] = rows.read(union[members])
+        block_norms = None
+        if train_norms is not None:
+            block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
+            block_norms[slots[members]] = train_norms[members]
+        scores[members] = plan.score(block, block_norms)[slots[members]]
     return torch.gather(scores.T, 1, inverse)
 
 

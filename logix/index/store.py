@@ -127,3 +127,24 @@ def curvature_of(preconditioner) -> dict:
                      sort_keys=True, default=str)
     return {"hessian": preconditioner.kind, "damping": preconditioner.dampings,
             "key": hashlib.sha1(key.encode()).hexdigest()[:16]}
+
+
+def summaries(project_dir: str, log_manifest) -> List[dict]:
+    """One line per index of a project (for `logix show`): what it serves and whether it is
+    fresh, behind or stale against the log's current shards."""
+    out = []
+    shards = [s for s in log_manifest.shards if s.checkpoint is None]
+    for name in names(project_dir):
+        try:
+            m = load(project_dir, name)
+        except LogFormatError as e:
+            out.append({"name": name, "error": str(e)})
+            continue
+        status, why = state(m, shards, layout_of(log_manifest))
+        if m.part["world"] > 1:  # a rank's index holds that rank's share of the shards
+            status, why = "part", f"rank {m.part['rank']} of {m.part['world']}"
+        out.append({"name": name, "kind": m.kind, "factory": m.faiss["factory"],
+                    "mode": m.mode, "hessian": (m.curvature or {}).get("hessian"),
+                    "sketch": (m.sketch or {}).get("width"), "rows": m.rows, "bytes": m.bytes,
+                    "state": status, "why": why})
+    return out
