@@ -223,13 +223,13 @@ def print_study(name: str, entry: dict) -> None:
           f"{ex[max(ex, key=int)]:.3f} s ({max(ex, key=int)} queries); "
           f"peak RSS {entry['exact_peak_rss_mb']:.0f} MB")
     rows = []
+    batch = max(ex, key=int)
     for idx in entry["indexes"]:
         for r in idx["search"]:
+            one, many = r["seconds_1"], r[f"seconds_{batch}"]
             rows.append([idx["name"], idx["factory"], r["candidates"], r["nprobe"] or "-",
-                         f"{r['recall']:.3f}",
-                         f"{r['seconds_1'] * 1e3:.1f}", f"{ex['1'] / r['seconds_1']:.0f}x",
-                         f"{r[[k for k in r if k.startswith('seconds_') and k != 'seconds_1'][0]] * 1e3:.1f}",
-                         f"{ex[max(ex, key=int)] / r[[k for k in r if k.startswith('seconds_') and k != 'seconds_1'][0]]:.0f}x"])
+                         f"{r['recall']:.3f}", f"{one * 1e3:.1f}", f"{ex['1'] / one:.0f}x",
+                         f"{many * 1e3:.1f}", f"{ex[batch] / many:.0f}x"])
     print(_common.table(["index", "faiss", "cand.", "nprobe", "recall@10", "1 q ms", "speedup",
                          "batch ms", "speedup"], rows))
     rows = [[i["name"], f"{i['seconds']:.1f}", _common.human_bytes(i["bytes"]),

@@ -124,7 +124,8 @@ def _existing(project_dir, name, path, reader, layout, wanted, rebuild):
         state, why = store.STALE, "it was built with other parameters"
     if not os.path.isfile(path):
         state, why = store.STALE, f"its file {path!r} is missing"
-    index = backend.read(path, manifest.kind, mmap=state == store.FRESH) if state != store.STALE else None
+    index = None if state == store.STALE else \
+        backend.read(path, manifest.kind, mmap=state == store.FRESH)
     if index is not None and index.ntotal != manifest.rows:
         state, why = store.STALE, (f"its file holds {index.ntotal} vectors, its manifest "
                                    f"{manifest.rows} (an interrupted update)")

@@ -20,7 +20,7 @@ from logix.index import backend, store
 from logix.index.builder import SERVED_MODES
 from logix.index.builder import augment as builder_augment
 from logix.index.rows import RowStore
-from logix.index.sketch import Sketch
+from logix.index import sketch
 from logix.influence.gather import own_part
 from logix.influence.scoring import SCORE_CHUNK
 from logix.log import StepLog
@@ -134,7 +134,8 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
     rows = RowStore(full.project_dir, manifest.shards, full.dim)
     queries = plan.queries  # [n_query, dim] preconditioned
     if manifest.sketch:
-        queries = Sketch(full.dim, manifest.sketch["width"], manifest.sketch["seed"])(queries)
+        width, seed = manifest.sketch["width"], manifest.sketch["seed"]
+        queries = sketch.cached(full.dim, width, seed)(queries)
     augment = manifest.faiss.get("augment")
     query_sq = queries.pow(2).sum(1, keepdim=True)
     if augment is not None:

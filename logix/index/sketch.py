@@ -4,6 +4,7 @@ regenerated in column blocks (never held whole when it is large)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,3 +35,9 @@ class Sketch:
         for b in range(n_blocks):
             out += rows[:, b * _BLOCK:(b + 1) * _BLOCK] @ self._block(b)
         return out
+
+
+@functools.lru_cache(maxsize=8)
+def cached(dim: int, width: int, seed: int) -> Sketch:
+    """One Sketch per (dim, width, seed) in this process: queries reuse its matrix."""
+    return Sketch(dim, width, seed)
