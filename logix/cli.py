@@ -7,6 +7,8 @@
                                            most helpful / harmful training examples per query
     logix ui [ROOT ...] [--port P]         browse logs and scores in a local web page
     logix report ROOT ... -o report.html   the same pages as one self-contained HTML file
+    logix index DIR [--kind K] [--sketch W] build or update a vector index of the log (FAISS)
+    logix search DIR --queries FILE [--k N] most helpful training examples per query, via it
 
 Exit status: 0 fine; 1 the log or score file is damaged or unreadable (verify found an error, a
 corrupt manifest, a newer format version); 2 usage error (bad arguments, a path that does not
@@ -130,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--k", type=_positive_int, default=10,
                         help="helpful / harmful examples per query (default 10)")
     report.set_defaults(handler=_cmd_report)
+    _add_search_commands(sub)
     return parser
 
 
@@ -230,6 +233,7 @@ def _cmd_show(args) -> int:
     project_dir = _project_dir(args.dir)
     manifest, _ = _load_manifest(project_dir)
     info = summary(project_dir, manifest, args.shards)
+    info["indexes"] = _indexes(project_dir, manifest)
     if args.json:
         print(json.dumps(info, indent=1))
         return EXIT_OK
@@ -294,6 +298,8 @@ def _cmd_show(args) -> int:
                               "-" if count is None else f"{count:g}")
         out.print(table)
 
+    if info["indexes"]:
+        out.print(_index_table(info["indexes"]))
     if args.shards:
         table = Table(title="shards")
         for column in ("file", "rank", "seq", "rows", "bytes", "sha256"):
@@ -508,6 +514,139 @@ def _cmd_report(args) -> int:
     print(f"wrote {path} ({_human_bytes(os.path.getsize(path))})")
     return EXIT_OK
 
+
+
+# --------------------------------------------------------------------------- index, search
+def _add_search_commands(sub) -> None:
+    index = sub.add_parser("index", help="build or update a vector index of a log (FAISS)",
+                           description="Build a FAISS index of the logged rows under "
+                                       "DIR/index/NAME, or bring it up to date (only shards "
+                                       "logged since the last build are read; a stale index is "
+                                       "rebuilt). Needs pip install \"logix[search]\".")
+    index.add_argument("dir", metavar="DIR", help="the project folder (<root_dir>/<project>)")
+    index.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
+                       help="auto: flat up to 100,000 rows, else ivf (default auto)")
+    index.add_argument("--mode", default="dot", choices=["dot", "cosine"],
+                       help="dot serves every curvature; cosine is built for one (--hessian)")
+    index.add_argument("--hessian", default=None, help="curvature of a cosine index")
+    index.add_argument("--sketch", type=_positive_int, default=None, metavar="W",
+                       help="index a seeded JL sketch of width W instead of full rows")
+    index.add_argument("--quantize", default=None, choices=["sq8", "pq"],
+                       help="compress the indexed vectors (8-bit scalar or product codes)")
+    index.add_argument("--name", default=None, help="index name (default from the options)")
+    index.add_argument("--rebuild", action="store_true", help="rebuild from scratch")
+    index.set_defaults(handler=_cmd_index)
+
+    search = sub.add_parser("search", help="most helpful training examples per query, via an "
+                                           "index",
+                            description="Print, per query, the k training examples with the "
+                                        "largest scores: an index proposes candidates, their "
+                                        "exact scores rank them. Without FAISS or an index, the "
+                                        "exact streaming top-k answers (with a notice).")
+    search.add_argument("dir", metavar="DIR", help="the training project folder")
+    search.add_argument("--queries", required=True, metavar="FILE",
+                        help="query gradients: a StepLog.save file or a logged query project")
+    search.add_argument("--k", type=_positive_int, default=10, help="how many (default 10)")
+    search.add_argument("--candidates", type=_positive_int, default=None,
+                        help="candidates re-ranked per query (default max(4k, 100))")
+    search.add_argument("--bottom", action="store_true", help="also the k most harmful")
+    search.add_argument("--no-rerank", action="store_true",
+                        help="return the index's approximate scores")
+    search.add_argument("--index", default=None, metavar="NAME", help="which index")
+    search.add_argument("--mode", default=None, choices=["dot", "cosine"])
+    search.add_argument("--hessian", default=None, help="curvature (default: the log's)")
+    search.add_argument("--json", action="store_true", help="print the result as JSON")
+    search.set_defaults(handler=_cmd_search)
+
+
+def _indexes(project_dir: str, manifest) -> List[Dict]:
+    from logix.index.store import summaries
+
+    return summaries(project_dir, manifest)
+
+
+def _index_table(indexes: List[Dict]):
+    table = _table_factory()(title=f"indexes ({len(indexes)})")
+    for column in ("name", "faiss", "mode", "sketch", "rows", "bytes", "state"):
+        table.add_column(column, overflow="fold",
+                         justify="right" if column in ("rows", "bytes") else "left")
+    for i in indexes:
+        if "error" in i:
+            table.add_row(_esc(i["name"]), "", "", "", "", "", _esc(i["error"]))
+            continue
+        mode = i["mode"] + (f" ({i['hessian']})" if i["hessian"] else "")
+        table.add_row(_esc(i["name"]), _esc(i["factory"]), _esc(mode),
+                      str(i["sketch"] or "-"), str(i["rows"]), _human_bytes(i["bytes"]),
+                      _esc(i["state"] if i["state"] in ("fresh", "part")
+                           else f"{i['state']}: {i['why']}"))
+    return table
+
+
+def _attributor(path: str):
+    import logix
+
+    return logix.Attributor(_project_dir(path))
+
+
+def _cmd_index(args) -> int:
+    from logix.errors import LogFormatError, UsageError
+
+    try:
+        m = _attributor(args.dir).build_index(
+            args.kind, args.mode, sketch=args.sketch, quantize=args.quantize, name=args.name,
+            rebuild=args.rebuild, hessian=args.hessian)
+    except UsageError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except LogFormatError as e:
+        raise CliError(str(e)) from None
+    print(f"index {m.name}: {m.faiss['factory']} over {m.rows} rows "
+          f"({_human_bytes(m.bytes)}, built in {m.build_seconds:.1f} s) in "
+          f"{os.path.join(args.dir, 'index', m.name)}")
+    return EXIT_OK
+
+
+def _cmd_search(args) -> int:
+    from logix.errors import LogFormatError, UsageError
+
+    if not os.path.exists(args.queries):
+        raise CliError(f"--queries {args.queries!r} does not exist.", EXIT_USAGE)
+    try:
+        result = _attributor(args.dir).search(
+            args.queries, args.k, args.candidates, not args.no_rerank, args.bottom,
+            index=args.index, mode=args.mode, hessian=args.hessian)
+    except UsageError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except LogFormatError as e:
+        raise CliError(str(e)) from None
+    sides = ["top"] + (["bottom"] if args.bottom else [])
+    rows = [{"src_id": src, **{side: [{"id": i, "score": float(s)} for i, s in
+                                      zip(result[f"{side}_ids"][q], result[f"{side}_scores"][q])]
+                               for side in sides}}
+            for q, src in enumerate(result["src_ids"])]
+    if args.json:
+        print(json.dumps({"queries": rows, "search": result["meta"].get("search")}, indent=1,
+                         default=str))
+        return EXIT_OK
+    out = _console()
+    Table = _table_factory()
+    how = result["meta"].get("search") or {}
+    out.print(f"index {_esc(how.get('index') or 'none (exact stream)')}; exact scores, "
+              "positive = helpful, negative = harmful.")
+    for q, row in enumerate(rows):
+        table = Table(title=f"query {q}: {_esc(row['src_id'])}")
+        table.add_column("#", justify="right")
+        for side in sides:
+            table.add_column("most helpful" if side == "top" else "most harmful",
+                             overflow="fold")
+            table.add_column("score", justify="right")
+        for i in range(args.k):
+            cells = [str(i + 1)]
+            for side in sides:
+                entry = row[side][i] if i < len(row[side]) else None
+                cells += [_esc(entry["id"]), f"{entry['score']:.6g}"] if entry else ["", ""]
+            table.add_row(*cells)
+        out.print(table)
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -470,6 +470,16 @@ class Run:
         """g^T (H + lambda I)^-1 g per example (of src_log, or of every saved row)."""
         return self.influence.compute_self_influence(src_log, **kwargs)
 
+    def search(self, src_log: Optional[StepLog] = None, k: int = 10, **kwargs):
+        """The k most helpful training examples per query (default: the last step) from a
+        vector index, with exact scores. See `logix.Attributor.search`."""
+        return self.influence.search(self._query(src_log), k, **kwargs)
+
+    def build_index(self, kind: str = "auto", **kwargs):
+        """Build or update the vector index of this run's log. See
+        `logix.Attributor.build_index`."""
+        return self.influence.build_index(kind, **kwargs)
+
     def _query(self, src_log):
         return self.get_log() if src_log is None else src_log
 

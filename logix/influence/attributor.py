@@ -372,6 +372,35 @@ class Attributor:
             torch.save(norms, f)
         return norms
 
+    # ------------------------------------------------------------------ vector search
+    def build_index(self, kind: str = "auto", mode: str = "dot", **options):
+        """Build (or bring up to date) a FAISS index of the saved rows under
+        ``<project>/index/<name>/``, for `search`. kind: "auto" (flat up to 100,000 rows, else
+        ivf) | "flat" | "ivf" | "hnsw". mode "dot" (serves every curvature) or "cosine" (built
+        for one curvature and damping). options: sketch=width (seeded JL sketch of wide rows),
+        quantize=None | "sq8" | "pq", name, rebuild, hessian, damping, nlist, nprobe, hnsw_m,
+        ef, pq_m, seed, progress. Only shards logged since the last build are read; a stale
+        index is rebuilt. Needs ``pip install "logix[search]"``. Returns the index manifest."""
+        from logix.index.builder import build
+
+        return build(self, kind, mode, **options)
+
+    def search(self, test_log=None, k: int = 10, candidates: Optional[int] = None,
+               rerank: bool = True, bottom: bool = False, **options) -> dict:
+        """The k most helpful training examples per query, fast: the index proposes
+        `candidates` per query (default max(4k, 100)) and their exact scores rank them, so the
+        scores are exact and only recall is approximate. bottom=True adds the k most harmful.
+        Returns {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"}
+        as compute_influence_all(..., topk=k). options: index (name), mode, hessian, damping,
+        precondition, nprobe, ef. Without FAISS or an index for the mode, the exact streaming
+        top-k answers (with a notice); a stale index is refused."""
+        from logix.index.search import search
+
+        src = _as_log(test_log)
+        reader = self.reader()
+        _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
+        return search(self, src, k, candidates, rerank, bottom, **options)
+
 
 def _topk_of(result: dict, topk: int) -> dict:
     """The top-k form of a full result (methods that sum scores over checkpoints)."""

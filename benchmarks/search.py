@@ -1,0 +1,296 @@
+"""Vector search: recall@10 and latency of `Attributor.search` (index candidates, exact
+re-ranking) against the exact streaming top-k (`compute_influence_all(topk=10)`).
+
+    python benchmarks/search.py [--rows 1000000] [--dim 1024] [--wide-rows 20000]
+                                [--wide-dim 16384] [--skip-digits] [--out DIR]
+
+Logs: (1) a synthetic log of --rows x --dim bfloat16 rows written as shards directly (rows from
+a 64-dimensional latent with log-normal norms plus noise, so that neighbours are structured as
+gradients are); 64 queries from the same distribution. (2) The real digits log of
+examples/digits (LoGra rank 16, 1,500 training rows, 297 test queries, EK-FAC). (3) A wide
+synthetic log (--wide-rows x --wide-dim) for recall against the JL sketch width. Each build and
+query set runs in its own process, so peak RSS is per phase. Curvature: the synthetic logs have
+no statistics (hessian "none"); a dot index serves every curvature, the query is preconditioned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+K = 10
+CANDIDATES = (20, 50, 100, 200, 400)
+SHARD_ROWS = 65536
+
+
+# ----------------------------------------------------------------------------- data
+def write_log(project_dir: str, rows: int, dim: int, seed: int) -> None:
+    """Shards of bf16 rows and a manifest, as the writer lays them out."""
+    import torch
+
+    from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, atomic_write,
+                                      safetensors_header, shard_name, tensor_bytes)
+    from logix.storage.manifest import Manifest, ModuleEntry, ShardEntry
+
+    side = int(dim ** 0.5)
+    module = ModuleEntry("body", "Linear", 4096, 4096, side, dim // side, 0)
+    manifest = Manifest(project=os.path.basename(project_dir), dtype="bfloat16",
+                        modules=[module], projection={"init": "random", "seed": 0})
+    os.makedirs(os.path.join(project_dir, LOGS_DIR), exist_ok=True)
+    for seq, start in enumerate(range(0, rows, SHARD_ROWS)):
+        n = min(SHARD_ROWS, rows - start)
+        block = sample(n, dim, seed * 1_000_003 + seq).to(torch.bfloat16)
+        ids = list(range(start, start + n))
+        header = safetensors_header({GRAD_KEY: (torch.bfloat16, [n, dim])},
+                                    {DATA_IDS_KEY: json.dumps(ids)})
+        rel = os.path.join(LOGS_DIR, shard_name(0, seq))
+        sha = atomic_write(os.path.join(project_dir, rel), header, tensor_bytes(block))
+        manifest.shards.append(ShardEntry(rel, n, len(header) + n * dim * 2, sha, 0, seq))
+    manifest.save(project_dir)
+
+
+def sample(n: int, dim: int, seed: int):
+    """[n, dim] rows: 1,000 clusters in a shared 64-dim latent space (as gradients group by
+    class and prediction), log-normal norms, isotropic noise."""
+    import torch
+
+    basis = torch.randn(64, dim, generator=torch.Generator().manual_seed(7)) / 8
+    centers = torch.randn(1000, 64, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(seed)
+    cluster = torch.randint(0, 1000, (n,), generator=g)
+    latent = centers[cluster] + 0.5 * torch.randn(n, 64, generator=g) * torch.linspace(2, 0.2, 64)
+    scale = torch.exp(0.5 * torch.randn(n, 1, generator=g))
+    return (latent @ basis + 0.3 * torch.randn(n, dim, generator=g) / dim ** 0.5 * 8) * scale
+
+
+def queries(project_dir: str, n: int, dim: int):
+    import torch
+
+    from logix.log import StepLog
+    from logix.storage.manifest import Manifest
+
+    manifest = Manifest.load(project_dir)
+    return StepLog([f"q{i}" for i in range(n)], sample(n, dim, 99).to(torch.bfloat16).float(),
+                   manifest.modules, dict(manifest.projection))
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_write(p: dict) -> dict:
+    started = time.perf_counter()
+    write_log(p["project"], p["rows"], p["dim"], p["seed"])
+    return {"seconds": time.perf_counter() - started}
+
+
+def worker_build(p: dict) -> dict:
+    import logix
+
+    att = logix.Attributor(p["project"])
+    started = time.perf_counter()
+    m = att.build_index(p["kind"], sketch=p.get("sketch"), quantize=p.get("quantize"),
+                        hessian=p.get("hessian"), progress=False, rebuild=True)
+    return {"name": m.name, "factory": m.faiss["factory"], "nlist": m.faiss["nlist"],
+            "nprobe": m.faiss["nprobe"], "seconds":
+            time.perf_counter() - started, "bytes": m.bytes, "rows": m.rows,
+            "peak_rss_mb": _common.peak_rss_mb()}
+
+
+def worker_exact(p: dict) -> dict:
+    """The exact streaming top-k for batches of 1 and all queries (timed), and its ids."""
+    import logix
+
+    att = logix.Attributor(p["project"])
+    q = load_queries(p)
+    out = {"ids": None, "seconds": {}}
+    for batch in (1, len(q)):
+        sub = subset(q, batch)
+        times = []
+        for _ in range(p.get("repeats", 1)):
+            started = time.perf_counter()
+            result = att.compute_influence_all(sub, hessian=p.get("hessian"), topk=K,
+                                               progress=False)
+            times.append(time.perf_counter() - started)
+        out["seconds"][str(batch)] = min(times)
+        if batch == len(q):
+            out["ids"] = result["top_ids"]
+    out["peak_rss_mb"] = _common.peak_rss_mb()
+    return out
+
+
+def worker_search(p: dict) -> dict:
+    """Recall@10 and latency per candidate count, batches of 1 and all queries."""
+    import logix
+
+    att = logix.Attributor(p["project"])
+    q = load_queries(p)
+    exact = p["exact_ids"]
+    att.search(subset(q, 1), k=K, index=p["index"], hessian=p.get("hessian"))  # warm up
+    rows = []
+    for c, nprobe in p["settings"]:
+        entry = {"candidates": c, "nprobe": nprobe or p.get("nprobe")}
+        for batch in (1, len(q)):
+            sub = subset(q, batch)
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                result = att.search(sub, k=K, candidates=c, index=p["index"],
+                                    hessian=p.get("hessian"), nprobe=nprobe)
+                times.append(time.perf_counter() - started)
+            entry[f"seconds_{batch}"] = min(times)
+            if batch == len(q):
+                entry["recall"] = sum(len(set(a) & set(b)) for a, b in
+                                      zip(result["top_ids"], exact)) / (K * len(exact))
+        rows.append(entry)
+    return {"rows": rows, "peak_rss_mb": _common.peak_rss_mb()}
+
+
+def load_queries(p: dict):
+    import logix.log
+
+    if p.get("queries_file"):
+        return logix.log.StepLog.load(p["queries_file"])
+    return queries(p["project"], p["queries"], p["dim"])
+
+
+def subset(q, n):
+    from logix.log import StepLog
+
+    return StepLog(q.data_ids[:n], q.grads[:n], q.modules, q.projection)
+
+
+def worker_digits(p: dict) -> dict:
+    """Log the digits CNN (the real logging path) and save its 297 test queries."""
+    from pathlib import Path
+
+    import torch
+    from torch.nn import functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
+    import digits
+
+    data = digits.load_data()
+    model = digits.train_model(data)
+    run = digits.log_training(model, data, 16, Path(p["root"]))
+    run.eval()
+    with run(data_id=[f"test-{i}" for i in range(len(data.x_test))]):
+        model.zero_grad()
+        F.cross_entropy(model(data.x_test), data.y_test, reduction="sum").backward()
+    run.get_log(copy=True).save(p["queries_file"])
+    del torch
+    return {"project": run.project_dir, "rows": run.reader().rows,
+            "dim": run.reader().dim}
+
+
+WORKERS = {"write": worker_write, "build": worker_build, "exact": worker_exact,
+           "search": worker_search, "digits": worker_digits}
+
+
+# ----------------------------------------------------------------------------- driver
+def call(worker: str, params: dict) -> dict:
+    result = _common.run_worker(sys.executable, os.path.abspath(__file__), worker, params,
+                                timeout=3600, echo=True)
+    print(f"  {worker}: {json.dumps({k: v for k, v in result.items() if k != 'ids'})[:300]}",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def study(name: str, params: dict, variants, candidates, report: dict) -> None:
+    exact = call("exact", params)
+    entry = {"exact_seconds": exact["seconds"], "exact_peak_rss_mb": exact["peak_rss_mb"],
+             "indexes": []}
+    for variant in variants:
+        built = call("build", {**params, **variant})
+        settings = [(c, None) for c in candidates]
+        if built["nlist"]:  # IVF: lists probed, at 100 candidates
+            settings += [(100, max(1, built["nlist"] // d)) for d in (16, 8, 2)]
+        searched = call("search", {**params, "index": built["name"], "exact_ids": exact["ids"],
+                                   "settings": settings, "nprobe": built["nprobe"]})
+        entry["indexes"].append({**built, "search": searched["rows"],
+                                 "search_peak_rss_mb": searched["peak_rss_mb"]})
+    report[name] = entry
+
+
+def print_study(name: str, entry: dict) -> None:
+    ex = entry["exact_seconds"]
+    print(f"\n{name}: exact stream {ex['1']:.3f} s (1 query), "
+          f"{ex[max(ex, key=int)]:.3f} s ({max(ex, key=int)} queries); "
+          f"peak RSS {entry['exact_peak_rss_mb']:.0f} MB")
+    rows = []
+    batch = max(ex, key=int)
+    for idx in entry["indexes"]:
+        for r in idx["search"]:
+            one, many = r["seconds_1"], r[f"seconds_{batch}"]
+            rows.append([idx["name"], idx["factory"], r["candidates"], r["nprobe"] or "-",
+                         f"{r['recall']:.3f}", f"{one * 1e3:.1f}", f"{ex['1'] / one:.0f}x",
+                         f"{many * 1e3:.1f}", f"{ex[batch] / many:.0f}x"])
+    print(_common.table(["index", "faiss", "cand.", "nprobe", "recall@10", "1 q ms", "speedup",
+                         "batch ms", "speedup"], rows))
+    rows = [[i["name"], f"{i['seconds']:.1f}", _common.human_bytes(i["bytes"]),
+             f"{i['bytes'] / i['rows']:.0f}", f"{i['peak_rss_mb']:.0f}",
+             f"{i['search_peak_rss_mb']:.0f}"] for i in entry["indexes"]]
+    print(_common.table(["index", "build s", "bytes", "bytes/row", "build RSS MB",
+                         "search RSS MB"], rows))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--wide-rows", type=int, default=20_000)
+    parser.add_argument("--wide-dim", type=int, default=16384)
+    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--out", default=None, help="keep logs here (default: a temp folder)")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--worker")
+    parser.add_argument("--params")
+    args = parser.parse_args(argv)
+    if args.worker:
+        _common.emit(WORKERS[args.worker](json.loads(args.params)))
+        return 0
+
+    root = args.out or tempfile.mkdtemp(prefix="logix-search-")
+    report = {}
+    try:
+        if not args.skip_digits:
+            qfile = os.path.join(root, "digits-queries.safetensors")
+            d = call("digits", {"root": root, "queries_file": qfile})
+            study("digits (1,500 x 256, ekfac)", {"project": d["project"], "queries_file": qfile,
+                                                  "hessian": "ekfac", "repeats": 3},
+                  [{"kind": "flat"}, {"kind": "ivf"}, {"kind": "hnsw"}], (10, 20, 50), report)
+        big = os.path.join(root, "synthetic")
+        call("write", {"project": big, "rows": args.rows, "dim": args.dim, "seed": 0})
+        params = {"project": big, "queries": args.queries, "dim": args.dim, "hessian": "none"}
+        study(f"synthetic ({args.rows:,} x {args.dim}, bf16)", params,
+              [{"kind": "ivf", "sketch": 256}, {"kind": "ivf", "sketch": 256, "quantize": "sq8"},
+               {"kind": "ivf", "sketch": 256, "quantize": "pq"},
+               {"kind": "hnsw", "sketch": 256}] if args.rows <= 200_000 else
+              [{"kind": "ivf", "sketch": 256}, {"kind": "ivf", "sketch": 256, "quantize": "sq8"}],
+              CANDIDATES, report)
+        wide = os.path.join(root, "wide")
+        call("write", {"project": wide, "rows": args.wide_rows, "dim": args.wide_dim, "seed": 1})
+        params = {"project": wide, "queries": args.queries, "dim": args.wide_dim,
+                  "hessian": "none"}
+        study(f"wide ({args.wide_rows:,} x {args.wide_dim}, bf16): flat over a JL sketch",
+              params, [{"kind": "flat", "sketch": w} for w in (64, 128, 256, 512, 1024)],
+              (50, 100), report)
+    finally:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    for name, entry in report.items():
+        print_study(name, entry)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""FAISS, imported only when an index is built or searched (``pip install "logix[search]"``)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+from logix.errors import UsageError
+
+KINDS = ("auto", "flat", "ivf", "hnsw")
+QUANTIZERS = (None, "sq8", "pq")
+AUTO_FLAT_ROWS = 100_000  # kind="auto": exact flat scan up to this many rows, IVF beyond
+
+
+def import_faiss():
+    """The faiss module, or a UsageError naming the install command."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise UsageError("Vector search needs FAISS, which is not installed: "
+                         "pip install \"logix[search]\" (or pip install faiss-cpu).") from e
+    return faiss
+
+
+def available() -> bool:
+    try:
+        import_faiss()
+    except UsageError:
+        return False
+    return True
+
+
+def resolve_kind(kind: str, rows: int) -> str:
+    if kind not in KINDS:
+        raise UsageError(f"index kind={kind!r} is not supported; allowed: {list(KINDS)}.")
+    if kind == "auto":
+        return "flat" if rows <= AUTO_FLAT_ROWS else "ivf"
+    return kind
+
+
+def default_nlist(rows: int) -> int:
+    """IVF lists: about sqrt(rows), at least 39 training rows per list (FAISS's minimum)."""
+    return max(1, min(int(math.sqrt(rows)), rows // 39))
+
+
+def factory_string(kind: str, width: int, quantize: Optional[str], nlist: int, hnsw_m: int,
+                   pq_m: Optional[int] = None) -> str:
+    """The faiss.index_factory description of an index kind."""
+    if quantize not in QUANTIZERS:
+        raise UsageError(f"quantize={quantize!r} is not supported; allowed: {list(QUANTIZERS)}.")
+    if quantize == "pq":
+        if kind == "hnsw":
+            raise UsageError("quantize='pq' is for kind='flat' or 'ivf'; use quantize='sq8' "
+                             "with kind='hnsw'.")
+        pq_m = pq_m or _pq_subquantizers(width)
+        if width % pq_m:
+            raise UsageError(f"pq_m={pq_m} must divide the indexed width {width}.")
+        codes = f"PQ{pq_m}"
+    else:
+        codes = "SQ8" if quantize == "sq8" else "Flat"
+    if kind == "flat":
+        return codes
+    if kind == "ivf":
+        return f"IVF{nlist},{codes}"
+    return f"HNSW{hnsw_m}" + ("" if codes == "Flat" else f",{codes}")
+
+
+def _pq_subquantizers(width: int) -> int:
+    """About 8 dimensions per byte-sized code, dividing the width."""
+    target = max(1, width // 8)
+    return max(m for m in range(1, target + 1) if width % m == 0)
+
+
+def augmented(kind: str) -> bool:
+    """IVF and HNSW search inner products as nearest neighbours (see `augment_width`); their
+    clustering and graphs work far better in L2 than with raw inner products."""
+    return kind in ("ivf", "hnsw")
+
+
+def augment_width(width: int) -> int:
+    """Maximum inner-product search as L2 search: x -> [x, sqrt(M^2 - |x|^2), 0...], q -> [q, 0,
+    0...], so |x' - q'|^2 = M^2 + |q|^2 - 2 <x, q>. Zeros pad the width to a multiple of 8 (PQ
+    codes split it evenly)."""
+    return -(-(width + 1) // 8) * 8
+
+
+def new_index(description: str, width: int, kind: str):
+    faiss = import_faiss()
+    if augmented(kind):
+        return faiss.index_factory(augment_width(width), description, faiss.METRIC_L2)
+    return faiss.index_factory(width, description, faiss.METRIC_INNER_PRODUCT)
+
+
+def write(index, path: str) -> int:
+    """Write atomically (temporary name, then rename); returns the file's bytes."""
+    faiss = import_faiss()
+    tmp = path + ".tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def read(path: str, kind: str, mmap: bool = True):
+    """Load an index; memory-mapped (read only) when `mmap`: flat codes (flat, hnsw storage) and
+    IVF lists stay on disk and pages load as they are touched."""
+    faiss = import_faiss()
+    flags = 0
+    if mmap:  # IVF lists map with IO_FLAG_MMAP; flat codes need IO_FLAG_MMAP_IFC (faiss >= 1.9)
+        mapping = faiss.IO_FLAG_MMAP if kind == "ivf" else getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+        flags = mapping | faiss.IO_FLAG_READ_ONLY
+    return faiss.read_index(path, flags)
+
+
+def set_search_params(index, nprobe: Optional[int], ef: Optional[int]) -> None:
+    faiss = import_faiss()
+    if nprobe is not None and hasattr(faiss, "extract_index_ivf"):
+        try:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
+        except RuntimeError:
+            pass  # not an IVF index
+    if ef is not None and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(ef)

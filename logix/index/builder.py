@@ -1,0 +1,205 @@
+"""Build an index from a log's shards, or bring one up to date: only shards logged after the
+last build are read; a stale index (shards changed, other layout or parameters) is rebuilt."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from logix import distributed
+from logix.errors import UsageError
+from logix.index import backend, store
+from logix.index.rows import RowStore
+from logix.index.sketch import Sketch
+from logix.influence.gather import own_part
+from logix.log import StepLog
+from logix.progress import track
+
+SERVED_MODES = ("dot", "cosine")
+AUGMENT_MARGIN = 1.05  # M of the L2 reduction: this x the largest indexed norm
+TRAIN_ROWS_PER_LIST = 50  # IVF k-means sample: rows per list (at least 10,000 for PQ)
+
+
+def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional[int] = None,
+          quantize: Optional[str] = None, name: Optional[str] = None, rebuild: bool = False,
+          hessian: Optional[str] = None, damping: Optional[float] = None,
+          nlist: Optional[int] = None, nprobe: Optional[int] = None, hnsw_m: int = 32,
+          ef: int = 128, pq_m: Optional[int] = None, seed: int = 0, block_rows: int = 65536,
+          progress: bool = True) -> store.IndexManifest:
+    backend.import_faiss()
+    full = attributor.reader()
+    if full.rows == 0:
+        raise UsageError(f"There are no logged rows to index in {full.project_dir!r}. Log "
+                         "training steps (run.save(True), run.setup({'grad': ['log']})) and "
+                         "call run.finalize() first.")
+    if mode not in SERVED_MODES:
+        raise UsageError(f"mode={mode!r} has no index; allowed: {list(SERVED_MODES)}. For 'l2' "
+                         "use compute_influence_all(topk=k, mode='l2').")
+    dim = full.dim
+    if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int)
+                               or not 0 < sketch < dim):
+        raise UsageError(f"sketch={sketch!r} must be an integer in [1, {dim}) (the row width), "
+                         "or None to index full rows.")
+    backend.resolve_kind(kind, full.rows)  # validates the name early
+    reader = own_part(full) if distributed.is_distributed() else full
+    part = {"rank": distributed.rank(), "world": distributed.world_size()}
+    layout = store.layout_of(full.manifest)
+    plan, curvature = None, None
+    if mode == "cosine":
+        dummy = StepLog([], torch.zeros(0, dim), full.manifest.modules)
+        plan = attributor._plan(dummy, "cosine", True, hessian, damping, None)
+        curvature = store.curvature_of(plan.preconditioner)
+    name = name or store.default_name(kind, mode, quantize, sketch,
+                                      curvature and curvature["hessian"], part)
+    path = os.path.join(store.folder(full.project_dir, name), store.INDEX_FILE)
+    wanted = {"mode": mode, "curvature": curvature, "part": part,
+              "sketch": {"width": sketch, "seed": seed} if sketch else None,
+              "requested": kind, "quantize": quantize}
+
+    manifest, index = _existing(full.project_dir, name, path, reader, layout, wanted, rebuild)
+    if manifest is not None and index is None:
+        return manifest  # fresh: nothing to add
+    started = time.perf_counter()
+    if manifest is None:
+        resolved = backend.resolve_kind(kind, reader.rows)
+        width = sketch or dim
+        lists = nlist or backend.default_nlist(reader.rows)
+        coded = backend.augment_width(width) if backend.augmented(resolved) else width
+        description = backend.factory_string(resolved, coded, quantize, lists, hnsw_m, pq_m)
+        manifest = store.IndexManifest(
+            name=name, kind=resolved, mode=mode, layout=layout, curvature=curvature,
+            sketch=wanted["sketch"], part=part,
+            faiss={"factory": description, "requested": kind, "quantize": quantize,
+                   "nlist": lists if resolved == "ivf" else None,
+                   "nprobe": (nprobe or min(lists, max(8, lists // 4)))
+                   if resolved == "ivf" else None,
+                   "hnsw_m": hnsw_m if resolved == "hnsw" else None,
+                   "ef": ef if resolved == "hnsw" else None, "augment": None})
+        index = backend.new_index(description, width, resolved)
+        if resolved == "hnsw":
+            index.hnsw.efConstruction = max(40, ef)
+    transform = _Transform(manifest, dim, attributor, full, plan, block_rows, progress)
+    if manifest.rows == 0 and (backend.augmented(manifest.kind) or not index.is_trained):
+        sample = _training_sample(full.project_dir, reader, manifest, transform)
+        if backend.augmented(manifest.kind):  # M: fixed at the first build
+            largest = _largest_norm(reader, transform, block_rows, progress)
+            transform.augment = manifest.faiss["augment"] = AUGMENT_MARGIN * largest
+            sample = transform.finish(torch.from_numpy(sample))
+        if not index.is_trained:
+            index.train(sample)
+    new = reader.shards[len(manifest.shards):]
+    blocks = [(shard, b) for shard in new for b in range(-(-shard.rows // block_rows))]
+    shard_blocks = ((shard, ids_rows) for shard in new
+                    for ids_rows in reader.fixed_blocks(block_rows, [shard]))
+    start_in_shard = {}
+    for shard, (_, rows) in track(shard_blocks, len(blocks), f"Indexing ({name})", progress):
+        offset = start_in_shard.get(shard.file, 0)
+        index.add(transform(rows, shard.file, offset))
+        start_in_shard[shard.file] = offset + rows.shape[0]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    manifest.bytes = backend.write(index, path)
+    manifest.shards = store.shard_entries(reader.shards)
+    manifest.rows = int(index.ntotal)
+    manifest.build_seconds += time.perf_counter() - started
+    store.save(full.project_dir, manifest)
+    return manifest
+
+
+def _existing(project_dir, name, path, reader, layout, wanted, rebuild):
+    """(manifest, loaded index) of an index to update in place, (manifest, None) of a fresh
+    one, or (None, None) to build anew."""
+    if not os.path.isfile(os.path.join(store.folder(project_dir, name), store.INDEX_MANIFEST)):
+        return None, None
+    manifest = store.load(project_dir, name)
+    have = {"mode": manifest.mode, "curvature": manifest.curvature, "part": manifest.part,
+            "sketch": manifest.sketch, "requested": manifest.faiss.get("requested"),
+            "quantize": manifest.faiss.get("quantize")}
+    state, why = store.state(manifest, reader.shards, layout)
+    if have != wanted:
+        state, why = store.STALE, "it was built with other parameters"
+    if not os.path.isfile(path):
+        state, why = store.STALE, f"its file {path!r} is missing"
+    index = None if state == store.STALE else \
+        backend.read(path, manifest.kind, mmap=state == store.FRESH)
+    if index is not None and index.ntotal != manifest.rows:
+        state, why = store.STALE, (f"its file holds {index.ntotal} vectors, its manifest "
+                                   f"{manifest.rows} (an interrupted update)")
+    if rebuild or state == store.STALE:
+        if not rebuild:
+            warnings.warn(f"Rebuilding index {name!r}: {why}.", stacklevel=4)
+        return None, None
+    return manifest, (None if state == store.FRESH else index)
+
+
+class _Transform:
+    """Log rows -> index vectors: cosine divides by ||(H + lambda I)^-1/2 g||, then the sketch."""
+
+    def __init__(self, manifest, dim, attributor, full, plan, block_rows, progress) -> None:
+        self.sketch = Sketch(dim, manifest.sketch["width"], manifest.sketch["seed"]) \
+            if manifest.sketch else None
+        self.augment = manifest.faiss.get("augment")
+        self.norms, self.starts = None, {}
+        if plan is not None:
+            self.norms = attributor._train_norms(full, plan, block_rows, progress)[:, 0]
+            first = 0
+            for shard in full.shards:
+                self.starts[shard.file] = first
+                first += shard.rows
+
+    def __call__(self, rows, shard_file: Optional[str] = None, offset: int = 0,
+                 positions=None) -> np.ndarray:
+        if self.norms is not None:
+            if positions is None:
+                begin = self.starts[shard_file] + offset
+                positions = torch.arange(begin, begin + rows.shape[0])
+            rows = rows / self.norms[positions].clamp_min(1e-30).sqrt()[:, None]
+        if self.sketch is not None:
+            rows = self.sketch(rows)
+        return self.finish(rows)
+
+    def finish(self, rows) -> np.ndarray:
+        if self.augment is not None:  # rows with norms above M (added later) get 0
+            rows = augment(rows, (self.augment ** 2 - rows.pow(2).sum(1)).clamp_min(0).sqrt())
+        return np.ascontiguousarray(rows.numpy(), dtype=np.float32)
+
+
+def augment(rows, extra):
+    """[n, w] -> [n, augment_width(w)]: `extra` in column w, zeros after."""
+    out = rows.new_zeros(rows.shape[0], backend.augment_width(rows.shape[1]))
+    out[:, :rows.shape[1]] = rows
+    out[:, rows.shape[1]] = extra
+    return out
+
+
+def _largest_norm(reader, transform, block_rows: int, progress: bool) -> float:
+    """The largest norm of an indexed vector (one pass; rows added later above M x this lose a
+    little recall, never exactness)."""
+    largest = 0.0
+    for shard in reader.shards:
+        blocks = reader.fixed_blocks(block_rows, [shard])
+        offset = 0
+        for _, rows in track(blocks, -(-shard.rows // block_rows), "Norms", progress):
+            vectors = transform(rows, shard.file, offset)
+            largest = max(largest, float(np.linalg.norm(vectors, axis=1).max()))
+            offset += rows.shape[0]
+    return largest
+
+
+def _training_sample(project_dir, reader, manifest, transform) -> np.ndarray:
+    """Evenly spaced rows of the index's shards (k-means / quantizer training)."""
+    rows = reader.rows
+    lists = manifest.faiss.get("nlist") or 1
+    want = min(rows, max(TRAIN_ROWS_PER_LIST * lists, 10_000))
+    positions = torch.linspace(0, rows - 1, want).round().long().unique()
+    store_rows = RowStore(project_dir, store.shard_entries(reader.shards), reader.dim)
+    global_positions = None
+    if transform.norms is not None:
+        shard, local = store_rows.locate(positions)
+        starts = torch.tensor([transform.starts[f] for f in store_rows.files])
+        global_positions = starts[shard] + local
+    return transform(store_rows.read(positions), positions=global_positions)

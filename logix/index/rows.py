@@ -1,0 +1,70 @@
+"""Rows of an index by position (its shards in order, back to back), gathered from the
+memory-mapped shards: only the asked rows are read."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from logix.errors import LogFormatError
+from logix.storage.format import DATA_IDS_KEY
+from logix.storage.reader import map_shard
+
+
+class RowStore:
+    def __init__(self, project_dir: str, shards: Sequence[dict], dim: int) -> None:
+        self.project_dir = project_dir
+        self.files = [s["file"] for s in shards]
+        self.dim = dim
+        sizes = torch.tensor([s["rows"] for s in shards], dtype=torch.long)
+        self.starts = torch.cumsum(sizes, 0) - sizes  # [n_shards] first position of each
+        self.rows = int(sizes.sum())
+
+    def _version(self, s: int) -> Tuple[str, int, int]:
+        path = os.path.join(self.project_dir, self.files[s])
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise LogFormatError(f"Shard {path!r} held by the index is missing; rebuild the "
+                                 f"index (logix index DIR --rebuild).") from None
+        return path, stat.st_size, stat.st_mtime_ns
+
+    def locate(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
+        """(shard number, row within the shard) of each position."""
+        shard = torch.searchsorted(self.starts, positions, right=True) - 1
+        return shard, positions - self.starts[shard]
+
+    def read(self, positions: Tensor) -> Tensor:
+        """[n, dim] float32 rows at `positions` (int64)."""
+        out = torch.empty(len(positions), self.dim)
+        shard, local = self.locate(positions)
+        for s in shard.unique().tolist():
+            mask = shard == s
+            out[mask] = _shard_rows(*self._version(s))[local[mask]].float()
+        return out
+
+    def ids(self, positions: Sequence[int]) -> List:
+        positions = torch.as_tensor(list(positions), dtype=torch.long)
+        if len(positions) == 0:
+            return []
+        shard, local = self.locate(positions)
+        return [_shard_ids(*self._version(s))[i] for s, i in zip(shard.tolist(), local.tolist())]
+
+
+@functools.lru_cache(maxsize=256)
+def _shard_rows(path: str, size: int, mtime_ns: int) -> Tensor:
+    """A shard's memory-mapped rows, mapped once per file version."""
+    return map_shard(path)[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_ids(path: str, size: int, mtime_ns: int) -> List:
+    """A shard's data ids, parsed once per file version (searches read the same shards)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return json.loads(header["__metadata__"][DATA_IDS_KEY])
