@@ -483,6 +483,52 @@ class Run:
     def _query(self, src_log):
         return self.get_log() if src_log is None else src_log
 
+    def resource_plan(self, examples: int, tokens_per_example: int = 1, disk_budget=None,
+                      model: Optional[nn.Module] = None, train_step=None, batch_size: int = 8,
+                      timed_steps: int = 3, show: bool = True):
+        """Plan a long run before starting it (prints the plan when `show`; returns a
+        `logix.planning.ResourcePlan`): per watched module and in total the row width and
+        bytes, the disk of a log of `examples` rows, the statistics memory of the current
+        `setup`, and the largest rank whose log fits `disk_budget` (bytes or '50GB').
+
+        Step-time overhead is measured when `model` is given (a causal LM step on random tokens
+        [batch_size, tokens_per_example]) or `train_step` (a function running one training step
+        of `batch_size` examples): `timed_steps` steps without and with the hooks, medians. Nothing
+        is logged, the statistics and the model's .grad are untouched."""
+        from logix import planning
+
+        for name, value in (("examples", examples), ("tokens_per_example", tokens_per_example),
+                            ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.modules:
+            raise UsageError("resource_plan() needs watched layers: call run.watch(model) (and "
+                             "run.add_lora(), run.setup(...)) first.")
+        cfg = self.config.logging
+        itemsize = DTYPES[cfg.log_dtype].itemsize
+        layout = self.layout()
+        result = planning.ResourcePlan(
+            examples, tokens_per_example, cfg.log_dtype,
+            planning.module_costs(layout, self.plan, examples, itemsize),
+            buffer_bytes=self._rows_per_shard() * sum(e.dim for e in layout) * itemsize)
+        if disk_budget is not None:
+            result.disk_budget = planning.parse_bytes(disk_budget)
+            result.recommended_rank = planning.recommend_rank(
+                [(e.in_dim, e.out_dim) for e in layout], examples, itemsize, result.disk_budget)
+        if model is not None and train_step is None:
+            train_step = planning.random_token_step(model, batch_size, tokens_per_example)
+        if train_step is not None:
+            def capture():
+                return GradientCapture(self.modules, self._projection_for, self.plan,
+                                       CovarianceState(device=self.statistics.device),
+                                       examples=batch_size)
+
+            result.step_seconds, result.logged_step_seconds = planning.time_steps(
+                train_step, capture, timed_steps)
+        if show:
+            print(result.render())
+        return result
+
     def summary(self) -> str:
         """A table of watched layers, gradient shapes, ranks and row widths (printed)."""
         from logix.summary import render_summary
