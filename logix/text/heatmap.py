@@ -55,7 +55,7 @@ def print_heatmap(result: Dict, query: int = 0, train: Union[None, int, str] = N
     line = Text()
     for text, value, scored in zip(texts, values, completion):
         style = f"black on {heat_color(value, scale)}" + ("" if scored else " italic dim")
-        line.append(text.replace("\n", "\u21b5\n"), style=style)
+        line.append(text.replace("\n", "\u21b5"), style=style)  # one line per query
     console = console or Console()
     console.print(f"query {result['src_ids'][query]!r} x training example {train_id!r}: "
                   f"score {total:.4g} = sum of the token scores (max |token| {scale:.3g})")
