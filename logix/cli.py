@@ -1,4 +1,4 @@
-"""The `logix` command: look at a log folder, check it, and read saved scores.
+"""The `logix` command: look at a log folder, check it, read saved scores, search, plan.
 
     logix show DIR [--shards] [--json]     what a log holds (modules, rows, shards, statistics)
     logix verify DIR [-v] [--no-hash] [--strict]
@@ -9,6 +9,7 @@
     logix report ROOT ... -o report.html   the same pages as one self-contained HTML file
     logix index DIR [--kind K] [--sketch W] build or update a vector index of the log (FAISS)
     logix search DIR --queries FILE [--k N] most helpful training examples per query, via it
+    logix plan CONFIG --examples N          row sizes, disk, memory and step overhead of a run
 
 Exit status: 0 fine; 1 the log or score file is damaged or unreadable (verify found an error, a
 corrupt manifest, a newer format version); 2 usage error (bad arguments, a path that does not
@@ -133,6 +134,33 @@ def _parser() -> argparse.ArgumentParser:
                         help="helpful / harmful examples per query (default 10)")
     report.set_defaults(handler=_cmd_report)
     _add_search_commands(sub)
+
+    plan = sub.add_parser("plan", help="plan a long run: row sizes, disk, memory, step overhead",
+                          description="Build a causal LM from a Hugging Face config (random "
+                                      "weights, nothing downloaded), watch it as a run would and "
+                                      "print per module and in total: row width and bytes, disk "
+                                      "for N examples, statistics memory, the measured step-time "
+                                      "overhead of logging, and the largest rank that fits "
+                                      "--disk-budget.")
+    plan.add_argument("config", metavar="CONFIG", help="a model's config.json (or its folder)")
+    plan.add_argument("--examples", type=_positive_int, required=True,
+                      help="training examples (rows) to log")
+    plan.add_argument("--tokens", type=_positive_int, default=512,
+                      help="tokens per example (default 512)")
+    plan.add_argument("--rank", type=int, default=None,
+                      help="LoGra rank (default: the config's lora.rank; 0: no projection)")
+    plan.add_argument("--hessian", choices=["none", "kfac", "ekfac", "raw"], default="ekfac",
+                      help="curvature whose statistics are collected (default ekfac)")
+    plan.add_argument("--disk-budget", default=None, help="e.g. 50GB: recommend a rank")
+    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="log dtype (default float32)")
+    plan.add_argument("--batch-size", type=_positive_int, default=8,
+                      help="examples per timed step (default 8)")
+    plan.add_argument("--steps", type=int, default=3,
+                      help="timed steps with and without logging (default 3; 0: no timing)")
+    plan.add_argument("--name-filter", action="append", default=None,
+                      help="watch only layers whose name contains this (repeatable)")
+    plan.set_defaults(handler=_cmd_plan)
     return parser
 
 
@@ -647,6 +675,54 @@ def _cmd_search(args) -> int:
             table.add_row(*cells)
         out.print(table)
     return EXIT_OK
+
+# --------------------------------------------------------------------------- plan
+_PLAN_SETUP = {"none": {"grad": ["log"]}, "raw": {"grad": ["log", "covariance"]},
+               "kfac": {"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]},
+               "ekfac": {"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]}}
+
+
+def _cmd_plan(args) -> int:
+    import json
+    import tempfile
+
+    import logix
+    from logix.errors import LogIXError
+
+    path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) \
+        else args.config
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read the model config {path!r}: {e}", EXIT_USAGE) from None
+    if "model_type" not in config:
+        raise CliError(f"{path!r} has no 'model_type': pass a Hugging Face config.json.",
+                       EXIT_USAGE)
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise CliError("logix plan needs transformers: pip install 'logix[huggingface]'.",
+                       EXIT_USAGE) from None
+    model_type = config.pop("model_type")
+    config.pop("architectures", None)
+    hf_config = AutoConfig.for_model(model_type, **config)
+    hf_config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(hf_config)
+    with tempfile.TemporaryDirectory() as root:  # nothing is written: a scratch root
+        try:
+            run = logix.init("plan", root_dir=root, log_dtype=args.dtype)
+            run.watch(model, name_filter=args.name_filter)
+            if args.rank != 0:
+                run.add_lora(rank=args.rank)
+            run.setup(_PLAN_SETUP[args.hessian])
+            run.resource_plan(args.examples, args.tokens, disk_budget=args.disk_budget,
+                              model=model if args.steps > 0 else None,
+                              batch_size=args.batch_size, timed_steps=max(args.steps, 1))
+        except LogIXError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+    return EXIT_OK
+
 
 if __name__ == "__main__":
     sys.exit(main())

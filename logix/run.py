@@ -19,7 +19,7 @@ from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 from logix.influence.attributor import Attributor
 from logix.influence.checkpoints import check_inside, checkpoint_info
-from logix.log import StepLog
+from logix.log import StepLog, TokenRows
 from logix.logra import Projection
 from logix.statistics import budget, resume
 from logix.statistics.covariance import GRAD, CovarianceState
@@ -199,9 +199,12 @@ class Run:
         return self
 
     # ------------------------------------------------------------------ per step
-    def start(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0) -> None:
+    def start(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0,
+              per_token: bool = False) -> None:
         """Attach hooks for one step. `mask` [batch, tokens] zeroes padding tokens; `scale`
         multiplies the logged gradients (e.g. the batch size when the loss is a mean).
+        `per_token` (queries only, nothing written): the log also carries each real token's
+        part of the projected gradient (`get_log().tokens`, see `logix.text`).
 
         After `finalize()` a step that would write rows is refused until `run.eval()` (a query,
         kept in memory) or `run.save(True)` (more training rows) says which one it is."""
@@ -209,6 +212,9 @@ class Run:
             raise UsageError("start() called twice without end(): call run.end() after each "
                              "step's backward pass.")
         writes = self._save and self.plan.log_grad
+        if per_token and (writes or not self.plan.log_grad):
+            raise UsageError("per_token=True is for queries: call run.eval() first (gradients "
+                             "kept in memory, nothing written).")
         if self._finalized and writes:
             raise UsageError(
                 "run.finalize() closed this training log, and saving is still on: this step "
@@ -230,8 +236,8 @@ class Run:
         step_statistics = CovarianceState(device=self.statistics.device)
         self._capture = GradientCapture(
             self.modules, self._projection_for, self.plan, step_statistics, mask,
-            examples=len(ids), counted=None if keep is None or len(keep) == len(ids) else keep
-        ).__enter__()
+            examples=len(ids), counted=None if keep is None or len(keep) == len(ids) else keep,
+            per_token=per_token).__enter__()
         self._step = (ids, keep, scale)
 
     def end(self) -> None:
@@ -261,7 +267,10 @@ class Run:
         if self.plan.grad_covariance:
             for entry in self.layout():
                 self.statistics.update(entry.name, GRAD, kept[:, entry.columns], kept.shape[0])
-        self._last_log = StepLog(ids, rows, self.layout(), dict(self.projection_meta))
+        tokens = None
+        if capture.per_token:
+            tokens = TokenRows(*step.token_rows(capture, self.projections, scale, capture.mask))
+        self._last_log = StepLog(ids, rows, self.layout(), dict(self.projection_meta), tokens)
         if keep:
             self._session.append([ids[k] for k in keep], kept, self._checkpoint)
 
@@ -271,9 +280,10 @@ class Run:
             self._needs_reduce = True
 
     @contextlib.contextmanager
-    def __call__(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0):
+    def __call__(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0,
+                 per_token: bool = False):
         """`with run(data_id=ids, mask=attention_mask): loss.backward()`."""
-        self.start(data_id, mask=mask, scale=scale)
+        self.start(data_id, mask=mask, scale=scale, per_token=per_token)
         try:
             yield self
         except BaseException:
@@ -482,6 +492,52 @@ class Run:
 
     def _query(self, src_log):
         return self.get_log() if src_log is None else src_log
+
+    def resource_plan(self, examples: int, tokens_per_example: int = 1, disk_budget=None,
+                      model: Optional[nn.Module] = None, train_step=None, batch_size: int = 8,
+                      timed_steps: int = 3, show: bool = True):
+        """Plan a long run before starting it (prints the plan when `show`; returns a
+        `logix.planning.ResourcePlan`): per watched module and in total the row width and
+        bytes, the disk of a log of `examples` rows, the statistics memory of the current
+        `setup`, and the largest rank whose log fits `disk_budget` (bytes or '50GB').
+
+        Step-time overhead is measured when `model` is given (a causal LM step on random tokens
+        [batch_size, tokens_per_example]) or `train_step` (a function running one training step
+        of `batch_size` examples): `timed_steps` steps without and with the hooks, medians. Nothing
+        is logged, the statistics and the model's .grad are untouched."""
+        from logix import planning
+
+        for name, value in (("examples", examples), ("tokens_per_example", tokens_per_example),
+                            ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.modules:
+            raise UsageError("resource_plan() needs watched layers: call run.watch(model) (and "
+                             "run.add_lora(), run.setup(...)) first.")
+        cfg = self.config.logging
+        itemsize = DTYPES[cfg.log_dtype].itemsize
+        layout = self.layout()
+        result = planning.ResourcePlan(
+            examples, tokens_per_example, cfg.log_dtype,
+            planning.module_costs(layout, self.plan, examples, itemsize),
+            buffer_bytes=self._rows_per_shard() * sum(e.dim for e in layout) * itemsize)
+        if disk_budget is not None:
+            result.disk_budget = planning.parse_bytes(disk_budget)
+            result.recommended_rank = planning.recommend_rank(
+                [(e.in_dim, e.out_dim) for e in layout], examples, itemsize, result.disk_budget)
+        if model is not None and train_step is None:
+            train_step = planning.random_token_step(model, batch_size, tokens_per_example)
+        if train_step is not None:
+            def capture():
+                return GradientCapture(self.modules, self._projection_for, self.plan,
+                                       CovarianceState(device=self.statistics.device),
+                                       examples=batch_size)
+
+            result.step_seconds, result.logged_step_seconds = planning.time_steps(
+                train_step, capture, timed_steps)
+        if show:
+            print(result.render())
+        return result
 
     def summary(self) -> str:
         """A table of watched layers, gradient shapes, ranks and row widths (printed)."""

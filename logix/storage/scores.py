@@ -8,7 +8,10 @@
                "src_ids": JSON list (n_test), "tgt_ids": JSON list (n_train),
                "meta": JSON object (optional: mode, hessian, project, ...)
 
-`save_scores` writes what `compute_influence_all` returns; `load_scores` reads it back whole and
+Per-token scores (`logix.text.token_influence`) add tensor "token_influence" [n_tokens, n_train]
+and metadata "token_query" / "token_text" (docs/format.md, "Per-token scores").
+
+`save_scores` writes what `compute_influence_all` (or `token_influence`) returns; `load_scores` reads it back whole and
 `open_scores` memory-maps it so one query's row can be read without loading the matrix.
 """
 
@@ -65,6 +68,8 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
                 SRC_IDS_KEY: _json(src_ids, SRC_IDS_KEY), TGT_IDS_KEY: _json(tgt_ids, TGT_IDS_KEY)}
     if meta:
         metadata[META_KEY] = _json(dict(meta), META_KEY)
+    if result.get(TOKEN_INFLUENCE_KEY) is not None:
+        tensors[TOKEN_INFLUENCE_KEY] = _token_rows(result, len(src_ids), len(tgt_ids), metadata)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     header = safetensors_header({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
                                 metadata)
@@ -73,6 +78,23 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
     # header and tensors stream to disk: no serialised copy of a large matrix
     atomic_write(path, header, *(tensor_bytes(v) for v in tensors.values()))
     return path
+
+
+def _token_rows(result: Mapping[str, Any], n_test: int, n_train: int, metadata: dict) -> Tensor:
+    """Check per-token scores (logix.text.token_influence) and put their ids in `metadata`."""
+    scores, owner = result[TOKEN_INFLUENCE_KEY], list(result.get(TOKEN_QUERY_KEY) or [])
+    text = list(result.get(TOKEN_TEXT_KEY) or [])
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[1] != n_train or \
+            len(owner) != scores.shape[0] or len(text) != scores.shape[0]:
+        raise LogFormatError(f"{TOKEN_INFLUENCE_KEY!r} must be [n_tokens, {n_train}] with one "
+                             f"{TOKEN_QUERY_KEY!r} and {TOKEN_TEXT_KEY!r} entry per row; got "
+                             f"{_describe(scores)}, {len(owner)} and {len(text)}.")
+    if owner != sorted(owner) or any(not 0 <= q < n_test for q in owner):
+        raise LogFormatError(f"{TOKEN_QUERY_KEY!r} must be ascending query rows in [0, {n_test})."
+                             )
+    metadata[TOKEN_QUERY_KEY] = _json([int(q) for q in owner], TOKEN_QUERY_KEY)
+    metadata[TOKEN_TEXT_KEY] = _json([str(t) for t in text], TOKEN_TEXT_KEY)
+    return scores
 
 
 class ScoreFileWriter:
@@ -240,6 +262,11 @@ def load_scores(path: str) -> Dict[str, Any]:
                TGT_IDS_KEY: scores.tgt_ids, META_KEY: scores.meta}
         if scores.groups:
             out[GROUPS_KEY] = {g: scores.read_all(g) for g in scores.groups}
+        if TOKEN_INFLUENCE_KEY in scores._file.keys():
+            metadata = scores._file.metadata()
+            out[TOKEN_INFLUENCE_KEY] = scores._file.get_tensor(TOKEN_INFLUENCE_KEY).float()
+            out[TOKEN_QUERY_KEY] = json.loads(metadata[TOKEN_QUERY_KEY])
+            out[TOKEN_TEXT_KEY] = json.loads(metadata[TOKEN_TEXT_KEY])
     return out
 
 

@@ -84,7 +84,8 @@ class GradientCapture:
 
     def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
                  plan: Plan, statistics: CovarianceState, mask: Optional[Tensor] = None,
-                 examples: Optional[int] = None, counted: Optional[List[int]] = None) -> None:
+                 examples: Optional[int] = None, counted: Optional[List[int]] = None,
+                 per_token: bool = False) -> None:
         self.modules = modules
         self.projection_for = projection_for
         self.plan = plan
@@ -96,6 +97,10 @@ class GradientCapture:
         self.counted = None if counted is None else torch.tensor(counted, dtype=torch.long)
         self.batch_size: Optional[int] = None
         self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], float32
+        # Queries only: each token position's part of the projected gradient (their sum over
+        # positions is `grads`), name -> [B, N, rank_out, rank_in], float32.
+        self.per_token = per_token
+        self.token_grads: Dict[str, Tensor] = {}
         self.forwards: Dict[str, int] = dict.fromkeys(modules, 0)  # forward calls
         self.calls: Dict[str, int] = dict.fromkeys(modules, 0)  # output gradients received
         self.mask_matched = False
@@ -166,9 +171,26 @@ class GradientCapture:
                         self.grads[tracked.name] += grad
                     else:
                         self.grads[tracked.name] = grad
+                    if self.per_token:
+                        self._add_token_grads(tracked.name, dy_proj, x_proj)
                 self.calls[tracked.name] += 1
 
         return hook
+
+    def _add_token_grads(self, name: str, dy_proj: Tensor, x_proj: Tensor) -> None:
+        # [B, g, N, r_out] x [B, g, N, r_in] -> [B, N, r_out, r_in]: one small outer product
+        # per position, never a full per-token gradient (unless the layer is unprojected).
+        tokens = torch.einsum("bgno,bgni->bnoi", dy_proj.float(), x_proj.float())
+        known = self.token_grads.get(name)
+        if known is None:
+            self.token_grads[name] = tokens
+        elif known.shape == tokens.shape:
+            known += tokens
+        else:
+            raise UsageError(f"Module {name!r} was called twice in a per-token step with "
+                             f"{known.shape[1]} and {tokens.shape[1]} positions; per-token "
+                             "scores need one token axis per layer. Leave the layer out of "
+                             "run.watch(model, name_filter=...).")
 
     def _forward_statistics(self, name: str, x_proj: Tensor, mask: Optional[Tensor]) -> None:
         x_proj = self._counted(x_proj)

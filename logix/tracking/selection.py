@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Set, Union
 
+import torch
 from torch import nn
 
 from logix.errors import UsageError
@@ -19,12 +20,19 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
                    include_bias: bool = False) -> Dict[str, TrackedModule]:
     """Every supported layer of `model` (unwrapped from DDP) whose name and type pass the
     filters, by name. Layers whose forward their parent never calls are skipped with a warning;
-    tied weights are warned about. Parameters' requires_grad is never changed."""
+    tied weights are warned about. Parameters' requires_grad is never changed.
+
+    Adapters: in a model with LoRA adapters (PEFT), only the active adapters' lora_A / lora_B
+    layers are candidates unless a name_filter is given (it then picks among every layer).
+    Layers with quantised weights (int8 / 4-bit, e.g. bitsandbytes) are never watched."""
     model = unwrap(model)
     modules, bypassed = {}, bypassed_layers(model)
+    adapters = adapter_layers(model) if name_filter is None else None
     for name, module in model.named_modules():
         klass = tracked_class(module)
         if klass is None or not _passes(name, module, name_filter, type_filter):
+            continue
+        if (adapters and name not in adapters) or is_quantized(module):
             continue
         if name in bypassed:
             warnings.warn(f"Not watching {name!r}: {bypassed[name]}")
@@ -42,6 +50,33 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
             "blocks whose sum is the shared weight's gradient, so scores miss the cross terms "
             "between them (see 'Tied weights' in docs/concepts.md).")
     return modules
+
+
+# Parameter classes of quantised weights (bitsandbytes) whose dtype may still read as floating.
+_QUANTIZED_PARAMS = {"Params4bit", "Int8Params"}
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether the layer's weight is quantised (not a floating tensor one can differentiate)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and (
+        not weight.is_floating_point() or type(weight).__name__ in _QUANTIZED_PARAMS)
+
+
+def adapter_layers(model: nn.Module) -> Set[str]:
+    """Names of the active LoRA adapter layers (PEFT's `lora_A` / `lora_B` ModuleDicts) of
+    `model`; empty when it has none."""
+    names = set()
+    for name, module in model.named_modules():
+        a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(a, nn.ModuleDict) or not isinstance(b, nn.ModuleDict):
+            continue
+        active = getattr(module, "active_adapters", None) or list(a.keys())
+        prefix = f"{name}." if name else ""
+        for key in active:
+            if key in a and key in b:
+                names.update({f"{prefix}lora_A.{key}", f"{prefix}lora_B.{key}"})
+    return names
 
 
 def unwrap(model: nn.Module) -> nn.Module:

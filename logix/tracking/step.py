@@ -83,3 +83,33 @@ def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool) -> Opti
                          f"float16's range ({FLOAT16_MAX:g}): they would be stored as inf. "
                          "Use logging.log_dtype: bfloat16 (same size, float32's range).")
     return rows
+
+
+def token_rows(capture: GradientCapture, projections: Dict[str, Projection], scale: float,
+               mask: Optional[Tensor]) -> tuple:
+    """A per-token step's rows, one per real token (mask 1, or every position):
+    (rows [n_tokens, dim] float32, query index of each row, its position). The rows of one
+    example sum to its row of `step_rows`: masked positions contribute nothing to either."""
+    lengths = {name: t.shape[1] for name, t in capture.token_grads.items()}
+    if len(set(lengths.values())) > 1:
+        raise UsageError(f"Per-token scores need every watched layer to see the same tokens; "
+                         f"positions per layer: {lengths}. Watch only the layers on the token "
+                         "axis (run.watch(model, name_filter=...)).")
+    reference = next(iter(capture.token_grads.values()))
+    batch, positions = reference.shape[:2]
+    if mask is not None and tuple(mask.shape) != (batch, positions):
+        raise UsageError(f"mask of shape {tuple(mask.shape)} does not line up with the "
+                         f"{positions} positions the layers saw; pass the [batch, tokens] "
+                         "attention mask of this batch.")
+    parts = []
+    for name, projection in projections.items():
+        grad = capture.token_grads.get(name)
+        if grad is None:
+            grad = reference.new_zeros(batch, positions, projection.dim)
+        parts.append(grad.reshape(batch, positions, -1))
+    rows = torch.cat(parts, 2)  # [B, N, dim]
+    keep = torch.ones(batch, positions, dtype=torch.bool) if mask is None \
+        else mask.detach().to("cpu") != 0
+    query, position = keep.nonzero(as_tuple=True)  # row-major: queries ascending, tokens in order
+    rows = rows[query.to(rows.device), position.to(rows.device)]
+    return (rows * scale if scale != 1.0 else rows), query.tolist(), position.tolist()

@@ -1,0 +1,192 @@
+"""A resource plan before a long run (`run.resource_plan`, `logix plan`): per watched module and
+in total, the row width and bytes, the disk a log of N examples takes, the statistics memory, a
+measured step-time overhead of logging, and the largest rank that fits a disk budget.
+
+Disk is one row per example (N x width x dtype bytes, whatever the tokens per example); the
+statistics are the covariances `run.setup` collects (see `logix.statistics.budget`), in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+from logix.errors import UsageError
+from logix.statistics.budget import human, sizes
+
+
+@dataclass
+class ModuleCost:
+    name: str
+    type: str
+    shape: tuple  # (out_dim, in_dim) of the weight gradient
+    rank_out: int
+    rank_in: int
+    width: int  # numbers in the module's part of a row
+    row_bytes: int
+    disk_bytes: int  # for the planned number of examples
+    statistics_bytes: int
+
+
+@dataclass
+class ResourcePlan:
+    examples: int
+    tokens_per_example: int
+    dtype: str
+    modules: List[ModuleCost]
+    buffer_bytes: int  # one shard of rows in memory
+    step_seconds: Optional[float] = None  # a step without logging (median of the timed steps)
+    logged_step_seconds: Optional[float] = None  # the same step with the hooks on
+    disk_budget: Optional[int] = None
+    recommended_rank: Optional[int] = None  # largest rank whose log fits disk_budget
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return sum(m.width for m in self.modules)
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(m.row_bytes for m in self.modules)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(m.disk_bytes for m in self.modules)
+
+    @property
+    def statistics_bytes(self) -> int:
+        return sum(m.statistics_bytes for m in self.modules)
+
+    @property
+    def overhead(self) -> Optional[float]:
+        """Logged step time / plain step time - 1 (0.25 = 25% slower), when measured."""
+        if not self.step_seconds or self.logged_step_seconds is None:
+            return None
+        return self.logged_step_seconds / self.step_seconds - 1
+
+    def render(self) -> str:
+        """The plan as a text table (what `logix plan` prints)."""
+        lines = [f"Plan for {self.examples:,} examples x {self.tokens_per_example} tokens, "
+                 f"log dtype {self.dtype}",
+                 f"{'module':<44} {'grad shape':>12} {'rank o x i':>10} {'width':>7} "
+                 f"{'row':>9} {'disk':>10} {'statistics':>10}"]
+        for m in self.modules:
+            lines.append(f"{m.name[-44:]:<44} {m.shape[0]:>5} x {m.shape[1]:<5} "
+                         f"{m.rank_out:>4} x {m.rank_in:<4}{m.width:>7} {human(m.row_bytes):>9} "
+                         f"{human(m.disk_bytes):>10} {human(m.statistics_bytes):>10}")
+        lines.append(f"{'total (' + str(len(self.modules)) + ' modules)':<44} {'':>12} {'':>10} "
+                     f"{self.width:>7} {human(self.row_bytes):>9} {human(self.disk_bytes):>10} "
+                     f"{human(self.statistics_bytes):>10}")
+        lines.append(f"row buffer in memory (one shard): {human(self.buffer_bytes)}")
+        if self.step_seconds is not None:
+            lines.append(f"step time: {self.step_seconds * 1e3:.1f} ms without logging, "
+                         f"{self.logged_step_seconds * 1e3:.1f} ms with the hooks "
+                         f"(overhead {self.overhead:+.0%}; measured, noisy on a busy machine)")
+        if self.disk_budget is not None:
+            fits = "fits" if self.disk_bytes <= self.disk_budget else "does NOT fit"
+            lines.append(f"disk budget {human(self.disk_budget)}: this log {fits}; largest rank "
+                         f"that fits: {self.recommended_rank or 'none (even rank 1 is too big)'}")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def module_costs(entries: Sequence, plan, examples: int, itemsize: int) -> List[ModuleCost]:
+    """Per-module costs of a row layout (`run.layout()`) under a setup plan."""
+    costs = []
+    for e in entries:
+        stats = sum(size for size, _, kind in sizes([e], plan, 0, itemsize) if kind != "rows")
+        width = e.rank_in * e.rank_out
+        costs.append(ModuleCost(e.name, e.type, (e.out_dim, e.in_dim), e.rank_out, e.rank_in,
+                                width, width * itemsize, width * itemsize * examples, stats))
+    return costs
+
+
+def recommend_rank(dims: Sequence[tuple], examples: int, itemsize: int,
+                   disk_budget: int) -> Optional[int]:
+    """The largest rank r (both sides, clipped to each layer's sizes as `add_lora` does) whose log
+    of `examples` rows fits `disk_budget` bytes; None when rank 1 does not fit."""
+    def disk(r):
+        return examples * itemsize * sum(min(r, i) * min(r, o) for i, o in dims)
+
+    top = max(max(i, o) for i, o in dims)
+    if disk(1) > disk_budget:
+        return None
+    lo, hi = 1, top  # disk(lo) fits; binary search for the largest fitting rank
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if disk(mid) <= disk_budget else (lo, mid - 1)
+    return lo
+
+
+def time_steps(step: Callable[[], None], capture: Callable[[], object],
+               steps: int) -> tuple:
+    """(median seconds of `step()` alone, median with the hooks of `capture()` attached); one
+    warm-up call of each first."""
+    def median(with_hooks: bool) -> float:
+        times = []
+        for n in range(steps + 1):
+            start = time.perf_counter()
+            if with_hooks:
+                with capture():
+                    step()
+            else:
+                step()
+            if n:  # the first call warms up
+                times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"timed_steps must be a positive integer, got {steps!r}.")
+    plain = median(False)
+    return plain, median(True)
+
+
+def random_token_step(model, batch_size: int, tokens: int) -> Callable[[], None]:
+    """A causal LM training step on random tokens [batch_size, tokens] (summed next-token
+    cross-entropy, gradients by autograd.grad so the model's .grad stay untouched)."""
+    import torch
+    import torch.nn.functional as F
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        if not embeddings:
+            raise UsageError("Cannot tell the model's vocabulary size (no config.vocab_size, no "
+                             "nn.Embedding): pass step= (a function running one training step).")
+        vocab = embeddings[0].num_embeddings
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    ids = torch.randint(0, vocab, (batch_size, tokens), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+
+    def step() -> None:
+        out = model(ids)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:],
+                               reduction="sum")
+        torch.autograd.grad(loss, params, allow_unused=True)
+
+    return step
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10,
+          "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value) -> int:
+    """Bytes from an int or a string such as '50GB', '512 MiB', '1.5tb'."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            size = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
+            size = 0
+        if size >= 1:
+            return int(size)
+    raise UsageError(f"A disk budget must be a positive number of bytes or a size such as "
+                     f"'50GB' / '512MiB' (units {sorted(u for u in _UNITS if u)}), got {value!r}.")

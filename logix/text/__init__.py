@@ -1,0 +1,8 @@
+"""Language models: query logs of completions given prompts (`query_log`), per-token scores
+(`token_influence`) and their heat maps (`print_heatmap`, `heatmap_html`, `heatmap_png`)."""
+
+from logix.text.heatmap import heatmap_html, heatmap_png, print_heatmap
+from logix.text.queries import query_log
+from logix.text.tokens import token_influence
+
+__all__ = ["query_log", "token_influence", "print_heatmap", "heatmap_html", "heatmap_png"]
