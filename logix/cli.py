@@ -459,22 +459,11 @@ def _query_rows(scores, query: str) -> List[int]:
 
 
 def _top_one(scores, query: int, k: int) -> Dict:
-    import torch
+    from logix.storage.scores import top_of_row
 
-    row = scores.row(query)  # [n_train]
-    finite = torch.isfinite(row)
-    index = finite.nonzero().flatten()
-    values = row[index]
-    k = min(k, values.numel())
-    best = torch.topk(values, k, largest=True, sorted=True)
-    worst = torch.topk(values, k, largest=False, sorted=True)
-
-    def entries(result):
-        return [{"id": scores.tgt_ids[int(index[j])], "score": float(v)}
-                for v, j in zip(result.values.tolist(), result.indices.tolist())]
-
-    return {"query": query, "src_id": scores.src_ids[query], "helpful": entries(best),
-            "harmful": entries(worst), "nonfinite": int((~finite).sum())}
+    helpful, harmful, nonfinite = top_of_row(scores.row(query), scores.tgt_ids, k)
+    return {"query": query, "src_id": scores.src_ids[query], "helpful": helpful,
+            "harmful": harmful, "nonfinite": nonfinite}
 
 
 def _attach_content(results: List[Dict], scores_path: str, content_dir: Optional[str]) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from logix.errors import LogFormatError
 from logix.storage.format import (CACHE_DIR, KEY_SEP, LOGS_DIR, MANIFEST, STATE_DIR,
                                   STATISTICS_FILE)
+from logix.storage.scores import top_of_row
 
 CONTENT_DIR = "content"
 _RESERVED = {LOGS_DIR, STATE_DIR, CACHE_DIR, CONTENT_DIR}  # never scanned for score files
@@ -234,7 +235,7 @@ class Dashboard:
                                  f"(0..{n_test - 1}).", 400)
         store = self.content(self.folder(key))
         row = scores.row(query)  # [n_train]
-        helpful, harmful, nonfinite = _top(row, scores.tgt_ids, k)
+        helpful, harmful, nonfinite = top_of_row(row, scores.tgt_ids, k)
         group_rows = {g: open_scores(full, g).row(query) for g in scores.groups}
         index = {_id_key(i): n for n, i in enumerate(scores.tgt_ids)}
         for entry in helpful + harmful:
@@ -355,23 +356,6 @@ def _is_result_file(path: str) -> bool:
 
 def _id_key(data_id) -> str:
     return json.dumps(data_id)
-
-
-def _top(row, ids: List, k: int):
-    import torch
-
-    finite = torch.isfinite(row)
-    index = finite.nonzero().flatten()
-    values = row[index]
-    k = min(k, values.numel())
-    best = torch.topk(values, k, largest=True, sorted=True)
-    worst = torch.topk(values, k, largest=False, sorted=True)
-
-    def entries(result):
-        return [{"rank": n + 1, "id": ids[int(index[j])], "score": float(v)}
-                for n, (v, j) in enumerate(zip(result.values.tolist(), result.indices.tolist()))]
-
-    return entries(best), entries(worst), int((~finite).sum())
 
 
 def _content(store, data_id) -> Dict[str, Any]:

@@ -270,6 +270,22 @@ def load_scores(path: str) -> Dict[str, Any]:
     return out
 
 
+def top_of_row(row: Tensor, ids: List, k: int):
+    """(helpful, harmful, nonfinite) of one query's scores: the k largest and k smallest finite
+    scores as [{"rank", "id", "score"}], and how many scores were NaN/inf (left out)."""
+    finite = torch.isfinite(row)
+    index = finite.nonzero().flatten()
+    values = row[index]
+    k = min(k, values.numel())
+
+    def entries(largest: bool) -> List[dict]:
+        top = torch.topk(values, k, largest=largest, sorted=True)
+        return [{"rank": n + 1, "id": ids[int(index[j])], "score": float(v)}
+                for n, (v, j) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
+
+    return entries(True), entries(False), int((~finite).sum())
+
+
 def _json(value, key: str) -> str:
     try:
         return json.dumps(value)
