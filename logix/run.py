@@ -230,6 +230,12 @@ class Run:
         if writes:  # refusals come before anything of the step runs
             self._session.open(self._new_manifest(), self._save_projections,
                                self._statistics_loaded, self._rows_per_shard())
+            if self._statistics_loaded and self.plan.covariances:
+                # The loaded statistics join this session's once, after the all-reduce at
+                # finalize (every rank loaded them): statistics/resume.py.
+                self._session.resumed_state = self.statistics.state_dict()
+                self.statistics.clear()
+                self._statistics_loaded = False
             keep = self._session.unseen(ids, self._checkpoint)
         # The step's forward/backward statistics stay apart until end() keeps the step, and
         # count only the examples whose rows the log keeps.

@@ -100,3 +100,15 @@ def test_verify_accepts_a_distributed_log(logs, capsys):
     assert main(["verify", str(logs / "ddp-log-2")]) == 0
     out = capsys.readouterr().out
     assert "0 errors, 0 warnings" in out
+
+
+def test_a_log_reopened_with_initialize_from_log_counts_saved_statistics_once(logs):
+    """Two processes each load the saved statistics, log more rows and all-reduce at finalize:
+    the earlier session's statistics must count once, not once per process."""
+    done = launch(logs, "resume", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, resumed = rows_by_id(logs / "ddp-log-1"), rows_by_id(logs / "ddp-resume-2")
+    assert one.keys() == resumed.keys()
+    r1, r2 = (torch.load(logs / name) for name in ("result-log-1.pt", "result-resume-2.pt"))
+    for key, value in r1["stats"].items():
+        torch.testing.assert_close(r2["stats"][key], value, rtol=1e-4, atol=1e-6)

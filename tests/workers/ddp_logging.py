@@ -1,9 +1,11 @@
 """Launched by tests/test_distributed.py, with torchrun (2 processes, gloo) or plainly (1).
 
-    python ddp_logging.py ROOT MODE      MODE: log | crash | fsdp
+    python ddp_logging.py ROOT MODE      MODE: log | crash | fsdp | resume
 Logs a small MLP over 40 examples (each rank takes every world-th batch), queries influence,
 and saves what the test compares to ROOT/result-<mode>-<world>.pt (rank 0). The model is
 wrapped in DDP, or with MODE fsdp in FSDP2 (`fully_shard` on each Linear and on the root).
+MODE resume logs the first half of the batches, finalizes, then a second session reopens the
+log with initialize_from_log() and logs the rest.
 """
 
 import os
@@ -38,21 +40,26 @@ def main(root: str, mode: str) -> None:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
 
-    run = logix.init(f"ddp-{mode}-{world}", root_dir=root, rank=3, shard_rows=3)
-    run.watch(wrapped)
-    run.add_lora()
-    run.setup({"grad": ["log", "covariance"], "forward": ["covariance"],
-               "backward": ["covariance"]})
-    run.save(True)
     batches = [list(range(s, s + BATCH)) for s in range(0, N, BATCH)]
-    for step, ids in enumerate(batches[rank::world]):
-        with run(data_id=ids):
-            F.cross_entropy(wrapped(x[ids]), y[ids], reduction="sum").backward()
-        wrapped.zero_grad()
-        if mode == "crash" and rank == 1 and step == 3:
-            run.flush()  # three steps' shards are complete and indexed, the fourth's rows not
-            os._exit(3)
-    run.finalize()
+    # DDP needs the same number of steps on every rank: 4 batches, then 6
+    sessions = [batches[:4], batches[4:]] if mode == "resume" else [batches]
+    for session, part in enumerate(sessions):
+        run = logix.init(f"ddp-{mode}-{world}", root_dir=root, rank=3, shard_rows=3)
+        run.watch(wrapped)
+        run.add_lora()
+        if session:
+            run.initialize_from_log()
+        run.setup({"grad": ["log", "covariance"], "forward": ["covariance"],
+                   "backward": ["covariance"]})
+        run.save(True)
+        for step, ids in enumerate(part[rank::world]):
+            with run(data_id=ids):
+                F.cross_entropy(wrapped(x[ids]), y[ids], reduction="sum").backward()
+            wrapped.zero_grad()
+            if mode == "crash" and rank == 1 and step == 3:
+                run.flush()  # three steps' shards are complete and indexed, the fourth's not
+                os._exit(3)
+        run.finalize()
 
     run.eval()
     with run(data_id=["q0", "q1", "q2"]):
