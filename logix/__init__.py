@@ -59,5 +59,14 @@ for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "
     globals()[_name] = _shortcut(_name)
 del _name
 
+def __getattr__(name: str):
+    """`logix.text` and `logix.index` are imported on first use (they pull in more)."""
+    if name in ("text", "index"):
+        import importlib
+
+        return importlib.import_module(f"logix.{name}")
+    raise AttributeError(f"module 'logix' has no attribute {name!r}")
+
+
 __all__ = ["init", "Run", "Attributor", "LogIXScheduler", "Config", "load_config", "StepLog", "get_run", "LogIXError",
            "ConfigError", "UsageError", "LogFormatError", "WriterError"]

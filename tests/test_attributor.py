@@ -107,3 +107,28 @@ def test_bad_inputs_are_named(tmp_path):
         attributor.compute_influence_all(str(not_a_log))
     with pytest.raises(UsageError, match="config must be"):
         logix.Attributor(run.project_dir, config={"hessian": "raw"})
+
+
+def test_an_unfinalized_log_warns_that_only_plain_dot_products_are_possible(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    run = logix.init("open", root_dir=str(tmp_path))
+    run.watch(model).setup({"grad": ["log", "covariance"]}).save(True)
+    with run(data_id=[0, 1]):
+        model(torch.randn(2, 4)).pow(2).sum().backward()
+    run.flush()  # rows on disk, no finalize: no statistics saved
+    with pytest.warns(UserWarning, match="no saved statistics.*finalize"):
+        attributor = logix.Attributor(run.project_dir)
+    assert not {"raw", "kfac", "ekfac"} & set(attributor.available_hessians())
+
+
+def test_score_files_keep_the_results_meta_and_logix_text_is_reachable(tmp_path):
+    from logix.storage.scores import load_scores, save_scores
+
+    run, query = logged_run(tmp_path)
+    result = run.compute_influence_all(query, hessian="kfac", progress=False)
+    path = save_scores(str(tmp_path / "s.safetensors"), result, meta={"project": "train"})
+    meta = load_scores(path)["meta"]
+    assert meta["hessian"] == "kfac" and meta["project"] == "train"
+    assert meta["damping"] == result["meta"]["damping"]
+    assert callable(logix.text.query_log)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import logix
 from logix import cli
-from logix.errors import UsageError
+from logix.errors import LogFormatError, UsageError
 from logix.index import store
 
 pytest.importorskip("faiss")
@@ -159,6 +159,29 @@ def test_a_stale_index_is_refused_then_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="Rebuilding index 'flat-dot'"):
         att.build_index("flat", progress=False)
     assert att.search(query, k=5, candidates=20)["top_ids"] == exact(att, query, 5)["top_ids"]
+
+
+def test_a_shard_corrupted_after_indexing_is_refused_not_scored(tmp_path):
+    """The index's manifest still matches the log's, but the bytes changed: the exact
+    re-ranking reads verified rows only, as every other reader does."""
+    run, model, x, y = log_project(tmp_path)
+    query = finalize_with_query(run, model, x, y)
+    att = logix.Attributor(run.project_dir)
+    att.build_index("flat", progress=False)
+    shard = os.path.join(run.project_dir, att.reader().shards[0].file)
+    with open(shard, "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\x7f" * 16)
+    with pytest.raises(LogFormatError, match="corrupt"):
+        att.search(query, k=5)
+
+
+def test_search_prefers_an_exact_index_to_a_newer_approximate_one(logged):
+    att, query = logged
+    att.build_index("flat", progress=False)
+    att.build_index("ivf", progress=False)
+    assert att.search(query, k=3)["meta"]["search"]["index"] == "flat-dot"
+    assert att.search(query, k=3, index="ivf-dot")["meta"]["search"]["index"] == "ivf-dot"
 
 
 def test_an_index_built_for_another_layout_is_refused(logged):

@@ -347,3 +347,24 @@ def test_step_log_views(new_run):
     other = new_run().watch(model).add_lora(rank=3)
     with pytest.raises(UsageError, match="different"):
         logix.StepLog.concat([first, one_step(other, model, torch.randn(2, 6, generator=g))])
+
+
+def test_watch_refuses_what_is_not_a_module_and_skips_frozen_layers(new_run):
+    with pytest.raises(UsageError, match="torch.nn.Module, got str"):
+        new_run().watch("model")
+    model = make_mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"frozen layers .*\['0'\]"):
+        run = new_run().watch(model)
+    assert list(run.modules) == ["2"]
+    assert list(new_run("named").watch(model, name_filter=["0", "2"]).modules) == ["0", "2"]
+
+
+def test_a_run_appending_to_an_existing_log_says_so(new_run):
+    model = make_mlp()
+    first = new_run().watch(model).setup({"grad": ["log"]}).save(True)
+    one_step(first, model, torch.randn(3, 6))
+    first.finalize()
+    again = new_run().watch(model).setup({"grad": ["log"]}).save(True)
+    with pytest.warns(UserWarning, match="already holds a log of 3 rows: this run appends"):
+        one_step(again, model, torch.randn(3, 6), ids=[10, 11, 12])

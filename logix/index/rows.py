@@ -13,13 +13,19 @@ from torch import Tensor
 
 from logix.errors import LogFormatError
 from logix.storage.format import DATA_IDS_KEY
-from logix.storage.reader import map_shard
+from logix.storage.reader import map_shard, verify_file
 
 
 class RowStore:
-    def __init__(self, project_dir: str, shards: Sequence[dict], dim: int) -> None:
+    """`verify`: check each shard's sha256 (recorded when the index was built) the first time
+    this process reads it, as LogReader does, so a changed shard is never scored."""
+
+    def __init__(self, project_dir: str, shards: Sequence[dict], dim: int,
+                 verify: bool = True) -> None:
         self.project_dir = project_dir
         self.files = [s["file"] for s in shards]
+        self.sha256 = [s["sha256"] for s in shards]
+        self.verify = verify
         self.dim = dim
         sizes = torch.tensor([s["rows"] for s in shards], dtype=torch.long)
         self.starts = torch.cumsum(sizes, 0) - sizes  # [n_shards] first position of each
@@ -32,6 +38,8 @@ class RowStore:
         except OSError:
             raise LogFormatError(f"Shard {path!r} held by the index is missing; rebuild the "
                                  f"index (logix index DIR --rebuild).") from None
+        if self.verify:
+            verify_file(path, self.sha256[s])
         return path, stat.st_size, stat.st_mtime_ns
 
     def locate(self, positions: Tensor) -> Tuple[Tensor, Tensor]:

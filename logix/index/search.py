@@ -84,7 +84,8 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
 
 def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
           name: Optional[str]):
-    """(manifest, "") of the index to use, or (None, why there is none)."""
+    """(manifest, "") of the index to use, or (None, why there is none). Among the indexes that
+    serve the query, an exact one (flat, full width, not quantised) first, then the newest."""
     if not backend.available():
         return None, "FAISS is not installed (pip install \"logix[search]\")"
     names = store.names(project_dir)
@@ -107,7 +108,9 @@ def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
                 (curvature is None or manifest.curvature["key"] == curvature["key"]):
             mtime = os.path.getmtime(os.path.join(store.folder(project_dir, n),
                                                   store.INDEX_MANIFEST))
-            fitting.append((mtime, n, manifest))
+            exact = manifest.kind == "flat" and not manifest.faiss.get("quantize") \
+                and not manifest.sketch
+            fitting.append(((exact, mtime), n, manifest))
     if not fitting:
         return None, (f"{project_dir!r} has no index for mode {mode!r} "
                       f"{_curvature_text(curvature)}(build one with attributor.build_index("
@@ -131,7 +134,7 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
                          f"build_index(name={manifest.name!r}, rebuild=True).")
     backend.set_search_params(index, nprobe or manifest.faiss.get("nprobe"),
                               ef or manifest.faiss.get("ef"))
-    rows = RowStore(full.project_dir, manifest.shards, full.dim)
+    rows = RowStore(full.project_dir, manifest.shards, full.dim, verify=full.verify)
     queries = plan.queries  # [n_query, dim] preconditioned
     if manifest.sketch:
         width, seed = manifest.sketch["width"], manifest.sketch["seed"]

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -75,6 +76,11 @@ class Attributor:
             statistics = CovarianceState()
             if os.path.isfile(os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
                 statistics.load_state_dict(state.load_statistics(self.project_dir))
+            elif manifest is not None and manifest.rows:
+                warnings.warn(f"{self.project_dir!r} has no saved statistics (the logging run "
+                              "did not call run.finalize()?): until it is finalized only "
+                              "curvatures fitted from the rows alone (hessian='none', 'lissa') "
+                              "can be used.")
         self.statistics = statistics
         self.project = project or (manifest.project if manifest else
                                    os.path.basename(os.path.normpath(self.project_dir)))

@@ -167,7 +167,9 @@ def neumann(product: Callable[[Tensor], Tensor], v: Tensor, scale, depth: int, t
     else:
         warnings.warn(f"{what}: LiSSA stopped at depth {depth} with relative residual "
                       f"{residuals[-1]:.3g} > tol {tol:g}; pass a larger depth for an exact "
-                      "solve (the truncated recursion damps small eigenvalues further).",
+                      "solve (influence.lissa_depth in the config, e.g. logix.init(..., "
+                      "lissa_depth=5000), or depth= to lissa()), or a larger damping; the "
+                      "truncated recursion damps small eigenvalues further.",
                       stacklevel=3)
     return u / scale, {"iterations": len(residuals), "residuals": residuals,
                        "converged": residuals[-1] <= tol}

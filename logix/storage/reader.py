@@ -139,19 +139,24 @@ def verify_shard(path: str, shard: ShardEntry) -> None:
     """Raise LogFormatError unless the file's size and sha256 are the ones the manifest recorded.
     The whole file is hashed once per process; later reads of the same path, size and
     modification time are free."""
+    verify_file(path, shard.sha256, shard.bytes)
+
+
+def verify_file(path: str, sha256: str, size: Optional[int] = None) -> None:
+    """`verify_shard` for any reader that knows a shard's recorded sha256 (and size)."""
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, shard.sha256)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, sha256)
     if key in _verified:
         return
     fix = ("Restore or re-log it (`logix verify` checks every shard of a project), or pass "
            "verify=False to read it unchecked.")
-    if stat.st_size != shard.bytes:
+    if size is not None and stat.st_size != size:
         raise LogFormatError(f"Shard {path!r} is {stat.st_size} bytes but the manifest recorded "
-                             f"{shard.bytes}: it was truncated or changed. " + fix)
+                             f"{size}: it was truncated or changed. " + fix)
     digest = file_sha256(path)
-    if digest != shard.sha256:
+    if digest != sha256:
         raise LogFormatError(f"Shard {path!r} is corrupt: its sha256 {digest[:16]}... does not "
-                             f"match the manifest's {shard.sha256[:16]}.... " + fix)
+                             f"match the recorded {sha256[:16]}.... " + fix)
     with _verified_lock:
         _verified.add(key)
 

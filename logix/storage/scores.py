@@ -46,7 +46,8 @@ TOKEN_TEXT_KEY = "token_text"
 
 def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = None) -> str:
     """Write {"influence": [n_test, n_train], "src_ids": [...], "tgt_ids": [...]} to `path`
-    atomically (temporary name, fsync, rename). `meta`: extra JSON-safe facts (mode, project).
+    atomically (temporary name, fsync, rename). The result's "meta" is kept; `meta`: extra
+    JSON-safe facts (project, ...) that override it.
     Returns the path."""
     missing = [k for k in (INFLUENCE_KEY, SRC_IDS_KEY, TGT_IDS_KEY) if k not in result]
     if missing:
@@ -66,8 +67,9 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
                                  f"{len(src_ids)} src_ids x {len(tgt_ids)} tgt_ids.")
     metadata = {"format": SCORES_FORMAT, "format_version": str(SCORES_FORMAT_VERSION),
                 SRC_IDS_KEY: _json(src_ids, SRC_IDS_KEY), TGT_IDS_KEY: _json(tgt_ids, TGT_IDS_KEY)}
+    meta = {**(result.get(META_KEY) or {}), **(meta or {})}  # the result's own meta, then `meta`
     if meta:
-        metadata[META_KEY] = _json(dict(meta), META_KEY)
+        metadata[META_KEY] = _json(meta, META_KEY)
     if result.get(TOKEN_INFLUENCE_KEY) is not None:
         tensors[TOKEN_INFLUENCE_KEY] = _token_rows(result, len(src_ids), len(tgt_ids), metadata)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}

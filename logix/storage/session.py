@@ -56,6 +56,12 @@ class LogSession:
             existing.check_compatible(manifest)
             manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
             self.resumed_rows = existing.rows
+            if distributed.rank() == 0:
+                warnings.warn(
+                    f"{self.project_dir!r} already holds a log of {existing.rows} rows: this run "
+                    "appends to it, and rows whose data ids are already logged are handled by "
+                    f"logging.on_duplicate ({self.logging.on_duplicate!r}). To start over, use "
+                    "a new project name or delete the folder.")
             if not statistics_loaded:
                 self.resumed_state = state.load_statistics(self.project_dir)
         else:

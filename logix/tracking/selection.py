@@ -24,9 +24,13 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
 
     Adapters: in a model with LoRA adapters (PEFT), only the active adapters' lora_A / lora_B
     layers are candidates unless a name_filter is given (it then picks among every layer).
-    Layers with quantised weights (int8 / 4-bit, e.g. bitsandbytes) are never watched."""
+    Frozen layers (weight.requires_grad False) are skipped with a warning unless a name_filter
+    is given. Layers with quantised weights (int8 / 4-bit, e.g. bitsandbytes) are never
+    watched."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"watch() takes a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap(model)
-    modules, bypassed = {}, bypassed_layers(model)
+    modules, bypassed, frozen = {}, bypassed_layers(model), []
     adapters = adapter_layers(model) if name_filter is None else None
     for name, module in model.named_modules():
         klass = tracked_class(module)
@@ -34,10 +38,18 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
             continue
         if (adapters and name not in adapters) or is_quantized(module):
             continue
+        weight = getattr(module, "weight", None)
+        if name_filter is None and isinstance(weight, torch.Tensor) and not weight.requires_grad:
+            frozen.append(name)
+            continue
         if name in bypassed:
             warnings.warn(f"Not watching {name!r}: {bypassed[name]}")
             continue
         modules[name] = klass(name, module, include_bias)
+    if frozen:
+        warnings.warn(f"Not watching frozen layers (weight.requires_grad is False): "
+                      f"{frozen[:8]}{' ...' if len(frozen) > 8 else ''}. Name them with "
+                      "watch(model, name_filter=...) to attribute through them.")
     if not modules:
         raise UsageError(
             f"No supported layers matched in {type(model).__name__} (name_filter="
