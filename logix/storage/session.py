@@ -56,7 +56,7 @@ class LogSession:
             existing.check_compatible(manifest)
             manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
             self.resumed_rows = existing.rows
-            if distributed.rank() == 0:
+            if distributed.rank() == 0 and self.logging.on_duplicate != "allow":
                 warnings.warn(
                     f"{self.project_dir!r} already holds a log of {existing.rows} rows: this run "
                     "appends to it, and rows whose data ids are already logged are handled by "
