@@ -9,10 +9,11 @@ OUT.pt: {"version", "configs": {"logix0.1.1 HESSIAN MODE LABEL": {"scores" [n_qu
 {"error": text}}}.
 
 Per projection (unprojected, random LoGra, PCA LoGra; its own LoRA, rank min(rank, in, out) per
-layer) one run logs the training set with forward, backward and gradient covariances and scores
-with hessian none (precondition=False), raw and kfac; EK-FAC needs a second run on a copy of the
-same model (covariances, then a pass with the `corrected_eigval` statistic), scored with
-hessian="kfac" against the first run's logs. Damping is 0.1.1's default (None: 0.1 x the mean
+layer) one run logs the training set with the gradient covariance and scores with hessian none
+(precondition=False) and raw; K-FAC and EK-FAC each get a run on a copy of the same model
+(forward/backward covariances; for EK-FAC then a pass with the `corrected_eigval` statistic),
+scored with hessian="kfac" against the first run's logs. Separate runs keep a failure in one
+statistic (0.1.1's Conv2d forward covariance fails after Tanh) from taking the others along. Damping is 0.1.1's default (None: 0.1 x the mean
 eigenvalue, raw: 0.1 x the mean diagonal).
 """
 
@@ -50,7 +51,8 @@ def log_train(run, case, model):
 
 
 def prepare(case, job, init, rank, label):
-    """Logs the training set; returns (run, EK-FAC run, query log)."""
+    """Logs the training set with its gradient covariance (none, raw); returns the run, the
+    query log and the (LoRA-patched) model before any hooks ran, for the K-FAC runs."""
     model = case.model()
     model.load_state_dict(job["state"])
     run = new_run(job["root"], label)
@@ -62,9 +64,8 @@ def prepare(case, job, init, rank, label):
     if init != "none":
         torch.manual_seed(0)
         run.add_lora(lora_config=LoRAConfig(init=init, rank=rank))
-    copy_for_ekfac = copy.deepcopy(model)  # before any hooks are registered
-    run.setup({"forward": ["covariance"], "backward": ["covariance"],
-               "grad": ["log", "covariance"]})
+    pristine = copy.deepcopy(model)
+    run.setup({"grad": ["log", "covariance"]})
     run.save(True)
     log_train(run, case, model)
     run.finalize()
@@ -73,31 +74,37 @@ def prepare(case, job, init, rank, label):
     with run(data_id=[f"q{i}" for i in range(N_QUERY)]):
         case.loss(model, case.qx, case.qy).backward()
     model.zero_grad()
-    test = run.get_log(copy=True)
-
-    ekfac = new_run(job["root"], f"{label}-ekfac")
-    ekfac.watch(copy_for_ekfac)
-    ekfac.setup({"forward": ["covariance"], "backward": ["covariance"]})
-    log_train(ekfac, case, copy_for_ekfac)
-    ekfac.finalize()
-    ekfac.setup({"grad": ["log", "corrected_eigval"]})
-    log_train(ekfac, case, copy_for_ekfac)
-    ekfac.finalize()
-    return run, ekfac, test
+    return run, run.get_log(copy=True), pristine
 
 
-def score(run, ekfac, test, hessian, mode):
-    loader = run.build_log_dataloader()
+def kfac_run(case, job, model, label, hessian):
+    """A run with forward/backward covariances (and for ekfac a second pass with the
+    corrected_eigval statistic). Its own run: 0.1.1 computes EK-FAC eigenvalues only where no
+    K-FAC eigenvectors exist yet, and a covariance pass after the query would change them."""
+    model = copy.deepcopy(model)
+    run = new_run(job["root"], f"{label}-{hessian}")
+    run.watch(model)
+    run.setup({"forward": ["covariance"], "backward": ["covariance"]})
+    log_train(run, case, model)
+    run.finalize()
+    if hessian == "ekfac":
+        run.setup({"grad": ["log", "corrected_eigval"]})
+        log_train(run, case, model)
+        run.finalize()
+    return run
+
+
+def score(run, loader, test, hessian, mode):
     if hessian == "ekfac":
         # 0.1.1 adds the damping to its stored EK-FAC eigenvalues in place on every
         # preconditioning call; restore them so that each configuration starts from the same
         # state (within one cosine call the damping still accumulates, as in 0.1.1).
-        saved = {k: v.clone() for k, v in ekfac.state.ekfac_eigval_state.items()}
+        saved = {k: v.clone() for k, v in run.state.ekfac_eigval_state.items()}
         try:
-            result = ekfac.compute_influence_all(test, loader, mode=mode, hessian="kfac")
+            result = run.compute_influence_all(test, loader, mode=mode, hessian="kfac")
         finally:
             for k, v in saved.items():
-                ekfac.state.ekfac_eigval_state[k] = v
+                run.state.ekfac_eigval_state[k] = v
     elif hessian == "none":
         result = run.compute_influence_all(test, loader, mode=mode, precondition=False)
     else:
@@ -121,19 +128,30 @@ def main(inp, outp):
         label = "full" if init == "none" else f"{init}{rank}"
         names = {(h, m): f"logix0.1.1 {h} {m} {label}" for h in HESSIANS for m in MODES}
         try:
-            run, ekfac, test = prepare(case, job, init, rank, label)
+            run, test, model = prepare(case, job, init, rank, label)
         except Exception:
             failed = {"error": "logging: " + error_text()}
             configs.update({name: failed for name in names.values()})
             continue
+        loader = run.build_log_dataloader()
         size = sum(v["grad"][0].numel() for v in test[1].values()) * 4
-        for (hessian, mode), name in names.items():
-            t0 = time.time()
-            try:
-                configs[name] = {"scores": score(run, ekfac, test, hessian, mode),
-                                 "bytes": size, "seconds": time.time() - t0}
-            except Exception:
-                configs[name] = {"error": error_text()}
+        for hessian in HESSIANS:
+            scorer = run
+            if hessian in ("kfac", "ekfac"):
+                try:
+                    scorer = kfac_run(case, job, model, label, hessian)
+                except Exception:
+                    for mode in MODES:
+                        configs[names[hessian, mode]] = {"error": "logging: " + error_text()}
+                    continue
+            for mode in MODES:
+                t0 = time.time()
+                try:
+                    configs[names[hessian, mode]] = {
+                        "scores": score(scorer, loader, test, hessian, mode), "bytes": size,
+                        "seconds": time.time() - t0}
+                except Exception:
+                    configs[names[hessian, mode]] = {"error": error_text()}
     torch.save({"version": logix.__version__, "configs": configs}, outp)
 
 

@@ -179,7 +179,7 @@ def staged_methods(case, root):
 def make_peer_venv(path: Path) -> None:
     """Create a venv with LogIX 0.1.1 at `path` (kept if it already imports logix 0.1.1)."""
     python = path / "bin" / "python"
-    check = [str(python), "-c", "import logix, sys; sys.exit(logix.__version__ != '0.1.1')"]
+    check = [str(python), "-I", "-c", "import logix, sys; sys.exit(logix.__version__ != '0.1.1')"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
