@@ -4,6 +4,7 @@ mode and method on four small cases.
     python benchmarks/quality.py                      # everything (~15-25 min on 2 shared cores)
     python benchmarks/quality.py --cases mlp,staged   # some cases
     python benchmarks/quality.py --out DIR --subsets 50 --brittle 5
+    python benchmarks/quality.py --make-peer-venv DIR  # also the original LogIX 0.1.1 (a venv)
 
 Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * mlp: tabular, 4 Gaussian classes in 16 dimensions with label noise; MLP 16-32-32-4 (tanh),
@@ -28,198 +29,40 @@ scores, the first --brittle queries the model gets right; the fraction whose pre
 after removing their k = 10 / 20 / 40 most helpful examples. Results: --out/results.json, a
 markdown table (printed, and --out/table.md) and --out/lds_vs_bytes.png (matplotlib, if
 installed).
+
+The original LogIX (PyPI logix-ai 0.1.1, whose import name `logix` clashes with this library's)
+runs in a subprocess under a separate venv: `--peer-venv PATH` uses an existing one,
+`--make-peer-venv PATH` creates it first. `_peer_logix.py` gets each case's trained weights and
+data, logs and scores with every projection (its own LoRA), curvature (none, raw, kfac, ekfac)
+and mode that 0.1.1 has, and hands back the score matrices; LDS is computed here with the same
+cached retrainings (rows `logix0.1.1 ...`). A configuration that fails keeps its error text in
+results.json and the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 import logix
 from logix.evaluation import brittleness, linear_datamodeling_score
 
-N_TRAIN, N_QUERY = 240, 40
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _quality_cases import CASES, N_QUERY, N_TRAIN  # noqa: E402  (shared with _peer_logix.py)
+
+PEER = "logix0.1.1"
+PEER_PACKAGES = ("torch==2.13.0", "numpy", "einops", "pyyaml", "tqdm", "safetensors", "rich")
 CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa")
 PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
-
-
-# ============================================================================ cases
-class Case:
-    name = ""
-    steps, lr, momentum = 200, 0.1, 0.9
-
-    def __init__(self) -> None:
-        self.x, self.y, self.qx, self.qy = self.data()
-
-    def loss(self, model, x, y, reduction="sum"):
-        return F.cross_entropy(model(x), y, reduction=reduction)
-
-    def per_example_loss(self, model, x, y):
-        return F.cross_entropy(model(x), y, reduction="none")
-
-    def margin(self, model, x, y):
-        logits = model(x)
-        true = logits.gather(1, y[:, None])[:, 0]
-        other = logits.scatter(1, y[:, None], -math.inf).max(1).values
-        return true - other
-
-    def train(self, indices, seed):
-        torch.manual_seed(seed)
-        model = self.model()
-        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
-        for _ in range(self.steps):
-            opt.zero_grad()
-            self.loss(model, self.x[indices], self.y[indices], "mean").backward()
-            opt.step()
-        return model
-
-    def eval_loss(self, model):
-        with torch.no_grad():
-            return self.per_example_loss(model, self.qx, self.qy)
-
-    def eval_margin(self, model):
-        with torch.no_grad():
-            return self.margin(model, self.qx, self.qy)
-
-
-def gaussian_tabular(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(4, 16, generator=g) * 1.2
-    y = torch.randint(0, 4, (N_TRAIN + N_QUERY,), generator=g)
-    x = centers[y] + torch.randn(N_TRAIN + N_QUERY, 16, generator=g) * 1.5
-    flip = torch.rand(N_TRAIN + N_QUERY, generator=g) < 0.1
-    y = torch.where(flip, torch.randint(0, 4, y.shape, generator=g), y)
-    return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
-
-
-class MLPCase(Case):
-    name = "mlp"
-
-    def data(self):
-        return gaussian_tabular()
-
-    def model(self):
-        return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
-                             nn.Linear(32, 4))
-
-
-class CNNCase(Case):
-    name = "cnn"
-    steps, lr = 150, 0.05
-
-    def data(self):
-        g = torch.Generator().manual_seed(1)
-        patterns = (torch.rand(4, 1, 8, 8, generator=g) > 0.6).float()
-        n = N_TRAIN + N_QUERY
-        y = torch.randint(0, 4, (n,), generator=g)
-        shift = torch.randint(-1, 2, (n,), generator=g)
-        x = torch.stack([torch.roll(patterns[c], int(s), dims=2) for c, s in zip(y, shift)])
-        x = x + torch.randn(x.shape, generator=g) * 0.8
-        return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
-
-    def model(self):
-        return nn.Sequential(nn.Conv2d(1, 6, 3), nn.Tanh(), nn.Conv2d(6, 8, 3), nn.Tanh(),
-                             nn.Flatten(), nn.Linear(128, 4))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=12, d=24, length=12):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(length, d) * 0.1)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.up, self.down, self.head = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d,
-                                                                                         vocab)
-
-    def forward(self, ids):  # [B, T] -> [B, T, vocab]
-        h = self.embed(ids) + self.pos[:ids.shape[1]]
-        att = self.q(h) @ self.k(h).transpose(1, 2) / math.sqrt(h.shape[-1])
-        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)
-        h = h + self.o(att.masked_fill(causal, -math.inf).softmax(-1) @ self.v(h))
-        h = h + self.down(torch.tanh(self.up(h)))
-        return self.head(h)
-
-
-class LMCase(Case):
-    name = "lm"
-    steps, lr = 120, 0.01
-
-    def data(self):
-        g = torch.Generator().manual_seed(2)
-        n, length = N_TRAIN + N_QUERY, 12
-        transition = torch.rand(12, 12, generator=g) ** 4  # a sparse Markov grammar
-        seqs = torch.zeros(n, length, dtype=torch.long)
-        seqs[:, 0] = torch.randint(0, 12, (n,), generator=g)
-        for t in range(1, length):
-            seqs[:, t] = torch.multinomial(transition[seqs[:, t - 1]], 1, generator=g)[:, 0]
-        return seqs[:N_TRAIN], None, seqs[N_TRAIN:], None
-
-    def model(self):
-        return TinyLM()
-
-    def per_example_loss(self, model, x, y):
-        logits = model(x[:, :-1])
-        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").sum(1)
-
-    def loss(self, model, x, y, reduction="sum"):
-        per = self.per_example_loss(model, x, y)
-        return per.sum() if reduction == "sum" else per.mean()
-
-    def margin(self, model, x, y):  # the last token's prediction
-        logits = model(x[:, :-1])[:, -1]
-        target = x[:, -1]
-        true = logits.gather(1, target[:, None])[:, 0]
-        return true - logits.scatter(1, target[:, None], -math.inf).max(1).values
-
-    def train(self, indices, seed):
-        torch.manual_seed(seed)
-        model = self.model()
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        for _ in range(self.steps):
-            opt.zero_grad()
-            self.loss(model, self.x[indices], None, "mean").backward()
-            opt.step()
-        return model
-
-
-class StagedCase(MLPCase):
-    name = "staged"
-    # (segment, classes trained on, steps, lr); two checkpoints per stage
-    stages = ((0, (0, 1), 150, 0.1), (1, (0, 1, 2, 3), 40, 0.02))
-
-    def train(self, indices, seed, checkpoints=None):
-        torch.manual_seed(seed)
-        model = self.model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=self.momentum)
-        for segment, classes, steps, lr in self.stages:
-            members = self.members(indices, classes)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            for step in range(steps):
-                opt.zero_grad()
-                self.loss(model, self.x[members], self.y[members], "mean").backward()
-                opt.step()
-                if checkpoints is not None and step + 1 in (steps // 2, steps):
-                    checkpoints.append((f"s{segment}-{step + 1}", segment, lr, steps,
-                                        members.tolist(),
-                                        {k: v.clone() for k, v in model.state_dict().items()}))
-        return model
-
-    def members(self, indices, classes):
-        keep = torch.isin(self.y[indices], torch.tensor(classes))
-        return indices[keep]
-
-
-CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase)}
 
 
 # ============================================================================ logging
@@ -332,6 +175,47 @@ def staged_methods(case, root):
     return model, out
 
 
+# ============================================================================ LogIX 0.1.1
+def make_peer_venv(path: Path) -> None:
+    """Create a venv with LogIX 0.1.1 at `path` (kept if it already imports logix 0.1.1)."""
+    python = path / "bin" / "python"
+    check = [str(python), "-I", "-c", "import logix, sys; sys.exit(logix.__version__ != '0.1.1')"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+    # 0.1.1 declares requirements (an old torch, a python range) that this setup replaces
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                    "--ignore-requires-python", "logix-ai==0.1.1"], check=True)
+
+
+def peer_grid(case, model, python, root):
+    """LogIX 0.1.1's scores on this case: {config: (scores, bytes, extra)} and
+    {config: error text} for configurations that failed (or all, if the worker did)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        inp, outp = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
+        torch.save({"case": case.name, "state": model.state_dict(), "x": case.x, "y": case.y,
+                    "qx": case.qx, "qy": case.qy, "projections": PROJECTIONS,
+                    "root": str(root)}, inp)
+        t0 = time.time()
+        proc = subprocess.run([str(python), str(HERE / "_peer_logix.py"), str(inp), str(outp)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0 or not outp.exists():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            return {}, {f"{PEER} (worker)": f"rc={proc.returncode}: {tail}"}
+        found = torch.load(outp)
+    print(f"{case.name}: LogIX {found['version']} scored in {time.time() - t0:.0f} s",
+          flush=True)
+    grid, errors = {}, {}
+    for name, c in found["configs"].items():
+        if "error" in c:
+            errors[name] = c["error"]
+        else:
+            grid[name] = (c["scores"], c["bytes"], {"seconds": c["seconds"]})
+    return grid, errors
+
+
 # ============================================================================ main
 def evaluate(case, scores, cache, subsets):
     result = linear_datamodeling_score(case.train, case.eval_loss, scores, n_subsets=subsets,
@@ -339,7 +223,7 @@ def evaluate(case, scores, cache, subsets):
     return float(result["lds"])
 
 
-def run_case(case, out_dir, subsets, n_brittle):
+def run_case(case, out_dir, subsets, n_brittle, peer_python=None):
     root = out_dir / "logs" / case.name
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.time()
@@ -351,12 +235,18 @@ def run_case(case, out_dir, subsets, n_brittle):
         grid = score_grid(case, model, root)
     grid["random"] = (torch.randn(N_QUERY, N_TRAIN, generator=torch.Generator().manual_seed(9),
                                   dtype=torch.float64), 0, {})
+    errors = {}
+    if peer_python is not None:
+        found, errors = peer_grid(case, model, peer_python, root / "peer")
+        grid.update(found)
     cache = out_dir / "cache" / case.name
     rows = []
     for name, (scores, size, extra) in grid.items():
         rows.append({"case": case.name, "config": name, "bytes": size,
                      "lds": evaluate(case, scores, cache, subsets), **extra})
-    best = max((r for r in rows if r["config"] != "random"), key=lambda r: r["lds"])
+    rows += [{"case": case.name, "config": name, "bytes": None, "lds": None, "error": text}
+             for name, text in errors.items()]
+    best = best_of(rows, ours=True)
     if n_brittle:
         base = case.eval_margin(model)
         right = [i for i in range(N_QUERY) if base[i] > 0][:n_brittle]
@@ -370,12 +260,40 @@ def run_case(case, out_dir, subsets, n_brittle):
     return rows
 
 
+def best_of(rows, ours):
+    """The best row among this library's configurations (ours=True) or LogIX 0.1.1's."""
+    pool = [r for r in rows if r["lds"] is not None and r["config"] != "random"
+            and r["config"].startswith(PEER) != ours]
+    return max(pool, key=lambda r: r["lds"]) if pool else None
+
+
 def render(rows):
     lines = ["| case | configuration | bytes/example | LDS | brittleness (flipped at k<=40) |",
              "|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["case"], -r["lds"])):
+    for r in sorted(rows, key=lambda r: (r["case"], r["lds"] is None, -(r["lds"] or 0))):
         flip = f"{r['brittle_flipped']:.0%}" if "brittle_flipped" in r else ""
-        lines.append(f"| {r['case']} | {r['config']} | {r['bytes']} | {r['lds']:.3f} | {flip} |")
+        lds = f"{r['lds']:.3f}" if r["lds"] is not None else "failed: " + one_line(r["error"])
+        size = "-" if r["bytes"] is None else r["bytes"]
+        lines.append(f"| {r['case']} | {r['config']} | {size} | {lds} | {flip} |")
+    return "\n".join(lines)
+
+
+def one_line(text):
+    return text.strip().splitlines()[-1].replace("|", "/")[:160]
+
+
+def render_summary(rows):
+    """Per case: this library's best LDS, LogIX 0.1.1's best, exact full-gradient influence."""
+    lines = ["| case | ours: best | LDS | LogIX 0.1.1: best | LDS | exact (influence raw dot "
+             "full) |", "|---|---|---|---|---|---|"]
+    for case in sorted({r["case"] for r in rows}):
+        part = [r for r in rows if r["case"] == case]
+        cells = []
+        for best in (best_of(part, ours=True), best_of(part, ours=False)):
+            cells += [best["config"], f"{best['lds']:.3f}"] if best else ["-", "-"]
+        exact = [r["lds"] for r in part if r["config"] == "influence raw dot full"]
+        cells.append(f"{exact[0]:.3f}" if exact else "-")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -391,10 +309,11 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
     for ax, case in zip(axes[0], cases):
         for r in rows:
-            if r["case"] != case or r["config"] == "random":
+            if r["case"] != case or r["config"] == "random" or r["lds"] is None:
                 continue
             method, hessian = r["config"].split()[:2]
-            marker = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^"}[method]
+            marker = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
+                      PEER: "x"}[method]
             color = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2",
                      "lissa": "C3"}[hessian]
             ax.scatter(r["bytes"], r["lds"], marker=marker, color=color, s=30)
@@ -406,8 +325,9 @@ def plot(rows, path):
                (("none", "gray"), ("raw", "C0"), ("kfac", "C1"), ("ekfac", "C2"),
                 ("lissa", "C3"))]
     handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=k) for k, m in
-                (("influence", "o"), ("source", "*"), ("ensemble", "s"), ("tracin", "^"))]
-    fig.legend(handles=handles, loc="lower center", ncol=9, fontsize=8)
+                (("influence", "o"), ("source", "*"), ("ensemble", "s"), ("tracin", "^"),
+                 ("LogIX 0.1.1", "x"))]
+    fig.legend(handles=handles, loc="lower center", ncol=10, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -419,16 +339,29 @@ def main(argv=None) -> int:
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--brittle", type=int, default=5, help="queries per brittleness test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
+    peer = parser.add_mutually_exclusive_group()
+    peer.add_argument("--peer-venv", type=Path, help="a venv with LogIX 0.1.1 (logix-ai)")
+    peer.add_argument("--make-peer-venv", type=Path, help="create that venv here, then use it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     for name in args.cases.split(","):
         if name not in CASES:
             parser.error(f"unknown case {name!r}; cases: {list(CASES)}")
-        rows += run_case(CASES[name](), args.out, args.subsets, args.brittle)
+    if args.make_peer_venv:
+        make_peer_venv(args.make_peer_venv)
+    venv = args.make_peer_venv or args.peer_venv
+    peer_python = None
+    if venv is not None:
+        peer_python = venv.resolve() / "bin" / "python"
+        if not peer_python.exists():
+            parser.error(f"--peer-venv {venv}: no bin/python there; create it with "
+                         f"--make-peer-venv {venv}")
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(CASES[name](), args.out, args.subsets, args.brittle, peer_python)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = render(rows)
+    table = render(rows) + "\n\n" + render_summary(rows)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     plot(rows, args.out / "lds_vs_bytes.png")
