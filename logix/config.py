@@ -84,7 +84,7 @@ class InfluenceConfig:
     hessian: str = _help(
         "Preconditioner: a kind of logix.influence.curvature, or 'auto': the kind the logging run "
         "declared (its scheduler's hessian), else the best the statistics allow "
-        "(raw > ekfac > kfac > none).",
+        "(ekfac > kfac > raw > none).",
         "auto")
     mode: Mode = _help("Score: dot product, cosine similarity, or negative squared distance.", "dot")
     damping: Optional[float] = _help("Absolute damping added to every module's curvature.", None)

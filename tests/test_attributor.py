@@ -89,7 +89,7 @@ def test_queries_from_a_file_or_a_logged_query_project(tmp_path):
     self_scores = attributor.compute_self_influence(hessian="raw", progress=False)["influence"]
     torch.testing.assert_close(torch.diagonal(as_queries["influence"]), self_scores,
                                rtol=1e-4, atol=1e-6)
-    assert from_memory["meta"]["hessian"] == "raw"  # auto: the best the statistics allow
+    assert from_memory["meta"]["hessian"] == "ekfac"  # auto: the best the statistics allow
 
 
 def test_bad_inputs_are_named(tmp_path):

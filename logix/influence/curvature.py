@@ -27,8 +27,9 @@ from logix.statistics.eigen import Eigen, eigh64, fit_ekfac
 from logix.progress import track
 
 AUTO = "auto"
-# What `auto` picks, best first, among the kinds the statistics allow.
-AUTO_ORDER = ("raw", "ekfac", "kfac", "none")
+# What `auto` picks, best first, among the kinds the statistics allow: the order of the LDS
+# measured by benchmarks/quality.py (docs/concepts.md, "Defaults").
+AUTO_ORDER = ("ekfac", "kfac", "raw", "none")
 
 
 class Curvature:
