@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 from logix.errors import UsageError
 from logix.statistics.budget import human, sizes
+from logix.storage.format import DTYPES
 
 
 @dataclass
@@ -89,6 +90,32 @@ class ResourcePlan:
                          f"that fits: {self.recommended_rank or 'none (even rank 1 is too big)'}")
         lines += self.notes
         return "\n".join(lines)
+
+
+def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
+              capture: Callable[[], object], examples: int, tokens_per_example: int = 1,
+              disk_budget=None, model=None, train_step=None, batch_size: int = 8,
+              timed_steps: int = 3) -> "ResourcePlan":
+    """The ResourcePlan of a row `layout` and setup `plan` (see `Run.resource_plan`);
+    `capture()` makes the hooks whose step-time overhead is measured."""
+    for name, value in (("examples", examples), ("tokens_per_example", tokens_per_example),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+    itemsize = DTYPES[logging.log_dtype].itemsize
+    result = ResourcePlan(examples, tokens_per_example, logging.log_dtype,
+                          module_costs(layout, plan, examples, itemsize),
+                          buffer_bytes=rows_per_shard * sum(e.dim for e in layout) * itemsize)
+    if disk_budget is not None:
+        result.disk_budget = parse_bytes(disk_budget)
+        result.recommended_rank = recommend_rank([(e.in_dim, e.out_dim) for e in layout],
+                                                 examples, itemsize, result.disk_budget)
+    if model is not None and train_step is None:
+        train_step = random_token_step(model, batch_size, tokens_per_example)
+    if train_step is not None:
+        result.step_seconds, result.logged_step_seconds = time_steps(train_step, capture,
+                                                                     timed_steps)
+    return result
 
 
 def module_costs(entries: Sequence, plan, examples: int, itemsize: int) -> List[ModuleCost]:

@@ -513,34 +513,19 @@ class Run:
         is logged, the statistics and the model's .grad are untouched."""
         from logix import planning
 
-        for name, value in (("examples", examples), ("tokens_per_example", tokens_per_example),
-                            ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}.")
         if not self.modules:
             raise UsageError("resource_plan() needs watched layers: call run.watch(model) (and "
                              "run.add_lora(), run.setup(...)) first.")
-        cfg = self.config.logging
-        itemsize = DTYPES[cfg.log_dtype].itemsize
-        layout = self.layout()
-        result = planning.ResourcePlan(
-            examples, tokens_per_example, cfg.log_dtype,
-            planning.module_costs(layout, self.plan, examples, itemsize),
-            buffer_bytes=self._rows_per_shard() * sum(e.dim for e in layout) * itemsize)
-        if disk_budget is not None:
-            result.disk_budget = planning.parse_bytes(disk_budget)
-            result.recommended_rank = planning.recommend_rank(
-                [(e.in_dim, e.out_dim) for e in layout], examples, itemsize, result.disk_budget)
-        if model is not None and train_step is None:
-            train_step = planning.random_token_step(model, batch_size, tokens_per_example)
-        if train_step is not None:
-            def capture():
-                return GradientCapture(self.modules, self._projection_for, self.plan,
-                                       CovarianceState(device=self.statistics.device),
-                                       examples=batch_size)
 
-            result.step_seconds, result.logged_step_seconds = planning.time_steps(
-                train_step, capture, timed_steps)
+        def capture():  # hooks that keep nothing: statistics apart, nothing logged
+            return GradientCapture(self.modules, self._projection_for, self.plan,
+                                   CovarianceState(device=self.statistics.device),
+                                   examples=batch_size)
+
+        result = planning.make_plan(self.layout(), self.plan, self.config.logging,
+                                    self._rows_per_shard(), capture, examples,
+                                    tokens_per_example, disk_budget, model, train_step,
+                                    batch_size, timed_steps)
         if show:
             print(result.render())
         return result
