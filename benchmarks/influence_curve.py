@@ -11,10 +11,10 @@ in the layout of the 4 x 512 MLP with LoGra rank 32 (4,096 numbers per row), sto
   65,536 rows, timed and scaled: a GEMM's rate does not depend on the row count beyond that);
 * streamed: `Attributor.compute_influence_all(hessian="none")`, full matrix and top-10, with the
   shards in the page cache (a first pass warms it and does the once-per-process sha256 check);
-* peak anonymous RSS during the streamed top-10 pass, beside the block budget
-  (`block_rows` x dim x 4 bytes).
+* peak anonymous RSS during the timed passes (the roofline's block and product are allocated
+  before sampling starts), beside the block budget (`block_rows` x dim x 4 bytes).
 
-pairs/s = rows x queries / seconds. Each timing is the best of `--repeats`.
+pairs/s = rows x queries / seconds. The arms run interleaved, `--repeats` times, best of each.
 """
 
 from __future__ import annotations
@@ -71,13 +71,6 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def roofline(n_rows: int, q: StepLog, repeats: int) -> float:
-    """pairs/s of an in-memory float32 matmul of the same shapes."""
-    block = torch.randn(min(n_rows, ROOFLINE_ROWS), q.grads.shape[1])
-    seconds = best(lambda: q.grads @ block.T, repeats)
-    return block.shape[0] * len(q) / seconds
-
-
 def measure(rows_list, query_list, curve_rows, dtype, repeats, block_rows) -> list:
     points = []
     root = tempfile.mkdtemp(prefix="logix-curve-")
@@ -92,18 +85,28 @@ def measure(rows_list, query_list, curve_rows, dtype, repeats, block_rows) -> li
                 q = queries(run, nq)
                 kw = dict(hessian="none", progress=False, block_rows=block_rows)
                 first = best(lambda: attributor.compute_influence_all(q, topk=10, **kw), 1)
-                point = {"rows": n_rows, "queries": nq, "dtype": dtype, "write_s": written,
-                         "first_pass_s": first, "roofline": roofline(n_rows, q, repeats)}
+                block = torch.randn(min(n_rows, ROOFLINE_ROWS), q.grads.shape[1])
+                product = torch.empty(nq, block.shape[0])
+                arms = {"roofline": (block.shape[0],
+                                     lambda: torch.matmul(q.grads, block.T, out=product)),
+                        "topk": (n_rows, lambda: attributor.compute_influence_all(
+                            q, topk=10, **kw))}
                 if n_rows * nq * 4 <= 2 << 30:  # the full matrix stays under 2 GiB
-                    point["full"] = n_rows * nq / best(
-                        lambda: attributor.compute_influence_all(q, **kw), repeats)
+                    arms["full"] = (n_rows, lambda: attributor.compute_influence_all(q, **kw))
+                seconds = {arm: [] for arm in arms}
                 stop, peaks = peak_sampler()
-                point["topk"] = n_rows * nq / best(
-                    lambda: attributor.compute_influence_all(q, topk=10, **kw), repeats)
+                for _ in range(repeats):  # interleaved: the machine's load hits every arm
+                    for arm, (_, fn) in arms.items():
+                        seconds[arm].append(best(fn, 1))
                 stop.set()
                 time.sleep(0.02)
-                point["peak_anon_MiB"] = peaks["RssAnon_MB"]
-                point["block_MiB"] = block_rows * q.grads.shape[1] * 4 / 2**20
+                point = {"rows": n_rows, "queries": nq, "dtype": dtype, "write_s": written,
+                         "first_pass_s": first, "load": os.getloadavg()[0],
+                         "peak_anon_MiB": peaks["RssAnon_MB"],
+                         "block_MiB": block_rows * q.grads.shape[1] * 4 / 2**20}
+                for arm, (rows, _) in arms.items():
+                    point[arm] = rows * nq / min(seconds[arm])
+                del block, product
                 points.append(point)
                 print(json.dumps(point), flush=True)
             shutil.rmtree(run.project_dir)
