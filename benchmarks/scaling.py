@@ -9,8 +9,9 @@ Sweeps (one parameter varies, the others stay at the default in brackets):
 * GPT-2 (2 layers, 128 wide, every Conv1D layer of the blocks tracked, rank 16): sequence length
   32..256 at batch 8.
 Each point: `--steps` training steps (zero_grad, forward, backward, SGD step) plain and with
-logging (fp32 logs written to disk, `run.finalize()` included), interleaved over `--rounds`,
-median seconds per step; bytes = shard bytes on disk per logged example.
+logging (fp32 logs written to disk), interleaved over `--rounds`, median milliseconds per step;
+`run.finalize()` (the last flush and its fsyncs) is timed apart, since on a shared disk its
+fsync can outweigh a short epoch; bytes = shard bytes on disk per logged example.
 """
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ def point(kind: str, width: int, rank: int, batch: int, seq: int, steps: int, ro
             if run is not None:
                 run.end()
             opt.step()
-        if run is not None:
-            run.finalize()
         seconds = (time.perf_counter() - start) / steps
         out = {"s_per_step": seconds}
         if run is not None:
+            start = time.perf_counter()
+            run.finalize()
+            out["finalize_s"] = time.perf_counter() - start
             out["bytes_per_example"] = C.dir_bytes(os.path.join(root, project, "logs"),
                                                    ".safetensors") / (steps * batch)
             shutil.rmtree(os.path.join(root, project))
@@ -94,6 +96,7 @@ def point(kind: str, width: int, rank: int, batch: int, seq: int, steps: int, ro
             "logged_ms": statistics.median(a["s_per_step"] for a in arms["logged"]) * 1e3,
             "ratio": statistics.median(b["s_per_step"] / a["s_per_step"]
                                        for a, b in zip(arms["plain"], arms["logged"])),
+            "finalize_ms": statistics.median(a["finalize_s"] for a in arms["logged"]) * 1e3,
             "bytes_per_example": arms["logged"][0]["bytes_per_example"]}
 
 
@@ -126,12 +129,17 @@ def plot(results: dict, path: str) -> str:
 
     titles = {"width": "MLP width (rank 32, batch 64)", "rank": "LoGra rank (MLP 512, batch 64)",
               "batch": "batch size (MLP 512, rank 32)", "seq": "sequence length (GPT-2 2x128, r 16)"}
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4))
-    axes = axes if len(results) > 1 else [axes]
+    cols = 2 if len(results) > 1 else 1
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(results):]:
+        ax.axis("off")
     for ax, (name, points) in zip(axes, results.items()):
         xs = [p[name] for p in points]
         ax.plot(xs, [p["plain_ms"] for p in points], "k--o", label="plain step")
-        ax.plot(xs, [p["logged_ms"] for p in points], "-o", color="C0", label="with logging")
+        ax.plot(xs, [p["logged_ms"] for p in points], "-o", color="C0",
+                label="with logging (finalize apart)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(titles[name], fontsize=8)
@@ -140,7 +148,9 @@ def plot(results: dict, path: str) -> str:
         right = ax.twinx()
         right.plot(xs, [p["bytes_per_example"] / 1024 for p in points], ":s", color="C3",
                    label="KiB / example (fp32)")
+        kib = [p["bytes_per_example"] / 1024 for p in points]
         right.set_yscale("log")
+        right.set_ylim(min(kib) / 2, max(kib) * 2)
         right.set_ylabel("KiB / example on disk", color="C3")
         if name == list(results)[0]:
             lines = ax.get_lines() + right.get_lines()
@@ -163,11 +173,11 @@ def main(argv=None) -> None:
     results = measure(args.steps, args.rounds, args.sweeps.split(","))
     print(f"\nload average at start {load[0]:.2f}")
     print(f"{'sweep':6s} {'value':>6s} {'plain ms':>9s} {'logged ms':>10s} {'ratio':>6s} "
-          f"{'B/example':>10s}")
+          f"{'finalize ms':>11s} {'B/example':>10s}")
     for name, points in results.items():
         for p in points:
             print(f"{name:6s} {p[name]:6d} {p['plain_ms']:9.2f} {p['logged_ms']:10.2f} "
-                  f"{p['ratio']:6.2f} {p['bytes_per_example']:10.0f}")
+                  f"{p['ratio']:6.2f} {p['finalize_ms']:11.1f} {p['bytes_per_example']:10.0f}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         print("plot:", plot(results, os.path.join(args.plot, "logging_scaling.png")))
