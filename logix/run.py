@@ -66,8 +66,11 @@ class Run:
         self._capture: Optional[GradientCapture] = None
         self._step: Optional[tuple] = None  # (ids, positions of rows to write or None, scale)
         self._last_log: Optional[StepLog] = None
+        self._last_log_shared = False  # get_log() handed it out: its rows are never reused
+        self._spare_rows: Optional[Tensor] = None  # a row buffer no StepLog holds any more
         self._on_device: Dict[tuple, Projection] = {}
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
+        self._columns_of: Optional[tuple] = None  # (layout entries, columns, row width)
         self._lora_used: Optional[dict] = None  # add_lora's init and ranks, for the manifest
         self._checkpoint: Optional[str] = None
         self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
@@ -240,10 +243,13 @@ class Run:
         # The step's forward/backward statistics stay apart until end() keeps the step, and
         # count only the examples whose rows the log keeps.
         step_statistics = CovarianceState(device=self.statistics.device)
+        columns, row_dim = self._columns()
         self._capture = GradientCapture(
-            self.modules, self._projection_for, self.plan, step_statistics, mask,
-            examples=len(ids), counted=None if keep is None or len(keep) == len(ids) else keep,
-            per_token=per_token).__enter__()
+            self.modules, self._projection_for, self.plan, step_statistics, columns, row_dim,
+            mask, examples=len(ids),
+            counted=None if keep is None or len(keep) == len(ids) else keep,
+            spare=self._spare_rows, per_token=per_token).__enter__()
+        self._spare_rows = None
         self._step = (ids, keep, scale)
 
     def end(self) -> None:
@@ -261,7 +267,7 @@ class Run:
         if not self.plan.needs_grad:
             self._keep_statistics(capture.statistics)
             return
-        rows = step.keep_rows(step.step_rows(capture, ids, self.projections, scale), ids,
+        rows = step.keep_rows(step.step_rows(capture, ids, scale), ids,
                               self.config.logging, self._save)
         if rows is None:
             return
@@ -276,9 +282,18 @@ class Run:
         tokens = None
         if capture.per_token:
             tokens = TokenRows(*step.token_rows(capture, self.projections, scale, capture.mask))
-        self._last_log = StepLog(ids, rows, self.layout(), dict(self.projection_meta), tokens)
+        self._set_last_log(StepLog(ids, rows, self.layout(), dict(self.projection_meta), tokens))
         if keep:
             self._session.append([ids[k] for k in keep], kept, self._checkpoint)
+
+    def _set_last_log(self, log: Optional[StepLog]) -> None:
+        """Replace the last step's log; its row buffer is reused by the step after next unless
+        get_log() handed it out (the next step writes into the other buffer, so get_log() during
+        a step still returns the previous step intact)."""
+        old = self._last_log
+        if old is not None and not self._last_log_shared and old.grads is not log.grads:
+            self._spare_rows = old.grads
+        self._last_log, self._last_log_shared = log, False
 
     def _keep_statistics(self, step_statistics: CovarianceState) -> None:
         self.statistics.merge(step_statistics)
@@ -346,13 +361,16 @@ class Run:
         """The last step's projected gradients (a query's test log)."""
         if self._last_log is None:
             raise UsageError("No step has been logged yet: run start()/backward()/end() first.")
-        return self._last_log.clone() if copy else self._last_log
+        if copy:
+            return self._last_log.clone()
+        self._last_log_shared = True
+        return self._last_log
 
     def clear(self) -> None:
         """Forget statistics and the last step (nothing on disk changes)."""
         self._drop_capture()
         self.statistics.clear()
-        self._last_log = None
+        self._last_log, self._spare_rows = None, None
 
     # ------------------------------------------------------------------ layout and disk
     def layout(self) -> List[ModuleEntry]:
@@ -370,6 +388,14 @@ class Run:
             offset += projection.dim
         self._layout = (self.projections, entries)
         return entries
+
+    def _columns(self) -> tuple:
+        """({module: (offset, width)} in a row, row width), cached with layout()."""
+        entries = self.layout()
+        if self._columns_of is None or self._columns_of[0] is not entries:
+            columns = {e.name: (e.offset, e.rank_in * e.rank_out) for e in entries}
+            self._columns_of = (entries, columns, sum(w for _, w in columns.values()))
+        return self._columns_of[1:]
 
     def _projection_for(self, name: str, device: torch.device, dtype: torch.dtype) -> Projection:
         key = (name, device, dtype)
@@ -517,10 +543,12 @@ class Run:
             raise UsageError("resource_plan() needs watched layers: call run.watch(model) (and "
                              "run.add_lora(), run.setup(...)) first.")
 
+        columns, row_dim = self._columns()
+
         def capture():  # hooks that keep nothing: statistics apart, nothing logged
             return GradientCapture(self.modules, self._projection_for, self.plan,
-                                   CovarianceState(device=self.statistics.device),
-                                   examples=batch_size)
+                                   CovarianceState(device=self.statistics.device), columns,
+                                   row_dim, examples=batch_size)
 
         result = planning.make_plan(self.layout(), self.plan, self.config.logging,
                                     self._rows_per_shard(), capture, examples,

@@ -28,7 +28,8 @@ from logix.errors import UsageError
 from logix.influence import curvature
 from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
-from logix.influence.scoring import MODES, TOTAL, ScorePlan, aligned, group_masks
+from logix.influence.scoring import (MODES, SCORE_CHUNK, TOTAL, ScorePlan, aligned,
+                                     group_masks, score_buffer)
 from logix.influence.source import source_influence
 from logix.influence.ensemble import ensemble_influence
 from logix.influence.tracin import tracin_influence
@@ -269,12 +270,12 @@ class Attributor:
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
                                      meta={**plan.meta, "project": self.project})
         top = TopK(topk, len(names) * n_query) if topk is not None else None
-        full = None if (writer or top) else torch.empty(n_train, len(names) * n_query,
-                                                        device=plan.device)
+        full = None if (writer or top) else score_buffer(n_train, len(names) * n_query,
+                                                         plan.device)
         tgt_ids: List = []
         start = 0
-        blocks = reader.fixed_blocks(block_rows)
-        total_blocks = -(-n_train // block_rows)
+        blocks = reader.fixed_blocks(block_rows, unit=SCORE_CHUNK)
+        total_blocks = reader.count_blocks(block_rows, unit=SCORE_CHUNK)
         try:
             for ids, rows in track(blocks, total_blocks, "Scoring", progress):
                 n = rows.shape[0]
@@ -369,8 +370,9 @@ class Attributor:
         if os.path.isfile(path):
             return torch.load(path, weights_only=True)
         parts = []
-        blocks = reader.fixed_blocks(block_rows)
-        for _, rows in track(blocks, -(-reader.rows // block_rows), "Train norms", progress):
+        blocks = reader.fixed_blocks(block_rows, unit=SCORE_CHUNK)
+        for _, rows in track(blocks, reader.count_blocks(block_rows, unit=SCORE_CHUNK),
+                             "Train norms", progress):
             parts.append(plan.norms_of(rows.to(plan.device)).cpu())
         norms = torch.cat(parts) if parts else torch.zeros(0, len(plan.group_names))
         os.makedirs(os.path.dirname(path), exist_ok=True)

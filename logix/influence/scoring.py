@@ -71,18 +71,23 @@ class ScorePlan:
     def score(self, rows: Tensor, train_norms: Optional[Tensor],
               out: Optional[Tensor] = None) -> Tensor:
         """Scores of `rows` [n, dim] against every (group, query): [n, G * n_query], written
-        into `out` when given (one contiguous slab per block, no copies)."""
+        into `out` when given. Scores are laid out query-major (`out` is the transpose of a
+        contiguous [G * n_query, n'] matrix, see `score_buffer`): the GEMM writes them in place
+        with that leading dimension, and the full matrix, top-k and score files read contiguous
+        rows per query without a transposing copy."""
         n, width = rows.shape[0], self.queries.shape[0]
-        out = out if out is not None else rows.new_empty(n, width)
+        out = out if out is not None else score_buffer(n, width, rows.device)
         queries_t = self.queries.T  # [dim, G * n_query]
         for start in range(0, n, SCORE_CHUNK):
             chunk = rows[start:start + SCORE_CHUNK]
             k = chunk.shape[0]
             if k == SCORE_CHUNK:
-                torch.matmul(chunk, queries_t, out=out[start:start + k])
-            else:  # pad: the same matrix shape as every other chunk, see fixed_chunks
+                torch.mm(chunk, queries_t, out=out[start:start + k])
+            else:  # pad: the same matrix shape and layout as every chunk, see fixed_chunks
                 padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
-                out[start:start + k] = (padded @ queries_t)[:k]
+                full = score_buffer(SCORE_CHUNK, width, rows.device)
+                torch.mm(padded, queries_t, out=full)
+                out[start:start + k] = full[:k]
         if self.mode != "dot":
             train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*nq]
             query = self.query_norms.to(out.device)[None, :]
@@ -97,7 +102,9 @@ class ScorePlan:
         """Raise a UsageError naming the module to blame when `values` hold NaN or inf:
         modules whose input `rows` [n, dim] are not finite, else the module whose preconditioned
         query is largest (float32 overflow)."""
-        if torch.isfinite(values).all():
+        # A finite sum means no NaN or inf (one pass, no mask); an overflowing sum of finite
+        # values falls through to the exact check.
+        if bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all()):
             return
         modules = self.preconditioner.modules
         bad = [m.name for m in modules if not torch.isfinite(rows[:, m.columns]).all()]
@@ -139,6 +146,11 @@ class ScorePlan:
                        "bottom_scores": worst[g * nq:(g + 1) * nq]}
                 for g, name in enumerate(self.groups) if name != TOTAL}
         return out
+
+
+def score_buffer(n: int, width: int, device) -> Tensor:
+    """[n, width] scores stored query-major: the transpose of a contiguous [width, n]."""
+    return torch.empty(width, n, device=device).T
 
 
 def aligned(block_rows: int) -> int:

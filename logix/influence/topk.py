@@ -17,11 +17,11 @@ class TopK:
         self.worst: Optional[Tuple[Tensor, Tensor]] = None
 
     def update(self, scores: Tensor, start: int) -> None:
-        """scores [rows, n] are the columns [start, start + n) of the full matrix."""
-        index = torch.arange(start, start + scores.shape[1]).expand(scores.shape[0], -1)
+        """scores [rows, n] are the columns [start, start + n) of the full matrix. The block's
+        own top-k is taken first, so only k columns per row are merged (no copy of the block)."""
         scores = scores.cpu()
-        self.best = _merge(self.best, scores, index, self.k, largest=True)
-        self.worst = _merge(self.worst, scores, index, self.k, largest=False)
+        self.best = _merge(self.best, scores, start, self.k, largest=True)
+        self.worst = _merge(self.worst, scores, start, self.k, largest=False)
 
     def result(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(best scores, best column indices, worst scores, worst indices), each [rows, <=k],
@@ -32,10 +32,14 @@ class TopK:
         return (*self.best, *self.worst)
 
 
-def _merge(current, scores: Tensor, index: Tensor, k: int, largest: bool):
-    if current is not None:
-        scores = torch.cat([current[0], scores], 1)
-        index = torch.cat([current[1], index], 1)
-    k = min(k, scores.shape[1])
-    values, position = torch.topk(scores, k, dim=1, largest=largest, sorted=True)
+def _merge(current, scores: Tensor, start: int, k: int, largest: bool):
+    values, position = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest,
+                                  sorted=True)
+    index = position + start
+    if current is None:
+        return values, index
+    values = torch.cat([current[0], values], 1)
+    index = torch.cat([current[1], index], 1)
+    values, position = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest,
+                                  sorted=True)
     return values, torch.gather(index, 1, position)

@@ -79,38 +79,46 @@ class LogReader:
         return ids, rows
 
     def fixed_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]] = None,
-                     prefetch: int = 2) -> Iterator[Tuple[List, Tensor]]:
+                     prefetch: int = 2, unit: Optional[int] = None
+                     ) -> Iterator[Tuple[List, Tensor]]:
         """Yield (ids, float32 rows) in blocks of exactly `block_rows` (the last may be shorter)
         whatever the shard sizes, so every matrix multiply has the same shape and scores do not
-        depend on how the log was sharded. A block inside one float32 shard is a zero-copy view
-        of the memory-mapped file; other blocks are assembled (and upcast) by a prefetch thread.
+        depend on how the log was sharded. With `unit` (a divisor of block_rows), a block also
+        ends at a shard boundary once it holds a multiple of `unit` rows: blocks then start at
+        multiples of `unit` and rarely span shards. A block inside one float32 shard is a
+        zero-copy view of the memory-mapped file; other blocks are assembled (and upcast) in one
+        copy by a prefetch thread.
         """
-        produce = self._fixed_blocks(block_rows, shards)
+        produce = self._fixed_blocks(block_rows, shards, unit)
         return _prefetched(produce, prefetch) if prefetch > 0 else produce
 
-    def _fixed_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]]):
-        carry_ids: List = []
-        carry: List[Tensor] = []
-        carried = 0
-        for shard in self.shards if shards is None else shards:
-            ids, rows = self._map(shard)
-            pos, n = 0, rows.shape[0]
-            if carried:
-                take = min(block_rows - carried, n)
-                carry_ids += ids[:take]
-                carry.append(rows[:take])
-                carried += take
-                pos = take
-                if carried == block_rows:
-                    yield carry_ids, torch.cat(carry).float()
-                    carry_ids, carry, carried = [], [], 0
-            while n - pos >= block_rows:
-                yield ids[pos:pos + block_rows], rows[pos:pos + block_rows].float()
-                pos += block_rows
-            if pos < n:
-                carry_ids, carry, carried = ids[pos:], [rows[pos:]], n - pos
-        if carried:
-            yield carry_ids, torch.cat(carry).float()
+    def count_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]] = None,
+                     unit: Optional[int] = None) -> int:
+        """How many blocks `fixed_blocks` yields (from the manifest's row counts)."""
+        shards = self.shards if shards is None else shards
+        return len(block_layout([s.rows for s in shards], block_rows, unit))
+
+    def _fixed_blocks(self, block_rows: int, shards: Optional[List[ShardEntry]],
+                      unit: Optional[int]):
+        shards = self.shards if shards is None else shards
+        mapped: dict = {}  # shard index -> (ids, rows), for the shards of the current block
+        for pieces in block_layout([s.rows for s in shards], block_rows, unit):
+            mapped = {i: m for i, m in mapped.items() if i >= pieces[0][0]}
+            parts = []
+            for index, start, stop in pieces:
+                if index not in mapped:
+                    mapped[index] = self._map(shards[index])
+                ids, rows = mapped[index]
+                parts.append((ids[start:stop], rows[start:stop]))
+            if len(parts) == 1:
+                yield parts[0][0], parts[0][1].float()
+                continue
+            out = torch.empty(sum(p[1].shape[0] for p in parts), self.dim)
+            pos = 0
+            for _, rows in parts:
+                out[pos:pos + rows.shape[0]].copy_(rows)  # upcast on the way
+                pos += rows.shape[0]
+            yield [i for ids, _ in parts for i in ids], out
 
     def read_all(self) -> Tuple[List, Tensor]:
         """Every row in one tensor: for small logs and tests."""
@@ -129,6 +137,28 @@ class LogReader:
         if self.verify:
             verify_shard(path, shard)
         return path
+
+
+def block_layout(shard_rows: List[int], block_rows: int, unit: Optional[int] = None
+                 ) -> List[List[Tuple[int, int, int]]]:
+    """Blocks as lists of (shard index, start, stop) pieces: `block_rows` rows each (the last
+    may be shorter), or, with `unit`, cut early at a shard boundary once a multiple of `unit`."""
+    blocks, pieces, size = [], [], 0
+    for index, n in enumerate(shard_rows):
+        pos = 0
+        while pos < n:
+            take = min(block_rows - size, n - pos)
+            pieces.append((index, pos, pos + take))
+            size, pos = size + take, pos + take
+            if size == block_rows:
+                blocks.append(pieces)
+                pieces, size = [], 0
+        if unit and size and size % unit == 0:
+            blocks.append(pieces)
+            pieces, size = [], 0
+    if pieces:
+        blocks.append(pieces)
+    return blocks
 
 
 _verified: Set[Tuple[str, int, int, str]] = set()  # (real path, size, mtime_ns, sha256)

@@ -12,7 +12,7 @@ are untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -80,11 +80,18 @@ ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]
 
 
 class GradientCapture:
-    """Registers hooks on enter, removes every handle on exit."""
+    """Registers hooks on enter, removes every handle on exit.
+
+    `columns` (name -> (offset, width) in a row of width `row_dim`) is where each module's
+    projected gradient goes: the hooks write it straight into one [batch, row_dim] float32 buffer
+    per step (`rows`), so the step's rows need no concatenation. `spare` is an earlier step's
+    buffer that nobody reads any more: reused when its shape fits, it saves the page faults of
+    fresh memory (about as costly as the projections themselves on a small model)."""
 
     def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
-                 plan: Plan, statistics: CovarianceState, mask: Optional[Tensor] = None,
-                 examples: Optional[int] = None, counted: Optional[List[int]] = None,
+                 plan: Plan, statistics: CovarianceState, columns: Dict[str, Tuple[int, int]],
+                 row_dim: int, mask: Optional[Tensor] = None, examples: Optional[int] = None,
+                 counted: Optional[List[int]] = None, spare: Optional[Tensor] = None,
                  per_token: bool = False) -> None:
         self.modules = modules
         self.projection_for = projection_for
@@ -96,7 +103,11 @@ class GradientCapture:
         # (None: every example).
         self.counted = None if counted is None else torch.tensor(counted, dtype=torch.long)
         self.batch_size: Optional[int] = None
-        self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], float32
+        self.columns = columns
+        self.row_dim = row_dim
+        self.rows: Optional[Tensor] = None  # [B, row_dim] float32, from the first gradient on
+        self._spare = spare
+        self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], views of rows
         # Queries only: each token position's part of the projected gradient (their sum over
         # positions is `grads`), name -> [B, N, rank_out, rank_in], float32.
         self.per_token = per_token
@@ -165,12 +176,7 @@ class GradientCapture:
                     rows = counted.reshape(-1, counted.shape[-1])
                     self.statistics.update(tracked.name, BACKWARD, rows, counted.shape[0])
                 if self.plan.needs_grad:
-                    # [B, g, N, r_out] x [B, g, N, r_in] -> [B, r_out, r_in]
-                    grad = torch.einsum("bgno,bgni->boi", dy_proj.float(), x_proj.float())
-                    if tracked.name in self.grads:
-                        self.grads[tracked.name] += grad
-                    else:
-                        self.grads[tracked.name] = grad
+                    self._add_grad(tracked.name, dy_proj.float(), x_proj.float())
                     if self.per_token:
                         self._add_token_grads(tracked.name, dy_proj, x_proj)
                 self.calls[tracked.name] += 1
@@ -191,6 +197,34 @@ class GradientCapture:
                              f"{known.shape[1]} and {tokens.shape[1]} positions; per-token "
                              "scores need one token axis per layer. Leave the layer out of "
                              "run.watch(model, name_filter=...).")
+
+    def _add_grad(self, name: str, dy_proj: Tensor, x_proj: Tensor) -> None:
+        """Add sum_{g,n} dy~ x~^T ([B, g, N, r_out] x [B, g, N, r_in] -> [B, r_out, r_in]) to
+        the module's slot of the step's rows."""
+        b, r_out, r_in = dy_proj.shape[0], dy_proj.shape[-1], x_proj.shape[-1]
+        grad = self.grads.get(name)
+        first = grad is None
+        if first:
+            if self.rows is None:
+                spare = self._spare
+                fits = spare is not None and spare.shape == (b, self.row_dim) \
+                    and spare.device == dy_proj.device
+                self.rows = spare if fits else torch.empty(b, self.row_dim, device=dy_proj.device)
+            offset, width = self.columns[name]
+            grad = self.grads[name] = self.rows[:, offset:offset + width].view(b, r_out, r_in)
+        if dy_proj.shape[1] * dy_proj.shape[2] == 1:  # one position: an outer product
+            dy_proj, x_proj = dy_proj.reshape(b, r_out, 1), x_proj.reshape(b, 1, r_in)
+            if first:
+                torch.mul(dy_proj, x_proj, out=grad)
+            else:
+                grad.addcmul_(dy_proj, x_proj)
+            return
+        prod = torch.bmm(dy_proj.reshape(b, -1, r_out).transpose(1, 2),
+                         x_proj.reshape(b, -1, r_in))
+        if first:
+            grad.copy_(prod)
+        else:
+            grad.add_(prod)
 
     def _forward_statistics(self, name: str, x_proj: Tensor, mask: Optional[Tensor]) -> None:
         x_proj = self._counted(x_proj)

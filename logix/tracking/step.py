@@ -46,25 +46,20 @@ def check_capture(capture: GradientCapture, plan: Plan, on_unused_layer: str) ->
         "logging.on_unused_layer: zero (their part of the row is then zero).")
 
 
-def step_rows(capture: GradientCapture, ids: List, projections: Dict[str, Projection],
-              scale: float) -> Tensor:
+def step_rows(capture: GradientCapture, ids: List, scale: float) -> Tensor:
     """[batch, dim] float32: every module's projected gradient side by side, in row order,
-    times `scale` (a layer unused in the step contributes zeros)."""
+    times `scale` (a layer unused in the step contributes zeros). The capture's own buffer."""
     if capture.batch_size is None or not capture.grads:
         raise UsageError("No gradient reached the tracked layers between start() and end(). "
                          "Call loss.backward() before run.end(), outside torch.no_grad().")
     if len(ids) != capture.batch_size:
         raise UsageError(f"data_id names {len(ids)} examples but the batch has "
                          f"{capture.batch_size}; pass one id per example.")
-    parts = []
-    reference = next(iter(capture.grads.values()))
-    for name, projection in projections.items():
-        grad = capture.grads.get(name)
-        if grad is None:
-            grad = reference.new_zeros(reference.shape[0], projection.dim)
-        parts.append(grad.reshape(grad.shape[0], -1))
-    rows = torch.cat(parts, 1)
-    return rows * scale if scale != 1.0 else rows
+    rows = capture.rows
+    for name, (offset, width) in capture.columns.items():
+        if name not in capture.grads:
+            rows[:, offset:offset + width].zero_()
+    return rows.mul_(scale) if scale != 1.0 else rows
 
 
 def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool) -> Optional[Tensor]:
