@@ -17,8 +17,9 @@ What it measures (each model / configuration in a fresh subprocess, so peaks are
   not fit the memory budget it is applied in column chunks; the timing stand-in keeps one chunk
   resident and reuses it for every block of columns (same FLOPs and bytes per block as a resident
   matrix; the memory the full matrix needs is reported beside the measured peak).
-* Old LogIX (optional): the same MLP logged with LogIX 0.1.1 from /work/peers/logix-ai-venv, in a
-  subprocess of that venv; skipped cleanly when the venv is absent.
+* Old LogIX (optional): the same MLP logged with LogIX 0.1.1 by the python of a venv that has it
+  (--old-python PATH; benchmarks/quality.py --make-peer-venv PATH builds one), in a subprocess;
+  skipped cleanly without it.
 * --profile: where the logging time goes on the MLP (fp32 logs, each thread setting): a ladder
   of epochs that adds one part of the logging path per rung (hooks + start()/end(); the append
   copy into the shard buffer; header + streaming write + sha256; fsync), one epoch with timers
@@ -47,7 +48,6 @@ sys.path.insert(0, HERE)
 
 import _common as C  # noqa: E402  (stdlib only at import time)
 
-OLD_PYTHON = "/work/peers/logix-ai-venv/bin/python"
 
 GOALS = {"mlp_fp32": 1.3, "mlp_bf16": 1.15, "naive_speedup": 3.0, "storage_pct": 2.0}
 
@@ -855,7 +855,8 @@ def main(argv=None):
                     help="comma list of torch threads for the MLP (0 = default); "
                          "default '0,1' ('0' with --quick)")
     ap.add_argument("--skip", default="", help="comma list among: mlp,gpt2,naive,old")
-    ap.add_argument("--old-python", default=OLD_PYTHON)
+    ap.add_argument("--old-python", default=None,
+                    help="python of a venv with logix-ai 0.1.1 (the peer arm; skipped without it)")
     ap.add_argument("--root", default=None, help="where logs are written (default: a temp dir)")
     ap.add_argument("--p-budget-mb", type=float, default=1024,
                     help="largest dense projection matrix the naive arm may hold")
@@ -931,7 +932,7 @@ def main(argv=None):
                                             p_budget_mb=args.p_budget_mb, chunk_mb=256)))
     old = None
     if "old" not in skip:
-        if os.path.exists(args.old_python):
+        if args.old_python and os.path.exists(args.old_python):
             print(f"... LogIX 0.1.1 arm ({args.old_python})", flush=True)
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             try:
@@ -944,7 +945,7 @@ def main(argv=None):
             except Exception as e:  # their package, their failure: report and go on
                 print(f"    old LogIX arm failed: {str(e).splitlines()[-1]}")
         else:
-            print(f"... LogIX 0.1.1 arm skipped: {args.old_python} not found")
+            print(f"... LogIX 0.1.1 arm skipped: no --old-python (got {args.old_python!r})")
     prof = []
     if args.profile:
         for t in threads:

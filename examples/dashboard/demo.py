@@ -1,6 +1,6 @@
 """Two small projects to look at with `logix ui` (the screenshots in docs/dashboard.md).
 
-    python examples/dashboard/demo.py --root /tmp/ui-demo && logix ui /tmp/ui-demo
+    python examples/dashboard/demo.py --root ui-demo && logix ui ui-demo
 
 digits: a CNN on sklearn's 8x8 digits, logged with EK-FAC statistics; every digit described
         (image + label); scores of 10 test digits with per-module groups; LDS and brittleness
