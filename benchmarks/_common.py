@@ -321,3 +321,13 @@ def timed(fn: Callable, *args, **kwargs):
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
+
+
+def best_of(fn: Callable, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of fn(), in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

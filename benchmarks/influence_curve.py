@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 import logix  # noqa: E402
+from benchmarks._common import best_of  # noqa: E402  (the same module influence_throughput uses)
 from benchmarks.influence_throughput import make_model, peak_sampler  # noqa: E402
 from logix.log import StepLog  # noqa: E402
 
@@ -62,15 +63,6 @@ def queries(run, n: int) -> StepLog:
                    dict(run.projection_meta))
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(rows_list, query_list, curve_rows, dtype, repeats, block_rows) -> list:
     points = []
     root = tempfile.mkdtemp(prefix="logix-curve-")
@@ -84,7 +76,7 @@ def measure(rows_list, query_list, curve_rows, dtype, repeats, block_rows) -> li
             for nq in counts:
                 q = queries(run, nq)
                 kw = dict(hessian="none", progress=False, block_rows=block_rows)
-                first = best(lambda: attributor.compute_influence_all(q, topk=10, **kw), 1)
+                first = best_of(lambda: attributor.compute_influence_all(q, topk=10, **kw), 1)
                 block = torch.randn(min(n_rows, ROOFLINE_ROWS), q.grads.shape[1])
                 product = torch.empty(nq, block.shape[0])
                 arms = {"roofline": (block.shape[0],
@@ -97,7 +89,7 @@ def measure(rows_list, query_list, curve_rows, dtype, repeats, block_rows) -> li
                 stop, peaks = peak_sampler()
                 for _ in range(repeats):  # interleaved: the machine's load hits every arm
                     for arm, (_, fn) in arms.items():
-                        seconds[arm].append(best(fn, 1))
+                        seconds[arm].append(best_of(fn, 1))
                 stop.set()
                 time.sleep(0.02)
                 point = {"rows": n_rows, "queries": nq, "dtype": dtype, "write_s": written,

@@ -20,9 +20,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import logix
-from logix.storage import reader as reader_module
-from logix.storage.reader import LogReader
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import logix  # noqa: E402
+from _common import best_of  # noqa: E402
+from logix.storage import reader as reader_module  # noqa: E402
+from logix.storage.reader import LogReader  # noqa: E402
 
 
 def make_model(width: int = 512, depth: int = 4, classes: int = 10) -> nn.Module:
@@ -57,15 +60,6 @@ def query_log(run, model, n_queries: int):
     with run(data_id=[f"q{i}" for i in range(n_queries)]):
         F.cross_entropy(model(x), y, reduction="sum").backward()
     return run.get_log(copy=True)
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def roofline_seconds(reader: LogReader, queries) -> float:

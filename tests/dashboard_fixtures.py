@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Dict
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -100,3 +102,24 @@ def snapshot(root: str) -> Dict[str, tuple]:
             st = os.stat(os.path.join(folder, name))
             out[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The projects of `build_root` in a fresh folder (one per test module)."""
+    path = str(tmp_path_factory.mktemp("ui"))
+    info = build_root(path)
+    info["root"] = path
+    return info
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    """`logix ui` over `root` on a free local port; its base URL."""
+    from logix.dashboard import make_server
+
+    srv = make_server([root["root"]], port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()

@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import struct
-import threading
 import urllib.error
 import urllib.request
 import zlib
@@ -16,31 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from dashboard_fixtures import N_TEST, N_TRAIN, TOKENS, build_root, snapshot
+from dashboard_fixtures import N_TEST, N_TRAIN, TOKENS, snapshot
+from dashboard_fixtures import root, server  # noqa: F401 (fixtures)
 from logix.cli import main
-from logix.dashboard import build_report, make_server
+from logix.dashboard import build_report
 from logix.dashboard.plots import png_data_uri
 from logix.errors import UsageError
 from logix.evaluation import load_results
 from logix.storage.content import load_content
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ui"))
-    info = build_root(path)
-    info["root"] = path
-    return info
-
-
-@pytest.fixture(scope="module")
-def server(root):
-    srv = make_server([root["root"]], port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
 
 
 def get(url: str):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import threading
 import zlib
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from dashboard_fixtures import N_TRAIN, TOKENS, build_root
+from dashboard_fixtures import N_TRAIN, TOKENS
+from dashboard_fixtures import root, server  # noqa: F401 (fixtures)
 
 _MISSING = [name for name, binary in (("chromium", "chromium"),
                                       ("chromium-driver", "chromedriver"))
@@ -29,25 +29,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 _WAIT = 60  # seconds a page may take on a loaded machine (a ceiling, not a measurement)
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("browser"))
-    info = build_root(path)
-    info["root"] = path
-    return info
-
-
-@pytest.fixture(scope="module")
-def server(root):
-    from logix.dashboard import make_server
-
-    srv = make_server([root["root"]], port=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
 
 
 @pytest.fixture(scope="module")
