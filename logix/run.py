@@ -231,7 +231,7 @@ class Run:
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
         keep = None
         if writes:  # refusals come before anything of the step runs
-            self._session.open(self._new_manifest(), self._save_projections,
+            self._session.open(self._new_manifest, self._save_projections,
                                self._statistics_loaded, self._rows_per_shard())
             if self._statistics_loaded and self.plan.covariances:
                 # The loaded statistics join this session's once, after the all-reduce at
@@ -336,7 +336,7 @@ class Run:
         known = self._session.manifest or load_optional(self.project_dir)
         if known is not None and name in known.checkpoints:
             raise UsageError(f"Checkpoint {name!r} is already in this log; use a new name.")
-        writer = self._session.open(self._new_manifest(), self._save_projections,
+        writer = self._session.open(self._new_manifest, self._save_projections,
                                     self._statistics_loaded, self._rows_per_shard()) \
             if self._save else None
         outer = self.statistics

@@ -42,12 +42,14 @@ class LogSession:
         return self.writer is not None and bool(self.writer.pending_rows + len(self.manifest.shards))
 
     # ------------------------------------------------------------------ opening
-    def open(self, manifest: Manifest, save_projections: Callable[[], None],
+    def open(self, new_manifest: Callable[[], Manifest], save_projections: Callable[[], None],
              statistics_loaded: bool, rows_per_shard: int) -> ShardWriter:
-        """Start writing rows of `manifest`'s layout, appending to the log already in the folder
-        when its layout matches (refused otherwise). Idempotent."""
+        """Start writing rows of `new_manifest()`'s layout, appending to the log already in the
+        folder when its layout matches (refused otherwise). Idempotent: once open, it returns
+        the writer at once (called at every step)."""
         if self.writer is not None:
             return self.writer
+        manifest = new_manifest()
         os.makedirs(self.project_dir, exist_ok=True)
         existing = load_optional(self.project_dir)
         if existing is not None and not existing.shards:
