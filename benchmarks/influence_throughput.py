@@ -92,7 +92,7 @@ def naive_pairs_per_second(reader: LogReader, test, limit: int) -> float:
 
 
 def verification_cost(reader: LogReader) -> dict:
-    """MB/s of the first-read sha256 check of every shard against a plain read of the same bytes
+    """MB/s of the first-read checksum check of every shard against a plain read of the same bytes
     (page cache warm for both), and the cost of a cached check."""
     paths = [(os.path.join(reader.project_dir, s.file), s) for s in reader.shards]
     size = sum(s.bytes for _, s in paths) / 1e6
@@ -200,7 +200,7 @@ def main() -> None:
         print(f"{name:38s} {value:12.3e} {value / roofline:12.2f} {value / naive:10.1f}")
 
     cost = verification_cost(reader)
-    print(f"\nshard verification ({cost['MB']:.0f} MB): sha256 {cost['verify_MBps']:.0f} MB/s vs "
+    print(f"\nshard verification ({cost['MB']:.0f} MB): checksum {cost['verify_MBps']:.0f} MB/s vs "
           f"plain read {cost['plain_MBps']:.0f} MB/s, once per process; cached check "
           f"{cost['cached_ms']:.2f} ms for {len(reader.shards)} shards")
 

@@ -82,14 +82,14 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check every shard against the manifest",
                             description="Check that every shard named in the manifest exists, "
-                                        "has the recorded size and sha256, and holds a 'grad' "
+                                        "has the recorded size and checksum, and holds a 'grad' "
                                         "tensor of the manifest's width, dtype and row count; "
                                         "report stray files and duplicate data ids. Exit 1 on "
                                         "any error. Run it on a log no process is writing.")
     verify.add_argument("dir", metavar="DIR", help="the project folder (<root_dir>/<project>)")
     verify.add_argument("-v", "--verbose", action="store_true", help="list shards that pass")
     verify.add_argument("--no-hash", action="store_true",
-                        help="skip the sha256 check (sizes and headers only; fast)")
+                        help="skip the checksum check (sizes and headers only; fast)")
     verify.add_argument("--strict", action="store_true", help="treat warnings as errors")
     verify.set_defaults(handler=_cmd_verify)
 
@@ -330,12 +330,12 @@ def _cmd_show(args) -> int:
         out.print(_index_table(info["indexes"]))
     if args.shards:
         table = Table(title="shards")
-        for column in ("file", "rank", "seq", "rows", "bytes", "sha256"):
+        for column in ("file", "rank", "seq", "rows", "bytes", "checksum"):
             table.add_column(column, overflow="fold", no_wrap=column == "file",
-                             justify="left" if column in ("file", "sha256") else "right")
+                             justify="left" if column in ("file", "checksum") else "right")
         for s in manifest.shards:
             table.add_row(_esc(s.file), str(s.rank), str(s.seq), str(s.rows), str(s.bytes),
-                          _esc(str(s.sha256)[:12]))
+                          _esc(s.checksum[:15]))
         out.print(table)
     return EXIT_OK
 
@@ -370,7 +370,7 @@ def _cmd_verify(args) -> int:
         out.print(f"[yellow]WARN[/yellow]  {_esc(message)}")
     failed = bool(report.errors) or (args.strict and bool(report.warnings))
     verdict = "[red]FAILED[/red]" if failed else "[green]OK[/green]"
-    hashed = "" if report.hashed else " (sha256 not checked: --no-hash)"
+    hashed = "" if report.hashed else " (checksums not checked: --no-hash)"
     out.print(f"{verdict}: {_plural(report.shards, 'shard')} "
               f"({_plural(report.rows, 'row')}) in the manifest, "
               f"{_human_bytes(report.bytes_read)} read{hashed}; "

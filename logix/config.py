@@ -99,7 +99,7 @@ class InfluenceConfig:
     lissa_tol: float = _help("hessian='lissa': stop once every query's relative residual "
                              "||g - (F + damping I) x|| / ||g|| is at most this.", 1e-4)
     verify: bool = _help(
-        "Check each shard's sha256 against the manifest the first time a process reads it "
+        "Check each shard's checksum against the manifest the first time a process reads it "
         "(cached by path, size and modification time); false reads shards unchecked.", True)
 
     def __post_init__(self) -> None:

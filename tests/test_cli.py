@@ -84,7 +84,7 @@ def test_show_json_matches_the_log_on_disk(log_dir, capsys):
     code, out, _ = cli(capsys, "show", log_dir, "--json", "--shards")
     assert code == 0
     info = json.loads(out)
-    assert info["project"] == "demo" and info["format_version"] == 1
+    assert info["project"] == "demo" and info["format_version"] == 2
     assert info["dtype"] == "float32"
     assert [m["name"] for m in info["modules"]] == ["0", "2"]
     assert [m["gradient"] for m in info["modules"]] == [[HIDDEN, IN], [OUT, HIDDEN]]
@@ -161,7 +161,7 @@ def test_verify_names_a_shard_with_flipped_bytes(log_dir, capsys):
     assert code == 1
     errors = [line for line in out.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1
-    assert "shard-r0-000001" in errors[0] and "sha256" in errors[0]
+    assert "shard-r0-000001" in errors[0] and "crc32" in errors[0]
     assert "FAILED" in out
 
 
@@ -195,7 +195,8 @@ def test_verify_checks_width_against_the_manifest_not_only_the_hash(log_dir, cap
     import hashlib
 
     def fix(manifest):
-        manifest["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        manifest["shards"][0].update(bytes=len(data),
+                                     checksum="sha256:" + hashlib.sha256(data).hexdigest())
 
     _edit_manifest(log_dir, fix)
     code, out, _ = cli(capsys, "verify", log_dir)
@@ -466,5 +467,5 @@ def test_verify_is_a_storage_function_whose_report_the_cli_prints(log_dir):
         f.write(b"\xff\xff\xff\xff")
     damaged = verify(log_dir)
     assert not damaged.ok and len(damaged.ok_shards) == 2
-    assert any("sha256" in e and report.ok_shards[1] in e for e in damaged.errors)
+    assert any("crc32" in e and report.ok_shards[1] in e for e in damaged.errors)
     assert verify(log_dir, hashing=False).ok  # size and header are intact

@@ -50,7 +50,7 @@ def test_corrupted_shard_is_refused_naming_it(tmp_path):
     flip_bytes(os.path.join(run.project_dir, shard.file), value=0x7F)
     with pytest.raises(LogFormatError, match=shard.file.split("/")[-1]) as info:
         run.compute_influence_all(test, hessian="none")
-    assert "sha256" in str(info.value) and "verify=False" in str(info.value)
+    assert "crc32" in str(info.value) and "verify=False" in str(info.value)
     unchecked = run.compute_influence_all(test, hessian="none",
                                           loader=LogReader(run.project_dir, verify=False))
     changed = (unchecked["influence"] != clean).any(0)
@@ -70,9 +70,9 @@ def test_truncated_shard_is_refused(tmp_path):
 def test_verification_runs_once_per_shard_and_process(tmp_path, monkeypatch):
     run, test = logged(tmp_path, setup=())  # no EK-FAC fit: finalize reads no shard
     hashed = []
-    real = reader_module.file_sha256
-    monkeypatch.setattr(reader_module, "file_sha256",
-                        lambda path: hashed.append(path) or real(path))
+    real = reader_module.file_checksum
+    monkeypatch.setattr(reader_module, "file_checksum",
+                        lambda path, algorithm: hashed.append(path) or real(path, algorithm))
     first = run.compute_influence_all(test, hessian="none", mode="cosine")["influence"]
     assert len(hashed) == len(run.reader().shards) == 3
     again = run.compute_influence_all(test, hessian="none", mode="cosine")["influence"]

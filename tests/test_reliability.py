@@ -454,7 +454,7 @@ def test_newer_format_version_is_refused_by_reader_and_resume(new_run, tmp_root)
     manifest["format_version"] = 99
     json.dump(manifest, open(path, "w"))
     before = (shard_files(project_dir), open(path).read())
-    message = r"format version 99; this LogIX reads versions up to 1\. Upgrade LogIX"
+    message = r"format version 99; this LogIX reads versions up to 2\. Upgrade LogIX"
     with pytest.raises(LogFormatError, match=message):
         LogReader(project_dir)
     with pytest.raises(LogFormatError, match=message):

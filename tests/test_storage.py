@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import zlib
 
 import pytest
 import torch
@@ -173,7 +174,7 @@ def test_shards_are_plain_safetensors_and_manifest_is_exact(new_run, tmp_root):
         assert len(shard_ids) == shard.rows
         data = open(path, "rb").read()
         assert shard.bytes == len(data) == os.path.getsize(path)
-        assert shard.sha256 == hashlib.sha256(data).hexdigest()
+        assert shard.checksum == f"crc32:{zlib.crc32(data):08x}"
         assert parse_shard_name(os.path.basename(shard.file)) == (shard.rank, shard.seq)
         seen_ids += shard_ids
         seen_rows.append(grad)
@@ -212,6 +213,95 @@ def test_second_run_appends_shards(new_run, tmp_root):
     # Both runs' statistics are kept (merged; tests/test_statistics.py checks the values).
     fresh = new_run("append").watch(make_mlp(seed=0)).initialize_from_log()
     assert fresh.statistics.counts[("0", "grad")] == len(ids1) + len(ids2)
+
+
+def as_format_1(project_dir):
+    """Rewrite a log's manifest and rank indexes as format version 1 recorded shards: a sha256
+    under "sha256" (no "checksum")."""
+    def old(entry):
+        with open(os.path.join(project_dir, entry.pop("checksum") and entry["file"]), "rb") as f:
+            return dict(entry, sha256=hashlib.sha256(f.read()).hexdigest())
+
+    path = os.path.join(project_dir, "manifest.json")
+    raw = json.load(open(path))
+    raw.update(format_version=1, shards=[old(s) for s in raw["shards"]])
+    json.dump(raw, open(path, "w"))
+    logs = os.path.join(project_dir, "logs")
+    for name in (n for n in os.listdir(logs) if n.endswith(".jsonl")):
+        lines = [json.dumps(old(json.loads(line))) for line in open(os.path.join(logs, name))]
+        open(os.path.join(logs, name), "w").write("\n".join(lines) + "\n")
+
+
+def damage(path):
+    """Flip a byte inside a shard's rows (the header still parses) and move its mtime, so a
+    process that verified it before checks it again."""
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def test_new_shards_record_a_crc32_and_corruption_is_caught(new_run, tmp_root):
+    from logix.storage.verify import verify
+
+    _, ids, rows = log_project(new_run, "crc", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "crc")
+    raw = json.load(open(os.path.join(project_dir, "manifest.json")))
+    assert raw["format_version"] == 2 and all(
+        s["checksum"].startswith("crc32:") and "sha256" not in s for s in raw["shards"])
+    assert verify(project_dir).ok
+    damage(os.path.join(project_dir, raw["shards"][1]["file"]))
+    with pytest.raises(LogFormatError, match="crc32 .* does not match"):
+        LogReader(project_dir).read_all()
+    report = verify(project_dir)
+    assert [raw["shards"][1]["file"] in e and "crc32" in e for e in report.errors] == [True]
+
+
+def test_format_1_log_with_sha256_is_read_verified_and_appended(new_run, tmp_root):
+    from logix.storage.verify import verify
+
+    _, ids1, rows1 = log_project(new_run, "v1", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "v1")
+    as_format_1(project_dir)
+    old = Manifest.load(project_dir).shards
+    assert old and all(s.checksum.startswith("sha256:") for s in old)
+    ids, rows = LogReader(project_dir).read_all()
+    assert ids == ids1 and torch.equal(rows, rows1) and verify(project_dir).ok
+    # A run appending to it records crc32 for its shards; the manifest says so per shard.
+    _, ids2, rows2 = log_project(new_run, "v1", shard_rows=4, first_id=9)
+    manifest = Manifest.load(project_dir)
+    assert manifest.shards[:len(old)] == old
+    assert all(s.checksum.startswith("crc32:") for s in manifest.shards[len(old):])
+    assert json.load(open(os.path.join(project_dir, "manifest.json")))["format_version"] == 2
+    ids, rows = LogReader(project_dir).read_all()
+    assert ids == ids1 + ids2 and torch.equal(rows, torch.cat([rows1, rows2]))
+    assert verify(project_dir).ok
+    damage(os.path.join(project_dir, old[0].file))
+    with pytest.raises(LogFormatError, match="sha256 .* does not match"):
+        LogReader(project_dir).read_all()
+    assert any("sha256" in e for e in verify(project_dir).errors)
+
+
+def test_index_built_from_a_format_1_log_stays_fresh_and_verifies(new_run, tmp_root):
+    from logix.index.rows import RowStore
+    from logix.index.store import FRESH, IndexManifest, layout_of, state
+
+    _, ids, rows = log_project(new_run, "v1index", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "v1index")
+    as_format_1(project_dir)
+    manifest = Manifest.load(project_dir)
+    held = [{"file": s.file, "sha256": s.checksum.split(":")[1], "rows": s.rows}
+            for s in manifest.shards]  # what an index built before format 2 recorded
+    layout = layout_of(manifest)
+    index = IndexManifest(name="i", kind="flat", mode="dot", faiss={}, layout=layout,
+                          shards=held)
+    assert state(index, manifest.shards, layout)[0] == FRESH
+    store = RowStore(project_dir, held, manifest.dim)
+    assert torch.equal(store.read(torch.arange(len(ids))), rows)
+    damage(os.path.join(project_dir, held[0]["file"]))
+    with pytest.raises(LogFormatError, match="sha256 .* does not match"):
+        store.read(torch.arange(2))
 
 
 @pytest.mark.parametrize("change", [dict(rank=4), dict(log_dtype="bfloat16"), dict(seed=1)],

@@ -295,7 +295,7 @@ def _manifest(path: str):
 
 
 def _verify(path: str, hashing: bool) -> Dict[str, Any]:
-    """`logix verify` (without sha256 unless `hashing`): {"ok", "errors", "warnings"}."""
+    """`logix verify` (without checksums unless `hashing`): {"ok", "errors", "warnings"}."""
     from logix.storage.verify import verify
 
     try:

@@ -161,7 +161,7 @@ def project_page(data: Dict[str, Any], links: Links) -> str:
 
 def _verify_html(verify: Dict[str, Any]) -> str:
     status = "OK" if verify["ok"] else "FAILED"
-    hashed = "" if verify["hashed"] else " (sizes and headers; sha256 not checked)"
+    hashed = "" if verify["hashed"] else " (sizes and headers; checksums not checked)"
     items = [f'<li class="err">ERROR {escape(e)}</li>' for e in verify["errors"]]
     items += [f'<li class="warn">WARN {escape(w)}</li>' for w in verify["warnings"]]
     return (f'<h2>Verify</h2><p id="verify-status" class="{status.lower()}">{status}: '

@@ -17,14 +17,14 @@ from logix.storage.reader import map_shard, verify_file
 
 
 class RowStore:
-    """`verify`: check each shard's sha256 (recorded when the index was built) the first time
+    """`verify`: check each shard's checksum (recorded when the index was built) the first time
     this process reads it, as LogReader does, so a changed shard is never scored."""
 
     def __init__(self, project_dir: str, shards: Sequence[dict], dim: int,
                  verify: bool = True) -> None:
         self.project_dir = project_dir
         self.files = [s["file"] for s in shards]
-        self.sha256 = [s["sha256"] for s in shards]
+        self.checksums = [s.get("checksum") or s["sha256"] for s in shards]
         self.verify = verify
         self.dim = dim
         sizes = torch.tensor([s["rows"] for s in shards], dtype=torch.long)
@@ -39,7 +39,7 @@ class RowStore:
             raise LogFormatError(f"Shard {path!r} held by the index is missing; rebuild the "
                                  f"index (logix index DIR --rebuild).") from None
         if self.verify:
-            verify_file(path, self.sha256[s])
+            verify_file(path, self.checksums[s])
         return path, stat.st_size, stat.st_mtime_ns
 
     def locate(self, positions: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """``<project>/index/<name>/``: one FAISS file and its manifest (index.json), which names the
-shards it holds (with sha256), the layout, mode and curvature it serves, and its parameters.
+shards it holds (with checksums), the layout, mode and curvature it serves, and its parameters.
 An index is fresh when its shards are exactly the log's, behind when the log has only gained
 shards (an incremental update reads the new ones), and stale otherwise (refused)."""
 
@@ -32,7 +32,7 @@ class IndexManifest:
     curvature: Optional[dict] = None  # cosine only: hessian, damping, key
     sketch: Optional[dict] = None  # width, seed
     part: dict = field(default_factory=lambda: {"rank": 0, "world": 1})
-    shards: List[dict] = field(default_factory=list)  # file, sha256, rows (index row order)
+    shards: List[dict] = field(default_factory=list)  # file, checksum, rows (index row order)
     rows: int = 0
     bytes: int = 0
     build_seconds: float = 0.0
@@ -81,7 +81,7 @@ def layout_of(log_manifest) -> dict:
 
 
 def shard_entries(shards) -> List[dict]:
-    return [{"file": s.file, "sha256": s.sha256, "rows": s.rows} for s in shards]
+    return [{"file": s.file, "checksum": s.checksum, "rows": s.rows} for s in shards]
 
 
 def state(manifest: IndexManifest, shards, layout: dict) -> Tuple[str, str]:
@@ -90,16 +90,26 @@ def state(manifest: IndexManifest, shards, layout: dict) -> Tuple[str, str]:
         return STALE, (f"it was built for another row layout or projection ({manifest.layout}; "
                        f"the log now has {layout})")
     current = shard_entries(shards)
-    held = manifest.shards
+    held = [_current_form(entry) for entry in manifest.shards]
     for i, entry in enumerate(held):
         if i >= len(current):
             return STALE, f"shard {entry['file']!r} it holds is no longer in the log"
         if current[i] != entry:
-            return STALE, (f"shard {entry['file']!r} changed (sha256 or rows differ, or shards "
+            return STALE, (f"shard {entry['file']!r} changed (checksum or rows differ, or shards "
                            f"were reordered)")
     if len(current) > len(held):
         return BEHIND, f"{len(current) - len(held)} shard(s) were logged after it was built"
     return FRESH, "up to date"
+
+
+def _current_form(entry: dict) -> dict:
+    """An index manifest's shard entry as `shard_entries` writes it now: indexes built before
+    log format 2 record "sha256": <hex> instead of "checksum"."""
+    if "sha256" not in entry:
+        return entry
+    entry = dict(entry)
+    entry["checksum"] = "sha256:" + entry.pop("sha256")
+    return entry
 
 
 def default_name(kind: str, mode: str, quantize: Optional[str], sketch: Optional[int],

@@ -188,7 +188,7 @@ class Attributor:
         k most helpful and k most harmful training examples. out=path: write the full scores to
         a safetensors file (not with topk). Arguments follow the config's rules (damping >= 0,
         ...); a damped curvature that is singular, or scores with NaN/inf, raise UsageError.
-        Shards are checked against the manifest's sha256 once per process (config
+        Shards are checked against the manifest's checksums once per process (config
         influence.verify; or pass loader=LogReader(dir, verify=False)).
 
         method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
@@ -362,7 +362,7 @@ class Attributor:
         """[n_train, groups] g^T (H + lambda I)^-1 g per group, cached beside the logs."""
         digest = hashlib.sha256(json.dumps({
             "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
-            "shards": [(s.file, s.sha256) for s in reader.shards]},
+            "shards": [(s.file, s.checksum) for s in reader.shards]},
             sort_keys=True, default=str).encode())
         _hash_tensors(digest, plan)
         key = digest.hexdigest()[:24]

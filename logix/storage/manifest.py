@@ -42,7 +42,7 @@ class ShardEntry:
     file: str  # relative to the project folder
     rows: int
     bytes: int
-    sha256: str
+    checksum: str  # "<algorithm>:<hex>" of the whole file, e.g. "crc32:0a1b2c3d"
     rank: int
     seq: int
     checkpoint: Optional[str] = None  # set for rows logged inside run.checkpoint(...)
@@ -79,6 +79,7 @@ class Manifest:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["shards"].sort(key=lambda s: (s["rank"], s["seq"]))  # writers append in any order
+        out["format_version"] = FORMAT_VERSION  # the form these shard entries are written in
         out["dim"] = self.dim
         out["rows"] = self.rows
         return out
@@ -113,7 +114,7 @@ class Manifest:
                 raise LogFormatError(f"{path!r} is not readable: {e}") from e
             for number, line in enumerate(lines):
                 try:
-                    shard = _typed(ShardEntry, json.loads(line))
+                    shard = shard_entry(json.loads(line))
                 except (ValueError, TypeError) as e:
                     if number == len(lines) - 1:
                         break  # torn by a crash mid-append
@@ -189,7 +190,7 @@ def read_manifest(project_dir: str) -> Tuple[Manifest, dict]:
             project=data["project"], dtype=data["dtype"],
             modules=[_typed(ModuleEntry, m) for m in data["modules"]],
             projection=data.get("projection", {}), config=data.get("config", {}),
-            shards=[_typed(ShardEntry, s) for s in data.get("shards", [])],
+            shards=[shard_entry(s) for s in data.get("shards", [])],
             checkpoints=data.get("checkpoints", {}), format_version=version)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
@@ -214,6 +215,15 @@ def _field_problems(manifest: Manifest) -> List[str]:
     if not isinstance(manifest.projection, dict):
         problems.append(f"projection={manifest.projection!r} is not an object")
     return problems
+
+
+def shard_entry(data) -> ShardEntry:
+    """A ShardEntry from its JSON form; a version 1 entry records "sha256": <hex> instead of
+    "checksum"."""
+    if isinstance(data, dict) and "sha256" in data and "checksum" not in data:
+        data = dict(data)
+        data["checksum"] = "sha256:" + data.pop("sha256")
+    return _typed(ShardEntry, data)
 
 
 def _typed(cls, data):

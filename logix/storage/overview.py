@@ -41,7 +41,7 @@ def summary(project_dir: str, manifest, list_shards: bool = False) -> Dict:
     }
     if list_shards:
         out["shards"]["files"] = [{"file": s.file, "rank": s.rank, "seq": s.seq, "rows": s.rows,
-                                   "bytes": s.bytes, "sha256": s.sha256}
+                                   "bytes": s.bytes, "checksum": s.checksum}
                                   for s in manifest.shards]
     return out
 

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from logix.errors import LogFormatError
-from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, TORCH_DTYPES, file_sha256,
-                                  read_header)
+from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, TORCH_DTYPES, file_checksum,
+                                  read_header, split_checksum)
 from logix.storage.manifest import Manifest, ShardEntry
 
 
@@ -25,7 +25,7 @@ class LogReader:
                  block_rows: int = 8192, checkpoint: Optional[str] = None,
                  verify: bool = True) -> None:
         """checkpoint: read the rows logged inside run.checkpoint(name) instead of the plain
-        (untagged) rows. verify: check each shard's size and sha256 against the manifest the
+        (untagged) rows. verify: check each shard's size and checksum against the manifest the
         first time this process reads it (see `verify_shard`); False skips the check."""
         self.project_dir = project_dir
         self.manifest = manifest if manifest is not None else Manifest.load(project_dir)
@@ -161,21 +161,22 @@ def block_layout(shard_rows: List[int], block_rows: int, unit: Optional[int] = N
     return blocks
 
 
-_verified: Set[Tuple[str, int, int, str]] = set()  # (real path, size, mtime_ns, sha256)
+_verified: Set[Tuple[str, int, int, str]] = set()  # (real path, size, mtime_ns, checksum)
 _verified_lock = threading.Lock()
 
 
 def verify_shard(path: str, shard: ShardEntry) -> None:
-    """Raise LogFormatError unless the file's size and sha256 are the ones the manifest recorded.
-    The whole file is hashed once per process; later reads of the same path, size and
+    """Raise LogFormatError unless the file's size and checksum are the ones the manifest
+    recorded. The whole file is hashed once per process; later reads of the same path, size and
     modification time are free."""
-    verify_file(path, shard.sha256, shard.bytes)
+    verify_file(path, shard.checksum, shard.bytes)
 
 
-def verify_file(path: str, sha256: str, size: Optional[int] = None) -> None:
-    """`verify_shard` for any reader that knows a shard's recorded sha256 (and size)."""
+def verify_file(path: str, checksum: str, size: Optional[int] = None) -> None:
+    """`verify_shard` for any reader that knows a shard's recorded checksum ("<algorithm>:<hex>"
+    or a bare sha256 hex digest) and size."""
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, sha256)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, checksum)
     if key in _verified:
         return
     fix = ("Restore or re-log it (`logix verify` checks every shard of a project), or pass "
@@ -183,10 +184,11 @@ def verify_file(path: str, sha256: str, size: Optional[int] = None) -> None:
     if size is not None and stat.st_size != size:
         raise LogFormatError(f"Shard {path!r} is {stat.st_size} bytes but the manifest recorded "
                              f"{size}: it was truncated or changed. " + fix)
-    digest = file_sha256(path)
-    if digest != sha256:
-        raise LogFormatError(f"Shard {path!r} is corrupt: its sha256 {digest[:16]}... does not "
-                             f"match the recorded {sha256[:16]}.... " + fix)
+    algorithm, recorded = split_checksum(checksum)
+    digest = file_checksum(path, algorithm)
+    if digest != recorded:
+        raise LogFormatError(f"Shard {path!r} is corrupt: its {algorithm} {digest[:16]}... does "
+                             f"not match the recorded {recorded[:16]}.... " + fix)
     with _verified_lock:
         _verified.add(key)
 

@@ -1,5 +1,5 @@
 """`logix verify` as a function: check every shard of a log against its manifest (size,
-sha256, header, width, dtype, rows, data ids), the state files against the layout, and report
+checksum, header, width, dtype, rows, data ids), the state files against the layout, and report
 stray files, in bounded memory. `verify(project_dir)` returns a `VerifyReport`; the CLI and the
 dashboard print it."""
 
@@ -12,8 +12,8 @@ from typing import Callable, Dict, List, Optional
 
 from logix.errors import LogFormatError
 from logix.storage.format import (DATA_IDS_KEY, DTYPES, GRAD_KEY, ITEMSIZE, KEY_SEP, LOGS_DIR,
-                                  SAFETENSORS_DTYPES, STATE_DIR, TMP_SUFFIX, file_sha256,
-                                  parse_shard_name, read_header)
+                                  SAFETENSORS_DTYPES, STATE_DIR, TMP_SUFFIX, file_checksum,
+                                  parse_shard_name, read_header, split_checksum)
 from logix.storage.manifest import INDEX_PREFIX, INDEX_SUFFIX, read_manifest
 from logix.storage.overview import projections_info, statistics_info
 
@@ -116,15 +116,16 @@ def _check_shard(project_dir: str, manifest, shard, report: VerifyReport, hashin
         what = "truncated?" if size < shard.bytes else "extra bytes?"
         report.error(f"shard {name!r} is {size} bytes; the manifest says {shard.bytes} ({what}).")
     if hashing:
+        algorithm, recorded = split_checksum(shard.checksum)
         try:
-            digest = file_sha256(path, advance)
-        except OSError as e:
-            report.error(f"shard {name!r} cannot be read: {e}.")
+            digest = file_checksum(path, algorithm, advance)
+        except (OSError, LogFormatError) as e:
+            report.error(f"shard {name!r} cannot be checked: {e}")
             return 0
-        if digest != shard.sha256:
-            report.error(f"shard {name!r}: sha256 {digest[:16]}... does not match "
-                         f"the manifest's {str(shard.sha256)[:16]}...; its bytes changed after "
-                         "it was written.")
+        if digest != recorded:
+            report.error(f"shard {name!r}: {algorithm} {digest[:16]}... does not match "
+                         f"the manifest's {recorded[:16]}...; its bytes changed after it was "
+                         "written.")
     ids = _check_shard_header(path, name, size, manifest, shard, report)
     if ids is not None:
         for i in ids:

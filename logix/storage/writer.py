@@ -168,10 +168,10 @@ class ShardWriter:
                                     {DATA_IDS_KEY: json.dumps(ids)})
         name = shard_name(self.rank, seq)
         os.makedirs(os.path.join(self.project_dir, LOGS_DIR), exist_ok=True)
-        sha256 = atomic_write(os.path.join(self.project_dir, LOGS_DIR, name), header,
-                              tensor_bytes(rows))
+        checksum = atomic_write(os.path.join(self.project_dir, LOGS_DIR, name), header,
+                                tensor_bytes(rows))
         size = len(header) + rows.numel() * rows.element_size()
         entry = ShardEntry(file=f"{LOGS_DIR}/{name}", rows=rows.shape[0], bytes=size,
-                           sha256=sha256, rank=self.rank, seq=seq, checkpoint=tag)
+                           checksum=checksum, rank=self.rank, seq=seq, checkpoint=tag)
         with self._announce:
             self.on_shard(entry)
