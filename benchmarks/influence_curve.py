@@ -10,7 +10,7 @@ in the layout of the 4 x 512 MLP with LoGra rank 32 (4,096 numbers per row), sto
 * roofline: `queries @ rows.T` in float32 with the rows resident in memory (a block of at most
   65,536 rows, timed and scaled: a GEMM's rate does not depend on the row count beyond that);
 * streamed: `Attributor.compute_influence_all(hessian="none")`, full matrix and top-10, with the
-  shards in the page cache (a first pass warms it and does the once-per-process sha256 check);
+  shards in the page cache (a first pass warms it and does the once-per-process checksum check);
 * peak anonymous RSS during the timed passes (the roofline's block and product are allocated
   before sampling starts), beside the block budget (`block_rows` x dim x 4 bytes).
 
@@ -98,7 +98,7 @@ def measure(rows_list, query_list, curve_rows, dtype, repeats, block_rows) -> li
                          "block_MiB": block_rows * q.grads.shape[1] * 4 / 2**20}
                 for arm, (rows, _) in arms.items():
                     point[arm] = rows * nq / min(seconds[arm])
-                del block, product
+                block = product = None  # free the roofline block before the next log
                 points.append(point)
                 print(json.dumps(point), flush=True)
             shutil.rmtree(run.project_dir)

@@ -256,6 +256,32 @@ def test_topk_equals_sorting_and_out_equals_memory(tmp_path):
     assert loaded["tgt_ids"] == full["tgt_ids"] and loaded["src_ids"] == full["src_ids"]
 
 
+def test_streamed_topk_and_score_files_reuse_one_block_buffer(tmp_path, monkeypatch):
+    import logix.influence.attributor as attributor
+    import logix.influence.scoring as scoring
+
+    for module in (attributor, scoring):  # 8-row chunks: 50 rows stream in 4 blocks of 16
+        monkeypatch.setattr(module, "SCORE_CHUNK", 8)
+    buffers = []
+    monkeypatch.setattr(attributor, "score_buffer",
+                        lambda *a: buffers.append(a) or scoring.score_buffer(*a))
+    model = make_mlp()
+    x, y = mlp_data(50)
+    run = log_run(tmp_path, model, x, y, shard_rows=9)
+    test = query_log(run, model, x, y)
+    full = run.compute_influence_all(test, hessian="none", block_rows=16)
+    assert [n for n, _, _ in buffers] == [50]  # the full matrix, allocated once
+    top = run.compute_influence_all(test, hessian="none", topk=5, block_rows=16)
+    values, index = full["influence"].sort(1, descending=True)
+    assert torch.equal(top["top_scores"], values[:, :5])
+    assert top["top_ids"] == [[full["tgt_ids"][i] for i in row] for row in index[:, :5].tolist()]
+    assert torch.equal(top["bottom_scores"], values[:, -5:].flip(1))
+    written = run.compute_influence_all(test, hessian="none", block_rows=16,
+                                        out=str(tmp_path / "s.safetensors"))
+    assert torch.equal(load_scores(written["path"])["influence"], full["influence"])
+    assert [n for n, _, _ in buffers] == [50, 16, 16]  # one block buffer per streamed query
+
+
 def test_scores_do_not_depend_on_shard_or_block_size(tmp_path):
     model = make_mlp()
     x, y = mlp_data(70)

@@ -270,8 +270,9 @@ class Attributor:
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
                                      meta={**plan.meta, "project": self.project})
         top = TopK(topk, len(names) * n_query) if topk is not None else None
-        full = None if (writer or top) else score_buffer(n_train, len(names) * n_query,
-                                                         plan.device)
+        width = len(names) * n_query
+        full = None if (writer or top) else score_buffer(n_train, width, plan.device)
+        spare = None  # top-k and score files: one block's scores, reused block after block
         tgt_ids: List = []
         start = 0
         blocks = reader.fixed_blocks(block_rows, unit=SCORE_CHUNK)
@@ -280,7 +281,12 @@ class Attributor:
             for ids, rows in track(blocks, total_blocks, "Scoring", progress):
                 n = rows.shape[0]
                 norms = None if train_norms is None else train_norms[start:start + n]
-                slab = None if full is None else full[start:start + n]
+                if full is not None:
+                    slab = full[start:start + n]
+                else:
+                    if spare is None or spare.shape[0] < n:
+                        spare = score_buffer(n, width, plan.device)
+                    slab = spare[:n]
                 scores = plan.score(rows.to(plan.device), norms, out=slab)  # [n, G * n_query]
                 if writer is not None:
                     for g, name in enumerate(names):
