@@ -22,7 +22,7 @@ What it measures (each model / configuration in a fresh subprocess, so peaks are
   skipped cleanly without it.
 * --profile: where the logging time goes on the MLP (fp32 logs, each thread setting): a ladder
   of epochs that adds one part of the logging path per rung (hooks + start()/end(); the append
-  copy into the shard buffer; header + streaming write + sha256; fsync), one epoch with timers
+  copy into the shard buffer; header + streaming write + crc32; fsync), one epoch with timers
   on those calls (wall and CPU time per thread), and each piece timed alone.
 
 The machine may be shared: every epoch records other processes' CPU use ("ext", in cores), the
@@ -370,7 +370,7 @@ def worker_old(p):
 LADDER = {"plain": None,
           "hooks + start()/end(), save(False)": (False, True, True),
           "+ append: copy rows into the shard buffer": (True, False, True),
-          "+ header, streaming write, sha256": (True, True, False),
+          "+ header, streaming write, crc32": (True, True, False),
           "+ fsync (full logging)": (True, True, True)}
 
 
@@ -461,7 +461,7 @@ def worker_profile(p):
         (W.ShardWriter, "_submit", "    _submit: queue a full buffer (waits while full)"),
         (W.ShardWriter, "_write", "_write: one shard, all of it"),
         (W, "safetensors_header", "  header"),
-        (W, "atomic_write", "  atomic_write: stream + sha256 + fsync + rename"),
+        (W, "atomic_write", "  atomic_write: stream + crc32 + fsync + rename"),
         (R.Run, "_on_shard", "  manifest update"),
         (os, "fsync", "fsync, every call (shard, folder, manifest, state)")]
 
@@ -505,7 +505,7 @@ def worker_profile(p):
 def _components(p, model, opt, batches, loss_fn, name_filter, root):
     """Each piece of the logging path alone, best of many repeats (so other processes' load
     mostly drops out): per step in microseconds, per shard in milliseconds."""
-    import hashlib
+    import zlib
 
     import torch
 
@@ -556,9 +556,9 @@ def _components(p, model, opt, batches, loss_fn, name_filter, root):
     path = os.path.join(root, "component.safetensors")
     sr = max(3, min(8, reps // 4))
     per_shard = {"header (json.dumps of the ids + safetensors_header)": _best(header, sr),
-                 "sha256 of the shard alone": _best(lambda: hashlib.sha256(body).digest(), sr)}
+                 "crc32 of the shard alone": _best(lambda: zlib.crc32(body), sr)}
     with _patched((os, "fsync", _no_fsync)):
-        per_shard["atomic_write with fsync off (page cache + sha256)"] = _best(
+        per_shard["atomic_write with fsync off (page cache + crc32)"] = _best(
             lambda: F.atomic_write(path, header(), body), sr)
     per_shard["atomic_write (+ fsync of file and folder, rename)"] = _best(
         lambda: F.atomic_write(path, header(), body), sr)
