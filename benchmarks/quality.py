@@ -1,10 +1,10 @@
 """Attribution quality per byte logged: LDS (and brittleness) for every curvature, projection,
-mode and method on four small cases.
+mode, damping and method on four small cases, next to the original LogIX and Kronfluence.
 
-    python benchmarks/quality.py                      # everything (~15-25 min on 2 shared cores)
+    python benchmarks/quality.py                      # ours only, 5 seeds (~5 min on 2 cores)
     python benchmarks/quality.py --cases mlp,staged   # some cases
-    python benchmarks/quality.py --out DIR --subsets 50 --brittle 5
-    python benchmarks/quality.py --make-peer-venv DIR  # also the original LogIX 0.1.1 (a venv)
+    python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
+    python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2  # + peers
 
 Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * mlp: tabular, 4 Gaussian classes in 16 dimensions with label noise; MLP 16-32-32-4 (tanh),
@@ -18,25 +18,34 @@ Cases (synthetic data, so nothing is downloaded; seeds fixed):
   stage 2: every class, 40 steps at lr 0.02; momentum 0.9), two checkpoints per stage, so the
   final model is not converged on classes 2-3. Adds methods ensemble, tracin and source.
 
-Every case: 240 training and 40 query examples. Logging passes: unprojected (full per-example
-gradients of every tracked layer), random LoGra rank 8, PCA LoGra ranks 8 and 4; each with
-the gradient covariance (raw) and forward/backward covariances (kfac, ekfac). Configurations:
-curvature none / raw / kfac / ekfac / lissa x mode dot / cosine (lissa: dot only, depth 300).
-LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets), one
-retraining seed, per-query losses, retrained outputs cached under --out/cache (resumable: a
-rerun trains nothing). Brittleness: for the best configuration of each case and for random
-scores, the first --brittle queries the model gets right; the fraction whose prediction flips
-after removing their k = 10 / 20 / 40 most helpful examples. Results: --out/results.json, a
-markdown table (printed, and --out/table.md) and --out/lds_vs_bytes.png (matplotlib, if
-installed).
+Every case: 240 training and 40 query examples; the attributed model is trained with seed 0.
+Logging passes: unprojected (full per-example gradients of every tracked layer), random LoGra
+rank 8, PCA LoGra ranks 8 and 4; each with the gradient covariance (raw) and forward/backward
+covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa x mode
+dot / cosine at the default damping (lissa: dot only, depth 300), and raw / kfac / ekfac with dot
+at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
+LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
+retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
+s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). Rows report the
+mean and std over seeds; the summary compares this library's best with each peer's best by a
+one-sided paired t-test over the same seeds (95%). (Each tool's best is picked by its mean over
+the same seeds, which favours tools with more configurations a little.) Brittleness: for the
+best configuration of each case and for random scores, the first --brittle queries the model
+gets right; the fraction whose prediction flips after removing their k = 10 / 20 / 40 most
+helpful examples. Results: --out/results.json, markdown tables (printed, and --out/table.md:
+every row, the per-case summary, the damping sweep averaged over cases) and
+--out/lds_vs_bytes.png (matplotlib, if installed).
 
-The original LogIX (PyPI logix-ai 0.1.1, whose import name `logix` clashes with this library's)
-runs in a subprocess under a separate venv: `--peer-venv PATH` uses an existing one,
-`--make-peer-venv PATH` creates it first. `_peer_logix.py` gets each case's trained weights and
-data, logs and scores with every projection (its own LoRA), curvature (none, raw, kfac, ekfac)
-and mode that 0.1.1 has, and hands back the score matrices; LDS is computed here with the same
-cached retrainings (rows `logix0.1.1 ...`). A configuration that fails keeps its error text in
-results.json and the table.
+Peers run in subprocesses under venvs of their own (their import names can clash with this
+library's, and their requirements with its pins); `--peer-venv PATH` / `--kronfluence-venv
+PATH` use existing ones, `--make-peer-venv PATH` / `--make-kronfluence-venv PATH` create them
+first (torch==2.13.0 installed first, so no CUDA build is pulled). Each worker gets the trained
+weights and data and hands back score matrices; LDS is computed here with the same cached
+retrainings. `_peer_logix.py` (PyPI logix-ai 0.1.1, rows `logix0.1.1 ...`): every projection
+(its own LoRA), curvature (none, raw, kfac, ekfac) and mode that 0.1.1 has.
+`_peer_kronfluence.py` (PyPI kronfluence 1.0.1, rows `kronfluence ...`): EK-FAC and K-FAC with
+its defaults (true Fisher, damping 1e-8) and with its damping heuristic (0.1 x mean eigenvalue,
+" d0.1"). A configuration that fails keeps its error text in results.json and the table.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ from _quality_cases import CASES, N_QUERY, N_TRAIN  # noqa: E402  (shared with _
 
 CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa")
 PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
+# also logged with true-Fisher K-FAC factors (a statistics pass on sampled labels; rows "-tf")
+FISHER_PROJECTIONS = (("none", None), ("pca", 8))
 DEFAULT_DAMPING = 0.1  # influence.relative_damping; its rows carry no " d..." suffix
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative damping swept: raw, kfac, ekfac, dot
 # one-sided 95% Student t quantiles by degrees of freedom, for the paired seed comparison
@@ -100,32 +111,47 @@ PEERS = {
 
 
 # ============================================================================ logging
-def log_pass(case, model, root, project, init, rank):
-    """One logging pass at the model's weights; returns (run, query log, bytes per example)."""
+def log_pass(case, model, root, project, init, rank, fisher=False):
+    """One logging pass at the model's weights; returns the run. fisher=True: the forward and
+    backward covariances (K-FAC's factors, EK-FAC's basis) come from a statistics pass whose
+    labels are sampled from the model's predictions (the true Fisher, as Kronfluence does by
+    default) instead of the logging pass's true labels (the empirical Fisher)."""
     run = logix.init(project, root_dir=str(root))
     run.watch(model)
-    everything = {"grad": ["log", "covariance"], "forward": ["covariance"],
-                  "backward": ["covariance"]}
+    factors = {"forward": ["covariance"], "backward": ["covariance"]}
     if init == "pca":
-        run.setup({"forward": ["covariance"], "backward": ["covariance"]})
+        run.setup(factors)
         run.save(False)
-        steps(run, case, model, range(N_TRAIN))
+        steps(run, case, model, range(N_TRAIN), sampled=fisher)
         run.add_lora(init="pca", rank=rank)
     elif init == "random":
         run.add_lora(init="random", rank=rank)
-    run.setup(everything)
+    if fisher:
+        run.setup(factors)
+        run.save(False)
+        steps(run, case, model, range(N_TRAIN), sampled=True)
+        run.setup({"grad": ["log", "covariance"]})
+    else:
+        run.setup({"grad": ["log", "covariance"], **factors})
     run.save(True)
     steps(run, case, model, range(N_TRAIN))
     run.finalize()
     return run
 
 
-def steps(run, case, model, ids, batch=40):
+def steps(run, case, model, ids, batch=40, sampled=False):
+    """Forward and backward over `ids` in batches under the run; sampled=True: with labels drawn
+    from the model's predictions (seeded), for true-Fisher statistics."""
     ids = list(ids)
+    generator = torch.Generator().manual_seed(0)
     for start in range(0, len(ids), batch):
         part = ids[start:start + batch]
         with run(data_id=part):
-            case.loss(model, case.x[part], None if case.y is None else case.y[part]).backward()
+            if sampled:
+                loss = case.sampled_loss(model, case.x[part], generator)
+            else:
+                loss = case.loss(model, case.x[part], None if case.y is None else case.y[part])
+            loss.backward()
         model.zero_grad()
 
 
@@ -145,12 +171,14 @@ def row_bytes(run) -> int:
 def score_grid(case, model, root):
     """{config name: (scores [n_query, n_train], bytes per example, extra)}."""
     out = {}
-    for init, rank in PROJECTIONS:
-        label = "full" if init == "none" else f"{init}{rank}"
-        run = log_pass(case, model, root, f"{case.name}-{label}", init, rank)
+    passes = [(init, rank, False) for init, rank in PROJECTIONS]
+    passes += [(init, rank, True) for init, rank in FISHER_PROJECTIONS]
+    for init, rank, fisher in passes:
+        label = ("full" if init == "none" else f"{init}{rank}") + ("-tf" if fisher else "")
+        run = log_pass(case, model, root, f"{case.name}-{label}", init, rank, fisher)
         test = query_log(run, case, model)
         run.config.influence.lissa_depth = 300
-        for hessian, mode, damping in grid_configs():
+        for hessian, mode, damping in grid_configs(("kfac", "ekfac") if fisher else CURVATURES):
             run.config.influence.relative_damping = damping
             t0 = time.time()
             result = run.compute_influence_all(test, hessian=hessian, mode=mode, progress=False)
@@ -163,14 +191,16 @@ def score_grid(case, model, root):
     return out
 
 
-def grid_configs():
-    """(hessian, mode, relative damping): every curvature and mode at the default damping
+def grid_configs(curvatures):
+    """(hessian, mode, relative damping): each curvature and mode at the default damping
     (lissa: dot only), and the damping sweep for raw, kfac and ekfac with dot."""
-    for hessian in CURVATURES:
+    for hessian in curvatures:
         for mode in ("dot", "cosine"):
             if not (hessian == "lissa" and mode == "cosine"):
                 yield hessian, mode, DEFAULT_DAMPING
     for hessian in ("raw", "kfac", "ekfac"):
+        if hessian not in curvatures:
+            continue
         for damping in DAMPINGS:
             if damping != DEFAULT_DAMPING:
                 yield hessian, "dot", damping
