@@ -437,9 +437,16 @@ def render_damping(rows):
     return "\n".join(lines)
 
 
+def swept(config: str) -> bool:
+    """Whether a configuration is a damping-sweep row (a last word like "d0.01")."""
+    last = config.split()[-1]
+    return last.startswith("d") and last[1:2].isdigit()
+
+
 def plot(rows, path):
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -454,13 +461,14 @@ def plot(rows, path):
         for r in rows:
             if r["case"] != case or r["config"] == "random" or r["lds"] is None:
                 continue
-            if " d" in r["config"]:  # the damping sweep: only the default damping is drawn
+            if swept(r["config"]):  # only the default damping is drawn
                 continue
             method, hessian = r["config"].split()[:2]
             ax.errorbar(r["bytes"], r["lds"], yerr=r["lds_std"], marker=markers[method],
                         color=colors[hessian], ms=5, ls="", elinewidth=0.6,
                         mfc="none" if method == "kronfluence" else None)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(case)
         ax.set_xlabel("bytes logged per example")
         ax.set_ylabel("LDS (mean ± std over seeds)")

@@ -51,3 +51,10 @@ def test_paired_significance():
     assert quality.paired([0.50, 0.40, 0.62], [0.45, 0.50, 0.50])[2] is False
     assert quality.paired([0.40, 0.41, 0.42], [0.50, 0.52, 0.51])[2] is False  # behind
     assert quality.paired([0.5], [0.4])[2] is None  # one seed: no test
+
+
+def test_swept_marks_only_damping_rows():
+    assert quality.swept("influence ekfac dot full d0.01")
+    assert quality.swept("kronfluence ekfac dot full d0.1")
+    assert not quality.swept("influence ekfac dot full")  # "dot" is not a damping
+    assert not quality.swept("influence kfac dot full-tf")
