@@ -28,6 +28,17 @@ class Case:
     def per_example_loss(self, model, x, y):
         return F.cross_entropy(model(x), y, reduction="none")
 
+    def logits(self, model, x):  # [..., classes]
+        return model(x)
+
+    def sampled_loss(self, model, x, generator):
+        """The summed loss with labels drawn from the model's own predictions: its gradients'
+        covariance is the true Fisher (the empirical Fisher uses the data's labels)."""
+        logits = self.logits(model, x).flatten(0, -2)  # [examples (x tokens), classes]
+        with torch.no_grad():
+            labels = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        return F.cross_entropy(logits, labels, reduction="sum")
+
     def margin(self, model, x, y):
         logits = model(x)
         true = logits.gather(1, y[:, None])[:, 0]
@@ -127,6 +138,9 @@ class LMCase(Case):
 
     def model(self):
         return TinyLM()
+
+    def logits(self, model, x):  # next-token logits [B, T - 1, vocab]
+        return model(x[:, :-1])
 
     def per_example_loss(self, model, x, y):
         logits = model(x[:, :-1])

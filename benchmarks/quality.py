@@ -1,10 +1,10 @@
 """Attribution quality per byte logged: LDS (and brittleness) for every curvature, projection,
-mode and method on four small cases.
+mode, damping and method on four small cases, next to the original LogIX and Kronfluence.
 
-    python benchmarks/quality.py                      # everything (~15-25 min on 2 shared cores)
+    python benchmarks/quality.py                      # ours only, 5 seeds (~5 min on 2 cores)
     python benchmarks/quality.py --cases mlp,staged   # some cases
-    python benchmarks/quality.py --out DIR --subsets 50 --brittle 5
-    python benchmarks/quality.py --make-peer-venv DIR  # also the original LogIX 0.1.1 (a venv)
+    python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
+    python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2  # + peers
 
 Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * mlp: tabular, 4 Gaussian classes in 16 dimensions with label noise; MLP 16-32-32-4 (tanh),
@@ -18,25 +18,34 @@ Cases (synthetic data, so nothing is downloaded; seeds fixed):
   stage 2: every class, 40 steps at lr 0.02; momentum 0.9), two checkpoints per stage, so the
   final model is not converged on classes 2-3. Adds methods ensemble, tracin and source.
 
-Every case: 240 training and 40 query examples. Logging passes: unprojected (full per-example
-gradients of every tracked layer), random LoGra rank 8, PCA LoGra ranks 8 and 4; each with
-the gradient covariance (raw) and forward/backward covariances (kfac, ekfac). Configurations:
-curvature none / raw / kfac / ekfac / lissa x mode dot / cosine (lissa: dot only, depth 300).
-LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets), one
-retraining seed, per-query losses, retrained outputs cached under --out/cache (resumable: a
-rerun trains nothing). Brittleness: for the best configuration of each case and for random
-scores, the first --brittle queries the model gets right; the fraction whose prediction flips
-after removing their k = 10 / 20 / 40 most helpful examples. Results: --out/results.json, a
-markdown table (printed, and --out/table.md) and --out/lds_vs_bytes.png (matplotlib, if
-installed).
+Every case: 240 training and 40 query examples; the attributed model is trained with seed 0.
+Logging passes: unprojected (full per-example gradients of every tracked layer), random LoGra
+rank 8, PCA LoGra ranks 8 and 4; each with the gradient covariance (raw) and forward/backward
+covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa x mode
+dot / cosine at the default damping (lissa: dot only, depth 300), and raw / kfac / ekfac with dot
+at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
+LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
+retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
+s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). Rows report the
+mean and std over seeds; the summary compares this library's best with each peer's best by a
+one-sided paired t-test over the same seeds (95%). (Each tool's best is picked by its mean over
+the same seeds, which favours tools with more configurations a little.) Brittleness: for the
+best configuration of each case and for random scores, the first --brittle queries the model
+gets right; the fraction whose prediction flips after removing their k = 10 / 20 / 40 most
+helpful examples. Results: --out/results.json, markdown tables (printed, and --out/table.md:
+every row, the per-case summary, the damping sweep averaged over cases) and
+--out/lds_vs_bytes.png (matplotlib, if installed).
 
-The original LogIX (PyPI logix-ai 0.1.1, whose import name `logix` clashes with this library's)
-runs in a subprocess under a separate venv: `--peer-venv PATH` uses an existing one,
-`--make-peer-venv PATH` creates it first. `_peer_logix.py` gets each case's trained weights and
-data, logs and scores with every projection (its own LoRA), curvature (none, raw, kfac, ekfac)
-and mode that 0.1.1 has, and hands back the score matrices; LDS is computed here with the same
-cached retrainings (rows `logix0.1.1 ...`). A configuration that fails keeps its error text in
-results.json and the table.
+Peers run in subprocesses under venvs of their own (their import names can clash with this
+library's, and their requirements with its pins); `--peer-venv PATH` / `--kronfluence-venv
+PATH` use existing ones, `--make-peer-venv PATH` / `--make-kronfluence-venv PATH` create them
+first (torch==2.13.0 installed first, so no CUDA build is pulled). Each worker gets the trained
+weights and data and hands back score matrices; LDS is computed here with the same cached
+retrainings. `_peer_logix.py` (PyPI logix-ai 0.1.1, rows `logix0.1.1 ...`): every projection
+(its own LoRA), curvature (none, raw, kfac, ekfac) and mode that 0.1.1 has.
+`_peer_kronfluence.py` (PyPI kronfluence 1.0.1, rows `kronfluence ...`): EK-FAC and K-FAC with
+its defaults (true Fisher, damping 1e-8) and with its damping heuristic (0.1 x mean eigenvalue,
+" d0.1"). A configuration that fails keeps its error text in results.json and the table.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,39 +69,89 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _quality_cases import CASES, N_QUERY, N_TRAIN  # noqa: E402  (shared with _peer_logix.py)
 
-PEER = "logix0.1.1"
-PEER_PACKAGES = ("torch==2.13.0", "numpy", "einops", "pyyaml", "tqdm", "safetensors", "rich")
 CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa")
 PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
+# also logged with true-Fisher K-FAC factors (a statistics pass on sampled labels; rows "-tf")
+FISHER_PROJECTIONS = (("none", None), ("pca", 8))
+DEFAULT_DAMPING = 0.1  # influence.relative_damping; its rows carry no " d..." suffix
+DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative damping swept: raw, kfac, ekfac, dot
+# one-sided 95% Student t quantiles by degrees of freedom, for the paired seed comparison
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
+       9: 1.833}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another tool run in its own venv: `install` is a list of pip argument lists, run in
+    order (torch first, so that nothing pulls a CUDA build); `check` imports it there."""
+    name: str
+    worker: str
+    install: tuple
+    check: str
+
+
+PEERS = {
+    "logix0.1.1": Peer(
+        "logix0.1.1", "_peer_logix.py",
+        (("torch==2.13.0",),
+         ("torch==2.13.0", "numpy", "einops", "pyyaml", "tqdm", "safetensors", "rich"),
+         # 0.1.1 declares requirements (an old torch, a python range) that this replaces
+         ("--no-deps", "--ignore-requires-python", "logix-ai==0.1.1")),
+        "import logix, sys; sys.exit(logix.__version__ != '0.1.1')"),
+    "kronfluence": Peer(
+        "kronfluence", "_peer_kronfluence.py",
+        (("torch==2.13.0",),
+         # what kronfluence 1.0.1 imports, pinned; torch stays the CPU build (its torchvision
+         # requirement is never imported)
+         ("torch==2.13.0", "accelerate==1.15.0", "einops==0.8.2", "einconv==0.1.0",
+          "opt-einsum==3.4.0", "safetensors", "tqdm", "numpy"),
+         ("--no-deps", "kronfluence==1.0.1")),
+        "import kronfluence, sys; sys.exit(kronfluence.__version__ != '1.0.1')"),
+}
 
 
 # ============================================================================ logging
-def log_pass(case, model, root, project, init, rank):
-    """One logging pass at the model's weights; returns (run, query log, bytes per example)."""
+def log_pass(case, model, root, project, init, rank, fisher=False):
+    """One logging pass at the model's weights; returns the run. fisher=True: the forward and
+    backward covariances (K-FAC's factors, EK-FAC's basis) come from a statistics pass whose
+    labels are sampled from the model's predictions (the true Fisher, as Kronfluence does by
+    default) instead of the logging pass's true labels (the empirical Fisher)."""
     run = logix.init(project, root_dir=str(root))
     run.watch(model)
-    everything = {"grad": ["log", "covariance"], "forward": ["covariance"],
-                  "backward": ["covariance"]}
+    factors = {"forward": ["covariance"], "backward": ["covariance"]}
     if init == "pca":
-        run.setup({"forward": ["covariance"], "backward": ["covariance"]})
+        run.setup(factors)
         run.save(False)
-        steps(run, case, model, range(N_TRAIN))
+        steps(run, case, model, range(N_TRAIN), sampled=fisher)
         run.add_lora(init="pca", rank=rank)
     elif init == "random":
         run.add_lora(init="random", rank=rank)
-    run.setup(everything)
+    if fisher:
+        run.setup(factors)
+        run.save(False)
+        steps(run, case, model, range(N_TRAIN), sampled=True)
+        run.setup({"grad": ["log", "covariance"]})
+    else:
+        run.setup({"grad": ["log", "covariance"], **factors})
     run.save(True)
     steps(run, case, model, range(N_TRAIN))
     run.finalize()
     return run
 
 
-def steps(run, case, model, ids, batch=40):
+def steps(run, case, model, ids, batch=40, sampled=False):
+    """Forward and backward over `ids` in batches under the run; sampled=True: with labels drawn
+    from the model's predictions (seeded), for true-Fisher statistics."""
     ids = list(ids)
+    generator = torch.Generator().manual_seed(0)
     for start in range(0, len(ids), batch):
         part = ids[start:start + batch]
         with run(data_id=part):
-            case.loss(model, case.x[part], None if case.y is None else case.y[part]).backward()
+            if sampled:
+                loss = case.sampled_loss(model, case.x[part], generator)
+            else:
+                loss = case.loss(model, case.x[part], None if case.y is None else case.y[part])
+            loss.backward()
         model.zero_grad()
 
 
@@ -111,24 +171,39 @@ def row_bytes(run) -> int:
 def score_grid(case, model, root):
     """{config name: (scores [n_query, n_train], bytes per example, extra)}."""
     out = {}
-    for init, rank in PROJECTIONS:
-        label = "full" if init == "none" else f"{init}{rank}"
-        run = log_pass(case, model, root, f"{case.name}-{label}", init, rank)
+    passes = [(init, rank, False) for init, rank in PROJECTIONS]
+    passes += [(init, rank, True) for init, rank in FISHER_PROJECTIONS]
+    for init, rank, fisher in passes:
+        label = ("full" if init == "none" else f"{init}{rank}") + ("-tf" if fisher else "")
+        run = log_pass(case, model, root, f"{case.name}-{label}", init, rank, fisher)
         test = query_log(run, case, model)
         run.config.influence.lissa_depth = 300
-        for hessian in CURVATURES:
-            for mode in ("dot", "cosine"):
-                if hessian == "lissa" and mode == "cosine":
-                    continue
-                t0 = time.time()
-                result = run.compute_influence_all(test, hessian=hessian, mode=mode,
-                                                   progress=False)
-                extra = {"seconds": time.time() - t0}
-                if "solver" in result["meta"]:
-                    extra["lissa_residual"] = result["meta"]["solver"]["residuals"][-1]
-                out[f"influence {hessian} {mode} {label}"] = (
-                    aligned(result), row_bytes(run), extra)
+        for hessian, mode, damping in grid_configs(("kfac", "ekfac") if fisher else CURVATURES):
+            run.config.influence.relative_damping = damping
+            t0 = time.time()
+            result = run.compute_influence_all(test, hessian=hessian, mode=mode, progress=False)
+            extra = {"seconds": time.time() - t0}
+            if "solver" in result["meta"]:
+                extra["lissa_residual"] = result["meta"]["solver"]["residuals"][-1]
+            suffix = "" if damping == DEFAULT_DAMPING else f" d{damping:g}"
+            out[f"influence {hessian} {mode} {label}{suffix}"] = (
+                aligned(result), row_bytes(run), extra)
     return out
+
+
+def grid_configs(curvatures):
+    """(hessian, mode, relative damping): each curvature and mode at the default damping
+    (lissa: dot only), and the damping sweep for raw, kfac and ekfac with dot."""
+    for hessian in curvatures:
+        for mode in ("dot", "cosine"):
+            if not (hessian == "lissa" and mode == "cosine"):
+                yield hessian, mode, DEFAULT_DAMPING
+    for hessian in ("raw", "kfac", "ekfac"):
+        if hessian not in curvatures:
+            continue
+        for damping in DAMPINGS:
+            if damping != DEFAULT_DAMPING:
+                yield hessian, "dot", damping
 
 
 def aligned(result):
@@ -175,22 +250,20 @@ def staged_methods(case, root):
     return model, out
 
 
-# ============================================================================ LogIX 0.1.1
-def make_peer_venv(path: Path) -> None:
-    """Create a venv with LogIX 0.1.1 at `path` (kept if it already imports logix 0.1.1)."""
+# ============================================================================ peers
+def make_venv(path: Path, peer: Peer) -> None:
+    """Create a venv with `peer` at `path` (kept if `peer.check` already passes there)."""
     python = path / "bin" / "python"
-    check = [str(python), "-I", "-c", "import logix, sys; sys.exit(logix.__version__ != '0.1.1')"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+    if python.exists() and subprocess.run([str(python), "-I", "-c", peer.check],
+                                          capture_output=True).returncode == 0:
         return
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
-    # 0.1.1 declares requirements (an old torch, a python range) that this setup replaces
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
-                    "--ignore-requires-python", "logix-ai==0.1.1"], check=True)
+    for args in peer.install:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True)
 
 
-def peer_grid(case, model, python, root):
-    """LogIX 0.1.1's scores on this case: {config: (scores, bytes, extra)} and
+def peer_grid(case, model, peer, python, root):
+    """A peer tool's scores on this case: {config: (scores, bytes, extra)} and
     {config: error text} for configurations that failed (or all, if the worker did)."""
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
@@ -199,13 +272,13 @@ def peer_grid(case, model, python, root):
                     "qx": case.qx, "qy": case.qy, "projections": PROJECTIONS,
                     "root": str(root)}, inp)
         t0 = time.time()
-        proc = subprocess.run([str(python), str(HERE / "_peer_logix.py"), str(inp), str(outp)],
+        proc = subprocess.run([str(python), str(HERE / peer.worker), str(inp), str(outp)],
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0 or not outp.exists():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-            return {}, {f"{PEER} (worker)": f"rc={proc.returncode}: {tail}"}
+            return {}, {f"{peer.name} (worker)": f"rc={proc.returncode}: {tail}"}
         found = torch.load(outp)
-    print(f"{case.name}: LogIX {found['version']} scored in {time.time() - t0:.0f} s",
+    print(f"{case.name}: {peer.name} ({found['version']}) scored in {time.time() - t0:.0f} s",
           flush=True)
     grid, errors = {}, {}
     for name, c in found["configs"].items():
@@ -217,13 +290,22 @@ def peer_grid(case, model, python, root):
 
 
 # ============================================================================ main
-def evaluate(case, scores, cache, subsets):
-    result = linear_datamodeling_score(case.train, case.eval_loss, scores, n_subsets=subsets,
-                                       cache_dir=cache, progress=False)
-    return float(result["lds"])
+def evaluate(case, scores, cache, subsets, seeds):
+    """LDS per seed: seed s draws its own subsets (subset_seed=s) and retrains with seed s;
+    each seed has its own retraining cache (cache/seed{s})."""
+    return [float(linear_datamodeling_score(
+        case.train, case.eval_loss, scores, n_subsets=subsets, seeds=(s,), subset_seed=s,
+        cache_dir=cache / f"seed{s}", progress=False)["lds"]) for s in seeds]
 
 
-def run_case(case, out_dir, subsets, n_brittle, peer_python=None):
+def tool_of(config: str) -> str:
+    """'ours', or the peer whose worker produced the configuration."""
+    first = config.split()[0]
+    return first if first in PEERS else "ours"
+
+
+def run_case(case, out_dir, subsets, seeds, n_brittle, peers):
+    """peers: {peer name: its venv's python}."""
     root = out_dir / "logs" / case.name
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.time()
@@ -236,17 +318,20 @@ def run_case(case, out_dir, subsets, n_brittle, peer_python=None):
     grid["random"] = (torch.randn(N_QUERY, N_TRAIN, generator=torch.Generator().manual_seed(9),
                                   dtype=torch.float64), 0, {})
     errors = {}
-    if peer_python is not None:
-        found, errors = peer_grid(case, model, peer_python, root / "peer")
+    for name, python in peers.items():
+        found, failed = peer_grid(case, model, PEERS[name], python, root / name)
         grid.update(found)
+        errors.update(failed)
     cache = out_dir / "cache" / case.name
     rows = []
     for name, (scores, size, extra) in grid.items():
+        per_seed = evaluate(case, scores, cache, subsets, seeds)
         rows.append({"case": case.name, "config": name, "bytes": size,
-                     "lds": evaluate(case, scores, cache, subsets), **extra})
+                     "lds": sum(per_seed) / len(per_seed), "lds_std": std(per_seed),
+                     "lds_seeds": per_seed, **extra})
     rows += [{"case": case.name, "config": name, "bytes": None, "lds": None, "error": text}
              for name, text in errors.items()]
-    best = best_of(rows, ours=True)
+    best = best_of(rows, "ours")
     if n_brittle:
         base = case.eval_margin(model)
         right = [i for i in range(N_QUERY) if base[i] > 0][:n_brittle]
@@ -260,19 +345,42 @@ def run_case(case, out_dir, subsets, n_brittle, peer_python=None):
     return rows
 
 
-def best_of(rows, ours):
-    """The best row among this library's configurations (ours=True) or LogIX 0.1.1's."""
+def std(values):
+    """Sample standard deviation (0 for one value)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def paired(a, b):
+    """(mean of a - b, its std over seeds, significant): one-sided paired t-test at 95% that
+    a is ahead of b, over the same seeds (same subsets and retrainings); None if one seed."""
+    diff = [x - y for x, y in zip(a, b)]
+    mean, spread = sum(diff) / len(diff), std(diff)
+    if len(diff) < 2:
+        return mean, spread, None
+    t_crit = T95.get(len(diff) - 1, 1.645)
+    return mean, spread, mean > 0 and (spread == 0 or mean / (spread / len(diff) ** 0.5) > t_crit)
+
+
+def best_of(rows, tool):
+    """The row with the best mean LDS among one tool's configurations ('ours' or a peer)."""
     pool = [r for r in rows if r["lds"] is not None and r["config"] != "random"
-            and r["config"].startswith(PEER) != ours]
+            and tool_of(r["config"]) == tool]
     return max(pool, key=lambda r: r["lds"]) if pool else None
 
 
+def fmt(r):
+    return f"{r['lds']:.3f} ± {r['lds_std']:.3f}"
+
+
 def render(rows):
-    lines = ["| case | configuration | bytes/example | LDS | brittleness (flipped at k<=40) |",
-             "|---|---|---|---|---|"]
+    lines = ["| case | configuration | bytes/example | LDS (mean ± std over seeds) | "
+             "brittleness (flipped at k<=40) |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["case"], r["lds"] is None, -(r["lds"] or 0))):
         flip = f"{r['brittle_flipped']:.0%}" if "brittle_flipped" in r else ""
-        lds = f"{r['lds']:.3f}" if r["lds"] is not None else "failed: " + one_line(r["error"])
+        lds = fmt(r) if r["lds"] is not None else "failed: " + one_line(r["error"])
         size = "-" if r["bytes"] is None else r["bytes"]
         lines.append(f"| {r['case']} | {r['config']} | {size} | {lds} | {flip} |")
     return "\n".join(lines)
@@ -283,23 +391,62 @@ def one_line(text):
 
 
 def render_summary(rows):
-    """Per case: this library's best LDS, LogIX 0.1.1's best, exact full-gradient influence."""
-    lines = ["| case | ours: best | LDS | LogIX 0.1.1: best | LDS | exact (influence raw dot "
-             "full) |", "|---|---|---|---|---|---|"]
+    """Per case: each tool's best mean LDS, exact full-gradient influence, and whether this
+    library's best is significantly ahead of each peer's best (paired over seeds)."""
+    tools = ["ours"] + [p for p in PEERS if any(tool_of(r["config"]) == p for r in rows)]
+    head = "| case | " + " | ".join(f"{t}: best | LDS" for t in tools) + \
+        " | exact (influence raw dot full) | " + \
+        " | ".join(f"ours - {t} (paired)" for t in tools[1:]) + " |"
+    lines = [head, "|" + "---|" * (2 * len(tools) + len(tools))]
     for case in sorted({r["case"] for r in rows}):
         part = [r for r in rows if r["case"] == case]
+        bests = [best_of(part, t) for t in tools]
         cells = []
-        for best in (best_of(part, ours=True), best_of(part, ours=False)):
-            cells += [best["config"], f"{best['lds']:.3f}"] if best else ["-", "-"]
-        exact = [r["lds"] for r in part if r["config"] == "influence raw dot full"]
-        cells.append(f"{exact[0]:.3f}" if exact else "-")
+        for best in bests:
+            cells += [best["config"], fmt(best)] if best else ["-", "-"]
+        exact = [r for r in part if r["config"] == "influence raw dot full"]
+        cells.append(fmt(exact[0]) if exact else "-")
+        for best in bests[1:]:
+            if bests[0] is None or best is None:
+                cells.append("-")
+                continue
+            mean, spread, significant = paired(bests[0]["lds_seeds"], best["lds_seeds"])
+            verdict = {True: "significant", False: "not significant", None: "one seed"}
+            cells.append(f"{mean:+.3f} ± {spread:.3f} ({verdict[significant]})")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def render_damping(rows):
+    """Mean LDS over the four cases per curvature, projection and relative damping (dot)."""
+    lines = ["| curvature | projection | " + " | ".join(f"{d:g}" for d in DAMPINGS) + " |",
+             "|---|---|" + "---|" * len(DAMPINGS)]
+    cases = sorted({r["case"] for r in rows})
+    by_name = {(r["case"], r["config"]): r for r in rows if r["lds"] is not None}
+    for hessian in ("raw", "kfac", "ekfac"):
+        for init, rank in PROJECTIONS:
+            label = "full" if init == "none" else f"{init}{rank}"
+            cells = []
+            for d in DAMPINGS:
+                suffix = "" if d == DEFAULT_DAMPING else f" d{d:g}"
+                found = [by_name.get((c, f"influence {hessian} dot {label}{suffix}"))
+                         for c in cases]
+                found = [r["lds"] for r in found if r is not None]
+                cells.append(f"{sum(found) / len(found):.3f}" if found else "-")
+            lines.append(f"| {hessian} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def swept(config: str) -> bool:
+    """Whether a configuration is a damping-sweep row (a last word like "d0.01")."""
+    last = config.split()[-1]
+    return last.startswith("d") and last[1:2].isdigit()
 
 
 def plot(rows, path):
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -307,27 +454,29 @@ def plot(rows, path):
         return
     cases = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
+    markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
+               "logix0.1.1": "x", "kronfluence": "D"}
+    colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3"}
     for ax, case in zip(axes[0], cases):
         for r in rows:
             if r["case"] != case or r["config"] == "random" or r["lds"] is None:
                 continue
+            if swept(r["config"]):  # only the default damping is drawn
+                continue
             method, hessian = r["config"].split()[:2]
-            marker = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
-                      PEER: "x"}[method]
-            color = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2",
-                     "lissa": "C3"}[hessian]
-            ax.scatter(r["bytes"], r["lds"], marker=marker, color=color, s=30)
+            ax.errorbar(r["bytes"], r["lds"], yerr=r["lds_std"], marker=markers[method],
+                        color=colors[hessian], ms=5, ls="", elinewidth=0.6,
+                        mfc="none" if method == "kronfluence" else None)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(case)
         ax.set_xlabel("bytes logged per example")
-        ax.set_ylabel("LDS")
+        ax.set_ylabel("LDS (mean ± std over seeds)")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=h) for h, c in
-               (("none", "gray"), ("raw", "C0"), ("kfac", "C1"), ("ekfac", "C2"),
-                ("lissa", "C3"))]
+               colors.items()]
     handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=k) for k, m in
-                (("influence", "o"), ("source", "*"), ("ensemble", "s"), ("tracin", "^"),
-                 ("LogIX 0.1.1", "x"))]
-    fig.legend(handles=handles, loc="lower center", ncol=10, fontsize=8)
+                markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=11, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -337,31 +486,45 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--seeds", default="0,1,2,3,4",
+                        help="retraining seeds: each draws its own subsets and retrains")
     parser.add_argument("--brittle", type=int, default=5, help="queries per brittleness test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
     peer = parser.add_mutually_exclusive_group()
     peer.add_argument("--peer-venv", type=Path, help="a venv with LogIX 0.1.1 (logix-ai)")
     peer.add_argument("--make-peer-venv", type=Path, help="create that venv here, then use it")
+    kron = parser.add_mutually_exclusive_group()
+    kron.add_argument("--kronfluence-venv", type=Path, help="a venv with kronfluence 1.0.1")
+    kron.add_argument("--make-kronfluence-venv", type=Path,
+                      help="create that venv here, then use it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.cases.split(","):
         if name not in CASES:
             parser.error(f"unknown case {name!r}; cases: {list(CASES)}")
-    if args.make_peer_venv:
-        make_peer_venv(args.make_peer_venv)
-    venv = args.make_peer_venv or args.peer_venv
-    peer_python = None
-    if venv is not None:
-        peer_python = venv.resolve() / "bin" / "python"
-        if not peer_python.exists():
-            parser.error(f"--peer-venv {venv}: no bin/python there; create it with "
-                         f"--make-peer-venv {venv}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated ints, e.g. 0,1,2")
+    peers = {}
+    for name, made, given in (("logix0.1.1", args.make_peer_venv, args.peer_venv),
+                              ("kronfluence", args.make_kronfluence_venv, args.kronfluence_venv)):
+        if made:
+            make_venv(made, PEERS[name])
+        venv = made or given
+        if venv is None:
+            continue
+        peers[name] = venv.resolve() / "bin" / "python"
+        if not peers[name].exists():
+            flag = "peer" if name == "logix0.1.1" else "kronfluence"
+            parser.error(f"--{flag}-venv {venv}: no bin/python there; create it with "
+                         f"--make-{flag}-venv {venv}")
     rows = []
     for name in args.cases.split(","):
-        rows += run_case(CASES[name](), args.out, args.subsets, args.brittle, peer_python)
+        rows += run_case(CASES[name](), args.out, args.subsets, seeds, args.brittle, peers)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = render(rows) + "\n\n" + render_summary(rows)
+    table = "\n\n".join((render(rows), render_summary(rows), render_damping(rows)))
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     plot(rows, args.out / "lds_vs_bytes.png")

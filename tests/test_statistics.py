@@ -326,3 +326,33 @@ def test_covariance_state_roundtrip_and_counts():
     assert torch.equal(other.get("m", FORWARD), state.get("m", FORWARD))
     assert other.counts == state.counts
     assert other.get("m", BACKWARD) is None
+
+
+def test_statistics_pass_then_logging_pass_keeps_its_factors(new_run):
+    """The true-Fisher recipe of docs/concepts.md: forward/backward covariances from a statistics
+    pass (there on sampled labels), then a logging pass on the data's labels, which must leave
+    them as the first pass measured them."""
+    g = seeded(35)
+    model = make_mlp(seed=35)
+    run = new_run()
+    run.watch(model)
+    x = torch.randn(3, 4, 6, generator=g)
+    y_stats, y_log = torch.randn(3, 4, 3, generator=g), torch.randn(3, 4, 3, generator=g)
+    run.setup({"forward": ["covariance"], "backward": ["covariance"]})
+    run.save(False)
+    with run(data_id=[0, 1, 2]):
+        ((model(x) - y_stats) ** 2).sum().backward()
+    model.zero_grad()
+    run.setup({"grad": ["log"]})
+    run.save(True)
+    with run(data_id=[0, 1, 2]):
+        ((model(x) - y_log) ** 2).sum().backward()
+    run.finalize()
+    assert run.get_log().grads.abs().max() > 0  # the logging pass logged
+    ones = torch.ones(3, 4)
+    logged = mlp_pass(model, x, y_log, ones)
+    for name, (inp, dy) in mlp_pass(model, x, y_stats, ones).items():
+        assert_close_scaled(run.statistics.get(name, FORWARD), outer_mean(inp, 12))
+        assert_close_scaled(run.statistics.get(name, BACKWARD), outer_mean(dy, 3))
+        other = outer_mean(logged[name][1], 3)  # what the logging pass's labels would give
+        assert not torch.allclose(run.statistics.get(name, BACKWARD), other, rtol=0.05)

@@ -1,0 +1,60 @@
+"""benchmarks/quality.py's seed handling: each seed draws its own subsets and retrains with its
+own seed, in a cache of its own; and the paired significance test over seeds."""
+
+import torch
+
+from benchmarks import quality
+
+
+class LinearCase:
+    """Ridge regression on 12 examples; the query outputs are squared errors on 3 points."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        self.y += 0.3 * torch.randn(12, generator=g, dtype=torch.float64)
+        self.qx = torch.randn(3, 3, generator=g, dtype=torch.float64)
+        self.calls = []  # (sorted training indices, seed) per retraining
+
+    def train(self, indices, seed):
+        self.calls.append((tuple(indices.tolist()), seed))
+        x, y = self.x[indices], self.y[indices]
+        return torch.linalg.solve(x.T @ x + 0.1 * torch.eye(3, dtype=x.dtype), x.T @ y)
+
+    def eval_loss(self, w):
+        return (self.qx @ w) ** 2
+
+
+def test_evaluate_draws_and_caches_per_seed(tmp_path):
+    case = LinearCase()
+    scores = torch.randn(3, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first = quality.evaluate(case, scores, tmp_path, subsets=4, seeds=[0, 1])
+    assert len(first) == 2 and first[0] != first[1]
+    assert [seed for _, seed in case.calls] == [0] * 4 + [1] * 4
+    subsets = {seed: {ids for ids, s in case.calls if s == seed} for seed in (0, 1)}
+    assert len(subsets[0]) == 4 and subsets[0] != subsets[1]  # seeded draws differ
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0", "seed1"]
+
+    case.calls.clear()
+    assert quality.evaluate(case, scores, tmp_path, subsets=4, seeds=[0, 1]) == first
+    assert case.calls == []  # both seeds come from their caches
+    again = quality.evaluate(case, scores, tmp_path, subsets=4, seeds=[1, 2])
+    assert again[0] == first[1]
+    assert [seed for _, seed in case.calls] == [2] * 4  # only the new seed trains
+
+
+def test_paired_significance():
+    mean, spread, significant = quality.paired([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])
+    assert abs(mean - 0.1) < 1e-12 and abs(spread - 0.01) < 1e-12 and significant
+    # ahead on average, but one seed behind and a large spread: t = 0.36 < 2.92
+    assert quality.paired([0.50, 0.40, 0.62], [0.45, 0.50, 0.50])[2] is False
+    assert quality.paired([0.40, 0.41, 0.42], [0.50, 0.52, 0.51])[2] is False  # behind
+    assert quality.paired([0.5], [0.4])[2] is None  # one seed: no test
+
+
+def test_swept_marks_only_damping_rows():
+    assert quality.swept("influence ekfac dot full d0.01")
+    assert quality.swept("kronfluence ekfac dot full d0.1")
+    assert not quality.swept("influence ekfac dot full")  # "dot" is not a damping
+    assert not quality.swept("influence kfac dot full-tf")
