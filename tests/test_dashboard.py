@@ -16,13 +16,16 @@ import pytest
 import torch
 
 from dashboard_fixtures import N_TEST, N_TRAIN, TOKENS, snapshot
-from dashboard_fixtures import root, server  # noqa: F401 (fixtures)
+import dashboard_fixtures
+
 from logix.cli import main
 from logix.dashboard import build_report
 from logix.dashboard.plots import png_data_uri
 from logix.errors import UsageError
 from logix.evaluation import load_results
 from logix.storage.content import load_content
+
+root, server = dashboard_fixtures.root, dashboard_fixtures.server  # pytest fixtures
 
 
 def get(url: str):

@@ -14,7 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from dashboard_fixtures import N_TRAIN, TOKENS
-from dashboard_fixtures import root, server  # noqa: F401 (fixtures)
+import dashboard_fixtures
+
 
 _MISSING = [name for name, binary in (("chromium", "chromium"),
                                       ("chromium-driver", "chromedriver"))
@@ -27,6 +28,8 @@ webdriver = pytest.importorskip("selenium.webdriver",
                                 reason="selenium missing: pip install -e '.[test]'")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+root, server = dashboard_fixtures.root, dashboard_fixtures.server  # pytest fixtures
 
 _WAIT = 60  # seconds a page may take on a loaded machine (a ceiling, not a measurement)
 
