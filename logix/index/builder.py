@@ -22,6 +22,7 @@ from logix.progress import track
 
 SERVED_MODES = ("dot", "cosine")
 TRAIN_ROWS_PER_LIST = 50  # IVF k-means sample: rows per list (at least 10,000 for PQ)
+DEFAULT_PROBE_SHARE = 16  # IVF: lists visited by default, 1 in this many (at least 8)
 
 
 def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional[int] = None,
@@ -74,7 +75,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
             sketch=wanted["sketch"], part=part,
             faiss={"factory": description, "requested": kind, "quantize": quantize,
                    "nlist": lists if resolved == "ivf" else None,
-                   "nprobe": (nprobe or min(lists, max(8, lists // 4)))
+                   "nprobe": (nprobe or min(lists, max(8, lists // DEFAULT_PROBE_SHARE)))
                    if resolved == "ivf" else None,
                    "hnsw_m": hnsw_m if resolved == "hnsw" else None,
                    "ef": ef if resolved == "hnsw" else None})
