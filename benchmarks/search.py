@@ -2,7 +2,8 @@
 re-ranking) against the exact streaming top-k (`compute_influence_all(topk=10)`).
 
     python benchmarks/search.py [--rows 1000000] [--dim 1024] [--wide-rows 100000]
-                                [--wide-dim 8192] [--studies digits,synthetic,wide] [--out DIR] [--json FILE]
+                                [--wide-dim 8192] [--studies digits,synthetic,wide]
+                                [--variants hnsw,ivf,ivf-sq8,flat] [--out DIR] [--json FILE]
 
 Logs: (1) a synthetic log of --rows x --dim bfloat16 rows written as shards directly (rows from
 a 64-dimensional latent with log-normal norms plus noise, so that neighbours are structured as
@@ -31,6 +32,10 @@ import _common  # noqa: E402
 K = 10
 CANDIDATES = (20, 50, 100, 200, 400)
 SHARD_ROWS = 65536
+SYNTHETIC_VARIANTS = {"hnsw": {"kind": "hnsw", "sketch": 256, "ef": 40},  # efConstruction 40
+                      "ivf": {"kind": "ivf", "sketch": 256},
+                      "ivf-sq8": {"kind": "ivf", "sketch": 256, "quantize": "sq8"},
+                      "flat": {"kind": "flat", "sketch": 256}}
 
 
 # ----------------------------------------------------------------------------- data
@@ -42,7 +47,7 @@ def write_log(project_dir: str, rows: int, dim: int, seed: int) -> None:
                                       safetensors_header, shard_name, tensor_bytes)
     from logix.storage.manifest import Manifest, ModuleEntry, ShardEntry
 
-    side = int(dim ** 0.5)
+    side = max(d for d in range(1, int(dim ** 0.5) + 1) if dim % d == 0)  # side x dim/side
     module = ModuleEntry("body", "Linear", 4096, 4096, side, dim // side, 0)
     manifest = Manifest(project=os.path.basename(project_dir), dtype="bfloat16",
                         modules=[module], projection={"init": "random", "seed": 0})
@@ -104,7 +109,8 @@ def worker_build(p: dict) -> dict:
     att = logix.Attributor(p["project"])
     started = time.perf_counter()
     m = att.build_index(p["kind"], sketch=p.get("sketch"), quantize=p.get("quantize"),
-                        hessian=p.get("hessian"), progress=False, rebuild=True)
+                        hessian=p.get("hessian"), progress=False, rebuild=True,
+                        **{key: p[key] for key in ("ef",) if key in p})
     return {"name": m.name, "factory": m.faiss["factory"], "nlist": m.faiss["nlist"],
             "nprobe": m.faiss["nprobe"], "ef": m.faiss["ef"], "seconds":
             time.perf_counter() - started, "bytes": m.bytes, "rows": m.rows,
@@ -267,6 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--wide-dim", type=int, default=8192)
     parser.add_argument("--studies", default="digits,synthetic,wide",
                         help="which logs to study, comma separated")
+    parser.add_argument("--variants", default=",".join(SYNTHETIC_VARIANTS),
+                        help="indexes of the synthetic study, comma separated")
     parser.add_argument("--out", default=None, help="keep and reuse logs, indexes and build "
                         "results here (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write the results to this file")
@@ -294,24 +302,24 @@ def main(argv=None) -> int:
         if "synthetic" in studies:
             call("write", {"project": big, "rows": args.rows, "dim": args.dim, "seed": 0})
             params = {"project": big, "queries": args.queries, "dim": args.dim,
-                      "hessian": "none"}
+                      "hessian": "none", "repeats": 2}
             study(f"synthetic ({args.rows:,} x {args.dim}, bf16)", params,
-                  [{"kind": "hnsw", "sketch": 256}, {"kind": "ivf", "sketch": 256},
-                   {"kind": "ivf", "sketch": 256, "quantize": "sq8"},
-                   {"kind": "flat", "sketch": 256}], CANDIDATES, report, builds)
+                  [SYNTHETIC_VARIANTS[v] for v in args.variants.split(",")], CANDIDATES,
+                  report, builds)
         wide = os.path.join(root, "wide")
         if "wide" in studies:
             call("write", {"project": wide, "rows": args.wide_rows, "dim": args.wide_dim,
                            "seed": 1})
             params = {"project": wide, "queries": args.queries, "dim": args.wide_dim,
-                      "hessian": "none"}
+                      "hessian": "none", "repeats": 2}
             study(f"wide ({args.wide_rows:,} x {args.wide_dim}, bf16): flat over a JL sketch",
                   params, [{"kind": "flat", "sketch": w} for w in (64, 128, 256, 512, 1024)],
                   (50, 100), report, builds)
     finally:
-        if args.out is not None:
+        if args.out is not None:  # merged: another run may have added its own
+            on_disk = json.load(open(builds_file)) if os.path.isfile(builds_file) else {}
             with open(builds_file, "w") as f:
-                json.dump(builds, f, indent=1)
+                json.dump({**on_disk, **builds}, f, indent=1)
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     for name, entry in report.items():

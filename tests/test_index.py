@@ -256,6 +256,21 @@ def test_a_shard_corrupted_after_indexing_is_refused_not_scored(tmp_path):
         att.search(query, k=5)
 
 
+def test_an_index_written_by_an_older_format_is_rebuilt(logged):
+    att, query = logged
+    m = att.build_index("flat", progress=False)
+    path = os.path.join(store.folder(att.project_dir, m.name), store.INDEX_MANIFEST)
+    data = json.load(open(path))
+    data["format_version"] = store.INDEX_VERSION - 1
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(LogFormatError, match="build the index again"):
+        att.search(query, k=3)
+    with pytest.warns(UserWarning, match="Rebuilding index 'flat-dot'"):
+        att.build_index("flat", progress=False)
+    assert att.search(query, k=3)["top_ids"] == exact(att, query, 3)["top_ids"]
+
+
 def test_search_prefers_an_exact_index_to_a_newer_approximate_one(logged):
     att, query = logged
     att.build_index("flat", progress=False)
