@@ -1,8 +1,9 @@
 """Vector search: recall@10 and latency of `Attributor.search` (index candidates, exact
 re-ranking) against the exact streaming top-k (`compute_influence_all(topk=10)`).
 
-    python benchmarks/search.py [--rows 1000000] [--dim 1024] [--wide-rows 20000]
-                                [--wide-dim 16384] [--skip-digits] [--out DIR]
+    python benchmarks/search.py [--rows 1000000] [--dim 1024] [--wide-rows 100000]
+                                [--wide-dim 8192] [--studies digits,synthetic,wide]
+                                [--variants hnsw,ivf,ivf-sq8,flat] [--out DIR] [--json FILE]
 
 Logs: (1) a synthetic log of --rows x --dim bfloat16 rows written as shards directly (rows from
 a 64-dimensional latent with log-normal norms plus noise, so that neighbours are structured as
@@ -11,6 +12,8 @@ examples/digits (LoGra rank 16, 1,500 training rows, 297 test queries, EK-FAC). 
 synthetic log (--wide-rows x --wide-dim) for recall against the JL sketch width. Each build and
 query set runs in its own process, so peak RSS is per phase. Curvature: the synthetic logs have
 no statistics (hessian "none"); a dot index serves every curvature, the query is preconditioned.
+With --out DIR the logs, indexes and build results are kept there and reused by the next run
+(the 10^6-row log takes minutes to write and each index minutes to build).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ import _common  # noqa: E402
 K = 10
 CANDIDATES = (20, 50, 100, 200, 400)
 SHARD_ROWS = 65536
+SYNTHETIC_VARIANTS = {"hnsw": {"kind": "hnsw", "sketch": 256, "ef": 40},  # efConstruction 40
+                      "ivf": {"kind": "ivf", "sketch": 256},
+                      "ivf-sq8": {"kind": "ivf", "sketch": 256, "quantize": "sq8"},
+                      "flat": {"kind": "flat", "sketch": 256}}
 
 
 # ----------------------------------------------------------------------------- data
@@ -40,7 +47,7 @@ def write_log(project_dir: str, rows: int, dim: int, seed: int) -> None:
                                       safetensors_header, shard_name, tensor_bytes)
     from logix.storage.manifest import Manifest, ModuleEntry, ShardEntry
 
-    side = int(dim ** 0.5)
+    side = max(d for d in range(1, int(dim ** 0.5) + 1) if dim % d == 0)  # side x dim/side
     module = ModuleEntry("body", "Linear", 4096, 4096, side, dim // side, 0)
     manifest = Manifest(project=os.path.basename(project_dir), dtype="bfloat16",
                         modules=[module], projection={"init": "random", "seed": 0})
@@ -84,6 +91,13 @@ def queries(project_dir: str, n: int, dim: int):
 
 # ----------------------------------------------------------------------------- workers
 def worker_write(p: dict) -> dict:
+    from logix.storage.manifest import Manifest
+
+    if os.path.isfile(os.path.join(p["project"], "manifest.json")):
+        manifest = Manifest.load(p["project"])
+        if sum(s.rows for s in manifest.shards) == p["rows"] and manifest.dim == p["dim"]:
+            return {"seconds": 0.0, "reused": True}
+        shutil.rmtree(p["project"])
     started = time.perf_counter()
     write_log(p["project"], p["rows"], p["dim"], p["seed"])
     return {"seconds": time.perf_counter() - started}
@@ -95,9 +109,10 @@ def worker_build(p: dict) -> dict:
     att = logix.Attributor(p["project"])
     started = time.perf_counter()
     m = att.build_index(p["kind"], sketch=p.get("sketch"), quantize=p.get("quantize"),
-                        hessian=p.get("hessian"), progress=False, rebuild=True)
+                        hessian=p.get("hessian"), progress=False, rebuild=True,
+                        **{key: p[key] for key in ("ef",) if key in p})
     return {"name": m.name, "factory": m.faiss["factory"], "nlist": m.faiss["nlist"],
-            "nprobe": m.faiss["nprobe"], "seconds":
+            "nprobe": m.faiss["nprobe"], "ef": m.faiss["ef"], "seconds":
             time.perf_counter() - started, "bytes": m.bytes, "rows": m.rows,
             "peak_rss_mb": _common.peak_rss_mb()}
 
@@ -133,15 +148,15 @@ def worker_search(p: dict) -> dict:
     exact = p["exact_ids"]
     att.search(subset(q, 1), k=K, index=p["index"], hessian=p.get("hessian"))  # warm up
     rows = []
-    for c, nprobe in p["settings"]:
-        entry = {"candidates": c, "nprobe": nprobe or p.get("nprobe")}
+    for setting in p["settings"]:  # {"candidates": c[, "nprobe": n][, "ef": e]}
+        entry = {"nprobe": p.get("nprobe"), "ef": p.get("ef"), **setting}
         for batch in (1, len(q)):
             sub = subset(q, batch)
             times = []
             for _ in range(3):
                 started = time.perf_counter()
-                result = att.search(sub, k=K, candidates=c, index=p["index"],
-                                    hessian=p.get("hessian"), nprobe=nprobe)
+                result = att.search(sub, k=K, index=p["index"], hessian=p.get("hessian"),
+                                    **setting)
                 times.append(time.perf_counter() - started)
             entry[f"seconds_{batch}"] = min(times)
             if batch == len(q):
@@ -201,17 +216,26 @@ def call(worker: str, params: dict) -> dict:
     return result
 
 
-def study(name: str, params: dict, variants, candidates, report: dict) -> None:
+def study(name: str, params: dict, variants, candidates, report: dict, builds: dict) -> None:
+    """`builds`: build results by project and variant, reused while the index is on disk."""
     exact = call("exact", params)
     entry = {"exact_seconds": exact["seconds"], "exact_peak_rss_mb": exact["peak_rss_mb"],
              "indexes": []}
     for variant in variants:
-        built = call("build", {**params, **variant})
-        settings = [(c, None) for c in candidates]
-        if built["nlist"]:  # IVF: lists probed, at 100 candidates
-            settings += [(100, max(1, built["nlist"] // d)) for d in (16, 8, 2)]
+        key = json.dumps([params["project"], variant], sort_keys=True)
+        built = builds.get(key)
+        if built is None or not os.path.isdir(os.path.join(params["project"], "index",
+                                                           built["name"])):
+            built = builds[key] = call("build", {**params, **variant})
+        settings = [{"candidates": c} for c in candidates]
+        if built["nlist"]:  # IVF: lists probed
+            settings += [{"candidates": c, "nprobe": max(1, built["nlist"] // d)}
+                         for c in (50, 100) for d in (64, 32, 16, 8)]
+        if built["ef"]:  # HNSW: search breadth
+            settings += [{"candidates": c, "ef": ef} for c in (50, 100) for ef in (64, 256)]
         searched = call("search", {**params, "index": built["name"], "exact_ids": exact["ids"],
-                                   "settings": settings, "nprobe": built["nprobe"]})
+                                   "settings": settings, "nprobe": built["nprobe"],
+                                   "ef": built["ef"]})
         entry["indexes"].append({**built, "search": searched["rows"],
                                  "search_peak_rss_mb": searched["peak_rss_mb"]})
     report[name] = entry
@@ -228,9 +252,10 @@ def print_study(name: str, entry: dict) -> None:
         for r in idx["search"]:
             one, many = r["seconds_1"], r[f"seconds_{batch}"]
             rows.append([idx["name"], idx["factory"], r["candidates"], r["nprobe"] or "-",
-                         f"{r['recall']:.3f}", f"{one * 1e3:.1f}", f"{ex['1'] / one:.0f}x",
+                         r["ef"] or "-", f"{r['recall']:.3f}", f"{one * 1e3:.1f}", f"{ex['1'] / one:.0f}x",
                          f"{many * 1e3:.1f}", f"{ex[batch] / many:.0f}x"])
-    print(_common.table(["index", "faiss", "cand.", "nprobe", "recall@10", "1 q ms", "speedup",
+    print(_common.table(["index", "faiss", "cand.", "nprobe", "ef", "recall@10", "1 q ms",
+                         "speedup",
                          "batch ms", "speedup"], rows))
     rows = [[i["name"], f"{i['seconds']:.1f}", _common.human_bytes(i["bytes"]),
              f"{i['bytes'] / i['rows']:.0f}", f"{i['peak_rss_mb']:.0f}",
@@ -244,10 +269,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--wide-rows", type=int, default=20_000)
-    parser.add_argument("--wide-dim", type=int, default=16384)
-    parser.add_argument("--skip-digits", action="store_true")
-    parser.add_argument("--out", default=None, help="keep logs here (default: a temp folder)")
+    parser.add_argument("--wide-rows", type=int, default=100_000)
+    parser.add_argument("--wide-dim", type=int, default=8192)
+    parser.add_argument("--studies", default="digits,synthetic,wide",
+                        help="which logs to study, comma separated")
+    parser.add_argument("--variants", default=",".join(SYNTHETIC_VARIANTS),
+                        help="indexes of the synthetic study, comma separated")
+    parser.add_argument("--out", default=None, help="keep and reuse logs, indexes and build "
+                        "results here (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--worker")
     parser.add_argument("--params")
@@ -257,31 +286,40 @@ def main(argv=None) -> int:
         return 0
 
     root = args.out or tempfile.mkdtemp(prefix="logix-search-")
+    builds_file = os.path.join(root, "builds.json")
+    builds = json.load(open(builds_file)) if os.path.isfile(builds_file) else {}
     report = {}
     try:
-        if not args.skip_digits:
+        studies = args.studies.split(",")
+        if "digits" in studies:
             qfile = os.path.join(root, "digits-queries.safetensors")
             d = call("digits", {"root": root, "queries_file": qfile})
             study("digits (1,500 x 256, ekfac)", {"project": d["project"], "queries_file": qfile,
                                                   "hessian": "ekfac", "repeats": 3},
-                  [{"kind": "flat"}, {"kind": "ivf"}, {"kind": "hnsw"}], (10, 20, 50), report)
+                  [{"kind": "flat"}, {"kind": "ivf"}, {"kind": "hnsw"}], (10, 20, 50), report,
+                  builds)
         big = os.path.join(root, "synthetic")
-        call("write", {"project": big, "rows": args.rows, "dim": args.dim, "seed": 0})
-        params = {"project": big, "queries": args.queries, "dim": args.dim, "hessian": "none"}
-        study(f"synthetic ({args.rows:,} x {args.dim}, bf16)", params,
-              [{"kind": "ivf", "sketch": 256}, {"kind": "ivf", "sketch": 256, "quantize": "sq8"},
-               {"kind": "ivf", "sketch": 256, "quantize": "pq"},
-               {"kind": "hnsw", "sketch": 256}] if args.rows <= 200_000 else
-              [{"kind": "ivf", "sketch": 256}, {"kind": "ivf", "sketch": 256, "quantize": "sq8"}],
-              CANDIDATES, report)
+        if "synthetic" in studies:
+            call("write", {"project": big, "rows": args.rows, "dim": args.dim, "seed": 0})
+            params = {"project": big, "queries": args.queries, "dim": args.dim,
+                      "hessian": "none", "repeats": 2}
+            study(f"synthetic ({args.rows:,} x {args.dim}, bf16)", params,
+                  [SYNTHETIC_VARIANTS[v] for v in args.variants.split(",")], CANDIDATES,
+                  report, builds)
         wide = os.path.join(root, "wide")
-        call("write", {"project": wide, "rows": args.wide_rows, "dim": args.wide_dim, "seed": 1})
-        params = {"project": wide, "queries": args.queries, "dim": args.wide_dim,
-                  "hessian": "none"}
-        study(f"wide ({args.wide_rows:,} x {args.wide_dim}, bf16): flat over a JL sketch",
-              params, [{"kind": "flat", "sketch": w} for w in (64, 128, 256, 512, 1024)],
-              (50, 100), report)
+        if "wide" in studies:
+            call("write", {"project": wide, "rows": args.wide_rows, "dim": args.wide_dim,
+                           "seed": 1})
+            params = {"project": wide, "queries": args.queries, "dim": args.wide_dim,
+                      "hessian": "none", "repeats": 2}
+            study(f"wide ({args.wide_rows:,} x {args.wide_dim}, bf16): flat over a JL sketch",
+                  params, [{"kind": "flat", "sketch": w} for w in (64, 128, 256, 512, 1024)],
+                  (50, 100), report, builds)
     finally:
+        if args.out is not None:  # merged: another run may have added its own
+            on_disk = json.load(open(builds_file)) if os.path.isfile(builds_file) else {}
+            with open(builds_file, "w") as f:
+                json.dump({**on_disk, **builds}, f, indent=1)
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     for name, entry in report.items():

@@ -72,24 +72,15 @@ def _pq_subquantizers(width: int) -> int:
     return max(m for m in range(1, target + 1) if width % m == 0)
 
 
-def augmented(kind: str) -> bool:
-    """IVF and HNSW search inner products as nearest neighbours (see `augment_width`); their
-    clustering and graphs work far better in L2 than with raw inner products."""
-    return kind in ("ivf", "hnsw")
-
-
-def augment_width(width: int) -> int:
-    """Maximum inner-product search as L2 search: x -> [x, sqrt(M^2 - |x|^2), 0...], q -> [q, 0,
-    0...], so |x' - q'|^2 = M^2 + |q|^2 - 2 <x, q>. Zeros pad the width to a multiple of 8 (PQ
-    codes split it evenly)."""
-    return -(-(width + 1) // 8) * 8
-
-
 def new_index(description: str, width: int, kind: str):
+    """An inner-product index. IVF lists come from spherical k-means (unit centroids), so a row
+    joins the list of the centroid nearest in direction and a query probes the lists of the
+    directions nearest its own; HNSW links rows by inner product."""
     faiss = import_faiss()
-    if augmented(kind):
-        return faiss.index_factory(augment_width(width), description, faiss.METRIC_L2)
-    return faiss.index_factory(width, description, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(width, description, faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivf":
+        faiss.extract_index_ivf(index).cp.spherical = True
+    return index
 
 
 def write(index, path: str) -> int:

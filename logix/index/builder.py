@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from logix import distributed
-from logix.errors import UsageError
+from logix.errors import LogFormatError, UsageError
 from logix.index import backend, store
 from logix.index.rows import RowStore
 from logix.index.sketch import Sketch
@@ -21,8 +21,8 @@ from logix.log import StepLog
 from logix.progress import track
 
 SERVED_MODES = ("dot", "cosine")
-AUGMENT_MARGIN = 1.05  # M of the L2 reduction: this x the largest indexed norm
 TRAIN_ROWS_PER_LIST = 50  # IVF k-means sample: rows per list (at least 10,000 for PQ)
+DEFAULT_PROBE_SHARE = 16  # IVF: lists visited by default, 1 in this many (at least 8)
 
 
 def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional[int] = None,
@@ -69,29 +69,22 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
         resolved = backend.resolve_kind(kind, reader.rows)
         width = sketch or dim
         lists = nlist or backend.default_nlist(reader.rows)
-        coded = backend.augment_width(width) if backend.augmented(resolved) else width
-        description = backend.factory_string(resolved, coded, quantize, lists, hnsw_m, pq_m)
+        description = backend.factory_string(resolved, width, quantize, lists, hnsw_m, pq_m)
         manifest = store.IndexManifest(
             name=name, kind=resolved, mode=mode, layout=layout, curvature=curvature,
             sketch=wanted["sketch"], part=part,
             faiss={"factory": description, "requested": kind, "quantize": quantize,
                    "nlist": lists if resolved == "ivf" else None,
-                   "nprobe": (nprobe or min(lists, max(8, lists // 4)))
+                   "nprobe": (nprobe or min(lists, max(8, lists // DEFAULT_PROBE_SHARE)))
                    if resolved == "ivf" else None,
                    "hnsw_m": hnsw_m if resolved == "hnsw" else None,
-                   "ef": ef if resolved == "hnsw" else None, "augment": None})
+                   "ef": ef if resolved == "hnsw" else None})
         index = backend.new_index(description, width, resolved)
         if resolved == "hnsw":
             index.hnsw.efConstruction = max(40, ef)
     transform = _Transform(manifest, dim, attributor, full, plan, block_rows, progress)
-    if manifest.rows == 0 and (backend.augmented(manifest.kind) or not index.is_trained):
-        sample = _training_sample(full.project_dir, reader, manifest, transform)
-        if backend.augmented(manifest.kind):  # M: fixed at the first build
-            largest = _largest_norm(reader, transform, block_rows, progress)
-            transform.augment = manifest.faiss["augment"] = AUGMENT_MARGIN * largest
-            sample = transform.finish(torch.from_numpy(sample))
-        if not index.is_trained:
-            index.train(sample)
+    if not index.is_trained:
+        index.train(_training_sample(full.project_dir, reader, manifest, transform))
     new = reader.shards[len(manifest.shards):]
     blocks = [(shard, b) for shard in new for b in range(-(-shard.rows // block_rows))]
     shard_blocks = ((shard, ids_rows) for shard in new
@@ -115,7 +108,11 @@ def _existing(project_dir, name, path, reader, layout, wanted, rebuild):
     one, or (None, None) to build anew."""
     if not os.path.isfile(os.path.join(store.folder(project_dir, name), store.INDEX_MANIFEST)):
         return None, None
-    manifest = store.load(project_dir, name)
+    try:
+        manifest = store.load(project_dir, name)
+    except LogFormatError as e:  # e.g. written by an older LogIX: the shards rebuild it
+        warnings.warn(f"Rebuilding index {name!r}: {e}", stacklevel=4)
+        return None, None
     have = {"mode": manifest.mode, "curvature": manifest.curvature, "part": manifest.part,
             "sketch": manifest.sketch, "requested": manifest.faiss.get("requested"),
             "quantize": manifest.faiss.get("quantize")}
@@ -142,7 +139,6 @@ class _Transform:
     def __init__(self, manifest, dim, attributor, full, plan, block_rows, progress) -> None:
         self.sketch = Sketch(dim, manifest.sketch["width"], manifest.sketch["seed"]) \
             if manifest.sketch else None
-        self.augment = manifest.faiss.get("augment")
         self.norms, self.starts = None, {}
         if plan is not None:
             self.norms = attributor._train_norms(full, plan, block_rows, progress)[:, 0]
@@ -160,34 +156,7 @@ class _Transform:
             rows = rows / self.norms[positions].clamp_min(1e-30).sqrt()[:, None]
         if self.sketch is not None:
             rows = self.sketch(rows)
-        return self.finish(rows)
-
-    def finish(self, rows) -> np.ndarray:
-        if self.augment is not None:  # rows with norms above M (added later) get 0
-            rows = augment(rows, (self.augment ** 2 - rows.pow(2).sum(1)).clamp_min(0).sqrt())
         return np.ascontiguousarray(rows.numpy(), dtype=np.float32)
-
-
-def augment(rows, extra):
-    """[n, w] -> [n, augment_width(w)]: `extra` in column w, zeros after."""
-    out = rows.new_zeros(rows.shape[0], backend.augment_width(rows.shape[1]))
-    out[:, :rows.shape[1]] = rows
-    out[:, rows.shape[1]] = extra
-    return out
-
-
-def _largest_norm(reader, transform, block_rows: int, progress: bool) -> float:
-    """The largest norm of an indexed vector (one pass; rows added later above M x this lose a
-    little recall, never exactness)."""
-    largest = 0.0
-    for shard in reader.shards:
-        blocks = reader.fixed_blocks(block_rows, [shard])
-        offset = 0
-        for _, rows in track(blocks, -(-shard.rows // block_rows), "Norms", progress):
-            vectors = transform(rows, shard.file, offset)
-            largest = max(largest, float(np.linalg.norm(vectors, axis=1).max()))
-            offset += rows.shape[0]
-    return largest
 
 
 def _training_sample(project_dir, reader, manifest, transform) -> np.ndarray:

@@ -48,20 +48,24 @@ class RowStore:
         return shard, positions - self.starts[shard]
 
     def read(self, positions: Tensor) -> Tensor:
-        """[n, dim] float32 rows at `positions` (int64)."""
+        """[n, dim] float32 rows at `positions` (int64), read in shard and offset order."""
         out = torch.empty(len(positions), self.dim)
-        shard, local = self.locate(positions)
-        for s in shard.unique().tolist():
-            mask = shard == s
-            out[mask] = _shard_rows(*self._version(s))[local[mask]].float()
+        order = torch.argsort(positions)
+        shard, local = self.locate(positions[order])
+        bounds = torch.searchsorted(shard, torch.arange(len(self.files) + 1)).tolist()
+        for s in range(len(self.files)):
+            part = slice(bounds[s], bounds[s + 1])
+            if part.start < part.stop:
+                out[order[part]] = _shard_rows(*self._version(s))[local[part]].float()
         return out
 
-    def ids(self, positions: Sequence[int]) -> List:
-        positions = torch.as_tensor(list(positions), dtype=torch.long)
-        if len(positions) == 0:
-            return []
-        shard, local = self.locate(positions)
-        return [_shard_ids(*self._version(s))[i] for s, i in zip(shard.tolist(), local.tolist())]
+    def ids(self, lists: Sequence[Sequence[int]]) -> List[List]:
+        """The data ids at each list of positions (each shard's version checked once)."""
+        flat = torch.as_tensor([p for positions in lists for p in positions], dtype=torch.long)
+        shard, local = self.locate(flat) if len(flat) else (flat, flat)
+        ids = {s: _shard_ids(*self._version(s)) for s in shard.unique().tolist()}
+        found = iter([ids[s][i] for s, i in zip(shard.tolist(), local.tolist())])
+        return [[next(found) for _ in positions] for positions in lists]
 
 
 @functools.lru_cache(maxsize=256)

@@ -18,7 +18,6 @@ from logix import distributed
 from logix.errors import UsageError
 from logix.index import backend, store
 from logix.index.builder import SERVED_MODES
-from logix.index.builder import augment as builder_augment
 from logix.index.rows import RowStore
 from logix.index import sketch
 from logix.influence.gather import own_part
@@ -139,10 +138,6 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
     if manifest.sketch:
         width, seed = manifest.sketch["width"], manifest.sketch["seed"]
         queries = sketch.cached(full.dim, width, seed)(queries)
-    augment = manifest.faiss.get("augment")
-    query_sq = queries.pow(2).sum(1, keepdim=True)
-    if augment is not None:
-        queries = builder_augment(queries, torch.zeros(len(queries)))
     queries = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
     c = min(candidates, int(index.ntotal))
     norms = None
@@ -157,8 +152,6 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
             scores = _exact(plan, rows, found, norms, _log_starts(full, manifest))
         else:
             scores = torch.from_numpy(found_scores).float()
-            if augment is not None:  # L2 distances back to inner products
-                scores = (augment ** 2 + query_sq - scores) / 2
             scores = sign * scores
             if plan.needs_norms:  # cosine: the index's rows are normalised, the query is not
                 scores = scores / plan.query_norms[:, None].clamp_min(1e-30).sqrt()
@@ -166,7 +159,7 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
         scores = scores.masked_fill(found < 0, fill)
         values, order = torch.topk(scores, min(k, c), dim=1, largest=largest, sorted=True)
         positions = torch.gather(found, 1, order)
-        result[f"{side}_ids"] = [rows.ids(row[row >= 0].tolist()) for row in positions]
+        result[f"{side}_ids"] = rows.ids([row[row >= 0].tolist() for row in positions])
         result[f"{side}_scores"] = values
     return result
 
@@ -175,10 +168,13 @@ def _exact(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor],
            starts: Tensor) -> Tensor:
     """[n_query, c] exact scores of each query's candidates.
 
-    Each candidate goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its
-    position modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the
-    same matrix multiply at the same row and has the stream's bits."""
-    union, inverse = torch.unique(found.clamp_min(0), return_inverse=True)
+    The union of all queries' candidates is read once, in shard and offset order. Each
+    candidate goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its position
+    modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the same matrix
+    multiply of the same queries at the same row and has the stream's bits; candidates sharing
+    a slot go to successive matrices."""
+    union, inverse = torch.unique(found.clamp_min(0), return_inverse=True)  # sorted
+    values = rows.read(union)  # [n_union, dim]
     slots = union % SCORE_CHUNK
     by_slot = torch.argsort(slots, stable=True)
     first = torch.searchsorted(slots[by_slot], slots[by_slot])  # first of each slot group
@@ -189,10 +185,11 @@ def _exact(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor],
         shard, local = rows.locate(union)
         train_norms = norms[starts[shard] + local]
     scores = torch.empty(len(union), plan.n_query)
+    block = torch.empty(SCORE_CHUNK, rows.dim)
     for c in range(int(chunk.max()) + 1 if len(union) else 0):
         members = (chunk == c).nonzero().flatten()
-        block = torch.zeros(SCORE_CHUNK, rows.dim)
-        block[slots[members]] = rows.read(union[members])
+        block.zero_()
+        block[slots[members]] = values[members]
         block_norms = None
         if train_norms is not None:
             block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])

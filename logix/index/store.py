@@ -18,7 +18,7 @@ INDEX_DIR = "index"
 INDEX_MANIFEST = "index.json"
 INDEX_FILE = "index.faiss"
 INDEX_FORMAT = "logix-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 FRESH, BEHIND, STALE = "fresh", "behind", "stale"
 
 
