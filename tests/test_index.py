@@ -396,3 +396,18 @@ def test_under_torchrun_each_rank_indexes_its_shards_and_search_merges_them(tmp_
             assert torch.equal(result[name][f"{side}_scores"], result["stream"][f"{side}_scores"])
             torch.testing.assert_close(result[name][f"{side}_scores"], want[f"{side}_scores"],
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_auto_on_a_large_log_builds_ivf_with_sq8_codes_and_scores_exactly(logged, monkeypatch):
+    from logix.index import backend
+
+    att, query = logged
+    monkeypatch.setattr(backend, "AUTO_FLAT_ROWS", 100)  # the 400-row log counts as large
+    manifest = att.build_index(progress=False)
+    assert manifest.kind == "ivf" and manifest.faiss["factory"].endswith(",SQ8")
+    got = att.search(query, k=5, candidates=20, hessian="ekfac")
+    full = att.compute_influence_all(query, hessian="ekfac", progress=False)
+    for q, ids in enumerate(got["top_ids"]):
+        columns = [full["tgt_ids"].index(i) for i in ids]
+        assert torch.allclose(got["top_scores"][q], full["influence"][q, columns],
+                              rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 shard verification, argument checks, singular curvature, top-k, the train-norm cache key,
 score-file handles and `logix top --query ID`."""
 
+import dataclasses
 import json
 import os
 
@@ -65,6 +66,30 @@ def test_truncated_shard_is_refused(tmp_path):
         f.truncate(shard.bytes - 4)
     with pytest.raises(LogFormatError, match="bytes but the manifest recorded"):
         run.compute_influence_all(test, hessian="none")
+
+
+def test_a_shard_wider_than_the_manifest_is_refused(tmp_path):
+    """A shard rewritten with wider rows (and a manifest entry that matches its bytes, as a tool
+    writing shards directly might leave) is refused, not read as shifted rows."""
+    from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, atomic_write, safetensors_header,
+                                      tensor_bytes)
+    from logix.storage.reader import map_shard
+
+    run, test = logged(tmp_path)
+    manifest = Manifest.load(run.project_dir)
+    shard = manifest.shards[0]
+    path = os.path.join(run.project_dir, shard.file)
+    ids, rows = map_shard(path, manifest.dim)
+    wider = torch.cat([rows, torch.zeros(rows.shape[0], 2, dtype=rows.dtype)], dim=1)
+    header = safetensors_header({GRAD_KEY: (wider.dtype, list(wider.shape))},
+                                {DATA_IDS_KEY: json.dumps(ids)})
+    checksum = atomic_write(path, header, tensor_bytes(wider))
+    manifest.shards[0] = dataclasses.replace(shard, checksum=checksum,
+                                             bytes=os.path.getsize(path))
+    manifest.save(run.project_dir)
+    with pytest.raises(LogFormatError, match="wide"):
+        logix.Attributor(run.project_dir).compute_influence_all(test, hessian="none",
+                                                                 progress=False)
 
 
 def test_verification_runs_once_per_shard_and_process(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from logix.errors import UsageError
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 QUANTIZERS = (None, "sq8", "pq")
-AUTO_FLAT_ROWS = 100_000  # kind="auto": exact flat scan up to this many rows, IVF beyond
+AUTO_FLAT_ROWS = 100_000  # kind="auto": exact flat scan up to this many rows, IVF-SQ8 beyond
 
 
 def import_faiss():
@@ -37,6 +37,15 @@ def resolve_kind(kind: str, rows: int) -> str:
     if kind == "auto":
         return "flat" if rows <= AUTO_FLAT_ROWS else "ivf"
     return kind
+
+
+def auto_codes(requested: str, resolved: str, quantize: Optional[str]) -> Optional[str]:
+    """The stored codes: `quantize` as asked, except that kind="auto" on a large log (resolved to
+    IVF) stores SQ8: a quarter of the bytes per row, the same recall after re-ranking and, since
+    a batch of queries scans a quarter of the memory, several times faster for batches."""
+    if quantize is None and requested == "auto" and resolved == "ivf":
+        return "sq8"
+    return quantize
 
 
 def default_nlist(rows: int) -> int:

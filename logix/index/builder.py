@@ -69,7 +69,8 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
         resolved = backend.resolve_kind(kind, reader.rows)
         width = sketch or dim
         lists = nlist or backend.default_nlist(reader.rows)
-        description = backend.factory_string(resolved, width, quantize, lists, hnsw_m, pq_m)
+        codes = backend.auto_codes(kind, resolved, quantize)
+        description = backend.factory_string(resolved, width, codes, lists, hnsw_m, pq_m)
         manifest = store.IndexManifest(
             name=name, kind=resolved, mode=mode, layout=layout, curvature=curvature,
             sketch=wanted["sketch"], part=part,

@@ -56,7 +56,7 @@ class RowStore:
         for s in range(len(self.files)):
             part = slice(bounds[s], bounds[s + 1])
             if part.start < part.stop:
-                out[order[part]] = _shard_rows(*self._version(s))[local[part]].float()
+                out[order[part]] = _shard_rows(*self._version(s), self.dim)[local[part]].float()
         return out
 
     def ids(self, lists: Sequence[Sequence[int]]) -> List[List]:
@@ -69,9 +69,9 @@ class RowStore:
 
 
 @functools.lru_cache(maxsize=256)
-def _shard_rows(path: str, size: int, mtime_ns: int) -> Tensor:
+def _shard_rows(path: str, size: int, mtime_ns: int, width: int) -> Tensor:
     """A shard's memory-mapped rows, mapped once per file version."""
-    return map_shard(path)[1]
+    return map_shard(path, width)[1]
 
 
 @functools.lru_cache(maxsize=64)

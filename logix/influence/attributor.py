@@ -390,7 +390,7 @@ class Attributor:
     def build_index(self, kind: str = "auto", mode: str = "dot", **options):
         """Build (or bring up to date) a FAISS index of the saved rows under
         ``<project>/index/<name>/``, for `search`. kind: "auto" (flat up to 100,000 rows, else
-        ivf) | "flat" | "ivf" | "hnsw". mode "dot" (serves every curvature) or "cosine" (built
+        ivf with sq8 codes) | "flat" | "ivf" | "hnsw". mode "dot" (serves every curvature) or "cosine" (built
         for one curvature and damping). options: sketch=width (seeded JL sketch of wide rows),
         quantize=None | "sq8" | "pq", name, rebuild, hessian, damping, nlist, nprobe, hnsw_m,
         ef, pq_m, seed, progress. Only shards logged since the last build are read; a stale

@@ -72,7 +72,7 @@ class LogReader:
 
     def _map(self, shard: ShardEntry) -> Tuple[List, Tensor]:
         """(ids, rows) of one shard, memory-mapped, checked against the manifest's row count."""
-        ids, rows = map_shard(self._path(shard))
+        ids, rows = map_shard(self._path(shard), self.dim)
         if rows.shape[0] != shard.rows or len(ids) != shard.rows:
             raise LogFormatError(f"Shard {shard.file!r} holds {rows.shape[0]} rows and "
                                  f"{len(ids)} ids but the manifest says {shard.rows}.")
@@ -193,8 +193,9 @@ def verify_file(path: str, checksum: str, size: Optional[int] = None) -> None:
         _verified.add(key)
 
 
-def map_shard(path: str) -> Tuple[List, Tensor]:
-    """(data_ids, rows) of a shard, rows a zero-copy tensor over the memory-mapped file."""
+def map_shard(path: str, width: int) -> Tuple[List, Tensor]:
+    """(data_ids, rows [n, width]) of a shard, rows a zero-copy tensor over the memory-mapped
+    file; a shard whose rows are not `width` wide (the manifest's dim) is refused."""
     try:
         header, data_start, _ = read_header(path)
         info = header[GRAD_KEY]
@@ -205,6 +206,10 @@ def map_shard(path: str) -> Tuple[List, Tensor]:
     except (LogFormatError, KeyError, TypeError, ValueError) as e:
         raise LogFormatError(f"Shard {path!r} is not a readable LogIX shard: {e}. Run "
                              f"`logix verify` on the project folder.") from e
+    if len(shape) != 2 or shape[1] != width:
+        raise LogFormatError(f"Shard {path!r} holds rows of shape {shape} but the manifest's "
+                             f"rows are {width} wide: the shard belongs to another log or "
+                             f"layout. Run `logix verify` on the project folder.")
     if stop == start:
         return ids, torch.empty(shape, dtype=dtype)
     # copy-on-write mapping: torch wants a writable buffer; pages are shared until written.
