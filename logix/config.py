@@ -90,7 +90,8 @@ class InfluenceConfig:
     damping: Optional[float] = _help("Absolute damping added to every module's curvature.", None)
     relative_damping: float = _help(
         "Used when `damping` is unset: damping = this x the mean eigenvalue, per module.", 0.1)
-    block_rows: int = _help("Training rows scored per matrix multiply while streaming.", 8192)
+    block_rows: int = _help("Training rows read per streamed block, at most 256 MiB of float32 "
+                            "rows (scores do not depend on it).", 8192)
     lissa_depth: int = _help("hessian='lissa': most recursion steps (streaming passes) per query "
                              "solve.", 1000)
     lissa_scale: Optional[float] = _help(

@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import logix
+from logix.storage.reader import LogReader
 from logix.storage.scores import load_scores
 
 HESSIANS = ["none", "raw", "kfac", "ekfac"]
@@ -280,6 +281,28 @@ def test_streamed_topk_and_score_files_reuse_one_block_buffer(tmp_path, monkeypa
                                         out=str(tmp_path / "s.safetensors"))
     assert torch.equal(load_scores(written["path"])["influence"], full["influence"])
     assert [n for n, _, _ in buffers] == [50, 16, 16]  # one block buffer per streamed query
+
+
+def test_streamed_blocks_are_capped_in_bytes_for_wide_rows(tmp_path, monkeypatch):
+    import logix.influence.attributor as attributor
+    import logix.influence.scoring as scoring
+
+    for module in (attributor, scoring):
+        monkeypatch.setattr(module, "SCORE_CHUNK", 8)
+    model = make_mlp()
+    x, y = mlp_data(50)
+    run = log_run(tmp_path, model, x, y, shard_rows=9)
+    test = query_log(run, model, x, y)
+    full = run.compute_influence_all(test, hessian="none", block_rows=48)
+    monkeypatch.setattr(scoring, "BLOCK_BYTES", 4 * run.reader().dim * 20)  # 20 rows' bytes
+    sizes = []
+    real = LogReader.fixed_blocks
+    monkeypatch.setattr(LogReader, "fixed_blocks",
+                        lambda self, block_rows, *a, **kw: sizes.append(block_rows)
+                        or real(self, block_rows, *a, **kw))
+    capped = run.compute_influence_all(test, hessian="none", block_rows=48)
+    assert sizes == [24]  # 20 rows rounded up to whole 8-row chunks, not the 48 asked for
+    assert torch.equal(capped["influence"], full["influence"])
 
 
 def test_scores_do_not_depend_on_shard_or_block_size(tmp_path):

@@ -17,6 +17,7 @@ from logix.index import backend, store
 from logix.index.rows import RowStore
 from logix.index.sketch import Sketch
 from logix.influence.gather import own_part
+from logix.influence.scoring import aligned
 from logix.log import StepLog
 from logix.progress import track
 
@@ -41,6 +42,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
         raise UsageError(f"mode={mode!r} has no index; allowed: {list(SERVED_MODES)}. For 'l2' "
                          "use compute_influence_all(topk=k, mode='l2').")
     dim = full.dim
+    block_rows = aligned(block_rows, dim)
     if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int)
                                or not 0 < sketch < dim):
         raise UsageError(f"sketch={sketch!r} must be an integer in [1, {dim}) (the row width), "

@@ -228,7 +228,9 @@ class Attributor:
             if influence_groups is not None or out is not None or loader is not None:
                 raise UsageError("method='source' supports topk but not influence_groups, out "
                                  "or loader.")
-            result = source_influence(self.reader(), src, hessian or "ekfac", aligned(block_rows))
+            reader = self.reader()
+            result = source_influence(reader, src, hessian or "ekfac",
+                                      aligned(block_rows, reader.dim))
             if topk is not None:
                 top = TopK(topk, len(src))
                 top.update(result["influence"], 0)
@@ -245,7 +247,7 @@ class Attributor:
                              f"{reader.project_dir!r}. Log training steps with run.save(True) "
                              "and run.setup({'grad': ['log']}) first, and call run.finalize().")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
-        block_rows = aligned(block_rows)
+        block_rows = aligned(block_rows, reader.dim)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
         if not distributed.is_distributed():
             return self._stream(src, reader, plan, topk, out, block_rows, progress)
@@ -327,7 +329,7 @@ class Attributor:
             raise UsageError(f"hessian={plan.preconditioner.kind!r} solves per query, so the "
                              "self-influence of every saved row would take one solve per row. "
                              "Pass src_log= (those examples only), or hessian='raw' / 'ekfac'.")
-        norms = self._train_norms(reader, plan, aligned(block_rows), progress)
+        norms = self._train_norms(reader, plan, aligned(block_rows, reader.dim), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
     # ------------------------------------------------------------------ helpers

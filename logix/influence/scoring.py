@@ -17,6 +17,7 @@ from logix.log import StepLog
 MODES = ("dot", "cosine", "l2")
 TOTAL = "total"
 SCORE_CHUNK = 1024  # training rows per matrix multiply; fixed so that scores are reproducible
+BLOCK_BYTES = 256 << 20  # float32 bytes of training rows per streamed block, at most
 
 
 class ScorePlan:
@@ -153,9 +154,12 @@ def score_buffer(n: int, width: int, device) -> Tensor:
     return torch.empty(width, n, device=device).T
 
 
-def aligned(block_rows: int) -> int:
-    """Blocks start at multiples of SCORE_CHUNK, so every row sits at the same position of the
-    same chunk shape whatever block size was asked for."""
+def aligned(block_rows: int, dim: int) -> int:
+    """`block_rows`, at most BLOCK_BYTES of float32 rows `dim` wide (wide language-model rows
+    would otherwise make one block several GiB), in whole SCORE_CHUNKs: blocks start at
+    multiples of SCORE_CHUNK, so every row sits at the same position of the same chunk shape
+    whatever block size was asked for."""
+    block_rows = min(block_rows, BLOCK_BYTES // (4 * max(dim, 1)))
     return max(SCORE_CHUNK, -(-block_rows // SCORE_CHUNK) * SCORE_CHUNK)
 
 

@@ -85,7 +85,7 @@ def lightning(root: str, processes: int) -> None:
 
 
 if __name__ == "__main__":
+    from teardown import exit_cleanly
+
     {"hf": hf, "lightning": lightning}[sys.argv[1]](sys.argv[2], int(sys.argv[3]))
-    if torch.distributed.is_initialized():  # exiting with gloo alive can abort the process
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    exit_cleanly()

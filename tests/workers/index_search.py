@@ -29,8 +29,10 @@ def main(project_dir: str, queries_file: str, out_file: str) -> None:
                           index=ivf.name)}
     if dist.get_rank() == 0:
         torch.save(result, out_file)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from teardown import exit_cleanly
+
     main(*sys.argv[1:4])
+    exit_cleanly()
