@@ -447,6 +447,7 @@ def worker_profile(p):
     import torch
 
     import logix.run as R
+    import logix.storage.session as S
     import logix.storage.writer as W
 
     C.set_threads(p.get("threads"))
@@ -461,8 +462,8 @@ def worker_profile(p):
         (W.ShardWriter, "_submit", "    _submit: queue a full buffer (waits while full)"),
         (W.ShardWriter, "_write", "_write: one shard, all of it"),
         (W, "safetensors_header", "  header"),
-        (W, "atomic_write", "  atomic_write: stream + crc32 + fsync + rename"),
-        (R.Run, "_on_shard", "  manifest update"),
+        (W, "write_shard", "  write_shard: O_DIRECT write + crc32 + fsync + rename"),
+        (S.LogSession, "_on_shard", "  manifest update"),
         (os, "fsync", "fsync, every call (shard, folder, manifest, state)")]
 
     def epoch(name, timers=None):
@@ -510,6 +511,7 @@ def _components(p, model, opt, batches, loss_fn, name_filter, root):
     import torch
 
     import logix.storage.format as F
+    from logix.storage.direct_io import PAGE, aligned_empty, write_shard
     from logix.storage.writer import ShardWriter
 
     run = _new_run("components", root, model, name_filter, p["rank"], p["dtype"])
@@ -545,13 +547,14 @@ def _components(p, model, opt, batches, loss_fn, name_filter, root):
             lambda: writer.append(ids, rows), reps, 20)
         writer.close()
 
-    shard = torch.randn(rps, dim).to(getattr(torch, p["dtype"]))
+    shard = aligned_empty(rps, dim, getattr(torch, p["dtype"]))  # as the writer allocates it
+    shard.copy_(torch.randn(rps, dim))
     shard_ids = list(range(rps))
     body = F.tensor_bytes(shard)
 
     def header():
         return F.safetensors_header({"grad": (shard.dtype, tuple(shard.shape))},
-                                    {"data_ids": json.dumps(shard_ids)})
+                                    {"data_ids": json.dumps(shard_ids)}, align=PAGE)
 
     path = os.path.join(root, "component.safetensors")
     sr = max(3, min(8, reps // 4))
@@ -562,7 +565,9 @@ def _components(p, model, opt, batches, loss_fn, name_filter, root):
             lambda: F.atomic_write(path, header(), body), sr)
     per_shard["atomic_write (+ fsync of file and folder, rename)"] = _best(
         lambda: F.atomic_write(path, header(), body), sr)
-    stall = _gil_stall(lambda: F.atomic_write(path, header(), body))
+    per_shard["write_shard (O_DIRECT, + fsync and rename), what the writer runs"] = _best(
+        lambda: write_shard(path, header(), body), sr)
+    stall = _gil_stall(lambda: write_shard(path, header(), body))
     return dict(per_step_us={k: v * 1e6 for k, v in per_step.items()},
                 per_shard_ms={k: v * 1e3 for k, v in per_shard.items()},
                 gil_stall_ms=stall * 1e3, steps=len(batches),
@@ -838,7 +843,7 @@ def report_profile(prof):
                   f"-- pieces alone: {steps} steps and {shards:.2f} shard-sizes per epoch; a "
                   f"shard is {comp['rows_per_shard']} rows x {comp['dim']} "
                   f"({C.human_bytes(comp['shard_bytes'])})"))
-    print("   longest stall of a Python loop while another thread runs atomic_write on one "
+    print("   longest stall of a Python loop while another thread runs write_shard on one "
           "shard (the GIL): " + ", ".join(f"{r['components']['gil_stall_ms']:.1f} ms ({thr(r)})"
                                           for r in prof))
 

@@ -291,7 +291,7 @@ def test_resume_refuses_a_different_model_or_module_set(new_run, tmp_root, chang
 # =========================================================================== writer faults
 def failing_after(n_ok: int, error: BaseException, calls=None):
     """A stand-in for logix.storage.writer.atomic_write: n_ok real writes, then `error`."""
-    real = writer_module.atomic_write
+    real = writer_module.write_shard
     calls = [] if calls is None else calls
 
     def write(path, *parts):
@@ -318,7 +318,7 @@ def test_disk_full_surfaces_at_next_end_and_keeps_written_shards(new_run, tmp_ro
     model = make_mlp(seed=22)
     full = OSError(errno.ENOSPC, "No space left on device")
     calls = []
-    monkeypatch.setattr(writer_module, "atomic_write", failing_after(3, full, calls))
+    monkeypatch.setattr(writer_module, "write_shard", failing_after(3, full, calls))
     run = logging_run(new_run, "full", model, shard_rows=2)
     logged = []
     for i in range(3):
@@ -354,7 +354,7 @@ def test_permission_denied_surfaces_at_flush_and_finalize(new_run, tmp_root, mon
     g = seeded(23)
     model = make_mlp(seed=23)
     denied = PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(writer_module, "atomic_write", failing_after(0, denied))
+    monkeypatch.setattr(writer_module, "write_shard", failing_after(0, denied))
     run = logging_run(new_run, "denied", model, shard_rows=100)
     for i in range(3):  # fewer rows than a shard: nothing is written until flush
         step(run, model, torch.randn(2, 6, generator=g), [f"{i}a", f"{i}b"])
@@ -545,13 +545,13 @@ def test_read_back_equals_logged(tmp_path_factory, batches, shard_rows, dtype, n
 
 # =========================================================================== threads
 def slow_writes(monkeypatch, seconds: float) -> None:
-    real = writer_module.atomic_write
+    real = writer_module.write_shard
 
     def write(path, *parts):
         time.sleep(seconds)
         return real(path, *parts)
 
-    monkeypatch.setattr(writer_module, "atomic_write", write)
+    monkeypatch.setattr(writer_module, "write_shard", write)
 
 
 def test_get_log_and_flush_while_the_writer_is_busy(new_run, tmp_root, monkeypatch):

@@ -324,7 +324,7 @@ def test_writer_failure_is_reported(new_run, tmp_root, monkeypatch):
     def broken(path, *parts):
         raise OSError("disk full")
 
-    monkeypatch.setattr(writer, "atomic_write", broken)
+    monkeypatch.setattr(writer, "write_shard", broken)
     with pytest.raises(WriterError, match="disk full|rows were not written"):
         log_project(new_run, "broken", shard_rows=1)
     assert not os.path.isdir(os.path.join(tmp_root, "broken", "logs")) or \

@@ -87,7 +87,7 @@ def atomic_write(path: str, *parts, algorithm: str = CHECKSUM) -> str:
     """Write `parts` (bytes or buffers) atomically (see `atomic_file`). Large buffers go out in
     slices without a joined copy. Returns the checksum of what was written, "<algorithm>:<hex>"
     (hashed slice by slice right after its write, while the slice is in the CPU cache)."""
-    digest = _new_digest(algorithm)
+    digest = new_digest(algorithm)
     with atomic_file(path) as f:
         for part in parts:
             view = memoryview(part).cast("B")
@@ -108,7 +108,7 @@ def split_checksum(checksum: str) -> Tuple[str, str]:
 def file_checksum(path: str, algorithm: str, advance=None) -> str:
     """The hex digest of a file read in chunks (bounded memory); `advance(n)` after each
     chunk."""
-    digest = _new_digest(algorithm)
+    digest = new_digest(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
             digest.update(chunk)
@@ -130,7 +130,7 @@ class _Crc32:
         return f"{self.value:08x}"
 
 
-def _new_digest(algorithm: str):
+def new_digest(algorithm: str):
     if algorithm == CHECKSUM:
         return _Crc32()
     try:
@@ -172,8 +172,9 @@ def read_header(path: str) -> Tuple[dict, int, int]:
 
 
 def safetensors_header(tensors: Dict[str, Tuple[torch.dtype, Sequence[int]]],
-                       metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file whose tensors follow in order."""
+                       metadata: Optional[Dict[str, str]] = None, align: int = 8) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file whose tensors follow in order,
+    padded with spaces so that the data starts at a multiple of `align` bytes."""
     header, offset = {}, 0
     for name, (dtype, shape) in tensors.items():
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
@@ -183,7 +184,7 @@ def safetensors_header(tensors: Dict[str, Tuple[torch.dtype, Sequence[int]]],
     if metadata:
         header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned
+    encoded += b" " * (-(8 + len(encoded)) % align)
     return struct.pack("<Q", len(encoded)) + encoded
 
 

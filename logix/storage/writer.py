@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from logix.errors import WriterError
-from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, atomic_write,
-                                  parse_shard_name, safetensors_header, shard_name,
-                                  tensor_bytes)
+from logix.storage.direct_io import PAGE, aligned_empty, write_shard
+from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, parse_shard_name,
+                                  safetensors_header, shard_name, tensor_bytes)
 from logix.storage.manifest import ShardEntry
 
 _STOP = object()
@@ -123,8 +123,8 @@ class ShardWriter:
             try:
                 self._rows = self._free.get_nowait()
             except queue.Empty:
-                self._rows = torch.empty(self.rows_per_shard, self.dim, dtype=self.dtype,
-                                         pin_memory=torch.cuda.is_available())
+                self._rows = aligned_empty(self.rows_per_shard, self.dim, self.dtype,
+                                           pin_memory=torch.cuda.is_available())
         return self._rows
 
     def _submit(self) -> None:
@@ -163,13 +163,14 @@ class ShardWriter:
                 self._queue.task_done()
 
     def _write(self, seq: int, ids: list, rows: Tensor, tag: Optional[str]) -> None:
-        """Stream header and rows to disk: no serialised copy, and no GIL held while copying."""
+        """Stream header and rows to disk: no serialised copy, and no GIL held while copying;
+        past the page cache where the file system allows (`direct_io`)."""
         header = safetensors_header({GRAD_KEY: (rows.dtype, tuple(rows.shape))},
-                                    {DATA_IDS_KEY: json.dumps(ids)})
+                                    {DATA_IDS_KEY: json.dumps(ids)}, align=PAGE)
         name = shard_name(self.rank, seq)
         os.makedirs(os.path.join(self.project_dir, LOGS_DIR), exist_ok=True)
-        checksum = atomic_write(os.path.join(self.project_dir, LOGS_DIR, name), header,
-                                tensor_bytes(rows))
+        path, data = os.path.join(self.project_dir, LOGS_DIR, name), tensor_bytes(rows)
+        checksum = write_shard(path, header, data)
         size = len(header) + rows.numel() * rows.element_size()
         entry = ShardEntry(file=f"{LOGS_DIR}/{name}", rows=rows.shape[0], bytes=size,
                            checksum=checksum, rank=self.rank, seq=seq, checkpoint=tag)
