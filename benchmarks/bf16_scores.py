@@ -18,14 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
 
 import digits  # noqa: E402  (examples/digits/digits.py)
 
-import logix  # noqa: E402
 from logix.evaluation import lds, linear_datamodeling_score, spearman  # noqa: E402
 
 HESSIANS = ("none", "ekfac")
@@ -34,17 +30,8 @@ HESSIANS = ("none", "ekfac")
 def scores_with(dtype: str, model, data, rank: int, root: Path) -> dict:
     """{hessian: scores [n_test, n_train]} of a log stored in `dtype`, columns in training
     order."""
-    run = logix.init(f"digits-{dtype}", root_dir=str(root), rank=rank, log_dtype=dtype, seed=0)
-    run.watch(model)
-    run.add_lora()
-    run.setup(digits.SETUP)
-    run.save(True)
-    for batch in torch.arange(len(data.x_train)).split(250):
-        with run(data_id=batch.tolist()):
-            model.zero_grad()
-            F.cross_entropy(model(data.x_train[batch]), data.y_train[batch],
-                            reduction="sum").backward()
-    run.finalize()
+    run = digits.log_training(model, data, rank, root, project=f"digits-{dtype}",
+                              log_dtype=dtype, seed=0)
     return digits.influence_scores(run, model, data, HESSIANS)
 
 

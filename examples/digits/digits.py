@@ -199,12 +199,14 @@ class CachedTrainer:
 
 # ----------------------------------------------------------------------------- LogIX
 def log_training(model: nn.Module, data: Digits, rank: Optional[int], root: Path,
-                 relative_damping: Optional[float] = None) -> logix.Run:
+                 relative_damping: Optional[float] = None, project: Optional[str] = None,
+                 **options) -> logix.Run:
     """One logging pass over the training set: projected (or, rank None, full) per-example
-    gradients and every statistic the four preconditioners need."""
-    project = f"digits-rank{rank}" if rank else "digits-full"
-    shutil.rmtree(root / project, ignore_errors=True)  # a fresh log for this model
-    run = logix.init(project, root_dir=str(root), rank=rank, relative_damping=relative_damping)
+    gradients and every statistic the four preconditioners need. `options` go to logix.init."""
+    project = project or (f"digits-rank{rank}" if rank else "digits-full")
+    shutil.rmtree(Path(root) / project, ignore_errors=True)  # a fresh log for this model
+    run = logix.init(project, root_dir=str(root), rank=rank, relative_damping=relative_damping,
+                     **options)
     run.watch(model)
     if rank:
         run.add_lora()
