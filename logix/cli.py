@@ -115,8 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="browse logs, scores and evaluations in a web page",
                         description="Serve a read-only dashboard of the projects under ROOT "
                                     "(a project folder or a folder of them) on a local port.")
-    ui.add_argument("roots", metavar="ROOT", nargs="*", default=["logix"],
-                    help="project folders or folders of projects (default: ./logix)")
+    ui.add_argument("roots", metavar="ROOT", nargs="*", default=["logix_logs"],
+                    help="project folders or folders of projects (default: ./logix_logs)")
     ui.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
     ui.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only)")
@@ -542,7 +542,8 @@ def _add_search_commands(sub) -> None:
                                        "rebuilt). Needs pip install \"logix[search]\".")
     index.add_argument("dir", metavar="DIR", help="the project folder (<root_dir>/<project>)")
     index.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
-                       help="auto: flat up to 100,000 rows, else ivf (default auto)")
+                       help="auto: flat up to 100,000 rows, else ivf with sq8 codes (default "
+                            "auto)")
     index.add_argument("--mode", default="dot", choices=["dot", "cosine"],
                        help="dot serves every curvature; cosine is built for one (--hessian)")
     index.add_argument("--hessian", default=None, help="curvature of a cosine index")
@@ -572,6 +573,10 @@ def _add_search_commands(sub) -> None:
     search.add_argument("--index", default=None, metavar="NAME", help="which index")
     search.add_argument("--mode", default=None, choices=["dot", "cosine"])
     search.add_argument("--hessian", default=None, help="curvature (default: the log's)")
+    search.add_argument("--nprobe", type=_positive_int, default=None,
+                        help="IVF lists visited per query (default: the index's, nlist/16)")
+    search.add_argument("--ef", type=_positive_int, default=None,
+                        help="HNSW search breadth (default: the index's)")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     search.set_defaults(handler=_cmd_search)
 
@@ -630,7 +635,8 @@ def _cmd_search(args) -> int:
     try:
         result = _attributor(args.dir).search(
             args.queries, args.k, args.candidates, not args.no_rerank, args.bottom,
-            index=args.index, mode=args.mode, hessian=args.hessian)
+            index=args.index, mode=args.mode, hessian=args.hessian, nprobe=args.nprobe,
+            ef=args.ef)
     except UsageError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     except LogFormatError as e:
@@ -647,7 +653,9 @@ def _cmd_search(args) -> int:
     out = _console()
     Table = _table_factory()
     how = result["meta"].get("search") or {}
-    out.print(f"index {_esc(how.get('index') or 'none (exact stream)')}; exact scores, "
+    scores = "exact scores" if how.get("exact", True) else \
+        "approximate scores (index distances, not re-ranked)"
+    out.print(f"index {_esc(how.get('index') or 'none (exact stream)')}; {scores}, "
               "positive = helpful, negative = harmful.")
     for q, row in enumerate(rows):
         table = Table(title=f"query {q}: {_esc(row['src_id'])}")

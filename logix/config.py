@@ -128,7 +128,9 @@ class InfluenceConfig:
 
 @dataclass
 class Config:
-    root_dir: str = _help("Folder that holds one sub-folder per project.", "./logix")
+    root_dir: str = _help("Folder that holds one sub-folder per project (not ./logix: a folder "
+                          "named like the package would hide it from `import logix`).",
+                          "./logix_logs")
     seed: int = _help("Seed of the random projections (each module also mixes in its name).", 0)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

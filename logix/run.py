@@ -8,6 +8,7 @@ import contextlib
 import copy
 import logging
 import os
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -52,6 +53,10 @@ class Run:
         self.project = project
         self.config = copy.deepcopy(config)  # the run may declare its curvature in it
         self.project_dir = os.path.join(config.root_dir, project)
+        if os.path.abspath(config.root_dir) == os.path.abspath("logix"):
+            warnings.warn("root_dir ./logix is a folder named like the package: scripts run from "
+                          "this folder would import it instead of LogIX (an editable install). "
+                          "Pick another root_dir, e.g. ./logix_logs (the default).", stacklevel=3)
         self.modules: Dict[str, TrackedModule] = {}
         self.projections: Dict[str, Projection] = {}
         self.projection_meta: Dict = {"init": "none", "seed": config.seed}

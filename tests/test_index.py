@@ -191,6 +191,8 @@ def test_without_rerank_an_unsketched_flat_index_gives_the_scores_up_to_roundoff
     att.build_index("flat", progress=False)
     want = exact(att, query, 5, hessian="ekfac")
     got = att.search(query, k=5, rerank=False, hessian="ekfac")
+    assert got["meta"]["search"]["exact"] is False  # the scores; reranked ones are exact
+    assert att.search(query, k=5, hessian="ekfac")["meta"]["search"]["exact"] is True
     assert got["top_ids"] == want["top_ids"]
     torch.testing.assert_close(got["top_scores"], want["top_scores"], rtol=1e-4, atol=1e-6)
 
@@ -234,7 +236,8 @@ def test_a_stale_index_is_refused_then_rebuilt(tmp_path):
     run, model, x, y = log_project(tmp_path, seed=5)
     query = finalize_with_query(run, model, x, y)
     att = logix.Attributor(run.project_dir)
-    with pytest.raises(UsageError, match="flat-dot.*stale.*changed"):
+    with pytest.raises(UsageError, match="flat-dot.*stale.*changed.*kind='flat'.*"
+                                         "name='flat-dot'.*--kind flat --mode dot --name flat-dot"):
         att.search(query, k=5)
     with pytest.warns(UserWarning, match="Rebuilding index 'flat-dot'"):
         att.build_index("flat", progress=False)
@@ -308,7 +311,7 @@ def test_bad_inputs_are_named(logged, tmp_path):
         att.build_index("flat", quantize="int4", progress=False)
     other = logix.StepLog(query.data_ids, query.grads[:, :-1], query.modules[:1],
                           query.projection)
-    with pytest.raises(UsageError, match="modules/ranks"):
+    with pytest.raises(UsageError, match="tracked layers differ"):
         att.search(other, k=3)
 
 
@@ -357,7 +360,12 @@ def test_run_search_and_cli_index_search_show(tmp_path, capsys):
     assert [[e["id"] for e in q["top"]] for q in printed["queries"]] == want["top_ids"]
     assert [[e["id"] for e in q["bottom"]] for q in printed["queries"]] == want["bottom_ids"]
     assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2"]) == 0
-    assert "most helpful" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "most helpful" in printed and "exact scores" in printed
+    assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2",
+                     "--no-rerank"]) == 0
+    printed = capsys.readouterr().out
+    assert "approximate scores" in printed and "exact scores" not in printed
     assert cli.main(["show", run.project_dir, "--json"]) == 0
     indexes = json.loads(capsys.readouterr().out)["indexes"]
     assert [(i["name"], i["state"], i["rows"]) for i in indexes] == [("flat-dot", "fresh",
@@ -411,3 +419,12 @@ def test_auto_on_a_large_log_builds_ivf_with_sq8_codes_and_scores_exactly(logged
         columns = [full["tgt_ids"].index(i) for i in ids]
         assert torch.allclose(got["top_scores"][q], full["influence"][q, columns],
                               rtol=1e-5, atol=1e-6)
+
+
+def test_an_index_that_lost_its_file_is_refused_naming_the_rebuild(logged):
+    att, query = logged
+    manifest = att.build_index("ivf", nlist=4, progress=False)
+    os.remove(os.path.join(store.folder(att.project_dir, manifest.name), store.INDEX_FILE))
+    with pytest.raises(UsageError, match="lost its file.*--kind ivf --mode dot --name "
+                                         "ivf-dot --rebuild"):
+        att.search(query, k=5, index=manifest.name)

@@ -400,7 +400,7 @@ def test_old_patch_trainer_api(tmp_path, monkeypatch):
                            train_dataset=make_data("cls", 8))
     trainer.extract_log()
     assert trainer.logix.reader().rows == 8
-    assert os.path.isfile(tmp_path / "logix" / "old" / "manifest.json")
+    assert os.path.isfile(tmp_path / "logix_logs" / "old" / "manifest.json")  # the default root
     result = trainer.influence(make_data("cls", 3, seed=9))
     assert result["influence"].shape == (3, 8)
     assert trainer.args.num_train_epochs == 1  # the user's TrainingArguments are untouched

@@ -132,6 +132,7 @@ def test_nan_rows_read_unchecked_raise_naming_the_module(tmp_path):
     ({"topk": -3}, "topk must be a positive integer or None"),
     ({"topk": 2.5}, "topk must be a positive integer or None"),
     ({"topk": True}, "topk must be a positive integer or None"),
+    ({"topk": 25}, r"topk=25 is larger than the log \(24 rows"),
 ])
 def test_query_arguments_are_checked(tmp_path, kwargs, message):
     run, test = logged(tmp_path)

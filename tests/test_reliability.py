@@ -488,8 +488,24 @@ def test_query_from_other_modules_is_refused(new_run):
     run.finalize()
     other = new_run("other").watch(model, name_filter=["2"]).add_lora(rank=2).eval()
     query = step(other, model, torch.randn(2, 6, generator=g), ["q0", "q1"])
-    with pytest.raises(UsageError, match=r"modules/ranks \[\('2', 2, 2\)\] differ from the "
-                                         r"saved log's \[\('0', 2, 2\), \('2', 2, 2\)\]"):
+    with pytest.raises(UsageError, match=r"tracked layers differ from the saved log's \(1 vs 2 "
+                                         r"layers\); the first that differs: query '2' .*, "
+                                         r"saved log '0'"):
+        run.compute_influence_all(query, hessian="none")
+
+
+def test_query_from_a_model_of_other_width_names_the_width(new_run):
+    """Same layer names and ranks, another hidden width: the message says what differs."""
+    g = seeded(29)
+    model = make_mlp(seed=29)
+    run = logging_run(new_run, "width", model)
+    step(run, model, torch.randn(3, 6, generator=g), [0, 1, 2])
+    run.finalize()
+    wider = make_mlp(hidden=7, seed=29)
+    other = new_run("wider").watch(wider).add_lora(rank=2).eval()
+    query = step(other, wider, torch.randn(2, 6, generator=g), ["q0", "q1"])
+    with pytest.raises(UsageError, match=r"query '0' \(Linear 6 -> 7, rank 2 x 2\), saved log "
+                                         r"'0' \(Linear 6 -> 5, rank 2 x 2\)"):
         run.compute_influence_all(query, hessian="none")
 
 

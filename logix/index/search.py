@@ -67,9 +67,8 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     state, why = store.state(found, reader.shards, store.layout_of(full.manifest))
     if state != store.FRESH:
         raise UsageError(f"Index {found.name!r} is {store.STALE}: {why}. Bring it up to date "
-                         f"with attributor.build_index(...) or `logix index "
-                         f"{full.project_dir}` (only new shards are read; changed shards mean "
-                         f"a rebuild).")
+                         f"with {store.build_hint(found, full.project_dir)} (only new shards "
+                         f"are read; changed shards mean a rebuild).")
     local = _search_part(attributor, full, found, plan, src, k, candidates, rerank, bottom,
                          nprobe, ef)
     result = _merge(distributed.all_gather_objects(local), k, bottom) \
@@ -77,7 +76,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     result["meta"] = {**plan.meta, "search": {
         "index": found.name,
         "kind": found.kind, "factory": found.faiss["factory"], "candidates": candidates,
-        "rerank": rerank, "exact": False}}
+        "rerank": rerank, "exact": rerank}}  # exact: the scores, not the recall
     return result
 
 
@@ -91,14 +90,20 @@ def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
     if name is not None:
         if name not in names:
             raise UsageError(f"There is no index named {name!r} in {project_dir!r}; it has "
-                             f"{names or 'none'}. Build one with attributor.build_index(name="
-                             f"{name!r}) or `logix index DIR --name {name}`.")
+                             f"{names or 'none'}. Build one with attributor.build_index("
+                             f"kind=..., mode=..., name={name!r}) or `logix index DIR --name "
+                             f"{name} --kind K --mode M`.")
         manifest = store.load(project_dir, name)
-        if manifest.mode != mode or (curvature and manifest.curvature["key"] != curvature["key"]):
-            raise UsageError(f"Index {name!r} serves mode {manifest.mode!r} "
-                             f"{_curvature_text(manifest.curvature)}, not mode {mode!r} "
-                             f"{_curvature_text(curvature)}. Build an index for it: "
-                             f"build_index(mode={mode!r}, ...).")
+        if manifest.mode != mode:
+            raise UsageError(f"Index {name!r} serves mode {manifest.mode!r}, not {mode!r}. "
+                             f"Build an index for it: attributor.build_index(mode={mode!r}) or "
+                             f"`logix index DIR --mode {mode}`.")
+        if curvature and manifest.curvature["key"] != curvature["key"]:
+            raise UsageError(f"Index {name!r} normalises rows for curvature "
+                             f"{_curvature_text(manifest.curvature)}but the query asks for "
+                             f"{_curvature_text(curvature)}(other statistics or damping, e.g. "
+                             f"refit after more rows were logged). Rebuild it: "
+                             f"{store.build_hint(manifest, project_dir, rebuild=True)}.")
         return manifest, ""
     fitting = []
     for n in names:
@@ -113,8 +118,17 @@ def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
     if not fitting:
         return None, (f"{project_dir!r} has no index for mode {mode!r} "
                       f"{_curvature_text(curvature)}(build one with attributor.build_index("
-                      f"mode={mode!r}) or `logix index DIR`)")
+                      f"mode={mode!r}{_hessian_option(curvature, '=')}) or `logix index DIR"
+                      f"{' --mode ' + mode if mode != 'dot' else ''}"
+                      f"{_hessian_option(curvature, ' ')}`)")
     return max(fitting, key=lambda t: (t[0], t[1]))[2], ""
+
+
+def _hessian_option(curvature: Optional[dict], sep: str) -> str:
+    if not curvature:
+        return ""
+    return f", hessian={curvature['hessian']!r}" if sep == "=" else \
+        f" --hessian {curvature['hessian']}"
 
 
 def _curvature_text(curvature: Optional[dict]) -> str:
@@ -126,6 +140,9 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
                  nprobe, ef) -> dict:
     """This process's index: candidates, then exact scores; {src_ids, top_*[, bottom_*]}."""
     path = os.path.join(store.folder(full.project_dir, manifest.name), store.INDEX_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"Index {manifest.name!r} has lost its file {path!r}. Rebuild it: "
+                         f"{store.build_hint(manifest, full.project_dir, rebuild=True)}.")
     index = backend.read(path, manifest.kind)
     if index.ntotal != manifest.rows:
         raise UsageError(f"Index {manifest.name!r} file holds {index.ntotal} vectors but its "

@@ -158,3 +158,17 @@ def summaries(project_dir: str, log_manifest) -> List[dict]:
                     "sketch": (m.sketch or {}).get("width"), "rows": m.rows, "bytes": m.bytes,
                     "state": status, "why": why})
     return out
+
+
+def build_hint(manifest: "IndexManifest", project_dir: str, rebuild: bool = False) -> str:
+    """How to build this index again, with the options it was built with (a bare build_index()
+    would build another index)."""
+    options = {"kind": manifest.faiss.get("requested") or manifest.kind, "mode": manifest.mode,
+               "quantize": manifest.faiss.get("quantize"),
+               "sketch": manifest.sketch and manifest.sketch["width"],
+               "hessian": manifest.curvature and manifest.curvature["hessian"],
+               "name": manifest.name, "rebuild": rebuild}
+    chosen = {k: v for k, v in options.items() if v}
+    python = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+    cli = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in chosen.items())
+    return f"attributor.build_index({python}) or `logix index {project_dir} {cli}`"

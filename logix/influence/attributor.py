@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -246,6 +247,9 @@ class Attributor:
             raise UsageError(f"There are no logged rows to score against in "
                              f"{reader.project_dir!r}. Log training steps with run.save(True) "
                              "and run.setup({'grad': ['log']}) first, and call run.finalize().")
+        if topk is not None and topk > reader.rows:
+            raise UsageError(f"topk={topk} is larger than the log ({reader.rows} rows in "
+                             f"{reader.project_dir!r}); ask for topk <= {reader.rows}.")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
         block_rows = aligned(block_rows, reader.dim)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
@@ -503,16 +507,24 @@ def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str
     fix = ("Query with the same watched layers and projections: in a new process call "
            "run.watch(model) then run.initialize_from_log().")
     if list(src.modules) != list(saved_modules):
-        mine = [(m.name, m.rank_out, m.rank_in) for m in src.modules]
-        theirs = [(m.name, m.rank_out, m.rank_in) for m in saved_modules]
-        raise UsageError(f"The query's modules/ranks {mine} differ from the {what}'s {theirs}. "
-                         + fix)
+        mine, theirs = next((a, b) for a, b in itertools.zip_longest(src.modules, saved_modules)
+                            if a != b)
+        raise UsageError(f"The query's tracked layers differ from the {what}'s "
+                         f"({len(src.modules)} vs {len(saved_modules)} layers); the first that "
+                         f"differs: query {_describe(mine)}, {what} {_describe(theirs)}. " + fix)
     mine, theirs = src.projection.get("checksum"), (saved_projection or {}).get("checksum")
     if mine and theirs and mine != theirs:
         raise UsageError(f"The query's LoGra projections (init {src.projection.get('init')!r}, "
                          f"seed {src.projection.get('seed')}) differ from the {what}'s (init "
                          f"{saved_projection.get('init')!r}, seed {saved_projection.get('seed')})"
                          f": scores would be meaningless. " + fix)
+
+
+def _describe(module: Optional[ModuleEntry]) -> str:
+    if module is None:
+        return "none"
+    return (f"{module.name!r} ({module.type} {module.in_dim} -> {module.out_dim}, rank "
+            f"{module.rank_out} x {module.rank_in})")
 
 
 __all__ = ["Attributor", "MODES"]
