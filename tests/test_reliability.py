@@ -480,32 +480,23 @@ def test_empty_log_is_refused_by_queries(new_run, tmp_root):
         never.compute_influence_all(hessian="none")
 
 
-def test_query_from_other_modules_is_refused(new_run):
+@pytest.mark.parametrize("hidden, name_filter, message", [
+    (5, ["2"], r"tracked layers differ from the saved log's \(1 vs 2 layers\); the first that "
+               r"differs: query '2' .*, saved log '0'"),
+    # same layer names and ranks, another hidden width: the message says what differs
+    (7, None, r"query '0' \(Linear 6 -> 7, rank 2 x 2\), saved log '0' \(Linear 6 -> 5, rank "
+              r"2 x 2\)")])
+def test_a_query_from_other_layers_is_refused_naming_the_difference(new_run, hidden, name_filter,
+                                                                     message):
     g = seeded(28)
     model = make_mlp(seed=28)
     run = logging_run(new_run, "modules", model)
     step(run, model, torch.randn(3, 6, generator=g), [0, 1, 2])
     run.finalize()
-    other = new_run("other").watch(model, name_filter=["2"]).add_lora(rank=2).eval()
-    query = step(other, model, torch.randn(2, 6, generator=g), ["q0", "q1"])
-    with pytest.raises(UsageError, match=r"tracked layers differ from the saved log's \(1 vs 2 "
-                                         r"layers\); the first that differs: query '2' .*, "
-                                         r"saved log '0'"):
-        run.compute_influence_all(query, hessian="none")
-
-
-def test_query_from_a_model_of_other_width_names_the_width(new_run):
-    """Same layer names and ranks, another hidden width: the message says what differs."""
-    g = seeded(29)
-    model = make_mlp(seed=29)
-    run = logging_run(new_run, "width", model)
-    step(run, model, torch.randn(3, 6, generator=g), [0, 1, 2])
-    run.finalize()
-    wider = make_mlp(hidden=7, seed=29)
-    other = new_run("wider").watch(wider).add_lora(rank=2).eval()
-    query = step(other, wider, torch.randn(2, 6, generator=g), ["q0", "q1"])
-    with pytest.raises(UsageError, match=r"query '0' \(Linear 6 -> 7, rank 2 x 2\), saved log "
-                                         r"'0' \(Linear 6 -> 5, rank 2 x 2\)"):
+    queried = make_mlp(hidden=hidden, seed=28)
+    other = new_run("other").watch(queried, name_filter=name_filter).add_lora(rank=2).eval()
+    query = step(other, queried, torch.randn(2, 6, generator=g), ["q0", "q1"])
+    with pytest.raises(UsageError, match=message):
         run.compute_influence_all(query, hessian="none")
 
 
