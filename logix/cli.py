@@ -551,6 +551,10 @@ def _add_search_commands(sub) -> None:
                        help="index a seeded JL sketch of width W instead of full rows")
     index.add_argument("--quantize", default=None, choices=["sq8", "pq"],
                        help="compress the indexed vectors (8-bit scalar or product codes)")
+    index.add_argument("--nprobe", type=_positive_int, default=None,
+                       help="ivf: lists a search visits by default (default nlist/16, at least 8)")
+    index.add_argument("--ef", type=_positive_int, default=None,
+                       help="hnsw: search breadth stored with the index (default 128)")
     index.add_argument("--name", default=None, help="index name (default from the options)")
     index.add_argument("--rebuild", action="store_true", help="rebuild from scratch")
     index.set_defaults(handler=_cmd_index)
@@ -616,7 +620,8 @@ def _cmd_index(args) -> int:
     try:
         m = _attributor(args.dir).build_index(
             args.kind, args.mode, sketch=args.sketch, quantize=args.quantize, name=args.name,
-            rebuild=args.rebuild, hessian=args.hessian)
+            rebuild=args.rebuild, hessian=args.hessian, nprobe=args.nprobe,
+            **({"ef": args.ef} if args.ef else {}))
     except UsageError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     except LogFormatError as e:

@@ -352,6 +352,13 @@ def test_run_search_and_cli_index_search_show(tmp_path, capsys):
     query.save(queries)
     assert cli.main(["index", run.project_dir, "--kind", "flat"]) == 0
     assert "flat-dot" in capsys.readouterr().out
+    assert cli.main(["index", run.project_dir, "--kind", "hnsw", "--ef", "16"]) == 0
+    assert store.load(run.project_dir, "hnsw-dot").faiss["ef"] == 16
+    assert cli.main(["index", run.project_dir, "--kind", "ivf", "--nprobe", "3"]) == 0
+    assert store.load(run.project_dir, "ivf-dot").faiss["nprobe"] == 3
+    capsys.readouterr()
+    for name in ("hnsw-dot", "ivf-dot"):
+        shutil.rmtree(store.folder(run.project_dir, name))
     assert run.search(query, k=3)["top_ids"] == exact(run.influence, query, 3)["top_ids"]
     assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "3", "--bottom",
                      "--json"]) == 0

@@ -52,7 +52,7 @@ class Attributor:
     """Scores queries against a saved training log, built from what is on disk: the manifest,
     the statistics and the shards. No model and no `Run` is needed:
 
-        attributor = logix.Attributor("logix/myproject")
+        attributor = logix.Attributor("logix_logs/myproject")
         result = attributor.compute_influence_all(query_log)   # a StepLog, file or folder
 
     project_dir: the training log's folder. config: a `Config` or `InfluenceConfig` (default: the
