@@ -2,6 +2,7 @@
 start their rows on a page boundary, and fall back to the page cache where O_DIRECT is refused."""
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -54,23 +55,33 @@ def test_an_unaligned_buffer_or_header_is_left_to_the_page_cache(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_file_system_refusing_o_direct_gets_a_buffered_log(new_run, monkeypatch):
-    real_open, refused = os.open, []
+@pytest.mark.parametrize("refuses", ["open", "write"])
+def test_a_file_system_refusing_o_direct_gets_a_buffered_log(new_run, monkeypatch, refuses):
+    real_open, real_write, refused = os.open, os.write, []
 
-    def no_direct(path, flags, *args):
+    def no_direct_open(path, flags, *args):
         if flags & os.O_DIRECT:
             refused.append(path)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(direct_io.os, "open", no_direct)
+    def no_direct_write(fd, data):  # takes the page-sized header, refuses the rows
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and len(data) > PAGE:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    if refuses == "open":
+        monkeypatch.setattr(direct_io.os, "open", no_direct_open)
+    else:
+        monkeypatch.setattr(direct_io.os, "write", no_direct_write)
     torch.manual_seed(0)
-    model = torch.nn.Linear(6, 4)
+    model = torch.nn.Linear(64, 16)  # unprojected rows of 1,024+ numbers: shards over a page
     run = new_run(shard_rows=4)
     run.watch(model)
     run.setup({"grad": ["log"]})
     run.save(True)
-    x = torch.randn(10, 6)
+    x = torch.randn(10, 64)
     want = []
     for start in range(0, 10, 5):
         with run(data_id=list(range(start, start + 5))):

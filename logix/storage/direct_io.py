@@ -59,20 +59,20 @@ def write_direct(path: str, header: bytes, data: memoryview, algorithm: str) -> 
         raise
     digest = new_digest(algorithm)
     try:
+        whole = len(data) - len(data) % PAGE
         try:
             head = mmap.mmap(-1, len(header))  # page-aligned memory for the header
             head.write(header)
             _write_all(fd, memoryview(head))
             digest.update(header)
+            for start in range(0, whole, _SLICE):
+                piece = data[start:min(start + _SLICE, whole)]
+                _write_all(fd, piece)
+                digest.update(piece)
         except OSError as e:
-            if e.errno == errno.EINVAL:  # the file system accepted the flag but not the write
+            if e.errno == errno.EINVAL:  # the file system accepted the flag but not the writes
                 return None
             raise
-        whole = len(data) - len(data) % PAGE
-        for start in range(0, whole, _SLICE):
-            piece = data[start:min(start + _SLICE, whole)]
-            _write_all(fd, piece)
-            digest.update(piece)
         if whole < len(data):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             _write_all(fd, data[whole:])
