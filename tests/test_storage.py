@@ -284,15 +284,17 @@ def test_format_1_log_with_sha256_is_read_verified_and_appended(new_run, tmp_roo
 
 
 def test_index_built_from_a_format_1_log_stays_fresh_and_verifies(new_run, tmp_root):
+    """(Indexes written before format 2 have an older index format and are rebuilt:
+    tests/test_index.py::test_an_index_written_by_an_older_format_is_rebuilt.)"""
     from logix.index.rows import RowStore
-    from logix.index.store import FRESH, IndexManifest, layout_of, state
+    from logix.index.store import FRESH, IndexManifest, layout_of, shard_entries, state
 
     _, ids, rows = log_project(new_run, "v1index", shard_rows=4)
     project_dir = os.path.join(tmp_root, "v1index")
     as_format_1(project_dir)
     manifest = Manifest.load(project_dir)
-    held = [{"file": s.file, "sha256": s.checksum.split(":")[1], "rows": s.rows}
-            for s in manifest.shards]  # what an index built before format 2 recorded
+    held = shard_entries(manifest.shards)  # what an index built from this log records
+    assert all(entry["checksum"].startswith("sha256:") for entry in held)
     layout = layout_of(manifest)
     index = IndexManifest(name="i", kind="flat", mode="dot", faiss={}, layout=layout,
                           shards=held)

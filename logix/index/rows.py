@@ -24,7 +24,7 @@ class RowStore:
                  verify: bool = True) -> None:
         self.project_dir = project_dir
         self.files = [s["file"] for s in shards]
-        self.checksums = [s.get("checksum") or s["sha256"] for s in shards]
+        self.checksums = [s["checksum"] for s in shards]
         self.verify = verify
         self.dim = dim
         sizes = torch.tensor([s["rows"] for s in shards], dtype=torch.long)

@@ -90,7 +90,7 @@ def state(manifest: IndexManifest, shards, layout: dict) -> Tuple[str, str]:
         return STALE, (f"it was built for another row layout or projection ({manifest.layout}; "
                        f"the log now has {layout})")
     current = shard_entries(shards)
-    held = [_current_form(entry) for entry in manifest.shards]
+    held = manifest.shards
     for i, entry in enumerate(held):
         if i >= len(current):
             return STALE, f"shard {entry['file']!r} it holds is no longer in the log"
@@ -100,16 +100,6 @@ def state(manifest: IndexManifest, shards, layout: dict) -> Tuple[str, str]:
     if len(current) > len(held):
         return BEHIND, f"{len(current) - len(held)} shard(s) were logged after it was built"
     return FRESH, "up to date"
-
-
-def _current_form(entry: dict) -> dict:
-    """An index manifest's shard entry as `shard_entries` writes it now: indexes built before
-    log format 2 record "sha256": <hex> instead of "checksum"."""
-    if "sha256" not in entry:
-        return entry
-    entry = dict(entry)
-    entry["checksum"] = "sha256:" + entry.pop("sha256")
-    return entry
 
 
 def default_name(kind: str, mode: str, quantize: Optional[str], sketch: Optional[int],

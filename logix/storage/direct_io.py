@@ -14,7 +14,6 @@ caller writes through the page cache as before: the bytes on disk are the same e
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from typing import Optional
@@ -22,10 +21,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from logix.storage.format import CHECKSUM, TMP_SUFFIX, atomic_write, commit, new_digest
+from logix.storage.format import (CHECKSUM, TMP_SUFFIX, WRITE_SLICE, atomic_write, commit,
+                                  new_digest)
 
 PAGE = 4096
-_SLICE = 8 << 20  # bytes per write call (a multiple of PAGE)
 
 
 def aligned_empty(rows: int, dim: int, dtype: torch.dtype, pin_memory: bool = False
@@ -65,8 +64,8 @@ def write_direct(path: str, header: bytes, data: memoryview, algorithm: str) -> 
             head.write(header)
             _write_all(fd, memoryview(head))
             digest.update(header)
-            for start in range(0, whole, _SLICE):
-                piece = data[start:min(start + _SLICE, whole)]
+            for start in range(0, whole, WRITE_SLICE):
+                piece = data[start:min(start + WRITE_SLICE, whole)]
                 _write_all(fd, piece)
                 digest.update(piece)
         except OSError as e:
@@ -74,6 +73,8 @@ def write_direct(path: str, header: bytes, data: memoryview, algorithm: str) -> 
                 return None
             raise
         if whole < len(data):
+            import fcntl  # POSIX only, like O_DIRECT itself
+
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             _write_all(fd, data[whole:])
             digest.update(data[whole:])

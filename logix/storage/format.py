@@ -35,7 +35,7 @@ TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1}  # bytes per element of each safetensors dtype code
 MAX_HEADER = 100_000_000  # safetensors refuses larger headers
-_SLICE = 8 << 20  # bytes per write call
+WRITE_SLICE = 8 << 20  # bytes per write call (a multiple of 4 KiB pages)
 _HASH_CHUNK = 1 << 20
 # The per-shard checksum written from version 2 on. It guards against accidental corruption and
 # truncation (not tampering): crc32 costs half of sha256's CPU on the writer thread and at the
@@ -91,18 +91,17 @@ def atomic_write(path: str, *parts, algorithm: str = CHECKSUM) -> str:
     with atomic_file(path) as f:
         for part in parts:
             view = memoryview(part).cast("B")
-            for start in range(0, len(view), _SLICE):
-                piece = view[start:start + _SLICE]
+            for start in range(0, len(view), WRITE_SLICE):
+                piece = view[start:start + WRITE_SLICE]
                 f.write(piece)
                 digest.update(piece)
     return f"{algorithm}:{digest.hexdigest()}"
 
 
 def split_checksum(checksum: str) -> Tuple[str, str]:
-    """(algorithm, hex digest) of a recorded checksum; a bare hex digest is a sha256 (what
-    version 1 manifests, and index manifests built from them, record)."""
-    algorithm, _, digest = checksum.rpartition(":")
-    return algorithm or "sha256", digest
+    """(algorithm, hex digest) of a recorded checksum "<algorithm>:<hex>"."""
+    algorithm, _, digest = checksum.partition(":")
+    return algorithm, digest
 
 
 def file_checksum(path: str, algorithm: str, advance=None) -> str:

@@ -173,8 +173,8 @@ def verify_shard(path: str, shard: ShardEntry) -> None:
 
 
 def verify_file(path: str, checksum: str, size: Optional[int] = None) -> None:
-    """`verify_shard` for any reader that knows a shard's recorded checksum ("<algorithm>:<hex>"
-    or a bare sha256 hex digest) and size."""
+    """`verify_shard` for any reader that knows a shard's recorded checksum ("<algorithm>:<hex>")
+    and size."""
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, checksum)
     if key in _verified:
