@@ -30,7 +30,7 @@ from logix.storage.manifest import Manifest, ModuleEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.session import LogSession
 from logix.tracking import step
-from logix.tracking.capture import GradientCapture, Plan, plan_from_setup
+from logix.tracking.capture import GradientCapture, Plan, RowLayout, plan_from_setup
 from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.modules import TrackedModule
 from logix.tracking.selection import NameFilter, select_modules
@@ -75,7 +75,7 @@ class Run:
         self._spare_rows: Optional[Tensor] = None  # a row buffer no StepLog holds any more
         self._on_device: Dict[tuple, Projection] = {}
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
-        self._columns_of: Optional[tuple] = None  # (layout entries, columns, row width)
+        self._row_layout_of: Optional[tuple] = None  # (layout entries, RowLayout)
         self._lora_used: Optional[dict] = None  # add_lora's init and ranks, for the manifest
         self._checkpoint: Optional[str] = None
         self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
@@ -248,9 +248,8 @@ class Run:
         # The step's forward/backward statistics stay apart until end() keeps the step, and
         # count only the examples whose rows the log keeps.
         step_statistics = CovarianceState(device=self.statistics.device)
-        columns, row_dim = self._columns()
         self._capture = GradientCapture(
-            self.modules, self._projection_for, self.plan, step_statistics, columns, row_dim,
+            self.modules, self._projection_for, self.plan, step_statistics, self._row_layout(),
             mask, examples=len(ids),
             counted=None if keep is None or len(keep) == len(ids) else keep,
             spare=self._spare_rows, per_token=per_token).__enter__()
@@ -394,13 +393,13 @@ class Run:
         self._layout = (self.projections, entries)
         return entries
 
-    def _columns(self) -> tuple:
-        """({module: (offset, width)} in a row, row width), cached with layout()."""
+    def _row_layout(self) -> RowLayout:
+        """Where the hooks write each module's projected gradient, cached with layout()."""
         entries = self.layout()
-        if self._columns_of is None or self._columns_of[0] is not entries:
-            columns = {e.name: (e.offset, e.rank_in * e.rank_out) for e in entries}
-            self._columns_of = (entries, columns, sum(w for _, w in columns.values()))
-        return self._columns_of[1:]
+        if self._row_layout_of is None or self._row_layout_of[0] is not entries:
+            self._row_layout_of = (entries, RowLayout(
+                {e.name: (e.offset, e.rank_out, e.rank_in) for e in entries}))
+        return self._row_layout_of[1]
 
     def _projection_for(self, name: str, device: torch.device, dtype: torch.dtype) -> Projection:
         key = (name, device, dtype)
@@ -548,12 +547,12 @@ class Run:
             raise UsageError("resource_plan() needs watched layers: call run.watch(model) (and "
                              "run.add_lora(), run.setup(...)) first.")
 
-        columns, row_dim = self._columns()
+        row_layout = self._row_layout()
 
         def capture():  # hooks that keep nothing: statistics apart, nothing logged
             return GradientCapture(self.modules, self._projection_for, self.plan,
-                                   CovarianceState(device=self.statistics.device), columns,
-                                   row_dim, examples=batch_size)
+                                   CovarianceState(device=self.statistics.device), row_layout,
+                                   examples=batch_size)
 
         result = planning.make_plan(self.layout(), self.plan, self.config.logging,
                                     self._rows_per_shard(), capture, examples,

@@ -368,6 +368,38 @@ def test_module_called_twice_in_one_forward(new_run, rank):
     assert [e.name for e in run.layout()] == ["shared", "head"]
 
 
+class EqualWidthMLP(nn.Module):
+    """Four 8 -> 8 linear layers: projected on both sides they form one run of equally shaped
+    layers, whose outer products the hooks write with one multiply; `repeat` calls one layer
+    twice (its two calls sum, and the run falls back to one multiply per layer)."""
+
+    def __init__(self, repeat=None):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.repeat = repeat
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.tanh(layer(x))
+            if i == self.repeat:
+                x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("include_bias", [False, True])
+@pytest.mark.parametrize("repeat", [None, 1])
+def test_a_run_of_equal_layers_matches_brute_force(new_run, include_bias, repeat):
+    g = seeded(17)
+    torch.manual_seed(17)
+    model = EqualWidthMLP(repeat)
+    x, y = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    run, _ = log_and_check(new_run, model, x, y, rank=3, include_bias=include_bias)
+    assert run._row_layout().runs == [[f"layers.{i}" for i in range(4)]]
+    with run(data_id=list(range(5, 10))):  # the step buffers of the step before are reused
+        batch_sq_loss(model(x * 2), y).backward()
+    check_log(run, model, per_example_grads(model, example_sq_loss, x * 2, y), include_bias)
+
+
 class CheckpointedMLP(nn.Module):
     """Linear -> [checkpointed Linear-Tanh-Linear] -> Linear."""
 

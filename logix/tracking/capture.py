@@ -20,7 +20,7 @@ from torch import Tensor
 from logix.errors import ConfigError, UsageError
 from logix.logra import Projection
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
-from logix.tracking.modules import TrackedModule
+from logix.tracking.modules import TrackedLinear, TrackedModule
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,46 @@ def plan_from_setup(spec: Dict[str, Iterable[str]]) -> Plan:
 ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]
 
 
+class RowLayout:
+    """Where each module's projected gradient goes in a row: `columns` (name -> (offset,
+    rank_out, rank_in)) in a row of width `dim`, and the runs of adjacent modules of one shape
+    (`runs`, lists of names), whose outer products one multiply can write together."""
+
+    def __init__(self, columns: Dict[str, Tuple[int, int, int]]) -> None:
+        self.columns = columns
+        self.dim = sum(r_out * r_in for _, r_out, r_in in columns.values())
+        self.runs: List[List[str]] = []
+        end, shape = None, None
+        for name, (offset, r_out, r_in) in sorted(columns.items(), key=lambda c: c[1][0]):
+            if offset != end or (r_out, r_in) != shape:
+                self.runs.append([])
+            self.runs[-1].append(name)
+            end, shape = offset + r_out * r_in, (r_out, r_in)
+        self.slot = {name: (k, j) for k, run in enumerate(self.runs) for j, name in enumerate(run)}
+
+    def width(self, name: str) -> Tuple[int, int]:
+        """(offset, width) of the module's columns."""
+        offset, r_out, r_in = self.columns[name]
+        return offset, r_out * r_in
+
+
 class GradientCapture:
     """Registers hooks on enter, removes every handle on exit.
 
-    `columns` (name -> (offset, width) in a row of width `row_dim`) is where each module's
-    projected gradient goes: the hooks write it straight into one [batch, row_dim] float32 buffer
-    per step (`rows`), so the step's rows need no concatenation. `spare` is an earlier step's
-    buffer that nobody reads any more: reused when its shape fits, it saves the page faults of
-    fresh memory (about as costly as the projections themselves on a small model)."""
+    The hooks write each module's projected gradient straight into its columns (`layout`) of one
+    [batch, layout.dim] float32 buffer per step (`rows`), so the step's rows need no
+    concatenation. `spare` is an earlier step's buffer that nobody reads any more: reused when its
+    shape fits, it saves the page faults of fresh memory (about as costly as the projections
+    themselves on a small model).
+
+    The hot path is a linear layer that sees one position per example (input [batch, features]):
+    its projected input and output gradient go into step buffers shared by its run of equally
+    shaped neighbours (`RowLayout.runs`), and exit writes the outer products dy~ x~^T of a whole
+    run with one multiply instead of one per layer."""
 
     def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
-                 plan: Plan, statistics: CovarianceState, columns: Dict[str, Tuple[int, int]],
-                 row_dim: int, mask: Optional[Tensor] = None, examples: Optional[int] = None,
+                 plan: Plan, statistics: CovarianceState, layout: RowLayout,
+                 mask: Optional[Tensor] = None, examples: Optional[int] = None,
                  counted: Optional[List[int]] = None, spare: Optional[Tensor] = None,
                  per_token: bool = False) -> None:
         self.modules = modules
@@ -103,9 +131,8 @@ class GradientCapture:
         # (None: every example).
         self.counted = None if counted is None else torch.tensor(counted, dtype=torch.long)
         self.batch_size: Optional[int] = None
-        self.columns = columns
-        self.row_dim = row_dim
-        self.rows: Optional[Tensor] = None  # [B, row_dim] float32, from the first gradient on
+        self.layout = layout
+        self.rows: Optional[Tensor] = None  # [B, layout.dim] float32, from the first gradient on
         self._spare = spare
         self.grads: Dict[str, Tensor] = {}  # name -> [B, rank_out, rank_in], views of rows
         # Queries only: each token position's part of the projected gradient (their sum over
@@ -116,6 +143,15 @@ class GradientCapture:
         self.calls: Dict[str, int] = dict.fromkeys(modules, 0)  # output gradients received
         self.mask_matched = False
         self._handles: List = []
+        self._needs_backward = plan.needs_backward
+        # The hot path: per run of layout.runs, x~ [layers, B, rank_in] and dy~ [layers, B,
+        # rank_out] of each layer's first call (`_claimed`); `_deferred` (name -> slot) are the
+        # layers whose outer product exit still has to write.
+        self._batched = plan.needs_grad and not per_token
+        self._inputs: Dict[int, Tensor] = {}
+        self._outputs: Dict[int, Tensor] = {}
+        self._claimed: set = set()
+        self._deferred: Dict[str, Tuple[int, int]] = {}
 
     def __enter__(self) -> "GradientCapture":
         for name, tracked in self.modules.items():
@@ -123,19 +159,23 @@ class GradientCapture:
                 self._forward_hook(tracked), with_kwargs=True))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if exc_type is None:
+            self._write_deferred()
 
     def _forward_hook(self, tracked: TrackedModule):
+        name = tracked.name
+
         def hook(module, inputs, kwargs, output):
             # The layer's input, passed by position or by keyword (`layer(input=x)`).
             x = inputs[0] if inputs else next(iter(kwargs.values()), None)
             if not isinstance(x, Tensor):
                 return
-            self.forwards[tracked.name] += 1
-            wants_backward = self.plan.needs_backward
+            self.forwards[name] += 1
+            wants_backward = self._needs_backward
             if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
                 return  # no gradient will come (inference, or a checkpoint's no-grad pass)
             replaced = None
@@ -146,42 +186,115 @@ class GradientCapture:
                 # the same and autograd sums the views back: training is unchanged.
                 x = x.expand(self.examples, *x.shape[1:])
                 output = replaced = output.expand(self.examples, *output.shape[1:])
-            self._check_batch(tracked.name, x)
+            self._check_batch(name, x)
             dtype = _compute_dtype(x, module)
-            projection = self.projection_for(tracked.name, x.device, dtype)
+            projection = self.projection_for(name, x.device, dtype)
             with torch.no_grad():
                 x = x.detach().to(dtype) if x.is_floating_point() else x.detach()
-                x_proj = tracked.project_input(x, projection.p_in)  # [B, g, N, r_in]
-                mask = tracked.token_mask(x, self.mask)
-                if mask is not None:
-                    self.mask_matched = True
-                    x_proj = x_proj * mask[:, None, :, None].to(x_proj.dtype)
+                slot = self._claim_slot(tracked, x, projection)
+                if slot is not None:
+                    x_proj = self._project_into_slot(tracked, x, projection, slot)
+                    mask = None
+                else:
+                    x_proj = tracked.project_input(x, projection.p_in)  # [B, g, N, r_in]
+                    mask = tracked.token_mask(x, self.mask)
+                    if mask is not None:
+                        self.mask_matched = True
+                        x_proj = x_proj * mask[:, None, :, None].to(x_proj.dtype)
             if not wants_backward:
-                self._forward_statistics(tracked.name, x_proj, mask)
+                self._forward_statistics(name, x_proj, mask)
                 return
-            output.register_hook(self._output_grad_hook(tracked, projection, x_proj, mask))
+            output.register_hook(self._output_grad_hook(tracked, projection, x_proj, mask, slot))
             return replaced
 
         return hook
 
     def _output_grad_hook(self, tracked: TrackedModule, projection: Projection, x_proj: Tensor,
-                          mask: Optional[Tensor]):
+                          mask: Optional[Tensor], slot: Optional[Tuple[int, int]]):
+        name = tracked.name
+
         def hook(dy: Tensor) -> None:
             with torch.no_grad():
                 if self.plan.forward_covariance:
-                    self._forward_statistics(tracked.name, x_proj, mask)
-                dy_proj = tracked.project_output(dy.to(x_proj.dtype), projection.p_out)
+                    self._forward_statistics(name, x_proj, mask)
+                in_slot = slot is not None and dy.dim() == 2
+                if in_slot:
+                    dy_proj = self._project_output_into_slot(tracked, dy, projection, slot)
+                else:
+                    dy_proj = tracked.project_output(dy.to(x_proj.dtype), projection.p_out)
                 if self.plan.backward_covariance:
                     counted = self._counted(dy_proj)
                     rows = counted.reshape(-1, counted.shape[-1])
-                    self.statistics.update(tracked.name, BACKWARD, rows, counted.shape[0])
+                    self.statistics.update(name, BACKWARD, rows, counted.shape[0])
                 if self.plan.needs_grad:
-                    self._add_grad(tracked.name, dy_proj.float(), x_proj.float())
+                    if in_slot and name not in self.grads:
+                        self.grads[name] = self._columns_of(name, dy.shape[0], dy.device)
+                        self._deferred[name] = slot
+                    else:
+                        self._add_grad(name, dy_proj.float(), x_proj.float())
                     if self.per_token:
-                        self._add_token_grads(tracked.name, dy_proj, x_proj)
-                self.calls[tracked.name] += 1
+                        self._add_token_grads(name, dy_proj, x_proj)
+                self.calls[name] += 1
 
         return hook
+
+    def _claim_slot(self, tracked: TrackedModule, x: Tensor,
+                    projection: Projection) -> Optional[Tuple[int, int]]:
+        """The hot-path slot (run, position) of this call, or None for the general path: only
+        the first call in the step of a projected linear layer on [batch, features] float32."""
+        if not (self._batched and x.dim() == 2 and x.dtype == torch.float32
+                and type(tracked) is TrackedLinear and projection.p_in is not None
+                and projection.p_out is not None and tracked.name not in self._claimed):
+            return None
+        self._claimed.add(tracked.name)
+        return self.layout.slot[tracked.name]
+
+    def _project_into_slot(self, tracked: "TrackedLinear", x: Tensor, projection: Projection,
+                           slot: Tuple[int, int]) -> Tensor:
+        """x~ of a hot-path call, written into its slot; returned as [B, 1, 1, rank_in]."""
+        run, position = slot
+        buffer = self._inputs.get(run)
+        if buffer is None:
+            buffer = self._inputs[run] = x.new_empty(len(self.layout.runs[run]), x.shape[0],
+                                                     projection.p_in.shape[0])
+        out = buffer[position]
+        tracked.project_input_rows(x, projection.p_in, out)
+        return out.view(x.shape[0], 1, 1, -1)
+
+    def _project_output_into_slot(self, tracked: "TrackedLinear", dy: Tensor,
+                                  projection: Projection, slot: Tuple[int, int]) -> Tensor:
+        run, position = slot
+        buffer = self._outputs.get(run)
+        if buffer is None:
+            buffer = self._outputs[run] = torch.empty(
+                len(self.layout.runs[run]), dy.shape[0], projection.p_out.shape[0],
+                device=dy.device)
+        out = buffer[position]
+        tracked.project_output_rows(dy.to(torch.float32), projection.p_out, out)
+        return out.view(dy.shape[0], 1, 1, -1)
+
+    def _write_deferred(self) -> None:
+        """Write the outer products of the hot-path layers: one multiply per run whose layers
+        all took the hot path, one per layer otherwise."""
+        if not self._deferred:
+            return
+        for run, names in enumerate(self.layout.runs):
+            if len(names) > 1 and all(n in self._deferred for n in names):
+                offset, r_out, r_in = self.layout.columns[names[0]]
+                b = self.rows.shape[0]
+                block = self.rows[:, offset:offset + len(names) * r_out * r_in]
+                torch.mul(self._outputs[run].transpose(0, 1).unsqueeze(3),
+                          self._inputs[run].transpose(0, 1).unsqueeze(2),
+                          out=block.view(b, len(names), r_out, r_in))
+                for n in names:
+                    del self._deferred[n]
+        for name in list(self._deferred):
+            self._write_outer(name)
+
+    def _write_outer(self, name: str) -> None:
+        run, position = self._deferred.pop(name)
+        torch.mul(self._outputs[run][position].unsqueeze(2),
+                  self._inputs[run][position].unsqueeze(1), out=self.grads[name])
 
     def _add_token_grads(self, name: str, dy_proj: Tensor, x_proj: Tensor) -> None:
         # [B, g, N, r_out] x [B, g, N, r_in] -> [B, N, r_out, r_in]: one small outer product
@@ -198,20 +311,27 @@ class GradientCapture:
                              "scores need one token axis per layer. Leave the layer out of "
                              "run.watch(model, name_filter=...).")
 
+    def _columns_of(self, name: str, b: int, device: torch.device) -> Tensor:
+        """The module's columns of the step's rows as [B, rank_out, rank_in] (the rows buffer
+        is made at the first gradient of the step)."""
+        if self.rows is None:
+            spare = self._spare
+            fits = spare is not None and spare.shape == (b, self.layout.dim) \
+                and spare.device == device
+            self.rows = spare if fits else torch.empty(b, self.layout.dim, device=device)
+        offset, r_out, r_in = self.layout.columns[name]
+        return self.rows[:, offset:offset + r_out * r_in].view(b, r_out, r_in)
+
     def _add_grad(self, name: str, dy_proj: Tensor, x_proj: Tensor) -> None:
         """Add sum_{g,n} dy~ x~^T ([B, g, N, r_out] x [B, g, N, r_in] -> [B, r_out, r_in]) to
         the module's slot of the step's rows."""
         b, r_out, r_in = dy_proj.shape[0], dy_proj.shape[-1], x_proj.shape[-1]
+        if name in self._deferred:  # a layer's later call: its first call's product goes first
+            self._write_outer(name)
         grad = self.grads.get(name)
         first = grad is None
         if first:
-            if self.rows is None:
-                spare = self._spare
-                fits = spare is not None and spare.shape == (b, self.row_dim) \
-                    and spare.device == dy_proj.device
-                self.rows = spare if fits else torch.empty(b, self.row_dim, device=dy_proj.device)
-            offset, width = self.columns[name]
-            grad = self.grads[name] = self.rows[:, offset:offset + width].view(b, r_out, r_in)
+            grad = self.grads[name] = self._columns_of(name, b, dy_proj.device)
         if dy_proj.shape[1] * dy_proj.shape[2] == 1:  # one position: an outer product
             dy_proj, x_proj = dy_proj.reshape(b, r_out, 1), x_proj.reshape(b, 1, r_in)
             if first:

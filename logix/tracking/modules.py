@@ -97,6 +97,17 @@ class TrackedLinear(TrackedModule, module_type=nn.Linear):
         dy = dy.reshape(dy.shape[0], -1, dy.shape[-1])  # [B, N, out]
         return (dy if p_out is None else dy @ p_out.T).unsqueeze(1)
 
+    def project_input_rows(self, x: Tensor, p_in: Tensor, out: Tensor) -> Tensor:
+        """One position per example: x [B, in] -> x~ [B, rank_in], written into `out` (the
+        same product as project_input's)."""
+        if self.has_bias:
+            return torch.addmm(p_in[:, -1], x, p_in[:, :-1].T, out=out)
+        return torch.mm(x, p_in.T, out=out)
+
+    def project_output_rows(self, dy: Tensor, p_out: Tensor, out: Tensor) -> Tensor:
+        """dy [B, out] -> dy~ [B, rank_out], written into `out`."""
+        return torch.mm(dy, p_out.T, out=out)
+
     def weight_gradient(self):
         g = self.module.weight.grad
         return torch.cat([g, self.module.bias.grad[:, None]], 1) if self.has_bias else g

@@ -56,9 +56,11 @@ def step_rows(capture: GradientCapture, ids: List, scale: float) -> Tensor:
         raise UsageError(f"data_id names {len(ids)} examples but the batch has "
                          f"{capture.batch_size}; pass one id per example.")
     rows = capture.rows
-    for name, (offset, width) in capture.columns.items():
-        if name not in capture.grads:
-            rows[:, offset:offset + width].zero_()
+    if len(capture.grads) < len(capture.layout.columns):
+        for name in capture.layout.columns:
+            if name not in capture.grads:
+                offset, width = capture.layout.width(name)
+                rows[:, offset:offset + width].zero_()
     return rows.mul_(scale) if scale != 1.0 else rows
 
 
