@@ -69,9 +69,11 @@ class Run:
         self._statistics_loaded = False  # initialize_from_log() put the saved ones in .statistics
         self._needs_reduce = False
         self._capture: Optional[GradientCapture] = None
-        self._step: Optional[tuple] = None  # (ids, positions of rows to write or None, scale)
+        # (ids, positions of rows to write or None, scale, shard rows reserved for the step)
+        self._step: Optional[tuple] = None
         self._last_log: Optional[StepLog] = None
         self._last_log_shared = False  # get_log() handed it out: its rows are never reused
+        self._last_log_in_shard = False  # its rows are a view of the shard being filled
         self._spare_rows: Optional[Tensor] = None  # a row buffer no StepLog holds any more
         self._on_device: Dict[tuple, Projection] = {}
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
@@ -236,8 +238,9 @@ class Run:
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
         keep = None
         if writes:  # refusals come before anything of the step runs
-            self._session.open(self._new_manifest, self._save_projections,
-                               self._statistics_loaded, self._rows_per_shard())
+            if self._session.writer is None:
+                self._session.open(self._new_manifest, self._save_projections,
+                                   self._statistics_loaded, self._rows_per_shard())
             if self._statistics_loaded and self.plan.covariances:
                 # The loaded statistics join this session's once, after the all-reduce at
                 # finalize (every rank loaded them): statistics/resume.py.
@@ -248,13 +251,19 @@ class Run:
         # The step's forward/backward statistics stay apart until end() keeps the step, and
         # count only the examples whose rows the log keeps.
         step_statistics = CovarianceState(device=self.statistics.device)
+        reserved = None
+        if keep is not None and len(keep) == len(ids):
+            reserved = self._session.reserve(
+                len(ids), intact=None if self._last_log is None else self._last_log.grads)
         self._capture = GradientCapture(
             self.modules, self._projection_for, self.plan, step_statistics, self._row_layout(),
             mask, examples=len(ids),
             counted=None if keep is None or len(keep) == len(ids) else keep,
-            spare=self._spare_rows, per_token=per_token).__enter__()
-        self._spare_rows = None
-        self._step = (ids, keep, scale)
+            spare=self._spare_rows if reserved is None else reserved,
+            per_token=per_token).__enter__()
+        if reserved is None:
+            self._spare_rows = None
+        self._step = (ids, keep, scale, reserved)
 
     def end(self) -> None:
         """Detach hooks, assemble the step's rows, update statistics and queue rows for disk."""
@@ -264,7 +273,7 @@ class Run:
                              "the forward pass.")
         capture.__exit__(None, None, None)
         self._capture = None
-        ids, keep, scale = self._step  # keep None: nothing is written, every example counts
+        ids, keep, scale, reserved = self._step  # keep None: nothing written, all counted
         self._session.raise_if_failed()
         check_inside(self._checkpoint, self._checkpoint_ids, ids)
         step.check_capture(capture, self.plan, self.config.logging.on_unused_layer)
@@ -286,18 +295,21 @@ class Run:
         tokens = None
         if capture.per_token:
             tokens = TokenRows(*step.token_rows(capture, self.projections, scale, capture.mask))
-        self._set_last_log(StepLog(ids, rows, self.layout(), dict(self.projection_meta), tokens))
+        self._set_last_log(StepLog(ids, rows, self.layout(), dict(self.projection_meta), tokens),
+                           in_shard=rows is reserved)
         if keep:
             self._session.append([ids[k] for k in keep], kept, self._checkpoint)
 
-    def _set_last_log(self, log: Optional[StepLog]) -> None:
+    def _set_last_log(self, log: Optional[StepLog], in_shard: bool = False) -> None:
         """Replace the last step's log; its row buffer is reused by the step after next unless
         get_log() handed it out (the next step writes into the other buffer, so get_log() during
-        a step still returns the previous step intact)."""
+        a step still returns the previous step intact). Rows `in_shard` (reserved in the shard
+        being filled) are never reused here, and get_log() hands out a copy of them."""
         old = self._last_log
-        if old is not None and not self._last_log_shared and old.grads is not log.grads:
+        if old is not None and not self._last_log_shared and not self._last_log_in_shard \
+                and old.grads is not log.grads:
             self._spare_rows = old.grads
-        self._last_log, self._last_log_shared = log, False
+        self._last_log, self._last_log_shared, self._last_log_in_shard = log, False, in_shard
 
     def _keep_statistics(self, step_statistics: CovarianceState) -> None:
         self.statistics.merge(step_statistics)
@@ -318,7 +330,7 @@ class Run:
 
     def _drop_capture(self) -> None:
         if self._capture is not None:
-            self._capture.__exit__(None, None, None)
+            self._capture.detach()
             self._capture = None
 
     @contextlib.contextmanager
@@ -365,6 +377,8 @@ class Run:
         """The last step's projected gradients (a query's test log)."""
         if self._last_log is None:
             raise UsageError("No step has been logged yet: run start()/backward()/end() first.")
+        if self._last_log_in_shard:  # rows in a shard buffer, which the writer recycles
+            self._last_log, self._last_log_in_shard = self._last_log.clone(), False
         if copy:
             return self._last_log.clone()
         self._last_log_shared = True

@@ -10,6 +10,9 @@ import torch
 from logix.errors import UsageError
 
 
+_PLAIN = {int, str}  # exactly these types (bool is an int subclass and is refused)
+
+
 def normalize_data_ids(data_id: Any) -> List:
     """A list of str/int stays as it is; a tensor of token ids [B, T] becomes one stable hash per
     row (the same tokens give the same id in any process); a 1-D integer tensor becomes ints.
@@ -23,6 +26,8 @@ def normalize_data_ids(data_id: Any) -> List:
     except TypeError:
         raise UsageError(f"data_id must be a list of str/int or a tensor, got "
                          f"{type(data_id).__name__}.") from None
+    if set(map(type, ids)) <= _PLAIN:
+        return _unique(ids)
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, (str, int)):
             if hasattr(i, "item"):

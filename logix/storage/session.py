@@ -4,10 +4,12 @@ the manifest and state at finalize."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from typing import Callable, Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 from logix import distributed
@@ -107,9 +109,17 @@ class LogSession:
                           "statistics count only the kept rows.")
         return keep
 
+    def reserve(self, n: int, intact: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The next n rows of the shard being filled, for a step whose rows are all kept and
+        stored as float32 on this device (its hooks write them in place: `append` copies
+        nothing); None otherwise. See `ShardWriter.reserve`."""
+        if self.writer is None or self.writer.dtype != torch.float32:
+            return None
+        return self.writer.reserve(n, intact)
+
     def append(self, ids: List, rows: Tensor, checkpoint: Optional[str]) -> None:
         """Queue rows for disk (cast to the log dtype while copied into the shard buffer)."""
-        self._logged_ids.update((checkpoint, i) for i in ids)
+        self._logged_ids.update(zip(itertools.repeat(checkpoint), ids))
         self.writer.append(ids, rows)
 
     def raise_if_failed(self) -> None:

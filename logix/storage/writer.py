@@ -37,6 +37,14 @@ def next_sequence(project_dir: str, rank: int) -> int:
     return max(seqs, default=-1) + 1
 
 
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors' bytes overlap (same device)."""
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 class ShardWriter:
     """Copies rows into preallocated shard buffers (casting to the log dtype on the way) and
     hands full buffers to writer threads, which stream them to disk and recycle them."""
@@ -68,9 +76,24 @@ class ShardWriter:
     def pending_rows(self) -> int:
         return len(self._ids)
 
+    def reserve(self, n: int, intact: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The next n rows of the shard being filled, for rows made in place: `append` of
+        exactly this view then copies nothing. None where they do not fit in this shard, or
+        would overlap `intact` (rows the caller still reads, e.g. from an earlier reservation
+        of a buffer that has been written and recycled since)."""
+        with self._buffer:
+            fill = len(self._ids)
+            if fill + n > self.rows_per_shard:
+                return None
+            view = self._current()[fill:fill + n]
+        if intact is not None and _overlap(view, intact):
+            return None
+        return view
+
     def append(self, data_ids: Sequence, rows: Tensor) -> None:
         """Copy rows [B, dim] (any float dtype, any device) and their ids into the shard being
-        filled; full shards go to the writer threads. The caller keeps ownership of `rows`."""
+        filled; full shards go to the writer threads. The caller keeps ownership of `rows`
+        (a view from `reserve` is taken as it is)."""
         self.raise_if_failed()
         with self._buffer:
             start, n = 0, rows.shape[0]
@@ -79,7 +102,12 @@ class ShardWriter:
                 fill = len(self._ids)
                 take = min(n - start, self.rows_per_shard - fill)
                 target = buffer[fill:fill + take]
-                target.copy_(rows[start:start + take].detach(), non_blocking=rows.is_cuda)
+                part = rows[start:start + take]
+                if part.data_ptr() != target.data_ptr() or part.dtype != target.dtype \
+                        or part.device != target.device or part.stride() != target.stride():
+                    if _overlap(part, buffer):  # reserved before a flush recycled the buffer
+                        part = part.clone()
+                    target.copy_(part.detach(), non_blocking=rows.is_cuda)
                 if rows.is_cuda:
                     event = torch.cuda.Event()
                     event.record()

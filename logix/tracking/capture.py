@@ -160,11 +160,15 @@ class GradientCapture:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
+        self.detach()
+        if exc_type is None:
+            self._write_deferred()
+
+    def detach(self) -> None:
+        """Remove the hooks (a step given up: nothing more is written)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if exc_type is None:
-            self._write_deferred()
 
     def _forward_hook(self, tracked: TrackedModule):
         name = tracked.name

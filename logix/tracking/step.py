@@ -3,6 +3,7 @@ the assembly of every watched module's projected gradient into rows [batch, dim]
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict, List, Optional
 
@@ -67,7 +68,7 @@ def step_rows(capture: GradientCapture, ids: List, scale: float) -> Tensor:
 def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool) -> Optional[Tensor]:
     """`rows`, or None when the step is skipped for NaN/inf (logging.nonfinite: skip); raises
     for NaN/inf by default and for values float16 storage cannot hold."""
-    if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
+    if not math.isfinite(float(rows.sum())) and not bool(torch.isfinite(rows).all()):
         bad = [ids[i] for i in (~torch.isfinite(rows).all(1)).nonzero().flatten().tolist()]
         if cfg.nonfinite == "error":
             raise UsageError(f"NaN or inf gradients for data ids {bad[:5]}; nothing of this "
