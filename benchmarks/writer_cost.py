@@ -13,9 +13,12 @@ hashing, system calls) and the wall time.
   bytes (hashlib releases the GIL for buffers over 2 KiB, so hashing never blocks training's
   Python thread; it still takes a core).
 * `sha256 before write, S slices`: hash each slice first, so the write's copy reads it from cache.
-* `crc32 after write, 8 MiB slices`: zlib.crc32, the shard checksum of format version 2
+* `crc32 after write, 8 MiB slices`: zlib.crc32, the shard checksum of the previous release
   (`logix.storage.format.atomic_write`); it also releases the GIL on large buffers.
 * `blake2b` / `md5` / `no hash`: other digests and the floor (what a checksum costs at all).
+* `write_shard, O_DIRECT, <digest>`: what the writer thread runs (`logix.storage.direct_io.
+  write_direct`: page-aligned buffer, header padded to a page, O_DIRECT, fsync, rename) with
+  each checksum; xxh3 is the one new shards record.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ import tempfile
 import time
 import zlib
 
+import torch
+
 VARIANTS = {
-    "crc32 after write, 8 MiB slices (format 2)": ("crc32", 8 << 20, "after"),
+    "write_shard, O_DIRECT, xxh3 (new shards)": ("xxh3", None, "direct"),
+    "write_shard, O_DIRECT, crc32 (previous release)": ("crc32", None, "direct"),
+    "write_shard, O_DIRECT, sha256": ("sha256", None, "direct"),
+    "crc32 after write, 8 MiB slices": ("crc32", 8 << 20, "after"),
     "sha256 after write, 8 MiB slices (format 1)": ("sha256", 8 << 20, "after"),
     "sha256 after write, 1 MiB slices": ("sha256", 1 << 20, "after"),
     "sha256 before write, 1 MiB slices": ("sha256", 1 << 20, "before"),
@@ -50,6 +58,9 @@ class Crc32:
 
 
 def write(path: str, data: memoryview, algorithm, slice_bytes: int, order: str) -> None:
+    if order == "direct":
+        write_direct_shard(path, data, algorithm)
+        return
     digest = Crc32() if algorithm == "crc32" else hashlib.new(algorithm) if algorithm else None
     with open(path, "wb") as f:
         for start in range(0, len(data), slice_bytes):
@@ -64,6 +75,16 @@ def write(path: str, data: memoryview, algorithm, slice_bytes: int, order: str) 
     os.remove(path)
 
 
+def write_direct_shard(path: str, data: memoryview, algorithm: str) -> None:
+    from logix.storage.direct_io import PAGE, write_direct
+    from logix.storage.format import safetensors_header
+
+    header = safetensors_header({"grad": (torch.float32, (len(data) // 4,))}, {}, align=PAGE)
+    if write_direct(path, header, data, algorithm) is None:
+        raise SystemExit(f"{os.path.dirname(path)} refuses O_DIRECT: pass --dir on another disk")
+    os.remove(path)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=32)
@@ -71,7 +92,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args(argv)
     folder = args.dir or tempfile.mkdtemp(prefix="logix-writer-")
-    data = memoryview(os.urandom(args.mib << 20))
+    from logix.storage.direct_io import aligned_empty
+
+    rows = aligned_empty(args.mib << 18, 1, torch.float32)  # page-aligned, as the writer's
+    rows.view(torch.uint8).copy_(torch.frombuffer(bytearray(os.urandom(args.mib << 20)),
+                                                  dtype=torch.uint8).view(rows.shape[0], 4))
+    data = memoryview(rows.numpy()).cast("B")
     samples = {name: [] for name in VARIANTS}
     names = list(VARIANTS)
     load = os.getloadavg()[0]

@@ -161,7 +161,7 @@ def test_verify_names_a_shard_with_flipped_bytes(log_dir, capsys):
     assert code == 1
     errors = [line for line in out.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1
-    assert "shard-r0-000001" in errors[0] and "crc32" in errors[0]
+    assert "shard-r0-000001" in errors[0] and "xxh3" in errors[0]
     assert "FAILED" in out
 
 
@@ -467,5 +467,5 @@ def test_verify_is_a_storage_function_whose_report_the_cli_prints(log_dir):
         f.write(b"\xff\xff\xff\xff")
     damaged = verify(log_dir)
     assert not damaged.ok and len(damaged.ok_shards) == 2
-    assert any("crc32" in e and report.ok_shards[1] in e for e in damaged.errors)
+    assert any("xxh3" in e and report.ok_shards[1] in e for e in damaged.errors)
     assert verify(log_dir, hashing=False).ok  # size and header are intact

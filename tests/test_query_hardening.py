@@ -51,7 +51,7 @@ def test_corrupted_shard_is_refused_naming_it(tmp_path):
     flip_bytes(os.path.join(run.project_dir, shard.file), value=0x7F)
     with pytest.raises(LogFormatError, match=shard.file.split("/")[-1]) as info:
         run.compute_influence_all(test, hessian="none")
-    assert "crc32" in str(info.value) and "verify=False" in str(info.value)
+    assert "xxh3" in str(info.value) and "verify=False" in str(info.value)
     unchecked = run.compute_influence_all(test, hessian="none",
                                           loader=LogReader(run.project_dir, verify=False))
     changed = (unchecked["influence"] != clean).any(0)

@@ -11,6 +11,8 @@ import sys
 import threading
 import zlib
 
+import xxhash
+
 import pytest
 import torch
 from torch import nn
@@ -174,7 +176,7 @@ def test_shards_are_plain_safetensors_and_manifest_is_exact(new_run, tmp_root):
         assert len(shard_ids) == shard.rows
         data = open(path, "rb").read()
         assert shard.bytes == len(data) == os.path.getsize(path)
-        assert shard.checksum == f"crc32:{zlib.crc32(data):08x}"
+        assert shard.checksum == f"xxh3:{xxhash.xxh3_64(data).hexdigest()}"
         assert parse_shard_name(os.path.basename(shard.file)) == (shard.rank, shard.seq)
         seen_ids += shard_ids
         seen_rows.append(grad)
@@ -242,20 +244,53 @@ def damage(path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
 
 
-def test_new_shards_record_a_crc32_and_corruption_is_caught(new_run, tmp_root):
+def test_new_shards_record_an_xxh3_and_corruption_is_caught(new_run, tmp_root):
     from logix.storage.verify import verify
 
-    _, ids, rows = log_project(new_run, "crc", shard_rows=4)
-    project_dir = os.path.join(tmp_root, "crc")
+    _, ids, rows = log_project(new_run, "xxh", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "xxh")
     raw = json.load(open(os.path.join(project_dir, "manifest.json")))
     assert raw["format_version"] == 2 and all(
-        s["checksum"].startswith("crc32:") and "sha256" not in s for s in raw["shards"])
+        s["checksum"].startswith("xxh3:") and "sha256" not in s for s in raw["shards"])
     assert verify(project_dir).ok
     damage(os.path.join(project_dir, raw["shards"][1]["file"]))
-    with pytest.raises(LogFormatError, match="crc32 .* does not match"):
+    with pytest.raises(LogFormatError, match="xxh3 .* does not match"):
         LogReader(project_dir).read_all()
     report = verify(project_dir)
-    assert [raw["shards"][1]["file"] in e and "crc32" in e for e in report.errors] == [True]
+    assert [raw["shards"][1]["file"] in e and "xxh3" in e for e in report.errors] == [True]
+
+
+def test_shards_of_an_earlier_release_with_crc32_are_verified_and_appended(new_run, tmp_root):
+    from logix.storage.verify import verify
+
+    _, ids1, rows1 = log_project(new_run, "crc", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "crc")
+
+    def crc32(entry):
+        with open(os.path.join(project_dir, entry["file"]), "rb") as f:
+            return dict(entry, checksum=f"crc32:{zlib.crc32(f.read()):08x}")
+
+    path = os.path.join(project_dir, "manifest.json")
+    raw = json.load(open(path))
+    raw.update(shards=[crc32(s) for s in raw["shards"]])
+    json.dump(raw, open(path, "w"))
+    logs = os.path.join(project_dir, "logs")
+    for name in (n for n in os.listdir(logs) if n.endswith(".jsonl")):
+        lines = [json.dumps(crc32(json.loads(line))) for line in open(os.path.join(logs, name))]
+        open(os.path.join(logs, name), "w").write("\n".join(lines) + "\n")
+    old = Manifest.load(project_dir).shards
+    assert old and all(s.checksum.startswith("crc32:") for s in old)
+    _, ids2, rows2 = log_project(new_run, "crc", shard_rows=4, first_id=9)
+    manifest = Manifest.load(project_dir)
+    assert manifest.shards[:len(old)] == old
+    assert all(s.checksum.startswith("xxh3:") for s in manifest.shards[len(old):])
+    ids, rows = LogReader(project_dir).read_all()
+    assert ids == ids1 + ids2 and torch.equal(rows, torch.cat([rows1, rows2]))
+    assert verify(project_dir).ok
+    damage(os.path.join(project_dir, old[0].file))
+    with pytest.raises(LogFormatError, match="crc32 .* does not match"):
+        LogReader(project_dir).read_all()
+    assert any("crc32" in e for e in verify(project_dir).errors)
 
 
 def test_format_1_log_with_sha256_is_read_verified_and_appended(new_run, tmp_root):
@@ -268,11 +303,11 @@ def test_format_1_log_with_sha256_is_read_verified_and_appended(new_run, tmp_roo
     assert old and all(s.checksum.startswith("sha256:") for s in old)
     ids, rows = LogReader(project_dir).read_all()
     assert ids == ids1 and torch.equal(rows, rows1) and verify(project_dir).ok
-    # A run appending to it records crc32 for its shards; the manifest says so per shard.
+    # A run appending to it records xxh3 for its shards; the manifest says so per shard.
     _, ids2, rows2 = log_project(new_run, "v1", shard_rows=4, first_id=9)
     manifest = Manifest.load(project_dir)
     assert manifest.shards[:len(old)] == old
-    assert all(s.checksum.startswith("crc32:") for s in manifest.shards[len(old):])
+    assert all(s.checksum.startswith("xxh3:") for s in manifest.shards[len(old):])
     assert json.load(open(os.path.join(project_dir, "manifest.json")))["format_version"] == 2
     ids, rows = LogReader(project_dir).read_all()
     assert ids == ids1 + ids2 and torch.equal(rows, torch.cat([rows1, rows2]))

@@ -13,6 +13,7 @@ import zlib
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import xxhash
 
 from logix.errors import LogFormatError
 
@@ -37,10 +38,11 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 WRITE_SLICE = 8 << 20  # bytes per write call (a multiple of 4 KiB pages)
 _HASH_CHUNK = 1 << 20
-# The per-shard checksum written from version 2 on. It guards against accidental corruption and
-# truncation (not tampering): crc32 costs half of sha256's CPU on the writer thread and at the
-# reader's first-read check.
-CHECKSUM = "crc32"
+# The per-shard checksum of new shards. It guards against accidental corruption and truncation
+# (not tampering): XXH3-64 runs near memory speed (about 5x crc32, 12x sha256 here), which is
+# CPU the writer thread no longer takes from training. Shards written with crc32 or sha256
+# (earlier releases) keep their checksum and are verified with it.
+CHECKSUM = "xxh3"
 
 _SHARD = re.compile(r"^shard-r(\d+)-(\d+)\.safetensors$")
 
@@ -129,14 +131,16 @@ class _Crc32:
         return f"{self.value:08x}"
 
 
+# Each digest has hashlib's update / hexdigest, and releases the GIL on large buffers.
+_DIGESTS = {"xxh3": xxhash.xxh3_64, "crc32": _Crc32, "sha256": hashlib.sha256}
+
+
 def new_digest(algorithm: str):
-    if algorithm == CHECKSUM:
-        return _Crc32()
-    try:
-        return hashlib.new(algorithm)
-    except ValueError:
+    make = _DIGESTS.get(algorithm)
+    if make is None:
         raise LogFormatError(f"checksum algorithm {algorithm!r} is unknown; this LogIX checks "
-                             f"{CHECKSUM} and sha256.") from None
+                             f"{', '.join(_DIGESTS)}.")
+    return make()
 
 
 def read_header(path: str) -> Tuple[dict, int, int]:

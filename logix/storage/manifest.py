@@ -42,7 +42,7 @@ class ShardEntry:
     file: str  # relative to the project folder
     rows: int
     bytes: int
-    checksum: str  # "<algorithm>:<hex>" of the whole file, e.g. "crc32:0a1b2c3d"
+    checksum: str  # "<algorithm>:<hex>" of the whole file, e.g. "xxh3:9b1f04c2d7e8a356"
     rank: int
     seq: int
     checkpoint: Optional[str] = None  # set for rows logged inside run.checkpoint(...)
