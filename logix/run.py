@@ -284,7 +284,7 @@ class Run:
                               self.config.logging, self._save)
         if rows is None:
             return
-        if keep is not None and self._checkpoint is None:
+        if keep is not None and self._checkpoint is None and self._session.resumed_rows:
             resume.check_same_kinds(self._session, self.plan.covariances, self.statistics,
                                     self._statistics_loaded)
         kept = rows if keep is None or len(keep) == len(ids) else rows[keep]

@@ -4,7 +4,6 @@ the manifest and state at finalize."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import warnings
 from typing import Callable, Dict, List, Optional
@@ -32,7 +31,7 @@ class LogSession:
         self.logging = logging
         self.manifest: Optional[Manifest] = None
         self.writer: Optional[ShardWriter] = None
-        self._logged_ids: Optional[set] = None  # (checkpoint, data id) already in the log
+        self._logged_ids: Optional[Dict] = None  # checkpoint -> data ids already in the log
         # Saved statistics of an earlier session whose log this one appends to, and its rows
         # (see logix.statistics.resume: checked at the first step, merged at finalize).
         self.resumed_state: Optional[Dict[str, Tensor]] = None
@@ -91,15 +90,18 @@ class LogSession:
         """Positions of ids not yet in this log (per checkpoint), by logging.on_duplicate."""
         if self._logged_ids is None:
             reader = self.reader(verify=False)
-            self._logged_ids = {(s.checkpoint, i) for s in reader.manifest.shards
-                                for i in reader.shard_ids(s)}
+            self._logged_ids = {}
+            for s in reader.manifest.shards:
+                self._logged_ids.setdefault(s.checkpoint, set()).update(reader.shard_ids(s))
         policy = self.logging.on_duplicate
         if policy == "allow":
             return list(range(len(ids)))
-        logged = self._logged_ids
-        keep = [k for k, i in enumerate(ids) if (checkpoint, i) not in logged]
+        logged = self._logged_ids.get(checkpoint, ())
+        if not logged or logged.isdisjoint(ids):
+            return list(range(len(ids)))
+        keep = [k for k, i in enumerate(ids) if i not in logged]
         if len(keep) < len(ids):
-            seen = [i for i in ids if (checkpoint, i) in logged]
+            seen = [i for i in ids if i in logged]
             if policy == "error":
                 raise UsageError(f"data ids {seen[:5]} are already in this log ("
                                  f"{self.project_dir!r}); nothing of this step was written. Set "
@@ -119,7 +121,7 @@ class LogSession:
 
     def append(self, ids: List, rows: Tensor, checkpoint: Optional[str]) -> None:
         """Queue rows for disk (cast to the log dtype while copied into the shard buffer)."""
-        self._logged_ids.update(zip(itertools.repeat(checkpoint), ids))
+        self._logged_ids.setdefault(checkpoint, set()).update(ids)
         self.writer.append(ids, rows)
 
     def raise_if_failed(self) -> None:

@@ -11,6 +11,7 @@ are untouched.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -40,7 +41,7 @@ class Plan:
     def needs_grad(self) -> bool:
         return self.log_grad or self.grad_covariance
 
-    @property
+    @functools.cached_property
     def covariances(self) -> frozenset:
         """The covariance kinds this plan collects."""
         return frozenset(kind for kind, on in ((FORWARD, self.forward_covariance),

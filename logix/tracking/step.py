@@ -29,6 +29,9 @@ def check_capture(capture: GradientCapture, plan: Plan, on_unused_layer: str) ->
                          "this batch.")
     if on_unused_layer == "zero" or (plan.needs_grad and not capture.grads):
         return  # the second case: nothing reached any layer, which step_rows names itself
+    if 0 not in capture.forwards.values() and not (plan.needs_backward
+                                                   and 0 in capture.calls.values()):
+        return
     no_forward = [n for n, count in capture.forwards.items() if count == 0]
     no_gradient = [n for n, count in capture.calls.items() if count == 0
                    and capture.forwards[n] > 0] if plan.needs_backward else []
