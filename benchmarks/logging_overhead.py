@@ -22,7 +22,7 @@ What it measures (each model / configuration in a fresh subprocess, so peaks are
   skipped cleanly without it.
 * --profile: where the logging time goes on the MLP (fp32 logs, each thread setting): a ladder
   of epochs that adds one part of the logging path per rung (hooks + start()/end(); the append
-  copy into the shard buffer; header + streaming write + crc32; fsync), one epoch with timers
+  copy into the shard buffer; header + streaming write + checksum; fsync), one epoch with timers
   on those calls (wall and CPU time per thread), and each piece timed alone.
 
 The machine may be shared: every epoch records other processes' CPU use ("ext", in cores), the
@@ -369,8 +369,8 @@ def worker_old(p):
 # Each rung adds one part of the logging path: (save rows, write shards, fsync).
 LADDER = {"plain": None,
           "hooks + start()/end(), save(False)": (False, True, True),
-          "+ append: copy rows into the shard buffer": (True, False, True),
-          "+ header, streaming write, crc32": (True, True, False),
+          "+ append rows to the shard buffer": (True, False, True),
+          "+ header, streaming write, checksum": (True, True, False),
           "+ fsync (full logging)": (True, True, True)}
 
 
@@ -458,11 +458,11 @@ def worker_profile(p):
     timed = [  # (object, attribute, label) timed in the instrumented epoch; indent = nested
         (R.Run, "start", "start(): attach hooks"),
         (R.Run, "end", "end(), all of it"),
-        (W.ShardWriter, "append", "  append: copy rows into the shard buffer"),
+        (W.ShardWriter, "append", "  append: rows into the shard buffer"),
         (W.ShardWriter, "_submit", "    _submit: queue a full buffer (waits while full)"),
         (W.ShardWriter, "_write", "_write: one shard, all of it"),
         (W, "safetensors_header", "  header"),
-        (W, "write_shard", "  write_shard: O_DIRECT write + crc32 + fsync + rename"),
+        (W, "write_shard", "  write_shard: O_DIRECT write + xxh3 + fsync + rename"),
         (S.LogSession, "_on_shard", "  manifest update"),
         (os, "fsync", "fsync, every call (shard, folder, manifest, state)")]
 
@@ -537,13 +537,14 @@ def _components(p, model, opt, batches, loss_fn, name_filter, root):
     rps = cfg.shard_rows or max(1, cfg.flush_threshold // dim)
     per_step = {"training step (zero_grad, forward, backward)": _best(plain_step, reps),
                 "same step with hooks + start()/end(), save(False)": _best(hooked_step, reps),
-                "  isfinite(rows.sum()) in end()": _best(
-                    lambda: bool(torch.isfinite(rows.sum())), reps, 20)}
+                "  NaN check in end(): math.isfinite(rows.sum())": _best(
+                    lambda: math.isfinite(float(rows.sum())), reps, 20)}
     for dtype in ("float32", "bfloat16"):
         writer = ShardWriter(os.path.join(root, "components"), 0, rps, dim,
                              getattr(torch, dtype), lambda entry: None)
         writer._write = _no_write.__get__(writer)  # full buffers are recycled untouched
-        per_step[f"append: copy into the shard buffer ({dtype})"] = _best(
+        label = "float32, where the hooks cannot write in place" if dtype == "float32" else dtype
+        per_step[f"append: copy into the shard buffer ({label})"] = _best(
             lambda: writer.append(ids, rows), reps, 20)
         writer.close()
 
@@ -559,9 +560,12 @@ def _components(p, model, opt, batches, loss_fn, name_filter, root):
     path = os.path.join(root, "component.safetensors")
     sr = max(3, min(8, reps // 4))
     per_shard = {"header (json.dumps of the ids + safetensors_header)": _best(header, sr),
-                 "crc32 of the shard alone": _best(lambda: zlib.crc32(body), sr)}
+                 "xxh3 of the shard alone (the checksum)": _best(
+                     lambda: F.new_digest(F.CHECKSUM).update(body), sr),
+                 "crc32 of the shard alone (previous release)": _best(
+                     lambda: zlib.crc32(body), sr)}
     with _patched((os, "fsync", _no_fsync)):
-        per_shard["atomic_write with fsync off (page cache + crc32)"] = _best(
+        per_shard["atomic_write with fsync off (page cache + xxh3)"] = _best(
             lambda: F.atomic_write(path, header(), body), sr)
     per_shard["atomic_write (+ fsync of file and folder, rename)"] = _best(
         lambda: F.atomic_write(path, header(), body), sr)
