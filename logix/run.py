@@ -75,6 +75,7 @@ class Run:
         self._last_log_shared = False  # get_log() handed it out: its rows are never reused
         self._last_log_in_shard = False  # its rows are a view of the shard being filled
         self._spare_rows: Optional[Tensor] = None  # a row buffer no StepLog holds any more
+        self._factor_buffers: Dict = {}  # the hooks' projected inputs / output gradients
         self._on_device: Dict[tuple, Projection] = {}
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
         self._row_layout_of: Optional[tuple] = None  # (layout entries, RowLayout)
@@ -260,7 +261,7 @@ class Run:
             mask, examples=len(ids),
             counted=None if keep is None or len(keep) == len(ids) else keep,
             spare=self._spare_rows if reserved is None else reserved,
-            per_token=per_token).__enter__()
+            per_token=per_token, factors=self._factor_buffers).__enter__()
         if reserved is None:
             self._spare_rows = None
         self._step = (ids, keep, scale, reserved)

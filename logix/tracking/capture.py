@@ -121,7 +121,7 @@ class GradientCapture:
                  plan: Plan, statistics: CovarianceState, layout: RowLayout,
                  mask: Optional[Tensor] = None, examples: Optional[int] = None,
                  counted: Optional[List[int]] = None, spare: Optional[Tensor] = None,
-                 per_token: bool = False) -> None:
+                 per_token: bool = False, factors: Optional[Dict] = None) -> None:
         self.modules = modules
         self.projection_for = projection_for
         self.plan = plan
@@ -147,8 +147,10 @@ class GradientCapture:
         self._needs_backward = plan.needs_backward
         # The hot path: per run of layout.runs, x~ [layers, B, rank_in] and dy~ [layers, B,
         # rank_out] of each layer's first call (`_claimed`); `_deferred` (name -> slot) are the
-        # layers whose outer product exit still has to write.
+        # layers whose outer product exit still has to write. `factors` keeps those buffers
+        # for the next step ((run, side) -> tensor), which reuses them when their shape fits.
         self._batched = plan.needs_grad and not per_token
+        self._factors = {} if factors is None else factors
         self._inputs: Dict[int, Tensor] = {}
         self._outputs: Dict[int, Tensor] = {}
         self._claimed: set = set()
@@ -260,8 +262,8 @@ class GradientCapture:
         run, position = slot
         buffer = self._inputs.get(run)
         if buffer is None:
-            buffer = self._inputs[run] = x.new_empty(len(self.layout.runs[run]), x.shape[0],
-                                                     projection.p_in.shape[0])
+            buffer = self._inputs[run] = self._factor_buffer(
+                run, "in", x.shape[0], projection.p_in.shape[0], x.device)
         out = buffer[position]
         tracked.project_input_rows(x, projection.p_in, out)
         return out.view(x.shape[0], 1, 1, -1)
@@ -271,12 +273,20 @@ class GradientCapture:
         run, position = slot
         buffer = self._outputs.get(run)
         if buffer is None:
-            buffer = self._outputs[run] = torch.empty(
-                len(self.layout.runs[run]), dy.shape[0], projection.p_out.shape[0],
-                device=dy.device)
+            buffer = self._outputs[run] = self._factor_buffer(
+                run, "out", dy.shape[0], projection.p_out.shape[0], dy.device)
         out = buffer[position]
         tracked.project_output_rows(dy.to(torch.float32), projection.p_out, out)
         return out.view(dy.shape[0], 1, 1, -1)
+
+    def _factor_buffer(self, run: int, side: str, b: int, rank: int,
+                       device: torch.device) -> Tensor:
+        """A float32 [layers of the run, b, rank] buffer, an earlier step's when it fits."""
+        shape = (len(self.layout.runs[run]), b, rank)
+        buffer = self._factors.get((run, side))
+        if buffer is None or buffer.shape != shape or buffer.device != device:
+            buffer = self._factors[(run, side)] = torch.empty(shape, device=device)
+        return buffer
 
     def _write_deferred(self) -> None:
         """Write the outer products of the hot-path layers: one multiply per run whose layers
