@@ -3,13 +3,15 @@
     python benchmarks/step_cost.py [--steps 200] [--rounds 7] [--threads 1] [--json out.json]
 
 The MLP of logging_overhead.py (4 tracked 512 x 512 Linear layers, batch 64, LoGra rank 32).
-Three arms, interleaved round by round in one process: a plain step (zero_grad, forward,
+Four arms, interleaved round by round in one process: a plain step (zero_grad, forward,
 backward), the same step inside start()/end() with save(False) (hooks, projections, row
-assembly; nothing queued for disk), and with save(True) (plus the append copy into the shard
-buffer; the writer's disk work is replaced by a no-op so that only the training thread's part is
-counted). Each arm reports the median over rounds of the training thread's CPU time per step
-(`time.thread_time`, which other processes' load barely moves), of the wall time per step and
-of the minor page faults per step (fresh memory touched: each costs about a microsecond).
+assembly; nothing queued for disk), with save(True) (plus handing the rows to the shard buffer;
+the writer's disk work is replaced by a no-op so that only the training thread's part is
+counted), and `BareMath`: the same projections and outer products with no library around them
+(the floor of a hook-based logger). Each arm reports the median over rounds of the training
+thread's CPU time per step (`time.thread_time`, which other processes' load barely moves), of
+the wall time per step and of the minor page faults per step (fresh memory touched: each costs
+about a microsecond).
 """
 
 from __future__ import annotations
@@ -27,6 +29,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _common as C  # noqa: E402
+
+
+class BareMath:
+    """The floor of a hook-based logger of this workload: forward hooks attached at start() and
+    removed at end() (as a run does) that only project each layer's input and output gradient
+    into preallocated buffers (two [64, 512] x [512, 32] GEMMs per layer), and one multiply at
+    end() for the four outer products; no checks, no bookkeeping, nothing kept. Same
+    start()/end() as a run."""
+
+    def __init__(self, model, rank: int, batch: int) -> None:
+        import torch
+
+        self.layers = [m for m in model.body if isinstance(m, torch.nn.Linear)]
+        g = torch.Generator().manual_seed(0)
+        self.p_in = [torch.randn(rank, m.in_features, generator=g) for m in self.layers]
+        self.p_out = [torch.randn(rank, m.out_features, generator=g) for m in self.layers]
+        self.x = torch.empty(len(self.layers), batch, rank)
+        self.dy = torch.empty(len(self.layers), batch, rank)
+        self.rows = torch.empty(batch, len(self.layers), rank, rank)
+        self.handles = []
+
+    def _hook(self, i: int):
+        import torch
+
+        def backward(dy):
+            torch.mm(dy, self.p_out[i].T, out=self.dy[i])
+
+        def forward(module, inputs, output):
+            with torch.no_grad():
+                torch.mm(inputs[0], self.p_in[i].T, out=self.x[i])
+            output.register_hook(backward)
+
+        return forward
+
+    def start(self, data_id) -> None:
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+
+    def end(self) -> None:
+        import torch
+
+        for handle in self.handles:
+            handle.remove()
+        torch.mul(self.dy.transpose(0, 1).unsqueeze(3), self.x.transpose(0, 1).unsqueeze(2),
+                  out=self.rows)
+
+    def finalize(self) -> None:
+        pass
 
 
 def measure(steps: int, rounds: int, threads: int, rank: int = 32, batch: int = 64) -> dict:
@@ -53,7 +102,8 @@ def measure(steps: int, rounds: int, threads: int, rank: int = 32, batch: int = 
         return run
 
     runs = {"hooks, save(False)": new_run(False, "nosave"),
-            "hooks + append, save(True)": new_run(True, "save")}
+            "hooks + append, save(True)": new_run(True, "save"),
+            "bare math (floor)": BareMath(model, rank, batch)}
 
     def epoch(run):
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
