@@ -140,3 +140,24 @@ def test_a_log_handed_out_from_a_shard_is_never_overwritten(new_run):
         run.flush()  # the buffer holding the rows is written and recycled for the next step
         _step(run, model, x, y, ids=list(range(4 * k, 4 * k + 4)))
     assert torch.equal(held.grads, snapshot)
+
+
+def test_a_second_backward_through_an_earlier_step_leaves_the_current_rows_alone(new_run):
+    """The hot path's projected factors live in buffers the next step reuses: a backward
+    through the previous step's graph (retain_graph) must not write into them."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6))
+    run = _run(new_run, model)
+    (x1, y1), (x2, y2) = [(torch.randn(4, 6, generator=seeded(s)),
+                           torch.randn(4, 6, generator=seeded(s + 1))) for s in (5, 7)]
+    run.start(data_id=list(range(4)))
+    loss1 = batch_sq_loss(model(x1), y1)
+    loss1.backward(retain_graph=True)
+    run.end()
+    run.start(data_id=list(range(4, 8)))
+    model.zero_grad()
+    batch_sq_loss(model(x2), y2).backward()
+    loss1.backward()  # step 1's graph again, before step 2 ends
+    run.end()
+    expected = expected_rows(run, model, per_example_grads(model, example_sq_loss, x2, y2))
+    assert_close_scaled(run.get_log().grads, expected)

@@ -217,6 +217,19 @@ def test_second_run_appends_shards(new_run, tmp_root):
     assert fresh.statistics.counts[("0", "grad")] == len(ids1) + len(ids2)
 
 
+def rewrite_shard_entries(project_dir, change, **manifest_keys):
+    """Rewrite every shard entry of a log's manifest and rank indexes with `change(entry)`
+    (a dict -> dict), as an earlier release would have written them."""
+    path = os.path.join(project_dir, "manifest.json")
+    raw = json.load(open(path))
+    raw.update(manifest_keys, shards=[change(s) for s in raw["shards"]])
+    json.dump(raw, open(path, "w"))
+    logs = os.path.join(project_dir, "logs")
+    for name in (n for n in os.listdir(logs) if n.endswith(".jsonl")):
+        lines = [json.dumps(change(json.loads(line))) for line in open(os.path.join(logs, name))]
+        open(os.path.join(logs, name), "w").write("\n".join(lines) + "\n")
+
+
 def as_format_1(project_dir):
     """Rewrite a log's manifest and rank indexes as format version 1 recorded shards: a sha256
     under "sha256" (no "checksum")."""
@@ -224,14 +237,7 @@ def as_format_1(project_dir):
         with open(os.path.join(project_dir, entry.pop("checksum") and entry["file"]), "rb") as f:
             return dict(entry, sha256=hashlib.sha256(f.read()).hexdigest())
 
-    path = os.path.join(project_dir, "manifest.json")
-    raw = json.load(open(path))
-    raw.update(format_version=1, shards=[old(s) for s in raw["shards"]])
-    json.dump(raw, open(path, "w"))
-    logs = os.path.join(project_dir, "logs")
-    for name in (n for n in os.listdir(logs) if n.endswith(".jsonl")):
-        lines = [json.dumps(old(json.loads(line))) for line in open(os.path.join(logs, name))]
-        open(os.path.join(logs, name), "w").write("\n".join(lines) + "\n")
+    rewrite_shard_entries(project_dir, old, format_version=1)
 
 
 def damage(path):
@@ -242,6 +248,30 @@ def damage(path):
     open(path, "wb").write(bytes(data))
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def append_and_damage_the_old(new_run, project, project_dir, ids1, rows1, algorithm):
+    """A log whose shards record `algorithm` reads and verifies; a run appending to it records
+    xxh3 for its own shards (the manifest, version 2, names each shard's algorithm); damage to
+    an old shard is caught with its own algorithm."""
+    from logix.storage.verify import verify
+
+    old = Manifest.load(project_dir).shards
+    assert old and all(s.checksum.startswith(f"{algorithm}:") for s in old)
+    ids, rows = LogReader(project_dir).read_all()
+    assert ids == ids1 and torch.equal(rows, rows1) and verify(project_dir).ok
+    _, ids2, rows2 = log_project(new_run, project, shard_rows=4, first_id=9)
+    manifest = Manifest.load(project_dir)
+    assert manifest.shards[:len(old)] == old
+    assert all(s.checksum.startswith("xxh3:") for s in manifest.shards[len(old):])
+    assert json.load(open(os.path.join(project_dir, "manifest.json")))["format_version"] == 2
+    ids, rows = LogReader(project_dir).read_all()
+    assert ids == ids1 + ids2 and torch.equal(rows, torch.cat([rows1, rows2]))
+    assert verify(project_dir).ok
+    damage(os.path.join(project_dir, old[0].file))
+    with pytest.raises(LogFormatError, match=f"{algorithm} .* does not match"):
+        LogReader(project_dir).read_all()
+    assert any(algorithm in e for e in verify(project_dir).errors)
 
 
 def test_new_shards_record_an_xxh3_and_corruption_is_caught(new_run, tmp_root):
@@ -261,8 +291,6 @@ def test_new_shards_record_an_xxh3_and_corruption_is_caught(new_run, tmp_root):
 
 
 def test_shards_of_an_earlier_release_with_crc32_are_verified_and_appended(new_run, tmp_root):
-    from logix.storage.verify import verify
-
     _, ids1, rows1 = log_project(new_run, "crc", shard_rows=4)
     project_dir = os.path.join(tmp_root, "crc")
 
@@ -270,52 +298,15 @@ def test_shards_of_an_earlier_release_with_crc32_are_verified_and_appended(new_r
         with open(os.path.join(project_dir, entry["file"]), "rb") as f:
             return dict(entry, checksum=f"crc32:{zlib.crc32(f.read()):08x}")
 
-    path = os.path.join(project_dir, "manifest.json")
-    raw = json.load(open(path))
-    raw.update(shards=[crc32(s) for s in raw["shards"]])
-    json.dump(raw, open(path, "w"))
-    logs = os.path.join(project_dir, "logs")
-    for name in (n for n in os.listdir(logs) if n.endswith(".jsonl")):
-        lines = [json.dumps(crc32(json.loads(line))) for line in open(os.path.join(logs, name))]
-        open(os.path.join(logs, name), "w").write("\n".join(lines) + "\n")
-    old = Manifest.load(project_dir).shards
-    assert old and all(s.checksum.startswith("crc32:") for s in old)
-    _, ids2, rows2 = log_project(new_run, "crc", shard_rows=4, first_id=9)
-    manifest = Manifest.load(project_dir)
-    assert manifest.shards[:len(old)] == old
-    assert all(s.checksum.startswith("xxh3:") for s in manifest.shards[len(old):])
-    ids, rows = LogReader(project_dir).read_all()
-    assert ids == ids1 + ids2 and torch.equal(rows, torch.cat([rows1, rows2]))
-    assert verify(project_dir).ok
-    damage(os.path.join(project_dir, old[0].file))
-    with pytest.raises(LogFormatError, match="crc32 .* does not match"):
-        LogReader(project_dir).read_all()
-    assert any("crc32" in e for e in verify(project_dir).errors)
+    rewrite_shard_entries(project_dir, crc32)
+    append_and_damage_the_old(new_run, "crc", project_dir, ids1, rows1, "crc32")
 
 
 def test_format_1_log_with_sha256_is_read_verified_and_appended(new_run, tmp_root):
-    from logix.storage.verify import verify
-
     _, ids1, rows1 = log_project(new_run, "v1", shard_rows=4)
     project_dir = os.path.join(tmp_root, "v1")
     as_format_1(project_dir)
-    old = Manifest.load(project_dir).shards
-    assert old and all(s.checksum.startswith("sha256:") for s in old)
-    ids, rows = LogReader(project_dir).read_all()
-    assert ids == ids1 and torch.equal(rows, rows1) and verify(project_dir).ok
-    # A run appending to it records xxh3 for its shards; the manifest says so per shard.
-    _, ids2, rows2 = log_project(new_run, "v1", shard_rows=4, first_id=9)
-    manifest = Manifest.load(project_dir)
-    assert manifest.shards[:len(old)] == old
-    assert all(s.checksum.startswith("xxh3:") for s in manifest.shards[len(old):])
-    assert json.load(open(os.path.join(project_dir, "manifest.json")))["format_version"] == 2
-    ids, rows = LogReader(project_dir).read_all()
-    assert ids == ids1 + ids2 and torch.equal(rows, torch.cat([rows1, rows2]))
-    assert verify(project_dir).ok
-    damage(os.path.join(project_dir, old[0].file))
-    with pytest.raises(LogFormatError, match="sha256 .* does not match"):
-        LogReader(project_dir).read_all()
-    assert any("sha256" in e for e in verify(project_dir).errors)
+    append_and_damage_the_old(new_run, "v1", project_dir, ids1, rows1, "sha256")
 
 
 def test_index_built_from_a_format_1_log_stays_fresh_and_verifies(new_run, tmp_root):

@@ -144,6 +144,7 @@ class GradientCapture:
         self.calls: Dict[str, int] = dict.fromkeys(modules, 0)  # output gradients received
         self.mask_matched = False
         self._handles: List = []
+        self._detached = False
         self._needs_backward = plan.needs_backward
         # The hot path: per run of layout.runs, x~ [layers, B, rank_in] and dy~ [layers, B,
         # rank_out] of each layer's first call (`_claimed`); `_deferred` (name -> slot) are the
@@ -151,8 +152,6 @@ class GradientCapture:
         # for the next step ((run, side) -> tensor), which reuses them when their shape fits.
         self._batched = plan.needs_grad and not per_token
         self._factors = {} if factors is None else factors
-        self._inputs: Dict[int, Tensor] = {}
-        self._outputs: Dict[int, Tensor] = {}
         self._claimed: set = set()
         self._deferred: Dict[str, Tuple[int, int]] = {}
 
@@ -169,6 +168,7 @@ class GradientCapture:
 
     def detach(self) -> None:
         """Remove the hooks (a step given up: nothing more is written)."""
+        self._detached = True  # a later backward through this step's graph adds nothing
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -221,6 +221,8 @@ class GradientCapture:
         name = tracked.name
 
         def hook(dy: Tensor) -> None:
+            if self._detached:  # e.g. retain_graph: the step's shared buffers are the next's
+                return
             with torch.no_grad():
                 if self.plan.forward_covariance:
                     self._forward_statistics(name, x_proj, mask)
@@ -259,34 +261,26 @@ class GradientCapture:
     def _project_into_slot(self, tracked: "TrackedLinear", x: Tensor, projection: Projection,
                            slot: Tuple[int, int]) -> Tensor:
         """x~ of a hot-path call, written into its slot; returned as [B, 1, 1, rank_in]."""
-        run, position = slot
-        buffer = self._inputs.get(run)
-        if buffer is None:
-            buffer = self._inputs[run] = self._factor_buffer(
-                run, "in", x.shape[0], projection.p_in.shape[0], x.device)
-        out = buffer[position]
+        out = self._slot_view("in", slot, x.shape[0], projection.p_in.shape[0], x.device)
         tracked.project_input_rows(x, projection.p_in, out)
         return out.view(x.shape[0], 1, 1, -1)
 
     def _project_output_into_slot(self, tracked: "TrackedLinear", dy: Tensor,
                                   projection: Projection, slot: Tuple[int, int]) -> Tensor:
-        run, position = slot
-        buffer = self._outputs.get(run)
-        if buffer is None:
-            buffer = self._outputs[run] = self._factor_buffer(
-                run, "out", dy.shape[0], projection.p_out.shape[0], dy.device)
-        out = buffer[position]
+        out = self._slot_view("out", slot, dy.shape[0], projection.p_out.shape[0], dy.device)
         tracked.project_output_rows(dy.to(torch.float32), projection.p_out, out)
         return out.view(dy.shape[0], 1, 1, -1)
 
-    def _factor_buffer(self, run: int, side: str, b: int, rank: int,
-                       device: torch.device) -> Tensor:
-        """A float32 [layers of the run, b, rank] buffer, an earlier step's when it fits."""
+    def _slot_view(self, side: str, slot: Tuple[int, int], b: int, rank: int,
+                   device: torch.device) -> Tensor:
+        """The [b, rank] slot of one layer in its run's float32 [layers, b, rank] buffer of
+        this side ("in": x~, "out": dy~); the buffer is an earlier step's when it fits."""
+        run, position = slot
         shape = (len(self.layout.runs[run]), b, rank)
         buffer = self._factors.get((run, side))
         if buffer is None or buffer.shape != shape or buffer.device != device:
             buffer = self._factors[(run, side)] = torch.empty(shape, device=device)
-        return buffer
+        return buffer[position]
 
     def _write_deferred(self) -> None:
         """Write the outer products of the hot-path layers: one multiply per run whose layers
@@ -298,8 +292,8 @@ class GradientCapture:
                 offset, r_out, r_in = self.layout.columns[names[0]]
                 b = self.rows.shape[0]
                 block = self.rows[:, offset:offset + len(names) * r_out * r_in]
-                torch.mul(self._outputs[run].transpose(0, 1).unsqueeze(3),
-                          self._inputs[run].transpose(0, 1).unsqueeze(2),
+                torch.mul(self._factors[(run, "out")].transpose(0, 1).unsqueeze(3),
+                          self._factors[(run, "in")].transpose(0, 1).unsqueeze(2),
                           out=block.view(b, len(names), r_out, r_in))
                 for n in names:
                     del self._deferred[n]
@@ -308,8 +302,8 @@ class GradientCapture:
 
     def _write_outer(self, name: str) -> None:
         run, position = self._deferred.pop(name)
-        torch.mul(self._outputs[run][position].unsqueeze(2),
-                  self._inputs[run][position].unsqueeze(1), out=self.grads[name])
+        torch.mul(self._factors[(run, "out")][position].unsqueeze(2),
+                  self._factors[(run, "in")][position].unsqueeze(1), out=self.grads[name])
 
     def _add_token_grads(self, name: str, dy_proj: Tensor, x_proj: Tensor) -> None:
         # [B, g, N, r_out] x [B, g, N, r_in] -> [B, N, r_out, r_in]: one small outer product
