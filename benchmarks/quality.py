@@ -111,12 +111,12 @@ PEERS = {
 
 
 # ============================================================================ logging
-def log_pass(case, model, root, project, init, rank, fisher=False):
+def log_pass(case, model, root, project, init, rank, fisher=False, log_dtype="float32"):
     """One logging pass at the model's weights; returns the run. fisher=True: the forward and
     backward covariances (K-FAC's factors, EK-FAC's basis) come from a statistics pass whose
     labels are sampled from the model's predictions (the true Fisher, as Kronfluence does by
     default) instead of the logging pass's true labels (the empirical Fisher)."""
-    run = logix.init(project, root_dir=str(root))
+    run = logix.init(project, root_dir=str(root), log_dtype=log_dtype)
     run.watch(model)
     factors = {"forward": ["covariance"], "backward": ["covariance"]}
     if init == "pca":
