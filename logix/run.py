@@ -288,6 +288,9 @@ class Run:
         if keep is not None and self._checkpoint is None and self._session.resumed_rows:
             resume.check_same_kinds(self._session, self.plan.covariances, self.statistics,
                                     self._statistics_loaded)
+        in_shard = rows is reserved
+        if in_shard and not self._session.takes_in_place(rows):
+            rows, in_shard = rows.clone(), False  # a flush wrote the shard out mid-step
         kept = rows if keep is None or len(keep) == len(ids) else rows[keep]
         self._keep_statistics(capture.statistics)
         if self.plan.grad_covariance:
@@ -297,7 +300,7 @@ class Run:
         if capture.per_token:
             tokens = TokenRows(*step.token_rows(capture, self.projections, scale, capture.mask))
         self._set_last_log(StepLog(ids, rows, self.layout(), dict(self.projection_meta), tokens),
-                           in_shard=rows is reserved)
+                           in_shard=in_shard)
         if keep:
             self._session.append([ids[k] for k in keep], kept, self._checkpoint)
 

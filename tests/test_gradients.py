@@ -400,6 +400,26 @@ def test_a_run_of_equal_layers_matches_brute_force(new_run, include_bias, repeat
     check_log(run, model, per_example_grads(model, example_sq_loss, x * 2, y), include_bias)
 
 
+def test_two_backward_passes_in_one_step_sum_on_a_run_of_equal_layers(new_run):
+    """Two losses backpropagated separately inside one step: the hooks of each call fire twice
+    and the rows are the gradients of the summed loss, as .grad is."""
+    g = seeded(18)
+    torch.manual_seed(18)
+    model = EqualWidthMLP()
+    x, y = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    run = watched_run(new_run, model, rank=3)
+    with run(data_id=list(range(5))):
+        out = model(x)
+        batch_sq_loss(out, y).backward(retain_graph=True)
+        (0.1 * out ** 2).sum().backward()
+
+    def both_losses(call, x, y):
+        out = call(x[None])[0]
+        return ((out - y) ** 2).sum() + 0.1 * (out ** 2).sum()
+
+    check_log(run, model, per_example_grads(model, both_losses, x, y))
+
+
 class CheckpointedMLP(nn.Module):
     """Linear -> [checkpointed Linear-Tanh-Linear] -> Linear."""
 

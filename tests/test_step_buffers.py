@@ -161,3 +161,24 @@ def test_a_second_backward_through_an_earlier_step_leaves_the_current_rows_alone
     run.end()
     expected = expected_rows(run, model, per_example_grads(model, example_sq_loss, x2, y2))
     assert_close_scaled(run.get_log().grads, expected)
+
+
+def test_a_flush_in_the_middle_of_a_step_keeps_its_rows_in_get_log(new_run):
+    """The step's rows were reserved behind 2 rows of the shard; the flush writes those 2 rows
+    out and recycles the buffer, and end() must not hand get_log() rows the append overwrites."""
+    model = make_mlp()
+    run = _saving_run(new_run, model, shard_rows=64)
+    g = seeded(6)
+    x1, y1 = torch.randn(2, 6, generator=g), torch.randn(2, 3, generator=g)
+    x2, y2 = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    _step(run, model, x1, y1, ids=[0, 1])
+    run.start(data_id=list(range(2, 10)))
+    model.zero_grad()
+    batch_sq_loss(model(x2), y2).backward()
+    run.flush()
+    run.end()
+    second = expected_rows(run, model, per_example_grads(model, example_sq_loss, x2, y2))
+    assert_close_scaled(run.get_log().grads, second)
+    ids, rows = _disk_rows(run)
+    assert ids == list(range(10))
+    assert_close_scaled(rows[2:], second)

@@ -345,6 +345,32 @@ def test_incompatible_run_refuses_to_append(new_run, tmp_root, change):
     assert LogReader(project_dir).rows == 9
 
 
+@pytest.mark.parametrize("change", [dict(rank=4), dict(log_dtype="bfloat16")],
+                         ids=["rank", "dtype"])
+def test_finalize_after_a_refused_append_leaves_the_log_as_it_was(new_run, tmp_root, change):
+    """A script that finalizes in a `finally` after its first step was refused must not write
+    its own projections, statistics or config over the log it did not match."""
+    from logix.storage.verify import verify
+
+    log_project(new_run, "kept", shard_rows=4)
+    project_dir = os.path.join(tmp_root, "kept")
+    state_files = [os.path.join(project_dir, "manifest.json")] + [
+        os.path.join(project_dir, "state", n) for n in os.listdir(os.path.join(project_dir,
+                                                                               "state"))]
+    before = {path: open(path, "rb").read() for path in state_files}
+    model = make_mlp(seed=0)
+    run = new_run("kept", **{k: v for k, v in change.items() if k != "rank"})
+    run.watch(model).add_lora(rank=change.get("rank", 3))
+    run.setup(ALL).save(True)
+    with pytest.raises(LogFormatError, match="does not match"):
+        with run(data_id=["new"]):
+            model(torch.randn(1, 6)).pow(2).sum().backward()
+    with pytest.raises(LogFormatError, match="does not match"):
+        run.finalize()
+    assert {path: open(path, "rb").read() for path in state_files} == before
+    assert verify(project_dir).ok
+
+
 # --------------------------------------------------------------------------- failures
 def test_writer_failure_is_reported(new_run, tmp_root, monkeypatch):
     import logix.storage.writer as writer

@@ -119,6 +119,11 @@ class LogSession:
             return None
         return self.writer.reserve(n, intact)
 
+    def takes_in_place(self, rows: Tensor) -> bool:
+        """Whether `append` takes these reserved rows where they are (`ShardWriter.
+        takes_in_place`)."""
+        return self.writer is not None and self.writer.takes_in_place(rows)
+
     def append(self, ids: List, rows: Tensor, checkpoint: Optional[str]) -> None:
         """Queue rows for disk (cast to the log dtype while copied into the shard buffer)."""
         self._logged_ids.setdefault(checkpoint, set()).update(ids)
@@ -159,8 +164,12 @@ class LogSession:
                    save_projections: Callable[[], None], statistics: Dict[str, Tensor]) -> None:
         """Rank 0 at finalize: every rank's shards in the manifest, projections, statistics."""
         os.makedirs(self.project_dir, exist_ok=True)
-        if self.manifest is None:
-            self.manifest = load_optional(self.project_dir) or new_manifest()
+        if self.manifest is None:  # nothing written by this run: the folder's log, if any
+            existing = load_optional(self.project_dir)
+            if existing is not None and existing.shards:
+                # Its projections and statistics are about to be replaced by this run's.
+                existing.check_compatible(new_manifest())
+            self.manifest = existing or new_manifest()
         self.manifest.merge_rank_indexes(self.project_dir)
         self.manifest.config = config_snapshot
         save_projections()

@@ -37,6 +37,12 @@ def next_sequence(project_dir: str, rank: int) -> int:
     return max(seqs, default=-1) + 1
 
 
+def _same_place(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are the same memory seen the same way."""
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device \
+        and a.shape == b.shape and a.stride() == b.stride()
+
+
 def _overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors' bytes overlap (same device)."""
     if a.device != b.device:
@@ -90,6 +96,15 @@ class ShardWriter:
             return None
         return view
 
+    def takes_in_place(self, rows: Tensor) -> bool:
+        """Whether `append(ids, rows)` would take `rows` where they are: a view from `reserve`
+        that is still the next rows of the shard being filled (a flush since then wrote that
+        shard out)."""
+        with self._buffer:
+            if self._rows is None or len(self._ids) + rows.shape[0] > self.rows_per_shard:
+                return False
+            return _same_place(rows, self._rows[len(self._ids):len(self._ids) + rows.shape[0]])
+
     def append(self, data_ids: Sequence, rows: Tensor) -> None:
         """Copy rows [B, dim] (any float dtype, any device) and their ids into the shard being
         filled; full shards go to the writer threads. The caller keeps ownership of `rows`
@@ -103,8 +118,7 @@ class ShardWriter:
                 take = min(n - start, self.rows_per_shard - fill)
                 target = buffer[fill:fill + take]
                 part = rows[start:start + take]
-                if part.data_ptr() != target.data_ptr() or part.dtype != target.dtype \
-                        or part.device != target.device or part.stride() != target.stride():
+                if not _same_place(part, target):
                     if _overlap(part, buffer):  # reserved before a flush recycled the buffer
                         part = part.clone()
                     target.copy_(part.detach(), non_blocking=rows.is_cuda)

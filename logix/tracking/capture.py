@@ -226,6 +226,10 @@ class GradientCapture:
             with torch.no_grad():
                 if self.plan.forward_covariance:
                     self._forward_statistics(name, x_proj, mask)
+                if slot is not None and name in self._deferred:
+                    # A second backward through this call: its first product goes in first,
+                    # before the slot takes the new output gradient.
+                    self._write_outer(name)
                 in_slot = slot is not None and dy.dim() == 2
                 if in_slot:
                     dy_proj = self._project_output_into_slot(tracked, dy, projection, slot)
