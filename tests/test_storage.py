@@ -419,3 +419,15 @@ def test_resumed_run_skips_or_refuses_ids_already_logged(tmp_path):
         run = log([0, 7], on_duplicate="allow")
     ids, _ = run.reader().read_all()
     assert sorted(ids) == [0, 0, 1, 2, 3, 4, 5, 7]
+
+
+def test_a_damaged_header_entry_is_named_as_such(new_run, tmp_root):
+    from logix.storage.format import read_header
+
+    log_project(new_run, "header", shard_rows=4)
+    path = os.path.join(tmp_root, "header", "logs", shard_files(os.path.join(tmp_root,
+                                                                            "header"))[0])
+    data = open(path, "rb").read()
+    open(path, "wb").write(data.replace(b'"data_offsets"', b'"data_offsetz"', 1))
+    with pytest.raises(LogFormatError, match="no valid data_offsets .* header is damaged"):
+        read_header(path)

@@ -168,8 +168,12 @@ def read_header(path: str) -> Tuple[dict, int, int]:
         if key == "__metadata__":
             continue
         offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] <= data_size):
-            raise LogFormatError(f"tensor {key!r} ends at byte {offsets and offsets[-1]} of a "
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets)):
+            raise LogFormatError(f"the header's entry for tensor {key!r} has no valid "
+                                 f"data_offsets (got {spec!r}): the header is damaged")
+        if offsets[1] > data_size:
+            raise LogFormatError(f"tensor {key!r} ends at byte {offsets[1]} of a "
                                  f"{data_size}-byte data section (truncated?)")
     return header, 8 + n, size
 
