@@ -282,7 +282,7 @@ class Run:
             self._keep_statistics(capture.statistics)
             return
         rows = step.keep_rows(step.step_rows(capture, ids, scale), ids,
-                              self.config.logging, self._save)
+                              self.config.logging, self._save, capture.rows_known_finite(scale))
         if rows is None:
             return
         if keep is not None and self._checkpoint is None and self._session.resumed_rows:

@@ -442,6 +442,29 @@ def test_nonfinite_gradients_are_refused_or_skipped_and_never_written(new_run, t
         assert ids == ["g0", "g1", "g2", "h0", "h1", "h2"] and bool(torch.isfinite(rows).all())
 
 
+@pytest.mark.parametrize("bad", ["nan input", "scale overflows float32"])
+def test_nonfinite_rows_of_outer_products_are_refused(new_run, bad):
+    """Rows made only of hot-path outer products are checked from their small factors instead
+    of being read: a NaN factor, or products that overflow float32, are refused all the same."""
+    torch.manual_seed(27)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    run = new_run()
+    run.watch(model).add_lora(rank=3)
+    run.setup({"grad": ["log"]})
+    x, scale = torch.randn(4, 8), 1.0
+    with run(data_id=[0, 1, 2, 3], scale=1e30):  # large, finite: kept
+        model(x).pow(2).sum().backward()
+    assert bool(torch.isfinite(run.get_log().grads).all())
+    assert run._capture is None and len(run._row_layout().runs) == 1
+    if bad == "nan input":
+        x[2, 0] = float("nan")
+    else:
+        scale = 1e38
+    with pytest.raises(UsageError, match=r"NaN or inf gradients for data ids \[.*2"):
+        with run(data_id=[0, 1, 2, 3], scale=scale):
+            model(x).pow(2).sum().backward()
+
+
 def test_newer_format_version_is_refused_by_reader_and_resume(new_run, tmp_root):
     g = seeded(26)
     model = make_mlp(seed=26)

@@ -12,6 +12,7 @@ are untouched.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -78,6 +79,7 @@ def plan_from_setup(spec: Dict[str, Iterable[str]]) -> Plan:
 
 
 ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class RowLayout:
@@ -154,6 +156,7 @@ class GradientCapture:
         self._factors = {} if factors is None else factors
         self._claimed: set = set()
         self._deferred: Dict[str, Tuple[int, int]] = {}
+        self._outer_only: set = set()  # layers whose columns are one product written at exit
 
     def __enter__(self) -> "GradientCapture":
         for name, tracked in self.modules.items():
@@ -286,9 +289,27 @@ class GradientCapture:
             buffer = self._factors[(run, side)] = torch.empty(shape, device=device)
         return buffer[position]
 
+    def rows_known_finite(self, scale: float) -> bool:
+        """True when every number of the step's rows times `scale` is finite, known without
+        reading the rows: every layer's columns are one outer product dy~ x~^T written at exit,
+        and max|dy~| max|x~| |scale| over each run's factors is a finite number below float32's
+        largest (a NaN or inf factor, or a possible overflow, gives False: check the rows)."""
+        if len(self._outer_only) != len(self.layout.columns):
+            return False
+        for run in range(len(self.layout.runs)):
+            extents = [float(v) for side in ("in", "out")
+                       for v in torch.aminmax(self._factors[(run, side)])]
+            if not all(math.isfinite(v) for v in extents):
+                return False
+            x_max, dy_max = max(-extents[0], extents[1]), max(-extents[2], extents[3])
+            if not x_max * dy_max * abs(scale) < FLOAT32_MAX:  # (False for a NaN scale too)
+                return False
+        return True
+
     def _write_deferred(self) -> None:
         """Write the outer products of the hot-path layers: one multiply per run whose layers
         all took the hot path, one per layer otherwise."""
+        self._outer_only = set(self._deferred)
         if not self._deferred:
             return
         for run, names in enumerate(self.layout.runs):

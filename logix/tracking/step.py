@@ -68,10 +68,13 @@ def step_rows(capture: GradientCapture, ids: List, scale: float) -> Tensor:
     return rows.mul_(scale) if scale != 1.0 else rows
 
 
-def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool) -> Optional[Tensor]:
+def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool,
+              known_finite: bool = False) -> Optional[Tensor]:
     """`rows`, or None when the step is skipped for NaN/inf (logging.nonfinite: skip); raises
-    for NaN/inf by default and for values float16 storage cannot hold."""
-    if not math.isfinite(float(rows.sum())) and not bool(torch.isfinite(rows).all()):
+    for NaN/inf by default and for values float16 storage cannot hold. `known_finite`: the
+    capture vouched for every number (`GradientCapture.rows_known_finite`), nothing to read."""
+    if not known_finite and not math.isfinite(float(rows.sum())) \
+            and not bool(torch.isfinite(rows).all()):
         bad = [ids[i] for i in (~torch.isfinite(rows).all(1)).nonzero().flatten().tolist()]
         if cfg.nonfinite == "error":
             raise UsageError(f"NaN or inf gradients for data ids {bad[:5]}; nothing of this "
