@@ -296,13 +296,13 @@ class GradientCapture:
         largest (a NaN or inf factor, or a possible overflow, gives False: check the rows)."""
         if len(self._outer_only) != len(self.layout.columns):
             return False
-        for run in range(len(self.layout.runs)):
-            extents = [float(v) for side in ("in", "out")
-                       for v in torch.aminmax(self._factors[(run, side)])]
-            if not all(math.isfinite(v) for v in extents):
+        extents = torch.stack([v for run in range(len(self.layout.runs)) for side in ("in", "out")
+                               for v in torch.aminmax(self._factors[(run, side)])]).tolist()
+        for x_lo, x_hi, dy_lo, dy_hi in zip(*[iter(extents)] * 4):  # one run at a time
+            if not all(math.isfinite(v) for v in (x_lo, x_hi, dy_lo, dy_hi)):
                 return False
-            x_max, dy_max = max(-extents[0], extents[1]), max(-extents[2], extents[3])
-            if not x_max * dy_max * abs(scale) < FLOAT32_MAX:  # (False for a NaN scale too)
+            bound = max(-x_lo, x_hi) * max(-dy_lo, dy_hi) * abs(scale)
+            if not bound < FLOAT32_MAX:  # (False for a NaN scale too)
                 return False
         return True
 
