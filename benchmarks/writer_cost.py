@@ -29,9 +29,10 @@ import os
 import statistics
 import tempfile
 import time
-import zlib
 
 import torch
+
+from logix.storage.format import new_digest
 
 VARIANTS = {
     "write_shard, O_DIRECT, xxh3 (new shards)": ("xxh3", None, "direct"),
@@ -49,19 +50,12 @@ VARIANTS = {
 }
 
 
-class Crc32:
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-
 def write(path: str, data: memoryview, algorithm, slice_bytes: int, order: str) -> None:
     if order == "direct":
         write_direct_shard(path, data, algorithm)
         return
-    digest = Crc32() if algorithm == "crc32" else hashlib.new(algorithm) if algorithm else None
+    digest = None if algorithm is None else new_digest(algorithm) \
+        if algorithm in ("crc32", "sha256", "xxh3") else hashlib.new(algorithm)
     with open(path, "wb") as f:
         for start in range(0, len(data), slice_bytes):
             piece = data[start:start + slice_bytes]

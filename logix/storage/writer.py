@@ -88,11 +88,8 @@ class ShardWriter:
         would overlap `intact` (rows the caller still reads, e.g. from an earlier reservation
         of a buffer that has been written and recycled since)."""
         with self._buffer:
-            fill = len(self._ids)
-            if fill + n > self.rows_per_shard:
-                return None
-            view = self._current()[fill:fill + n]
-        if intact is not None and _overlap(view, intact):
+            view = self._next_rows(n)
+        if view is None or (intact is not None and _overlap(view, intact)):
             return None
         return view
 
@@ -101,9 +98,16 @@ class ShardWriter:
         that is still the next rows of the shard being filled (a flush since then wrote that
         shard out)."""
         with self._buffer:
-            if self._rows is None or len(self._ids) + rows.shape[0] > self.rows_per_shard:
+            if self._rows is None:
                 return False
-            return _same_place(rows, self._rows[len(self._ids):len(self._ids) + rows.shape[0]])
+            view = self._next_rows(rows.shape[0])
+            return view is not None and _same_place(rows, view)
+
+    def _next_rows(self, n: int) -> Optional[Tensor]:
+        """The next n rows of the shard being filled, or None where they do not fit in it
+        (callers hold the buffer lock)."""
+        fill = len(self._ids)
+        return None if fill + n > self.rows_per_shard else self._current()[fill:fill + n]
 
     def append(self, data_ids: Sequence, rows: Tensor) -> None:
         """Copy rows [B, dim] (any float dtype, any device) and their ids into the shard being
