@@ -24,8 +24,9 @@ _current: Optional[Run] = None
 
 
 def init(project: str, config: Any = None, **overrides: Any) -> Run:
-    """Start a project. `config` is a YAML path, a Config, or None for defaults; keyword
-    overrides use the config's keys (`root_dir="..."`, `lora={"rank": 16}`, `rank=16`)."""
+    """Start a project. `config` is a YAML path, a dict with the YAML's keys, a Config, or None
+    for defaults; keyword overrides use the config's keys (`root_dir="..."`, `lora={"rank": 16}`,
+    `rank=16`)."""
     global _current
     cfg = config if isinstance(config, Config) else load_config(config, **overrides)
     if isinstance(config, Config) and overrides:

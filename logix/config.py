@@ -6,6 +6,7 @@ working. Every key is optional and so is the file. Unknown keys are errors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -140,14 +141,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: Union[str, os.PathLike, None] = None, **overrides: Any) -> Config:
-    """Build a Config from an optional YAML file, then keyword overrides.
+def load_config(path: Union[str, os.PathLike, Mapping, None] = None, **overrides: Any) -> Config:
+    """Build a Config from an optional YAML file (or a mapping with the file's keys, e.g.
+    ``{"logging": {"log_dtype": "bfloat16"}}``), then keyword overrides.
 
     Overrides use the same keys: ``root_dir="..."``, ``lora={"rank": 16}``, or a flat key of a
     section such as ``rank=16`` or ``log_dtype="bfloat16"`` when the name is unambiguous.
     """
     data: dict = {}
-    if path is not None:
+    if isinstance(path, Mapping):
+        data = copy.deepcopy(dict(path))
+    elif path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"config must be a YAML file's path, a dict with its keys, a Config "
+                              f"or None; got {type(path).__name__}.")
         if not os.path.isfile(path):
             raise ConfigError(f"Config file {str(path)!r} does not exist. Pass config=None to use "
                               "the defaults, or the path of a YAML file.")

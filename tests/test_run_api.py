@@ -83,6 +83,21 @@ def test_section_override_merges_with_yaml(tmp_path):
     assert (cfg.lora.init, cfg.lora.rank) == ("pca", 4)
 
 
+def test_a_dict_config_is_read_like_the_yaml_file(tmp_root):
+    given = {"lora": {"rank": 8}, "logging": {"log_dtype": "bf16"}}
+    run = logix.init("p", config=given, root_dir=tmp_root, seed=3)
+    cfg = run.config
+    assert (cfg.lora.rank, cfg.logging.log_dtype, cfg.seed, cfg.root_dir) == \
+        (8, "bfloat16", 3, tmp_root)
+    assert given == {"lora": {"rank": 8}, "logging": {"log_dtype": "bf16"}}  # not modified
+    merged = logix.load_config({"lora": {"init": "pca", "rank": 8}}, lora={"rank": 4})
+    assert (merged.lora.init, merged.lora.rank) == ("pca", 4)
+    with pytest.raises(ConfigError, match=r"lora\.rank_inn"):
+        logix.load_config({"lora": {"rank_inn": 2}})
+    with pytest.raises(ConfigError, match="YAML file's path, a dict"):
+        logix.init("p", config=8)
+
+
 def test_bad_project_name(tmp_root):
     with pytest.raises(ConfigError, match="project"):
         logix.init("a/b", root_dir=tmp_root)
