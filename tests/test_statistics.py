@@ -177,6 +177,45 @@ def test_conv2d_grouped_covariances_match_definitions(new_run):
     assert_close_scaled(run.statistics.get("conv", GRAD), outer_mean(gt, B))
 
 
+class SharedLayer(nn.Module):
+    """`shared` applied twice per forward pass (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.shared(torch.tanh(self.shared(x)))
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_a_layer_called_twice_counts_its_examples_once(new_run, passes):
+    """Backward = sum over every call's output gradients, divided by the number of examples
+    (as for tokens): a second call, or a second backward pass in the step, adds no examples.
+    Forward = E over calls, each call's input a token."""
+    g = seeded(35)
+    model = SharedLayer()
+    run = new_run()
+    run.watch(model).add_lora(rank=3)
+    run.setup(ALL_STATS)
+    x = torch.randn(4, 5, generator=g)
+    with run(data_id=list(range(4))):
+        for _ in range(passes):
+            model(x).pow(2).sum().backward()
+    h1 = model.shared(x)
+    a = torch.tanh(h1)
+    h2 = model.shared(a)
+    dy1, dy2 = torch.autograd.grad(h2.pow(2).sum(), [h1, h2])
+    p = run.projections["shared"]
+    dyt = torch.cat([dy1, dy2]) @ p.p_out.T
+    xt = torch.cat([x, a.detach()]) @ p.p_in.T
+    backward = outer_mean(dyt, 4) * passes
+    assert run.statistics.counts[("shared", BACKWARD)] == 4
+    assert_close_scaled(run.statistics.get("shared", BACKWARD), backward)
+    assert run.statistics.counts[("shared", FORWARD)] == 8 * passes
+    assert_close_scaled(run.statistics.get("shared", FORWARD), outer_mean(xt, 8))
+
+
 def test_finalize_reduces_forward_backward_only_statistics(new_run, monkeypatch):
     """A statistics-only pass (no grad plan) must still be all-reduced at finalize (DDP)."""
     calls = []

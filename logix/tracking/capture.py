@@ -239,9 +239,12 @@ class GradientCapture:
                 else:
                     dy_proj = tracked.project_output(dy.to(x_proj.dtype), projection.p_out)
                 if self.plan.backward_covariance:
+                    # A sum over tokens and calls per example: a layer's later calls in the
+                    # step add output gradients of the same examples, not new examples.
                     counted = self._counted(dy_proj)
                     rows = counted.reshape(-1, counted.shape[-1])
-                    self.statistics.update(name, BACKWARD, rows, counted.shape[0])
+                    examples = counted.shape[0] if self.calls[name] == 0 else 0
+                    self.statistics.update(name, BACKWARD, rows, examples)
                 if self.plan.needs_grad:
                     if in_slot and name not in self.grads:
                         self.grads[name] = self._columns_of(name, dy.shape[0], dy.device)
