@@ -5,6 +5,7 @@ score-file handles and `logix top --query ID`."""
 import dataclasses
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -165,6 +166,51 @@ def test_singular_curvature_without_damping_raises_naming_the_module(tmp_path, h
         run.compute_influence_all(test, hessian=hessian, damping=0.0)
     scores = run.compute_influence_all(test, hessian=hessian, damping=0.1)["influence"]
     assert scores.isfinite().all()
+
+
+# --------------------------------------------------------------------------- state files
+@pytest.mark.parametrize("damaged", ["projections", "statistics"])
+def test_a_damaged_state_file_is_refused_and_verify_names_it(tmp_path, capsys, damaged):
+    """One flipped byte in a state file changes every query's projection or preconditioner:
+    loading it is refused, and `logix verify` fails naming it."""
+    run, _ = logged(tmp_path)
+    flip_bytes(os.path.join(run.project_dir, "state", f"{damaged}.safetensors"), value=0x3F,
+               count=2)
+    fresh = logix.init("p", root_dir=str(tmp_path), rank=3)
+    fresh.watch(make_mlp())
+    named = f"{damaged}.safetensors' is damaged"
+    with pytest.raises(LogFormatError, match=named):
+        fresh.initialize_from_log()
+    if damaged == "statistics":
+        with pytest.raises(LogFormatError, match=named):
+            logix.Attributor(run.project_dir)
+    assert main(["verify", run.project_dir]) == 1
+    assert named in capsys.readouterr().out
+
+
+def test_a_damaged_checkpoint_file_is_refused():
+    from logix.storage import state
+
+    with tempfile.TemporaryDirectory() as project_dir:
+        state.save_checkpoint_statistics(project_dir, "c0", {"m::forward": torch.eye(3)},
+                                         {"lr": 0.1})
+        assert state.load_checkpoint_statistics(project_dir, "c0")[1] == {"lr": 0.1}
+        flip_bytes(os.path.join(project_dir, "state", state.checkpoint_file("c0")), count=1)
+        with pytest.raises(LogFormatError, match="checkpoint-c0.safetensors' is damaged"):
+            state.load_checkpoint_statistics(project_dir, "c0")
+
+
+def test_state_files_without_a_checksum_still_load(tmp_path):
+    """Statistics written by earlier releases carry no checksum: read as they are."""
+    from safetensors.torch import load_file, save_file
+
+    run, test = logged(tmp_path)
+    before = run.compute_influence_all(test, hessian="kfac")["influence"]
+    path = os.path.join(run.project_dir, "state", "statistics.safetensors")
+    save_file(load_file(path), path)  # no metadata
+    again = logix.Attributor(run.project_dir).compute_influence_all(test, hessian="kfac",
+                                                                    progress=False)
+    assert torch.allclose(again["influence"], before, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- hessian="auto"

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from conftest import (assert_close_scaled, gradient_matrix, make_conv_model, make_mlp,
-                      per_example_grads, project, seeded)
+                      make_shared, per_example_grads, project, seeded)
 from logix import logra
 from logix.errors import UsageError
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
@@ -177,35 +177,23 @@ def test_conv2d_grouped_covariances_match_definitions(new_run):
     assert_close_scaled(run.statistics.get("conv", GRAD), outer_mean(gt, B))
 
 
-class SharedLayer(nn.Module):
-    """`shared` applied twice per forward pass (weight sharing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shared = nn.Linear(5, 5)
-
-    def forward(self, x):
-        return self.shared(torch.tanh(self.shared(x)))
-
-
 @pytest.mark.parametrize("passes", [1, 2])
 def test_a_layer_called_twice_counts_its_examples_once(new_run, passes):
     """Backward = sum over every call's output gradients, divided by the number of examples
     (as for tokens): a second call, or a second backward pass in the step, adds no examples.
     Forward = E over calls, each call's input a token."""
-    g = seeded(35)
-    model = SharedLayer()
+    model = make_shared(seed=35)
+    x = torch.randn(4, 5, generator=seeded(35))
     run = new_run()
-    run.watch(model).add_lora(rank=3)
+    run.watch(model, name_filter=["shared"]).add_lora(rank=3)
     run.setup(ALL_STATS)
-    x = torch.randn(4, 5, generator=g)
     with run(data_id=list(range(4))):
         for _ in range(passes):
             model(x).pow(2).sum().backward()
     h1 = model.shared(x)
     a = torch.tanh(h1)
     h2 = model.shared(a)
-    dy1, dy2 = torch.autograd.grad(h2.pow(2).sum(), [h1, h2])
+    dy1, dy2 = torch.autograd.grad(model.head(h2).pow(2).sum(), [h1, h2])
     p = run.projections["shared"]
     dyt = torch.cat([dy1, dy2]) @ p.p_out.T
     xt = torch.cat([x, a.detach()]) @ p.p_in.T

@@ -7,13 +7,14 @@ import os
 from typing import Dict, Tuple
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from logix.errors import LogFormatError
-from logix.logra import Projection
-from logix.storage.format import (PROJECTIONS_FILE, STATE_DIR, STATISTICS_FILE, atomic_write,
-                                  state_key)
+from logix.logra import Projection, fingerprint
+from logix.storage.format import (CHECKSUM, PROJECTIONS_FILE, STATE_DIR, STATISTICS_FILE,
+                                  atomic_write, new_digest, split_checksum, state_key,
+                                  tensor_bytes)
 
 _P_IN, _P_OUT = "p_in", "p_out"
 
@@ -32,20 +33,24 @@ def save_projections(project_dir: str, projections: Dict[str, Projection], meta:
 
 
 def load_projections(project_dir: str) -> Tuple[Dict[str, Projection], dict]:
+    """The projections and their metadata. Refused when damaged: the matrices must hash to the
+    fingerprint recorded with them (`meta.checksum`, which queries are matched against)."""
     path = os.path.join(project_dir, STATE_DIR, PROJECTIONS_FILE)
     if not os.path.isfile(path):
         raise LogFormatError(f"{path!r} is missing: the log was not finalized. Call "
                              "run.finalize() at the end of the logging pass.")
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = _read(path, "Queries projected with it would not match the logged rows")
     dims = json.loads(metadata["dims"])
     projections = {name: Projection(tensors.get(state_key(name, _P_IN)),
                                     tensors.get(state_key(name, _P_OUT)), in_dim, out_dim)
                    for name, (in_dim, out_dim) in dims.items()}
-    return projections, json.loads(metadata["meta"])
+    meta = json.loads(metadata["meta"])
+    recorded, found = meta.get("checksum"), fingerprint(projections)
+    if recorded is not None and recorded != found:
+        raise LogFormatError(f"{path!r} is damaged: its matrices hash to {found}, the file "
+                             f"records {recorded}. Queries projected with it would not match "
+                             f"the logged rows; {_RESTORE}")
+    return projections, meta
 
 
 def save_statistics(project_dir: str, state: Dict[str, torch.Tensor]) -> None:
@@ -53,14 +58,48 @@ def save_statistics(project_dir: str, state: Dict[str, torch.Tensor]) -> None:
 
 
 def load_statistics(project_dir: str) -> Dict[str, torch.Tensor]:
+    """The saved statistics ({} when there are none); refused when damaged."""
     path = os.path.join(project_dir, STATE_DIR, STATISTICS_FILE)
-    return load_file(path) if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    return _read(path, "Scores preconditioned with them would be wrong (hessian='none' and "
+                       "'lissa' do not read them)")[0]
 
 
 def _write(project_dir: str, filename: str, tensors: dict, metadata: dict) -> None:
+    """A state file, with a checksum of its tensors in the metadata (`checksum`)."""
     os.makedirs(os.path.join(project_dir, STATE_DIR), exist_ok=True)
-    data = safetensors_bytes(tensors, metadata=metadata or None)
+    metadata = {**metadata, "checksum": _tensors_checksum(tensors, CHECKSUM)}
+    data = safetensors_bytes(tensors, metadata=metadata)
     atomic_write(os.path.join(project_dir, STATE_DIR, filename), data)
+
+
+def _read(path: str, harm: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a state file, refused (naming the `harm` of using it) when its
+    tensors do not hash to the recorded checksum; files of earlier releases have none."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recorded = metadata.get("checksum")
+    if recorded is not None:
+        found = _tensors_checksum(tensors, split_checksum(recorded)[0])
+        if found != recorded:
+            raise LogFormatError(f"{path!r} is damaged: its tensors hash to {found}, the file "
+                                 f"records {recorded}. {harm}; {_RESTORE}")
+    return tensors, metadata
+
+
+_RESTORE = "restore the file from a copy of the log, or log again."
+
+
+def _tensors_checksum(tensors: Dict[str, torch.Tensor], algorithm: str) -> str:
+    """"<algorithm>:<hex>" over every tensor's key, dtype, shape and bytes, in key order."""
+    digest = new_digest(algorithm)
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu()
+        digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor_bytes(tensor))
+    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def checkpoint_file(name: str) -> str:
@@ -74,13 +113,9 @@ def save_checkpoint_statistics(project_dir: str, name: str, state: Dict[str, tor
 
 
 def load_checkpoint_statistics(project_dir: str, name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
     path = os.path.join(project_dir, STATE_DIR, checkpoint_file(name))
     if not os.path.isfile(path):
         raise LogFormatError(f"{path!r} is missing: checkpoint {name!r} was not closed (its "
                              "`with run.checkpoint(...)` block did not finish).")
-    with safe_open(path, framework="pt") as f:
-        info = json.loads((f.metadata() or {})["checkpoint"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, info
+    tensors, metadata = _read(path, "SOURCE scores computed with them would be wrong")
+    return tensors, json.loads(metadata["checkpoint"])

@@ -16,6 +16,7 @@ from logix.storage.format import (DATA_IDS_KEY, DTYPES, GRAD_KEY, ITEMSIZE, KEY_
                                   parse_shard_name, read_header, split_checksum)
 from logix.storage.manifest import INDEX_PREFIX, INDEX_SUFFIX, read_manifest
 from logix.storage.overview import projections_info, statistics_info
+from logix.storage import state
 
 
 @dataclass
@@ -237,6 +238,7 @@ def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
     elif proj["error"]:
         report.error(f"{proj['file']} is not readable: {proj['error']}.")
     else:
+        _check_state_file(report, proj["file"], state.load_projections, project_dir)
         if proj["meta"] is not None and proj["meta"] != manifest.projection:
             report.error(f"{proj['file']} says projection {proj['meta']}, the manifest "
                          f"{manifest.projection}.")
@@ -254,6 +256,10 @@ def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
                 elif shape is not None and shape != [rank, full]:
                     report.error(f"{proj['file']}: {name}{KEY_SEP}{side} is {shape}, the "
                                  f"manifest needs [{rank}, {full}].")
+    for name in manifest.checkpoints:
+        file = f"{STATE_DIR}/{state.checkpoint_file(name)}"
+        if os.path.isfile(os.path.join(project_dir, file)):
+            _check_state_file(report, file, state.load_checkpoint_statistics, project_dir, name)
     stats = statistics_info(project_dir)
     if not stats["present"]:
         report.warn(f"{stats['file']} is missing (finalize() was not called?); queries with a "
@@ -262,6 +268,7 @@ def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
     if stats["error"]:
         report.error(f"{stats['file']} is not readable: {stats['error']}.")
         return
+    _check_state_file(report, stats["file"], state.load_statistics, project_dir)
     for base in stats["orphan_counts"]:
         report.warn(f"{stats['file']}: {base}{KEY_SEP}count has no matching statistic.")
     for module, kinds in stats["entries"].items():
@@ -278,3 +285,15 @@ def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
                              f"the manifest's ranks need {expected[kind]}.")
             if kind in expected and entry["count"] is None:
                 report.error(f"{stats['file']}: {module}{KEY_SEP}{kind} has no count.")
+
+
+def _check_state_file(report: VerifyReport, file: str, load: Callable, *args) -> None:
+    """Read a state file whole: its tensors must hash to the checksum recorded with them."""
+    from safetensors import SafetensorError
+
+    try:
+        load(*args)
+    except LogFormatError as e:
+        report.error(str(e))
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+        report.error(f"{file} is not readable: {e!r}.")
