@@ -33,10 +33,7 @@ def example_ids(inputs: Tensor, attention_mask: Optional[Tensor] = None) -> List
         return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
     if inputs.dim() == 1:
         inputs = inputs[:, None]
-    if attention_mask is None or bool(attention_mask.all()):
-        return normalize_data_ids(inputs)
-    keep = attention_mask.detach().to(device=inputs.device, dtype=torch.bool)
-    return [normalize_data_ids(row[m][None])[0] for row, m in zip(inputs, keep)]
+    return normalize_data_ids(inputs, attention_mask)
 
 
 class _Discarded(Exception):

@@ -234,9 +234,9 @@ class Run:
                 "into this project, call run.save(True) again.")
         if not self.modules:
             raise UsageError("Nothing is watched: call run.watch(model) before run.start().")
-        ids = normalize_data_ids(data_id)
         if mask is not None and not isinstance(mask, Tensor):
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
+        ids = normalize_data_ids(data_id, mask)
         keep = None
         if writes:  # refusals come before anything of the step runs
             if self._session.writer is None:

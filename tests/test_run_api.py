@@ -303,6 +303,39 @@ def test_token_id_data_ids_in_a_step(new_run):
     assert run.get_log().data_ids == normalize_data_ids(tokens)
 
 
+def test_token_ids_with_a_mask_are_hashed_over_the_real_tokens(new_run):
+    """The same sequence gets the same id whatever padding (length, side) its batch needed, so
+    on_duplicate sees it again; without padding the id is the plain row hash."""
+    sequences = [[5, 7, 3], [2, 8]]
+
+    def padded(length, left=False):
+        tokens, mask = torch.zeros(2, length, dtype=torch.long), torch.zeros(2, length)
+        for i, seq in enumerate(sequences):
+            span = slice(length - len(seq), length) if left else slice(0, len(seq))
+            tokens[i, span], mask[i, span] = torch.tensor(seq), 1.0
+        return tokens, mask
+
+    ids = normalize_data_ids(*padded(7))
+    assert ids == normalize_data_ids(*padded(5)) == normalize_data_ids(*padded(4, left=True))
+    assert ids == [normalize_data_ids(torch.tensor([seq]))[0] for seq in sequences]
+    assert normalize_data_ids(padded(7)[0]) != ids  # no mask: padding is part of the row
+    assert normalize_data_ids(torch.tensor([[1, 2]]), torch.ones(1, 2)) == \
+        normalize_data_ids(torch.tensor([[1, 2]]))
+
+    seeded(8)
+    model = make_embedding_model()
+    run = new_run(on_duplicate="skip").watch(model)
+    run.setup({"grad": ["log"]}).save(True)
+    tokens, mask = padded(7)
+    with run(data_id=tokens, mask=mask):
+        model(tokens).sum().backward()
+    tokens, mask = padded(5)
+    with pytest.warns(UserWarning, match="Skipped 2 rows"), run(data_id=tokens, mask=mask):
+        model(tokens).sum().backward()
+    run.finalize()
+    assert run.reader().read_all()[0] == ids
+
+
 # --------------------------------------------------------------------------- module level
 def test_shortcuts_raise_before_init():
     for name in ("watch", "add_lora", "setup", "start", "end", "get_log", "finalize"):

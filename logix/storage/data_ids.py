@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 
@@ -13,12 +13,14 @@ from logix.errors import UsageError
 _PLAIN = {int, str}  # exactly these types (bool is an int subclass and is refused)
 
 
-def normalize_data_ids(data_id: Any) -> List:
+def normalize_data_ids(data_id: Any, mask: Optional[torch.Tensor] = None) -> List:
     """A list of str/int stays as it is; a tensor of token ids [B, T] becomes one stable hash per
-    row (the same tokens give the same id in any process); a 1-D integer tensor becomes ints.
-    Ids must be unique within a batch."""
+    row (the same tokens give the same id in any process), over the real tokens only when a
+    `mask` of the same shape is given (nonzero: real), so a sequence keeps its id whatever
+    padding its batch needed; a 1-D integer tensor becomes ints. Ids must be unique within a
+    batch."""
     if isinstance(data_id, torch.Tensor):
-        return _unique(_tensor_ids(data_id))
+        return _unique(_tensor_ids(data_id, mask))
     if isinstance(data_id, (str, int)):
         data_id = [data_id]
     try:
@@ -37,11 +39,14 @@ def normalize_data_ids(data_id: Any) -> List:
     return _unique([i.item() if hasattr(i, "item") else i for i in ids])
 
 
-def _tensor_ids(data_id: torch.Tensor) -> List:
+def _tensor_ids(data_id: torch.Tensor, mask: Optional[torch.Tensor]) -> List:
     if data_id.dim() == 1 and not data_id.is_floating_point():
         return [int(i) for i in data_id.tolist()]
     if data_id.dim() >= 2:
         rows = data_id.detach().to("cpu", torch.int64).reshape(data_id.shape[0], -1)
+        if mask is not None and mask.shape == data_id.shape and not bool(mask.all()):
+            real = mask.detach().to("cpu").reshape(data_id.shape[0], -1) != 0
+            rows = [row[keep] for row, keep in zip(rows, real)]
         return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
     raise UsageError(f"data_id tensor of shape {tuple(data_id.shape)} and dtype "
                      f"{data_id.dtype} cannot name examples; pass integer ids [B], token ids "
