@@ -89,6 +89,25 @@ def test_query_log_of_plain_module_and_tensor_inputs(new_run):
     assert_close_scaled(log.grads, expected)
 
 
+class MaskedTinyLM(TinyLM):
+    """TinyLM whose forward names its inputs its own way and takes a mask (causal: right
+    padding changes nothing before it)."""
+
+    def forward(self, tokens, attention_mask=None):
+        return super().forward(tokens)
+
+
+def test_query_log_passes_the_ids_by_position(new_run):
+    seeded(0)
+    model = MaskedTinyLM()
+    run = new_run()
+    run.watch(model).add_lora(rank=3)
+    run.eval()
+    log = query_log(run, model, PROMPTS, COMPLETIONS)
+    expected = brute_rows(model, run, PROMPTS, COMPLETIONS, lambda m, ids: m(ids))
+    assert_close_scaled(log.grads, expected)
+
+
 def per_position_grads(model: TinyLM, prompt, completion):
     """{layer: [T, out, in]} the gradient of each position's copy of the layer's weight, from
     torch.func: the model rewritten with one weight copy per position (all equal)."""

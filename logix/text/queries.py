@@ -33,8 +33,8 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
     prompts, completions: strings (then `tokenizer` is needed: any Hugging Face tokenizer) or
     token ids (lists or 1-D tensors, e.g. what `model.generate` appended). The prompt is
     tokenized with the tokenizer's special tokens, the completion without.
-    model: a Hugging Face causal LM or any nn.Module whose forward takes input ids [B, T] and
-    returns logits [B, T, vocab] (a tensor, or an output with `.logits`).
+    model: a Hugging Face causal LM or any nn.Module whose forward takes input ids [B, T] as
+    its first argument (and `attention_mask=`, if it has one) and returns logits [B, T, vocab] (a tensor, or an output with `.logits`).
     data_ids: one id per query (default 0..n-1). per_token: the log also carries every token's
     part of each query's gradient (see `logix.text.token_influence`).
 
@@ -113,7 +113,7 @@ def _logits(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
         takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         takes_mask = False
-    out = model(input_ids=input_ids, attention_mask=mask) if takes_mask else model(input_ids)
+    out = model(input_ids, attention_mask=mask) if takes_mask else model(input_ids)
     logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
     if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         logits = out[0]
