@@ -34,7 +34,8 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
     token ids (lists or 1-D tensors, e.g. what `model.generate` appended). The prompt is
     tokenized with the tokenizer's special tokens, the completion without.
     model: a Hugging Face causal LM or any nn.Module whose forward takes input ids [B, T] as
-    its first argument (and `attention_mask=`, if it has one) and returns logits [B, T, vocab] (a tensor, or an output with `.logits`).
+    its first argument (and `attention_mask=`, if it has one) and returns logits [B, T, vocab]
+    (a tensor, or an output with `.logits`).
     data_ids: one id per query (default 0..n-1). per_token: the log also carries every token's
     part of each query's gradient (see `logix.text.token_influence`).
 
