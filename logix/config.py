@@ -46,7 +46,8 @@ class LoggingConfig:
         "A data id already in the log (e.g. a resumed run, a second epoch): skip its row with a "
         "warning, raise, or log it again.", "skip")
     nonfinite: Literal["error", "skip"] = _help(
-        "What to do with a step whose gradients contain NaN or inf: raise, or skip with a warning.",
+        "What to do with a step whose gradients contain NaN or inf: raise, or skip the whole "
+        "step (every row of its batch, and its statistics) with a warning.",
         "error")
     on_unused_layer: Literal["error", "zero"] = _help(
         "A watched layer that runs no forward, or whose output gets no gradient, in a step: "
@@ -146,7 +147,9 @@ def load_config(path: Union[str, os.PathLike, Mapping, None] = None, **overrides
     ``{"logging": {"log_dtype": "bfloat16"}}``), then keyword overrides.
 
     Overrides use the same keys: ``root_dir="..."``, ``lora={"rank": 16}``, or a flat key of a
-    section such as ``rank=16`` or ``log_dtype="bfloat16"`` when the name is unambiguous.
+    section such as ``rank=16`` or ``log_dtype="bfloat16"`` when the name is unambiguous. A flat
+    override of None counts as not given (as query arguments do); to unset a key the file sets,
+    use its section: ``influence={"damping": None}``.
     """
     data: dict = {}
     if isinstance(path, Mapping):

@@ -92,6 +92,9 @@ def test_a_dict_config_is_read_like_the_yaml_file(tmp_root):
     assert given == {"lora": {"rank": 8}, "logging": {"log_dtype": "bf16"}}  # not modified
     merged = logix.load_config({"lora": {"init": "pca", "rank": 8}}, lora={"rank": 4})
     assert (merged.lora.init, merged.lora.rank) == ("pca", 4)
+    damped = {"influence": {"damping": 0.01}}
+    assert logix.load_config(damped, damping=None).influence.damping == 0.01  # not given
+    assert logix.load_config(damped, influence={"damping": None}).influence.damping is None
     with pytest.raises(ConfigError, match=r"lora\.rank_inn"):
         logix.load_config({"lora": {"rank_inn": 2}})
     with pytest.raises(ConfigError, match="YAML file's path, a dict"):

@@ -80,7 +80,8 @@ def keep_rows(rows: Tensor, ids: List, cfg: LoggingConfig, saving: bool,
             raise UsageError(f"NaN or inf gradients for data ids {bad[:5]}; nothing of this "
                              "step was logged. Set logging.nonfinite: skip to drop such "
                              "steps with a warning.")
-        warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}).")
+        warnings.warn(f"Skipped a step with NaN or inf gradients (ids {bad[:5]}): none of its "
+                      f"{len(ids)} rows was logged, and its statistics were not kept.")
         return None
     if saving and cfg.log_dtype == "float16" and float(rows.abs().max()) > FLOAT16_MAX:
         raise UsageError(f"Gradients of this step reach {float(rows.abs().max()):.3g}, beyond "
