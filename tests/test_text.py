@@ -76,9 +76,18 @@ def test_query_log_of_hf_model_matches_per_query_backward(new_run, rank):
     assert all(p.grad is None for p in model.parameters())  # .grad untouched
 
 
-def test_query_log_of_plain_module_and_tensor_inputs(new_run):
+class MaskedTinyLM(TinyLM):
+    """TinyLM whose forward names its inputs its own way and takes a mask (causal: right
+    padding changes nothing before it): query_log passes the ids by position."""
+
+    def forward(self, tokens, attention_mask=None):
+        return super().forward(tokens)
+
+
+@pytest.mark.parametrize("model_class", [TinyLM, MaskedTinyLM])
+def test_query_log_of_plain_module_and_tensor_inputs(new_run, model_class):
     seeded(0)
-    model = TinyLM()
+    model = model_class()
     run = new_run()
     run.watch(model).add_lora(rank=3)
     run.eval()
@@ -86,25 +95,6 @@ def test_query_log_of_plain_module_and_tensor_inputs(new_run):
                     [torch.tensor(c) for c in COMPLETIONS])
     expected = brute_rows(model, run, PROMPTS, COMPLETIONS, lambda m, ids: m(ids))
     assert float(expected.abs().max()) > 0
-    assert_close_scaled(log.grads, expected)
-
-
-class MaskedTinyLM(TinyLM):
-    """TinyLM whose forward names its inputs its own way and takes a mask (causal: right
-    padding changes nothing before it)."""
-
-    def forward(self, tokens, attention_mask=None):
-        return super().forward(tokens)
-
-
-def test_query_log_passes_the_ids_by_position(new_run):
-    seeded(0)
-    model = MaskedTinyLM()
-    run = new_run()
-    run.watch(model).add_lora(rank=3)
-    run.eval()
-    log = query_log(run, model, PROMPTS, COMPLETIONS)
-    expected = brute_rows(model, run, PROMPTS, COMPLETIONS, lambda m, ids: m(ids))
     assert_close_scaled(log.grads, expected)
 
 
