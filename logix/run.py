@@ -63,6 +63,7 @@ class Run:
         self.statistics = CovarianceState(
             device=torch.device("cpu") if config.logging.cpu_offload else None)
         self.plan = Plan(log_grad=True)
+        self._setup_plan = self.plan  # what setup() asked for; eval() swaps in a query plan
         self._session = LogSession(self.project_dir, self.config.logging)
         self._save = False
         self._finalized = False  # finalize() ran and saving was not switched on again since
@@ -156,7 +157,7 @@ class Run:
     def setup(self, spec: Dict[str, Iterable[str]]) -> "Run":
         """What each step collects, e.g. {"grad": ["log", "covariance"], "forward":
         ["covariance"], "backward": ["covariance"]}."""
-        self.plan = plan_from_setup(spec)
+        self.plan = self._setup_plan = plan_from_setup(spec)
         self._check_memory()
         return self
 
@@ -187,10 +188,12 @@ class Run:
 
     def save(self, enabled: bool = True) -> "Run":
         """Write logged gradients to disk (True) or only keep the last step in memory (False).
-        After `finalize()`, `save(True)` is needed again to log more rows (see `start`)."""
+        After `finalize()`, `save(True)` is needed again to log more rows (see `start`); after
+        `eval()`, it also brings back what `setup()` collects (statistics included)."""
         self._save = bool(enabled)
         if self._save:
             self._finalized = False
+            self.plan = self._setup_plan
         return self
 
     @property
@@ -204,7 +207,8 @@ class Run:
         return self._finalized
 
     def eval(self) -> "Run":
-        """Query mode: log gradients in memory only; no statistics, nothing written."""
+        """Query mode: log gradients in memory only; no statistics, nothing written (until
+        `save(True)`)."""
         self._save = False
         self.plan = Plan(log_grad=True)
         return self

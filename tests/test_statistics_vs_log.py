@@ -71,6 +71,32 @@ def test_skipped_duplicates_add_nothing_to_the_statistics(new_run, tmp_root):
     assert saved.statistics.counts[("0", "ekfac")] == 12
 
 
+def test_rows_logged_after_a_query_keep_their_statistics(new_run, tmp_root):
+    """finalize, eval() and a query, then save(True) and more rows: the statistics (and EK-FAC)
+    describe all the rows, as when they are logged in one go (eval's query plan used to stay,
+    so the appended rows added no statistics)."""
+    model = make_mlp(seed=43)
+    x, y, mask = data(10, seed=43)
+    batches = [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    one_go = logging_run(new_run, "one-go", model)
+    log_steps(one_go, model, x, y, mask, batches, set())
+    one_go.finalize()
+    run = logging_run(new_run, "after-query", model)
+    kept = log_steps(run, model, x, y, mask, batches[:2], set())
+    run.finalize()
+    run.eval()
+    with run(data_id=["q"], mask=mask[:1]):
+        (((model(x[:1]) - y[:1]) ** 2).sum(-1) * mask[:1]).sum().backward()
+    run.save(True)
+    kept += log_steps(run, model, x, y, mask, batches[2:], set())
+    run.finalize()
+    assert LogReader(os.path.join(tmp_root, "after-query")).rows == 10
+    assert run.statistics.counts[("0", "backward")] == 10
+    check_mlp_statistics(run, model, kept, include_bias=False, use_mask=True)
+    for key, total in one_go.statistics.sums.items():
+        torch.testing.assert_close(run.statistics.sums[key], total, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reload", [False, True], ids=["reopen", "initialize_from_log"])
 def test_a_second_session_merges_its_statistics_with_the_saved_ones(new_run, tmp_root, reload):
     """Without initialize_from_log the saved statistics used to be replaced by the second
