@@ -19,7 +19,7 @@ from logix.config import Config
 from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 from logix.influence.attributor import Attributor
-from logix.influence.checkpoints import check_inside, checkpoint_info
+from logix.influence.checkpoints import check_inside, check_same_segment, checkpoint_info
 from logix.log import StepLog, TokenRows
 from logix.logra import Projection
 from logix.statistics import budget, resume
@@ -360,6 +360,11 @@ class Run:
         known = self._session.manifest or load_optional(self.project_dir)
         if known is not None and name in known.checkpoints:
             raise UsageError(f"Checkpoint {name!r} is already in this log; use a new name.")
+        if known is not None:
+            check_same_segment(name, info, known.checkpoints)
+        if known is not None and any(s.checkpoint == name for s in known.shards):
+            raise UsageError(f"Checkpoint {name!r} has rows from a block that did not finish "
+                             "(an exception left it); no query reads them. Use a new name.")
         writer = self._session.open(self._new_manifest, self._save_projections,
                                     self._statistics_loaded, self._rows_per_shard()) \
             if self._save else None
@@ -371,12 +376,14 @@ class Run:
             writer.tag = name
         try:
             yield self
-            self.flush()
         finally:
-            if writer is not None:
-                writer.tag = None
-            inner, self.statistics, self._checkpoint = self.statistics, outer, None
-            self._checkpoint_ids = None
+            try:
+                self.flush()  # the block's rows go out under its name, even when it failed
+            finally:
+                if writer is not None:
+                    writer.tag = None
+                inner, self.statistics, self._checkpoint = self.statistics, outer, None
+                self._checkpoint_ids = None
         inner.all_reduce()
         if writer is not None:
             self._session.add_checkpoint(name, inner.state_dict(), info)

@@ -7,6 +7,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import logix
+from logix.storage.verify import verify
 
 N, D_IN, D_HID, CLASSES = 12, 4, 5, 3
 
@@ -192,6 +193,10 @@ def test_checkpoint_bookkeeping_and_errors(tmp_path):
     with pytest.raises(logix.UsageError, match="momentum"):
         with run.checkpoint("c9", segment=0, lr=0.1, steps=5, momentum=1.0):
             pass
+    with pytest.raises(logix.UsageError, match=r"segment 0 steps=2, but checkpoint 'c0' of that "
+                                               r"segment gave steps=5"):
+        with run.checkpoint("c1", segment=0, lr=0.1, steps=2):
+            pass
     with pytest.raises(logix.UsageError, match="hessian"):
         run.compute_influence_all(test, method="source", hessian="none")
 
@@ -207,3 +212,31 @@ def test_rows_outside_train_ids_are_refused(tmp_path):
         with run.checkpoint("c0", segment=0, lr=0.1, steps=5, train_ids=[0, 1, 2, 3]):
             with run(data_id=[2, 3, 4, 5]):
                 F.cross_entropy(model(x[2:6]), y[2:6], reduction="sum").backward()
+
+
+def test_a_failed_checkpoint_block_keeps_its_rows_out_of_the_plain_log(tmp_path):
+    """Rows still buffered when an exception leaves a checkpoint block go to disk under its
+    name (they were written untagged, as plain rows); the name cannot be reused."""
+    x, y = data()
+    model = make_model()
+    run = logix.init("source", root_dir=str(tmp_path), shard_rows=100)
+    run.watch(model)
+    run.setup({"grad": ["log", "covariance"]})
+    run.save(True)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with run.checkpoint("c0", segment=0, lr=0.1, steps=5):
+            with run(data_id=[0, 1, 2, 3]):
+                F.cross_entropy(model(x[:4]), y[:4], reduction="sum").backward()
+            raise RuntimeError("interrupted")
+    with run(data_id=[4, 5]):
+        F.cross_entropy(model(x[4:6]), y[4:6], reduction="sum").backward()
+    run.finalize()
+    manifest = run.reader().manifest
+    assert manifest.rows == 2 and manifest.checkpoints == {}
+    assert [s.checkpoint for s in manifest.shards] == ["c0", None]
+    assert run.reader().read_all()[0] == [4, 5]
+    with pytest.raises(logix.UsageError, match="did not finish"):
+        with run.checkpoint("c0", segment=0, lr=0.1, steps=5):
+            pass
+    report = verify(run.project_dir)
+    assert report.ok and any("'c0', whose block did not finish" in w for w in report.warnings)

@@ -29,6 +29,23 @@ def checkpoint_info(name: str, segment: int, lr: float, steps: int, momentum: fl
             "train_ids": None if train_ids is None else normalize_data_ids(train_ids)}
 
 
+def check_same_segment(name: str, info: dict, known: dict) -> None:
+    """Refuse a checkpoint whose optimizer summary differs from the one the other checkpoints of
+    its segment gave (`known`: the log's checkpoints, name -> record)."""
+    for other, record in known.items():
+        if record.get("segment") != info["segment"]:
+            continue
+        differ = [k for k in ("lr", "steps", "momentum") if record.get(k) != info[k]]
+        if differ:
+            given = ", ".join(f"{k}={info[k]!r}" for k in differ)
+            logged = ", ".join(f"{k}={record.get(k)!r}" for k in differ)
+            raise UsageError(
+                f"checkpoint({name!r}) gives segment {info['segment']} {given}, but checkpoint "
+                f"{other!r} of that segment gave {logged}. lr, steps and momentum summarize the "
+                "whole segment (steps: its number of optimizer updates, not those since the "
+                "last checkpoint) and must be the same for each of its checkpoints.")
+
+
 def check_inside(checkpoint: str, train_ids: Optional[set], ids: Sequence) -> None:
     """Refuse a step logging ids outside the open checkpoint's train_ids."""
     if train_ids is None:

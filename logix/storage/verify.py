@@ -93,6 +93,11 @@ def _check_manifest(manifest, raw: dict, report: VerifyReport) -> None:
     files = [s.file for s in manifest.shards]
     for f in sorted({f for f in files if files.count(f) > 1}):
         report.error(f"shard {f!r} is named more than once in the manifest.")
+    unfinished = sorted({s.checkpoint for s in manifest.shards
+                         if s.checkpoint is not None and s.checkpoint not in manifest.checkpoints})
+    for name in unfinished:
+        report.warn(f"shards of checkpoint {name!r}, whose block did not finish (an exception "
+                    "left it): no query reads their rows.")
 
 
 def _check_shard(project_dir: str, manifest, shard, report: VerifyReport, hashing: bool,
