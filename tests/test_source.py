@@ -199,6 +199,13 @@ def test_checkpoint_bookkeeping_and_errors(tmp_path):
             pass
     with pytest.raises(logix.UsageError, match="hessian"):
         run.compute_influence_all(test, method="source", hessian="none")
+    for method, ignored in (("source", {"mode": "cosine"}), ("source", {"damping": 0.1}),
+                            ("source", {"precondition": False}), ("tracin", {"mode": "l2"}),
+                            ("tracin", {"hessian": "kfac"}), ("tracin", {"damping": 0.1})):
+        name, value = next(iter(ignored.items()))
+        with pytest.raises(logix.UsageError, match=f"does not take {name}={value!r}"):
+            run.compute_influence_all(test, method=method, **ignored)
+    run.compute_influence_all(test, method="tracin", mode="dot", hessian="none")  # the defaults
 
 
 def test_rows_outside_train_ids_are_refused(tmp_path):

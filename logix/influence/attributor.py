@@ -212,6 +212,8 @@ class Attributor:
         if gather not in ("all", "rank0"):
             raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
         block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
+        _refuse_unused(method, mode=mode, hessian=hessian, damping=damping,
+                       precondition=precondition)
         if method in CHECKPOINT_METHODS:
             if influence_groups is not None or out is not None or loader is not None:
                 raise UsageError(f"method={method!r} supports topk but not influence_groups, "
@@ -434,6 +436,27 @@ def _topk_of(result: dict, topk: int) -> dict:
 
     return {"src_ids": result["src_ids"], "top_ids": ids(best_idx), "top_scores": best,
             "bottom_ids": ids(worst_idx), "bottom_scores": worst, "meta": result["meta"]}
+
+
+# Per method: what its scores are, and the arguments it has no use for (with the values that
+# mean "not given").
+_FIXED = {
+    "source": ("SOURCE scores are dot products through its own curvature of each segment "
+               "(chosen with hessian=)",
+               (("mode", (None, "dot")), ("damping", (None,)), ("precondition", (True,)))),
+    "tracin": ("TracIn scores are plain dot products summed over the checkpoints",
+               (("mode", (None, "dot")), ("hessian", (None, "none")), ("damping", (None,)))),
+}
+
+
+def _refuse_unused(method: str, **given) -> None:
+    """Refuse an argument the method would ignore (its scores would not be what was asked)."""
+    what, fixed = _FIXED.get(method, ("", ()))
+    unused = [f"{name}={given[name]!r}" for name, unset in fixed if given[name] not in unset]
+    if unused:
+        raise UsageError(f"method={method!r} does not take {', '.join(unused)}: {what}. Leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out, or use method='ensemble' "
+                         "for influence with a chosen mode, curvature and damping per checkpoint.")
 
 
 def _check_topk(topk, out) -> None:
