@@ -96,6 +96,7 @@ def test_query_log_of_plain_module_and_tensor_inputs(new_run, model_class):
     expected = brute_rows(model, run, PROMPTS, COMPLETIONS, lambda m, ids: m(ids))
     assert float(expected.abs().max()) > 0
     assert_close_scaled(log.grads, expected)
+    assert log.data_ids == ["q0", "q1", "q2"]  # apart from training ids 0, 1, ...
 
 
 def per_position_grads(model: TinyLM, prompt, completion):

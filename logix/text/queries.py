@@ -36,8 +36,9 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
     model: a Hugging Face causal LM or any nn.Module whose forward takes input ids [B, T] as
     its first argument (and `attention_mask=`, if it has one) and returns logits [B, T, vocab]
     (a tensor, or an output with `.logits`).
-    data_ids: one id per query (default 0..n-1). per_token: the log also carries every token's
-    part of each query's gradient (see `logix.text.token_influence`).
+    data_ids: one id per query (default "q0", "q1", ...: apart from training ids, whose content
+    `run.describe` keeps under the same ids). per_token: the log also carries every token's part
+    of each query's gradient (see `logix.text.token_influence`).
 
     The run must be in query mode (`run.eval()`); the model is put in eval mode for the passes
     (dropout off) and restored after; its parameters' `.grad` are not touched.
@@ -52,7 +53,7 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
         raise UsageError("query_log() needs at least one prompt and completion.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    ids = list(range(len(prompts))) if data_ids is None else list(data_ids)
+    ids = [f"q{i}" for i in range(len(prompts))] if data_ids is None else list(data_ids)
     if len(ids) != len(prompts):
         raise UsageError(f"data_ids names {len(ids)} queries but there are {len(prompts)}.")
     pairs = [(_token_ids(p, tokenizer, True, "prompt"), _token_ids(c, tokenizer, False,
