@@ -313,6 +313,16 @@ def test_bad_inputs_are_named(logged, tmp_path):
                           query.projection)
     with pytest.raises(UsageError, match="tracked layers differ"):
         att.search(other, k=3)
+    narrow = logix.StepLog(query.data_ids, query.grads[:, :5], query.modules, query.projection)
+    with pytest.raises(UsageError, match=r"rows are \(\d+, 5\), but the saved log's layers"):
+        att.search(narrow, k=3)
+    with pytest.raises(UsageError, match=r"rows are \(\d+, 5\)"):
+        att.compute_influence_all(narrow, progress=False)
+    for setting in ({"nprobe": 0}, {"ef": -1}, {"nprobe": 2.5}):
+        with pytest.raises(UsageError, match=f"{next(iter(setting))} must be a positive integer"):
+            att.search(query, k=3, **setting)
+    with pytest.raises(UsageError, match="nprobe must be a positive integer"):
+        att.build_index("ivf", nprobe=0, progress=False)
 
 
 def test_an_empty_log_is_refused(tmp_path):

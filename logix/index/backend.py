@@ -112,6 +112,15 @@ def read(path: str, kind: str, mmap: bool = True):
     return faiss.read_index(path, flags)
 
 
+def check_search_params(nprobe: Optional[int], ef: Optional[int]) -> None:
+    """Refuse a search setting that is not a positive integer (None: the index's default)."""
+    for name, value in (("nprobe", nprobe), ("ef", ef)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            raise UsageError(f"{name} must be a positive integer or None (the index's default), "
+                             f"got {value!r}.")
+
+
 def set_search_params(index, nprobe: Optional[int], ef: Optional[int]) -> None:
     faiss = import_faiss()
     if nprobe is not None and hasattr(faiss, "extract_index_ivf"):

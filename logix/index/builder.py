@@ -48,6 +48,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
         raise UsageError(f"sketch={sketch!r} must be an integer in [1, {dim}) (the row width), "
                          "or None to index full rows.")
     backend.resolve_kind(kind, full.rows)  # validates the name early
+    backend.check_search_params(nprobe, ef)
     reader = own_part(full) if distributed.is_distributed() else full
     part = {"rank": distributed.rank(), "world": distributed.world_size()}
     layout = store.layout_of(full.manifest)

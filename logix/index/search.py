@@ -41,6 +41,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     if k > full.rows:
         raise UsageError(f"k={k} is larger than the log, which holds {full.rows} rows; ask for "
                          f"k <= {full.rows}.")
+    backend.check_search_params(nprobe, ef)
     candidates = max(k, candidates if candidates is not None else max(4 * k, MIN_CANDIDATES))
     if len(src) == 0:
         raise UsageError("The query log holds no rows; log at least one query step.")

@@ -535,6 +535,11 @@ def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str
         raise UsageError(f"The query's tracked layers differ from the {what}'s "
                          f"({len(src.modules)} vs {len(saved_modules)} layers); the first that "
                          f"differs: query {_describe(mine)}, {what} {_describe(theirs)}. " + fix)
+    dim = sum(m.dim for m in saved_modules)
+    if src.grads.dim() != 2 or src.grads.shape[1] != dim:
+        raise UsageError(f"The query's rows are {tuple(src.grads.shape)}, but the {what}'s "
+                         f"layers make rows of {dim} numbers: pass [n_queries, {dim}] (a log "
+                         "from run.get_log(), not rows edited or built by hand).")
     mine, theirs = src.projection.get("checksum"), (saved_projection or {}).get("checksum")
     if mine and theirs and mine != theirs:
         raise UsageError(f"The query's LoGra projections (init {src.projection.get('init')!r}, "
