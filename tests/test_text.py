@@ -134,7 +134,7 @@ def test_token_rows_are_projected_per_position_gradients(new_run):
     assert tokens.position == [t for p, c in zip(PROMPTS, COMPLETIONS) for t in range(len(p + c))]
     assert tokens.completion == [t >= len(p) for p, c in zip(PROMPTS, COMPLETIONS)
                                  for t in range(len(p + c))]
-    assert tokens.text == [str(i) for p, c in zip(PROMPTS, COMPLETIONS) for i in p + c]
+    assert tokens.text == [f" {i}" for p, c in zip(PROMPTS, COMPLETIONS) for i in p + c]
     expected = []
     for p, c in zip(PROMPTS, COMPLETIONS):
         grads = per_position_grads(model, p, c)
@@ -201,7 +201,7 @@ def test_score_file_carries_the_dashboard_token_layout(trained, tmp_path):
     assert back["token_text"] == result["token_text"]
     data = Dashboard([run.project_dir]).scores("lm", "scores/tokens.safetensors", query=1, k=3)
     shown = data["tokens"]
-    assert shown["tokens"] == [str(i) for i in PROMPTS[1] + COMPLETIONS[1]]
+    assert shown["tokens"] == [f" {i}" for i in PROMPTS[1] + COMPLETIONS[1]]
     for entry in data["helpful"] + data["harmful"]:
         row = shown["rows"][json.dumps(entry["id"])]
         assert sum(row) == pytest.approx(entry["score"], rel=1e-5, abs=1e-6)
@@ -217,7 +217,7 @@ def test_heat_maps(trained, tmp_path):
     line = print_heatmap(result, query=0, console=console)
     printed = console.export_text()
     assert f"training example {best!r}" in printed
-    assert line.plain == "".join(str(i) for i in PROMPTS[0] + COMPLETIONS[0])
+    assert line.plain == " " + " ".join(str(i) for i in PROMPTS[0] + COMPLETIONS[0])
     assert len(line.spans) == len(PROMPTS[0] + COMPLETIONS[0])
     html = heatmap_html(result, query=2, train=result["tgt_ids"][5],
                         path=str(tmp_path / "h.html"))
@@ -249,6 +249,15 @@ def test_refusals(trained, new_run):
         query_log(run, model, ["a prompt"], ["done"])
     with pytest.raises(UsageError, match="empty completion"):
         query_log(run, model, [[1, 2]], [[]])
+    with pytest.raises(UsageError, match="duplicates"):  # also across batches
+        query_log(run, model, [[1], [2]], [[3], [4]], data_ids=["a", "a"], batch_size=1)
+    gpt2 = make_tiny_gpt2()  # vocabulary 50, 16 positions
+    hf = new_run("hf")
+    hf.watch(gpt2).eval()
+    with pytest.raises(UsageError, match=r"token ids \[50\] outside the model's vocabulary of 50"):
+        query_log(hf, gpt2, [[1, 50]], [[2]])
+    with pytest.raises(UsageError, match="17 tokens long, more than the model's 16 positions"):
+        query_log(hf, gpt2, [[1] * 9], [[2] * 8])
     other = new_run("w")
     other.watch(model).setup({"grad": ["log"]}).save(True)
     with pytest.raises(UsageError, match="run.eval"):

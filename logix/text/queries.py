@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from logix.errors import UsageError
 from logix.log import StepLog
+from logix.storage.data_ids import normalize_data_ids
 
 Text = Union[str, Sequence[int], Tensor]
 
@@ -53,17 +54,26 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
         raise UsageError("query_log() needs at least one prompt and completion.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    ids = [f"q{i}" for i in range(len(prompts))] if data_ids is None else list(data_ids)
+    ids = normalize_data_ids([f"q{i}" for i in range(len(prompts))] if data_ids is None
+                             else data_ids)
     if len(ids) != len(prompts):
         raise UsageError(f"data_ids names {len(ids)} queries but there are {len(prompts)}.")
     pairs = [(_token_ids(p, tokenizer, True, "prompt"), _token_ids(c, tokenizer, False,
                                                                    "completion"))
              for p, c in zip(prompts, completions)]
+    vocab, positions = _model_limits(model)
     for n, (p, c) in enumerate(pairs):
         if not p or not c:
             raise UsageError(f"Query {ids[n]!r} has an empty {'prompt' if not p else 'completion'}"
                              "; the first completion token is predicted from the prompt, so "
                              "both need at least one token.")
+        outside = [t for t in p + c if not 0 <= t < (vocab or t + 1)]
+        if outside:
+            raise UsageError(f"Query {ids[n]!r} has token ids {outside[:5]} outside the model's "
+                             f"vocabulary of {vocab}; tokenize with the model's own tokenizer.")
+        if positions and len(p) + len(c) > positions:
+            raise UsageError(f"Query {ids[n]!r} is {len(p) + len(c)} tokens long, more than the "
+                             f"model's {positions} positions; shorten its prompt or completion.")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("No parameter of the model requires grad, so no gradient reaches the "
@@ -110,6 +120,16 @@ def _query_batch(run, model, batch, ids, params, device, tokenizer, per_token) -
     return log
 
 
+def _model_limits(model: nn.Module) -> tuple:
+    """(vocabulary size, number of positions) of a Hugging Face model, None where unknown."""
+    config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None)
+    positions = getattr(config, "n_positions", None) or \
+        getattr(config, "max_position_embeddings", None)
+    return vocab, positions
+
+
 def _logits(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
     try:
         takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
@@ -146,7 +166,9 @@ def _token_ids(value: Text, tokenizer, special: bool, what: str) -> List[int]:
 
 
 def _token_text(token: int, tokenizer) -> str:
-    return str(token) if tokenizer is None else tokenizer.decode([token])
+    """The token's text; without a tokenizer its id, after a space (as decoded words carry
+    theirs), so that heat maps read "5 7 9"."""
+    return f" {token}" if tokenizer is None else tokenizer.decode([token])
 
 
 def _describe(out) -> str:
