@@ -365,28 +365,27 @@ class Run:
         if known is not None and any(s.checkpoint == name for s in known.shards):
             raise UsageError(f"Checkpoint {name!r} has rows from a block that did not finish "
                              "(an exception left it); no query reads them. Use a new name.")
+        if not self._save:
+            raise UsageError(f"checkpoint({name!r}) records a logging pass, but this run does not "
+                             "save (run.eval() or save(False)): call run.save(True) first.")
         writer = self._session.open(self._new_manifest, self._save_projections,
-                                    self._statistics_loaded, self._rows_per_shard()) \
-            if self._save else None
+                                    self._statistics_loaded, self._rows_per_shard())
         outer = self.statistics
         self.statistics = CovarianceState(device=outer.device)
         self._checkpoint = name
         self._checkpoint_ids = None if train_ids is None else set(info["train_ids"])
-        if writer is not None:
-            writer.tag = name
+        writer.tag = name
         try:
             yield self
         finally:
             try:
                 self.flush()  # the block's rows go out under its name, even when it failed
             finally:
-                if writer is not None:
-                    writer.tag = None
+                writer.tag = None
                 inner, self.statistics, self._checkpoint = self.statistics, outer, None
                 self._checkpoint_ids = None
         inner.all_reduce()
-        if writer is not None:
-            self._session.add_checkpoint(name, inner.state_dict(), info)
+        self._session.add_checkpoint(name, inner.state_dict(), info)
 
     def get_log(self, copy: bool = False) -> StepLog:
         """The last step's projected gradients (a query's test log)."""

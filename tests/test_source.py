@@ -247,3 +247,26 @@ def test_a_failed_checkpoint_block_keeps_its_rows_out_of_the_plain_log(tmp_path)
             pass
     report = verify(run.project_dir)
     assert report.ok and any("'c0', whose block did not finish" in w for w in report.warnings)
+
+
+def test_an_empty_or_unsaved_checkpoint_block_is_named(tmp_path):
+    x, y = data()
+    model = make_model()
+    run = logix.init("source", root_dir=str(tmp_path))
+    run.watch(model)
+    run.setup({"grad": ["log", "covariance"]})
+    run.save(True)
+    with run.checkpoint("c0", segment=0, lr=0.1, steps=5):
+        with run(data_id=[0, 1]):
+            F.cross_entropy(model(x[:2]), y[:2], reduction="sum").backward()
+    with run.checkpoint("c1", segment=1, lr=0.1, steps=5):
+        pass
+    run.finalize()
+    run.eval()
+    with pytest.raises(logix.UsageError, match="does not save"):
+        with run.checkpoint("c2", segment=2, lr=0.1, steps=5):
+            pass
+    with run(data_id=["q"]):
+        F.cross_entropy(model(x[:1]), y[:1], reduction="sum").backward()
+    with pytest.raises(logix.UsageError, match=r"logged no rows \(checkpoints \['c1'\]\)"):
+        run.compute_influence_all(run.get_log(), method="source", hessian="raw")

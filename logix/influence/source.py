@@ -123,6 +123,10 @@ def _segment_spectra(modules, stats: List[CovarianceState], hessian: str,
     for name, cov in ((m.name, c) for m in modules for c in kind.covariances):
         covs = [s.get(name, cov) for s in stats]
         if any(c is None for c in covs):
+            if any(reader.rows == 0 for reader in readers):
+                raise UsageError(f"A checkpoint block of this log logged no rows (checkpoints "
+                                 f"{[r.checkpoint for r in readers if r.rows == 0]}), so it has "
+                                 "no curvature: log its segment's examples inside the block.")
             raise UsageError(f"SOURCE with hessian={hessian!r} needs {cov} covariances at every "
                              f"checkpoint: run.setup({kind.setup_spec()}) inside each "
                              "checkpoint block.")
