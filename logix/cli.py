@@ -282,7 +282,7 @@ def _cmd_show(args) -> int:
     head.add_row("projection", f"init {_esc(str(proj.get('init', '?')))}, seed "
                                f"{_esc(str(proj.get('seed', '?')))}{_esc(pnote)}")
     head.add_row("row width", f"{info['row_width']} numbers")
-    head.add_row("rows", f"{info['rows']}")
+    head.add_row("rows", f"{info['rows']}{_in_checkpoints(info['checkpoint_rows'])}")
     ranks = ", ".join(f"rank {r}: {n}" for r, n in info["shards"]["by_rank"].items())
     head.add_row("shards", f"{info['shards']['count']} ({_human_bytes(info['shards']['bytes'])}"
                            f"{'; ' + ranks if len(info['shards']['by_rank']) > 1 else ''})")
@@ -372,11 +372,16 @@ def _cmd_verify(args) -> int:
     verdict = "[red]FAILED[/red]" if failed else "[green]OK[/green]"
     hashed = "" if report.hashed else " (checksums not checked: --no-hash)"
     out.print(f"{verdict}: {_plural(report.shards, 'shard')} "
-              f"({_plural(report.rows, 'row')}) in the manifest, "
+              f"({_plural(report.rows, 'row')}{_in_checkpoints(report.checkpoint_rows)}) in "
+              f"the manifest, "
               f"{_human_bytes(report.bytes_read)} read{hashed}; "
               f"{_plural(len(report.errors), 'error')}, "
               f"{_plural(len(report.warnings), 'warning')}")
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def _in_checkpoints(rows: int) -> str:
+    return f", and {rows} in SOURCE checkpoints" if rows else ""
 
 
 # --------------------------------------------------------------------------- top

@@ -7,6 +7,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import logix
+from logix.cli import main
 from logix.storage.verify import verify
 
 N, D_IN, D_HID, CLASSES = 12, 4, 5, 3
@@ -177,13 +178,15 @@ def test_small_steps_reduce_to_scaled_gradient_dot_products(tmp_path):
     torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=0)
 
 
-def test_checkpoint_bookkeeping_and_errors(tmp_path):
+def test_checkpoint_bookkeeping_and_errors(tmp_path, capsys):
     plan = [("c0", 0, 0.1, 5, None)]
     run, model, _, test = log_checkpoints(tmp_path, plan, {"grad": ["log", "covariance"]})
     manifest = run.reader().manifest
     assert manifest.checkpoints["c0"] == {"segment": 0, "lr": 0.1, "steps": 5, "momentum": 0.0}
     assert all(s.checkpoint == "c0" for s in manifest.shards)
     assert manifest.rows == 0  # no plain rows: checkpoint rows are kept apart
+    assert main(["verify", run.project_dir]) == 0 and main(["show", run.project_dir]) == 0
+    assert f"0 rows, and {N} in SOURCE checkpoints" in capsys.readouterr().out
     top = run.compute_influence_all(test, method="source", hessian="raw", topk=3)
     full = run.compute_influence_all(test, method="source", hessian="raw")["influence"]
     torch.testing.assert_close(top["top_scores"], full.topk(3, dim=1).values)

@@ -224,6 +224,10 @@ class Dashboard:
 
         full = self.score_file(key, rel)
         try:
+            groups = open_scores(full).groups
+            if group is not None and group not in groups:
+                raise DashboardError(f"group {group!r} is not in {rel!r}; its groups: "
+                                     f"{groups or 'none'}.", 400)
             scores = open_scores(full, group)
         except LogFormatError as e:
             raise DashboardError(str(e), 422) from None

@@ -29,6 +29,7 @@ def summary(project_dir: str, manifest, list_shards: bool = False) -> Dict:
                      "bias": m.bias} for m in manifest.modules],
         "row_width": dim,
         "rows": manifest.rows,
+        "checkpoint_rows": sum(s.rows for s in manifest.shards if s.checkpoint is not None),
         "shards": {"count": len(manifest.shards),
                    "bytes": sum(s.bytes for s in manifest.shards),
                    "by_rank": {str(r): n for r, n in sorted(shards_by_rank.items())}},

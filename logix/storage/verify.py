@@ -27,7 +27,8 @@ class VerifyReport:
     warnings: List[str] = field(default_factory=list)
     ok_shards: List[str] = field(default_factory=list)  # shards with no error
     shards: int = 0
-    rows: int = 0
+    rows: int = 0  # plain rows (outside checkpoints)
+    checkpoint_rows: int = 0
     bytes_read: int = 0
     hashed: bool = True
 
@@ -47,7 +48,9 @@ def verify(project_dir: str, hashing: bool = True,
     """Check a log folder; `advance(n)` is called with each chunk of bytes hashed. Raises
     LogFormatError when the manifest itself cannot be read (then no shard can be checked)."""
     manifest, raw = read_manifest(project_dir)
-    report = VerifyReport(shards=len(manifest.shards), rows=manifest.rows, hashed=hashing)
+    report = VerifyReport(shards=len(manifest.shards), rows=manifest.rows, hashed=hashing,
+                          checkpoint_rows=sum(s.rows for s in manifest.shards
+                                              if s.checkpoint is not None))
     _check_manifest(manifest, raw, report)
     seen_ids: Dict = {}
     duplicates: List = []
