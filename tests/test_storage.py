@@ -431,3 +431,17 @@ def test_a_damaged_header_entry_is_named_as_such(new_run, tmp_root):
     open(path, "wb").write(data.replace(b'"data_offsets"', b'"data_offsetz"', 1))
     with pytest.raises(LogFormatError, match="no valid data_offsets .* header is damaged"):
         read_header(path)
+
+
+def test_two_writers_of_one_file_do_not_clobber_each_other(tmp_path):
+    """Every rank of a job may cache the same file: a write that finishes while another is half
+    done leaves both intact (they shared one temporary name: the second rename failed)."""
+    from logix.storage.format import atomic_file, atomic_write
+
+    path = str(tmp_path / "norms.pt")
+    first = atomic_file(path)
+    first.__enter__().write(b"first")
+    atomic_write(path, b"second")
+    assert open(path, "rb").read() == b"second"
+    first.__exit__(None, None, None)
+    assert open(path, "rb").read() == b"first" and os.listdir(tmp_path) == ["norms.pt"]

@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from logix.storage.format import (CHECKSUM, TMP_SUFFIX, WRITE_SLICE, atomic_write, commit,
-                                  new_digest)
+from logix.storage.format import (CHECKSUM, WRITE_SLICE, atomic_write, commit, new_digest,
+                                  temporary_path)
 
 PAGE = 4096
 
@@ -49,7 +49,7 @@ def write_direct(path: str, header: bytes, data: memoryview, algorithm: str) -> 
     data = data.cast("B")
     if not hasattr(os, "O_DIRECT") or len(header) % PAGE or _address(data) % PAGE:
         return None
-    tmp = os.fspath(path) + TMP_SUFFIX
+    tmp = temporary_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
     except OSError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ PROJECTIONS_FILE = "projections.safetensors"
 GRAD_KEY = "grad"
 DATA_IDS_KEY = "data_ids"
 TMP_SUFFIX = ".tmp"
+_WRITES = itertools.count()  # numbers temporary files (temporary_path)
 
 KEY_SEP = "::"  # joins a module name and a kind in state files: "<module>::forward"
 
@@ -64,10 +66,10 @@ def state_key(module: str, *kind: str) -> str:
 
 @contextlib.contextmanager
 def atomic_file(path: str):
-    """Open `path` + TMP_SUFFIX for writing; on success fsync and rename it into place (readers
-    see the old file or the whole new one), on error remove it."""
+    """Open a temporary file beside `path` for writing; on success fsync and rename it into place
+    (readers see the old file or the whole new one), on error remove it."""
     path = os.fspath(path)
-    tmp = path + TMP_SUFFIX
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -77,6 +79,14 @@ def atomic_file(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def temporary_path(path: str) -> str:
+    """Where `path` is written before its rename into place: a name no other write uses (this
+    process's id and a counter), so that two writers of one file (e.g. every rank of a job
+    caching the same norms) never remove or rename each other's half-written file."""
+    return f"{os.fspath(path)}.{os.getpid()}-{next(_WRITES)}{TMP_SUFFIX}"
+
 
 
 def commit(tmp: str, path: str) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from logix.errors import LogFormatError, UsageError
-from logix.storage.format import (TMP_SUFFIX, atomic_write, commit, safetensors_header,
+from logix.storage.format import (atomic_write, commit, safetensors_header, temporary_path,
                                   tensor_bytes)
 
 SCORES_FORMAT = "logix-scores"
@@ -120,7 +120,7 @@ class ScoreFileWriter:
         header = safetensors_header({name: (torch.float32, shape) for name, shape in
                                      shapes.items()}, metadata)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._tmp = self.path + TMP_SUFFIX
+        self._tmp = temporary_path(self.path)
         offset = 0
         starts = {}
         for name, shape in shapes.items():
