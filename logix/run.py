@@ -463,6 +463,8 @@ class Run:
             raise UsageError("finalize() inside a step: call run.end() first.")
         self._session.close()
         distributed.barrier()  # every rank's shards are on disk and in its index
+        if distributed.is_distributed():
+            self._session.warn_of_ids_on_several_ranks()
         if distributed.any_rank(self._needs_reduce):
             self.statistics.all_reduce()
             self._needs_reduce = False

@@ -112,3 +112,27 @@ def test_a_log_reopened_with_initialize_from_log_counts_saved_statistics_once(lo
     r1, r2 = (torch.load(logs / name) for name in ("result-log-1.pt", "result-resume-2.pt"))
     for key, value in r1["stats"].items():
         torch.testing.assert_close(r2["stats"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_ids_logged_by_more_than_one_rank_are_warned_of(tmp_path, monkeypatch):
+    """on_duplicate sees a rank's own ids only: finalize gathers every rank's and names those
+    logged twice (what a DistributedSampler's padding does)."""
+    import warnings
+
+    from logix import distributed
+    from logix.config import LoggingConfig
+    from logix.storage.session import LogSession
+
+    shares = [{None: {0, 1, 2}}, {None: {2, 3}, "c0": {9}}, {"c0": {9, 8}}]
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda mine: shares)
+    session = LogSession(str(tmp_path), LoggingConfig())
+    with pytest.warns(UserWarning) as caught:
+        session.warn_of_ids_on_several_ranks()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert messages[0].startswith("1 data ids were logged by more than one rank (e.g. ['2'])")
+    assert "rank in checkpoint 'c0' (e.g. ['9'])" in messages[1]
+    shares = [{None: {0, 1}}, {None: {2, 3}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        session.warn_of_ids_on_several_ranks()

@@ -32,6 +32,7 @@ class LogSession:
         self.manifest: Optional[Manifest] = None
         self.writer: Optional[ShardWriter] = None
         self._logged_ids: Optional[Dict] = None  # checkpoint -> data ids already in the log
+        self._appended: Dict = {}  # checkpoint -> data ids this session appended (this rank)
         # Saved statistics of an earlier session whose log this one appends to, and its rows
         # (see logix.statistics.resume: checked at the first step, merged at finalize).
         self.resumed_state: Optional[Dict[str, Tensor]] = None
@@ -127,7 +128,30 @@ class LogSession:
     def append(self, ids: List, rows: Tensor, checkpoint: Optional[str]) -> None:
         """Queue rows for disk (cast to the log dtype while copied into the shard buffer)."""
         self._logged_ids.setdefault(checkpoint, set()).update(ids)
+        if distributed.is_distributed():
+            self._appended.setdefault(checkpoint, set()).update(ids)
         self.writer.append(ids, rows)
+
+    def warn_of_ids_on_several_ranks(self) -> None:
+        """Warn (every rank calls this: a collective) when ranks appended the same data ids:
+        `on_duplicate` sees only a rank's own ids, so such an example has a row per rank and
+        counts as often in the statistics (e.g. the examples a DistributedSampler repeats to
+        even out the ranks)."""
+        shares, self._appended = distributed.all_gather_objects(self._appended), {}
+        for checkpoint in sorted({c for share in shares for c in share}, key=str):
+            seen, repeated = set(), set()
+            for share in shares:
+                ids = share.get(checkpoint, set())
+                repeated |= seen & ids
+                seen |= ids
+            if repeated:
+                where = "" if checkpoint is None else f" in checkpoint {checkpoint!r}"
+                warnings.warn(
+                    f"{len(repeated)} data ids were logged by more than one rank{where} (e.g. "
+                    f"{sorted(map(str, repeated))[:5]}): each has a row per rank, and the "
+                    "statistics count it as often. on_duplicate sees only a rank's own ids; a "
+                    "DistributedSampler repeats examples to even out the ranks (see "
+                    "docs/scale.md).")
 
     def raise_if_failed(self) -> None:
         if self.writer is not None:
