@@ -120,6 +120,21 @@ def test_a_second_session_merges_its_statistics_with_the_saved_ones(new_run, tmp
     assert saved.statistics.counts[("2", "ekfac")] == 10  # refitted over every row
 
 
+def test_a_log_whose_session_never_finalized_names_the_lost_statistics(new_run):
+    """Rows of a session that crashed before finalize() have no saved statistics: a new session
+    collecting covariances is refused, saying so (it used to blame the earlier setup)."""
+    model = make_mlp(seed=44)
+    x, y, mask = data(6, seed=44)
+    crashed = logging_run(new_run, "crashed", model)
+    log_steps(crashed, model, x, y, mask, [[0, 1, 2], [3, 4, 5]], set())
+    crashed.flush()  # shards on disk, no finalize()
+    with pytest.warns(UserWarning, match="already holds a log of 6 rows"):
+        again = logging_run(new_run, "crashed", model)
+        with pytest.raises(UsageError, match=r"no saved statistics: the session that logged them "
+                                             r"ended before run.finalize\(\)"):
+            log_steps(again, model, x, y, mask, [[0, 1, 2]], set())
+
+
 def test_a_second_session_with_other_statistics_is_refused(new_run, tmp_root):
     model = make_mlp(seed=42)
     x, y, mask = data(6, seed=42)

@@ -5,10 +5,12 @@ log")."""
 
 from __future__ import annotations
 
+import os
+
 from logix.errors import UsageError
 from logix.statistics.covariance import CovarianceState
 from logix.statistics.eigen import EKFAC
-from logix.storage.format import KEY_SEP
+from logix.storage.format import KEY_SEP, STATE_DIR, STATISTICS_FILE
 from logix.storage.session import LogSession
 
 
@@ -21,6 +23,15 @@ def check_same_kinds(session: LogSession, kinds: frozenset, statistics: Covarian
         return
     saved = statistics.state_dict() if statistics_loaded else session.resumed_state or {}
     saved_kinds = {k.split(KEY_SEP)[1] for k in saved if k.count(KEY_SEP) == 1} - {EKFAC}
+    if set(kinds) != saved_kinds and not saved and not statistics_loaded and \
+            not os.path.isfile(os.path.join(session.project_dir, STATE_DIR, STATISTICS_FILE)):
+        raise UsageError(
+            f"Project folder {session.project_dir!r} holds {session.resumed_rows} rows but no "
+            f"saved statistics: the session that logged them ended before run.finalize() (a "
+            f"crash?), so their covariances were never saved, and this run collects "
+            f"{sorted(kinds)}. Log into a new project to have them (or re-log these examples "
+            "there); to keep this log, collect no covariances (run.setup({'grad': ['log']})) "
+            "and score with hessian='none' or 'lissa'.")
     if set(kinds) != saved_kinds:
         raise UsageError(
             f"Project folder {session.project_dir!r} already holds {session.resumed_rows} rows "
