@@ -13,7 +13,8 @@
 
 Exit status: 0 fine; 1 the log or score file is damaged or unreadable (verify found an error, a
 corrupt manifest, a newer format version); 2 usage error (bad arguments, a path that does not
-exist, a folder that is not a LogIX log). The on-disk format is described in docs/format.md.
+exist or is another kind of file than the command reads, a folder that is not a LogIX log). The
+on-disk format is described in docs/format.md.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "(a project folder or a folder of them) on a local port.")
     ui.add_argument("roots", metavar="ROOT", nargs="*", default=["logix_logs"],
                     help="project folders or folders of projects (default: ./logix_logs)")
-    ui.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+    ui.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0: any free)")
     ui.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only)")
     ui.set_defaults(handler=_cmd_ui)
@@ -171,6 +172,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535 (0: any free one), got {value}")
     return value
 
 
@@ -386,7 +397,7 @@ def _in_checkpoints(rows: int) -> str:
 
 # --------------------------------------------------------------------------- top
 def _cmd_top(args) -> int:
-    from logix.errors import LogFormatError
+    from logix.errors import LogFormatError, UsageError
     from logix.storage.scores import open_scores
 
     if not os.path.exists(args.scores):
@@ -396,6 +407,8 @@ def _cmd_top(args) -> int:
                        "or compute_influence_all(..., out=path).", EXIT_USAGE)
     try:
         scores = open_scores(args.scores, args.group)
+    except UsageError as e:  # not a score file, or no such group
+        raise CliError(str(e), EXIT_USAGE) from None
     except LogFormatError as e:
         raise CliError(str(e)) from None
     with scores:

@@ -128,9 +128,9 @@ class StepLog:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata() or {}
                 if metadata.get("format") != STEP_LOG_FORMAT:
-                    raise LogFormatError(f"{path!r} is not a saved StepLog (its metadata format "
-                                         f"is {metadata.get('format')!r}); write one with "
-                                         "run.get_log().save(path).")
+                    raise UsageError(f"{path!r} is not a saved StepLog (its metadata format is "
+                                     f"{metadata.get('format')!r}); write one with "
+                                     "run.get_log().save(path).")
                 grads = f.get_tensor(GRAD_KEY)
                 tokens = None
                 if TOKEN_GRAD_KEY in f.keys():

@@ -103,7 +103,7 @@ def test_bad_inputs_are_named(tmp_path):
         attributor.compute_influence_all(str(tmp_path / "missing.safetensors"))
     not_a_log = tmp_path / "scores.safetensors"
     run.compute_influence_all(query, out=str(not_a_log), progress=False)
-    with pytest.raises(LogFormatError, match="not a saved StepLog"):
+    with pytest.raises(UsageError, match="not a saved StepLog"):
         attributor.compute_influence_all(str(not_a_log))
     with pytest.raises(UsageError, match="config must be"):
         logix.Attributor(run.project_dir, config={"hessian": "raw"})

@@ -367,7 +367,9 @@ def test_top_errors(tmp_path, log_dir, capsys):
     code, _, err = cli(capsys, "top", tmp_path / "none.safetensors")
     assert code == 2 and "does not exist" in err
     code, _, err = cli(capsys, "top", _shard(log_dir, 0))  # a shard is not a score file
-    assert code == 1 and "no 'influence' tensor" in err
+    assert code == 2 and "no 'influence' tensor" in err
+    code, _, err = cli(capsys, "ui", str(tmp_path), "--port", "-5")
+    assert code == 2 and "a port is 0-65535" in err
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
     code, _, err = cli(capsys, "top", tmp_path / "junk.safetensors")
     assert code == 1 and "not a readable safetensors file" in err
@@ -451,7 +453,7 @@ def test_save_scores_keeps_groups_and_top_picks_one(tmp_path, capsys):
     code, out, _ = cli(capsys, "top", path, "--k", "1", "--group", "fc1", "--json")
     assert code == 0 and json.loads(out)[0]["helpful"][0]["id"] == "a"
     code, _, err = cli(capsys, "top", path, "--group", "nope")
-    assert code == 1 and "fc1" in err
+    assert code == 2 and "fc1" in err  # a usage error: no such group
 
 
 def test_verify_is_a_storage_function_whose_report_the_cli_prints(log_dir):

@@ -206,7 +206,7 @@ def test_evaluation_endpoint(server):
     ("/api/scores/demo/scores/broken.safetensors", 422, "not a readable safetensors file"),
     ("/api/scores/demo/scores/test.safetensors?query=99", 400, "out of range"),
     ("/api/scores/demo/scores/test.safetensors?k=abc", 400, "not a whole number"),
-    ("/api/scores/demo/scores/test.safetensors?group=bogus", 400, "group 'bogus' is not in"),
+    ("/api/scores/demo/scores/test.safetensors?group=bogus", 400, "no scores of group 'bogus'"),
     ("/api/scores/demo/../../etc/passwd", 404, "No score file"),
     ("/api/evaluation/demo/manifest.json", 404, "No evaluation result file"),
     ("/api/whatever", 404, "No page"),

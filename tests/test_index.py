@@ -379,6 +379,10 @@ def test_run_search_and_cli_index_search_show(tmp_path, capsys):
     assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2"]) == 0
     printed = capsys.readouterr().out
     assert "most helpful" in printed and "exact scores" in printed
+    scores = str(tmp_path / "scores.safetensors")
+    run.compute_influence_all(query, out=scores, progress=False)
+    assert cli.main(["search", run.project_dir, "--queries", scores, "--k", "2"]) == 2
+    assert "is not a saved StepLog" in capsys.readouterr().err
     assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2",
                      "--no-rerank"]) == 0
     printed = capsys.readouterr().out

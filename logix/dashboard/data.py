@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from logix.errors import LogFormatError
+from logix.errors import LogFormatError, UsageError
 from logix.storage.format import (CACHE_DIR, KEY_SEP, LOGS_DIR, MANIFEST, STATE_DIR,
                                   STATISTICS_FILE)
 from logix.storage.scores import top_of_row
@@ -224,11 +224,9 @@ class Dashboard:
 
         full = self.score_file(key, rel)
         try:
-            groups = open_scores(full).groups
-            if group is not None and group not in groups:
-                raise DashboardError(f"group {group!r} is not in {rel!r}; its groups: "
-                                     f"{groups or 'none'}.", 400)
             scores = open_scores(full, group)
+        except UsageError as e:  # not a score file, or no such group
+            raise DashboardError(str(e), 400) from None
         except LogFormatError as e:
             raise DashboardError(str(e), 422) from None
         n_test, n_train = scores.shape

@@ -182,20 +182,20 @@ class ScoreFile:
 
     def _check(self, metadata: dict, keys: List[str], group: Optional[str]) -> None:
         if metadata.get("format", SCORES_FORMAT) != SCORES_FORMAT:
-            raise LogFormatError(f"{self.path!r} is a {metadata['format']!r} file, not a score "
-                                 f"file ('format': {SCORES_FORMAT!r}).")
+            raise UsageError(f"{self.path!r} is a {metadata['format']!r} file, not a score "
+                             f"file ('format': {SCORES_FORMAT!r}).")
         version = metadata.get("format_version", str(SCORES_FORMAT_VERSION))
         if not version.isdigit() or int(version) > SCORES_FORMAT_VERSION:
             raise LogFormatError(f"{self.path!r} has score format version {version}; this LogIX "
                                  f"reads versions up to {SCORES_FORMAT_VERSION}. Upgrade LogIX.")
         if INFLUENCE_KEY not in keys:
-            raise LogFormatError(f"{self.path!r} has no {INFLUENCE_KEY!r} tensor (it holds "
-                                 f"{keys[:5]}); it is not a LogIX score file.")
+            raise UsageError(f"{self.path!r} has no {INFLUENCE_KEY!r} tensor (it holds "
+                             f"{keys[:5]}); it is not a LogIX score file.")
         self.groups = sorted(k[len(GROUP_PREFIX):] for k in keys if k.startswith(GROUP_PREFIX))
         self.key = INFLUENCE_KEY if group is None else GROUP_PREFIX + group
         if self.key not in keys:
-            raise LogFormatError(f"{self.path!r} has no scores of group {group!r}; its groups: "
-                                 f"{self.groups or 'none'}.")
+            raise UsageError(f"{self.path!r} has no scores of group {group!r}; its groups: "
+                             f"{self.groups or 'none'}.")
         self.src_ids = self._ids(metadata, SRC_IDS_KEY)
         self.tgt_ids = self._ids(metadata, TGT_IDS_KEY)
         try:
