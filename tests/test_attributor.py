@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import logix
-from logix.errors import LogFormatError, UsageError
+from logix.errors import UsageError
 from logix.log import StepLog
 
 HESSIANS = ["none", "raw", "kfac", "ekfac"]
