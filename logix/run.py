@@ -9,7 +9,7 @@ import copy
 import logging
 import os
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -87,11 +87,11 @@ class Run:
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: NameFilter = None,
-              type_filter: Optional[Sequence[type]] = None) -> "Run":
+              type_filter: Union[None, type, Sequence[type]] = None) -> "Run":
         """Track every supported layer of `model` whose name and type pass the filters.
 
         name_filter: substrings (a layer is kept if any occurs in its name) or a predicate on the
-        name. type_filter: layer classes to keep. Parameters' requires_grad is never changed.
+        name. type_filter: layer classes to keep (one class or a list). Parameters' requires_grad is never changed.
         """
         if self._session.has_rows:
             raise UsageError("watch() after rows were logged would change the row layout. "

@@ -36,6 +36,7 @@ def test_make_subsets_exact_size_reproducible_and_prefix_stable():
     assert torch.equal(make_subsets(11, 25, fraction=0.3, seed=3)[:20], masks)
     # Rows are not all the same subset.
     assert len({tuple(row.tolist()) for row in masks}) > 10
+    assert torch.equal(make_subsets(np.int64(11), 20, fraction=0.3, seed=np.int64(3)), masks)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 0.01])
@@ -419,6 +420,12 @@ def test_brittleness_validation():
         brittleness(train, lambda m: margin(m) * math.nan, scores, ks=(5,))
     with pytest.raises(TypeError, match="n_random"):
         brittleness(train, margin, scores, n_random=1.5)
+    with pytest.raises(TypeError, match="test_index must be an int"):
+        brittleness(train, margin, scores, test_index=0.5)
+    # NumPy and torch integers are ints: the same answer as Python's.
+    plain = brittleness(train, margin, scores, ks=(5,), test_index=1)
+    assert brittleness(train, margin, scores, ks=(np.int64(5),), test_index=np.int64(1)) == plain
+    assert brittleness(train, margin, scores, ks=(5,), test_index=torch.tensor([1])) == plain
 
 
 def test_no_warnings_on_well_posed_lds():
@@ -434,5 +441,7 @@ def test_align_scores_reorders_columns_by_id():
 
     result = {"tgt_ids": [2, 0, 1], "influence": torch.tensor([[20.0, 0.0, 10.0]])}
     assert torch.equal(align_scores(result, range(3)), torch.tensor([[0.0, 10.0, 20.0]]))
+    assert torch.equal(align_scores(result, torch.arange(3)), align_scores(result, range(3)))
+    assert torch.equal(align_scores(result, np.arange(3)), align_scores(result, range(3)))
     with pytest.raises(ValueError, match="not in the scores"):
         align_scores(result, [0, 7])

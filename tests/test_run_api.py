@@ -134,7 +134,10 @@ def test_watch_filters(new_run):
     assert tracked_names(new_run().watch(model, name_filter=lambda n: n.endswith("0"))) == \
         ["encoder.0"]
     assert tracked_names(new_run().watch(model, type_filter=[nn.Linear])) == \
-        ["encoder.0", "encoder.2", "head"]
+        ["encoder.0", "encoder.2", "head"] == tracked_names(new_run().watch(model,
+                                                                             type_filter=nn.Linear))
+    with pytest.raises(UsageError, match="type_filter takes layer classes"):
+        new_run().watch(model, type_filter=["Linear"])
     assert tracked_names(new_run().watch(model, type_filter=[nn.Linear, nn.Embedding],
                                          name_filter=["e"])) == \
         ["embed", "encoder.0", "encoder.2", "head"]

@@ -11,11 +11,11 @@ should not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .lds import _check_int, _check_outputs, _check_scores
+from .lds import _as_int, _check_int, _check_outputs, _check_scores
 
 __all__ = ["BrittlenessResult", "brittleness"]
 
@@ -56,11 +56,14 @@ class BrittlenessResult:
 def _check_test_index(test_index: Any, n_test: int) -> list[int]:
     if test_index is None:
         return list(range(n_test))
-    items = [test_index] if isinstance(test_index, int) else list(test_index)
+    try:
+        items = [_as_int(test_index, "test_index")]
+    except TypeError:
+        if isinstance(test_index, (str, bytes)) or not isinstance(test_index, Iterable):
+            raise
+        items = [_as_int(q, "test_index entries") for q in test_index]
     out = []
     for q in items:
-        if isinstance(q, bool) or not isinstance(q, int):
-            raise TypeError(f"test_index entries must be ints, got {q!r}")
         if not 0 <= q < n_test:
             raise ValueError(f"test_index {q} out of range for scores with n_test={n_test}")
         out.append(q)
@@ -73,9 +76,8 @@ def _check_ks(ks: Sequence[int], n_train: int) -> list[int]:
     ks = list(ks)
     if not ks:
         raise ValueError("ks must contain at least one k")
+    ks = [_as_int(k, "ks") for k in ks]
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"ks must be ints, got {k!r}")
         if not 0 < k < n_train:
             raise ValueError(
                 f"every k in ks must satisfy 0 < k < n_train={n_train}, got {k}"
@@ -125,8 +127,7 @@ def brittleness(
     queries = _check_test_index(test_index, n_test)
     ks = _check_ks(ks, n_train)
     n_random = _check_int(n_random, "n_random", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = _as_int(seed, "seed")
     if not callable(train_fn) or not callable(eval_fn):
         raise TypeError("train_fn and eval_fn must be callable")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -95,9 +96,19 @@ def _check_outputs(
     return out
 
 
+def _as_int(value: Any, name: str) -> int:
+    """A Python int from any integer (Python, NumPy, a one-element torch integer tensor); a
+    TypeError naming `name` for anything else, bool included."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
 def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = _as_int(value, name)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -168,8 +179,7 @@ def make_subsets(
     """
     n_train = _check_int(n_train, "n_train", 1)
     n_subsets = _check_int(n_subsets, "n_subsets", 1)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = _as_int(seed, "seed")
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
         raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
     if not 0.0 < fraction < 1.0:
@@ -386,12 +396,9 @@ def linear_datamodeling_score(
     scores = _check_scores(scores)  # [n_test, n_train]
     n_test, n_train = scores.shape
     n_subsets = _check_int(n_subsets, "n_subsets", 3)
-    seeds = tuple(seeds)
+    seeds = tuple(_as_int(s, "seeds") for s in seeds)
     if not seeds:
         raise ValueError("seeds must contain at least one seed, got ()")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise TypeError(f"seeds must be ints, got {s!r} ({type(s).__name__})")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")
     if not callable(train_fn) or not callable(eval_fn):

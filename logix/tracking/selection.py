@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Set, Union
+from typing import Callable, Dict, Sequence, Set, Union
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
 def select_modules(model: nn.Module, name_filter: NameFilter = None,
-                   type_filter: Optional[Sequence[type]] = None,
+                   type_filter: Union[None, type, Sequence[type]] = None,
                    include_bias: bool = False) -> Dict[str, TrackedModule]:
     """Every supported layer of `model` (unwrapped from DDP) whose name and type pass the
     filters, by name. Layers whose forward their parent never calls are skipped with a warning;
@@ -29,6 +29,11 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
     watched."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"watch() takes a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(type_filter, type):  # one class, as name_filter takes one string
+        type_filter = [type_filter]
+    if type_filter is not None and not all(isinstance(t, type) for t in type_filter):
+        raise UsageError(f"type_filter takes layer classes, e.g. [nn.Linear, nn.Conv2d]; got "
+                         f"{type_filter!r}.")
     model = unwrap(model)
     modules, bypassed, frozen = {}, bypassed_layers(model), []
     adapters = adapter_layers(model) if name_filter is None else None
