@@ -91,7 +91,8 @@ class Run:
         """Track every supported layer of `model` whose name and type pass the filters.
 
         name_filter: substrings (a layer is kept if any occurs in its name) or a predicate on the
-        name. type_filter: layer classes to keep (one class or a list). Parameters' requires_grad is never changed.
+        name. type_filter: layer classes to keep (one class or a list). Parameters'
+        requires_grad is never changed.
         """
         if self._session.has_rows:
             raise UsageError("watch() after rows were logged would change the row layout. "
