@@ -211,13 +211,18 @@ def test_checkpoint_bookkeeping_and_errors(tmp_path, capsys):
     run.compute_influence_all(test, method="tracin", mode="dot", hessian="none")  # the defaults
 
 
-def test_rows_outside_train_ids_are_refused(tmp_path):
+def grad_run(tmp_path, **overrides):
+    """(x, y, model, run): a run logging gradients and their covariance, saving."""
     x, y = data()
     model = make_model()
-    run = logix.init("source", root_dir=str(tmp_path))
+    run = logix.init("source", root_dir=str(tmp_path), **overrides)
     run.watch(model)
     run.setup({"grad": ["log", "covariance"]})
-    run.save(True)
+    return x, y, model, run.save(True)
+
+
+def test_rows_outside_train_ids_are_refused(tmp_path):
+    x, y, model, run = grad_run(tmp_path)
     with pytest.raises(logix.UsageError, match="outside them"):
         with run.checkpoint("c0", segment=0, lr=0.1, steps=5, train_ids=[0, 1, 2, 3]):
             with run(data_id=[2, 3, 4, 5]):
@@ -227,12 +232,7 @@ def test_rows_outside_train_ids_are_refused(tmp_path):
 def test_a_failed_checkpoint_block_keeps_its_rows_out_of_the_plain_log(tmp_path):
     """Rows still buffered when an exception leaves a checkpoint block go to disk under its
     name (they were written untagged, as plain rows); the name cannot be reused."""
-    x, y = data()
-    model = make_model()
-    run = logix.init("source", root_dir=str(tmp_path), shard_rows=100)
-    run.watch(model)
-    run.setup({"grad": ["log", "covariance"]})
-    run.save(True)
+    x, y, model, run = grad_run(tmp_path, shard_rows=100)
     with pytest.raises(RuntimeError, match="interrupted"):
         with run.checkpoint("c0", segment=0, lr=0.1, steps=5):
             with run(data_id=[0, 1, 2, 3]):
@@ -253,12 +253,7 @@ def test_a_failed_checkpoint_block_keeps_its_rows_out_of_the_plain_log(tmp_path)
 
 
 def test_an_empty_or_unsaved_checkpoint_block_is_named(tmp_path):
-    x, y = data()
-    model = make_model()
-    run = logix.init("source", root_dir=str(tmp_path))
-    run.watch(model)
-    run.setup({"grad": ["log", "covariance"]})
-    run.save(True)
+    x, y, model, run = grad_run(tmp_path)
     with run.checkpoint("c0", segment=0, lr=0.1, steps=5):
         with run(data_id=[0, 1]):
             F.cross_entropy(model(x[:2]), y[:2], reduction="sum").backward()
