@@ -99,12 +99,13 @@ def _check_outputs(
 def _as_int(value: Any, name: str) -> int:
     """A Python int from any integer (Python, NumPy, a one-element torch integer tensor); a
     TypeError naming `name` for anything else, bool included."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    try:
+        index = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return index
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
