@@ -23,7 +23,7 @@ from logix.influence.checkpoints import check_inside, check_same_segment, checkp
 from logix.log import StepLog, TokenRows
 from logix.logra import Projection
 from logix.statistics import budget, resume
-from logix.statistics.covariance import GRAD, CovarianceState
+from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
 from logix.storage import state
 from logix.storage.format import DTYPES
 from logix.storage.manifest import Manifest, ModuleEntry, load_optional
@@ -284,7 +284,7 @@ class Run:
         check_inside(self._checkpoint, self._checkpoint_ids, ids)
         step.check_capture(capture, self.plan, self.config.logging.on_unused_layer)
         if not self.plan.needs_grad:
-            self._keep_statistics(capture.statistics)
+            self._keep_statistics(capture.statistics, scale)
             return
         rows = step.keep_rows(step.step_rows(capture, ids, scale), ids,
                               self.config.logging, self._save, capture.rows_known_finite(scale))
@@ -297,7 +297,7 @@ class Run:
         if in_shard and not self._session.takes_in_place(rows):
             rows, in_shard = rows.clone(), False  # a flush wrote the shard out mid-step
         kept = rows if keep is None or len(keep) == len(ids) else rows[keep]
-        self._keep_statistics(capture.statistics)
+        self._keep_statistics(capture.statistics, scale)
         if self.plan.grad_covariance:
             for entry in self.layout():
                 self.statistics.update(entry.name, GRAD, kept[:, entry.columns], kept.shape[0])
@@ -320,7 +320,11 @@ class Run:
             self._spare_rows = old.grads
         self._last_log, self._last_log_shared, self._last_log_in_shard = log, False, in_shard
 
-    def _keep_statistics(self, step_statistics: CovarianceState) -> None:
+    def _keep_statistics(self, step_statistics: CovarianceState, scale: float) -> None:
+        """Merge a step's statistics. Output gradients are those of the loss times `scale` (the
+        rows' scale), so their covariance takes scale squared; inputs are unchanged."""
+        if scale != 1.0:
+            step_statistics.scale(BACKWARD, scale * scale)
         self.statistics.merge(step_statistics)
         if self.plan.covariances:
             self._needs_reduce = True

@@ -120,6 +120,29 @@ def test_a_second_session_merges_its_statistics_with_the_saved_ones(new_run, tmp
     assert saved.statistics.counts[("2", "ekfac")] == 10  # refitted over every row
 
 
+def test_a_mean_loss_with_scale_gives_the_statistics_of_the_summed_loss(new_run):
+    """scale= makes a mean loss's rows those of the summed loss; the output-gradient (backward)
+    covariance takes scale squared with them, so K-FAC matches the summed loss too (it used to
+    stay unscaled: K-FAC scores off by scale^2)."""
+    model = make_mlp(seed=45)
+    x, y, mask = data(6, seed=45)
+    batches = [[0, 1, 2], [3, 4, 5]]
+    summed = logging_run(new_run, "summed", model)
+    log_steps(summed, model, x, y, mask, batches, set())
+    mean = logging_run(new_run, "mean", model)
+    for ids in batches:
+        tokens = float(mask[ids].sum())
+        with mean(data_id=ids, mask=mask[ids], scale=tokens):
+            loss = (((model(x[ids]) - y[ids]) ** 2).sum(-1) * mask[ids]).sum()
+            (loss / tokens).backward()
+    for run in (summed, mean):
+        run.finalize()
+    assert set(mean.statistics.sums) == set(summed.statistics.sums)
+    for key, total in summed.statistics.sums.items():
+        torch.testing.assert_close(mean.statistics.sums[key], total, rtol=1e-4, atol=1e-6)
+        assert mean.statistics.counts[key] == summed.statistics.counts[key]
+
+
 def test_a_log_whose_session_never_finalized_names_the_lost_statistics(new_run):
     """Rows of a session that crashed before finalize() have no saved statistics: a new session
     collecting covariances is refused, saying so (it used to blame the earlier setup)."""

@@ -53,6 +53,13 @@ class CovarianceState:
         self.sums[key] = self.sums[key] + total if key in self.sums else total.clone()
         self.counts[key] = self.counts.get(key, 0.0) + float(count)
 
+    def scale(self, kind: str, factor: float) -> None:
+        """Multiply every module's sum of one kind by `factor` (counts unchanged)."""
+        self.version += 1
+        for key, total in self.sums.items():
+            if key[1] == kind:
+                total.mul_(factor)
+
     def drop(self, kind: str) -> None:
         """Forget every module's statistics of one kind."""
         self.version += 1
