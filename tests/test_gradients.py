@@ -575,3 +575,28 @@ def test_embedding_weight_gradient_convention(new_run):
     tracked = run.modules["embed"]
     assert torch.equal(tracked.weight_gradient(), model.embed.weight.grad.T)
     assert_close_scaled(tracked.weight_gradient(), run.get_log().module("embed").sum(0))
+
+
+@pytest.mark.parametrize("make_input", [lambda g: torch.randn(4, 5, 6, generator=g),
+                                        lambda g: torch.randn(4, 6, generator=g)],
+                         ids=["tokens", "rows"])
+def test_a_float32_model_under_autocast_logs_float32_rows(new_run, make_input):
+    """Under torch.autocast the hooks project in float32 (a layer fed a bfloat16 activation
+    crashed when its bfloat16 input projection met a float32 output gradient): rows are those
+    of the same model without autocast, to bfloat16's precision."""
+    g = seeded(71)
+    model = make_mlp(seed=71)
+    x = make_input(g)
+    run = new_run()
+    run.watch(model).add_lora(rank=3)
+    run.setup({"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]})
+    logs = []
+    for autocast in (False, True):
+        with run(data_id=[0, 1, 2, 3]):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(x)
+            out.float().pow(2).sum().backward()
+        logs.append(run.get_log(copy=True).grads)
+    plain, autocast = logs
+    assert autocast.dtype == torch.float32 and float(plain.abs().max()) > 0
+    assert_close_scaled(autocast, plain, rtol=5e-2, atol=2e-2)  # bfloat16 activations

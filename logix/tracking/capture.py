@@ -11,6 +11,7 @@ are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ class GradientCapture:
             self._check_batch(name, x)
             dtype = _compute_dtype(x, module)
             projection = self.projection_for(name, x.device, dtype)
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(x.device):
                 x = x.detach().to(dtype) if x.is_floating_point() else x.detach()
                 slot = self._claim_slot(tracked, x, projection)
                 if slot is not None:
@@ -211,9 +212,9 @@ class GradientCapture:
                     if mask is not None:
                         self.mask_matched = True
                         x_proj = x_proj * mask[:, None, :, None].to(x_proj.dtype)
-            if not wants_backward:
-                self._forward_statistics(name, x_proj, mask)
-                return
+                if not wants_backward:
+                    self._forward_statistics(name, x_proj, mask)
+                    return
             output.register_hook(self._output_grad_hook(tracked, projection, x_proj, mask, slot))
             return replaced
 
@@ -226,7 +227,7 @@ class GradientCapture:
         def hook(dy: Tensor) -> None:
             if self._detached:  # e.g. retain_graph: the step's shared buffers are the next's
                 return
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(dy.device):
                 if self.plan.forward_covariance:
                     self._forward_statistics(name, x_proj, mask)
                 if slot is not None and name in self._deferred:
@@ -413,6 +414,14 @@ class GradientCapture:
                              "tracked layer's input to be the example axis; leave layers whose "
                              "input mixes or is shared by the examples out of "
                              "run.watch(model, name_filter=...).")
+
+
+def _full_precision(device: torch.device):
+    """Autocast off inside the hooks: in a user's autocast region the projections and
+    statistics would run in bfloat16 / float16 (and mix dtypes between forward and backward)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _compute_dtype(x: Tensor, module: torch.nn.Module) -> torch.dtype:
