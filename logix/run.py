@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import numbers
 import os
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -30,7 +31,8 @@ from logix.storage.manifest import Manifest, ModuleEntry, load_optional
 from logix.storage.reader import LogReader
 from logix.storage.session import LogSession
 from logix.tracking import step
-from logix.tracking.capture import GradientCapture, Plan, RowLayout, plan_from_setup
+from logix.tracking.capture import (FLOAT32_MAX, GradientCapture, Plan, RowLayout,
+                                    plan_from_setup)
 from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.modules import TrackedModule
 from logix.tracking.selection import NameFilter, select_modules
@@ -241,6 +243,7 @@ class Run:
             raise UsageError("Nothing is watched: call run.watch(model) before run.start().")
         if mask is not None and not isinstance(mask, Tensor):
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
+        _check_scale(scale)
         ids = normalize_data_ids(data_id, mask)
         keep = None
         if writes:  # refusals come before anything of the step runs
@@ -611,6 +614,15 @@ class Run:
 
         return describe(self.project_dir, ids, texts=texts, images=images, labels=labels,
                         rank=distributed.rank())
+
+
+def _check_scale(scale) -> None:
+    """`scale` turns the backpropagated loss into the summed one: a finite number > 0."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
+            not 0 < float(scale) <= FLOAT32_MAX:
+        raise UsageError(f"scale must be a finite number > 0 (what the backpropagated loss is "
+                         f"multiplied by to become the loss summed over the batch, e.g. the "
+                         f"number of examples or real tokens of a mean), got {scale!r}.")
 
 
 def _shape(entry: ModuleEntry) -> str:

@@ -280,6 +280,15 @@ def test_scale_multiplies_logged_gradients(new_run):
     torch.testing.assert_close(run.get_log().grads, summed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("nan"), float("inf"), 1e40, "8", True])
+def test_a_scale_that_is_not_a_finite_positive_number_is_refused(new_run, scale):
+    """0 logged zeros and a negative scale flipped every sign, silently; others failed late."""
+    run = new_run().watch(make_mlp())
+    with pytest.raises(UsageError, match="scale must be a finite number > 0"):
+        run.start(data_id=[0, 1, 2], scale=scale)
+    assert run._capture is None  # nothing was attached: the next step starts cleanly
+
+
 # --------------------------------------------------------------------------- data ids
 def test_token_id_tensor_hashes_stably():
     tokens = torch.tensor([[5, 7, 0, 0], [5, 7, 1, 0], [9, 9, 9, 9]])
