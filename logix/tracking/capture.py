@@ -4,8 +4,9 @@ Hooks exist only inside a `GradientCapture` context (one per `run.start()` / `ru
 forward hook projects the layer input and registers a hook on the layer output; that hook projects
 the incoming output gradient and adds dy~ x~^T to the example's gradient. Each call of a layer
 pairs its own input with its own output gradient, so layers called several times in a step,
-gradient accumulation and gradient checkpointing (whose recomputed outputs never receive a
-gradient) all sum correctly. The hooks only read tensors: the model's own gradients and outputs
+several backward passes over the step's examples and gradient checkpointing (whose recomputed
+outputs never receive a gradient) all sum correctly; micro-batches of other examples need a
+step each. The hooks only read tensors: the model's own gradients and outputs
 are untouched.
 """
 
