@@ -66,6 +66,7 @@ class Run:
             device=torch.device("cpu") if config.logging.cpu_offload else None)
         self.plan = Plan(log_grad=True)
         self._setup_plan = self.plan  # what setup() asked for; eval() swaps in a query plan
+        self._warned_of_passes = False  # step.warn_of_repeated_passes said its piece
         self._session = LogSession(self.project_dir, self.config.logging)
         self._save = False
         self._finalized = False  # finalize() ran and saving was not switched on again since
@@ -286,6 +287,8 @@ class Run:
         self._session.raise_if_failed()
         check_inside(self._checkpoint, self._checkpoint_ids, ids)
         step.check_capture(capture, self.plan, self.config.logging.on_unused_layer)
+        if not self._warned_of_passes:
+            self._warned_of_passes = step.warn_of_repeated_passes(capture)
         if not self.plan.needs_grad:
             self._keep_statistics(capture.statistics, scale)
             return

@@ -7,6 +7,7 @@ and gradient checkpointing. Logging must not change training (bit-identical grad
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -600,3 +601,25 @@ def test_a_float32_model_under_autocast_logs_float32_rows(new_run, make_input):
     plain, autocast = logs
     assert autocast.dtype == torch.float32 and float(plain.abs().max()) > 0
     assert_close_scaled(autocast, plain, rtol=5e-2, atol=2e-2)  # bfloat16 activations
+
+
+def test_micro_batches_inside_one_step_are_warned_of_once(new_run):
+    """Two whole-model passes in one step add up by position: right for two views of the same
+    examples, wrong for micro-batches of other examples; said once per run."""
+    g = seeded(72)
+    model = make_mlp(seed=72)
+    x = torch.randn(8, 6, generator=g)
+    run = new_run().watch(model)
+    with pytest.warns(UserWarning, match="ran 2 forward and backward passes in one step"):
+        with run(data_id=[0, 1, 2, 3]):
+            for part in (x[:4], x[4:]):
+                model(part).pow(2).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with run(data_id=[0, 1, 2, 3]):  # said once per run
+            for part in (x[:4], x[4:]):
+                model(part).pow(2).sum().backward()
+        shared_model = make_shared(dim=6, seed=72)
+        shared = new_run("shared").watch(shared_model)
+        with shared(data_id=[0, 1, 2, 3]):  # one layer called twice in one pass: no warning
+            shared_model(x[:4]).pow(2).sum().backward()

@@ -50,6 +50,23 @@ def check_capture(capture: GradientCapture, plan: Plan, on_unused_layer: str) ->
         "logging.on_unused_layer: zero (their part of the row is then zero).")
 
 
+def warn_of_repeated_passes(capture: GradientCapture) -> bool:
+    """Warn (and return True) when every watched layer ran forward and backward more than once
+    in the step: whole-model passes, which add up position by position. Right for passes over
+    the same examples (two losses, two views); micro-batches of other examples need a step each.
+    """
+    calls = capture.calls
+    if not calls or min(calls.values()) < 2 or min(capture.forwards.values()) < 2:
+        return False
+    warnings.warn(f"Every watched layer ran {min(calls.values())} forward and backward passes "
+                  "in one step; their gradients add up per batch position, which is right when "
+                  "the passes are over the same examples (two losses, two views of each "
+                  "example). For gradient accumulation over micro-batches of other examples, "
+                  "give each micro-batch its own run.start() / run.end() (`with run(...)`). "
+                  "(Said once per run.)", stacklevel=3)
+    return True
+
+
 def step_rows(capture: GradientCapture, ids: List, scale: float) -> Tensor:
     """[batch, dim] float32: every module's projected gradient side by side, in row order,
     times `scale` (a layer unused in the step contributes zeros). The capture's own buffer."""
