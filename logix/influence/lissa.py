@@ -168,8 +168,11 @@ def neumann(product: Callable[[Tensor], Tensor], v: Tensor, scale, depth: int, t
         warnings.warn(f"{what}: LiSSA stopped at depth {depth} with relative residual "
                       f"{residuals[-1]:.3g} > tol {tol:g}; pass a larger depth for an exact "
                       "solve (influence.lissa_depth in the config, e.g. logix.init(..., "
-                      "lissa_depth=5000), or depth= to lissa()), or a larger damping; the "
-                      "truncated recursion damps small eigenvalues further.",
+                      "lissa_depth=5000), or depth= to lissa()), a larger damping, or a smaller "
+                      "scale (influence.lissa_scale: it need only exceed the largest eigenvalue "
+                      "of H + damping I, and the recursion takes about scale / smallest "
+                      "eigenvalue steps); the truncated recursion damps small eigenvalues "
+                      "further.",
                       stacklevel=3)
     return u / scale, {"iterations": len(residuals), "residuals": residuals,
                        "converged": residuals[-1] <= tol}
