@@ -610,10 +610,11 @@ def test_micro_batches_inside_one_step_are_warned_of_once(new_run):
     model = make_mlp(seed=72)
     x = torch.randn(8, 6, generator=g)
     run = new_run().watch(model)
-    with pytest.warns(UserWarning, match="ran 2 forward and backward passes in one step"):
+    with pytest.warns(UserWarning, match="ran 2 forward and backward passes in one step") as said:
         with run(data_id=[0, 1, 2, 3]):
             for part in (x[:4], x[4:]):
                 model(part).pow(2).sum().backward()
+    assert sum("passes in one step" in str(w.message) for w in said) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with run(data_id=[0, 1, 2, 3]):  # said once per run
