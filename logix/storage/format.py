@@ -88,7 +88,6 @@ def temporary_path(path: str) -> str:
     return f"{os.fspath(path)}.{os.getpid()}-{next(_WRITES)}{TMP_SUFFIX}"
 
 
-
 def commit(tmp: str, path: str) -> None:
     """Rename a fully written (and fsynced) temporary file into place, durably."""
     os.replace(tmp, path)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from logix.errors import LogFormatError
+from logix.storage import state
 from logix.storage.format import (DATA_IDS_KEY, DTYPES, GRAD_KEY, ITEMSIZE, KEY_SEP, LOGS_DIR,
                                   SAFETENSORS_DTYPES, STATE_DIR, TMP_SUFFIX, file_checksum,
                                   parse_shard_name, read_header, split_checksum)
 from logix.storage.manifest import INDEX_PREFIX, INDEX_SUFFIX, read_manifest
 from logix.storage.overview import projections_info, statistics_info
-from logix.storage import state
 
 
 @dataclass

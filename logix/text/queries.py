@@ -67,7 +67,7 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
             raise UsageError(f"Query {ids[n]!r} has an empty {'prompt' if not p else 'completion'}"
                              "; the first completion token is predicted from the prompt, so "
                              "both need at least one token.")
-        outside = [t for t in p + c if not 0 <= t < (vocab or t + 1)]
+        outside = [t for t in p + c if t < 0 or (vocab is not None and t >= vocab)]
         if outside:
             raise UsageError(f"Query {ids[n]!r} has token ids {outside[:5]} outside the model's "
                              f"vocabulary of {vocab}; tokenize with the model's own tokenizer.")
