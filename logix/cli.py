@@ -158,7 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=_positive_int, default=8,
                       help="examples per timed step (default 8)")
     plan.add_argument("--steps", type=int, default=3,
-                      help="timed steps with and without logging (default 3; 0: no timing)")
+                      help="at least this many interleaved pairs of steps timed without and with "
+                           "logging, more until stable (default 3; 0: no timing)")
+    plan.add_argument("--timing-budget", type=float, default=30.0, metavar="SECONDS",
+                      help="seconds of timed steps at most, past the minimum (default 30)")
     plan.add_argument("--name-filter", action="append", default=None,
                       help="watch only layers whose name contains this (repeatable)")
     plan.set_defaults(handler=_cmd_plan)
@@ -738,7 +741,8 @@ def _cmd_plan(args) -> int:
             run.setup(_PLAN_SETUP[args.hessian])
             run.resource_plan(args.examples, args.tokens, disk_budget=args.disk_budget,
                               model=model if args.steps > 0 else None,
-                              batch_size=args.batch_size, timed_steps=max(args.steps, 1))
+                              batch_size=args.batch_size, timed_steps=max(args.steps, 1),
+                              timing_budget=args.timing_budget)
         except LogIXError as e:
             raise CliError(str(e), EXIT_USAGE) from None
     return EXIT_OK

@@ -37,8 +37,8 @@ class ResourcePlan:
     dtype: str
     modules: List[ModuleCost]
     buffer_bytes: int  # one shard of rows in memory
-    step_seconds: Optional[float] = None  # a step without logging (median of the timed steps)
-    logged_step_seconds: Optional[float] = None  # the same step with the hooks on
+    batch_size: int = 1  # examples per timed step
+    timing: Optional["StepTiming"] = None  # interleaved steps without and with the hooks
     disk_budget: Optional[int] = None
     recommended_rank: Optional[int] = None  # largest rank whose log fits disk_budget
     notes: List[str] = field(default_factory=list)
@@ -60,11 +60,28 @@ class ResourcePlan:
         return sum(m.statistics_bytes for m in self.modules)
 
     @property
+    def step_seconds(self) -> Optional[float]:
+        """A step without logging (median of the timed steps), when measured."""
+        return self.timing.plain if self.timing else None
+
+    @property
+    def logged_step_seconds(self) -> Optional[float]:
+        """The same step with the hooks on (median), when measured."""
+        return self.timing.logged if self.timing else None
+
+    @property
     def overhead(self) -> Optional[float]:
-        """Logged step time / plain step time - 1 (0.25 = 25% slower), when measured."""
-        if not self.step_seconds or self.logged_step_seconds is None:
+        """Median over interleaved pairs of logged / plain step time - 1 (0.25 = 25% slower)."""
+        return self.timing.overhead if self.timing else None
+
+    @property
+    def logging_seconds(self) -> Optional[tuple]:
+        """(low, median, high) seconds of one logged pass over `examples`: the logged step's
+        median and quartiles times the steps of `batch_size` examples it takes."""
+        if not self.timing:
             return None
-        return self.logged_step_seconds / self.step_seconds - 1
+        steps = -(-self.examples // self.batch_size)
+        return tuple(steps * t for t in self.timing.logged_quartiles)
 
     def render(self) -> str:
         """The plan as a text table (what `logix plan` prints)."""
@@ -80,10 +97,13 @@ class ResourcePlan:
                      f"{self.width:>7} {human(self.row_bytes):>9} {human(self.disk_bytes):>10} "
                      f"{human(self.statistics_bytes):>10}")
         lines.append(f"row buffer in memory (one shard): {human(self.buffer_bytes)}")
-        if self.step_seconds is not None:
-            lines.append(f"step time: {self.step_seconds * 1e3:.1f} ms without logging, "
-                         f"{self.logged_step_seconds * 1e3:.1f} ms with the hooks "
-                         f"(overhead {self.overhead:+.0%}; measured, noisy on a busy machine)")
+        if self.timing:
+            lines += self.timing.render()
+            low, mid, high = self.logging_seconds
+            steps = -(-self.examples // self.batch_size)
+            lines.append(f"a logged pass over {self.examples:,} examples ({steps:,} steps of "
+                         f"{self.batch_size}): about {_duration(mid)} ({_duration(low)} to "
+                         f"{_duration(high)}, from the middle half of the logged steps)")
         if self.disk_budget is not None:
             fits = "fits" if self.disk_bytes <= self.disk_budget else "does NOT fit"
             lines.append(f"disk budget {human(self.disk_budget)}: this log {fits}; largest rank "
@@ -95,7 +115,7 @@ class ResourcePlan:
 def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
               capture: Callable[[], object], examples: int, tokens_per_example: int = 1,
               disk_budget=None, model=None, train_step=None, batch_size: int = 8,
-              timed_steps: int = 3) -> "ResourcePlan":
+              timed_steps: int = 3, timing_budget: float = 30.0) -> "ResourcePlan":
     """The ResourcePlan of a row `layout` and setup `plan` (see `Run.resource_plan`);
     `capture()` makes the hooks whose step-time overhead is measured."""
     for name, value in (("examples", examples), ("tokens_per_example", tokens_per_example),
@@ -105,7 +125,8 @@ def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
     itemsize = DTYPES[logging.log_dtype].itemsize
     result = ResourcePlan(examples, tokens_per_example, logging.log_dtype,
                           module_costs(layout, plan, examples, itemsize),
-                          buffer_bytes=rows_per_shard * sum(e.dim for e in layout) * itemsize)
+                          buffer_bytes=rows_per_shard * sum(e.dim for e in layout) * itemsize,
+                          batch_size=batch_size)
     if disk_budget is not None:
         result.disk_budget = parse_bytes(disk_budget)
         result.recommended_rank = recommend_rank([(e.in_dim, e.out_dim) for e in layout],
@@ -113,8 +134,7 @@ def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
     if model is not None and train_step is None:
         train_step = random_token_step(model, batch_size, tokens_per_example)
     if train_step is not None:
-        result.step_seconds, result.logged_step_seconds = time_steps(train_step, capture,
-                                                                     timed_steps)
+        result.timing = time_steps(train_step, capture, timed_steps, timing_budget)
     return result
 
 
@@ -146,27 +166,113 @@ def recommend_rank(dims: Sequence[tuple], examples: int, itemsize: int,
     return lo
 
 
-def time_steps(step: Callable[[], None], capture: Callable[[], object],
-               steps: int) -> tuple:
-    """(median seconds of `step()` alone, median with the hooks of `capture()` attached); one
-    warm-up call of each first."""
-    def median(with_hooks: bool) -> float:
-        times = []
-        for n in range(steps + 1):
-            start = time.perf_counter()
-            if with_hooks:
-                with capture():
-                    step()
-            else:
-                step()
-            if n:  # the first call warms up
-                times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+@dataclass
+class StepTiming:
+    """Seconds of a training step without (`plain`) and with (`logged`) the hooks, measured in
+    interleaved pairs so that a machine getting faster or slower shifts both alike."""
+    plain_times: List[float]
+    logged_times: List[float]
+    stable: bool  # the medians' confidence intervals are within STABLE of the medians
+    budget: float  # seconds the timing was allowed to take
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"timed_steps must be a positive integer, got {steps!r}.")
-    plain = median(False)
-    return plain, median(True)
+    @property
+    def plain(self) -> float:
+        return _quantile(self.plain_times, 0.5)
+
+    @property
+    def logged(self) -> float:
+        return _quantile(self.logged_times, 0.5)
+
+    @property
+    def logged_quartiles(self) -> tuple:
+        return tuple(_quantile(self.logged_times, q) for q in (0.25, 0.5, 0.75))
+
+    @property
+    def overheads(self) -> List[float]:
+        """Each pair's logged / plain - 1."""
+        return [b / a - 1 for a, b in zip(self.plain_times, self.logged_times)]
+
+    @property
+    def overhead(self) -> float:
+        return _quantile(self.overheads, 0.5)
+
+    def render(self) -> List[str]:
+        q1, q3 = (_quantile(self.overheads, q) for q in (0.25, 0.75))
+        lines = [f"step time: {self.plain * 1e3:.1f} ms without logging, {self.logged * 1e3:.1f} "
+                 f"ms with the hooks: overhead {self.overhead:+.0%} (middle half of "
+                 f"{len(self.overheads)} interleaved pairs: {q1:+.0%} to {q3:+.0%})"]
+        if not self.stable:
+            lines.append(f"  the step times did not settle within +-{STABLE:.0%} in "
+                         f"{len(self.overheads)} pairs ({self.budget:.0f} s budget): a busy "
+                         "machine, or steps that differ; read these figures as rough")
+        return lines
+
+
+STABLE = 0.05  # stop timing once each median is known to +-5% (95% confidence)
+MAX_PAIRS = 200
+
+
+def time_steps(step: Callable[[], None], capture: Callable[[], object], min_pairs: int,
+               budget: float = 30.0) -> StepTiming:
+    """Time `step()` alone and with the hooks of `capture()` attached, in pairs whose order
+    alternates, after one warm-up pair; at least `min_pairs` pairs, then more until both medians
+    are stable (see STABLE) or `budget` seconds of timed pairs have passed."""
+    if isinstance(min_pairs, bool) or not isinstance(min_pairs, int) or min_pairs < 1:
+        raise UsageError(f"timed_steps must be a positive integer, got {min_pairs!r}.")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        raise UsageError(f"timing_budget must be a number of seconds >= 0, got {budget!r}.")
+
+    def timed(with_hooks: bool) -> float:
+        start = time.perf_counter()
+        if with_hooks:
+            with capture():
+                step()
+        else:
+            step()
+        return time.perf_counter() - start
+
+    timed(False), timed(True)  # warm-up: allocator, kernels, thread pools
+    plain, logged = [], []
+    began = time.perf_counter()
+    while True:
+        first = len(plain) % 2 == 1  # alternate which of the pair runs first
+        a = timed(first)
+        b = timed(not first)
+        plain.append(b if first else a)
+        logged.append(a if first else b)
+        stable = len(plain) >= min_pairs and _settled(plain) and _settled(logged)
+        if stable or (len(plain) >= min_pairs and (time.perf_counter() - began > budget
+                                                   or len(plain) >= MAX_PAIRS)):
+            return StepTiming(plain, logged, stable, budget)
+
+
+def _settled(times: List[float]) -> bool:
+    """Whether the 95% confidence interval of the median (order statistics) lies within
+    +-STABLE of it."""
+    n = len(times)
+    if n < 6:  # below six samples the interval is the whole range at best
+        return False
+    ordered = sorted(times)
+    half = 0.98 * n ** 0.5
+    low, high = ordered[max(int(n / 2 - half), 0)], ordered[min(int(n / 2 + half), n - 1)]
+    middle = _quantile(times, 0.5)
+    return high - low <= 2 * STABLE * middle
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def random_token_step(model, batch_size: int, tokens: int) -> Callable[[], None]:

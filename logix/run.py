@@ -572,7 +572,7 @@ class Run:
 
     def resource_plan(self, examples: int, tokens_per_example: int = 1, disk_budget=None,
                       model: Optional[nn.Module] = None, train_step=None, batch_size: int = 8,
-                      timed_steps: int = 3, show: bool = True):
+                      timed_steps: int = 3, timing_budget: float = 30.0, show: bool = True):
         """Plan a long run before starting it (prints the plan when `show`; returns a
         `logix.planning.ResourcePlan`): per watched module and in total the row width and
         bytes, the disk of a log of `examples` rows, the statistics memory of the current
@@ -580,8 +580,11 @@ class Run:
 
         Step-time overhead is measured when `model` is given (a causal LM step on random tokens
         [batch_size, tokens_per_example]) or `train_step` (a function running one training step
-        of `batch_size` examples): `timed_steps` steps without and with the hooks, medians. Nothing
-        is logged, the statistics and the model's .grad are untouched."""
+        of `batch_size` examples): steps without and with the hooks in interleaved pairs, at least
+        `timed_steps` pairs and more until both medians are known to +-5% or `timing_budget`
+        seconds have passed; the plan reports the medians, the overhead's spread and the time of
+        one logged pass over `examples`. Nothing is logged; the statistics and the model's .grad
+        are untouched."""
         from logix import planning
 
         if not self.modules:
@@ -598,7 +601,7 @@ class Run:
         result = planning.make_plan(self.layout(), self.plan, self.config.logging,
                                     self._rows_per_shard(), capture, examples,
                                     tokens_per_example, disk_budget, model, train_step,
-                                    batch_size, timed_steps)
+                                    batch_size, timed_steps, timing_budget)
         if show:
             print(result.render())
         return result

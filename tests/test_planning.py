@@ -4,6 +4,7 @@ timed steps without side effects, and the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -13,6 +14,7 @@ import torch
 from conftest import make_tiny_gpt2
 from logix.cli import main
 from logix.errors import UsageError
+from logix import planning
 from logix.planning import parse_bytes, recommend_rank
 from logix.storage.reader import LogReader
 
@@ -59,13 +61,68 @@ def test_timed_steps_leave_no_trace(new_run, capsys):
     run.watch(model).add_lora(rank=4)
     run.setup({"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]})
     plan = run.resource_plan(examples=1000, tokens_per_example=12, disk_budget="1MB",
-                             model=model, batch_size=2, timed_steps=2)
+                             model=model, batch_size=2, timed_steps=2, timing_budget=0)
     assert plan.step_seconds > 0 and plan.logged_step_seconds > 0
+    assert len(plan.timing.plain_times) == len(plan.timing.logged_times) == 2
+    low, mid, high = plan.logging_seconds
+    assert low <= mid <= high and mid == pytest.approx(500 * plan.logged_step_seconds)
     assert plan.disk_budget == 10**6 and plan.recommended_rank is not None
     assert not run.statistics.sums and not os.path.exists(run.project_dir)
     assert all(p.grad is None for p in model.parameters())
     printed = capsys.readouterr().out
     assert "total (" in printed and "overhead" in printed and "largest rank" in printed
+    assert "a logged pass over 1,000 examples (500 steps of 2)" in printed
+
+
+class _Clock:
+    """A fake perf_counter: each step advances it by the time the test scripts for it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timing_interleaves_and_stops_once_stable(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(planning.time, "perf_counter", clock)
+    order = []
+
+    class Hooks:
+        def __enter__(self):
+            order.append("logged")
+
+        def __exit__(self, *exc):
+            clock.now += 0.5  # the hooks cost half a second
+
+    def step():
+        if not order or order[-1] != "logged":
+            order.append("plain")
+        clock.now += 1.0
+        order.append("done")
+
+    timing = planning.time_steps(step, Hooks, min_pairs=3, budget=1e9)
+    kinds = [k for k in order if k != "done"]
+    pairs = [tuple(kinds[i:i + 2]) for i in range(2, len(kinds), 2)]  # past the warm-up pair
+    assert pairs[0] == ("plain", "logged") and pairs[1] == ("logged", "plain")
+    assert set(pairs[::2]) == {("plain", "logged")} and set(pairs[1::2]) == {("logged", "plain")}
+    # identical timings are stable as soon as the confidence interval of a median exists
+    assert timing.stable and len(pairs) == 6
+    assert timing.plain == 1.0 and timing.logged == 1.5 and timing.overhead == pytest.approx(0.5)
+
+
+def test_noisy_timing_runs_to_its_budget_and_says_so(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(planning.time, "perf_counter", clock)
+    noise = iter([1.0, 3.0] * 1000)
+
+    def step():
+        clock.now += next(noise)
+
+    timing = planning.time_steps(step, contextlib.nullcontext, min_pairs=2, budget=40)
+    assert not timing.stable and 2 <= len(timing.plain_times) <= 12
+    assert "did not settle" in "\n".join(timing.render())
 
 
 def test_plan_refusals(new_run):
@@ -86,7 +143,8 @@ def test_logix_plan_cli(tmp_path, capsys):
                                   "vocab_size": 30, "n_positions": 16, "bos_token_id": 0,
                                   "eos_token_id": 0, "tie_word_embeddings": False}))
     code = main(["plan", str(config), "--examples", "1000", "--tokens", "8", "--rank", "4",
-                 "--disk-budget", "100KB", "--steps", "1", "--batch-size", "2"])
+                 "--disk-budget", "100KB", "--steps", "1", "--batch-size", "2",
+                 "--timing-budget", "0"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "transformer.h.0.mlp.c_fc" in out and "1,000 examples x 8 tokens" in out

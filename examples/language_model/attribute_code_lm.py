@@ -116,7 +116,9 @@ def main() -> None:
     run.add_lora(rank=rank)
     run.setup({"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]})
     run.save(True)
-    run.resource_plan(examples=len(sequences), tokens_per_example=length)
+    batch = 32
+    plan = run.resource_plan(examples=len(sequences), tokens_per_example=length, model=model,
+                             batch_size=batch)
 
     epoch_times = []
 
@@ -131,7 +133,7 @@ def main() -> None:
                       callbacks=[EpochTimer(), LogIXCallback(run, data_id_column="idx")],
                       args=TrainingArguments(
                           output_dir=os.path.join(args.root, "trainer"), num_train_epochs=2,
-                          per_device_train_batch_size=32, learning_rate=1e-3,
+                          per_device_train_batch_size=batch, learning_rate=1e-3,
                           warmup_steps=30, weight_decay=0.01, lr_scheduler_type="cosine",
                           logging_steps=100, save_strategy="no", report_to=[], seed=seed,
                           use_cpu=True, remove_unused_columns=False, disable_tqdm=True))
@@ -146,6 +148,9 @@ def main() -> None:
     print(f"training: epoch 1 (no logging) {times['epoch_plain']:.0f}s, epoch 2 (logged) "
           f"{times['epoch_logged']:.0f}s, finalize (flush + EK-FAC fit) {times['finalize']:.0f}s;"
           f" {reader.rows:,} rows x {reader.dim} numbers, log on disk {disk / 2**20:.0f} MiB")
+    low, planned, high = plan.logging_seconds
+    print(f"the plan's logged pass: {planned:.0f}s (middle half {low:.0f}-{high:.0f}s), "
+          f"{planned / times['epoch_logged'] - 1:+.0%} against the logged epoch")
 
     # ---------------------------------------------------------------- generated completions
     model.eval()
