@@ -508,9 +508,13 @@ def _attach_content(results: List[Dict], scores_path: str, content_dir: Optional
     for r in results:
         for entry, data_id in [(r, r["src_id"])] + [(e, e["id"]) for e in
                                                     r["helpful"] + r["harmful"]]:
-            content = store.get(data_id)
-            entry.update({k: content[k] for k in ("text", "label") if k in content})
+            _add_content(entry, store, data_id)
     return True
+
+
+def _add_content(entry: Dict, store, data_id) -> None:
+    content = store.get(data_id)
+    entry.update({k: content[k] for k in ("text", "label") if k in content})
 
 
 def _describe_entry(entry: Dict, bracket: bool = False) -> str:
@@ -672,6 +676,13 @@ def _cmd_search(args) -> int:
                                       zip(result[f"{side}_ids"][q], result[f"{side}_scores"][q])]
                                for side in sides}}
             for q, src in enumerate(result["src_ids"])]
+    from logix.storage.content import load_content
+
+    store = load_content(args.dir)  # what run.describe stored about the training examples
+    for row in rows:
+        for side in sides:
+            for entry in row[side]:
+                _add_content(entry, store, entry["id"])
     if args.json:
         print(json.dumps({"queries": rows, "search": result["meta"].get("search")}, indent=1,
                          default=str))
@@ -694,7 +705,8 @@ def _cmd_search(args) -> int:
             cells = [str(i + 1)]
             for side in sides:
                 entry = row[side][i] if i < len(row[side]) else None
-                cells += [_esc(entry["id"]), f"{entry['score']:.6g}"] if entry else ["", ""]
+                cells += [_esc(entry["id"]) + _describe_entry(entry, True),
+                          f"{entry['score']:.6g}"] if entry else ["", ""]
             table.add_row(*cells)
         out.print(table)
     return EXIT_OK

@@ -449,3 +449,22 @@ def test_an_index_that_lost_its_file_is_refused_naming_the_rebuild(logged):
     with pytest.raises(UsageError, match="lost its file.*--kind ivf --mode dot --name "
                                          "ivf-dot --rebuild"):
         att.search(query, k=5, index=manifest.name)
+
+
+def test_cli_search_shows_what_describe_stored(tmp_path, capsys):
+    run, model, x, y = log_project(tmp_path)
+    run.describe(list(range(N_TRAIN)), texts=[f"example text {i}" for i in range(N_TRAIN)],
+                 labels=[int(v) for v in y])
+    query = finalize_with_query(run, model, x, y)
+    queries = str(tmp_path / "queries.safetensors")
+    query.save(queries)
+    assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2",
+                     "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for q in printed["queries"]:
+        for entry in q["top"]:
+            assert entry["text"] == f"example text {entry['id']}"
+            assert entry["label"] == int(y[entry["id"]])
+    assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2"]) == 0
+    best = printed["queries"][0]["top"][0]
+    assert f"{best['label']} example text {best['id']}" in capsys.readouterr().out
