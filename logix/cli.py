@@ -309,9 +309,11 @@ def _cmd_show(args) -> int:
     out.print("[bold]LogIX log[/bold]")
     out.print(head)
 
-    table = Table(title=f"modules ({len(manifest.modules)})")
-    for column in ("name", "type", "gradient (out x in)", "rank (out x in)", "offset", "width"):
-        table.add_column(column, overflow="fold",
+    table = Table(title=f"modules ({len(manifest.modules)}; gradient and rank: out x in)")
+    longest = max((len(m.name) for m in manifest.modules), default=4)
+    table.add_column("name", overflow="fold", min_width=min(longest, 64))
+    for column in ("type", "gradient", "rank", "offset", "width"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("gradient", "rank"),
                          justify="right" if column in ("offset", "width") else "left")
     for m in manifest.modules:
         table.add_row(_esc(m.name), _esc(m.type), f"{m.out_dim} x {m.in_dim}"

@@ -85,15 +85,17 @@ class ResourcePlan:
 
     def render(self) -> str:
         """The plan as a text table (what `logix plan` prints)."""
+        total = f"total ({len(self.modules)} modules)"
+        name = max([len(m.name) for m in self.modules] + [len(total), 6])
         lines = [f"Plan for {self.examples:,} examples x {self.tokens_per_example} tokens, "
                  f"log dtype {self.dtype}",
-                 f"{'module':<44} {'grad shape':>12} {'rank o x i':>10} {'width':>7} "
+                 f"{'module':<{name}} {'grad shape':>12} {'rank o x i':>10} {'width':>7} "
                  f"{'row':>9} {'disk':>10} {'statistics':>10}"]
         for m in self.modules:
-            lines.append(f"{m.name[-44:]:<44} {m.shape[0]:>5} x {m.shape[1]:<5} "
+            lines.append(f"{m.name:<{name}} {m.shape[0]:>5} x {m.shape[1]:<5} "
                          f"{m.rank_out:>4} x {m.rank_in:<4}{m.width:>7} {human(m.row_bytes):>9} "
                          f"{human(m.disk_bytes):>10} {human(m.statistics_bytes):>10}")
-        lines.append(f"{'total (' + str(len(self.modules)) + ' modules)':<44} {'':>12} {'':>10} "
+        lines.append(f"{total:<{name}} {'':>12} {'':>10} "
                      f"{self.width:>7} {human(self.row_bytes):>9} {human(self.disk_bytes):>10} "
                      f"{human(self.statistics_bytes):>10}")
         lines.append(f"row buffer in memory (one shard): {human(self.buffer_bytes)}")

@@ -606,11 +606,16 @@ class Run:
             print(result.render())
         return result
 
-    def summary(self) -> str:
-        """A table of watched layers, gradient shapes, ranks and row widths (printed)."""
+    def summary(self, show: bool = True) -> Optional[str]:
+        """A table of watched layers, gradient shapes, ranks and row widths: printed (returns
+        None), or returned as text with `show=False`."""
         from logix.summary import render_summary
 
-        return render_summary(self)
+        text = render_summary(self)
+        if not show:
+            return text
+        print(text, end="")
+        return None
 
     def describe(self, ids, texts=None, images=None, labels=None) -> str:
         """Store what the examples `ids` are (one text / image / label per id, None where there

@@ -1,26 +1,28 @@
-"""A printed table of what a run tracks."""
+"""A table of what a run tracks (`run.summary()`)."""
 
 from __future__ import annotations
 
 
 def render_summary(run) -> str:
+    """The table as text, names whole (folded, never cut) whatever the terminal's width."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"LogIX project {run.project!r}")
-    for column in ("layer", "type", "gradient [out, in]", "rank [out, in]", "row width"):
-        table.add_column(column)
+    layout = run.layout()
+    longest = max((len(entry.name) for entry in layout), default=5)
+    table.add_column("layer", overflow="fold", min_width=min(longest, 60))
+    for column in ("type", "gradient [out, in]", "rank [out, in]", "row width"):
+        table.add_column(column, overflow="fold")
     total = 0
-    for entry in run.layout():
+    for entry in layout:
         total += entry.dim
         table.add_row(entry.name, entry.type, f"{entry.out_dim} x {entry.in_dim}",
                       f"{entry.rank_out} x {entry.rank_in}", str(entry.dim))
-    full = sum(e.in_dim * e.out_dim for e in run.layout())
+    full = sum(e.in_dim * e.out_dim for e in layout)
     table.caption = (f"{len(run.modules)} layers; {total} numbers per example "
                      f"(full gradient: {full}); projection: {run.projection_meta['init']}")
-    console = Console()
+    console = Console(soft_wrap=True)  # wider than the terminal rather than cut
     with console.capture() as captured:
         console.print(table)
-    text = captured.get()
-    print(text, end="")
-    return text
+    return captured.get()
