@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (heading, object path) in reading order; methods of a class are listed under it.
 SECTIONS = [
-    ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config"]),
+    ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config", "logix.frozen"]),
     ("Run", ["logix.Run"]),
     ("Query results", ["logix.StepLog"]),
     ("Attributor (scoring a saved log)", ["logix.Attributor"]),

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from logix.errors import ConfigError, UsageError
 from logix.log import StepLog
+from logix.tracking.frozen import frozen
 from logix.storage.data_ids import normalize_data_ids
 
 # (data ids, mask or None, scale) of one batch
@@ -132,22 +133,24 @@ def log_batches(run, model: nn.Module, batches: Iterable,
                 loss_of: Callable[[Any, int], Tensor]) -> Optional[StepLog]:
     """One pass of post-hoc logging: for each batch (moved to the model's device), start(ids,
     mask, scale) -> loss -> gradients -> end(). `describe` may take its id entry out of the
-    batch. The model is in eval mode (no dropout) and its parameters' .grad are untouched.
+    batch. The model is in eval mode (no dropout) and frozen (`logix.frozen`: backward
+    computes no weight gradient; requires_grad and .grad as they were after).
     Returns the concatenated in-memory logs when the run is in query mode, else None."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UsageError("No parameter of the model requires grad, so no gradient reaches the "
-                         "tracked layers. Unfreeze the layers you want to attribute through.")
     collected = []
     keep = run.plan.log_grad and not run.saving
     device = model_device(model)
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), frozen(model), torch.enable_grad():
         for index, batch in enumerate(batches):
             batch = to_device(batch, device)
             ids, mask, scale = describe(batch)
             with run(data_id=ids, mask=mask, scale=scale):
                 loss = loss_of(batch, index)
-                torch.autograd.grad(loss, params, allow_unused=True)
+                if not loss.requires_grad:
+                    raise UsageError("The loss does not depend on any watched layer, so no "
+                                     "gradient reaches them: watch the layers the loss is "
+                                     "computed through (with reentrant gradient checkpointing, "
+                                     "also call model.enable_input_require_grads()).")
+                loss.backward()
             if keep:
                 collected.append(run.get_log(copy=True))
     return StepLog.concat(collected) if collected else None

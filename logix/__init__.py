@@ -17,6 +17,7 @@ from logix.influence.attributor import Attributor
 from logix.log import StepLog
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
+from logix.tracking.frozen import frozen
 
 __version__ = "0.2.0"
 
@@ -69,5 +70,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'logix' has no attribute {name!r}")
 
 
-__all__ = ["init", "Run", "Attributor", "LogIXScheduler", "Config", "load_config", "StepLog", "get_run", "LogIXError",
-           "ConfigError", "UsageError", "LogFormatError", "WriterError"]
+__all__ = ["init", "Run", "Attributor", "LogIXScheduler", "Config", "load_config", "StepLog",
+           "get_run", "frozen", "LogIXError", "ConfigError", "UsageError", "LogFormatError",
+           "WriterError"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from logix.errors import UsageError
 from logix.log import StepLog
 from logix.storage.data_ids import normalize_data_ids
+from logix.tracking.frozen import frozen
 
 Text = Union[str, Sequence[int], Tensor]
 
@@ -74,26 +75,22 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
         if positions and len(p) + len(c) > positions:
             raise UsageError(f"Query {ids[n]!r} is {len(p) + len(c)} tokens long, more than the "
                              f"model's {positions} positions; shorten its prompt or completion.")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UsageError("No parameter of the model requires grad, so no gradient reaches the "
-                         "watched layers. Leave requires_grad on (the query does not change "
-                         "the parameters or their .grad).")
-    device = params[0].device
+    device = next(model.parameters()).device
     logs = []
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
-            logs.append(_query_batch(run, model, batch, ids[start:start + batch_size], params,
-                                     device, tokenizer, per_token))
+        with frozen(model), torch.enable_grad():  # gradients of activations only
+            for start in range(0, len(pairs), batch_size):
+                batch = pairs[start:start + batch_size]
+                logs.append(_query_batch(run, model, batch, ids[start:start + batch_size],
+                                         device, tokenizer, per_token))
     finally:
         model.train(was_training)
     return StepLog.concat(logs)
 
 
-def _query_batch(run, model, batch, ids, params, device, tokenizer, per_token) -> StepLog:
+def _query_batch(run, model, batch, ids, device, tokenizer, per_token) -> StepLog:
     length = max(len(p) + len(c) for p, c in batch)
     input_ids = torch.zeros(len(batch), length, dtype=torch.long)
     mask = torch.zeros(len(batch), length, dtype=torch.long)
@@ -109,7 +106,7 @@ def _query_batch(run, model, batch, ids, params, device, tokenizer, per_token) -
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:],
                               reduction="none")
         loss = (nll * in_loss[:, 1:]).sum()
-        torch.autograd.grad(loss, params, allow_unused=True)  # hooks fire; .grad untouched
+        loss.backward()  # hooks fire; the model is frozen: no weight gradient, .grad untouched
     log = run.get_log(copy=True)
     if log.tokens is not None:
         tokens = log.tokens

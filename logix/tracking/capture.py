@@ -188,9 +188,15 @@ class GradientCapture:
                 return
             self.forwards[name] += 1
             wants_backward = self._needs_backward
-            if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
-                return  # no gradient will come (inference, or a checkpoint's no-grad pass)
             replaced = None
+            if wants_backward and not (isinstance(output, Tensor) and output.requires_grad):
+                if not (isinstance(output, Tensor) and output.is_floating_point()
+                        and torch.is_grad_enabled()):
+                    return  # no gradient will come (inference, or a checkpoint's no-grad pass)
+                # Frozen weights and an input that needs no gradient: the output becomes a leaf
+                # that does, so backward reaches this layer (and the ones after it) without
+                # computing a weight gradient; nothing before it is changed.
+                output = replaced = output.detach().requires_grad_()
             if wants_backward and tracked.broadcast_input and x.shape[0] == 1 \
                     and (self.examples or 1) > 1 and output.shape[0] == 1:
                 # One input row shared by the batch (position ids [1, T]): each example gets its

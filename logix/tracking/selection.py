@@ -24,8 +24,9 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
 
     Adapters: in a model with LoRA adapters (PEFT), only the active adapters' lora_A / lora_B
     layers are candidates unless a name_filter is given (it then picks among every layer).
-    Frozen layers (weight.requires_grad False) are skipped with a warning unless a name_filter
-    is given. Layers with quantised weights (int8 / 4-bit, e.g. bitsandbytes) are never
+    Frozen layers (weight.requires_grad False) are skipped with a warning when other candidates
+    train, unless a name_filter is given; a wholly frozen model (loaded for queries or a logging
+    pass) has every candidate watched: a step makes their outputs need gradients. Layers with quantised weights (int8 / 4-bit, e.g. bitsandbytes) are never
     watched."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"watch() takes a torch.nn.Module, got {type(model).__name__}.")
@@ -43,15 +44,16 @@ def select_modules(model: nn.Module, name_filter: NameFilter = None,
             continue
         if (adapters and name not in adapters) or is_quantized(module):
             continue
-        weight = getattr(module, "weight", None)
-        if name_filter is None and isinstance(weight, torch.Tensor) and not weight.requires_grad:
-            frozen.append(name)
-            continue
         if name in bypassed:
             warnings.warn(f"Not watching {name!r}: {bypassed[name]}")
             continue
         modules[name] = klass(name, module, include_bias)
-    if frozen:
+        weight = getattr(module, "weight", None)
+        if name_filter is None and isinstance(weight, torch.Tensor) and not weight.requires_grad:
+            frozen.append(name)
+    if frozen and len(frozen) < len(modules):  # some layers train: watch those
+        for name in frozen:
+            del modules[name]
         warnings.warn(f"Not watching frozen layers (weight.requires_grad is False): "
                       f"{frozen[:8]}{' ...' if len(frozen) > 8 else ''}. Name them with "
                       "watch(model, name_filter=...) to attribute through them.")
