@@ -77,7 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "application/json", json.dumps(data, default=str).encode())
         else:
             title, body = page(data)
-            self._send(200, "text/html; charset=utf-8", pages.layout(title, body).encode())
+            self._send(200, "text/html; charset=utf-8", pages.layout(title, body).encode("utf-8"))
 
     def _route(self, segments: List[str], params: dict) -> Tuple[object, Callable]:
         d, links = self.dashboard, pages.Links()
@@ -107,11 +107,9 @@ class _Handler(BaseHTTPRequestHandler):
         if api:
             self._send(status, "application/json", json.dumps({"error": message}).encode())
         else:
-            back = pages.Links().projects()
-            body = (f"<h1>Cannot show this page</h1>{pages.error_box(message)}"
-                    f'<p><a href="{back}">back to the projects</a></p>')
+            body = pages.error_page(message, pages.Links().projects())
             self._send(status, "text/html; charset=utf-8",
-                       pages.layout("LogIX: error", body).encode())
+                       pages.layout("LogIX: error", body).encode("utf-8"))
 
     def _send(self, status: int, kind: str, body: bytes) -> None:
         self.send_response(status)
