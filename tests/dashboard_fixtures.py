@@ -1,6 +1,7 @@
 """A small but complete project for the dashboard tests: a logged MLP with statistics, example
 content (texts, images, labels), a score file with influence groups, a score file with per-token
-scores, evaluation results, a corrupt score file, and a folder that is not a log."""
+scores, evaluation results, a corrupt score file, and a folder that is not a log; and a
+hostile root (`build_hostile`) whose every field read from disk is markup or script."""
 
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def test_links_out_of_the_root_are_refused(linked):
 
 # --------------------------------------------------------------------------- 12: a burst
 def test_a_burst_of_connections_is_answered(root):
-    n, deadline = 200, 15.0
+    n, deadline = 200, 10.0
     with serving([root["root"]]) as url:
         port = int(url.rsplit(":", 1)[1])
         start = time.monotonic()
@@ -249,35 +249,31 @@ def test_a_burst_of_connections_is_answered(root):
             s.close()
             answers.append(data.split(b"\r\n", 1)[0])
         elapsed = time.monotonic() - start
-    statuses = {a for a in answers}
+    statuses = set(answers)
     assert statuses <= {b"HTTP/1.0 200 OK", b"HTTP/1.0 503 Service Unavailable"}, statuses
-    assert elapsed < deadline
+    assert elapsed < deadline, f"{n} connections took {elapsed:.1f} s"
+    print(f"{n} connections answered in {elapsed:.2f} s: {sorted(statuses)}")
 
 
-def test_busy_answer_is_a_clear_503(root):
+def test_busy_answer_is_a_clear_503(root, monkeypatch):
     from logix.dashboard.server import DashboardServer
 
+    monkeypatch.setattr(DashboardServer, "workers", 1)
+    monkeypatch.setattr(DashboardServer, "max_waiting", 1)
     with serving([root["root"]]) as url:
-        pass
-    original = DashboardServer.max_waiting, DashboardServer.workers
-    DashboardServer.max_waiting, DashboardServer.workers = 1, 1
-    try:
-        with serving([root["root"]]) as url:
-            statuses, bodies = [], []
-            socks = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-                     for _ in range(30)]
-            for s in socks:
-                s.sendall(b"GET /api/project/demo?hash=1 HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            for s in socks:
-                s.settimeout(30)
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-                statuses.append(data.split(b" ", 2)[1])
-                bodies.append(data)
-                s.close()
-    finally:
-        DashboardServer.max_waiting, DashboardServer.workers = original
-    assert set(statuses) == {b"200", b"503"}
-    busy = next(b for b, s in zip(bodies, statuses) if s == b"503")
-    assert b"busy" in busy and b"retry" in busy
+        socks = []
+        for _ in range(30):  # like a browser: connect, send at once
+            s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+            s.sendall(b"GET /api/project/demo?hash=1 HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            socks.append(s)
+        answers = []
+        for s in socks:
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            answers.append(data)
+            s.close()
+    statuses = {a.split(b" ", 2)[1] for a in answers}
+    assert statuses == {b"200", b"503"}
+    busy = next(a for a in answers if a.split(b" ", 2)[1] == b"503")
+    assert b"busy" in busy and b"retry in a moment" in busy and b"Retry-After: 1" in busy

@@ -78,19 +78,19 @@ class DashboardServer(HTTPServer):
                 self.shutdown_request(request)
 
     def _busy(self, request) -> None:
-        """503 without blocking: read what the client already sent (so closing does not reset
-        the connection before it reads the answer), then answer."""
-        body = (f"LogIX dashboard is busy ({self.max_waiting} requests waiting or a request "
+        """503, quickly: read the request if it is there within 20 ms (closing a socket with
+        unread data resets the connection before the client reads the answer), then answer."""
+        body = (f"LogIX dashboard is busy ({self.max_waiting} requests waiting, or this one "
                 f"waited over {self.max_wait_s:.0f} s); retry in a moment.\n").encode()
         head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
         try:
-            request.setblocking(False)
+            request.settimeout(0.02)
             try:
                 request.recv(65536)
-            except BlockingIOError:
+            except socket.timeout:
                 pass
-            request.send(head.encode() + body)
+            request.sendall(head.encode() + body)
         except OSError:
             pass
 
