@@ -538,7 +538,8 @@ def _cmd_ui(args) -> int:
     if not is_loopback(args.host):
         print(f"warning: --host {args.host} is not a loopback address: anyone who can reach it "
               "can read these logs, scores and example content (the dashboard has no "
-              "authentication). Use --host 127.0.0.1 unless that is what you want.",
+              "authentication). Use --host 127.0.0.1 unless that is what you want; other "
+              "machines reach it by the names given with --allow-host.",
               file=sys.stderr, flush=True)
     try:
         serve(args.roots, args.host, args.port, allowed_hosts=args.allow_host,

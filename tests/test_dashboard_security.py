@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pytest
 
 import dashboard_fixtures
-from dashboard_fixtures import BAD_ID, BAD_QUERY, HOSTILE, X_ATTR, X_SCRIPT, serving
+from dashboard_fixtures import BAD_ID, HOSTILE, X_ATTR, X_SCRIPT, serving
 
 from logix.cli import main
 from logix.dashboard import build_report

@@ -392,8 +392,8 @@ def _last_write(path: str) -> Optional[float]:
             continue
         with entries:
             for entry in entries:
-                if entry.is_file():
-                    latest = max(latest or 0.0, entry.stat().st_mtime)
+                if entry.is_file(follow_symlinks=False):
+                    latest = max(latest or 0.0, entry.stat(follow_symlinks=False).st_mtime)
     return latest
 
 
