@@ -124,6 +124,17 @@ def test_non_utf8_file_names_link_to_their_files(hostile):
         os.remove(os.path.join(project, name))
 
 
+def test_a_page_that_fails_to_render_is_a_500_message(server, monkeypatch):
+    from logix.dashboard import pages
+
+    def broken(data, links):
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(pages, "projects_page", broken)
+    status, html, _ = fetch(server + "/")  # was: the connection dropped, no answer
+    assert status == 500 and "UnicodeEncodeError" in html
+
+
 # --------------------------------------------------------------------------- 5: Host header
 def _get_with_host(base: str, host, path: str = "/api/projects"):
     port = int(base.rsplit(":", 1)[1])

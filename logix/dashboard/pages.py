@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import quote, urlencode
 
 from logix.dashboard import plots
-from logix.dashboard.markup import Markup, join, render, static, text, url
+from logix.dashboard.markup import Markup, join, render, static, url
 
 SIGN_NOTE = ("Positive score: training on the example lowers the query's loss (helpful); "
              "negative: it raises it (harmful).")
@@ -85,7 +85,7 @@ def projects_page(data: Dict[str, Any], links: Links) -> Markup:
             cells = render("<td>$name</td>$cells", name=name, cells=join(
                 render('<td data-field="$f" class="num">$v</td>', f=f, v=_cell(f, row))
                 for f in _PROJECT_FIELDS))
-        rows.append(render('<tr data-key="$key">$cells</tr>', key=text(row["key"]), cells=cells))
+        rows.append(render('<tr data-key="$key">$cells</tr>', key=row["key"], cells=cells))
     if not rows:
         rows.append(render('<tr><td colspan="$n" class="muted">no projects found</td></tr>',
                            n=len(_PROJECT_FIELDS) + 1))
@@ -94,7 +94,7 @@ def projects_page(data: Dict[str, Any], links: Links) -> Markup:
     return render('<h1>LogIX projects</h1>\n<p class="muted">Roots: $roots</p>\n$problems\n'
                   '<table id="projects" class="grid"><thead><tr>$head</tr></thead>'
                   '<tbody>$rows</tbody></table>\n$live',
-                  roots=", ".join(map(text, data["roots"])),
+                  roots=", ".join(data["roots"]),
                   problems=join(map(error_box, data["problems"])),
                   head=join(render("<th>$h</th>", h=h) for h in ("project",) + _PROJECT_FIELDS),
                   rows=join(rows), live=live)
@@ -209,7 +209,7 @@ def _projection_html(s: Dict[str, Any]) -> Markup:
     elif pfile["error"]:
         detail = error_box(f"{pfile['file']} is not readable: {pfile['error']}")
     else:
-        shapes = ", ".join(f"{text(k)} {v[0]}x{v[1]}" for k, v in pfile["shapes"].items())
+        shapes = ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in pfile["shapes"].items())
         detail = render('<p class="muted">matrices: $s</p>', s=shapes or "none (identity)")
     return render("<h2>Projection</h2><p>init <b>$init</b>, seed $seed; $ratio$detail</p>",
                   init=proj.get("init", "?"), seed=proj.get("seed", "?"), ratio=ratio,
@@ -243,11 +243,11 @@ def scores_page(views: List[Dict[str, Any]], links: Links) -> Markup:
                     q=first["shape"][0], t=first["shape"][1], note=SIGN_NOTE)]
     if first["meta"]:
         parts.append(render('<p class="muted">$meta</p>', meta=", ".join(
-            f"{text(k)}: {json.dumps(v)}" for k, v in first["meta"].items())))
+            f"{k}: {json.dumps(v)}" for k, v in first["meta"].items())))
     shown = {v["query"] for v in views}
     options = join(render(
         '<option value="$index"$selected$disabled>$index: $id$label</option>',
-        index=q["index"], id=_id(q["id"]), label=f" - {text(q['label'])}" if q["label"] else "",
+        index=q["index"], id=_id(q["id"]), label=f" - {q['label']}" if q["label"] else "",
         selected=render(" selected") if q["index"] == first["query"] else "",
         disabled=render(" disabled") if links.report and q["index"] not in shown else "")
         for q in first["queries"])
@@ -266,7 +266,7 @@ def scores_page(views: List[Dict[str, Any]], links: Links) -> Markup:
         ranked = render(" &middot; ranked by <b>$g</b>", g=first["group"]) \
             if first["group"] else ""
         parts.append(render("<p>Groups: $groups$rank_by$ranked</p>",
-                            groups=", ".join(map(text, first["groups"])), rank_by=rank_by,
+                            groups=", ".join(map(str, first["groups"])), rank_by=rank_by,
                             ranked=ranked))
     for view in views:
         parts.append(render('<div class="query-view" data-query="$q"$hidden>$body</div>',
@@ -361,7 +361,7 @@ def _num(value) -> str:
     if value is None:
         return "-"
     number = _number(value)
-    return f"{number:.4g}" if number is not None else text(value)
+    return f"{number:.4g}" if number is not None else str(value)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -369,21 +369,21 @@ def _k_order(k: str):
     try:
         return (0, int(k), "")
     except (TypeError, ValueError):
-        return (1, 0, text(k))
+        return (1, 0, str(k))
 
 
 def _flip(r: Dict[str, Any]) -> str:
     base = _number(r.get("base_margin"))
     if base is not None and base <= 0:
         return "wrong to begin with"
-    return "no flip" if r.get("k_flip") is None else text(r["k_flip"])
+    return "no flip" if r.get("k_flip") is None else str(r["k_flip"])
 
 
 def _pairs(mapping) -> str:
     if not isinstance(mapping, dict):
-        return text(mapping)
-    return ", ".join(f"k={text(k)}: {_num(v)}" for k, v in sorted(mapping.items(),
-                                                                    key=lambda kv: _k_order(kv[0])))
+        return str(mapping)
+    ordered = sorted(mapping.items(), key=lambda kv: _k_order(kv[0]))
+    return ", ".join(f"k={k}: {_num(v)}" for k, v in ordered)
 
 
 def evaluation_page(data: Dict[str, Any], links: Links) -> Markup:
@@ -397,7 +397,7 @@ def evaluation_page(data: Dict[str, Any], links: Links) -> Markup:
             '<p class="big">LDS <span id="lds-value">$mean</span> <span class="muted">mean '
             'Spearman correlation over $n of $total queries</span></p>',
             mean="undefined" if data["lds"] is None else
-            (f"{mean:.4f}" if mean is not None else text(data["lds"])),
+            (f"{mean:.4f}" if mean is not None else str(data["lds"])),
             n=sum(v is not None for v in numbers), total=len(per_query)))
         ordered = sorted((v for v in numbers if v is not None), reverse=True)
         parts.append(render('<div class="plots">$h$l</div>', h=plots.histogram(
@@ -417,7 +417,7 @@ def evaluation_page(data: Dict[str, Any], links: Links) -> Markup:
                 base=_num(r.get("base_margin")), flip=_flip(r), margins=_pairs(r.get("margins")),
                 random=_pairs(r.get("random_flip_fraction"))))
             ks = sorted((k for k in margins if _k_order(k)[0] == 0), key=_k_order)
-            series.append((f"test {text(r.get('test_index'))}", [0] + [int(k) for k in ks],
+            series.append((f"test {r.get('test_index')}", [0] + [int(k) for k in ks],
                            [_number(r.get("base_margin"))] + [_number(margins[k]) for k in ks]))
         flipped = sum(r.get("k_flip") is not None for r in results)
         parts.append(render(

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from logix.dashboard.markup import Markup, join, render, text
+from logix.dashboard.markup import Markup, join, render
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 460, 220, 56, 12, 14, 34
@@ -55,7 +55,7 @@ def line_plot(series: List[Series], title: str = "", xlabel: str = "", ylabel: s
 def bar_plot(labels: Sequence[str], values: Sequence[Optional[float]], title: str = "",
              ylabel: str = "") -> Markup:
     """Vertical bars from 0 (negative values go down); None values are left out."""
-    pairs = [(text(l), float(v)) for l, v in zip(labels, values)
+    pairs = [(str(l), float(v)) for l, v in zip(labels, values)
              if v is not None and math.isfinite(float(v))]
     if not pairs:
         return _empty(title, "nothing to plot")
@@ -172,7 +172,7 @@ def _legend(labels: Sequence[str]) -> Markup:
     return join(render('<rect x="$x" y="$y0" width="10" height="10" fill="$c"/><text x="$tx" '
                        'y="$y1" class="tick">$l</text>', x=_W - _PAD_R - 120,
                        y0=_PAD_T + 4 + 13 * n, c=COLORS[n % len(COLORS)], tx=_W - _PAD_R - 106,
-                       y1=_PAD_T + 13 + 13 * n, l=text(label)[:18])
+                       y1=_PAD_T + 13 + 13 * n, l=str(label)[:18])
                 for n, label in enumerate(labels[:8]))
 
 

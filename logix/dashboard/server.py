@@ -177,17 +177,16 @@ class _Handler(BaseHTTPRequestHandler):
             segments = segments[1:]
         try:
             data, page = self._route(segments, params)
+            if api:
+                kind, body = "application/json", json.dumps(_display(data), default=str)
+            else:
+                kind, body = "text/html; charset=utf-8", pages.layout(*page(data))
         except DashboardError as e:
             return self._fail(api, e.status, str(e))
         except Exception as e:  # noqa: BLE001 - the page says what failed, the server stays up
             logger.exception("ui: %s failed", self.path)
             return self._fail(api, 500, f"{type(e).__name__}: {e}")
-        if api:
-            self._send(200, "application/json",
-                       json.dumps(_display(data), default=str).encode())
-        else:
-            title, body = page(data)
-            self._send(200, "text/html; charset=utf-8", pages.layout(title, body).encode("utf-8"))
+        self._send(200, kind, body.encode("utf-8"))
 
     def _route(self, segments: List[str], params: dict) -> Tuple[object, Callable]:
         d, links = self.dashboard, pages.Links()
