@@ -98,8 +98,9 @@ class DashboardServer(HTTPServer):
         super().server_close()
         for _ in self._threads:
             self._waiting.put(None)
+        deadline = time.monotonic() + 5
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(deadline - time.monotonic(), 0))
 
 
 def is_loopback(host: str) -> bool:
