@@ -120,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="project folders or folders of projects (default: ./logix_logs)")
     ui.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0: any free)")
     ui.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default 127.0.0.1: this machine only)")
+                    help="address to bind (default 127.0.0.1: this machine only; there is no "
+                         "authentication, so anyone who can reach another address can read "
+                         "the logs)")
+    ui.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="another name the browser may use in the URL (repeatable); requests "
+                         "for names other than loopback, the bound address and these are "
+                         "refused (421)")
     ui.set_defaults(handler=_cmd_ui)
 
     report = sub.add_parser("report", help="write the dashboard as one HTML file",
@@ -532,13 +538,20 @@ def _describe_entry(entry: Dict, bracket: bool = False) -> str:
 # --------------------------------------------------------------------------- ui, report
 def _cmd_ui(args) -> int:
     from logix.dashboard import serve
+    from logix.dashboard.server import is_loopback
 
     for root in args.roots:
         if not os.path.isdir(root):
             raise CliError(f"{root!r} is not a folder; pass <root_dir> or a project folder.",
                            EXIT_USAGE)
+    if not is_loopback(args.host):
+        print(f"warning: --host {args.host} is not a loopback address: anyone who can reach it "
+              "can read these logs, scores and example content (the dashboard has no "
+              "authentication). Use --host 127.0.0.1 unless that is what you want; other "
+              "machines reach it by the names given with --allow-host.",
+              file=sys.stderr, flush=True)
     try:
-        serve(args.roots, args.host, args.port,
+        serve(args.roots, args.host, args.port, allowed_hosts=args.allow_host,
               ready=lambda url: print(f"LogIX dashboard on {url} (read-only; Ctrl-C stops)",
                                       flush=True))
     except OSError as e:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import time
 import zlib
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from dashboard_fixtures import N_TRAIN, TOKENS
+from dashboard_fixtures import N_TRAIN, TOKENS, X_ATTR, X_JSON, X_MODULE, X_SCRIPT, X_URL
 import dashboard_fixtures
 
 
@@ -29,7 +30,8 @@ webdriver = pytest.importorskip("selenium.webdriver",
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-root, server = dashboard_fixtures.root, dashboard_fixtures.server  # pytest fixtures
+root, server, hostile = (dashboard_fixtures.root, dashboard_fixtures.server,
+                         dashboard_fixtures.hostile)  # pytest fixtures
 
 _WAIT = 60  # seconds a page may take on a loaded machine (a ceiling, not a measurement)
 
@@ -166,3 +168,36 @@ def test_static_report_offline(browser, root, tmp_path):
     browser.find_element(By.CSS_SELECTOR, '#project-demo a.score-link').click()
     assert "#scores-demo-scores_" in browser.current_url  # in-file anchors, no server
     assert_not_blank(browser, str(tmp_path / "report.png"))
+
+
+def assert_nothing_ran(driver, where: str) -> str:
+    """No injected script or handler ran, no injected element exists; the page's text."""
+    time.sleep(0.2)  # let image error handlers fire
+    assert driver.execute_script("return typeof window.__xss") == "undefined", where
+    assert not driver.find_elements(By.CSS_SELECTOR, 'img[src="x"], a[href^="javascript:"]'), where
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_hostile_fields_are_text_not_code(browser, hostile, tmp_path):
+    """Every field read from disk holds markup or script (file and folder names, module names,
+    ids, texts, labels, tokens, meta, result fields): no script runs in the live pages or the
+    report, and the hostile strings are visible as text."""
+    from logix.dashboard import build_report
+
+    shown = ""
+    for path in dashboard_fixtures.hostile_paths(hostile["key"]):
+        browser.get(hostile["server"] + path)
+        shown += assert_nothing_ran(browser, path)
+    scores = hostile["server"] + dashboard_fixtures.hostile_paths(hostile["key"])[2]
+    browser.get(scores)
+    Select(browser.find_element(By.CSS_SELECTOR, "select.query-select")).select_by_value("1")
+    wait_for(browser, lambda d: "q_" in text(d, ".query-id"))
+    shown += assert_nothing_ran(browser, "query picker")
+    out = build_report([hostile["root"]], str(tmp_path / "report.html"), max_queries=2, k=6)
+    browser.get("file://" + os.path.abspath(out))
+    shown += assert_nothing_ran(browser, "report")
+    for select in browser.find_elements(By.CSS_SELECTOR, "select.query-select"):
+        Select(select).select_by_value("1")
+    shown += assert_nothing_ran(browser, "report, second queries")
+    for value in (X_SCRIPT, X_ATTR, X_MODULE, X_URL, X_JSON, "img_\\udcff.png", "q_\\udcfe"):
+        assert value in shown, value

@@ -37,12 +37,24 @@ class Dashboard:
 
     def __init__(self, roots: List[str]) -> None:
         self.roots = [os.path.abspath(r) for r in roots]
+        self._real_roots = [os.path.realpath(r) for r in roots]
         self._cache: Dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ discovery
-    def folders(self) -> Dict[str, str]:
-        """{key: project folder}, keys unique (a repeated folder name gets a -2, -3 suffix)."""
+    def inside(self, path: str) -> bool:
+        """Whether `path`, links resolved (os.path.realpath), stays inside a served root. The
+        dashboard reads nothing else: a link out of the root is not followed."""
+        real = os.path.realpath(path)
+        return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep)
+                   for r in self._real_roots)
+
+    def _outside(self, path: str, what: str) -> str:
+        return (f"{what} {path!r} is a link to {os.path.realpath(path)!r}, outside the folders "
+                f"being served ({', '.join(self.roots)}); the dashboard does not follow links "
+                "out of them. Copy the file in, or serve the folder it lives in.")
+
+    def _candidates(self) -> List[str]:
         found = []
         for root in self.roots:
             if _has_manifest(root) or _looks_like_log(root):
@@ -54,8 +66,13 @@ class Dashboard:
                 continue
             paths = [os.path.join(root, n) for n in names]
             found += [p for p in paths if _has_manifest(p) or _looks_like_log(p)]
+        return found
+
+    def folders(self) -> Dict[str, str]:
+        """{key: project folder}, keys unique (a repeated folder name gets a -2, -3 suffix);
+        folders that are links out of the roots are left out (root_problems names them)."""
         keys: Dict[str, str] = {}
-        for path in found:
+        for path in filter(self.inside, self._candidates()):
             key = base = os.path.basename(path.rstrip(os.sep)) or "project"
             n = 1
             while key in keys:
@@ -69,11 +86,33 @@ class Dashboard:
         if key not in folders:
             raise DashboardError(f"No project {key!r} under {', '.join(self.roots)}; known: "
                                  f"{sorted(folders) or 'none'}.")
+        problem = self._log_links_out(folders[key])
+        if problem:
+            raise DashboardError(problem, 403)
         return folders[key]
+
+    def _refuse_link_out(self, path: str, rel: str, what: str) -> None:
+        full = os.path.join(path, rel)
+        if os.path.islink(full) and not self.inside(full):
+            raise DashboardError(self._outside(full, what), 403)
+
+    def _log_links_out(self, path: str) -> Optional[str]:
+        """A message if the manifest, or anything under logs/, state/, cache/ or content/, is
+        a link that leaves the roots (then nothing of the project is read), else None."""
+        for folder, dirs, files in os.walk(path):
+            if folder == path:
+                dirs[:] = [d for d in dirs if d in _RESERVED]
+                files = [f for f in files if f == MANIFEST]
+            for name in dirs + files:
+                full = os.path.join(folder, name)
+                if os.path.islink(full) and not self.inside(full):
+                    return self._outside(full, "In this project,")
+        return None
 
     def root_problems(self) -> List[str]:
         """Messages for roots that hold no project at all (not a log folder, or missing)."""
-        problems = []
+        problems = [self._outside(p, "The project folder") for p in self._candidates()
+                    if not self.inside(p)]
         for root in self.roots:
             if not os.path.isdir(root):
                 problems.append(f"{root!r} does not exist or is not a folder.")
@@ -92,8 +131,15 @@ class Dashboard:
     def project_row(self, key: str, path: str) -> Dict[str, Any]:
         row: Dict[str, Any] = {"key": key, "path": path, "disk_bytes": _disk_bytes(path),
                                "last_write": _last_write(path)}
+        problem = self._log_links_out(path)
         try:
+            if problem:
+                raise LogFormatError(problem)
             manifest, raw = _manifest(path)
+            for shard in manifest.shards:
+                if not self.inside(os.path.join(path, shard.file)):
+                    raise LogFormatError(self._outside(os.path.join(path, shard.file),
+                                                       "The shard"))
         except LogFormatError as e:
             row["error"] = str(e)
             return row
@@ -138,6 +184,8 @@ class Dashboard:
                 if seen > _MAX_SCAN:
                     return {"score_files": scores, "evaluation_files": evaluations}
                 full = os.path.join(folder, name)
+                if not self.inside(full):
+                    continue
                 rel = os.path.relpath(full, path).replace(os.sep, "/")
                 if name.endswith(".safetensors"):  # a damaged one is listed: its page says why
                     scores.append({"file": rel, "bytes": os.path.getsize(full)})
@@ -213,6 +261,7 @@ class Dashboard:
     def score_file(self, key: str, rel: str) -> str:
         path = self.folder(key)
         files = {f["file"] for f in self._files(path)["score_files"]}
+        self._refuse_link_out(path, rel, "The score file")
         if rel not in files:
             raise DashboardError(f"No score file {rel!r} in project {key!r}; its score files: "
                                  f"{sorted(files) or 'none'}.")
@@ -263,8 +312,9 @@ class Dashboard:
         from logix.evaluation.results import load_results
 
         path = self.folder(key)
-        files = {f["file"] for f in self._files(path)["evaluation_files"]}
         full = os.path.join(path, rel)
+        files = {f["file"] for f in self._files(path)["evaluation_files"]}
+        self._refuse_link_out(path, rel, "The result file")
         if rel not in files:
             raise DashboardError(f"No evaluation result file {rel!r} in project {key!r}; its "
                                  f"result files: {sorted(files) or 'none'}.")
@@ -326,7 +376,7 @@ def _disk_bytes(path: str) -> int:
     for folder, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.path.getsize(os.path.join(folder, name))
+                total += os.lstat(os.path.join(folder, name)).st_size  # a link: its own size
             except OSError:
                 pass
     return total
@@ -342,8 +392,8 @@ def _last_write(path: str) -> Optional[float]:
             continue
         with entries:
             for entry in entries:
-                if entry.is_file():
-                    latest = max(latest or 0.0, entry.stat().st_mtime)
+                if entry.is_file(follow_symlinks=False):
+                    latest = max(latest or 0.0, entry.stat(follow_symlinks=False).st_mtime)
     return latest
 
 

@@ -1,19 +1,19 @@
-"""HTML of every dashboard page, built from the JSON of data.py. The live server and the static
-report render the same markup; only links differ (URLs there, #anchors in the report)."""
+"""HTML of every dashboard page, built from the JSON of data.py with markup.render (every value
+escaped). The live server and the static report render the same markup; only links differ
+(URLs there, #anchors in the report)."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 import time
-from html import escape
-from importlib import resources
-from string import Template
 from typing import Any, Dict, List, Optional
 from urllib.parse import quote, urlencode
 
 from logix.dashboard import plots
+from logix.dashboard.markup import Markup, join, render, static, url
 
 SIGN_NOTE = ("Positive score: training on the example lowers the query's loss (helpful); "
              "negative: it raises it (harmful).")
@@ -25,67 +25,79 @@ class Links:
     def __init__(self, report: bool = False) -> None:
         self.report = report
 
-    def projects(self) -> str:
-        return "#projects" if self.report else "/"
+    def projects(self) -> Markup:
+        return url("#projects" if self.report else "/")
 
-    def project(self, key: str) -> str:
-        return f"#{anchor('project', key)}" if self.report else f"/project/{quote(key)}"
+    def project(self, key: str) -> Markup:
+        return url(f"#{anchor('project', key)}" if self.report else f"/project/{_quote(key)}")
 
     def scores(self, key: str, file: str, query: Optional[int] = None,
-               group: Optional[str] = None) -> str:
+               group: Optional[str] = None) -> Markup:
         if self.report:
-            return f"#{anchor('scores', key, file)}"
+            return url(f"#{anchor('scores', key, file)}")
         params = {k: v for k, v in (("query", query), ("group", group)) if v is not None}
-        return f"/scores/{quote(key)}/{quote(file)}" + (f"?{urlencode(params)}" if params else "")
+        query_string = f"?{urlencode(params, errors='surrogateescape')}" if params else ""
+        return url(f"/scores/{_quote(key)}/{_quote(file)}{query_string}")
 
-    def evaluation(self, key: str, file: str) -> str:
-        return f"#{anchor('evaluation', key, file)}" if self.report else \
-            f"/evaluation/{quote(key)}/{quote(file)}"
+    def evaluation(self, key: str, file: str) -> Markup:
+        return url(f"#{anchor('evaluation', key, file)}" if self.report else
+                   f"/evaluation/{_quote(key)}/{_quote(file)}")
+
+
+def _quote(value: str) -> str:
+    # surrogateescape: a non-UTF-8 file name's bytes go into the URL as they are (%FF)
+    return quote(value, errors="surrogateescape")
 
 
 def anchor(*parts: str) -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", p) for p in parts)
 
 
-def layout(title: str, body: str, report: bool = False) -> str:
+def layout(title: str, body: Markup, report: bool = False) -> Markup:
     """A whole HTML document; style and script are inlined (no network needed to open it)."""
-    files = resources.files("logix.dashboard")
-    page = Template((files / "templates" / "page.html").read_text(encoding="utf-8"))
-    return page.substitute(title=escape(title), body=body, mode="report" if report else "live",
-                           style=(files / "static" / "style.css").read_text(encoding="utf-8"),
-                           script=(files / "static" / "app.js").read_text(encoding="utf-8"))
+    return render(static("templates", "page.html"), title=title, body=body,
+                  mode="report" if report else "live", style=static("static", "style.css"),
+                  script=static("static", "app.js"))
 
 
-def error_box(message: str) -> str:
-    return f'<div class="error" role="alert">{escape(message)}</div>'
+def error_box(message: str) -> Markup:
+    return render('<div class="error" role="alert">$m</div>', m=message)
+
+
+def error_page(message: str, back: Markup) -> Markup:
+    return render('<h1>Cannot show this page</h1>$box<p><a href="$back">back to the projects'
+                  '</a></p>', box=error_box(message), back=back)
 
 
 # --------------------------------------------------------------------------- projects
-def projects_page(data: Dict[str, Any], links: Links) -> str:
-    parts = ['<h1>LogIX projects</h1>',
-             f'<p class="muted">Roots: {escape(", ".join(data["roots"]))}</p>']
-    parts += [error_box(p) for p in data["problems"]]
-    head = ("project", "state", "rows", "width", "modules", "shards", "checkpoints", "disk",
-            "last write")
+_PROJECT_FIELDS = ("state", "rows", "width", "modules", "shards", "checkpoints", "disk",
+                   "last write")
+
+
+def projects_page(data: Dict[str, Any], links: Links) -> Markup:
     rows = []
     for row in data["projects"]:
-        name = f'<a href="{links.project(row["key"])}">{escape(row["key"])}</a>'
+        name = render('<a href="$href">$key</a>', href=links.project(row["key"]), key=row["key"])
         if "error" in row:
-            cells = (f'<td>{name}</td><td colspan="{len(head) - 1}" class="error-cell">'
-                     f'{escape(row["error"])}</td>')
+            cells = render('<td>$name</td><td colspan="$n" class="error-cell">$error</td>',
+                           name=name, n=len(_PROJECT_FIELDS), error=row["error"])
         else:
-            cells = f"<td>{name}</td>" + "".join(
-                f'<td data-field="{f}" class="num">{escape(_cell(f, row))}</td>'
-                for f in head[1:])
-        rows.append(f'<tr data-key="{escape(row["key"])}">{cells}</tr>')
+            cells = render("<td>$name</td>$cells", name=name, cells=join(
+                render('<td data-field="$f" class="num">$v</td>', f=f, v=_cell(f, row))
+                for f in _PROJECT_FIELDS))
+        rows.append(render('<tr data-key="$key">$cells</tr>', key=row["key"], cells=cells))
     if not rows:
-        rows.append(f'<tr><td colspan="{len(head)}" class="muted">no projects found</td></tr>')
-    parts.append(f'<table id="projects" class="grid"><thead><tr>'
-                 f'{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>'
-                 f'<tbody>{"".join(rows)}</tbody></table>')
-    if not links.report:
-        parts.append('<p class="muted" id="live-note">Live: this table refreshes every 2 s.</p>')
-    return "\n".join(parts)
+        rows.append(render('<tr><td colspan="$n" class="muted">no projects found</td></tr>',
+                           n=len(_PROJECT_FIELDS) + 1))
+    live = "" if links.report else render(
+        '<p class="muted" id="live-note">Live: this table refreshes every 2 s.</p>')
+    return render('<h1>LogIX projects</h1>\n<p class="muted">Roots: $roots</p>\n$problems\n'
+                  '<table id="projects" class="grid"><thead><tr>$head</tr></thead>'
+                  '<tbody>$rows</tbody></table>\n$live',
+                  roots=", ".join(data["roots"]),
+                  problems=join(map(error_box, data["problems"])),
+                  head=join(render("<th>$h</th>", h=h) for h in ("project",) + _PROJECT_FIELDS),
+                  rows=join(rows), live=live)
 
 
 def _cell(field: str, row: Dict[str, Any]) -> str:
@@ -117,12 +129,18 @@ def when(stamp: Optional[float]) -> str:
 
 
 # --------------------------------------------------------------------------- project
-def project_page(data: Dict[str, Any], links: Links) -> str:
+def _crumbs(links: Links, key: Optional[str] = None) -> Markup:
+    if key is None:
+        return render('<p class="crumbs"><a href="$p">projects</a> /</p>', p=links.projects())
+    return render('<p class="crumbs"><a href="$p">projects</a> / <a href="$href">$key</a> /</p>',
+                  p=links.projects(), href=links.project(key), key=key)
+
+
+def project_page(data: Dict[str, Any], links: Links) -> Markup:
     key = data["key"]
-    parts = [f'<p class="crumbs"><a href="{links.projects()}">projects</a> /</p>',
-             f'<h1>{escape(key)}</h1>']
+    head = render("$crumbs\n<h1>$key</h1>", crumbs=_crumbs(links), key=key)
     if "error" in data:
-        return "\n".join(parts + [error_box(data["error"]), _file_lists(data, links)])
+        return join([head, error_box(data["error"]), _file_lists(data, links)], "\n")
     s = data["summary"]
     facts = [("folder", s["path"]), ("dtype", s["dtype"]), ("rows", s["rows"]),
              ("row width", s["row_width"]), ("shards", s["shards"]["count"]),
@@ -130,15 +148,12 @@ def project_page(data: Dict[str, Any], links: Links) -> str:
              ("disk", human_bytes(data["row"]["disk_bytes"])),
              ("state", data["row"]["state"]), ("last write", when(data["row"]["last_write"])),
              ("described examples", data["content"]["described"])]
-    parts.append('<table class="facts">' + "".join(
-        f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts) + "</table>")
+    parts = [head, render('<table class="facts">$rows</table>', rows=join(
+        render("<tr><th>$k</th><td>$v</td></tr>", k=k, v=v) for k, v in facts))]
     parts += [error_box(e) for e in data["content"]["errors"]]
-    parts.append(_verify_html(data["verify"]))
-    parts.append(_modules_html(s))
-    parts.append(_projection_html(s))
-    parts.append('<h2>Curvature spectra</h2>'
-                 '<p class="muted">Eigenvalues of each statistic (sum / count), largest first, '
-                 'log scale.</p>')
+    parts += [_verify_html(data["verify"]), _modules_html(s), _projection_html(s)]
+    parts.append(render('<h2>Curvature spectra</h2><p class="muted">Eigenvalues of each '
+                        'statistic (sum / count), largest first, log scale.</p>'))
     spectra = data["spectra"]
     if "error" in spectra:
         parts.append(error_box(spectra["error"]))
@@ -149,129 +164,136 @@ def project_page(data: Dict[str, Any], links: Links) -> str:
                       for kind, v in kinds.items() if "eigenvalues" in v]
             figures.append(plots.line_plot(series, title=f"module {module}", xlabel="index",
                                            ylabel="eigenvalue", log_y=True))
-        parts.append(f'<div class="plots" id="spectra">{"".join(figures)}</div>'
-                     if figures else '<p class="muted">no statistics collected</p>')
+        parts.append(render('<div class="plots" id="spectra">$f</div>', f=join(figures))
+                     if figures else render('<p class="muted">no statistics collected</p>'))
     growth = data["growth"]
-    parts.append('<h2>Log growth</h2><div class="plots">' + plots.line_plot(
+    parts.append(render('<h2>Log growth</h2><div class="plots">$plot</div>', plot=plots.line_plot(
         [("rows", growth["shard"], growth["rows"])], title="rows after each shard",
-        xlabel="shard", ylabel="rows", markers=len(growth["rows"]) < 3) + "</div>")
+        xlabel="shard", ylabel="rows", markers=len(growth["rows"]) < 3)))
     parts.append(_file_lists(data, links))
-    return "\n".join(parts)
+    return join(parts, "\n")
 
 
-def _verify_html(verify: Dict[str, Any]) -> str:
+def _verify_html(verify: Dict[str, Any]) -> Markup:
     status = "OK" if verify["ok"] else "FAILED"
     hashed = "" if verify["hashed"] else " (sizes and headers; checksums not checked)"
-    items = [f'<li class="err">ERROR {escape(e)}</li>' for e in verify["errors"]]
-    items += [f'<li class="warn">WARN {escape(w)}</li>' for w in verify["warnings"]]
-    return (f'<h2>Verify</h2><p id="verify-status" class="{status.lower()}">{status}: '
-            f'{len(verify["errors"])} errors, {len(verify["warnings"])} warnings{hashed}</p>'
-            + (f'<ul class="issues">{"".join(items)}</ul>' if items else ""))
+    items = [render('<li class="err">ERROR $e</li>', e=e) for e in verify["errors"]]
+    items += [render('<li class="warn">WARN $w</li>', w=w) for w in verify["warnings"]]
+    return render('<h2>Verify</h2><p id="verify-status" class="$cls">$status: $n_err errors, '
+                  '$n_warn warnings$hashed</p>$items', cls=status.lower(), status=status,
+                  n_err=len(verify["errors"]), n_warn=len(verify["warnings"]), hashed=hashed,
+                  items=render('<ul class="issues">$i</ul>', i=join(items)) if items else "")
 
 
-def _modules_html(s: Dict[str, Any]) -> str:
+def _modules_html(s: Dict[str, Any]) -> Markup:
     itemsize = (s["bytes_per_example"] // s["row_width"]) if s["row_width"] and \
         s["bytes_per_example"] else None
-    rows = []
-    for m in s["modules"]:
-        rows.append("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in (
-            m["name"], m["type"], f"{m['gradient'][0]} x {m['gradient'][1]}"
-            + (" (+bias)" if m["bias"] else ""), f"{m['rank'][0]} x {m['rank'][1]}",
-            m["offset"], m["width"], human_bytes(m["width"] * itemsize) if itemsize else "-"))
-            + "</tr>")
+    rows = [render("<tr>$cells</tr>", cells=join(render("<td>$v</td>", v=v) for v in (
+        m["name"], m["type"],
+        f"{m['gradient'][0]} x {m['gradient'][1]}" + (" (+bias)" if m["bias"] else ""),
+        f"{m['rank'][0]} x {m['rank'][1]}", m["offset"], m["width"],
+        human_bytes(m["width"] * itemsize) if itemsize else "-"))) for m in s["modules"]]
     head = ("name", "type", "gradient (out x in)", "rank (out x in)", "offset", "width",
             "bytes / example")
-    return (f'<h2>Modules ({len(s["modules"])})</h2><table id="modules" class="grid"><thead><tr>'
-            + "".join(f"<th>{h}</th>" for h in head) + f'</tr></thead><tbody>{"".join(rows)}'
-            f'</tbody></table>')
+    return render('<h2>Modules ($n)</h2><table id="modules" class="grid"><thead><tr>$head</tr>'
+                  '</thead><tbody>$rows</tbody></table>', n=len(s["modules"]),
+                  head=join(render("<th>$h</th>", h=h) for h in head), rows=join(rows))
 
 
-def _projection_html(s: Dict[str, Any]) -> str:
-    proj = s["projection"]
-    pfile = s["projections_file"]
+def _projection_html(s: Dict[str, Any]) -> Markup:
+    proj, pfile = s["projection"], s["projections_file"]
     ratio = f"{s['compression']:.1f}x fewer numbers than the full gradient" \
         if s["compression"] else "-"
-    lines = [f"init <b>{escape(str(proj.get('init', '?')))}</b>, seed "
-             f"{escape(str(proj.get('seed', '?')))}; {ratio}"]
     if not pfile["present"]:
-        lines.append(error_box(f"{pfile['file']} is missing (finalize() writes it)."))
+        detail = error_box(f"{pfile['file']} is missing (finalize() writes it).")
     elif pfile["error"]:
-        lines.append(error_box(f"{pfile['file']} is not readable: {pfile['error']}"))
+        detail = error_box(f"{pfile['file']} is not readable: {pfile['error']}")
     else:
-        shapes = ", ".join(f"{escape(k)} {v[0]}x{v[1]}" for k, v in pfile["shapes"].items())
-        lines.append(f'<p class="muted">matrices: {shapes or "none (identity)"}</p>')
-    return "<h2>Projection</h2><p>" + "".join(lines) + "</p>"
+        shapes = ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in pfile["shapes"].items())
+        detail = render('<p class="muted">matrices: $s</p>', s=shapes or "none (identity)")
+    return render("<h2>Projection</h2><p>init <b>$init</b>, seed $seed; $ratio$detail</p>",
+                  init=proj.get("init", "?"), seed=proj.get("seed", "?"), ratio=ratio,
+                  detail=detail)
 
 
-def _file_lists(data: Dict[str, Any], links: Links) -> str:
+def _file_lists(data: Dict[str, Any], links: Links) -> Markup:
     key = data["key"]
-    scores = "".join(f'<li><a class="score-link" href="{links.scores(key, f["file"])}">'
-                     f'{escape(f["file"])}</a> <span class="muted">{human_bytes(f["bytes"])}'
-                     f'</span></li>' for f in data["score_files"])
-    evals = "".join(f'<li><a class="eval-link" href="{links.evaluation(key, f["file"])}">'
-                    f'{escape(f["file"])}</a></li>' for f in data["evaluation_files"])
-    return ('<h2>Score files</h2>' + (f"<ul>{scores}</ul>" if scores else
-                                      '<p class="muted">none (save_scores(path, result) into '
-                                      'the project folder)</p>')
-            + '<h2>Evaluation results</h2>' + (f"<ul>{evals}</ul>" if evals else
-                                               '<p class="muted">none (logix.evaluation.'
-                                               'save_results)</p>'))
+    scores = join(render('<li><a class="score-link" href="$href">$file</a> '
+                         '<span class="muted">$size</span></li>',
+                         href=links.scores(key, f["file"]), file=f["file"],
+                         size=human_bytes(f["bytes"])) for f in data["score_files"])
+    evals = join(render('<li><a class="eval-link" href="$href">$file</a></li>',
+                        href=links.evaluation(key, f["file"]), file=f["file"])
+                 for f in data["evaluation_files"])
+    none_scores = render('<p class="muted">none (save_scores(path, result) into the project '
+                         'folder)</p>')
+    none_evals = render('<p class="muted">none (logix.evaluation.save_results)</p>')
+    return render("<h2>Score files</h2>$s<h2>Evaluation results</h2>$e",
+                  s=render("<ul>$i</ul>", i=scores) if scores else none_scores,
+                  e=render("<ul>$i</ul>", i=evals) if evals else none_evals)
 
 
 # --------------------------------------------------------------------------- scores
-def scores_page(views: List[Dict[str, Any]], links: Links) -> str:
+def scores_page(views: List[Dict[str, Any]], links: Links) -> Markup:
     """One score file; `views` holds one query's data (server) or several (report)."""
     first = views[0]
     key, file = first["key"], first["file"]
-    parts = [f'<p class="crumbs"><a href="{links.projects()}">projects</a> / '
-             f'<a href="{links.project(key)}">{escape(key)}</a> /</p>',
-             f'<h1>Scores: {escape(file)}</h1>',
-             f'<p class="muted">{first["shape"][0]} queries x {first["shape"][1]} training '
-             f'examples. {SIGN_NOTE}</p>']
+    parts = [_crumbs(links, key), render("<h1>Scores: $file</h1>", file=file),
+             render('<p class="muted">$q queries x $t training examples. $note</p>',
+                    q=first["shape"][0], t=first["shape"][1], note=SIGN_NOTE)]
     if first["meta"]:
-        parts.append('<p class="muted">' + ", ".join(
-            f"{escape(str(k))}: {escape(json.dumps(v))}" for k, v in first["meta"].items())
-            + "</p>")
+        parts.append(render('<p class="muted">$meta</p>', meta=", ".join(
+            f"{k}: {json.dumps(v)}" for k, v in first["meta"].items())))
     shown = {v["query"] for v in views}
-    options = "".join(
-        f'<option value="{q["index"]}"{" selected" if q["index"] == first["query"] else ""}'
-        f'{"" if not links.report or q["index"] in shown else " disabled"}>'
-        f'{q["index"]}: {escape(_id(q["id"]))}{" - " + escape(q["label"]) if q["label"] else ""}'
-        f'</option>' for q in first["queries"])
-    target = links.scores(key, file, group=first["group"])
-    parts.append(f'<label>Query <select class="query-select" data-target="{escape(target)}">'
-                 f'{options}</select></label>')
+    options = join(render(
+        '<option value="$index"$selected$disabled>$index: $id$label</option>',
+        index=q["index"], id=_id(q["id"]), label=f" - {q['label']}" if q["label"] else "",
+        selected=render(" selected") if q["index"] == first["query"] else "",
+        disabled=render(" disabled") if links.report and q["index"] not in shown else "")
+        for q in first["queries"])
+    parts.append(render('<label>Query <select class="query-select" data-target="$target">'
+                        '$options</select></label>',
+                        target=links.scores(key, file, group=first["group"]), options=options))
     if first["groups"]:
-        group_links = [f'<a href="{links.scores(key, file, first["query"])}">total</a>'] + [
-            f'<a href="{links.scores(key, file, first["query"], g)}">{escape(g)}</a>'
-            for g in first["groups"]] if not links.report else []
-        parts.append(f'<p>Groups: {escape(", ".join(first["groups"]))}'
-                     + (f' &middot; rank by: {" | ".join(group_links)}' if group_links else "")
-                     + (f' &middot; ranked by <b>{escape(first["group"])}</b>'
-                        if first["group"] else "") + "</p>")
+        rank_by = ""
+        if not links.report:
+            group_links = [render('<a href="$h">total</a>', h=links.scores(key, file,
+                                                                            first["query"]))]
+            group_links += [render('<a href="$h">$g</a>', h=links.scores(key, file,
+                                                                          first["query"], g), g=g)
+                            for g in first["groups"]]
+            rank_by = render(" &middot; rank by: $l", l=join(group_links, " | "))
+        ranked = render(" &middot; ranked by <b>$g</b>", g=first["group"]) \
+            if first["group"] else ""
+        parts.append(render("<p>Groups: $groups$rank_by$ranked</p>",
+                            groups=", ".join(map(str, first["groups"])), rank_by=rank_by,
+                            ranked=ranked))
     for view in views:
-        hidden = " hidden" if view is not first else ""
-        parts.append(f'<div class="query-view" data-query="{view["query"]}"{hidden}>'
-                     f'{_query_html(view)}</div>')
-    return "\n".join(parts)
+        parts.append(render('<div class="query-view" data-query="$q"$hidden>$body</div>',
+                            q=view["query"], body=_query_html(view),
+                            hidden=render(" hidden") if view is not first else ""))
+    return join(parts, "\n")
 
 
-def _query_html(v: Dict[str, Any]) -> str:
-    parts = [f'<h2>Query {v["query"]}: <span class="query-id">{escape(_id(v["src_id"]))}'
-             f'</span></h2>', f'<div class="query-content">{content_html(v["src_content"])}</div>']
+def _query_html(v: Dict[str, Any]) -> Markup:
+    parts = [render('<h2>Query $q: <span class="query-id">$id</span></h2>', q=v["query"],
+                    id=_id(v["src_id"])),
+             render('<div class="query-content">$c</div>', c=content_html(v["src_content"]))]
     if v["nonfinite"]:
         parts.append(error_box(f'{v["nonfinite"]} non-finite scores of this query are ignored.'))
     for title, entries, css in (("Most helpful", v["helpful"], "helpful"),
                                 ("Most harmful", v["harmful"], "harmful")):
-        head = "<th>#</th><th>id</th><th>score</th>" + "".join(
-            f"<th>group {escape(g)}</th>" for g in v["groups"]) + "<th>content</th>"
-        rows = "".join(
-            f'<tr><td>{e["rank"]}</td><td class="id">{escape(_id(e["id"]))}</td>'
-            f'<td class="score num">{e["score"]:.6g}</td>'
-            + "".join(f'<td class="num">{_num(e["groups"].get(g))}</td>' for g in v["groups"])
-            + f'<td>{content_html(e["content"])}</td></tr>' for e in entries)
-        parts.append(f'<div class="topk"><h3>{title}</h3><table class="grid {css}">'
-                     f'<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
+        head = render("<th>#</th><th>id</th><th>score</th>$groups<th>content</th>",
+                      groups=join(render("<th>group $g</th>", g=g) for g in v["groups"]))
+        rows = join(render(
+            '<tr><td>$rank</td><td class="id">$id</td><td class="score num">$score</td>$groups'
+            '<td>$content</td></tr>', rank=e["rank"], id=_id(e["id"]), score=f"{e['score']:.6g}",
+            groups=join(render('<td class="num">$v</td>', v=_num(e["groups"].get(g)))
+                        for g in v["groups"]),
+            content=content_html(e["content"])) for e in entries)
+        parts.append(render('<div class="topk"><h3>$title</h3><table class="grid $css">'
+                            '<thead><tr>$head</tr></thead><tbody>$rows</tbody></table></div>',
+                            title=title, css=css, head=head, rows=rows))
     parts.append(_tokens_html(v))
     extra = [plots.histogram(v["distribution"], title="all scores of this query",
                              xlabel="score", mark=0.0)]
@@ -279,102 +301,132 @@ def _query_html(v: Dict[str, Any]) -> str:
         totals = v["group_totals"]
         extra.append(plots.bar_plot(list(totals), list(totals.values()),
                                     title="sum of scores per group", ylabel="sum"))
-    parts.append(f'<div class="plots">{"".join(extra)}</div>')
-    return "\n".join(parts)
+    parts.append(render('<div class="plots">$p</div>', p=join(extra)))
+    return join(parts, "\n")
 
 
-def _flip(r: Dict[str, Any]) -> str:
-    if r["base_margin"] is not None and r["base_margin"] <= 0:
-        return "wrong to begin with"
-    return str(r["k_flip"]) if r["k_flip"] is not None else "no flip"
-
-
-def _tokens_html(v: Dict[str, Any]) -> str:
+def _tokens_html(v: Dict[str, Any]) -> Markup:
     tokens = v["tokens"]
     if tokens is None:
-        return ""
+        return join([])
+    title = render("<h3>Per-token scores</h3>")
     if "error" in tokens:
-        return "<h3>Per-token scores</h3>" + error_box(tokens["error"])
+        return join([title, error_box(tokens["error"])])
     if not tokens["tokens"]:
-        return '<h3>Per-token scores</h3><p class="muted">none for this query</p>'
+        return join([title, render('<p class="muted">none for this query</p>')])
     rows = []
     for e in v["helpful"] + v["harmful"]:
         values = tokens["rows"].get(json.dumps(e["id"]), [])
         scale = max((abs(x) for x in values if x is not None), default=0.0)
-        spans = "".join(
-            f'<span class="tok" style="background:{plots.heat_color(x or 0.0, scale)}" '
-            f'title="{_num(x)}">{escape(t)}</span>' for t, x in zip(tokens["tokens"], values))
-        rows.append(f'<tr><td class="id">{escape(_id(e["id"]))}</td><td class="num">'
-                    f'{e["score"]:.4g}</td><td class="heat">{spans}</td></tr>')
-    return ('<h3>Per-token scores</h3><p class="muted">Each query token coloured by its score '
-            'for the training example: blue helpful, red harmful (scaled per row).</p>'
-            f'<table class="grid tokens"><tbody>{"".join(rows)}</tbody></table>')
+        spans = join(render('<span class="tok" style="background:$color" title="$score">$t</span>',
+                            color=plots.heat_color(x or 0.0, scale), score=_num(x), t=t)
+                     for t, x in zip(tokens["tokens"], values))
+        rows.append(render('<tr><td class="id">$id</td><td class="num">$score</td>'
+                           '<td class="heat">$spans</td></tr>', id=_id(e["id"]),
+                           score=f"{e['score']:.4g}", spans=spans))
+    return render('$title<p class="muted">Each query token coloured by its score for the '
+                  'training example: blue helpful, red harmful (scaled per row).</p>'
+                  '<table class="grid tokens"><tbody>$rows</tbody></table>', title=title,
+                  rows=join(rows))
 
 
-def content_html(content: Dict[str, Any]) -> str:
+def content_html(content: Dict[str, Any]) -> Markup:
     if content.get("missing"):
-        return ('<span class="missing">no stored content for this id '
-                '(run.describe(ids, texts=..., images=..., labels=...))</span>')
+        return render('<span class="missing">no stored content for this id '
+                      '(run.describe(ids, texts=..., images=..., labels=...))</span>')
     parts = []
     if "image" in content:
-        parts.append(f'<img class="example" alt="example image" src="{content["image"]}">')
+        parts.append(render('<img class="example" alt="example image" src="$src">',
+                            src=url(content["image"])))
     if "label" in content:
-        parts.append(f'<span class="label-tag">{escape(str(content["label"]))}</span>')
+        parts.append(render('<span class="label-tag">$l</span>', l=content["label"]))
     if "text" in content:
-        parts.append(f'<span class="text">{escape(content["text"])}</span>')
-    return "".join(parts)
+        parts.append(render('<span class="text">$t</span>', t=content["text"]))
+    return join(parts)
 
 
 def _id(data_id) -> str:
     return data_id if isinstance(data_id, str) else json.dumps(data_id)
 
 
-def _num(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.4g}"
+def _number(value) -> Optional[float]:
+    """A finite number read from a file, or None (absent, null, or not a number at all)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _num(value) -> str:
+    """A number as 4 significant digits; '-' for None; anything else as it is (escaped later)."""
+    if value is None:
+        return "-"
+    number = _number(value)
+    return f"{number:.4g}" if number is not None else str(value)
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluation_page(data: Dict[str, Any], links: Links) -> str:
-    key = data["key"]
-    parts = [f'<p class="crumbs"><a href="{links.projects()}">projects</a> / '
-             f'<a href="{links.project(key)}">{escape(key)}</a> /</p>',
-             f'<h1>Evaluation: {escape(data["name"])}</h1>',
-             f'<p class="muted">{escape(data["file"])} ({escape(data["kind"])})</p>']
+def _k_order(k: str):
+    try:
+        return (0, int(k), "")
+    except (TypeError, ValueError):
+        return (1, 0, str(k))
+
+
+def _flip(r: Dict[str, Any]) -> str:
+    base = _number(r.get("base_margin"))
+    if base is not None and base <= 0:
+        return "wrong to begin with"
+    return "no flip" if r.get("k_flip") is None else str(r["k_flip"])
+
+
+def _pairs(mapping) -> str:
+    if not isinstance(mapping, dict):
+        return str(mapping)
+    ordered = sorted(mapping.items(), key=lambda kv: _k_order(kv[0]))
+    return ", ".join(f"k={k}: {_num(v)}" for k, v in ordered)
+
+
+def evaluation_page(data: Dict[str, Any], links: Links) -> Markup:
+    parts = [_crumbs(links, data["key"]), render("<h1>Evaluation: $n</h1>", n=data["name"]),
+             render('<p class="muted">$f ($k)</p>', f=data["file"], k=data["kind"])]
     if data["kind"] == "lds":
-        per_query = data["per_query"]
-        mean = data["lds"]
-        parts.append(f'<p class="big">LDS <span id="lds-value">'
-                     f'{"undefined" if mean is None else f"{mean:.4f}"}</span> '
-                     f'<span class="muted">mean Spearman correlation over '
-                     f'{sum(v is not None for v in per_query)} of {len(per_query)} queries</span>'
-                     '</p>')
-        ordered = sorted((v for v in per_query if v is not None), reverse=True)
-        parts.append('<div class="plots">' + plots.histogram(
-            per_query, bins=20, title="LDS per query", xlabel="Spearman rho", mark=mean)
-            + plots.line_plot([("rho", range(1, len(ordered) + 1), ordered)],
+        per_query = data["per_query"] if isinstance(data["per_query"], list) else []
+        numbers = [_number(v) for v in per_query]
+        mean = _number(data["lds"])
+        parts.append(render(
+            '<p class="big">LDS <span id="lds-value">$mean</span> <span class="muted">mean '
+            'Spearman correlation over $n of $total queries</span></p>',
+            mean="undefined" if data["lds"] is None else
+            (f"{mean:.4f}" if mean is not None else str(data["lds"])),
+            n=sum(v is not None for v in numbers), total=len(per_query)))
+        ordered = sorted((v for v in numbers if v is not None), reverse=True)
+        parts.append(render('<div class="plots">$h$l</div>', h=plots.histogram(
+            numbers, bins=20, title="LDS per query", xlabel="Spearman rho", mark=mean),
+            l=plots.line_plot([("rho", range(1, len(ordered) + 1), ordered)],
                               title="queries sorted by LDS", xlabel="query (sorted)",
-                              ylabel="rho") + "</div>")
+                              ylabel="rho")))
     else:
+        results = [r for r in data["results"] if isinstance(r, dict)] \
+            if isinstance(data["results"], list) else []
         rows, series = [], []
-        for r in data["results"]:
-            ks = sorted(r["margins"], key=int)
-            rows.append(f'<tr><td>{r["test_index"]}</td><td class="num">'
-                        f'{_num(r["base_margin"])}</td><td class="num">'
-                        f'{_flip(r)}</td><td>'
-                        + ", ".join(f"k={k}: {_num(r['margins'][k])}" for k in ks)
-                        + "</td><td>" + ", ".join(
-                            f"k={k}: {_num(f)}" for k, f in sorted(
-                                r["random_flip_fraction"].items(), key=lambda kv: int(kv[0])))
-                        + "</td></tr>")
-            series.append((f"test {r['test_index']}", [0] + [int(k) for k in ks],
-                           [r["base_margin"]] + [r["margins"][k] for k in ks]))
-        flipped = sum(r["k_flip"] is not None for r in data["results"])
-        parts.append(f'<p class="big">{flipped} of {len(data["results"])} predictions flipped'
-                     '</p><table id="brittleness" class="grid"><thead><tr><th>test</th>'
-                     '<th>base margin</th><th>k to flip</th><th>margin after removing top-k'
-                     '</th><th>random removal: fraction flipped</th></tr></thead><tbody>'
-                     + "".join(rows) + "</tbody></table>")
-        parts.append('<div class="plots">' + plots.line_plot(
+        for r in results:
+            margins = r.get("margins") if isinstance(r.get("margins"), dict) else {}
+            rows.append(render(
+                '<tr><td>$test</td><td class="num">$base</td><td class="num">$flip</td>'
+                '<td>$margins</td><td>$random</td></tr>', test=r.get("test_index"),
+                base=_num(r.get("base_margin")), flip=_flip(r), margins=_pairs(r.get("margins")),
+                random=_pairs(r.get("random_flip_fraction"))))
+            ks = sorted((k for k in margins if _k_order(k)[0] == 0), key=_k_order)
+            series.append((f"test {r.get('test_index')}", [0] + [int(k) for k in ks],
+                           [_number(r.get("base_margin"))] + [_number(margins[k]) for k in ks]))
+        flipped = sum(r.get("k_flip") is not None for r in results)
+        parts.append(render(
+            '<p class="big">$flipped of $n predictions flipped</p><table id="brittleness" '
+            'class="grid"><thead><tr><th>test</th><th>base margin</th><th>k to flip</th>'
+            '<th>margin after removing top-k</th><th>random removal: fraction flipped</th></tr>'
+            '</thead><tbody>$rows</tbody></table>', flipped=flipped, n=len(results),
+            rows=join(rows)))
+        parts.append(render('<div class="plots">$p</div>', p=plots.line_plot(
             series, title="margin after removing the k most helpful", xlabel="k",
-            ylabel="margin") + "</div>")
-    return "\n".join(parts)
+            ylabel="margin")))
+    return join(parts, "\n")

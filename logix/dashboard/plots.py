@@ -1,5 +1,5 @@
-"""Plots as inline SVG strings and images as PNG data URIs: no plotting library, no network, the
-same markup in the live dashboard and in the static report."""
+"""Plots as inline SVG (built with markup.render: every label escaped) and images as PNG data
+URIs: no plotting library, no network, the same markup in the live dashboard and the report."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import base64
 import math
 import struct
 import zlib
-from html import escape
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from logix.dashboard.markup import Markup, join, render
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 460, 220, 56, 12, 14, 34
@@ -19,7 +20,7 @@ Series = Tuple[str, Sequence[float], Sequence[float]]  # (label, xs, ys)
 
 
 def line_plot(series: List[Series], title: str = "", xlabel: str = "", ylabel: str = "",
-              log_y: bool = False, markers: bool = False, dashed: Sequence[str] = ()) -> str:
+              log_y: bool = False, markers: bool = False, dashed: Sequence[str] = ()) -> Markup:
     """Lines (or dots) of several series on shared axes; log_y drops values <= 0."""
     points = []
     for label, xs, ys in series:
@@ -39,19 +40,20 @@ def line_plot(series: List[Series], title: str = "", xlabel: str = "", ylabel: s
     for n, (label, pts) in enumerate(points):
         color = COLORS[n % len(COLORS)]
         if markers or len(pts) == 1:
-            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>'
-                      for x, y in pts]
+            parts += [render('<circle cx="$x" cy="$y" r="2.5" fill="$c"/>', x=f"{sx(x):.1f}",
+                             y=f"{sy(y):.1f}", c=color) for x, y in pts]
         if not markers and len(pts) > 1:
-            dash = ' stroke-dasharray="5,3"' if label in dashed else ""
+            dash = render(' stroke-dasharray="5,3"') if label in dashed else ""
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
-                         f'stroke-width="1.6"{dash}/>')
-    parts.append(_legend([label for label, _ in points]) if len(points) > 1 else "")
+            parts.append(render('<polyline points="$p" fill="none" stroke="$c" '
+                                'stroke-width="1.6"$dash/>', p=path, c=color, dash=dash))
+    if len(points) > 1:
+        parts.append(_legend([label for label, _ in points]))
     return _svg(title, parts)
 
 
 def bar_plot(labels: Sequence[str], values: Sequence[Optional[float]], title: str = "",
-             ylabel: str = "") -> str:
+             ylabel: str = "") -> Markup:
     """Vertical bars from 0 (negative values go down); None values are left out."""
     pairs = [(str(l), float(v)) for l, v in zip(labels, values)
              if v is not None and math.isfinite(float(v))]
@@ -65,17 +67,19 @@ def bar_plot(labels: Sequence[str], values: Sequence[Optional[float]], title: st
         top, bottom = sorted((sy(value), sy(0.0)))
         x = _PAD_L + n * width
         color = COLORS[0] if value >= 0 else COLORS[1]
-        parts.append(f'<rect x="{x + width * 0.1:.1f}" y="{top:.1f}" width="{width * 0.8:.1f}" '
-                     f'height="{max(bottom - top, 0.5):.1f}" fill="{color}">'
-                     f'<title>{escape(label)}: {value:.4g}</title></rect>')
+        parts.append(render('<rect x="$x" y="$y" width="$w" height="$h" fill="$c">'
+                            '<title>$label: $v</title></rect>', x=f"{x + width * 0.1:.1f}",
+                            y=f"{top:.1f}", w=f"{width * 0.8:.1f}",
+                            h=f"{max(bottom - top, 0.5):.1f}", c=color, label=label,
+                            v=f"{value:.4g}"))
         if len(pairs) <= 16:
-            parts.append(f'<text x="{x + width / 2:.1f}" y="{_H - _PAD_B + 13}" '
-                         f'text-anchor="middle" class="tick">{escape(label[:10])}</text>')
+            parts.append(render('<text x="$x" y="$y" text-anchor="middle" class="tick">$l</text>',
+                                x=f"{x + width / 2:.1f}", y=_H - _PAD_B + 13, l=label[:10]))
     return _svg(title, parts)
 
 
 def histogram(values: Sequence[float], bins: int = 30, title: str = "", xlabel: str = "",
-              mark: Optional[float] = None) -> str:
+              mark: Optional[float] = None) -> Markup:
     """Counts of `values` in equal bins; `mark` draws a vertical line (e.g. a mean)."""
     array = np.asarray([v for v in values if v is not None], dtype=np.float64)
     array = array[np.isfinite(array)]
@@ -89,12 +93,14 @@ def histogram(values: Sequence[float], bins: int = 30, title: str = "", xlabel: 
     parts = [_axes(lo, hi, 0, c1, False, xlabel, "count")]
     for count, a, b in zip(counts, edges[:-1], edges[1:]):
         if count:
-            parts.append(f'<rect x="{sx(a):.1f}" y="{sy(count):.1f}" '
-                         f'width="{max(sx(b) - sx(a) - 0.5, 0.5):.1f}" '
-                         f'height="{sy(0) - sy(count):.1f}" fill="{COLORS[0]}"/>')
+            parts.append(render('<rect x="$x" y="$y" width="$w" height="$h" fill="$c"/>',
+                                x=f"{sx(a):.1f}", y=f"{sy(count):.1f}",
+                                w=f"{max(sx(b) - sx(a) - 0.5, 0.5):.1f}",
+                                h=f"{sy(0) - sy(count):.1f}", c=COLORS[0]))
     if mark is not None and lo <= mark <= hi:
-        parts.append(f'<line x1="{sx(mark):.1f}" x2="{sx(mark):.1f}" y1="{_PAD_T}" '
-                     f'y2="{_H - _PAD_B}" stroke="{COLORS[1]}" stroke-width="1.5"/>')
+        parts.append(render('<line x1="$x" x2="$x" y1="$y1" y2="$y2" stroke="$c" '
+                            'stroke-width="1.5"/>', x=f"{sx(mark):.1f}", y1=_PAD_T,
+                            y2=_H - _PAD_B, c=COLORS[1]))
     return _svg(title, parts)
 
 
@@ -136,50 +142,47 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _axes(x0, x1, y0, y1, log_y, xlabel, ylabel, x_ticks: bool = True) -> str:
+def _axes(x0, x1, y0, y1, log_y, xlabel, ylabel, x_ticks: bool = True) -> Markup:
     left, right, top, bottom = _PAD_L, _W - _PAD_R, _PAD_T, _H - _PAD_B
-    parts = [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
-             'fill="none" stroke="#bbb"/>']
+    parts = [render('<rect x="$x" y="$y" width="$w" height="$h" fill="none" stroke="#bbb"/>',
+                    x=left, y=top, w=right - left, h=bottom - top)]
     for n in range(5):
         t = n / 4
         y = bottom - t * (bottom - top)
         value = y0 + t * (y1 - y0)
-        label = _fmt(10 ** value) if log_y else _fmt(value)
-        parts.append(f'<line x1="{left}" x2="{right}" y1="{y:.1f}" y2="{y:.1f}" '
-                     'stroke="#eee"/>')
-        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end" '
-                     f'class="tick">{label}</text>')
+        parts.append(render('<line x1="$l" x2="$r" y1="$y" y2="$y" stroke="#eee"/><text x="$x" '
+                            'y="$ty" text-anchor="end" class="tick">$v</text>', l=left, r=right,
+                            y=f"{y:.1f}", x=left - 4, ty=f"{y + 3:.1f}",
+                            v=_fmt(10 ** value) if log_y else _fmt(value)))
         if x_ticks:
-            x = left + t * (right - left)
-            parts.append(f'<text x="{x:.1f}" y="{bottom + 13}" text-anchor="middle" '
-                         f'class="tick">{_fmt(x0 + t * (x1 - x0))}</text>')
+            parts.append(render('<text x="$x" y="$y" text-anchor="middle" class="tick">$v</text>',
+                                x=f"{left + t * (right - left):.1f}", y=bottom + 13,
+                                v=_fmt(x0 + t * (x1 - x0))))
     if xlabel:
-        parts.append(f'<text x="{(left + right) / 2}" y="{_H - 4}" text-anchor="middle" '
-                     f'class="label">{escape(xlabel)}</text>')
+        parts.append(render('<text x="$x" y="$y" text-anchor="middle" class="label">$l</text>',
+                            x=(left + right) / 2, y=_H - 4, l=xlabel))
     if ylabel:
-        parts.append(f'<text x="12" y="{(top + bottom) / 2}" text-anchor="middle" '
-                     f'class="label" transform="rotate(-90 12 {(top + bottom) / 2})">'
-                     f'{escape(ylabel)}</text>')
-    return "".join(parts)
+        parts.append(render('<text x="12" y="$y" text-anchor="middle" class="label" '
+                            'transform="rotate(-90 12 $y)">$l</text>', y=(top + bottom) / 2,
+                            l=ylabel))
+    return join(parts)
 
 
-def _legend(labels: Sequence[str]) -> str:
-    parts = []
-    for n, label in enumerate(labels[:8]):
-        y = _PAD_T + 12 + 13 * n
-        parts.append(f'<rect x="{_W - _PAD_R - 120}" y="{y - 8}" width="10" height="10" '
-                     f'fill="{COLORS[n % len(COLORS)]}"/><text x="{_W - _PAD_R - 106}" '
-                     f'y="{y + 1}" class="tick">{escape(str(label)[:18])}</text>')
-    return "".join(parts)
+def _legend(labels: Sequence[str]) -> Markup:
+    return join(render('<rect x="$x" y="$y0" width="10" height="10" fill="$c"/><text x="$tx" '
+                       'y="$y1" class="tick">$l</text>', x=_W - _PAD_R - 120,
+                       y0=_PAD_T + 4 + 13 * n, c=COLORS[n % len(COLORS)], tx=_W - _PAD_R - 106,
+                       y1=_PAD_T + 13 + 13 * n, l=str(label)[:18])
+                for n, label in enumerate(labels[:8]))
 
 
-def _svg(title: str, parts: List[str]) -> str:
-    head = f'<div class="plot-title">{escape(title)}</div>' if title else ""
-    return (f'<figure class="plot">{head}<svg viewBox="0 0 {_W} {_H}" width="{_W}" '
-            f'height="{_H}" xmlns="http://www.w3.org/2000/svg" role="img">'
-            f'{"".join(parts)}</svg></figure>')
+def _svg(title: str, parts: List[Markup]) -> Markup:
+    head = render('<div class="plot-title">$t</div>', t=title) if title else ""
+    return render('<figure class="plot">$head<svg viewBox="0 0 $w $h" width="$w" height="$h" '
+                  'xmlns="http://www.w3.org/2000/svg" role="img">$parts</svg></figure>',
+                  head=head, w=_W, h=_H, parts=join(parts))
 
 
-def _empty(title: str, message: str) -> str:
-    return _svg(title, [f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" class="label">'
-                        f'{escape(message)}</text>'])
+def _empty(title: str, message: str) -> Markup:
+    return _svg(title, [render('<text x="$x" y="$y" text-anchor="middle" class="label">$m</text>',
+                               x=_W / 2, y=_H / 2, m=message)])

@@ -4,11 +4,11 @@ SVG plots and images; nothing fetched when it is opened)."""
 from __future__ import annotations
 
 import os
-from html import escape
 from typing import List
 
 from logix.dashboard import pages
 from logix.dashboard.data import Dashboard, DashboardError
+from logix.dashboard.markup import Markup, join, render
 
 
 def build_report(roots: List[str], out: str, max_queries: int = 20, k: int = 10) -> str:
@@ -30,24 +30,24 @@ def build_report(roots: List[str], out: str, max_queries: int = 20, k: int = 10)
             try:
                 body = pages.evaluation_page(dashboard.evaluation(key, f["file"]), links)
             except DashboardError as e:
-                body = f"<h1>{escape(f['file'])}</h1>{pages.error_box(str(e))}"
+                body = render("<h1>$f</h1>$box", f=f["file"], box=pages.error_box(str(e)))
             sections.append(_section(pages.anchor("evaluation", key, f["file"]), body))
-    html = pages.layout("LogIX report", "\n".join(sections), report=True)
+    html = pages.layout("LogIX report", join(sections, "\n"), report=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write(out, html.encode())
+    atomic_write(out, html.encode("utf-8"))
     return out
 
 
 def _scores(dashboard: Dashboard, links: pages.Links, key: str, file: str, max_queries: int,
-            k: int) -> str:
+            k: int) -> Markup:
     try:
         first = dashboard.scores(key, file, 0, k)
         views = [first] + [dashboard.scores(key, file, q, k)
                            for q in range(1, min(max_queries, first["shape"][0]))]
     except DashboardError as e:
-        return f"<h1>Scores: {escape(file)}</h1>{pages.error_box(str(e))}"
+        return render("<h1>Scores: $f</h1>$box", f=file, box=pages.error_box(str(e)))
     return pages.scores_page(views, links)
 
 
-def _section(anchor: str, body: str) -> str:
-    return f'<section class="report-page" id="{anchor}">{body}</section>'
+def _section(anchor: str, body: Markup) -> Markup:
+    return render('<section class="report-page" id="$a">$body</section>', a=anchor, body=body)

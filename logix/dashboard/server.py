@@ -11,37 +11,128 @@ Every problem (not a log, a corrupt file, a bad query number) is answered with a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, List, Optional, Tuple
+import queue
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Callable, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from logix.dashboard import pages
 from logix.dashboard.data import Dashboard, DashboardError
+from logix.dashboard.markup import text
 
 logger = logging.getLogger("logix")
 _MAX_K = 1000
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def make_server(roots: List[str], host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A server bound to host:port (0: a free port; see server.server_address) over `roots`."""
+class DashboardServer(HTTPServer):
+    """An HTTP server with a bounded amount of work: `workers` threads answer requests that wait
+    in a queue of at most `max_waiting`; a connection that finds the queue full, or waited
+    longer than `max_wait_s`, gets a quick 503. The listen backlog holds a burst of connections.
+    Only requests whose Host header names this machine (loopback, the bound address, and
+    `allowed_hosts`) are answered: a page of another site cannot read the dashboard through
+    DNS rebinding."""
+
+    request_queue_size = 256  # listen backlog (socketserver's default is 5)
+    workers = 8
+    max_waiting = 256
+    max_wait_s = 5.0
+
+    def __init__(self, address: Tuple[str, int], handler, allowed_hosts: Iterable[str] = ()):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+        self.allowed_hosts = {h.lower().strip("[]") for h in
+                              (*LOOPBACK_NAMES, address[0], self.server_address[0],
+                               *allowed_hosts)}
+        self._waiting: "queue.Queue" = queue.Queue(self.max_waiting)
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"logix-ui-{n}")
+                         for n in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def process_request(self, request, client_address) -> None:
+        try:
+            self._waiting.put_nowait((request, client_address, time.monotonic()))
+        except queue.Full:
+            self._busy(request)
+            self.shutdown_request(request)
+
+    def _work(self) -> None:
+        while (item := self._waiting.get()) is not None:
+            request, client_address, since = item
+            try:
+                if time.monotonic() - since > self.max_wait_s:
+                    self._busy(request)
+                else:
+                    self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one bad connection never stops a worker
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def _busy(self, request) -> None:
+        """503, quickly: read the request if it is there within 20 ms (closing a socket with
+        unread data resets the connection before the client reads the answer), then answer."""
+        body = (f"LogIX dashboard is busy ({self.max_waiting} requests waiting, or this one "
+                f"waited over {self.max_wait_s:.0f} s); retry in a moment.\n").encode()
+        head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        try:
+            request.settimeout(0.02)
+            try:
+                request.recv(65536)
+            except socket.timeout:
+                pass
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._threads:
+            self._waiting.put(None)
+        deadline = time.monotonic() + 5
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the dashboard on this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(roots: List[str], host: str = "127.0.0.1", port: int = 0,
+                allowed_hosts: Iterable[str] = ()) -> DashboardServer:
+    """A server bound to host:port (0: a free port; see server.server_address) over `roots`.
+    `allowed_hosts`: more names the browser may use in the URL (e.g. this machine's name when
+    `host` is 0.0.0.0)."""
     dashboard = Dashboard(roots)
 
     class Handler(_Handler):
         pass
 
     Handler.dashboard = dashboard
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return DashboardServer((host, port), Handler, allowed_hosts)
 
 
 def serve(roots: List[str], host: str = "127.0.0.1", port: int = 8765,
-          ready: Optional[Callable[[str], None]] = None) -> None:
+          ready: Optional[Callable[[str], None]] = None, allowed_hosts: Iterable[str] = ()) -> None:
     """Serve until interrupted; `ready(url)` is called once the port is bound."""
-    server = make_server(roots, host, port)
-    url = f"http://{server.server_address[0]}:{server.server_address[1]}/"
+    server = make_server(roots, host, port, allowed_hosts)
+    address = server.server_address[0]
+    url = f"http://{f'[{address}]' if ':' in address else address}:{server.server_address[1]}/"
     if ready is not None:
         ready(url)
     try:
@@ -55,29 +146,48 @@ def serve(roots: List[str], host: str = "127.0.0.1", port: int = 8765,
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard
     server_version = "logix-ui"
+    timeout = 30  # seconds a client may take to send its request (a stalled one frees its worker)
 
     def log_message(self, format, *args):  # quiet: no line per request on stderr
         logger.debug("ui: " + format, *args)
 
+    def _host_refused(self) -> bool:
+        """Answer 421 unless the Host header names this machine (DNS rebinding defence)."""
+        header = self.headers.get("Host")
+        name = (urlsplit(f"//{header}").hostname or "") if header else ""
+        if name in self.server.allowed_hosts:
+            return False
+        allowed = ", ".join(sorted(self.server.allowed_hosts))
+        message = (f"Host {header!r} is not served here: this dashboard answers requests for "
+                   f"{allowed} only. Open it by one of those names, or start it with "
+                   f"--allow-host NAME.\n" if header else
+                   "The request has no Host header; this dashboard needs one.\n")
+        self._send(421 if header else 400, "text/plain; charset=utf-8", message.encode())
+        return True
+
     def do_GET(self) -> None:
+        if self._host_refused():
+            return
         parts = urlsplit(self.path)
-        segments = [unquote(s) for s in parts.path.strip("/").split("/") if s]
-        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        # surrogateescape: %FF in a URL names the file whose name has the byte 0xFF
+        segments = [unquote(s, errors="surrogateescape") for s in parts.path.strip("/").split("/")
+                    if s]
+        params = {k: v[-1] for k, v in parse_qs(parts.query, errors="surrogateescape").items()}
         api = bool(segments) and segments[0] == "api"
         if api:
             segments = segments[1:]
         try:
             data, page = self._route(segments, params)
+            if api:
+                kind, body = "application/json", json.dumps(_display(data), default=str)
+            else:
+                kind, body = "text/html; charset=utf-8", pages.layout(*page(data))
         except DashboardError as e:
             return self._fail(api, e.status, str(e))
         except Exception as e:  # noqa: BLE001 - the page says what failed, the server stays up
             logger.exception("ui: %s failed", self.path)
             return self._fail(api, 500, f"{type(e).__name__}: {e}")
-        if api:
-            self._send(200, "application/json", json.dumps(data, default=str).encode())
-        else:
-            title, body = page(data)
-            self._send(200, "text/html; charset=utf-8", pages.layout(title, body).encode())
+        self._send(200, kind, body.encode("utf-8"))
 
     def _route(self, segments: List[str], params: dict) -> Tuple[object, Callable]:
         d, links = self.dashboard, pages.Links()
@@ -99,19 +209,20 @@ class _Handler(BaseHTTPRequestHandler):
                              "/api/ as JSON.")
 
     def do_POST(self) -> None:
+        if self._host_refused():
+            return
         self._fail(True, 405, "The dashboard only reads; it accepts GET requests only.")
 
     do_PUT = do_DELETE = do_PATCH = do_POST
 
     def _fail(self, api: bool, status: int, message: str) -> None:
         if api:
-            self._send(status, "application/json", json.dumps({"error": message}).encode())
+            self._send(status, "application/json",
+                       json.dumps({"error": text(message)}).encode())
         else:
-            back = pages.Links().projects()
-            body = (f"<h1>Cannot show this page</h1>{pages.error_box(message)}"
-                    f'<p><a href="{back}">back to the projects</a></p>')
+            body = pages.error_page(message, pages.Links().projects())
             self._send(status, "text/html; charset=utf-8",
-                       pages.layout("LogIX: error", body).encode())
+                       pages.layout("LogIX: error", body).encode("utf-8"))
 
     def _send(self, status: int, kind: str, body: bytes) -> None:
         self.send_response(status)
@@ -120,6 +231,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(body)
+
+
+def _display(value):
+    """The JSON as the pages show it: a lone surrogate (a non-UTF-8 byte of an id or a file
+    name) becomes the text \\udcff, as on the page, not an invalid JSON string."""
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, list):
+        return [_display(v) for v in value]
+    if isinstance(value, dict):
+        return {text(k) if isinstance(k, str) else k: _display(v) for k, v in value.items()}
+    return value
 
 
 def _int(params: dict, name: str, default: int, maximum: Optional[int]) -> int:
