@@ -8,8 +8,8 @@ content").
                "ids": JSON list, "texts" / "labels": JSON lists (null: none), optional
 
 Files are written atomically under a name no other file has (never replacing one, so two
-processes describing at once keep both) and never changed; a reader merges them in (rank, seq) order, a
-later description of an id replacing an earlier one field by field.
+processes describing at once keep both) and never changed; a reader merges them in (rank, seq)
+order, a later description of an id replacing an earlier one field by field.
 """
 
 from __future__ import annotations
