@@ -295,7 +295,8 @@ def test_a_live_writer_is_named_and_a_killed_writers_lock_is_taken_over(new_run,
 
 def test_two_runs_of_one_process_take_turns(new_run, tmp_root):
     """A Run with rows to write keeps the project; once it has none (flushed), a second Run
-    takes over, and the first may not write again (its view of the log is stale)."""
+    takes over, and the first may not write again (its view of the log is stale); nor may a
+    finalized Run after another appended."""
     g = seeded(43)
     model = make_mlp(seed=43)
     first = logging_run(new_run, "p", model)
@@ -310,6 +311,14 @@ def test_two_runs_of_one_process_take_turns(new_run, tmp_root):
     second.finalize()
     project_dir = os.path.join(tmp_root, "p")
     assert logged_ids(project_dir) == ["a", "b", "c", "d"]
+    assert_verifies(project_dir)
+    # A run that finalized and logs again, after another run appended since: refused too.
+    third = logging_run(new_run, "p", model)
+    quietly(step, third, model, torch.randn(2, 6, generator=g), ["e", "f"])
+    third.finalize()
+    with pytest.raises(UsageError, match="wrote to .* after this run's finalize"):
+        step(second.save(True), model, torch.randn(2, 6, generator=g), ["g", "h"])
+    assert logged_ids(project_dir) == ["a", "b", "c", "d", "e", "f"]
     assert_verifies(project_dir)
 
 

@@ -124,7 +124,7 @@ class LogSession:
             self._lock.acquire()
         if self._released is not None and self._released != self._files():
             self._lock.release()
-            raise UsageError(f"Another process wrote to {self.project_dir!r} after this run's "
+            raise UsageError(f"Another run wrote to {self.project_dir!r} after this run's "
                              "finalize(); this run's view of the log is out of date. Start a "
                              "new run (logix.init) to append to the log.")
         self._released = None
