@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import make_mlp, seeded
-from logix.errors import LogIXError, UsageError
+from logix.errors import UsageError, WriterError
 from logix.storage.content import ContentStore
 from logix.storage.reader import LogReader
 from logix.storage.verify import verify
@@ -179,7 +179,7 @@ class _CountedFile:
 def test_disk_full_at_every_write_keeps_committed_rows_and_a_rerun_completes(
         new_run, tmp_root, monkeypatch):
     """For each write k of a small logging run (three steps, shards of two rows), the disk
-    fills up at write k: the run fails with a LogIX error saying so, what it committed is
+    fills up at write k: the run fails with a WriterError saying so, what it committed is
     readable and verifies, and the same run again, with space freed, leaves every row logged
     once in a log that verifies."""
     g = seeded(41)
@@ -203,7 +203,7 @@ def test_disk_full_at_every_write_keeps_committed_rows_and_a_rerun_completes(
     for at in range(1, counting.count + 1):
         project, project_dir = f"full{at}", os.path.join(tmp_root, f"full{at}")
         DiskFull(monkeypatch, project_dir, at)
-        with pytest.raises(LogIXError, match="No space left on device"):
+        with pytest.raises(WriterError, match="No space left on device"):
             log_all(project)
         monkeypatch.undo()  # space freed
         if os.path.isfile(os.path.join(project_dir, "manifest.json")):
