@@ -3,7 +3,7 @@ a time"):
 
 - a torn last line of logs/index-r<rank>.jsonl, cut at every byte, then a resumed run appending
   after it: every committed row stays readable and the log verifies;
-- the disk filling up at each write of a small logging run: a LogIX error, committed rows
+- the disk filling up at each write of a small logging run: a WriterError, committed rows
   readable, and a run after space is freed completes the log;
 - two processes writing into one project: one is refused naming the holder, or both finish,
   never a lost row; a killed writer's lock is taken over; two Runs of one process likewise;
