@@ -248,9 +248,8 @@ class Run:
         ids = normalize_data_ids(data_id, mask)
         keep = None
         if writes:  # refusals come before anything of the step runs
-            if self._session.writer is None:
-                self._session.open(self._new_manifest, self._save_projections,
-                                   self._statistics_loaded, self._rows_per_shard())
+            self._session.open(self._new_manifest, self._save_projections,
+                               self._statistics_loaded, self._rows_per_shard())
             if self._statistics_loaded and self.plan.covariances:
                 # The loaded statistics join this session's once, after the all-reduce at
                 # finalize (every rank loaded them): statistics/resume.py.
@@ -472,22 +471,25 @@ class Run:
         finalize in one process)."""
         if self._capture is not None:
             raise UsageError("finalize() inside a step: call run.end() first.")
-        self._session.close()
-        distributed.barrier()  # every rank's shards are on disk and in its index
-        if distributed.is_distributed():
-            self._session.warn_of_ids_on_several_ranks()
-        if distributed.any_rank(self._needs_reduce):
-            self.statistics.all_reduce()
-            self._needs_reduce = False
-            resume.merge_saved(self._session, self.statistics)
-            if distributed.any_rank(self._fits_ekfac()):
-                curvature.fit("ekfac", self.statistics, self.reader(),
-                              self.config.influence.block_rows, progress=False)
-        if distributed.rank() == 0:
-            self._session.save_final(self._new_manifest, self._config_snapshot(),
-                                     self._save_projections, self.statistics.state_dict())
-        distributed.barrier()  # the manifest is complete when finalize returns on any rank
-        self._finalized = True
+        try:
+            self._session.close()
+            distributed.barrier()  # every rank's shards are on disk and in its index
+            if distributed.is_distributed():
+                self._session.warn_of_ids_on_several_ranks()
+            if distributed.any_rank(self._needs_reduce):
+                self.statistics.all_reduce()
+                self._needs_reduce = False
+                resume.merge_saved(self._session, self.statistics)
+                if distributed.any_rank(self._fits_ekfac()):
+                    curvature.fit("ekfac", self.statistics, self.reader(),
+                                  self.config.influence.block_rows, progress=False)
+            if distributed.rank() == 0:
+                self._session.save_final(self._new_manifest, self._config_snapshot(),
+                                         self._save_projections, self.statistics.state_dict())
+            distributed.barrier()  # the manifest is complete when finalize returns on any rank
+            self._finalized = True
+        finally:
+            self._session.release()  # the writer lock, even when finalize failed
 
     def _fits_ekfac(self) -> bool:
         """EK-FAC's eigenvalues come from the saved rows in K-FAC's eigenbasis."""

@@ -7,8 +7,9 @@ content").
       metadata "format": "logix-content", "format_version": "1",
                "ids": JSON list, "texts" / "labels": JSON lists (null: none), optional
 
-Files are written atomically and never changed; a reader merges them in (rank, seq) order, a
-later description of an id replacing an earlier one field by field.
+Files are written atomically under a name no other file has (never replacing one, so two
+processes describing at once keep both) and never changed; a reader merges them in (rank, seq)
+order, a later description of an id replacing an earlier one field by field.
 """
 
 from __future__ import annotations
@@ -71,9 +72,14 @@ def describe(project_dir: str, ids: Any, texts: Optional[Sequence] = None,
     os.makedirs(folder, exist_ok=True)
     seqs = [int(m.group(2)) for m in map(_FILE.match, os.listdir(folder))
             if m and int(m.group(1)) == rank]
-    path = os.path.join(folder, content_name(rank, max(seqs, default=-1) + 1))
-    atomic_write(path, save(tensors, metadata=metadata))
-    return path
+    data, seq = save(tensors, metadata=metadata), max(seqs, default=-1) + 1
+    while True:  # another process describing at once may take a number first: use the next
+        path = os.path.join(folder, content_name(rank, seq))
+        try:
+            atomic_write(path, data, replace=False)
+            return path
+        except FileExistsError:
+            seq += 1
 
 
 def _label(value):

@@ -28,6 +28,7 @@ PROJECTIONS_FILE = "projections.safetensors"
 GRAD_KEY = "grad"
 DATA_IDS_KEY = "data_ids"
 TMP_SUFFIX = ".tmp"
+LOCK_PREFIX, LOCK_SUFFIX = "writer-r", ".lock"  # <project>/writer-r<rank>.lock (storage/lock.py)
 _WRITES = itertools.count()  # numbers temporary files (temporary_path)
 
 KEY_SEP = "::"  # joins a module name and a kind in state files: "<module>::forward"
@@ -59,15 +60,20 @@ def parse_shard_name(name: str):
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+def lock_name(rank: int) -> str:
+    return f"{LOCK_PREFIX}{rank}{LOCK_SUFFIX}"
+
+
 def state_key(module: str, *kind: str) -> str:
     """The tensor name of a module's entry in a state file, e.g. "fc1::forward::count"."""
     return KEY_SEP.join((module,) + kind)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str):
+def atomic_file(path: str, replace: bool = True):
     """Open a temporary file beside `path` for writing; on success fsync and rename it into place
-    (readers see the old file or the whole new one), on error remove it."""
+    (readers see the old file or the whole new one), on error remove it. With replace=False an
+    existing `path` is never replaced: FileExistsError instead (see `commit_new`)."""
     path = os.fspath(path)
     tmp = temporary_path(path)
     try:
@@ -75,7 +81,7 @@ def atomic_file(path: str):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        commit(tmp, path)
+        (commit if replace else commit_new)(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -94,12 +100,27 @@ def commit(tmp: str, path: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def atomic_write(path: str, *parts, algorithm: str = CHECKSUM) -> str:
+def commit_new(tmp: str, path: str) -> None:
+    """`commit`, but where `path` already exists (another process took the name first) raise
+    FileExistsError and replace nothing: a hard link creates the name or fails atomically."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: reserve the name, then fill it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(tmp, path)
+    else:
+        os.remove(tmp)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write(path: str, *parts, algorithm: str = CHECKSUM, replace: bool = True) -> str:
     """Write `parts` (bytes or buffers) atomically (see `atomic_file`). Large buffers go out in
     slices without a joined copy. Returns the checksum of what was written, "<algorithm>:<hex>"
     (hashed slice by slice right after its write, while the slice is in the CPU cache)."""
     digest = new_digest(algorithm)
-    with atomic_file(path) as f:
+    with atomic_file(path, replace) as f:
         for part in parts:
             view = memoryview(part).cast("B")
             for start in range(0, len(view), WRITE_SLICE):

@@ -116,9 +116,12 @@ class Manifest:
                 try:
                     shard = shard_entry(json.loads(line))
                 except (ValueError, TypeError) as e:
-                    if number == len(lines) - 1:
+                    shard = _after_torn_line(line)
+                    if shard is None and number == len(lines) - 1:
                         break  # torn by a crash mid-append
-                    raise LogFormatError(f"{path!r} line {number + 1} is malformed: {e}") from e
+                    if shard is None:
+                        raise LogFormatError(f"{path!r} line {number + 1} is malformed: {e}"
+                                             ) from e
                 if shard.file not in known:
                     self.shards.append(shard)
                     known.add(shard.file)
@@ -150,14 +153,49 @@ def _module_differences(new: List[ModuleEntry], old: List[ModuleEntry]) -> str:
         + " on disk" for a, b in zip(new, old) if a != b)
 
 
+def _after_torn_line(line: str) -> Optional[ShardEntry]:
+    """The entry a line ends with when it is a torn line with a whole one appended after it (as
+    earlier releases appended after a crash), or None."""
+    start = line.rfind('{"file"')
+    try:
+        return shard_entry(json.loads(line[start:])) if start > 0 else None
+    except (ValueError, TypeError):
+        return None
+
+
 def append_rank_index(project_dir: str, entry: ShardEntry) -> None:
     """Record one completed shard in its rank's append-only index (see merge_rank_indexes):
     constant work per shard, however long the run."""
     path = os.path.join(project_dir, LOGS_DIR, f"{INDEX_PREFIX}{entry.rank}{INDEX_SUFFIX}")
+    _repair_torn_tail(path)
     with open(path, "ab") as f:
         f.write(json.dumps(dataclasses.asdict(entry)).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _repair_torn_tail(path: str) -> None:
+    """An index whose last line lacks its newline (a crash or a full disk mid-append) is
+    rewritten, atomically, without that fragment, or with its newline where the line is whole:
+    readers see the same shards before and after, and a line appended next stays readable."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if not size:
+        return
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+    cut = data.rfind(b"\n") + 1
+    kept, tail = data[:cut], data[cut:]
+    try:
+        shard_entry(json.loads(tail))
+        kept += tail + b"\n"
+    except (ValueError, TypeError):
+        if _after_torn_line(tail.decode("utf-8", errors="replace")) is not None:
+            kept += tail + b"\n"
+    atomic_write(path, kept)
 
 
 def read_manifest(project_dir: str) -> Tuple[Manifest, dict]:

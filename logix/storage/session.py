@@ -4,6 +4,7 @@ the manifest and state at finalize."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Callable, Dict, List, Optional
@@ -13,18 +14,21 @@ from torch import Tensor
 
 from logix import distributed
 from logix.config import LoggingConfig
-from logix.errors import LogFormatError, UsageError
+from logix.errors import LogFormatError, UsageError, WriterError
 from logix.storage import state
-from logix.storage.format import (DTYPES, GRAD_KEY, LOGS_DIR, STATE_DIR, STATISTICS_FILE,
-                                  parse_shard_name)
-from logix.storage.manifest import Manifest, ShardEntry, append_rank_index, load_optional
+from logix.storage.format import (DTYPES, GRAD_KEY, LOGS_DIR, MANIFEST, STATE_DIR,
+                                  STATISTICS_FILE, parse_shard_name)
+from logix.storage.lock import WriterLock
+from logix.storage.manifest import (INDEX_PREFIX, INDEX_SUFFIX, Manifest, ShardEntry,
+                                    append_rank_index, load_optional)
 from logix.storage.reader import LogReader
 from logix.storage.writer import ShardWriter
 
 
 class LogSession:
     """The writing side of one run. `manifest` is None until the first row is logged (or the
-    session reopens an existing log); `writer` likewise."""
+    session reopens an existing log); `writer` likewise. It writes only while it holds its
+    rank's writer lock (storage/lock.py): from `open` until `release` (at finalize)."""
 
     def __init__(self, project_dir: str, logging: LoggingConfig) -> None:
         self.project_dir = project_dir
@@ -37,6 +41,8 @@ class LogSession:
         # (see logix.statistics.resume: checked at the first step, merged at finalize).
         self.resumed_state: Optional[Dict[str, Tensor]] = None
         self.resumed_rows = 0
+        self._lock: Optional[WriterLock] = None
+        self._released: Optional[tuple] = None  # the log's files when the lock was given back
 
     @property
     def has_rows(self) -> bool:
@@ -49,13 +55,28 @@ class LogSession:
         """Start writing rows of `new_manifest()`'s layout, appending to the log already in the
         folder when its layout matches (refused otherwise). Idempotent: once open, it returns
         the writer at once (called at every step)."""
+        self._hold()
         if self.writer is not None:
             return self.writer
+        try:
+            with self._disk_errors("the manifest and projections"):
+                return self._open(new_manifest, save_projections, statistics_loaded,
+                                  rows_per_shard)
+        except BaseException:
+            self._lock.release()  # nothing of this session is in the log yet
+            raise
+
+    def _open(self, new_manifest: Callable[[], Manifest], save_projections: Callable[[], None],
+              statistics_loaded: bool, rows_per_shard: int) -> ShardWriter:
         manifest = new_manifest()
         os.makedirs(self.project_dir, exist_ok=True)
         existing = load_optional(self.project_dir)
-        if existing is not None and not existing.shards:
-            existing = None  # e.g. finalize() after a PCA pass: no rows to stay compatible with
+        if existing is None:
+            _refuse_orphan_shards(self.project_dir, manifest.dim)
+        elif not existing.shards:
+            # e.g. finalize() after a PCA pass, or a first shard whose listing failed: no rows
+            # to stay compatible with (unlisted shard files are not part of the log)
+            existing = None
         if existing is not None:
             existing.check_compatible(manifest)
             manifest.shards, manifest.checkpoints = existing.shards, existing.checkpoints
@@ -68,8 +89,6 @@ class LogSession:
                     "a new project name or delete the folder.")
             if not statistics_loaded:
                 self.resumed_state = state.load_statistics(self.project_dir)
-        else:
-            _refuse_orphan_shards(self.project_dir, manifest.dim)
         self.manifest = manifest
         if distributed.rank() == 0:  # the layout is readable before the first shard lands
             save_projections()
@@ -85,6 +104,58 @@ class LogSession:
         finalize, so the cost per shard stays constant)."""
         append_rank_index(self.project_dir, entry)
         self.manifest.shards.append(entry)  # readers and save() put shards in (rank, seq) order
+
+    # ------------------------------------------------------------------ the writer lock
+    def _hold(self) -> None:
+        """Take this rank's writer lock before writing. After `release` a session goes on only
+        where no other process wrote to the log since: its view of the log (rows, statistics,
+        shard numbers) would be stale."""
+        if self._lock is None:
+            self._lock = WriterLock(self.project_dir, distributed.rank(), busy=lambda: (
+                self.writer is not None and not self.writer.idle))
+        if self._lock.held:
+            return
+        if self._lock.taken_over:
+            raise UsageError(f"A newer Run of this process took over writing to "
+                             f"{self.project_dir!r} while this one had nothing to write; this "
+                             "run's view of the log is out of date. Log with the newer Run.")
+        with self._disk_errors("the writer lock"):
+            os.makedirs(self.project_dir, exist_ok=True)
+            self._lock.acquire()
+        if self._released is not None and self._released != self._files():
+            self._lock.release()
+            raise UsageError(f"Another run wrote to {self.project_dir!r} after this run's "
+                             "finalize(); this run's view of the log is out of date. Start a "
+                             "new run (logix.init) to append to the log.")
+        self._released = None
+
+    def release(self) -> None:
+        """Give the writer lock back (at finalize, even a failed one)."""
+        if self._lock is not None and self._lock.held:
+            self._lock.release()
+            self._released = self._files() if self.manifest is not None else None
+
+    def _files(self) -> tuple:
+        """What changes when anyone writes to this rank's part of the log."""
+        index = os.path.join(LOGS_DIR, f"{INDEX_PREFIX}{self._lock.rank}{INDEX_SUFFIX}")
+        out = []
+        for name in (MANIFEST, index):
+            try:
+                st = os.stat(os.path.join(self.project_dir, name))
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, what: str):
+        """An OSError of a write in the user's thread becomes a WriterError naming the fix."""
+        try:
+            yield
+        except OSError as e:
+            raise WriterError(f"Writing {what} of {self.project_dir!r} failed ({e}). Shards "
+                              "already in the manifest or index are intact. Fix the cause (disk "
+                              "space, permissions) and run again.") from e
 
     # ------------------------------------------------------------------ rows
     def unseen(self, ids: List, checkpoint: Optional[str]) -> List[int]:
@@ -127,6 +198,7 @@ class LogSession:
 
     def append(self, ids: List, rows: Tensor, checkpoint: Optional[str]) -> None:
         """Queue rows for disk (cast to the log dtype while copied into the shard buffer)."""
+        self._hold()  # taken over by another Run of this process since this step started?
         self._logged_ids.setdefault(checkpoint, set()).update(ids)
         if distributed.is_distributed():
             self._appended.setdefault(checkpoint, set()).update(ids)
@@ -180,14 +252,23 @@ class LogSession:
         (rank 0)."""
         if distributed.rank() != 0:
             return
-        state.save_checkpoint_statistics(self.project_dir, name, statistics, info)
-        self.manifest.checkpoints[name] = {k: v for k, v in info.items() if k != "train_ids"}
-        self.manifest.save(self.project_dir)
+        self._hold()
+        with self._disk_errors(f"checkpoint {name!r}"):
+            state.save_checkpoint_statistics(self.project_dir, name, statistics, info)
+            self.manifest.checkpoints[name] = {k: v for k, v in info.items()
+                                               if k != "train_ids"}
+            self.manifest.save(self.project_dir)
 
     def save_final(self, new_manifest: Callable[[], Manifest], config_snapshot: dict,
                    save_projections: Callable[[], None], statistics: Dict[str, Tensor]) -> None:
         """Rank 0 at finalize: every rank's shards in the manifest, projections, statistics."""
         os.makedirs(self.project_dir, exist_ok=True)
+        self._hold()
+        with self._disk_errors("the final manifest and state"):
+            self._save_final(new_manifest, config_snapshot, save_projections, statistics)
+
+    def _save_final(self, new_manifest: Callable[[], Manifest], config_snapshot: dict,
+                    save_projections: Callable[[], None], statistics: Dict[str, Tensor]) -> None:
         if self.manifest is None:  # nothing written by this run: the folder's log, if any
             existing = load_optional(self.project_dir)
             if existing is not None and existing.shards:

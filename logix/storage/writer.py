@@ -82,6 +82,12 @@ class ShardWriter:
     def pending_rows(self) -> int:
         return len(self._ids)
 
+    @property
+    def idle(self) -> bool:
+        """No row buffered, queued or being written."""
+        with self._buffer:
+            return not self._ids and not self._queue.unfinished_tasks
+
     def reserve(self, n: int, intact: Optional[Tensor] = None) -> Optional[Tensor]:
         """The next n rows of the shard being filled, for rows made in place: `append` of
         exactly this view then copies nothing. None where they do not fit in this shard, or
