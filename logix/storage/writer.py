@@ -26,6 +26,9 @@ from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, parse_shard_
 from logix.storage.manifest import ShardEntry
 
 _STOP = object()
+# Bytes of data-id metadata one shard header may take: a shard is cut early when its ids would
+# take more, so any id length gives a header well under safetensors' limit (MAX_HEADER).
+IDS_HEADER_BUDGET = 64 << 20
 
 
 def next_sequence(project_dir: str, rank: int) -> int:
@@ -75,6 +78,8 @@ class ShardWriter:
         self._seq = next_sequence(project_dir, rank)
         self._rows: Optional[Tensor] = None  # the shard being filled [rows_per_shard, dim]
         self._ids: List = []
+        self._id_bytes = 0  # header bytes of self._ids (IDS_HEADER_BUDGET)
+        self._id_costs: List[int] = []
         self._events: List = []  # CUDA copies into self._rows still in flight
         self.tag: Optional[str] = None  # checkpoint name stamped on the shards written next
 
@@ -119,7 +124,11 @@ class ShardWriter:
             while start < n:
                 buffer = self._current()
                 fill = len(self._ids)
-                take = min(n - start, self.rows_per_shard - fill)
+                take = self._ids_fitting(data_ids, start, min(n - start,
+                                                              self.rows_per_shard - fill))
+                if take == 0:  # the ids would overflow this shard's header: cut it here
+                    self._submit()
+                    continue
                 target = buffer[fill:fill + take]
                 part = rows[start:start + take]
                 if not _same_place(part, target):
@@ -131,9 +140,28 @@ class ShardWriter:
                     event.record()
                     self._events.append(event)
                 self._ids.extend(data_ids[start:start + take])
+                self._id_bytes += sum(self._id_costs[:take])
                 start += take
                 if len(self._ids) == self.rows_per_shard:
                     self._submit()
+
+    def _ids_fitting(self, data_ids: Sequence, start: int, most: int) -> int:
+        """How many of data_ids[start:start + most] fit in the header budget of the shard being
+        filled (their costs kept in self._id_costs); 0 means: cut the shard first."""
+        self._id_costs = []
+        room = IDS_HEADER_BUDGET - self._id_bytes
+        for i in data_ids[start:start + most]:
+            cost = len(json.dumps(json.dumps(i)))  # the id as it sits in the header's JSON
+            if cost > room:
+                break
+            room -= cost
+            self._id_costs.append(cost)
+        if not self._id_costs and not self._ids:
+            raise WriterError(f"data id {str(data_ids[start])[:80]!r}... is "
+                              f"{len(json.dumps(json.dumps(data_ids[start])))} bytes in a shard "
+                              f"header, more than the {IDS_HEADER_BUDGET} bytes one shard's ids "
+                              "may take. Use shorter ids (e.g. a hash of the text).")
+        return len(self._id_costs)
 
     def flush(self) -> None:
         """Write every buffered row and wait until all shards are on disk."""
@@ -178,7 +206,7 @@ class ShardWriter:
             event.synchronize()
         self._events.clear()
         buffer, ids = self._rows, self._ids
-        self._rows, self._ids = None, []
+        self._rows, self._ids, self._id_bytes = None, [], 0
         self._start_workers()
         self._queue.put((self._seq, ids, buffer, self.tag))
         self._seq += 1
