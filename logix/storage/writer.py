@@ -28,7 +28,7 @@ from logix.storage.manifest import ShardEntry
 _STOP = object()
 # Bytes of data-id metadata one shard header may take: a shard is cut early when its ids would
 # take more, so any id length gives a header well under safetensors' limit (MAX_HEADER).
-IDS_HEADER_BUDGET = 64 << 20
+IDS_HEADER_BUDGET = 32 << 20
 
 
 def next_sequence(project_dir: str, rank: int) -> int:
