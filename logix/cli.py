@@ -406,7 +406,7 @@ def _cmd_top(args) -> int:
         raise CliError(f"{args.scores!r} is a folder; pass a score file written by save_scores "
                        "or compute_influence_all(..., out=path).", EXIT_USAGE)
     try:
-        scores = open_scores(args.scores, args.group)
+        scores = open_scores(args.scores, args.group, project_dir=args.content)
     except UsageError as e:  # not a score file, or no such group
         raise CliError(str(e), EXIT_USAGE) from None
     except LogFormatError as e:

@@ -265,3 +265,15 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path, tmp_root):
     path.write_text("logging:\n  flush_threshold: 3\n bad: [1\n")
     with pytest.raises(ConfigError, match=r"config.yaml' is not valid YAML, line 3"):
         logix.init("p", config=str(path), root_dir=tmp_root)
+
+
+def test_logix_top_refuses_content_of_another_project(two_projects, tmp_path, capsys):
+    from logix.cli import main
+
+    a, b = two_projects
+    result = logix.Attributor(a).compute_influence_all(query_log(tmp_path), progress=False)
+    path = save_scores(str(tmp_path / "s.safetensors"), result)
+    assert main(["top", path, "--content", a]) == 0
+    capsys.readouterr()
+    assert main(["top", path, "--content", b]) == 1
+    assert "copied from another project" in " ".join(capsys.readouterr().err.split())

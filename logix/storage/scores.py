@@ -233,7 +233,10 @@ class ScoreFile:
                                  f"{self.describes['ids']}); the file was edited or damaged. "
                                  "Compute the scores again.")
         if project_dir is not None:
-            check_describes(self.path, self.describes, project_dir)
+            check_describes(self.path, self.describes, project_dir,
+                            "Read it with the project it was computed from (keep it in that "
+                            "project's folder, or pass that folder: --content DIR, "
+                            "project_dir=), or compute the scores again from this log.")
 
     def row(self, query: int) -> Tensor:
         """Scores of query `query` against every training example, [n_train] float32."""

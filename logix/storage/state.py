@@ -97,7 +97,9 @@ def recorded_describes(path: str, metadata: dict) -> Optional[dict]:
     return value
 
 
-def check_describes(path: str, recorded: Optional[dict], project_dir: str) -> None:
+def check_describes(path: str, recorded: Optional[dict], project_dir: str,
+                    fix: str = "Put back this project's own file, or delete it and finalize() "
+                               "a logging run of this project again.") -> None:
     """Refuse a file computed from another log than the project's: another fingerprint, or
     more rows than the log holds. Fewer rows are accepted: rows appended since (a session that
     appends and has not finalized yet, scores computed before)."""
@@ -111,13 +113,11 @@ def check_describes(path: str, recorded: Optional[dict], project_dir: str) -> No
         raise LogFormatError(
             f"{path!r} was computed from another log: it records project fingerprint {theirs} "
             f"({recorded['rows']} rows), but {project_dir!r} has fingerprint {ours} "
-            f"({manifest.rows} rows); it was copied from another project. Use the file of "
-            "this project (or delete it and compute it again from this project's log).")
+            f"({manifest.rows} rows): it was copied from another project. " + fix)
     if recorded["rows"] > manifest.rows:
         raise LogFormatError(
             f"{path!r} describes {recorded['rows']} rows but the log in {project_dir!r} holds "
-            f"{manifest.rows}; it does not belong to this log. Compute it again from this "
-            "project's log.")
+            f"{manifest.rows}: it does not belong to this log. " + fix)
 
 
 def _write(project_dir: str, filename: str, tensors: dict, metadata: dict) -> None:
