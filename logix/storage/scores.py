@@ -281,8 +281,9 @@ class ScoreFile:
 
 def open_scores(path: str, group: Optional[str] = None,
                 project_dir: Optional[str] = None) -> ScoreFile:
-    """Memory-map a score file; `group` picks the scores of one influence group; `project_dir`:
-    see `ScoreFile`."""
+    """Memory-map a score file; `group` picks the scores of one influence group. A file computed
+    from another log than `project_dir`'s (default: the project folder the file sits in) is
+    refused with a LogFormatError."""
     return ScoreFile(path, group, project_dir)
 
 
