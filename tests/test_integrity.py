@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -110,7 +111,19 @@ def test_statistics_record_the_rows_and_ids_they_describe(two_projects):
         recorded = json.loads(f.metadata()["describes"])
     manifest = json.load(open(os.path.join(a, "manifest.json")))
     assert recorded["fingerprint"] == manifest["fingerprint"] and recorded["rows"] == 9
-    assert recorded["ids"].startswith("xxh3:")
+    ids = json.dumps(LogReader(a).data_ids()).encode()
+    assert recorded["ids"] == f"xxh3:{xxhash.xxh3_64(ids).hexdigest()}"
+
+
+def test_verify_finds_statistics_of_other_examples_with_the_same_fingerprint(new_run, tmp_root):
+    log_project(new_run, "a")
+    log_project(new_run, "b", first_id=100)  # as many rows, other ids
+    a, b = (os.path.join(tmp_root, p) for p in "ab")
+    shutil.copy(stats_path(a), stats_path(b))
+    fingerprint = json.load(open(os.path.join(a, "manifest.json")))["fingerprint"]
+    edit_manifest(b, lambda m: m.update(fingerprint=fingerprint))
+    report = verify(b)
+    assert any("computed from other examples" in m for m in report.errors), report.errors
 
 
 def test_statistics_of_an_earlier_release_load_unverified(two_projects):

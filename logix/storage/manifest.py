@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
@@ -320,12 +320,17 @@ def enclosing_project(path: str) -> Optional[str]:
     return folder
 
 
-def ids_digest(ids: Iterable) -> str:
-    """"xxh3:<hex>" over the JSON text of each id followed by a newline, in order."""
-    digest = xxhash.xxh3_64()
-    for i in ids:
-        digest.update(json.dumps(i).encode() + b"\n")
+def ids_digest(ids: List) -> str:
+    """"xxh3:<hex>" of the ids' JSON text, `json.dumps(ids)` (hashed in slices: bounded memory)."""
+    digest = xxhash.xxh3_64(b"[")
+    for start in range(0, len(ids), _DIGEST_SLICE):
+        digest.update((", " if start else "").encode()
+                      + json.dumps(ids[start:start + _DIGEST_SLICE])[1:-1].encode())
+    digest.update(b"]")
     return f"xxh3:{digest.hexdigest()}"
+
+
+_DIGEST_SLICE = 65536
 
 
 def describes(fingerprint: Optional[str], ids: List) -> dict:
