@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import logix
 from conftest import make_mlp
-from logix.errors import ConfigError, LogFormatError, UsageError, WriterError
+from logix.errors import ConfigError, LogFormatError, UsageError
 from logix.storage import writer
 from logix.storage.format import MAX_HEADER, read_header
 from logix.storage.reader import LogReader
@@ -72,13 +72,24 @@ def test_long_ids_cut_shards_early_and_stay_readable(new_run, tmp_root, monkeypa
     assert verify(run.project_dir).ok
 
 
+def test_an_id_over_the_length_limit_is_refused_at_start(new_run):
+    from logix.storage.data_ids import MAX_ID_CHARS
+
+    assert 14 * MAX_ID_CHARS + 2 < writer.IDS_HEADER_BUDGET  # worst escaping still fits
+    run = new_run("long_id")
+    run.watch(make_mlp(seed=0)).add_lora(rank=2)
+    run.setup({"grad": ["log"]}).save(True)
+    with pytest.raises(UsageError, match="short hash"):
+        run.start(data_id=["x" * (MAX_ID_CHARS + 1)])
+
+
 def test_an_id_longer_than_the_whole_budget_is_refused(new_run, monkeypatch):
     monkeypatch.setattr(writer, "IDS_HEADER_BUDGET", 1_000, raising=False)
     run = new_run("huge")
     model = make_mlp(seed=0)
     run.watch(model).add_lora(rank=2)
     run.setup({"grad": ["log"]}).save(True)
-    with pytest.raises(WriterError, match="shorter ids"):
+    with pytest.raises(UsageError, match="shorter ids"):
         with run(data_id=["x" * 2_000]):
             model(torch.randn(1, 6)).pow(2).sum().backward()
 

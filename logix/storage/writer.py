@@ -10,6 +10,8 @@ readable.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import queue
@@ -19,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from logix.errors import WriterError
+from logix.errors import UsageError, WriterError
 from logix.storage.direct_io import PAGE, aligned_empty, write_shard
 from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, parse_shard_name,
                                   safetensors_header, shard_name, tensor_bytes)
@@ -54,6 +56,18 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
+def _header_costs(data_ids: Sequence) -> List[int]:
+    """Bytes each id takes in a shard header (JSON inside JSON); an id that alone passes
+    IDS_HEADER_BUDGET is refused (run.start refuses such ids first: data_ids.MAX_ID_CHARS)."""
+    costs = [len(json.dumps(json.dumps(i))) for i in data_ids]
+    if costs and max(costs) > IDS_HEADER_BUDGET:
+        i = data_ids[costs.index(max(costs))]
+        raise UsageError(f"data id {str(i)[:60]!r}... takes {max(costs)} bytes in a shard header, "
+                         f"more than the {IDS_HEADER_BUDGET} one shard's ids may take; its rows "
+                         "were not written. Use shorter ids (e.g. a hash of the text).")
+    return costs
+
+
 class ShardWriter:
     """Copies rows into preallocated shard buffers (casting to the log dtype on the way) and
     hands full buffers to writer threads, which stream them to disk and recycle them."""
@@ -79,7 +93,6 @@ class ShardWriter:
         self._rows: Optional[Tensor] = None  # the shard being filled [rows_per_shard, dim]
         self._ids: List = []
         self._id_bytes = 0  # header bytes of self._ids (IDS_HEADER_BUDGET)
-        self._id_costs: List[int] = []
         self._events: List = []  # CUDA copies into self._rows still in flight
         self.tag: Optional[str] = None  # checkpoint name stamped on the shards written next
 
@@ -119,13 +132,16 @@ class ShardWriter:
         filled; full shards go to the writer threads. The caller keeps ownership of `rows`
         (a view from `reserve` is taken as it is)."""
         self.raise_if_failed()
+        costs = _header_costs(data_ids)
         with self._buffer:
             start, n = 0, rows.shape[0]
             while start < n:
                 buffer = self._current()
                 fill = len(self._ids)
-                take = self._ids_fitting(data_ids, start, min(n - start,
-                                                              self.rows_per_shard - fill))
+                most = min(n - start, self.rows_per_shard - fill)
+                room = IDS_HEADER_BUDGET - self._id_bytes
+                take = bisect.bisect_right(list(itertools.accumulate(costs[start:start + most])),
+                                           room)
                 if take == 0:  # the ids would overflow this shard's header: cut it here
                     self._submit()
                     continue
@@ -140,28 +156,10 @@ class ShardWriter:
                     event.record()
                     self._events.append(event)
                 self._ids.extend(data_ids[start:start + take])
-                self._id_bytes += sum(self._id_costs[:take])
+                self._id_bytes += sum(costs[start:start + take])
                 start += take
                 if len(self._ids) == self.rows_per_shard:
                     self._submit()
-
-    def _ids_fitting(self, data_ids: Sequence, start: int, most: int) -> int:
-        """How many of data_ids[start:start + most] fit in the header budget of the shard being
-        filled (their costs kept in self._id_costs); 0 means: cut the shard first."""
-        self._id_costs = []
-        room = IDS_HEADER_BUDGET - self._id_bytes
-        for i in data_ids[start:start + most]:
-            cost = len(json.dumps(json.dumps(i)))  # the id as it sits in the header's JSON
-            if cost > room:
-                break
-            room -= cost
-            self._id_costs.append(cost)
-        if not self._id_costs and not self._ids:
-            raise WriterError(f"data id {str(data_ids[start])[:80]!r}... is "
-                              f"{len(json.dumps(json.dumps(data_ids[start])))} bytes in a shard "
-                              f"header, more than the {IDS_HEADER_BUDGET} bytes one shard's ids "
-                              "may take. Use shorter ids (e.g. a hash of the text).")
-        return len(self._id_costs)
 
     def flush(self) -> None:
         """Write every buffered row and wait until all shards are on disk."""
