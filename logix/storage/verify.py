@@ -253,8 +253,9 @@ def _check_state(project_dir: str, manifest, report: VerifyReport, plain_ids: Li
     if stats["error"]:
         report.error(f"{stats['file']} is not readable: {stats['error']}.")
         return
-    _check_state_file(report, stats["file"], state.load_statistics, project_dir)
-    _check_statistics_log(report, stats, manifest, plain_ids)
+    if _check_state_file(report, stats["file"], state.load_statistics, project_dir) and \
+            stats["entries"]:
+        _check_statistics_log(report, stats, manifest, plain_ids)
     for base in stats["orphan_counts"]:
         report.warn(f"{stats['file']}: {base}{KEY_SEP}count has no matching statistic.")
     for module, kinds in stats["entries"].items():
@@ -293,13 +294,16 @@ def _check_statistics_log(report: VerifyReport, stats: dict, manifest, plain_ids
                      "this log.")
 
 
-def _check_state_file(report: VerifyReport, file: str, load: Callable, *args) -> None:
-    """Read a state file whole: its tensors must hash to the checksum recorded with them."""
+def _check_state_file(report: VerifyReport, file: str, load: Callable, *args) -> bool:
+    """Read a state file whole: its tensors must hash to the checksum recorded with them.
+    Returns whether it could be loaded."""
     from safetensors import SafetensorError
 
     try:
         load(*args)
+        return True
     except LogFormatError as e:
         report.error(str(e))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
         report.error(f"{file} is not readable: {e!r}.")
+    return False
