@@ -366,13 +366,13 @@ def _cmd_show(args) -> int:
 def _cmd_verify(args) -> int:
     from logix.errors import LogFormatError
     from logix.progress import progress_bar
-    from logix.storage.manifest import load_optional
+    from logix.storage.manifest import read_manifest
     from logix.storage.verify import verify
 
     project_dir = _project_dir(args.dir)
     out = _console()
     try:
-        manifest = load_optional(project_dir)
+        manifest = read_manifest(project_dir)[0]  # verify reports its structural problems
         total = sum(s.bytes for s in manifest.shards) if manifest else 0
         with progress_bar(total, "hashing shards", enabled=not args.no_hash,
                           min_total=256 << 20) as advance:
@@ -417,7 +417,7 @@ def _cmd_top(args) -> int:
         raise CliError(f"{args.scores!r} is a folder; pass a score file written by save_scores "
                        "or compute_influence_all(..., out=path).", EXIT_USAGE)
     try:
-        scores = open_scores(args.scores, args.group)
+        scores = open_scores(args.scores, args.group, project_dir=args.content)
     except UsageError as e:  # not a score file, or no such group
         raise CliError(str(e), EXIT_USAGE) from None
     except LogFormatError as e:

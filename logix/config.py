@@ -161,8 +161,7 @@ def load_config(path: Union[str, os.PathLike, Mapping, None] = None, **overrides
         if not os.path.isfile(path):
             raise ConfigError(f"Config file {str(path)!r} does not exist. Pass config=None to use "
                               "the defaults, or the path of a YAML file.")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping, got "
                               f"{type(loaded).__name__}.")
@@ -284,3 +283,18 @@ def _positive(obj: Any, *keys: str) -> None:
         value = getattr(obj, key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"`{key}` must be a positive integer, got {value!r}.")
+
+
+def _read_yaml(path) -> object:
+    """A YAML file's content; a ConfigError naming the file, line and column when it does not
+    parse."""
+    with open(path, "rb") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML{where}: {problem}. "
+                              "Fix the syntax there (e.g. indentation, a missing ':' or "
+                              "quote).") from None

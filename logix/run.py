@@ -246,6 +246,9 @@ class Run:
             raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
         _check_scale(scale)
         ids = normalize_data_ids(data_id, mask)
+        if not ids:
+            raise UsageError("run.start() got no data ids: a step needs at least one example. "
+                             "Skip empty batches before calling run.start().")
         keep = None
         if writes:  # refusals come before anything of the step runs
             self._session.open(self._new_manifest, self._save_projections,

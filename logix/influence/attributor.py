@@ -40,7 +40,7 @@ from logix.progress import track
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
 from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE, atomic_file
-from logix.storage.manifest import ModuleEntry, load_optional
+from logix.storage.manifest import ModuleEntry, load_optional, project_fingerprint
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
 
@@ -255,18 +255,20 @@ class Attributor:
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
         block_rows = aligned(block_rows, reader.dim)
         plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
+        log = {"project": self.project, "fingerprint": project_fingerprint(reader.project_dir)}
         if not distributed.is_distributed():
-            return self._stream(src, reader, plan, topk, out, block_rows, progress)
+            result = self._stream(src, reader, plan, topk, out, block_rows, progress, log)
+            return {**result, "meta": {**result["meta"], **log}}
         # Each rank scores its share of the shards; the parts are gathered in manifest order.
-        local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress)
+        local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress, log)
         merged = merge_topk(local, topk) if topk is not None else merge_full(local, reader)
+        merged["meta"] = {**merged["meta"], **log}
         if out is not None and distributed.rank() == 0:
-            merged["path"] = save_scores(out, merged, meta={**plan.meta,
-                                                            "project": self.project})
+            merged["path"] = save_scores(out, merged)
         return merged if gather == "all" or distributed.rank() == 0 else None
 
     def _stream(self, src: StepLog, reader: LogReader, plan: "ScorePlan", topk, out,
-                block_rows: int, progress: bool) -> dict:
+                block_rows: int, progress: bool, log: dict) -> dict:
         n_train = reader.rows
         train_norms = self._train_norms(reader, plan, block_rows, progress) \
             if plan.needs_norms else None
@@ -276,7 +278,7 @@ class Attributor:
         if out is not None:
             shapes = {_tensor_name(g): (n_query, n_train) for g in names}
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
-                                     meta={**plan.meta, "project": self.project})
+                                     meta={**plan.meta, **log})
         top = TopK(topk, len(names) * n_query) if topk is not None else None
         width = len(names) * n_query
         full = None if (writer or top) else score_buffer(n_train, width, plan.device)

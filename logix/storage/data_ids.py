@@ -11,6 +11,10 @@ from logix.errors import UsageError
 
 
 _PLAIN = {int, str}  # exactly these types (bool is an int subclass and is refused)
+_MAX_INT_DIGITS = 4300  # Python's default limit for int <-> str conversion (JSON of the ids)
+_TOO_LONG = 10 ** _MAX_INT_DIGITS
+MAX_ID_CHARS = 1 << 20  # even escaped in a shard header (<= 14 bytes a character), well under
+# the writer's IDS_HEADER_BUDGET
 
 
 def normalize_data_ids(data_id: Any, mask: Optional[torch.Tensor] = None) -> List:
@@ -54,6 +58,16 @@ def _tensor_ids(data_id: torch.Tensor, mask: Optional[torch.Tensor]) -> List:
 
 
 def _unique(ids: List) -> List:
+    for i in ids:
+        if type(i) is int and not -_TOO_LONG < i < _TOO_LONG:
+            raise UsageError(f"A data_id integer has about {int(i.bit_length() * 0.30103) + 1} "
+                             f"digits; ids are stored as JSON, which takes integers of at most "
+                             f"{_MAX_INT_DIGITS} digits (Python's int-to-str limit). Pass such "
+                             "ids as str, or a short hash of them.")
+        if type(i) is str and len(i) > MAX_ID_CHARS:
+            raise UsageError(f"A data_id string has {len(i)} characters (it starts {i[:40]!r}); "
+                             f"ids may have at most {MAX_ID_CHARS}, so that every shard header "
+                             "stays readable. Pass a short hash of the text as the id.")
     if len(set(ids)) != len(ids):
         dupes = sorted({str(i) for i in ids if ids.count(i) > 1})[:5]
         raise UsageError(f"data_id has duplicates within one batch: {dupes}. Each example in a "

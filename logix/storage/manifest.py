@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import xxhash
+
 from logix.errors import LogFormatError
-from logix.storage.format import FORMAT_VERSION, LOGS_DIR, MANIFEST, atomic_write
+from logix.storage.format import (DTYPES, FORMAT_VERSION, LOGS_DIR, MANIFEST, atomic_write,
+                                  parse_shard_name)
 
 INDEX_PREFIX = "index-r"  # logs/index-r<rank>.jsonl
 INDEX_SUFFIX = ".jsonl"
@@ -59,6 +63,8 @@ class Manifest:
     checkpoints: Dict[str, dict] = field(default_factory=dict)  # name -> segment, lr, steps, ...
     format_version: int = FORMAT_VERSION
     format: str = "logix"
+    fingerprint: Optional[str] = None  # the project's identity; see claim_fingerprint
+
 
     @property
     def dim(self) -> int:
@@ -84,15 +90,26 @@ class Manifest:
         out["rows"] = self.rows
         return out
 
+    def claim_fingerprint(self, project_dir: str) -> str:
+        """The project's fingerprint: 16 random hex digits fixed by the first manifest written
+        in the folder and kept by every later save (a run that appends, a logging pass after a
+        statistics pass). Statistics and score files record it (see `describes`)."""
+        if self.fingerprint is None:
+            self.fingerprint = project_fingerprint(project_dir) or secrets.token_hex(8)
+        return self.fingerprint
+
     def save(self, project_dir: str) -> None:
+        self.claim_fingerprint(project_dir)
         data = json.dumps(self.to_dict(), indent=1).encode()
         atomic_write(os.path.join(project_dir, MANIFEST), data)
 
     @classmethod
     def load(cls, project_dir: str) -> "Manifest":
         """The project's manifest, every rank's shard index merged; LogFormatError when it is
-        missing, unreadable, of a newer format or malformed."""
-        return read_manifest(project_dir)[0]
+        missing, unreadable, of a newer format, malformed or structurally invalid."""
+        manifest, raw = read_manifest(project_dir)
+        check_structure(manifest, raw, os.path.join(project_dir, MANIFEST))
+        return manifest
 
     def merge_rank_indexes(self, project_dir: str) -> None:
         """Add the shards listed in logs/index-r<rank>.jsonl: each writer appends one line per
@@ -211,8 +228,9 @@ def read_manifest(project_dir: str) -> Tuple[Manifest, dict]:
             data = json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise LogFormatError(f"{path!r} cannot be read: {e}") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise LogFormatError(f"{path!r} is corrupt: not readable JSON ({e}).") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise LogFormatError(f"{path!r} is corrupt: not readable JSON ({_short(e)}). Restore "
+                             f"it from a copy of the log.") from e
     if not isinstance(data, dict):
         raise LogFormatError(f"{path!r} is corrupt: it holds a JSON {type(data).__name__}, not "
                              "the manifest object.")
@@ -229,7 +247,8 @@ def read_manifest(project_dir: str) -> Tuple[Manifest, dict]:
             modules=[_typed(ModuleEntry, m) for m in data["modules"]],
             projection=data.get("projection", {}), config=data.get("config", {}),
             shards=[shard_entry(s) for s in data.get("shards", [])],
-            checkpoints=data.get("checkpoints", {}), format_version=version)
+            checkpoints=data.get("checkpoints", {}), format_version=version,
+            fingerprint=data.get("fingerprint"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LogFormatError(f"{path!r} is missing or has malformed fields: {e}") from e
     problems = _field_problems(manifest)
@@ -252,7 +271,114 @@ def _field_problems(manifest: Manifest) -> List[str]:
                 problems.append(f"shard {s.file!r}: {key}={getattr(s, key)!r} is negative")
     if not isinstance(manifest.projection, dict):
         problems.append(f"projection={manifest.projection!r} is not an object")
+    if manifest.fingerprint is not None and not isinstance(manifest.fingerprint, str):
+        problems.append(f"fingerprint={manifest.fingerprint!r} is not a string")
     return problems
+
+
+def structure_problems(manifest: Manifest, raw: Optional[dict] = None) -> List[str]:
+    """What makes a manifest unsafe to score or append to, whatever its shard files hold: shard
+    files that are not plain shard names inside logs/ (absolute, `..`, other folders), named
+    twice, or whose name disagrees with their rank / seq; rows the recorded bytes cannot hold;
+    module columns that overlap or run past the row; an unknown dtype; derived `dim` / `rows`
+    (in `raw`, the JSON object) that disagree with the entries. `logix verify` reports each;
+    readers refuse the manifest (`check_structure`)."""
+    problems = []
+    if manifest.dtype not in DTYPES:
+        problems.append(f"dtype {manifest.dtype!r} is not one of {sorted(DTYPES)}")
+    names = [m.name for m in manifest.modules]
+    if len(set(names)) != len(names):
+        problems.append(f"module names repeat: {names}")
+    spans = sorted((m.offset, m.offset + m.dim, m.name) for m in manifest.modules)
+    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+        if b0 < a1:
+            problems.append(f"modules {a!r} [{a0}, {a1}) and {b!r} [{b0}, {b1}) overlap in "
+                            "the row")
+    for start, stop, name in spans:
+        if stop > manifest.dim:
+            problems.append(f"module {name!r} columns [{start}, {stop}) run past the row width "
+                            f"{manifest.dim}")
+    itemsize = DTYPES[manifest.dtype].itemsize if manifest.dtype in DTYPES else 1
+    seen = set()
+    for s in manifest.shards:
+        folder, _, name = s.file.partition("/")
+        parsed = parse_shard_name(name) if folder == LOGS_DIR else None
+        if parsed is None:
+            problems.append(f"shard {s.file!r} is not a shard name inside {LOGS_DIR}/ "
+                            f"({LOGS_DIR}/shard-r<rank>-<seq>.safetensors)")
+        elif parsed != (s.rank, s.seq):
+            problems.append(f"shard {s.file!r}: the name says rank {parsed[0]} seq "
+                            f"{parsed[1]}, the entry rank {s.rank} seq {s.seq}")
+        if s.file in seen:
+            problems.append(f"shard {s.file!r} is named more than once")
+        seen.add(s.file)
+        if s.rows * manifest.dim * itemsize > s.bytes:
+            problems.append(f"shard {s.file!r}: {s.rows} rows of {manifest.dim} columns do not "
+                            f"fit in its {s.bytes} bytes")
+    if raw is not None:
+        if raw.get("dim") is not None and raw.get("dim") != manifest.dim:
+            problems.append(f"'dim' is {raw.get('dim')!r} but its modules add up to "
+                            f"{manifest.dim} columns")
+        listed = sum(s.get("rows", 0) for s in raw.get("shards", [])
+                     if isinstance(s, dict) and s.get("checkpoint") is None)
+        if raw.get("rows") is not None and raw.get("rows") != listed:  # index shards on top
+            problems.append(f"'rows' is {raw.get('rows')!r} but its shards hold {listed} rows")
+    return problems
+
+
+def check_structure(manifest: Manifest, raw: Optional[dict] = None,
+                    where: str = MANIFEST) -> None:
+    """Raise LogFormatError listing `structure_problems`, if any: such a log is not scored."""
+    problems = structure_problems(manifest, raw)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LogFormatError(f"{where!r} is not a valid LogIX manifest: " + "; ".join(problems[:5])
+                             + f"{more}. Run `logix verify` on the project folder, and restore "
+                             "manifest.json from a copy of the log.")
+
+
+def project_fingerprint(project_dir: str) -> Optional[str]:
+    """The fingerprint recorded in the folder's manifest.json; None when there is none (no
+    manifest, an unreadable one, or one written by a release before fingerprints)."""
+    try:
+        with open(os.path.join(project_dir, MANIFEST), "rb") as f:
+            value = json.loads(f.read()).get("fingerprint")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def enclosing_project(path: str) -> Optional[str]:
+    """The nearest folder above `path` (a file) that holds a manifest.json, or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isfile(os.path.join(folder, MANIFEST)):
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def ids_digest(ids: List) -> str:
+    """"xxh3:<hex>" of the ids' JSON text, `json.dumps(ids)` (hashed in slices: bounded memory)."""
+    digest = xxhash.xxh3_64(b"[")
+    for start in range(0, len(ids), _DIGEST_SLICE):
+        digest.update((", " if start else "").encode()
+                      + json.dumps(ids[start:start + _DIGEST_SLICE])[1:-1].encode())
+    digest.update(b"]")
+    return f"xxh3:{digest.hexdigest()}"
+
+
+_DIGEST_SLICE = 65536
+
+
+def describes(fingerprint: Optional[str], ids: List) -> dict:
+    """What a statistics or score file was computed from: the project's fingerprint, the
+    number of training rows and a digest of their ids (stored as JSON metadata `describes`)."""
+    return {"fingerprint": fingerprint, "rows": len(ids), "ids": ids_digest(ids)}
+
+
+def _short(error: BaseException) -> str:
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error)
 
 
 def shard_entry(data) -> ShardEntry:

@@ -7,7 +7,9 @@ import json
 import os
 from typing import Dict
 
+from logix.errors import LogFormatError
 from logix.storage.format import DTYPES, KEY_SEP, PROJECTIONS_FILE, STATE_DIR, STATISTICS_FILE
+from logix.storage.state import recorded_describes
 
 
 def summary(project_dir: str, manifest, list_shards: bool = False) -> Dict:
@@ -53,13 +55,14 @@ def statistics_info(project_dir: str) -> Dict:
     from the header of state/statistics.safetensors (sums are not loaded)."""
     path = os.path.join(project_dir, STATE_DIR, STATISTICS_FILE)
     info = {"file": f"{STATE_DIR}/{STATISTICS_FILE}", "present": os.path.isfile(path),
-            "error": None, "entries": {}, "orphan_counts": []}
+            "error": None, "entries": {}, "orphan_counts": [], "describes": None}
     if not info["present"]:
         return info
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
+            info["describes"] = recorded_describes(path, f.metadata() or {})
             keys = sorted(f.keys())
             counts = {}
             for key in keys:
@@ -70,7 +73,7 @@ def statistics_info(project_dir: str) -> Dict:
                     module, kind = parts[0], KEY_SEP.join(parts[1:])
                     info["entries"].setdefault(module, {})[kind] = {
                         "shape": list(f.get_slice(key).get_shape()), "count": None}
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError, LogFormatError) as e:
         info["error"] = f"{e}"
         return info
     for base, count in counts.items():

@@ -15,7 +15,7 @@ from torch import Tensor
 from logix.errors import LogFormatError
 from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, TORCH_DTYPES, file_checksum,
                                   read_header, split_checksum)
-from logix.storage.manifest import Manifest, ShardEntry
+from logix.storage.manifest import Manifest, ShardEntry, check_structure
 
 
 class LogReader:
@@ -28,6 +28,8 @@ class LogReader:
         (untagged) rows. verify: check each shard's size and checksum against the manifest the
         first time this process reads it (see `verify_shard`); False skips the check."""
         self.project_dir = project_dir
+        if manifest is not None:  # Manifest.load checks the structure of one it reads
+            check_structure(manifest, where=os.path.join(project_dir, "manifest.json"))
         self.manifest = manifest if manifest is not None else Manifest.load(project_dir)
         self.block_rows = block_rows
         self.checkpoint = checkpoint

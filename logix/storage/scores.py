@@ -6,7 +6,8 @@
       tensor "influence/<group>" (optional, one per influence group) [n_test, n_train]
       metadata "format": "logix-scores", "format_version": "1",
                "src_ids": JSON list (n_test), "tgt_ids": JSON list (n_train),
-               "meta": JSON object (optional: mode, hessian, project, ...)
+               "meta": JSON object (optional: mode, hessian, project, fingerprint, ...),
+               "describes": JSON {"fingerprint", "rows", "ids"}: the training log scored
 
 Per-token scores (`logix.text.token_influence`) add tensor "token_influence" [n_tokens, n_train]
 and metadata "token_query" / "token_text" (docs/format.md, "Per-token scores").
@@ -27,6 +28,8 @@ from torch import Tensor
 from logix.errors import LogFormatError, UsageError
 from logix.storage.format import (atomic_write, commit, safetensors_header, temporary_path,
                                   tensor_bytes)
+from logix.storage.manifest import describes, enclosing_project, ids_digest
+from logix.storage.state import DESCRIBES_KEY, check_describes, recorded_describes
 
 SCORES_FORMAT = "logix-scores"
 SCORES_FORMAT_VERSION = 1
@@ -70,6 +73,7 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
     meta = {**(result.get(META_KEY) or {}), **(meta or {})}  # the result's own meta, then `meta`
     if meta:
         metadata[META_KEY] = _json(meta, META_KEY)
+    metadata[DESCRIBES_KEY] = _json(describes(meta.get("fingerprint"), tgt_ids), DESCRIBES_KEY)
     if result.get(TOKEN_INFLUENCE_KEY) is not None:
         tensors[TOKEN_INFLUENCE_KEY] = _token_rows(result, len(src_ids), len(tgt_ids), metadata)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -117,6 +121,8 @@ class ScoreFileWriter:
                     TGT_IDS_KEY: _json(list(tgt_ids), TGT_IDS_KEY)}
         if meta:
             metadata[META_KEY] = _json(dict(meta), META_KEY)
+        metadata[DESCRIBES_KEY] = _json(describes((meta or {}).get("fingerprint"),
+                                                  list(tgt_ids)), DESCRIBES_KEY)
         header = safetensors_header({name: (torch.float32, shape) for name, shape in
                                      shapes.items()}, metadata)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -158,9 +164,15 @@ class ScoreFileWriter:
 
 class ScoreFile:
     """A memory-mapped score file: ids and shape from the header, rows read on demand.
-    `close()` (or leaving a `with` block) releases the mapping."""
+    `close()` (or leaving a `with` block) releases the mapping.
 
-    def __init__(self, path: str, group: Optional[str] = None) -> None:
+    project_dir: the project whose log the scores must describe (default: the project folder
+    the file sits in, if any); a file computed from another log is refused, since its ids would
+    be shown with this project's content. Files of earlier releases record no log and are read
+    unverified."""
+
+    def __init__(self, path: str, group: Optional[str] = None,
+                 project_dir: Optional[str] = None) -> None:
         from safetensors import SafetensorError, safe_open
 
         self.path = os.fspath(path)
@@ -176,6 +188,7 @@ class ScoreFile:
         self._slice = None
         try:
             self._check(metadata, keys, group)
+            self._check_log(metadata, project_dir or enclosing_project(self.path))
         except BaseException:
             self.close()
             raise
@@ -208,6 +221,22 @@ class ScoreFile:
             raise LogFormatError(f"{self.path!r}: {self.key!r} has shape {list(self.shape)} "
                                  f"but the metadata names {len(self.src_ids)} src_ids and "
                                  f"{len(self.tgt_ids)} tgt_ids.")
+
+    def _check_log(self, metadata: dict, project_dir: Optional[str]) -> None:
+        self.describes = recorded_describes(self.path, metadata)
+        if self.describes is None:
+            return
+        if self.describes["rows"] != len(self.tgt_ids) or \
+                self.describes["ids"] != ids_digest(self.tgt_ids):
+            raise LogFormatError(f"{self.path!r}: its {TGT_IDS_KEY!r} are not the ones the scores "
+                                 f"were computed for ({self.describes['rows']} ids, digest "
+                                 f"{self.describes['ids']}); the file was edited or damaged. "
+                                 "Compute the scores again.")
+        if project_dir is not None:
+            check_describes(self.path, self.describes, project_dir,
+                            "Read it with the project it was computed from (keep it in that "
+                            "project's folder, or pass that folder: --content DIR, "
+                            "project_dir=), or compute the scores again from this log.")
 
     def row(self, query: int) -> Tensor:
         """Scores of query `query` against every training example, [n_train] float32."""
@@ -250,16 +279,19 @@ class ScoreFile:
         return ids
 
 
-def open_scores(path: str, group: Optional[str] = None) -> ScoreFile:
-    """Memory-map a score file; `group` picks the scores of one influence group."""
-    return ScoreFile(path, group)
+def open_scores(path: str, group: Optional[str] = None,
+                project_dir: Optional[str] = None) -> ScoreFile:
+    """Memory-map a score file; `group` picks the scores of one influence group. A file computed
+    from another log than `project_dir`'s (default: the project folder the file sits in) is
+    refused with a LogFormatError."""
+    return ScoreFile(path, group, project_dir)
 
 
-def load_scores(path: str) -> Dict[str, Any]:
+def load_scores(path: str, project_dir: Optional[str] = None) -> Dict[str, Any]:
     """{"influence": [n_test, n_train] float32, "src_ids": [...], "tgt_ids": [...], "meta": {},
     and "groups": {name: [n_test, n_train]} when the file has groups}: the dict
     `compute_influence_all` returned, read back."""
-    with ScoreFile(path) as scores:
+    with ScoreFile(path, project_dir=project_dir) as scores:
         out = {INFLUENCE_KEY: scores.read_all(), SRC_IDS_KEY: scores.src_ids,
                TGT_IDS_KEY: scores.tgt_ids, META_KEY: scores.meta}
         if scores.groups:

@@ -281,7 +281,7 @@ class LogSession:
         # A run that collected no statistics (one that only appends rows) keeps the saved ones.
         if statistics or not os.path.isfile(
                 os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
-            state.save_statistics(self.project_dir, statistics)
+            state.save_statistics(self.project_dir, statistics, self.manifest)
         self.manifest.save(self.project_dir)
 
 

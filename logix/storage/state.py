@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -15,8 +15,11 @@ from logix.logra import Projection, fingerprint
 from logix.storage.format import (CHECKSUM, PROJECTIONS_FILE, STATE_DIR, STATISTICS_FILE,
                                   atomic_write, new_digest, split_checksum, state_key,
                                   tensor_bytes)
+from logix.storage.manifest import Manifest, describes, load_optional
+from logix.storage.reader import LogReader
 
 _P_IN, _P_OUT = "p_in", "p_out"
+DESCRIBES_KEY = "describes"  # statistics and score files: the log they were computed from
 
 
 def save_projections(project_dir: str, projections: Dict[str, Projection], meta: dict) -> None:
@@ -53,17 +56,68 @@ def load_projections(project_dir: str) -> Tuple[Dict[str, Projection], dict]:
     return projections, meta
 
 
-def save_statistics(project_dir: str, state: Dict[str, torch.Tensor]) -> None:
-    _write(project_dir, STATISTICS_FILE, state, {})
+def save_statistics(project_dir: str, state: Dict[str, torch.Tensor],
+                    manifest: Optional[Manifest] = None) -> None:
+    """The statistics, recording the log they describe (`describes`: the project's fingerprint
+    and the plain rows of `manifest`, with a digest of their ids)."""
+    metadata = {}
+    if manifest is not None:
+        ids = LogReader(project_dir, manifest, verify=False).data_ids()
+        metadata[DESCRIBES_KEY] = json.dumps(describes(manifest.claim_fingerprint(project_dir),
+                                                       ids))
+    _write(project_dir, STATISTICS_FILE, state, metadata)
 
 
 def load_statistics(project_dir: str) -> Dict[str, torch.Tensor]:
-    """The saved statistics ({} when there are none); refused when damaged."""
+    """The saved statistics ({} when there are none); refused when damaged, or when they were
+    computed from another project's log (`check_describes`)."""
     path = os.path.join(project_dir, STATE_DIR, STATISTICS_FILE)
     if not os.path.isfile(path):
         return {}
-    return _read(path, "Scores preconditioned with them would be wrong (hessian='none' and "
-                       "'lissa' do not read them)")[0]
+    tensors, metadata = _read(path, "Scores preconditioned with them would be wrong (hessian="
+                                    "'none' and 'lissa' do not read them)")
+    check_describes(path, recorded_describes(path, metadata), project_dir)
+    return tensors
+
+
+def recorded_describes(path: str, metadata: dict) -> Optional[dict]:
+    """The `describes` object of a statistics or score file's metadata; None for files of
+    earlier releases, which recorded none (read as unverified)."""
+    if DESCRIBES_KEY not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[DESCRIBES_KEY])
+    except (ValueError, RecursionError) as e:
+        raise LogFormatError(f"{path!r}: metadata {DESCRIBES_KEY!r} is not JSON ({e}); "
+                             f"{_RESTORE}") from None
+    if not (isinstance(value, dict) and isinstance(value.get("rows"), int)
+            and isinstance(value.get("ids"), str)):
+        raise LogFormatError(f"{path!r}: metadata {DESCRIBES_KEY!r} is {value!r}, not "
+                             '{"fingerprint", "rows", "ids"}; ' + _RESTORE)
+    return value
+
+
+def check_describes(path: str, recorded: Optional[dict], project_dir: str,
+                    fix: str = "Put back this project's own file, or delete it and finalize() "
+                               "a logging run of this project again.") -> None:
+    """Refuse a file computed from another log than the project's: another fingerprint, or
+    more rows than the log holds. Fewer rows are accepted: rows appended since (a session that
+    appends and has not finalized yet, scores computed before)."""
+    if recorded is None:
+        return
+    manifest = load_optional(project_dir)
+    if manifest is None:
+        return
+    theirs, ours = recorded.get("fingerprint"), manifest.fingerprint
+    if theirs is not None and ours is not None and theirs != ours:
+        raise LogFormatError(
+            f"{path!r} was computed from another log: it records project fingerprint {theirs} "
+            f"({recorded['rows']} rows), but {project_dir!r} has fingerprint {ours} "
+            f"({manifest.rows} rows): it was copied from another project. " + fix)
+    if recorded["rows"] > manifest.rows:
+        raise LogFormatError(
+            f"{path!r} describes {recorded['rows']} rows but the log in {project_dir!r} holds "
+            f"{manifest.rows}: it does not belong to this log. " + fix)
 
 
 def _write(project_dir: str, filename: str, tensors: dict, metadata: dict) -> None:

@@ -15,7 +15,8 @@ from logix.storage import state
 from logix.storage.format import (DATA_IDS_KEY, DTYPES, GRAD_KEY, ITEMSIZE, KEY_SEP, LOGS_DIR,
                                   SAFETENSORS_DTYPES, STATE_DIR, TMP_SUFFIX, file_checksum,
                                   parse_shard_name, read_header, split_checksum)
-from logix.storage.manifest import INDEX_PREFIX, INDEX_SUFFIX, read_manifest
+from logix.storage.manifest import (INDEX_PREFIX, INDEX_SUFFIX, read_manifest,
+                                    ids_digest, structure_problems)
 from logix.storage.overview import projections_info, statistics_info
 
 
@@ -54,10 +55,12 @@ def verify(project_dir: str, hashing: bool = True,
     _check_manifest(manifest, raw, report)
     seen_ids: Dict = {}
     duplicates: List = []
+    plain_ids: List = []  # the ids of the plain rows, in row order (what statistics describe)
     for shard in manifest.shards:
         before = len(report.errors)
         report.bytes_read += _check_shard(project_dir, manifest, shard, report, hashing,
-                                          seen_ids, duplicates, advance or (lambda n: None))
+                                          seen_ids, duplicates, advance or (lambda n: None),
+                                          plain_ids)
         if len(report.errors) == before:
             report.ok_shards.append(shard.file)
     if duplicates:
@@ -67,35 +70,13 @@ def verify(project_dir: str, hashing: bool = True,
                     f"{'appear' if count > 1 else 'appears'} more than once in the log (e.g. "
                     f"{examples}); scores will list such examples once per row.")
     _check_stray_files(project_dir, manifest, report)
-    _check_state(project_dir, manifest, report)
+    _check_state(project_dir, manifest, report, plain_ids)
     return report
 
 
 def _check_manifest(manifest, raw: dict, report: VerifyReport) -> None:
-    if manifest.dtype not in DTYPES:
-        report.error(f"manifest dtype {manifest.dtype!r} is not one of {sorted(DTYPES)}.")
-    if raw.get("dim") is not None and raw.get("dim") != manifest.dim:
-        report.error(f"manifest 'dim' is {raw.get('dim')} but its modules add up to "
-                     f"{manifest.dim} columns.")
-    listed = sum(s.get("rows", 0) for s in raw.get("shards", [])
-                 if isinstance(s, dict) and s.get("checkpoint") is None)
-    if raw.get("rows") is not None and raw.get("rows") != listed:  # index shards come on top
-        report.error(f"manifest 'rows' is {raw.get('rows')} but its shards hold "
-                     f"{listed} rows.")
-    names = [m.name for m in manifest.modules]
-    if len(set(names)) != len(names):
-        report.error(f"module names repeat in the manifest: {names}.")
-    spans = sorted((m.offset, m.offset + m.dim, m.name) for m in manifest.modules)
-    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
-        if b0 < a1:
-            report.error(f"modules {a!r} [{a0}, {a1}) and {b!r} [{b0}, {b1}) overlap in the row.")
-    for start, stop, name in spans:
-        if stop > manifest.dim:
-            report.error(f"module {name!r} columns [{start}, {stop}) run past the row width "
-                         f"{manifest.dim}.")
-    files = [s.file for s in manifest.shards]
-    for f in sorted({f for f in files if files.count(f) > 1}):
-        report.error(f"shard {f!r} is named more than once in the manifest.")
+    for problem in structure_problems(manifest, raw):  # what readers refuse to score
+        report.error(f"manifest {problem}.")
     unfinished = sorted({s.checkpoint for s in manifest.shards
                          if s.checkpoint is not None and s.checkpoint not in manifest.checkpoints})
     for name in unfinished:
@@ -104,18 +85,12 @@ def _check_manifest(manifest, raw: dict, report: VerifyReport) -> None:
 
 
 def _check_shard(project_dir: str, manifest, shard, report: VerifyReport, hashing: bool,
-                 seen_ids: Dict, duplicates: List, advance) -> int:
+                 seen_ids: Dict, duplicates: List, advance, plain_ids: List) -> int:
     """Check one shard; returns the bytes read. Reads the file once in chunks (bounded memory)."""
     name = shard.file
-    if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
-        report.error(f"shard {name!r}: the path leaves the project folder.")
+    if parse_shard_name(os.path.basename(name)) is None or \
+            os.path.dirname(name) != LOGS_DIR:  # reported by _check_manifest; never opened
         return 0
-    parsed = parse_shard_name(os.path.basename(name))
-    if parsed is None:
-        report.warn(f"shard {name!r}: the name does not follow shard-r<rank>-<seq>.safetensors.")
-    elif parsed != (shard.rank, shard.seq):
-        report.warn(f"shard {name!r}: the name says rank {parsed[0]} seq {parsed[1]}, the "
-                    f"manifest rank {shard.rank} seq {shard.seq}.")
     path = os.path.join(project_dir, name)
     if not os.path.isfile(path):
         report.error(f"shard {name!r} is named in the manifest but missing.")
@@ -137,6 +112,8 @@ def _check_shard(project_dir: str, manifest, shard, report: VerifyReport, hashin
                          "written.")
     ids = _check_shard_header(path, name, size, manifest, shard, report)
     if ids is not None:
+        if shard.checkpoint is None:
+            plain_ids.extend(ids)
         for i in ids:
             key = i if isinstance(i, (str, int)) else json.dumps(i)
             if key in seen_ids:
@@ -189,7 +166,7 @@ def _check_shard_header(path: str, name: str, size: int, manifest, shard,
     else:
         try:
             ids = json.loads(metadata[DATA_IDS_KEY])
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             report.error(f"shard {name!r}: metadata {DATA_IDS_KEY!r} is not JSON ({e}).")
         if ids is not None and not isinstance(ids, list):
             report.error(f"shard {name!r}: metadata {DATA_IDS_KEY!r} is not a JSON list.")
@@ -236,7 +213,7 @@ def _check_stray_files(project_dir: str, manifest, report: VerifyReport) -> None
                             "it can be deleted.")
 
 
-def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
+def _check_state(project_dir: str, manifest, report: VerifyReport, plain_ids: List) -> None:
     modules = {m.name: m for m in manifest.modules}
     proj = projections_info(project_dir)
     if not proj["present"]:
@@ -276,7 +253,9 @@ def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
     if stats["error"]:
         report.error(f"{stats['file']} is not readable: {stats['error']}.")
         return
-    _check_state_file(report, stats["file"], state.load_statistics, project_dir)
+    if _check_state_file(report, stats["file"], state.load_statistics, project_dir) and \
+            stats["entries"]:
+        _check_statistics_log(report, stats, manifest, plain_ids)
     for base in stats["orphan_counts"]:
         report.warn(f"{stats['file']}: {base}{KEY_SEP}count has no matching statistic.")
     for module, kinds in stats["entries"].items():
@@ -295,13 +274,36 @@ def _check_state(project_dir: str, manifest, report: VerifyReport) -> None:
                 report.error(f"{stats['file']}: {module}{KEY_SEP}{kind} has no count.")
 
 
-def _check_state_file(report: VerifyReport, file: str, load: Callable, *args) -> None:
-    """Read a state file whole: its tensors must hash to the checksum recorded with them."""
+def _check_statistics_log(report: VerifyReport, stats: dict, manifest, plain_ids: List) -> None:
+    """The log the statistics record (`describes`) against this one; load_statistics has
+    already refused another project's fingerprint and more rows than the log holds."""
+    recorded = stats["describes"]
+    if recorded is None:
+        report.warn(f"{stats['file']} records no log (written by an earlier LogIX): whether it "
+                    "describes this project's rows cannot be checked. finalize() a run on this "
+                    "project to record it.")
+    elif recorded["rows"] < manifest.rows:
+        report.warn(f"{stats['file']} describes {recorded['rows']} of the log's "
+                    f"{manifest.rows} rows (rows appended since by a session that did not "
+                    "finalize, or a statistics pass before logging).")
+    elif recorded["rows"] == manifest.rows == len(plain_ids) and \
+            recorded["ids"] != ids_digest(plain_ids):
+        report.error(f"{stats['file']} describes {recorded['rows']} rows whose ids hash to "
+                     f"{recorded['ids']}, the log's ids hash to {ids_digest(plain_ids)}: the "
+                     "statistics were computed from other examples. Compute them again from "
+                     "this log.")
+
+
+def _check_state_file(report: VerifyReport, file: str, load: Callable, *args) -> bool:
+    """Read a state file whole: its tensors must hash to the checksum recorded with them.
+    Returns whether it could be loaded."""
     from safetensors import SafetensorError
 
     try:
         load(*args)
+        return True
     except LogFormatError as e:
         report.error(str(e))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
         report.error(f"{file} is not readable: {e!r}.")
+    return False

@@ -10,6 +10,8 @@ readable.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import queue
@@ -19,13 +21,16 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from logix.errors import WriterError
+from logix.errors import UsageError, WriterError
 from logix.storage.direct_io import PAGE, aligned_empty, write_shard
 from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, parse_shard_name,
                                   safetensors_header, shard_name, tensor_bytes)
 from logix.storage.manifest import ShardEntry
 
 _STOP = object()
+# Bytes of data-id metadata one shard header may take: a shard is cut early when its ids would
+# take more, so any id length gives a header well under safetensors' limit (MAX_HEADER).
+IDS_HEADER_BUDGET = 32 << 20
 
 
 def next_sequence(project_dir: str, rank: int) -> int:
@@ -49,6 +54,18 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _header_costs(data_ids: Sequence) -> List[int]:
+    """Bytes each id takes in a shard header (JSON inside JSON); an id that alone passes
+    IDS_HEADER_BUDGET is refused (run.start refuses such ids first: data_ids.MAX_ID_CHARS)."""
+    costs = [len(json.dumps(json.dumps(i))) for i in data_ids]
+    if costs and max(costs) > IDS_HEADER_BUDGET:
+        i = data_ids[costs.index(max(costs))]
+        raise UsageError(f"data id {str(i)[:60]!r}... takes {max(costs)} bytes in a shard header, "
+                         f"more than the {IDS_HEADER_BUDGET} one shard's ids may take; its rows "
+                         "were not written. Use shorter ids (e.g. a hash of the text).")
+    return costs
 
 
 class ShardWriter:
@@ -75,6 +92,7 @@ class ShardWriter:
         self._seq = next_sequence(project_dir, rank)
         self._rows: Optional[Tensor] = None  # the shard being filled [rows_per_shard, dim]
         self._ids: List = []
+        self._id_bytes = 0  # header bytes of self._ids (IDS_HEADER_BUDGET)
         self._events: List = []  # CUDA copies into self._rows still in flight
         self.tag: Optional[str] = None  # checkpoint name stamped on the shards written next
 
@@ -120,12 +138,19 @@ class ShardWriter:
         filled; full shards go to the writer threads. The caller keeps ownership of `rows`
         (a view from `reserve` is taken as it is)."""
         self.raise_if_failed()
+        costs = _header_costs(data_ids)
         with self._buffer:
             start, n = 0, rows.shape[0]
             while start < n:
                 buffer = self._current()
                 fill = len(self._ids)
-                take = min(n - start, self.rows_per_shard - fill)
+                most = min(n - start, self.rows_per_shard - fill)
+                room = IDS_HEADER_BUDGET - self._id_bytes
+                take = bisect.bisect_right(list(itertools.accumulate(costs[start:start + most])),
+                                           room)
+                if take == 0:  # the ids would overflow this shard's header: cut it here
+                    self._submit()
+                    continue
                 target = buffer[fill:fill + take]
                 part = rows[start:start + take]
                 if not _same_place(part, target):
@@ -137,6 +162,7 @@ class ShardWriter:
                     event.record()
                     self._events.append(event)
                 self._ids.extend(data_ids[start:start + take])
+                self._id_bytes += sum(costs[start:start + take])
                 start += take
                 if len(self._ids) == self.rows_per_shard:
                     self._submit()
@@ -184,7 +210,7 @@ class ShardWriter:
             event.synchronize()
         self._events.clear()
         buffer, ids = self._rows, self._ids
-        self._rows, self._ids = None, []
+        self._rows, self._ids, self._id_bytes = None, [], 0
         self._start_workers()
         self._queue.put((self._seq, ids, buffer, self.tag))
         self._seq += 1
