@@ -301,3 +301,15 @@ def test_logix_top_refuses_content_of_another_project(two_projects, tmp_path, ca
     capsys.readouterr()
     assert main(["top", path, "--content", b]) == 1
     assert "copied from another project" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_header_over_the_safetensors_limit_is_named_not_called_truncated(tmp_path):
+    from logix.storage.format import MAX_HEADER, read_header
+
+    path = tmp_path / "big-header.safetensors"
+    with open(path, "wb") as f:
+        f.write((MAX_HEADER + 1).to_bytes(8, "little"))
+        f.truncate(MAX_HEADER + 64)  # sparse: no 100 MB written
+    with pytest.raises(LogFormatError, match="over the 100000000-byte limit") as caught:
+        read_header(str(path))
+    assert "truncated" not in str(caught.value)

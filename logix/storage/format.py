@@ -183,9 +183,13 @@ def read_header(path: str) -> Tuple[dict, int, int]:
             if len(prefix) < 8:
                 raise LogFormatError(f"{size} bytes, shorter than the 8-byte header length")
             n = int.from_bytes(prefix, "little")
-            if n > min(size - 8, MAX_HEADER):
+            if n > size - 8:
                 raise LogFormatError(f"the header claims {n} bytes but the file has {size - 8} "
                                      "after the length (truncated?)")
+            if n > MAX_HEADER:
+                raise LogFormatError(f"the header is {n} bytes, over the {MAX_HEADER}-byte limit "
+                                     "of safetensors readers (a shard written before shards "
+                                     "were cut at a header budget, or not a LogIX file)")
             header = json.loads(f.read(n))
     except OSError as e:
         raise LogFormatError(str(e)) from e
