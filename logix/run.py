@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from logix import distributed, logra
 from logix.config import Config
 from logix.errors import ConfigError, UsageError
+from logix.index.attributor import Attributor
 from logix.influence import curvature
-from logix.influence.attributor import Attributor
 from logix.influence.checkpoints import check_inside, check_same_segment, checkpoint_info
 from logix.log import StepLog, TokenRows
 from logix.logra import Projection
