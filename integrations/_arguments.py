@@ -24,8 +24,8 @@ class BaseLogIXArguments:
     lora: Union[bool, str] = field(
         default=False, metadata={"help": "LoGra projections: False/'none', True (the config's "
                                          "lora.init), 'random' or 'pca'."})
-    hessian: str = field(default="none", metadata={"help": "A curvature kind: 'none', 'raw', "
-                                                            "'kfac' or 'ekfac'."})
+    hessian: str = field(default="none", metadata={"help": "A curvature kind: " + ", ".join(
+        map(repr, curvature.names())) + "."})
     save: str = field(default="none", metadata={"help": "'grad' writes gradients; 'none'."})
     initialize_from_log: bool = field(
         default=False, metadata={"help": "Load projections and statistics of an earlier log "

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
-from logix.influence.attributor import Attributor
+from logix.index.attributor import Attributor
 from logix.log import StepLog
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
@@ -62,8 +62,8 @@ for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "
 del _name
 
 def __getattr__(name: str):
-    """`logix.text` and `logix.index` are imported on first use (they pull in more)."""
-    if name in ("text", "index"):
+    """`logix.text` is imported on first use (it pulls in more)."""
+    if name == "text":
         import importlib
 
         return importlib.import_module(f"logix.{name}")

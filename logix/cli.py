@@ -25,6 +25,11 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from logix.index.backend import KINDS as INDEX_KINDS, QUANTIZERS
+from logix.index.builder import SERVED_MODES
+from logix.influence import curvature
+from logix.storage.format import DTYPES
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
@@ -156,10 +161,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="tokens per example (default 512)")
     plan.add_argument("--rank", type=int, default=None,
                       help="LoGra rank (default: the config's lora.rank; 0: no projection)")
-    plan.add_argument("--hessian", choices=["none", "kfac", "ekfac", "raw"], default="ekfac",
+    plan.add_argument("--hessian", choices=curvature.names(), default="ekfac",
                       help="curvature whose statistics are collected (default ekfac)")
     plan.add_argument("--disk-budget", default=None, help="e.g. 50GB: recommend a rank")
-    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    plan.add_argument("--dtype", choices=list(DTYPES), default="float32",
                       help="log dtype (default float32)")
     plan.add_argument("--batch-size", type=_positive_int, default=8,
                       help="examples per timed step (default 8)")
@@ -574,6 +579,9 @@ def _cmd_report(args) -> int:
 
 
 # --------------------------------------------------------------------------- index, search
+_HESSIANS = (curvature.AUTO, *curvature.names())
+
+
 def _add_search_commands(sub) -> None:
     index = sub.add_parser("index", help="build or update a vector index of a log (FAISS)",
                            description="Build a FAISS index of the logged rows under "
@@ -581,15 +589,16 @@ def _add_search_commands(sub) -> None:
                                        "logged since the last build are read; a stale index is "
                                        "rebuilt). Needs pip install \"logix[search]\".")
     index.add_argument("dir", metavar="DIR", help="the project folder (<root_dir>/<project>)")
-    index.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
+    index.add_argument("--kind", default="auto", choices=INDEX_KINDS,
                        help="auto: flat up to 100,000 rows, else ivf with sq8 codes (default "
                             "auto)")
-    index.add_argument("--mode", default="dot", choices=["dot", "cosine"],
+    index.add_argument("--mode", default="dot", choices=SERVED_MODES,
                        help="dot serves every curvature; cosine is built for one (--hessian)")
-    index.add_argument("--hessian", default=None, help="curvature of a cosine index")
+    index.add_argument("--hessian", default=None, choices=_HESSIANS,
+                       help="curvature of a cosine index")
     index.add_argument("--sketch", type=_positive_int, default=None, metavar="W",
                        help="index a seeded JL sketch of width W instead of full rows")
-    index.add_argument("--quantize", default=None, choices=["sq8", "pq"],
+    index.add_argument("--quantize", default=None, choices=[q for q in QUANTIZERS if q],
                        help="compress the indexed vectors (8-bit scalar or product codes)")
     index.add_argument("--nprobe", type=_positive_int, default=None,
                        help="ivf: lists a search visits by default (default nlist/16, at least 8)")
@@ -615,8 +624,9 @@ def _add_search_commands(sub) -> None:
     search.add_argument("--no-rerank", action="store_true",
                         help="return the index's approximate scores")
     search.add_argument("--index", default=None, metavar="NAME", help="which index")
-    search.add_argument("--mode", default=None, choices=["dot", "cosine"])
-    search.add_argument("--hessian", default=None, help="curvature (default: the log's)")
+    search.add_argument("--mode", default=None, choices=SERVED_MODES)
+    search.add_argument("--hessian", default=None, choices=_HESSIANS,
+                        help="curvature (default: the log's)")
     search.add_argument("--nprobe", type=_positive_int, default=None,
                         help="IVF lists visited per query (default: the index's, nlist/16)")
     search.add_argument("--ef", type=_positive_int, default=None,
@@ -727,9 +737,11 @@ def _cmd_search(args) -> int:
     return EXIT_OK
 
 # --------------------------------------------------------------------------- plan
-_PLAN_SETUP = {"none": {"grad": ["log"]}, "raw": {"grad": ["log", "covariance"]},
-               "kfac": {"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]},
-               "ekfac": {"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]}}
+def _plan_setup(hessian: str) -> Dict[str, List[str]]:
+    """run.setup's spec for a logging run with this curvature: the rows, plus its statistics."""
+    spec = curvature.get(hessian).setup_spec()
+    spec["grad"] = ["log", *spec.get("grad", [])]
+    return spec
 
 
 def _cmd_plan(args) -> int:
@@ -765,7 +777,7 @@ def _cmd_plan(args) -> int:
             run.watch(model, name_filter=args.name_filter)
             if args.rank != 0:
                 run.add_lora(rank=args.rank)
-            run.setup(_PLAN_SETUP[args.hessian])
+            run.setup(_plan_setup(args.hessian))
             run.resource_plan(args.examples, args.tokens, disk_budget=args.disk_budget,
                               model=model if args.steps > 0 else None,
                               batch_size=args.batch_size, timed_steps=max(args.steps, 1),

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from logix import distributed, logra
 from logix.config import Config
 from logix.errors import ConfigError, UsageError
+from logix.index.attributor import Attributor
 from logix.influence import curvature
-from logix.influence.attributor import Attributor
 from logix.influence.checkpoints import check_inside, check_same_segment, checkpoint_info
 from logix.log import StepLog, TokenRows
 from logix.logra import Projection
@@ -483,9 +483,10 @@ class Run:
                 self.statistics.all_reduce()
                 self._needs_reduce = False
                 resume.merge_saved(self._session, self.statistics)
-                if distributed.any_rank(self._fits_ekfac()):
-                    curvature.fit("ekfac", self.statistics, self.reader(),
-                                  self.config.influence.block_rows, progress=False)
+                if distributed.any_rank(self._saved_rows()):
+                    for kind in curvature.fitted_after_logging(self.plan.covariances):
+                        curvature.fit(kind, self.statistics, self.reader(),
+                                      self.config.influence.block_rows, progress=False)
             if distributed.rank() == 0:
                 self._session.save_final(self._new_manifest, self._config_snapshot(),
                                          self._save_projections, self.statistics.state_dict())
@@ -494,11 +495,10 @@ class Run:
         finally:
             self._session.release()  # the writer lock, even when finalize failed
 
-    def _fits_ekfac(self) -> bool:
-        """EK-FAC's eigenvalues come from the saved rows in K-FAC's eigenbasis."""
+    def _saved_rows(self) -> bool:
+        """Whether this run saved rows (curvatures such as EK-FAC are fitted from them)."""
         manifest = self._session.manifest
-        return (self._save and self.plan.forward_covariance and self.plan.backward_covariance
-                and manifest is not None and manifest.rows > 0)
+        return self._save and manifest is not None and manifest.rows > 0
 
     def initialize_from_log(self) -> "Run":
         """Load projections and statistics from this project's folder (a new process picks up

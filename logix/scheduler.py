@@ -41,8 +41,8 @@ class LogIXScheduler:
         run: the `logix.Run` to drive; watch the model before iterating.
         lora: "none" (full gradients), "random" or "pca" LoGra projections.
         hessian: curvature collected during the logging pass, a kind of
-            `logix.influence.curvature` ("none", "raw", "kfac", "ekfac"); queries then use it
-            unless told otherwise.
+            `logix.influence.curvature` (`curvature.names()`); queries then use it unless told
+            otherwise.
         save: "grad" writes the logging pass's projected gradients to disk; "none" keeps only
             the last step in memory (`run.get_log()`).
     """

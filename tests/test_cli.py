@@ -397,6 +397,7 @@ def test_top_on_scores_of_a_real_log(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- installed entry point
+@pytest.mark.slow  # a fresh interpreter per command
 def test_installed_entry_point(log_dir, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "logix")
     if not os.path.exists(exe):

@@ -1,5 +1,8 @@
 """The curvature registry: one table that configuration, the scheduler and queries all read."""
 
+import pathlib
+import re
+
 import pytest
 
 from logix.config import InfluenceConfig, load_config
@@ -16,6 +19,42 @@ def test_every_reader_of_curvature_kinds_sees_the_registry():
         load_config(None, influence={"hessian": "kfca"})
     with pytest.raises(UsageError, match="'kfac'"):
         curvature.get("kfca")
+
+
+def _option_choices(command: str, option: str):
+    from logix import cli
+
+    sub = next(a for a in cli._parser()._actions if a.dest == "command")
+    actions = sub.choices[command]._actions
+    return list(next(a for a in actions if option in a.option_strings).choices)
+
+
+def test_cli_config_and_integrations_list_exactly_the_registry():
+    kinds = list(curvature.names())
+    assert _option_choices("plan", "--hessian") == kinds
+    assert _option_choices("index", "--hessian") == ["auto", *kinds]
+    assert _option_choices("search", "--hessian") == ["auto", *kinds]
+    with pytest.raises(ConfigError) as refused:
+        InfluenceConfig(hessian="kfca")
+    assert str(["auto", *kinds]) in str(refused.value)
+
+    from logix.integrations._arguments import BaseLogIXArguments
+    for name in kinds:
+        assert BaseLogIXArguments(hessian=name).hessian == name
+    with pytest.raises(ConfigError) as refused:
+        BaseLogIXArguments(hessian="kfca")
+    assert str(kinds) in str(refused.value)
+    help_text = BaseLogIXArguments.__dataclass_fields__["hessian"].metadata["help"]
+    assert re.findall(r"'(\w+)'", help_text) == kinds
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    comment = re.search(r"^  hessian: \w+ +# (.*)$", (root / "config.yaml").read_text(), re.M)
+    assert comment.group(1).split(" | ") == ["auto", *kinds]
+
+
+def test_finalize_fits_the_kinds_fitted_from_rows():
+    assert curvature.fitted_after_logging({FORWARD, BACKWARD}) == ["ekfac"]
+    assert curvature.fitted_after_logging({GRAD}) == []
 
 
 def test_kinds_declare_what_logging_must_collect():

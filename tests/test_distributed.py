@@ -38,6 +38,7 @@ def rows_by_id(project_dir):
     return dict(zip(ids, rows))
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_log_the_same_rows_and_statistics(logs):
     one, two = rows_by_id(logs / "ddp-log-1"), rows_by_id(logs / "ddp-log-2")
     assert one.keys() == two.keys()
@@ -52,6 +53,7 @@ def test_two_processes_log_the_same_rows_and_statistics(logs):
         torch.testing.assert_close(r2["stats"][key], value, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_score_like_one(logs):
     r1, r2 = (torch.load(logs / f"result-log-{w}.pt") for w in (1, 2))
     order = [r2["full"]["tgt_ids"].index(i) for i in r1["full"]["tgt_ids"]]
@@ -64,6 +66,7 @@ def test_two_processes_score_like_one(logs):
     assert r2["rank0"]["influence"].shape == (3, 40)
 
 
+@pytest.mark.slow  # torchrun
 def test_fsdp2_fully_shard_logs_and_scores_like_one_process(logs):
     """FSDP2 on CPU (gloo): `fully_shard` on each Linear and the root. The hooks see the
     unsharded weights' inputs and output gradients, so rows, statistics and scores equal one
@@ -82,6 +85,7 @@ def test_fsdp2_fully_shard_logs_and_scores_like_one_process(logs):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun
 def test_a_crashed_rank_leaves_the_other_shards_readable(tmp_path):
     done = launch(tmp_path, "crash", 2)
     assert done.returncode != 0
@@ -94,6 +98,7 @@ def test_a_crashed_rank_leaves_the_other_shards_readable(tmp_path):
     assert not list((project / "logs").glob("*.tmp"))
 
 
+@pytest.mark.slow  # torchrun
 def test_verify_accepts_a_distributed_log(logs, capsys):
     from logix.cli import main
 
@@ -102,6 +107,7 @@ def test_verify_accepts_a_distributed_log(logs, capsys):
     assert "0 errors, 0 warnings" in out
 
 
+@pytest.mark.slow  # torchrun
 def test_a_log_reopened_with_initialize_from_log_counts_saved_statistics_once(logs):
     """Two processes each load the saved statistics, log more rows and all-reduce at finalize:
     the earlier session's statistics must count once, not once per process."""

@@ -13,6 +13,7 @@ from logix.storage.reader import LogReader
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightning")
+pytestmark = pytest.mark.slow  # torchrun, 20-30 s each
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "ddp_integrations.py")
 

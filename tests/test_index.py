@@ -397,6 +397,7 @@ def test_run_search_and_cli_index_search_show(tmp_path, capsys):
     assert "larger than the log" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # torchrun
 def test_under_torchrun_each_rank_indexes_its_shards_and_search_merges_them(tmp_path):
     """Two processes (gloo, CPU): each rank indexes its own round-robin share of the shards; a
     search re-ranks each rank's candidates exactly and merges them into the top-k of one

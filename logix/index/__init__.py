@@ -8,5 +8,7 @@ curvature and damping. ``l2`` has no index (use ``compute_influence_all(topk=k, 
 
 Rooms: `backend` (faiss: import, factory strings, files), `sketch` (seeded JL sketch of wide
 rows), `store` (the index's manifest and staleness), `builder` (build and incremental update),
-`search` (candidates, then exact re-ranking from the shards).
+`search` (candidates, then exact re-ranking from the shards), `attributor` (`logix.Attributor`:
+influence's Attributor plus `build_index` and `search`). The index builds on two public parts of
+`logix.influence`: `Attributor.score_plan` and the train-norm cache `influence.norms`.
 """

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 from logix.errors import UsageError
+from logix.storage.format import atomic_file
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 QUANTIZERS = (None, "sq8", "pq")
@@ -93,11 +94,11 @@ def new_index(description: str, width: int, kind: str):
 
 
 def write(index, path: str) -> int:
-    """Write atomically (temporary name, then rename); returns the file's bytes."""
+    """Write atomically (`storage.format.atomic_file`: a temporary name of its own, fsync,
+    rename); returns the file's bytes."""
     faiss = import_faiss()
-    tmp = path + ".tmp"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
     return os.path.getsize(path)
 
 

@@ -16,6 +16,7 @@ from logix.errors import LogFormatError, UsageError
 from logix.index import backend, store
 from logix.index.rows import RowStore
 from logix.index.sketch import Sketch
+from logix.influence import norms as norm_cache
 from logix.influence.gather import own_part
 from logix.influence.scoring import aligned
 from logix.log import StepLog
@@ -55,7 +56,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
     plan, curvature = None, None
     if mode == "cosine":
         dummy = StepLog([], torch.zeros(0, dim), full.manifest.modules)
-        plan = attributor._plan(dummy, "cosine", True, hessian, damping, None)
+        plan = attributor.score_plan(dummy, "cosine", True, hessian, damping, None)
         curvature = store.curvature_of(plan.preconditioner)
     name = name or store.default_name(kind, mode, quantize, sketch,
                                       curvature and curvature["hessian"], part)
@@ -145,7 +146,7 @@ class _Transform:
             if manifest.sketch else None
         self.norms, self.starts = None, {}
         if plan is not None:
-            self.norms = attributor._train_norms(full, plan, block_rows, progress)[:, 0]
+            self.norms = norm_cache.train_norms(full, plan, block_rows, progress)[:, 0]
             first = 0
             for shard in full.shards:
                 self.starts[shard.file] = first

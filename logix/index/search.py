@@ -20,6 +20,7 @@ from logix.index import backend, store
 from logix.index.builder import SERVED_MODES
 from logix.index.rows import RowStore
 from logix.index import sketch
+from logix.influence import norms as norm_cache
 from logix.influence.gather import own_part
 from logix.influence.scoring import SCORE_CHUNK
 from logix.log import StepLog
@@ -50,7 +51,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
         raise UsageError(f"mode={mode!r} is not served by an index; allowed: "
                          f"{list(SERVED_MODES)}. For 'l2' use compute_influence_all(topk=k, "
                          "mode='l2').")
-    plan = attributor._plan(src, mode, precondition, hessian, damping, None)
+    plan = attributor.score_plan(src, mode, precondition, hessian, damping, None)
     reader = own_part(full) if distributed.is_distributed() else full
     part = {"rank": distributed.rank(), "world": distributed.world_size()}
     curvature = store.curvature_of(plan.preconditioner) if mode == "cosine" else None
@@ -160,7 +161,7 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
     c = min(candidates, int(index.ntotal))
     norms = None
     if plan.needs_norms:  # the cached train norms the streaming scores use, by log position
-        norms = attributor._train_norms(full, plan, attributor.influence_config.block_rows, False)
+        norms = norm_cache.train_norms(full, plan, attributor.influence_config.block_rows, False)
     result = {"src_ids": list(src.data_ids)}
     sides = [("top", 1.0, True)] + ([("bottom", -1.0, False)] if bottom else [])
     for side, sign, largest in sides:

@@ -13,20 +13,18 @@ in ``<project>/cache``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import os
 import warnings
 from typing import Callable, List, Optional, Union
 
 import torch
-from torch import Tensor
 
 from logix import distributed
 from logix.config import Config, InfluenceConfig, load_config, query_settings
 from logix.errors import UsageError
 from logix.influence import curvature
+from logix.influence import norms as norm_cache
 from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
 from logix.influence.scoring import (MODES, SCORE_CHUNK, TOTAL, ScorePlan, aligned,
@@ -39,7 +37,7 @@ from logix.log import StepLog
 from logix.progress import track
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
-from logix.storage.format import CACHE_DIR, STATE_DIR, STATISTICS_FILE, atomic_file
+from logix.storage.format import STATE_DIR, STATISTICS_FILE
 from logix.storage.manifest import ModuleEntry, load_optional, project_fingerprint
 from logix.storage.reader import LogReader
 from logix.storage.scores import GROUP_PREFIX, INFLUENCE_KEY, ScoreFileWriter, save_scores
@@ -164,7 +162,7 @@ class Attributor:
         src = _as_log(src_log)
         _check_layout(src, tgt_log.modules, tgt_log.projection, "target log")
         grads = tgt_log.grads.float()
-        plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
+        plan = self.score_plan(src, mode, precondition, hessian, damping, influence_groups)
         train_norms = plan.norms_of(grads) if plan.needs_norms else None
         scores = plan.score(grads, train_norms).T.contiguous()
         return plan.result(src, list(tgt_log.data_ids), scores)
@@ -254,7 +252,7 @@ class Attributor:
                              f"{reader.project_dir!r}); ask for topk <= {reader.rows}.")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
         block_rows = aligned(block_rows, reader.dim)
-        plan = self._plan(src, mode, precondition, hessian, damping, influence_groups)
+        plan = self.score_plan(src, mode, precondition, hessian, damping, influence_groups)
         log = {"project": self.project, "fingerprint": project_fingerprint(reader.project_dir)}
         if not distributed.is_distributed():
             result = self._stream(src, reader, plan, topk, out, block_rows, progress, log)
@@ -270,7 +268,7 @@ class Attributor:
     def _stream(self, src: StepLog, reader: LogReader, plan: "ScorePlan", topk, out,
                 block_rows: int, progress: bool, log: dict) -> dict:
         n_train = reader.rows
-        train_norms = self._train_norms(reader, plan, block_rows, progress) \
+        train_norms = norm_cache.train_norms(reader, plan, block_rows, progress) \
             if plan.needs_norms else None
         names = plan.group_names
         n_query = len(src)
@@ -327,21 +325,26 @@ class Attributor:
         kind = hessian if precondition else "none"
         if src_log is not None:
             log = _as_log(src_log)
-            plan = self._plan(log, "dot", precondition, kind, damping, None)
+            plan = self.score_plan(log, "dot", precondition, kind, damping, None)
             return {"ids": list(log.data_ids), "influence": plan.norms_of(log.grads.float())[:, 0],
                     "meta": plan.meta}
         reader = self._reader(loader)
         dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
-        plan = self._plan(dummy, "dot", precondition, kind, damping, None)
+        plan = self.score_plan(dummy, "dot", precondition, kind, damping, None)
         if plan.preconditioner.queries_only:
             raise UsageError(f"hessian={plan.preconditioner.kind!r} solves per query, so the "
                              "self-influence of every saved row would take one solve per row. "
                              "Pass src_log= (those examples only), or hessian='raw' / 'ekfac'.")
-        norms = self._train_norms(reader, plan, aligned(block_rows, reader.dim), progress)
+        norms = norm_cache.train_norms(reader, plan, aligned(block_rows, reader.dim), progress)
         return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
 
-    # ------------------------------------------------------------------ helpers
-    def _plan(self, src: StepLog, mode, precondition, hessian, damping, groups) -> "ScorePlan":
+    # ------------------------------------------------------------------ what logix.index builds on
+    def score_plan(self, src: StepLog, mode: Optional[str] = None, precondition: bool = True,
+                   hessian: Optional[str] = None, damping: Optional[float] = None,
+                   groups=None) -> ScorePlan:
+        """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
+        in `compute_influence_all`; groups: its influence_groups): what scores a block of
+        training rows (`ScorePlan.score`), here and in `logix.index`."""
         if not isinstance(precondition, bool):
             raise UsageError(f"precondition must be True or False, got {precondition!r}.")
         cfg = query_settings(self.influence_config, mode=mode, hessian=hessian,
@@ -356,6 +359,15 @@ class Attributor:
                              "mode='dot', or hessian='raw' / 'ekfac' for cosine and l2.")
         return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
 
+    def query(self, log) -> StepLog:
+        """The query log `log` (a StepLog, a list of them, a `StepLog.save` file or a project
+        folder), checked against the saved log's layers and projections."""
+        src = _as_log(log)
+        manifest = self.reader().manifest
+        _check_layout(src, manifest.modules, manifest.projection, "saved log")
+        return src
+
+    # ------------------------------------------------------------------ helpers
     def _reader(self, loader) -> LogReader:
         if loader is None:
             return self.reader()
@@ -372,58 +384,6 @@ class Attributor:
         if load_optional(self.project_dir) is None:
             return False
         return self.reader().rows > 0
-
-    def _train_norms(self, reader: LogReader, plan: "ScorePlan", block_rows: int,
-                     progress: bool) -> Tensor:
-        """[n_train, groups] g^T (H + lambda I)^-1 g per group, cached beside the logs."""
-        digest = hashlib.sha256(json.dumps({
-            "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
-            "shards": [(s.file, s.checksum) for s in reader.shards]},
-            sort_keys=True, default=str).encode())
-        _hash_tensors(digest, plan)
-        key = digest.hexdigest()[:24]
-        path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
-        if os.path.isfile(path):
-            return torch.load(path, weights_only=True)
-        parts = []
-        blocks = reader.fixed_blocks(block_rows, unit=SCORE_CHUNK)
-        for _, rows in track(blocks, reader.count_blocks(block_rows, unit=SCORE_CHUNK),
-                             "Train norms", progress):
-            parts.append(plan.norms_of(rows.to(plan.device)).cpu())
-        norms = torch.cat(parts) if parts else torch.zeros(0, len(plan.group_names))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_file(path) as f:
-            torch.save(norms, f)
-        return norms
-
-    # ------------------------------------------------------------------ vector search
-    def build_index(self, kind: str = "auto", mode: str = "dot", **options):
-        """Build (or bring up to date) a FAISS index of the saved rows under
-        ``<project>/index/<name>/``, for `search`. kind: "auto" (flat up to 100,000 rows, else
-        ivf with sq8 codes) | "flat" | "ivf" | "hnsw". mode "dot" (serves every curvature) or "cosine" (built
-        for one curvature and damping). options: sketch=width (seeded JL sketch of wide rows),
-        quantize=None | "sq8" | "pq", name, rebuild, hessian, damping, nlist, nprobe, hnsw_m,
-        ef, pq_m, seed, progress. Only shards logged since the last build are read; a stale
-        index is rebuilt. Needs ``pip install "logix[search]"``. Returns the index manifest."""
-        from logix.index.builder import build
-
-        return build(self, kind, mode, **options)
-
-    def search(self, test_log=None, k: int = 10, candidates: Optional[int] = None,
-               rerank: bool = True, bottom: bool = False, **options) -> dict:
-        """The k most helpful training examples per query, fast: the index proposes
-        `candidates` per query (default max(4k, 100)) and their exact scores rank them, so the
-        scores are exact and only recall is approximate. bottom=True adds the k most harmful.
-        Returns {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"}
-        as compute_influence_all(..., topk=k). options: index (name), mode, hessian, damping,
-        precondition, nprobe, ef. Without FAISS or an index for the mode, the exact streaming
-        top-k answers (with a notice); a stale index is refused."""
-        from logix.index.search import search
-
-        src = _as_log(test_log)
-        reader = self.reader()
-        _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
-        return search(self, src, k, candidates, rerank, bottom, **options)
 
 
 def _topk_of(result: dict, topk: int) -> dict:
@@ -475,19 +435,6 @@ def _check_topk(topk, out) -> None:
 
 def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
-
-
-def _hash_tensors(digest, plan: ScorePlan) -> None:
-    """Feed the group masks and every tensor of the preconditioner into `digest`: two plans
-    share cached train norms only when their groups and inverses are identical."""
-    for name, mask in plan.groups.items():
-        digest.update(name.encode() + b"\0")
-        digest.update(mask.cpu().numpy().tobytes())
-    for name, inv in sorted(plan.preconditioner.inverses.items()):
-        digest.update(name.encode() + b"\0")
-        for tensor in (inv.values, inv.vectors, inv.q_out, inv.q_in):
-            if tensor is not None:
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
 def _as_log(log) -> StepLog:

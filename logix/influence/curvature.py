@@ -263,6 +263,14 @@ def available(statistics: CovarianceState, modules: Iterable[str], has_rows: Cal
     return out
 
 
+def fitted_after_logging(collected: Iterable[str]) -> List[str]:
+    """The kinds a logging run fits from its saved rows at finalize: those with a `fit` whose
+    covariances were all collected (EK-FAC's eigenvalues when forward and backward were)."""
+    return [name for name, kind in Curvature._kinds.items()
+            if kind.needs_rows and kind.fit.__func__ is not Curvature.fit.__func__
+            and set(kind.covariances) <= set(collected)]
+
+
 def pick_auto(kinds: List[str]) -> str:
     """What 'auto' means given the available kinds."""
     return next(k for k in AUTO_ORDER if k in kinds)

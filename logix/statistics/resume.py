@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 
 from logix.errors import UsageError
-from logix.statistics.covariance import CovarianceState
-from logix.statistics.eigen import EKFAC
+from logix.statistics.covariance import KINDS, CovarianceState
 from logix.storage.format import KEY_SEP, STATE_DIR, STATISTICS_FILE
 from logix.storage.session import LogSession
 
@@ -22,7 +21,7 @@ def check_same_kinds(session: LogSession, kinds: frozenset, statistics: Covarian
     if not session.resumed_rows:
         return
     saved = statistics.state_dict() if statistics_loaded else session.resumed_state or {}
-    saved_kinds = {k.split(KEY_SEP)[1] for k in saved if k.count(KEY_SEP) == 1} - {EKFAC}
+    saved_kinds = {k.split(KEY_SEP)[1] for k in saved if k.count(KEY_SEP) == 1} & set(KINDS)
     if set(kinds) != saved_kinds and not saved and not statistics_loaded and \
             not os.path.isfile(os.path.join(session.project_dir, STATE_DIR, STATISTICS_FILE)):
         raise UsageError(
@@ -44,12 +43,15 @@ def check_same_kinds(session: LogSession, kinds: frozenset, statistics: Covarian
 
 def merge_saved(session: LogSession, statistics: CovarianceState) -> None:
     """Add the earlier session's saved statistics to `statistics` (after the all-reduce, so
-    every rank holds them once). EK-FAC's eigenvalues are refitted over all rows."""
+    every rank holds them once). What was fitted from the rows after logging (EK-FAC's
+    eigenvalues: any kind but the collected covariances) is dropped, to be refitted over all
+    rows."""
     if not session.resumed_state:
         return
     saved = CovarianceState()
     saved.load_state_dict(session.resumed_state)
-    saved.drop(EKFAC)
-    statistics.drop(EKFAC)
+    for state in (saved, statistics):
+        for kind in {kind for _, kind in state.sums} - set(KINDS):
+            state.drop(kind)
     statistics.merge(saved)
     session.resumed_state = None

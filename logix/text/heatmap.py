@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from logix.dashboard.plots import heat_color
 from logix.errors import UsageError
+from logix.storage.format import atomic_write
 
 
 def token_scores(result: Dict, query: int = 0, train: Union[None, int, str] = None
@@ -77,9 +78,8 @@ def heatmap_html(result: Dict, query: int = 0, train: Union[None, int, str] = No
             f"{html.escape(repr(train_id))}: score {total:.4g}</p>"
             f'<pre style="white-space:pre-wrap;font-family:monospace">{spans}</pre>')
     if path is not None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(f"<!doctype html><meta charset='utf-8'><title>LogIX token scores</title>"
-                    f"{body}")
+        atomic_write(path, ("<!doctype html><meta charset='utf-8'><title>LogIX token scores"
+                            f"</title>{body}").encode("utf-8"))
     return body
 
 

@@ -1,0 +1,39 @@
+"""`logix.Attributor`: the Attributor of `logix.influence` with vector search on top.
+
+Scoring lives in `logix.influence`, which never imports `logix.index`; this subclass adds the
+two index entry points (`build_index`, `search`), and it is what `logix.Attributor` and
+`run.influence` are."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from logix.index.builder import build
+from logix.index.search import search
+from logix.influence import attributor
+
+
+class Attributor(attributor.Attributor):
+    # the class docstring is influence's (inspect.getdoc inherits it)
+
+    def build_index(self, kind: str = "auto", mode: str = "dot", **options):
+        """Build (or bring up to date) a FAISS index of the saved rows under
+        ``<project>/index/<name>/``, for `search`. kind: "auto" (flat up to 100,000 rows, else
+        ivf with sq8 codes) | "flat" | "ivf" | "hnsw". mode "dot" (serves every curvature) or
+        "cosine" (built for one curvature and damping). options: sketch=width (seeded JL
+        sketch of wide rows), quantize=None | "sq8" | "pq", name, rebuild, hessian, damping,
+        nlist, nprobe, hnsw_m, ef, pq_m, seed, progress. Only shards logged since the last
+        build are read; a stale index is rebuilt. Needs ``pip install "logix[search]"``.
+        Returns the index manifest."""
+        return build(self, kind, mode, **options)
+
+    def search(self, test_log=None, k: int = 10, candidates: Optional[int] = None,
+               rerank: bool = True, bottom: bool = False, **options) -> dict:
+        """The k most helpful training examples per query, fast: the index proposes
+        `candidates` per query (default max(4k, 100)) and their exact scores rank them, so the
+        scores are exact and only recall is approximate. bottom=True adds the k most harmful.
+        Returns {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"}
+        as compute_influence_all(..., topk=k). options: index (name), mode, hessian, damping,
+        precondition, nprobe, ef. Without FAISS or an index for the mode, the exact streaming
+        top-k answers (with a notice); a stale index is refused."""
+        return search(self, self.query(test_log), k, candidates, rerank, bottom, **options)
