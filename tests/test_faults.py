@@ -94,10 +94,12 @@ def test_torn_index_tail_at_every_byte_then_resume_keeps_every_committed_row(new
 
 
 def copy_without_manifest_shards(base: str, name: str, index: bytes) -> str:
-    """A copy of the project `base` whose manifest names no shard (as written before the first
-    one) and whose logs/index-r0.jsonl holds `index`."""
+    """A copy of the project `base` as its first session left it when it stopped before
+    finalize: the manifest names no shard (as written before the first one), no statistics were
+    saved, and logs/index-r0.jsonl holds `index`."""
     project_dir = os.path.join(os.path.dirname(base), name)
     shutil.copytree(base, project_dir)
+    os.remove(os.path.join(project_dir, "state", "statistics.safetensors"))
     with open(os.path.join(project_dir, "manifest.json")) as f:
         manifest = json.load(f)
     manifest["shards"], manifest["rows"] = [], 0
