@@ -622,6 +622,22 @@ class Run:
         print(text, end="")
         return None
 
+    def add_optimizer_state(self, optimizer, params=None) -> "Run":
+        """Keep the second moments of Adam, AdamW or Adafactor (a live optimizer, or its
+        state_dict with `params` in the optimizer's order) as the `hessian="optimizer"`
+        curvature of the watched layers (logix.tracking.optimizer_state); saved with the
+        statistics (at once when the log is already finalized)."""
+        from logix.tracking.optimizer_state import add_to_statistics
+
+        if not self.modules:
+            raise UsageError("add_optimizer_state() needs the watched layers: call "
+                             "run.watch(model) (and run.add_lora or initialize_from_log) first.")
+        add_to_statistics(self.statistics, self.modules, self.projections, optimizer, params)
+        manifest = load_optional(self.project_dir)
+        if self._finalized and manifest is not None and distributed.rank() == 0:
+            state.save_statistics(self.project_dir, self.statistics.state_dict(), manifest)
+        return self
+
     def describe(self, ids, texts=None, images=None, labels=None) -> str:
         """Store what the examples `ids` are (one text / image / label per id, None where there
         is none) beside the log, for `logix top` and the dashboard. Ids are normalized as

@@ -121,7 +121,7 @@ class Attributor:
         solver = kind.query_solver(self.reader, modules, cfg, progress)
         if solver is not None:
             return solver
-        if not kind.covariances:
+        if kind.identity:
             return Preconditioner(name, {}, modules)
         if not kind.fitted(self.statistics):
             self.fit(name)

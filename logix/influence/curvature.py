@@ -21,7 +21,8 @@ from logix import distributed
 from logix.errors import UsageError
 from logix.influence.gather import own_part
 from logix.influence.preconditioner import ModuleInverse, Preconditioner, resolve_damping
-from logix.statistics.covariance import BACKWARD, FORWARD, GRAD, CovarianceState
+from logix.statistics.covariance import (BACKWARD, FORWARD, GRAD, OPTIMIZER_IN, OPTIMIZER_OUT,
+                                        CovarianceState)
 from logix.statistics.eigen import EKFAC as EKFAC_STATISTIC
 from logix.statistics.eigen import Eigen, eigh64, fit_ekfac
 from logix.progress import track
@@ -38,6 +39,7 @@ class Curvature:
     name: ClassVar[str]
     covariances: ClassVar[Tuple[str, ...]] = ()  # collected during the logging pass
     needs_rows: ClassVar[bool] = False  # fitted from the saved rows after logging
+    identity: ClassVar[bool] = False  # H = 0 without damping: scores are plain dot products
     _kinds: ClassVar[Dict[str, Type["Curvature"]]] = {}
 
     def __init_subclass__(cls, name: str, **kwargs) -> None:
@@ -67,6 +69,15 @@ class Curvature:
     def fitted(cls, statistics: CovarianceState) -> bool:
         """Whether what is fitted after logging (if anything) is in `statistics`."""
         return True
+
+    @classmethod
+    def ready(cls, statistics: CovarianceState, modules: List[str],
+              has_rows: Callable[[], bool]) -> bool:
+        """Whether queries can use this kind: its covariances collected, and what is fitted
+        from the rows fitted (or rows to fit it from)."""
+        if cls.covariances and not cls.collected(statistics, modules):
+            return False
+        return not cls.needs_rows or cls.fitted(statistics) or has_rows()
 
     @classmethod
     def fit(cls, statistics: CovarianceState, spectra: "Spectra", blocks, modules,
@@ -102,6 +113,8 @@ class Curvature:
 
 class NoCurvature(Curvature, name="none"):
     """H = 0 and no damping: plain gradient dot products."""
+
+    identity = True
 
     @classmethod
     def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
@@ -183,6 +196,29 @@ class LiSSA(Curvature, name="lissa"):
                                    settings.lissa_tol, settings.block_rows, progress)
 
 
+class OptimizerState(Curvature, name="optimizer"):
+    """H = sqrt(v), the diagonal curvature Adam, AdamW and Adafactor divide their updates by,
+    factored per layer into out (x) in as Adafactor does and projected like K-FAC's covariances
+    (logix.tracking.optimizer_state). Nothing is collected while logging: the factors come from
+    the optimizer, `run.add_optimizer_state(optimizer)`."""
+
+    @classmethod
+    def ready(cls, statistics: CovarianceState, modules: List[str],
+              has_rows: Callable[[], bool]) -> bool:
+        return bool(modules) and all(statistics.get(m, kind) is not None for m in modules
+                                     for kind in (OPTIMIZER_OUT, OPTIMIZER_IN))
+
+    @classmethod
+    def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
+        if spectra.statistics.get(module, OPTIMIZER_OUT) is None:
+            raise UsageError(f"No optimizer state for module {module!r}: hessian='optimizer' "
+                             "needs run.add_optimizer_state(optimizer) (Adam, AdamW or "
+                             "Adafactor, after training) on the run that watches the model.")
+        out, inp = spectra.eig(module, OPTIMIZER_OUT), spectra.eig(module, OPTIMIZER_IN)
+        return ModuleInverse("optimizer", 0.0, values=torch.outer(out.values, inp.values),
+                             q_out=out.vectors, q_in=inp.vectors)
+
+
 class Spectra:
     """Eigendecompositions of one CovarianceState's covariances, computed once per version."""
 
@@ -255,12 +291,8 @@ def available(statistics: CovarianceState, modules: Iterable[str], has_rows: Cal
               ) -> List[str]:
     """The kinds whose statistics are present, in registration order."""
     modules = list(modules)
-    out = []
-    for name, kind in Curvature._kinds.items():
-        if not kind.covariances or kind.collected(statistics, modules):
-            if not kind.needs_rows or kind.fitted(statistics) or has_rows():
-                out.append(name)
-    return out
+    return [name for name, kind in Curvature._kinds.items()
+            if kind.ready(statistics, modules, has_rows)]
 
 
 def fitted_after_logging(collected: Iterable[str]) -> List[str]:

@@ -20,6 +20,8 @@ from logix.storage.format import KEY_SEP, state_key
 
 FORWARD, BACKWARD, GRAD = "forward", "backward", "grad"
 KINDS = (FORWARD, BACKWARD, GRAD)
+# An optimizer's second moments as projected Kronecker factors (logix.tracking.optimizer_state).
+OPTIMIZER_OUT, OPTIMIZER_IN = "optimizer_out", "optimizer_in"
 
 
 class CovarianceState:

@@ -70,9 +70,21 @@ class TrackedModule(abc.ABC):
             return None
         return mask.reshape(mask.shape[0], -1)
 
-    @abc.abstractmethod
     def weight_gradient(self) -> Tensor:
         """The layer's current .grad as the [out_dim, in_dim] matrix that LoGra projects."""
+        bias = self.module.bias.grad if self.has_bias else None
+        return self.as_matrix(self.module.weight.grad, bias)
+
+    def as_matrix(self, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """A tensor shaped like the weight (a gradient, an optimizer's second moments) as the
+        [out_dim, in_dim] matrix of LoGra's rows, `bias` (shaped like the bias) as the last
+        column when the layer's bias is tracked."""
+        matrix = self._weight_matrix(weight)
+        return torch.cat([matrix, bias[:, None]], 1) if self.has_bias else matrix
+
+    @abc.abstractmethod
+    def _weight_matrix(self, weight: Tensor) -> Tensor:
+        """`weight`-shaped -> [out, in] without the bias column."""
 
 
 def _affine(x: Tensor, p_in: Optional[Tensor], has_bias: bool) -> Tensor:
@@ -108,9 +120,8 @@ class TrackedLinear(TrackedModule, module_type=nn.Linear):
         """dy [B, out] -> dy~ [B, rank_out], written into `out`."""
         return torch.mm(dy, p_out.T, out=out)
 
-    def weight_gradient(self):
-        g = self.module.weight.grad
-        return torch.cat([g, self.module.bias.grad[:, None]], 1) if self.has_bias else g
+    def _weight_matrix(self, weight):
+        return weight
 
 
 class TrackedEmbedding(TrackedModule, module_type=nn.Embedding):
@@ -138,8 +149,8 @@ class TrackedEmbedding(TrackedModule, module_type=nn.Embedding):
             return None
         return mask.reshape(mask.shape[0], -1)
 
-    def weight_gradient(self):
-        return self.module.weight.grad.T
+    def _weight_matrix(self, weight):
+        return weight.T
 
 
 class _TrackedConv(TrackedModule):
@@ -186,9 +197,8 @@ class _TrackedConv(TrackedModule):
     def token_mask(self, x, mask):
         return None
 
-    def weight_gradient(self):
-        g = self.module.weight.grad.reshape(self.out_dim, -1)
-        return torch.cat([g, self.module.bias.grad[:, None]], 1) if self.has_bias else g
+    def _weight_matrix(self, weight):
+        return weight.reshape(self.out_dim, -1)
 
 
 class TrackedConv1d(_TrackedConv, module_type=nn.Conv1d):
@@ -212,9 +222,8 @@ def _register_hf_conv1d() -> None:
             in_features, out_features = self.module.weight.shape
             return in_features + self.has_bias, out_features
 
-        def weight_gradient(self):
-            g = self.module.weight.grad.T
-            return torch.cat([g, self.module.bias.grad[:, None]], 1) if self.has_bias else g
+        def _weight_matrix(self, weight):
+            return weight.T
 
 
 def tracked_class(module: nn.Module) -> Optional[Type[TrackedModule]]:
