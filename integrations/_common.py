@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from logix.errors import ConfigError, UsageError
 from logix.log import StepLog
 from logix.tracking.frozen import frozen
+from logix.tracking.optimizer_state import has_second_moments
 from logix.storage.data_ids import normalize_data_ids
 
 # (data ids, mask or None, scale) of one batch
@@ -202,14 +203,17 @@ def query_log(run, model: nn.Module, batches: Iterable, describe: Callable[[Any]
     return log
 
 
-def finish_training(run, passes) -> None:
+def finish_training(run, passes, optimizer=None) -> None:
     """At the end of training: run a scheduler's remaining passes (its last one finalizes the
-    run), or finalize the run directly when no scheduler drives it."""
+    run), or finalize the run directly when no scheduler drives it; then keep the optimizer's
+    second moments (Adam, AdamW, Adafactor) for hessian="optimizer" when it has them."""
     if passes is None:
         run.finalize()
-        return
-    for _ in passes:
-        continue
+    else:
+        for _ in passes:
+            continue
+    if optimizer is not None and run.modules and has_second_moments(optimizer):
+        run.add_optimizer_state(optimizer)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

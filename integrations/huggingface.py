@@ -199,7 +199,7 @@ class LogIXCallback(TrainerCallback):
         self._close()
         self._armed = False
         self._remove_hooks()
-        finish_training(self.run, self._passes)
+        finish_training(self.run, self._passes, self._optimizer)
         self._passes = None
 
     # ------------------------------------------------------------------ model hooks

@@ -148,7 +148,8 @@ class LogIXCallback(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._discard()
-        finish_training(self.run, self._passes)
+        optimizers = getattr(trainer, "optimizers", None) or [None]
+        finish_training(self.run, self._passes, optimizers[0])
         self._passes = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:

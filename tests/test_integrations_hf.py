@@ -438,3 +438,17 @@ def test_a_transformers_that_moved_its_loss_fails_in_one_place_naming_loss_scale
         monkeypatch.undo()
         _hf_loss._causal_lm_loss.cache_clear()
     assert _hf_loss.shifts_labels(tiny_gpt2())
+
+
+def test_the_trainers_adamw_state_is_kept_for_hessian_optimizer(tmp_path):
+    model = make_model("cls")
+    run = new_run(tmp_path, model, "cls")
+    trainer = train(model, make_data("cls", 8), tmp_path, [LogIXCallback(run)])
+    assert "optimizer" in run.influence.available_hessians()
+    query = make_data("cls", 2, seed=9)
+    kept = influence_of(run, model, query, batch_size=2, hessian="optimizer")["influence"]
+    run.add_optimizer_state(trainer.optimizer)  # the same state, added by hand
+    again = influence_of(run, model, query, batch_size=2, hessian="optimizer")["influence"]
+    assert torch.equal(kept, again) and kept.abs().sum() > 0
+    fresh = logix.Attributor(run.project_dir)
+    assert "optimizer" in fresh.available_hessians()

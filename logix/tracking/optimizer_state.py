@@ -69,6 +69,13 @@ def trainer_parameter_order(model: nn.Module) -> list:
     return [p for n, p in named if n in decay] + [p for n, p in named if n not in decay]
 
 
+def has_second_moments(optimizer) -> bool:
+    """Whether a live optimizer keeps second moments this module reads (Adam, AdamW,
+    Adafactor after a step)."""
+    keys = {key for entry in getattr(optimizer, "state", {}).values() for key in entry}
+    return bool(keys & ({*_FULL} | {key for pair in _FACTORED for key in pair}))
+
+
 def _state_by_parameter(optimizer, params) -> Dict[int, dict]:
     if isinstance(optimizer, torch.optim.Optimizer):
         return {id(p): s for p, s in optimizer.state.items()}
@@ -109,6 +116,8 @@ def _moments(state: Dict[int, dict], parameter: Tensor, module: str, what: str) 
         if pair == _FACTORED[0]:  # transformers: row [..., R], col [..., C]
             row, col = row.unsqueeze(-1), col.unsqueeze(-2)
         v = row * col / row.mean(-2, keepdim=True)  # row [..., R, 1], col [..., 1, C]
+    if hasattr(v, "full_tensor"):  # a DTensor (FSDP2): every rank gathers the whole
+        v = v.full_tensor()
     if tuple(v.shape) != tuple(parameter.shape):
         raise UsageError(f"The optimizer's second moments for {module}.{what} have shape "
                          f"{tuple(v.shape)}, the parameter {tuple(parameter.shape)}: params= is "
