@@ -21,7 +21,7 @@ SECTIONS = [
                       "logix.storage.scores.open_scores", "logix.storage.scores.save_scores"]),
     ("Language models", ["logix.text.query_log", "logix.text.token_influence",
                          "logix.text.print_heatmap", "logix.text.heatmap_html",
-                         "logix.text.heatmap_png"]),
+                         "logix.text.heatmap_png", "logix.text.check_consistency"]),
     ("Integrations", ["logix.LogIXScheduler", "logix.integrations.huggingface.LogIXCallback",
                       "logix.integrations.huggingface.extract_log",
                       "logix.integrations.huggingface.influence_of",

@@ -10,9 +10,10 @@
     logix index DIR [--kind K] [--sketch W] build or update a vector index of the log (FAISS)
     logix search DIR --queries FILE [--k N] most helpful training examples per query, via it
     logix plan CONFIG --examples N          row sizes, disk, memory and step overhead of a run
+    logix check CONFIG                      the same row padded left, right, per attention kernel
 
 Exit status: 0 fine; 1 the log or score file is damaged or unreadable (verify found an error, a
-corrupt manifest, a newer format version); 2 usage error (bad arguments, a path that does not
+corrupt manifest, a newer format version), or check found rows that differ; 2 usage error (bad arguments, a path that does not
 exist or is another kind of file than the command reads, a folder that is not a LogIX log). The
 on-disk format is described in docs/format.md.
 """
@@ -147,6 +148,24 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_cmd_report)
     _add_search_commands(sub)
 
+    check = sub.add_parser("check", help="same rows padded left, right, and per attention "
+                                         "implementation",
+                           description="Build a causal LM from a Hugging Face config (random "
+                                       "weights, nothing downloaded), log one random sequence "
+                                       "unpadded, right-padded, left-padded and under each "
+                                       "attention implementation, and name every watched layer "
+                                       "whose row differs (exit 1).")
+    check.add_argument("config", metavar="CONFIG", help="a model's config.json (or its folder)")
+    check.add_argument("--tokens", type=_positive_int, default=16,
+                       help="sequence length (default 16)")
+    check.add_argument("--pad", type=_positive_int, default=4, help="padding tokens (default 4)")
+    check.add_argument("--rank", type=int, default=None,
+                       help="LoGra rank (default: the config's lora.rank; 0: no projection)")
+    check.add_argument("--name-filter", action="append", default=None,
+                       help="watch only layers whose name contains this (repeatable)")
+    check.add_argument("--tolerance", type=float, default=1e-4,
+                       help="largest relative difference taken as the same (default 1e-4)")
+    check.set_defaults(handler=_cmd_check)
     plan = sub.add_parser("plan", help="plan a long run: row sizes, disk, memory, step overhead",
                           description="Build a causal LM from a Hugging Face config (random "
                                       "weights, nothing downloaded), watch it as a run would and "
@@ -744,33 +763,40 @@ def _plan_setup(hessian: str) -> Dict[str, List[str]]:
     return spec
 
 
-def _cmd_plan(args) -> int:
+def _causal_lm(config_path: str, command: str):
+    """A causal LM with random weights from a Hugging Face config.json (or its folder), eager
+    attention; nothing is downloaded."""
     import json
-    import tempfile
 
-    import logix
-    from logix.errors import LogIXError
-
-    path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) \
-        else args.config
+    path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) \
+        else config_path
     try:
         with open(path) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise CliError(f"cannot read the model config {path!r}: {e}", EXIT_USAGE) from None
-    if "model_type" not in config:
+    if not isinstance(config, dict) or "model_type" not in config:
         raise CliError(f"{path!r} has no 'model_type': pass a Hugging Face config.json.",
                        EXIT_USAGE)
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
-        raise CliError("logix plan needs transformers: pip install 'logix[huggingface]'.",
+        raise CliError(f"logix {command} needs transformers: pip install 'logix[huggingface]'.",
                        EXIT_USAGE) from None
     model_type = config.pop("model_type")
     config.pop("architectures", None)
     hf_config = AutoConfig.for_model(model_type, **config)
     hf_config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(hf_config)
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _cmd_plan(args) -> int:
+    import tempfile
+
+    import logix
+    from logix.errors import LogIXError
+
+    model = _causal_lm(args.config, "plan")
     with tempfile.TemporaryDirectory() as root:  # nothing is written: a scratch root
         try:
             run = logix.init("plan", root_dir=root, log_dtype=args.dtype)
@@ -785,6 +811,34 @@ def _cmd_plan(args) -> int:
         except LogIXError as e:
             raise CliError(str(e), EXIT_USAGE) from None
     return EXIT_OK
+
+
+def _cmd_check(args) -> int:
+    import tempfile
+
+    import torch
+
+    import logix
+    from logix.errors import LogIXError
+    from logix.text.check import check_consistency
+
+    model = _causal_lm(args.config, "check")
+    vocab = model.config.vocab_size
+    tokens = torch.randint(1, vocab, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as root:  # nothing is written: a scratch root
+        try:
+            run = logix.init("check", root_dir=root)
+            run.watch(model, name_filter=args.name_filter)
+            if args.rank != 0:
+                run.add_lora(rank=args.rank)
+            run.setup({"grad": ["log"]})
+            run.eval()
+            report = check_consistency(run, model, tokens.tolist(), pad_id=0, pad=args.pad,
+                                       tolerance=args.tolerance)
+        except LogIXError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+    print(report.render())
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Language models: query logs of completions given prompts (`query_log`), per-token scores
-(`token_influence`) and their heat maps (`print_heatmap`, `heatmap_html`, `heatmap_png`)."""
+(`token_influence`), their heat maps (`print_heatmap`, `heatmap_html`, `heatmap_png`) and a check
+that padding and attention implementations leave the rows alone (`check_consistency`)."""
 
+from logix.text.check import check_consistency
 from logix.text.heatmap import heatmap_html, heatmap_png, print_heatmap
 from logix.text.queries import query_log
 from logix.text.tokens import token_influence
 
-__all__ = ["query_log", "token_influence", "print_heatmap", "heatmap_html", "heatmap_png"]
+__all__ = ["query_log", "token_influence", "print_heatmap", "heatmap_html", "heatmap_png",
+           "check_consistency"]
