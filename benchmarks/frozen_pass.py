@@ -4,8 +4,8 @@
 
 The language-model example's model (GPT-2, 6 layers x 256, eager attention, dropout off), batches
 of 32 sequences of 32 tokens, LoGra rank 16 on the blocks' 24 Conv1D layers, rows saved to disk
-(`save(True)`; the writer's final flush is inside the timed pass). Four arms, interleaved round by
-round (the order rotating) in one process, three arms:
+(`save(True)`; the writer's final flush is inside the timed pass). Three arms, interleaved round by
+round (the order rotating) in one process:
 
   plain          forward + backward with weight gradients, no LogIX
   logged         a LogIX step around forward + backward, weights needing gradients
