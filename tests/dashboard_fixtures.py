@@ -236,7 +236,8 @@ def hostile_paths(key: str) -> list:
             f"/scores/{q(key)}/{q(X_URL)}"] + [
             f"/example/{q(key)}?id={q(json.dumps(i))}{norm}" for i in (X_SCRIPT, BAD_ID, 7)
             for norm in ("", "&norm=raw")] + [
-            f"/example/{q(key)}?id={q(X_ATTR)}", f"/example/{q(key)}?id={q(X_JSON)}&norm={q(X_URL)}",
+            f"/example/{q(key)}?id={q(X_ATTR)}",
+            f"/example/{q(key)}?id={q(X_JSON)}&norm={q(X_URL)}",
             f"/example/{q(key)}?id={q(json.dumps(X_SCRIPT + 'q'))}"]
 
 

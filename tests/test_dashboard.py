@@ -234,6 +234,22 @@ def test_heat_map_words_one_scale_legend_completion_and_text(server, root):
         assert f'href="/example/demo?id={entry["id"]}"' in row  # the id links to its page
 
 
+def test_tokens_group_into_words():
+    from logix.dashboard.words import group_words
+
+    tokens = ["the", " pass", "w", "ord", " ", "r", "es", "et", "\n", "    ", "return",
+              "\u0120x", "\u2581y", "z", "."]
+    flags = [False] * 4 + [True] * 11
+    words = group_words(tokens, [1.0, 2.0, 3.0, None] + [1.0] * 11, flags)
+    assert [w["text"] for w in words] == ["the", " password", " reset", "\n", "    return",
+                                          " x", " yz."]
+    assert [w["completion"] for w in words] == [False, False, True, True, True, True, True]
+    assert words[1]["score"] == 5.0  # a missing token score counts 0 in the word's sum
+    assert words[1]["tokens"] == [(" pass", 2.0), ("w", 3.0), ("ord", None)]
+    split = group_words([" pass", "word"], [1.0, 1.0], [False, True])  # prompt | completion
+    assert [w["text"] for w in split] == [" pass", "word"]
+
+
 def test_score_meta_is_summarised_with_details(root, tmp_path):
     """Issue item 4: 16 damping values and 32 projection shapes become one line each."""
     import shutil
@@ -275,7 +291,7 @@ def test_ticks_are_round():
     assert nice_ticks(1, 325, integer=True) == [0, 100, 200, 300, 400]
     assert nice_ticks(1, 4, integer=True) == [1, 2, 3, 4]
     assert nice_ticks(-0.0123, 0.0456) == [-0.02, 0.0, 0.02, 0.04, 0.06]
-    assert nice_ticks(0.5, 1.5) == [0.5, 1.0, 1.5]
+    assert nice_ticks(0.5, 1.5) == [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
     for lo, hi in ((0, 64.8), (1, 7), (-3.3, 0.01), (40, 40460)):
         ticks = nice_ticks(lo, hi)
         step = ticks[1] - ticks[0]
@@ -336,6 +352,20 @@ def test_example_page_html(server, root):
     assert 'id="train-tokens"' in html and "Not available" in html
     status, html = get(server + f"/example/demo?id={example}&norm=raw")
     assert "raw scores as stored" in html and "(norm=raw)" in html
+
+
+def test_example_page_colours_query_words_where_files_have_them(server, root):
+    example = root["result"]["tgt_ids"][3]
+    data = get(server + f"/api/example/demo?id={example}&k=50")[1]
+    with_tokens = [e for e in data["helps"] + data["hurts"] if e["tokens"]]
+    assert {e["file"] for e in with_tokens} == {"scores/tokens.safetensors"}
+    for entry in with_tokens:
+        assert entry["tokens"]["tokens"] == TOKENS[entry["query"]]
+        assert sum(entry["tokens"]["values"]) == pytest.approx(entry["raw"], rel=1e-5)
+    html = get(server + f"/example/demo?id={example}&k=50")[1]
+    assert 'class="heat-legend"' in html
+    words = [text for _, _, _, text in _cells(html)]
+    assert " password" in words and "w" not in words
 
 
 def test_example_ids_are_json(server):

@@ -338,14 +338,22 @@ class Dashboard:
                     continue
                 shown = value if norm == "raw" else (value / scale if scale > 0 else 0.0)
                 pooled.append({"file": f["file"], "query": q, "query_id": index["src_ids"][q],
-                               "raw": value, "score": shown, "query_max_abs": scale})
+                               "raw": value, "score": shown, "query_max_abs": scale,
+                               "column": column})
         if not any(f["scored"] for f in files) and data_id not in store:
             raise DashboardError(f"No training example {data_id!r} in project {key!r}: no score "
                                  "file scores it and it has no stored content.")
         helps = sorted((e for e in pooled if e["score"] > 0), key=lambda e: -e["score"])[:k]
         hurts = sorted((e for e in pooled if e["score"] < 0), key=lambda e: e["score"])[:k]
+        this = _id_key(data_id)
         for entry in helps + hurts:
             entry["query_label"] = _short(store, entry["query_id"])
+            tokens = _tokens(os.path.join(path, entry["file"]), entry["query"], [{"id": data_id}],
+                             {this: entry.pop("column")})
+            entry["tokens"] = tokens and {"tokens": tokens.get("tokens"),
+                                          "completion": tokens.get("completion"),
+                                          "values": tokens.get("rows", {}).get(this),
+                                          "error": tokens.get("error")}
         return {"key": key, "id": data_id, "norm": norm, "k": k,
                 "content": _content(store, data_id), "files": files, "problems": problems,
                 "helps": helps, "hurts": hurts, "scores_seen": len(pooled)}

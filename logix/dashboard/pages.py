@@ -358,12 +358,13 @@ def _tokens_html(v: Dict[str, Any], links: Links) -> Markup:
             for e, row in zip(entries, words)]
     prompt = " Prompt words are grey and italic; only the completion is in the query's loss." \
         if tokens.get("completion") else ""
-    return render('$title<p class="muted">The query\'s words coloured by their score for each '
+    return render('<div class="token-heat">$title<p class="muted">The query\'s words coloured '
+                  'by their score for each '
                   'training example: blue helps, red hurts, one scale for the whole query (a '
                   'word\'s score is the sum of its tokens\'; hover for the tokens).$prompt</p>'
                   '$legend<table class="grid tokens"><thead><tr><th>training id</th>'
                   '<th>score</th><th>query words</th><th>training example</th></tr></thead>'
-                  '<tbody>$rows</tbody></table>', title=title, prompt=prompt,
+                  '<tbody>$rows</tbody></table></div>', title=title, prompt=prompt,
                   legend=plots.heat_legend(scale), rows=join(rows))
 
 
@@ -468,16 +469,27 @@ def example_page(data: Dict[str, Any], links: Links) -> Markup:
                     '<p class="muted">$sign</p>', note=NORM_NOTES[norm], norm=norm,
                     toggle=toggle, sign=SIGN_NOTE)]
     parts += [error_box(p) for p in data["problems"]]
+    words = {id(e): _example_words(e) for e in data["helps"] + data["hurts"]}
+    scale = max((abs(w["score"]) for row in words.values() for w in row or []), default=0.0)
+    with_words = any(words.values())
+    if with_words:
+        parts.append(render('<p class="muted">Queries with per-token scores show their words '
+                            'coloured by this example\'s score for each (scaled like the score '
+                            'column, one scale for the page):</p>$legend',
+                            legend=plots.heat_legend(scale)))
     head = render("<th>#</th><th>query</th><th>query content</th><th>score file</th>"
-                  "<th>score ($norm)</th><th>raw score</th>", norm=norm)
+                  "<th>score ($norm)</th><th>raw score</th>$words", norm=norm,
+                  words=render("<th>query words</th>") if with_words else "")
     for title, entries, css in (("Queries it helps most", data["helps"], "helps"),
                                 ("Queries it hurts most", data["hurts"], "hurts")):
         rows = join(render(
             '<tr><td>$rank</td><td class="id"><a href="$href">$qid</a></td><td>$label</td>'
-            '<td>$file</td><td class="score num">$score</td><td class="num">$raw</td></tr>',
+            '<td>$file</td><td class="score num">$score</td><td class="num">$raw</td>$words</tr>',
             rank=n + 1, href=links.scores(key, e["file"], e["query"]), qid=id_text(e["query_id"]),
             label=e["query_label"] or "", file=e["file"], score=f"{e['score']:.4g}",
-            raw=f"{e['raw']:.4g}") for n, e in enumerate(entries))
+            raw=f"{e['raw']:.4g}", words=render('<td class="heat">$w</td>', w=heat_words(
+                words[id(e)], scale) if words[id(e)] else "") if with_words else "")
+            for n, e in enumerate(entries))
         body = render('<table class="grid $css"><thead><tr>$head</tr></thead><tbody>$rows'
                       '</tbody></table>', css=css, head=head, rows=rows) if entries else \
             render('<p class="muted">none</p>')
@@ -494,6 +506,17 @@ def example_page(data: Dict[str, Any], links: Links) -> Markup:
         'a training example\'s tokens, so this example\'s text cannot be coloured for a query. '
         'The query pages colour the query\'s words for this example.</p>'))
     return join(parts, "\n")
+
+
+def _example_words(entry: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    """The entry's query words with this example's token scores, scaled as its score is
+    (divided by the query's largest |score| in the normalised view); None without tokens."""
+    tokens = entry.get("tokens")
+    if not tokens or not tokens.get("tokens") or tokens.get("values") is None:
+        return None
+    factor = entry["score"] / entry["raw"] if entry["raw"] else 0.0
+    values = [None if v is None else v * factor for v in tokens["values"]]
+    return group_words(tokens["tokens"], values, tokens.get("completion"))
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -14,7 +14,7 @@ import numpy as np
 from logix.dashboard.markup import Markup, join, render
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-_W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 460, 220, 56, 12, 14, 34
+_W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 460, 220, 56, 22, 14, 34
 
 Series = Tuple[str, Sequence[float], Sequence[float]]  # (label, xs, ys)
 
@@ -156,7 +156,7 @@ def heat_legend(scale: float, width: int = 260) -> Markup:
 def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> List[float]:
     """Round ticks covering [lo, hi]: steps of 1, 2 or 5 x 10^k (whole steps when `integer`),
     from the step below lo to the step above hi."""
-    raw = (hi - lo) / max(count - 1, 1)
+    raw = (hi - lo) / count
     power = 10.0 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
     if integer:

@@ -1,6 +1,7 @@
 """Query tokens grouped into words for the heat maps: a token that starts with whitespace, or
-with byte-level BPE's 'Ġ' / sentencepiece's '▁' word mark, starts a new word; so does a change
-between prompt and completion. A word's score is the sum of its tokens' scores."""
+with byte-level BPE's 'Ġ' / sentencepiece's '▁' word mark, starts a new word (a token of
+spaces alone joins the next: BPE writes " reset" as " " "r" "es" "et"); so do a newline and a
+change between prompt and completion. A word's score is the sum of its tokens' scores."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def group_words(tokens: Sequence[str], values: Sequence[Optional[float]],
     words: List[Dict] = []
     for token, value, flag in zip(tokens, values, flags):
         text = printable(token)
-        starts = (not words or text[:1].isspace() or words[-1]["text"][-1:].isspace()
-                  or words[-1]["completion"] != flag)
+        current = words[-1]["text"] if words else ""
+        starts = (not words or words[-1]["completion"] != flag or current.endswith("\n")
+                  or (text[:1].isspace() and not current.isspace()))
         if starts:
             words.append({"text": "", "score": 0.0, "completion": flag, "tokens": []})
         word = words[-1]
