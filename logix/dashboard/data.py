@@ -527,6 +527,8 @@ def _tokens(path: str, query: int, entries: List[Dict], index: Dict[str, int]
             block = f.get_slice(TOKEN_INFLUENCE_KEY)[rows[0]:rows[-1] + 1]  # [T, n_train]
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         return {"error": f"per-token scores are not readable: {e}"}
+    if not isinstance(flags, (list, type(None))):
+        return {"error": f"{TOKEN_COMPLETION_KEY} must be a JSON list of booleans."}
     if len(texts) != len(rows_of) or (flags is not None and len(flags) != len(rows_of)):
         return {"error": f"{TOKEN_TEXT_KEY} names {len(texts)} tokens, {TOKEN_QUERY_KEY} "
                          f"{len(rows_of)}, {TOKEN_COMPLETION_KEY} "
