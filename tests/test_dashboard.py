@@ -234,6 +234,25 @@ def test_heat_map_words_one_scale_legend_completion_and_text(server, root):
         assert f'href="/example/demo?id={entry["id"]}"' in row  # the id links to its page
 
 
+def test_damaged_token_completion_is_a_message(root, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from logix.dashboard.data import Dashboard
+
+    project = str(tmp_path / "demo")
+    shutil.copytree(root["run"].project_dir, project)
+    path = os.path.join(project, "scores", "tokens.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = {**f.metadata(), "token_completion": "5"}
+    save_file(tensors, path, metadata=metadata)
+    data = Dashboard([project]).scores("demo", "scores/tokens.safetensors")
+    assert "token_completion must be a JSON list" in data["tokens"]["error"]
+
+
 def test_tokens_group_into_words():
     from logix.dashboard.words import group_words
 

@@ -356,8 +356,8 @@ def _tokens_html(v: Dict[str, Any], links: Links) -> Markup:
                    '</tr>', id=id_link(links, v["key"], e["id"]), score=f"{e['score']:.4g}",
                    words=heat_words(row, scale), content=content_html(e["content"]))
             for e, row in zip(entries, words)]
-    prompt = " Prompt words are grey and italic; only the completion is in the query's loss." \
-        if tokens.get("completion") else ""
+    prompt = (" Prompt words are italic and underlined (dotted); only the completion is in the "
+              "query's loss.") if tokens.get("completion") else ""
     return render('<div class="token-heat">$title<p class="muted">The query\'s words coloured '
                   'by their score for each '
                   'training example: blue helps, red hurts, one scale for the whole query (a '
