@@ -17,11 +17,14 @@ from torch.nn import functional as F
 
 import logix
 from logix.evaluation import BrittlenessResult, save_results
-from logix.storage.scores import (TOKEN_INFLUENCE_KEY, TOKEN_QUERY_KEY, TOKEN_TEXT_KEY,
-                                  save_scores)
+from logix.storage.scores import (TOKEN_COMPLETION_KEY, TOKEN_INFLUENCE_KEY, TOKEN_QUERY_KEY,
+                                  TOKEN_TEXT_KEY, save_scores)
 
 N_TRAIN, N_TEST = 24, 3
-TOKENS = [["The", " cat", " sat"], ["A", " dog"], ["Hi"]]
+# query tokens with subwords ("pass" "w" "ord"), and which of them are the completion
+TOKENS = [["The", " pass", "w", "ord", " is"], ["A", " dog"], ["Hi"]]
+WORDS = [["The", " password", " is"], ["A", " dog"], ["Hi"]]
+COMPLETION = [[False, False, False, False, True], [False, True], [True]]
 
 
 def build_root(root: str) -> Dict:
@@ -47,7 +50,7 @@ def build_root(root: str) -> Dict:
     run.describe(list(range(N_TRAIN)), texts=[f"train example {i}" for i in range(N_TRAIN)],
                  images=images, labels=[int(v) for v in y[:N_TRAIN]])
     test_ids = [f"q{i}" for i in range(N_TEST)]
-    run.describe(test_ids, texts=[" ".join(t).replace("  ", " ") for t in TOKENS],
+    run.describe(test_ids, texts=["".join(t) for t in TOKENS],
                  labels=["cat", "dog", "hi"])
     run.save(False)
     with run(data_id=test_ids):
@@ -89,7 +92,8 @@ def _token_scores(path: str, result: Dict) -> str:
         text += tokens
     metadata = {"format": "logix-scores", "format_version": "1",
                 "src_ids": json.dumps(result["src_ids"]), "tgt_ids": json.dumps(result["tgt_ids"]),
-                TOKEN_QUERY_KEY: json.dumps(owner), TOKEN_TEXT_KEY: json.dumps(text)}
+                TOKEN_QUERY_KEY: json.dumps(owner), TOKEN_TEXT_KEY: json.dumps(text),
+                TOKEN_COMPLETION_KEY: json.dumps([c for row in COMPLETION for c in row])}
     save_file({"influence": influence.contiguous(),
                TOKEN_INFLUENCE_KEY: torch.cat(rows).contiguous()}, path, metadata=metadata)
     return path
@@ -184,7 +188,8 @@ def build_hostile(base: str) -> Dict:
               metadata={"format": "logix-scores", "format_version": "1",
                         "src_ids": json.dumps(queries), "tgt_ids": json.dumps(train),
                         TOKEN_QUERY_KEY: json.dumps(owner),
-                        TOKEN_TEXT_KEY: json.dumps([t for row in tokens for t in row])})
+                        TOKEN_TEXT_KEY: json.dumps([t for row in tokens for t in row]),
+                        TOKEN_COMPLETION_KEY: json.dumps([False, True, True])})
     with open(os.path.join(project, "scores", X_MODULE + ".safetensors"), "wb") as f:
         f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     evaluation = os.path.join(project, "evaluation")
@@ -228,7 +233,12 @@ def hostile_paths(key: str) -> list:
             f"/evaluation/{q(key)}/evaluation/{q(X_MODULE)}lds.json",
             f"/evaluation/{q(key)}/evaluation/{q(X_MODULE)}flip.json",
             f"/project/{q(X_SCRIPT)}", f"/project/{q(X_SCRIPT.replace('/', ''))}",
-            f"/scores/{q(key)}/{q(X_URL)}"]
+            f"/scores/{q(key)}/{q(X_URL)}"] + [
+            f"/example/{q(key)}?id={q(json.dumps(i))}{norm}" for i in (X_SCRIPT, BAD_ID, 7)
+            for norm in ("", "&norm=raw")] + [
+            f"/example/{q(key)}?id={q(X_ATTR)}",
+            f"/example/{q(key)}?id={q(X_JSON)}&norm={q(X_URL)}",
+            f"/example/{q(key)}?id={q(json.dumps(X_SCRIPT + 'q'))}"]
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dashboard_fixtures import N_TEST, N_TRAIN, TOKENS, snapshot
+from dashboard_fixtures import COMPLETION, N_TEST, N_TRAIN, TOKENS, WORDS, snapshot
 import dashboard_fixtures
 
 from logix.cli import main
@@ -187,6 +187,7 @@ def test_per_token_scores_endpoint(server, root):
     status, data = get(server + "/api/scores/demo/scores/tokens.safetensors?query=0&k=2")
     assert status == 200
     assert data["tokens"]["tokens"] == TOKENS[0]
+    assert data["tokens"]["completion"] == COMPLETION[0]
     influence = root["result"]["influence"]
     for entry in data["helpful"] + data["harmful"]:
         row = data["tokens"]["rows"][json.dumps(entry["id"])]
@@ -194,6 +195,215 @@ def test_per_token_scores_endpoint(server, root):
         assert sum(row) == pytest.approx(entry["score"], rel=1e-5)  # tokens sum to the query
         column = root["result"]["tgt_ids"].index(entry["id"])
         assert sum(row) == pytest.approx(float(influence[0, column]), rel=1e-5)
+
+
+def _cells(html: str):
+    """(class, background, title, text) of every word cell of a heat map, in page order."""
+    import html as html_lib
+    import re
+
+    return [(c, bg, html_lib.unescape(t), html_lib.unescape(x)) for c, bg, t, x in re.findall(
+        r'<span class="(tok[^"]*)" style="background:([^"]*)" title="([^"]*)">([^<]*)</span>',
+        html)]
+
+
+def test_heat_map_words_one_scale_legend_completion_and_text(server, root):
+    """Issue item 3: words (subword tokens joined, per-token values on hover), prompt words
+    marked, one colour scale per query with its legend, the training text on every row."""
+    status, html = get(server + "/scores/demo/scores/tokens.safetensors?query=0&k=2")
+    assert status == 200
+    cells = _cells(html)
+    assert len(cells) == 4 * len(WORDS[0])  # 2 helpful + 2 harmful rows
+    assert [text for _, _, _, text in cells[:3]] == WORDS[0]
+    assert [cls for cls, _, _, _ in cells[:3]] == ["tok prompt", "tok prompt", "tok"]
+    word_title = cells[1][2]  # " password": its sum, then each token's score
+    assert "' pass'" in word_title and "'w'" in word_title and "'ord'" in word_title
+    total, parts = word_title.split(" = ")
+    numbers = [float(p.rsplit(" ", 1)[1]) for p in parts.split(" + ")]
+    assert float(total) == pytest.approx(sum(numbers), rel=1e-3)
+    # one scale for the query: only the largest |word| of all rows reaches the full colour
+    full = {"rgb(55,125,255)", "rgb(255,55,55)"}
+    assert sum(bg in full for _, bg, _, _ in cells) == 1
+    assert 'class="heat-legend"' in html and "helpful" in html and "harmful" in html
+    data = get(server + "/api/scores/demo/scores/tokens.safetensors?query=0&k=2")[1]
+    scale = max(abs(sum(r[1:4])) for r in data["tokens"]["rows"].values())
+    assert f"helpful {scale:.3g}<" in html
+    rows = html.split('<tbody>')[-1].split("</tr>")[:4]
+    for row, entry in zip(rows, data["helpful"] + data["harmful"]):
+        assert f"train example {entry['id']}</span>" in row  # the training text beside it
+        assert f'href="/example/demo?id={entry["id"]}"' in row  # the id links to its page
+
+
+def test_damaged_token_completion_is_a_message(root, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from logix.dashboard.data import Dashboard
+
+    project = str(tmp_path / "demo")
+    shutil.copytree(root["run"].project_dir, project)
+    path = os.path.join(project, "scores", "tokens.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = {**f.metadata(), "token_completion": "5"}
+    save_file(tensors, path, metadata=metadata)
+    data = Dashboard([project]).scores("demo", "scores/tokens.safetensors")
+    assert "token_completion must be a JSON list" in data["tokens"]["error"]
+
+
+def test_tokens_group_into_words():
+    from logix.dashboard.words import group_words
+
+    tokens = ["the", " pass", "w", "ord", " ", "r", "es", "et", "\n", "    ", "return",
+              "\u0120x", "\u2581y", "z", "."]
+    flags = [False] * 4 + [True] * 11
+    words = group_words(tokens, [1.0, 2.0, 3.0, None] + [1.0] * 11, flags)
+    assert [w["text"] for w in words] == ["the", " password", " reset", "\n", "    return",
+                                          " x", " yz."]
+    assert [w["completion"] for w in words] == [False, False, True, True, True, True, True]
+    assert words[1]["score"] == 5.0  # a missing token score counts 0 in the word's sum
+    assert words[1]["tokens"] == [(" pass", 2.0), ("w", 3.0), ("ord", None)]
+    split = group_words([" pass", "word"], [1.0, 1.0], [False, True])  # prompt | completion
+    assert [w["text"] for w in split] == [" pass", "word"]
+
+
+def test_score_meta_is_summarised_with_details(root, tmp_path):
+    """Issue item 4: 16 damping values and 32 projection shapes become one line each."""
+    import shutil
+
+    from logix.dashboard.data import Dashboard
+    from logix.dashboard.pages import Links, scores_page
+    from logix.storage.scores import save_scores
+
+    project = str(tmp_path / "demo")
+    shutil.copytree(root["run"].project_dir, project)
+    damping = {f"layers.{n}.mlp": 1.2345678e-3 * (n + 1) for n in range(16)}
+    shapes = {f"layers.{n}.proj": [16, 64] for n in range(32)}
+    meta = {"damping": damping, "projection": {"init": "random", "seed": 0, "shapes": shapes},
+            "mode": "dot", "lr": 0.000123456789}
+    save_scores(os.path.join(project, "scores", "meta.safetensors"), root["result"], meta=meta)
+    data = Dashboard([project]).scores("demo", "scores/meta.safetensors")
+    html = scores_page([data], Links())
+    head = html.split('<details class="meta-details">')[0]
+    assert "<b>damping</b>: 16 values, 0.00123 to 0.0198</li>" in head
+    assert "<b>projection</b>: init random, seed 0, shapes: 32 entries</li>" in head
+    assert "<b>lr</b>: 0.0001235</li>" in head and "<b>mode</b>: dot</li>" in head
+    assert "0.0012345678" not in head and "layers.3" not in head
+    details = html.split('<details class="meta-details">')[1].split("</details>")[0]
+    assert "0.0012345678" in details and "layers.31.proj" in details
+
+
+def test_projection_is_summarised(server):
+    status, html = get(server + "/project/demo")
+    assert status == 200
+    assert '<p id="projection-summary"><b>random</b>, rank 2, 2 modules, seed 0;' in html
+    assert '<details id="projection-matrices"><summary>4 matrices</summary>' in html
+
+
+def test_ticks_are_round():
+    import re
+
+    from logix.dashboard.plots import line_plot, nice_ticks
+
+    assert nice_ticks(1, 325, integer=True) == [0, 100, 200, 300, 400]
+    assert nice_ticks(1, 4, integer=True) == [1, 2, 3, 4]
+    assert nice_ticks(-0.0123, 0.0456) == [-0.02, 0.0, 0.02, 0.04, 0.06]
+    assert nice_ticks(0.5, 1.5) == [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+    for lo, hi in ((0, 64.8), (1, 7), (-3.3, 0.01), (40, 40460)):
+        ticks = nice_ticks(lo, hi)
+        step = ticks[1] - ticks[0]
+        assert ticks[0] <= lo and ticks[-1] >= hi and 3 <= len(ticks) <= 8
+        mantissa = step / 10 ** __import__("math").floor(__import__("math").log10(step))
+        assert round(mantissa, 6) in (1, 2, 5), (lo, hi, ticks)
+    svg = line_plot([("x", range(1, 82), [float(v) for v in range(1, 82)])], xlabel="index",
+                    x_integer=True)
+    x_ticks = re.findall(r'y="199" text-anchor="middle" class="tick">([^<]*)<', svg)
+    assert x_ticks == ["0", "20", "40", "60", "80", "100"]  # not 1, 21, 41, 60.5, 81
+
+
+def test_spectra_index_axis_has_whole_ticks(server):
+    import re
+
+    html = get(server + "/project/demo")[1]
+    spectra = html.split('id="spectra"')[1].split("<h2>")[0]
+    ticks = re.findall(r'y="199" text-anchor="middle" class="tick">([^<]*)<', spectra)
+    assert ticks and all(t.lstrip("-").isdigit() for t in ticks), ticks
+
+
+# --------------------------------------------------------------------------- example page
+def test_example_endpoint_ranks_queries_by_normalised_score(server, root):
+    influence, tgt = root["result"]["influence"], root["result"]["tgt_ids"]
+    example = tgt[5]
+    column = tgt.index(example)
+    status, data = get(server + f"/api/example/demo?id={example}&k=50")
+    assert status == 200 and data["norm"] == "max"
+    assert data["content"]["text"] == f"train example {example}"
+    normalised = (influence[:, column] / influence.abs().max(1).values).tolist()
+    expected = sorted((v for v in normalised if v > 0), reverse=True)
+    files = {f["file"]: f["scored"] for f in data["files"]}
+    assert files == {"scores/test.safetensors": True, "scores/tokens.safetensors": True}
+    assert "broken.safetensors" in data["problems"][0]
+    # both score files hold the same matrix: every query appears twice
+    assert [e["score"] for e in data["helps"]] == pytest.approx(
+        sorted(expected * 2, reverse=True), rel=1e-5)
+    for entry in data["helps"] + data["hurts"]:
+        q = entry["query"]
+        assert entry["query_id"] == root["test_ids"][q]
+        assert entry["raw"] == pytest.approx(float(influence[q, column]), rel=1e-5)
+        assert entry["score"] == pytest.approx(normalised[q], rel=1e-5)
+    assert all(e["score"] < 0 for e in data["hurts"])
+    raw = get(server + f"/api/example/demo?id={example}&norm=raw&k=50")[1]
+    positive = [float(v) for v in influence[:, column] if v > 0]
+    assert [e["score"] for e in raw["helps"]] == pytest.approx(
+        sorted(positive * 2, reverse=True), rel=1e-5)
+
+
+def test_example_page_html(server, root):
+    example = root["result"]["tgt_ids"][3]
+    status, html = get(server + f"/example/demo?id={example}")
+    assert status == 200
+    assert "train example" in html and 'class="label-tag"' in html
+    assert "divided by its query&#x27;s largest |score|" in html and "(norm=max)" in html
+    assert f'href="/example/demo?id={example}&amp;norm=raw">raw</a>' in html
+    assert 'href="/scores/demo/scores/test.safetensors?query=' in html  # queries link back
+    assert 'id="train-tokens"' in html and "Not available" in html
+    status, html = get(server + f"/example/demo?id={example}&norm=raw")
+    assert "raw scores as stored" in html and "(norm=raw)" in html
+
+
+def test_example_page_colours_query_words_where_files_have_them(server, root):
+    example = root["result"]["tgt_ids"][3]
+    data = get(server + f"/api/example/demo?id={example}&k=50")[1]
+    with_tokens = [e for e in data["helps"] + data["hurts"] if e["tokens"]]
+    assert {e["file"] for e in with_tokens} == {"scores/tokens.safetensors"}
+    for entry in with_tokens:
+        assert entry["tokens"]["tokens"] == TOKENS[entry["query"]]
+        assert sum(entry["tokens"]["values"]) == pytest.approx(entry["raw"], rel=1e-5)
+    html = get(server + f"/example/demo?id={example}&k=50")[1]
+    assert 'class="heat-legend"' in html
+    words = [text for _, _, _, text in _cells(html)]
+    assert " password" in words and "w" not in words
+
+
+def test_example_ids_are_json(server):
+    status, data = get(server + "/api/example/demo?id=%22q1%22")  # a described query id
+    assert status == 200 and data["id"] == "q1" and data["content"]["text"] == "A dog"
+    assert not any(f["scored"] for f in data["files"]) and data["helps"] == []
+    assert get(server + "/api/example/demo?id=q1")[1]["id"] == "q1"  # typed by hand
+    assert get(server + "/api/example/demo?id=%225%22")[0] == 404  # "5" is not 5
+
+
+@pytest.mark.parametrize("path, status, message", [
+    ("/api/example/demo", 400, "needs ?id="),
+    ("/api/example/demo?id=5&norm=z", 400, "norm='z' is not known"),
+    ("/api/example/demo?id=12345", 404, "No training example 12345"),
+    ("/api/example/nope?id=1", 404, "No project 'nope'"),
+])
+def test_example_bad_requests(server, path, status, message):
+    got, data = get(server + path)
+    assert got == status and message in data["error"]
 
 
 def test_evaluation_endpoint(server):
@@ -226,7 +436,8 @@ def test_server_only_reads(server, root):
     before = snapshot(root["root"])
     for path in ("/", "/project/demo?hash=1", "/scores/demo/scores/test.safetensors?query=1",
                  "/scores/demo/scores/tokens.safetensors", "/evaluation/demo/evaluation/lds.json",
-                 "/evaluation/demo/evaluation/brittle.json", "/api/projects"):
+                 "/evaluation/demo/evaluation/brittle.json", "/api/projects",
+                 "/example/demo?id=3", "/example/demo?id=3&norm=raw"):
         assert get(server + path)[0] == 200
     request = urllib.request.Request(server + "/api/projects", data=b"x", method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:

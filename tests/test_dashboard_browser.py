@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dashboard_fixtures import N_TRAIN, TOKENS, X_ATTR, X_JSON, X_MODULE, X_SCRIPT, X_URL
+from dashboard_fixtures import N_TRAIN, WORDS, X_ATTR, X_JSON, X_MODULE, X_SCRIPT, X_URL
 import dashboard_fixtures
 
 
@@ -114,14 +114,51 @@ def test_click_through_every_page(browser, server, root, tmp_path):
     assert_not_blank(browser, str(tmp_path / "evaluation.png"))
 
 
-def test_per_token_heat_map(browser, server):
+def test_per_token_heat_map(browser, server, root, tmp_path):
     browser.get(server + "/scores/demo/scores/tokens.safetensors?query=0&k=2")
-    rows = browser.find_elements(By.CSS_SELECTOR, "table.tokens tr")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.tokens tbody tr")
     assert len(rows) == 4  # 2 helpful + 2 harmful
-    tokens = rows[0].find_elements(By.CSS_SELECTOR, "span.tok")
-    assert [t.text for t in tokens] == TOKENS[0]  # spaces kept (white-space: pre)
-    colours = {t.value_of_css_property("background-color") for t in tokens}
-    assert len(colours) == len(TOKENS[0])  # scores 1:2:3 of the query's: three shades
+    words = rows[0].find_elements(By.CSS_SELECTOR, "span.tok")
+    assert [w.text for w in words] == WORDS[0]  # subwords joined, spaces kept
+    colours = {w.value_of_css_property("background-color") for w in words}
+    assert len(colours) == len(WORDS[0])  # word scores 1 : 2+3+4 : 5 of the query's
+    styles = [w.value_of_css_property("font-style") for w in words]
+    assert styles == ["italic", "italic", "normal"]  # prompt words, then the completion
+    assert "'w'" in words[1].get_attribute("title")  # the tokens' scores on hover
+    legend = browser.find_element(By.CSS_SELECTOR, "svg.heat-legend")
+    assert legend.is_displayed() and legend.size["width"] > 100
+    first_id = rows[0].find_element(By.CSS_SELECTOR, "td.id").text
+    assert f"train example {first_id}" in rows[0].find_element(By.CSS_SELECTOR,
+                                                                  ".train-text").text
+    assert_not_blank(browser, str(tmp_path / "heat.png"))
+
+
+def test_example_page(browser, server, root, tmp_path):
+    """From a score page's training id to its page; the normalised and raw views."""
+    influence, tgt = root["result"]["influence"], root["result"]["tgt_ids"]
+    browser.get(server + "/scores/demo/scores/test.safetensors?query=1&k=3")
+    link = browser.find_element(By.CSS_SELECTOR, "table.helpful tbody tr:first-child a"
+                                                 ".example-link")
+    example = int(link.text)
+    link.click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".example-id"))
+    assert text(browser, ".example-id") == str(example)
+    assert f"train example {example}" in text(browser, ".query-content")
+    assert "(norm=max)" in text(browser, "#norm-note")
+    column = tgt.index(example)
+    normalised = influence[:, column] / influence.abs().max(1).values
+    best = float(normalised.max())
+    assert float(text(browser, "table.helps tbody tr:first-child td.score")) == \
+        pytest.approx(best, rel=1e-3)
+    assert "Not available" in text(browser, "#train-tokens")
+    assert_not_blank(browser, str(tmp_path / "example.png"))
+    browser.find_element(By.LINK_TEXT, "raw").click()
+    wait_for(browser, lambda d: "(norm=raw)" in text(d, "#norm-note"))
+    assert float(text(browser, "table.helps tbody tr:first-child td.score")) == \
+        pytest.approx(float(influence[:, column].max()), rel=1e-3)
+    browser.find_element(By.CSS_SELECTOR, "table.helps tbody tr:first-child td.id a").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".query-id"))
+    assert text(browser, ".query-id") == root["test_ids"][int(influence[:, column].argmax())]
 
 
 def test_broken_score_file_is_a_message(browser, server):

@@ -55,7 +55,7 @@ def test_every_page_escapes_hostile_fields(hostile):
         except OSError as e:  # a page that drops the connection
             problems.append(f"{path}: {type(e).__name__}: {e}")
             continue
-        if not kind.startswith("text/html") or status not in (200, 403, 404, 422):
+        if not kind.startswith("text/html") or status not in (200, 400, 403, 404, 422):
             problems.append(f"{path}: status {status}, {kind}")
         problems += [f"{path}: unescaped {raw!r}" for raw in _RAW if raw in html]
         seen += html
@@ -63,6 +63,28 @@ def test_every_page_escapes_hostile_fields(hostile):
     for value in HOSTILE:  # each shown as text somewhere
         assert value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") \
             .replace('"', "&quot;") in seen, value
+
+
+def test_example_pages_of_hostile_ids(hostile):
+    """Every training id of the hostile log has its page (ids travel as JSON in ?id=), with
+    its hostile text, label and queries escaped; the scores page links to them."""
+    from logix.dashboard.markup import escape
+
+    key = quote(hostile["key"])
+    for data_id in hostile["train"]:
+        param = quote(json.dumps(data_id), errors="surrogateescape")
+        for norm in ("max", "raw"):
+            status, html, _ = fetch(f"{hostile['server']}/example/{key}?id={param}&norm={norm}")
+            assert status == 200, (data_id, html[:300])
+            assert_escaped(html, f"example {data_id!r}")
+            shown = data_id if isinstance(data_id, str) else str(data_id)
+            assert str(escape(shown)) in html, data_id
+        status, data, _ = fetch(f"{hostile['server']}/api/example/{key}?id={param}")
+        data = json.loads(data)
+        assert data["helps"] or data["hurts"], data_id
+    scores = quote(hostile["scores"], errors="surrogateescape")
+    html = fetch(f"{hostile['server']}/scores/{key}/{scores}?query=0")[1]
+    assert 'class="example-link" href="/example/' in html
 
 
 def test_report_escapes_hostile_fields(hostile, tmp_path):

@@ -199,6 +199,8 @@ def test_score_file_carries_the_dashboard_token_layout(trained, tmp_path):
     torch.testing.assert_close(back["token_influence"], result["token_influence"])
     assert back["token_query"] == result["token_query"]
     assert back["token_text"] == result["token_text"]
+    assert back["token_completion"] == result["token_completion"]
+    assert False in back["token_completion"] and True in back["token_completion"]
     data = Dashboard([run.project_dir]).scores("lm", "scores/tokens.safetensors", query=1, k=3)
     shown = data["tokens"]
     assert shown["tokens"] == [f" {i}" for i in PROMPTS[1] + COMPLETIONS[1]]
@@ -285,3 +287,22 @@ def test_query_log_with_a_tokenizer(new_run):
     expected = brute_rows(model, run, *ids, lambda m, x: m(x).logits)
     assert_close_scaled(log.grads, expected)
     assert [t.strip() for t in log.tokens.text] == ["the", "cat", "sat", "on", "a", "mat"]
+
+
+def test_sentencepiece_word_starts_keep_their_space():
+    """Decoding one sentencepiece token drops its word's space ('\u2581pass' -> 'pass'); the token
+    texts keep it, so the dashboard can join 'pass' 'w' 'ord' into the words it shows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from logix.dashboard.words import group_words
+    from logix.text.queries import _token_text
+
+    vocab = {"<pad>": 0, "\u2581the": 1, "\u2581pass": 2, "w": 3, "ord": 4}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<pad>", continuing_subword_prefix=""))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+    ids = tokenizer("the password")["input_ids"]
+    texts = [_token_text(i, tokenizer) for i in ids]
+    assert texts == [" the", " pass", "w", "ord"]
+    assert [w["text"] for w in group_words(texts, [1.0] * 4)] == [" the", " password"]

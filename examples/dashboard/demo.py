@@ -8,6 +8,9 @@ digits: a CNN on sklearn's 8x8 digits, logged with EK-FAC statistics; every digi
 words:  a bigram language model (embedding -> linear) on a tiny corpus; every sentence described
         by its text; per-token scores of the test sentences: each token's next-word loss is
         logged as its own query row, so the token scores of a sentence sum to its score.
+story:  a 0.5M-parameter Llama (transformers, random init) trained on short sentences with a
+        byte-level BPE tokenizer trained on them (subword tokens); completions given prompts
+        attributed with logix.text (per-token scores, prompt / completion marked).
 """
 
 from __future__ import annotations
@@ -156,12 +159,77 @@ def words(root: str) -> None:
               path, metadata=metadata)
 
 
+STORY = ("the user forgot the password again . the admin reset the password for the user . "
+         "a strong password has many letters . the user wrote the password on a note . "
+         "the cat sat on the keyboard . the cat typed a password by accident . "
+         "the admin locked the account after three tries . the account was opened again . "
+         "the user changed the password every month . a weak password is easy to guess . "
+         "the dog slept under the desk . the admin read the logs in the morning . "
+         "the logs showed a failed login . the user asked the admin for help . "
+         "the cat chased the mouse across the desk . the mouse hid behind the screen . "
+         "a password manager keeps every password safe . the manager opened the account . "
+         "the keyboard was full of cat hair . the screen showed the login page").split(" . ")
+
+
+def story(root: str) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    sentences = [s.strip() + " ." for s in STORY]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(sentences * 4, vocab_size=300, min_frequency=4,
+                            special_tokens=["<pad>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>")
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # [N, T]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+
+    def loss_of(rows: slice) -> torch.Tensor:  # summed over the examples' real next tokens
+        logits = model(ids[rows], attention_mask=mask[rows]).logits[:, :-1]
+        target = ids[rows, 1:].masked_fill(mask[rows, 1:] == 0, -100)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        (loss_of(slice(None)) / mask.sum()).backward()
+        optimizer.step()
+
+    run = logix.init("story", root_dir=root)
+    run.watch(model)
+    run.add_lora(rank=8)
+    run.setup(SETUP)
+    run.save(True)
+    for start in range(0, len(sentences), 8):
+        rows = slice(start, start + 8)
+        with run(data_id=list(range(len(sentences)))[rows], mask=mask[rows]):
+            model.zero_grad()
+            loss_of(rows).backward()
+    run.finalize()
+    run.describe(list(range(len(sentences))), texts=sentences)
+    prompts = ["the user forgot the", "the admin reset the", "the cat sat on the",
+               "a weak", "the logs showed a"]
+    completions = [" password again .", " password for the user .", " keyboard .",
+                   " password is easy to guess .", " failed login ."]
+    query_ids = [f"query-{n}" for n in range(len(prompts))]
+    run.describe(query_ids, texts=[p + c for p, c in zip(prompts, completions)])
+    run.eval()
+    log = logix.text.query_log(run, model, prompts, completions, tokenizer=tok,
+                               data_ids=query_ids, per_token=True)
+    result = logix.text.token_influence(run, log, hessian="ekfac", progress=False)
+    save_scores(os.path.join(run.project_dir, "scores", "completions.safetensors"), result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="ui-demo", help="where the two projects go")
     args = parser.parse_args()
     digits(args.root)
     words(args.root)
+    story(args.root)
     print(f"done: logix ui {args.root}")
 
 

@@ -20,6 +20,7 @@ CONTENT_DIR = "content"
 _RESERVED = {LOGS_DIR, STATE_DIR, CACHE_DIR, CONTENT_DIR}  # never scanned for score files
 _MAX_EIGEN = 2048  # statistics wider than this get no spectrum (eigvalsh is cubic)
 _MAX_SCAN = 2000  # files looked at per project when listing score / result files
+NORMS = ("max", "raw")  # the example page's views: scores / the query's largest |score|, or raw
 
 
 class DashboardError(Exception):
@@ -307,6 +308,78 @@ class Dashboard:
                              group_rows.items()},
         }
 
+    # ------------------------------------------------------------------ example page
+    def example(self, key: str, data_id, norm: str = "max", k: int = 10) -> Dict[str, Any]:
+        """One training example: its content and the queries it helps (largest positive score)
+        and hurts (most negative) most, over every score file of the project that scores it.
+        norm "max": each score divided by its query's largest |score| (comparable across
+        queries); "raw": the scores as stored."""
+        if norm not in NORMS:
+            raise DashboardError(f"norm={norm!r} is not known; use one of {sorted(NORMS)}.", 400)
+        path = self.folder(key)
+        store = self.content(path)
+        files, pooled, problems = [], [], []
+        for f in self._files(path)["score_files"]:
+            full = os.path.join(path, f["file"])
+            try:
+                index = self._score_index(full)
+            except (LogFormatError, UsageError, OSError) as e:
+                problems.append(f"{f['file']}: {e}")
+                continue
+            column = index["columns"].get(_id_key(data_id))
+            files.append({"file": f["file"], "queries": len(index["src_ids"]),
+                          "scored": column is not None})
+            if column is None:
+                continue
+            raw = _column(full, column)  # [n_test]
+            for q, value in enumerate(raw.tolist()):
+                scale = index["max_abs"][q]
+                if not math.isfinite(value):
+                    continue
+                shown = value if norm == "raw" else (value / scale if scale > 0 else 0.0)
+                pooled.append({"file": f["file"], "query": q, "query_id": index["src_ids"][q],
+                               "raw": value, "score": shown, "query_max_abs": scale,
+                               "column": column})
+        if not any(f["scored"] for f in files) and data_id not in store:
+            raise DashboardError(f"No training example {data_id!r} in project {key!r}: no score "
+                                 "file scores it and it has no stored content.")
+        helps = sorted((e for e in pooled if e["score"] > 0), key=lambda e: -e["score"])[:k]
+        hurts = sorted((e for e in pooled if e["score"] < 0), key=lambda e: e["score"])[:k]
+        this = _id_key(data_id)
+        for entry in helps + hurts:
+            entry["query_label"] = _short(store, entry["query_id"])
+            tokens = _tokens(os.path.join(path, entry["file"]), entry["query"], [{"id": data_id}],
+                             {this: entry.pop("column")})
+            entry["tokens"] = tokens and {"tokens": tokens.get("tokens"),
+                                          "completion": tokens.get("completion"),
+                                          "values": tokens.get("rows", {}).get(this),
+                                          "error": tokens.get("error")}
+        return {"key": key, "id": data_id, "norm": norm, "k": k,
+                "content": _content(store, data_id), "files": files, "problems": problems,
+                "helps": helps, "hurts": hurts, "scores_seen": len(pooled)}
+
+    def _score_index(self, full: str) -> Dict[str, Any]:
+        """A score file's ids, its training ids' columns and each query's largest |score|
+        (one pass over the rows; cached until the file changes)."""
+        from logix.storage.scores import open_scores
+
+        stat = os.stat(full)
+        key = ("score-index", full, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        with open_scores(full) as scores:
+            max_abs = []
+            for q in range(scores.shape[0]):
+                row = scores.row(q)
+                row = row[row.isfinite()]
+                max_abs.append(float(row.abs().max()) if row.numel() else 0.0)
+            out = {"src_ids": scores.src_ids, "max_abs": max_abs,
+                   "columns": {_id_key(i): n for n, i in enumerate(scores.tgt_ids)}}
+        with self._lock:
+            self._cache[key] = out
+        return out
+
     # ------------------------------------------------------------------ evaluation page
     def evaluation(self, key: str, rel: str) -> Dict[str, Any]:
         from logix.evaluation.results import load_results
@@ -437,7 +510,8 @@ def _tokens(path: str, query: int, entries: List[Dict], index: Dict[str, int]
     (tensor token_influence [n_tokens, n_train], metadata token_query, token_text)."""
     from safetensors import SafetensorError, safe_open
 
-    from logix.storage.scores import TOKEN_INFLUENCE_KEY, TOKEN_QUERY_KEY, TOKEN_TEXT_KEY
+    from logix.storage.scores import (TOKEN_COMPLETION_KEY, TOKEN_INFLUENCE_KEY,
+                                      TOKEN_QUERY_KEY, TOKEN_TEXT_KEY)
 
     try:
         with safe_open(path, framework="pt") as f:
@@ -446,19 +520,34 @@ def _tokens(path: str, query: int, entries: List[Dict], index: Dict[str, int]
             metadata = f.metadata() or {}
             rows_of = json.loads(metadata[TOKEN_QUERY_KEY])
             texts = json.loads(metadata[TOKEN_TEXT_KEY])
+            flags = json.loads(metadata.get(TOKEN_COMPLETION_KEY, "null"))
             rows = [n for n, q in enumerate(rows_of) if q == query]
             if not rows:
-                return {"tokens": [], "rows": {}}
+                return {"tokens": [], "rows": {}, "completion": None}
             block = f.get_slice(TOKEN_INFLUENCE_KEY)[rows[0]:rows[-1] + 1]  # [T, n_train]
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         return {"error": f"per-token scores are not readable: {e}"}
-    if len(texts) != len(rows_of):
+    if not isinstance(flags, (list, type(None))):
+        return {"error": f"{TOKEN_COMPLETION_KEY} must be a JSON list of booleans."}
+    if len(texts) != len(rows_of) or (flags is not None and len(flags) != len(rows_of)):
         return {"error": f"{TOKEN_TEXT_KEY} names {len(texts)} tokens, {TOKEN_QUERY_KEY} "
-                         f"{len(rows_of)}."}
+                         f"{len(rows_of)}, {TOKEN_COMPLETION_KEY} "
+                         f"{'none' if flags is None else len(flags)}."}
     return {"tokens": [texts[n] for n in rows],
+            "completion": None if flags is None else [bool(flags[n]) for n in rows],
             "rows": {_id_key(e["id"]): [_finite(v) for v in
                                         block[:, index[_id_key(e["id"])]].tolist()]
                      for e in entries}}
+
+
+def _column(path: str, column: int):
+    """Column `column` of a score file's influence matrix: every query's score, [n_test]."""
+    from safetensors import safe_open
+
+    from logix.storage.scores import INFLUENCE_KEY
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_slice(INFLUENCE_KEY)[:, column:column + 1][:, 0].float()
 
 
 def _finite(value: float) -> Optional[float]:

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlencode
 
 from logix.dashboard import plots
 from logix.dashboard.markup import Markup, join, render, static, url
+from logix.dashboard.words import group_words
 
 SIGN_NOTE = ("Positive score: training on the example lowers the query's loss (helpful); "
              "negative: it raises it (harmful).")
@@ -42,6 +43,22 @@ class Links:
     def evaluation(self, key: str, file: str) -> Markup:
         return url(f"#{anchor('evaluation', key, file)}" if self.report else
                    f"/evaluation/{_quote(key)}/{_quote(file)}")
+
+    def example(self, key: str, data_id, norm: Optional[str] = None) -> Optional[Markup]:
+        """A training example's page (None in the report, which has no example pages); the id
+        travels as JSON, so 7 and "7" stay apart."""
+        if self.report:
+            return None
+        params = {"id": json.dumps(data_id), **({"norm": norm} if norm else {})}
+        return url(f"/example/{_quote(key)}?{urlencode(params)}")
+
+
+def id_link(links: Links, key: str, data_id) -> Markup:
+    """A training id, as a link to its example page where there is one."""
+    href = links.example(key, data_id)
+    if href is None:
+        return render("$id", id=id_text(data_id))
+    return render('<a class="example-link" href="$h">$id</a>', h=href, id=id_text(data_id))
 
 
 def _quote(value: str) -> str:
@@ -163,13 +180,13 @@ def project_page(data: Dict[str, Any], links: Links) -> Markup:
             series = [(kind, range(1, len(v["eigenvalues"]) + 1), v["eigenvalues"])
                       for kind, v in kinds.items() if "eigenvalues" in v]
             figures.append(plots.line_plot(series, title=f"module {module}", xlabel="index",
-                                           ylabel="eigenvalue", log_y=True))
+                                           ylabel="eigenvalue", log_y=True, x_integer=True))
         parts.append(render('<div class="plots" id="spectra">$f</div>', f=join(figures))
                      if figures else render('<p class="muted">no statistics collected</p>'))
     growth = data["growth"]
     parts.append(render('<h2>Log growth</h2><div class="plots">$plot</div>', plot=plots.line_plot(
         [("rows", growth["shard"], growth["rows"])], title="rows after each shard",
-        xlabel="shard", ylabel="rows", markers=len(growth["rows"]) < 3)))
+        xlabel="shard", ylabel="rows", markers=len(growth["rows"]) < 3, x_integer=True)))
     parts.append(_file_lists(data, links))
     return join(parts, "\n")
 
@@ -208,12 +225,26 @@ def _projection_html(s: Dict[str, Any]) -> Markup:
         detail = error_box(f"{pfile['file']} is missing (finalize() writes it).")
     elif pfile["error"]:
         detail = error_box(f"{pfile['file']} is not readable: {pfile['error']}")
+    elif not pfile["shapes"]:
+        detail = render('<p class="muted">matrices: none (identity)</p>')
     else:
-        shapes = ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in pfile["shapes"].items())
-        detail = render('<p class="muted">matrices: $s</p>', s=shapes or "none (identity)")
-    return render("<h2>Projection</h2><p>init <b>$init</b>, seed $seed; $ratio$detail</p>",
-                  init=proj.get("init", "?"), seed=proj.get("seed", "?"), ratio=ratio,
+        detail = render('<details id="projection-matrices"><summary>$n matrices</summary>'
+                        '<p class="muted">$s</p></details>', n=len(pfile["shapes"]),
+                        s=", ".join(f"{k} {v[0]}x{v[1]}" for k, v in pfile["shapes"].items()))
+    return render('<h2>Projection</h2><p id="projection-summary"><b>$init</b>, $ranks, '
+                  '$modules modules, seed $seed; $ratio</p>$detail',
+                  init=proj.get("init", "?"), ranks=_ranks(s["modules"]),
+                  modules=len(s["modules"]), seed=proj.get("seed", "?"), ratio=ratio,
                   detail=detail)
+
+
+def _ranks(modules: List[Dict[str, Any]]) -> str:
+    """"rank 16" when every module is projected to 16 x 16, else the ranks that occur."""
+    ranks = sorted({tuple(m["rank"]) for m in modules})
+    if len(ranks) == 1 and ranks[0][0] == ranks[0][1]:
+        return f"rank {ranks[0][0]}"
+    shown = ", ".join(f"{o} x {i}" for o, i in ranks[:4]) + (", ..." if len(ranks) > 4 else "")
+    return f"ranks (out x in) {shown}"
 
 
 def _file_lists(data: Dict[str, Any], links: Links) -> Markup:
@@ -242,12 +273,11 @@ def scores_page(views: List[Dict[str, Any]], links: Links) -> Markup:
              render('<p class="muted">$q queries x $t training examples. $note</p>',
                     q=first["shape"][0], t=first["shape"][1], note=SIGN_NOTE)]
     if first["meta"]:
-        parts.append(render('<p class="muted">$meta</p>', meta=", ".join(
-            f"{k}: {json.dumps(v)}" for k, v in first["meta"].items())))
+        parts.append(meta_html(first["meta"]))
     shown = {v["query"] for v in views}
     options = join(render(
         '<option value="$index"$selected$disabled>$index: $id$label</option>',
-        index=q["index"], id=_id(q["id"]), label=f" - {q['label']}" if q["label"] else "",
+        index=q["index"], id=id_text(q["id"]), label=f" - {q['label']}" if q["label"] else "",
         selected=render(" selected") if q["index"] == first["query"] else "",
         disabled=render(" disabled") if links.report and q["index"] not in shown else "")
         for q in first["queries"])
@@ -270,14 +300,14 @@ def scores_page(views: List[Dict[str, Any]], links: Links) -> Markup:
                             ranked=ranked))
     for view in views:
         parts.append(render('<div class="query-view" data-query="$q"$hidden>$body</div>',
-                            q=view["query"], body=_query_html(view),
+                            q=view["query"], body=_query_html(view, links),
                             hidden=render(" hidden") if view is not first else ""))
     return join(parts, "\n")
 
 
-def _query_html(v: Dict[str, Any]) -> Markup:
+def _query_html(v: Dict[str, Any], links: Links) -> Markup:
     parts = [render('<h2>Query $q: <span class="query-id">$id</span></h2>', q=v["query"],
-                    id=_id(v["src_id"])),
+                    id=id_text(v["src_id"])),
              render('<div class="query-content">$c</div>', c=content_html(v["src_content"]))]
     if v["nonfinite"]:
         parts.append(error_box(f'{v["nonfinite"]} non-finite scores of this query are ignored.'))
@@ -287,14 +317,15 @@ def _query_html(v: Dict[str, Any]) -> Markup:
                       groups=join(render("<th>group $g</th>", g=g) for g in v["groups"]))
         rows = join(render(
             '<tr><td>$rank</td><td class="id">$id</td><td class="score num">$score</td>$groups'
-            '<td>$content</td></tr>', rank=e["rank"], id=_id(e["id"]), score=f"{e['score']:.6g}",
+            '<td>$content</td></tr>', rank=e["rank"], id=id_link(links, v["key"], e["id"]),
+            score=f"{e['score']:.6g}",
             groups=join(render('<td class="num">$v</td>', v=_num(e["groups"].get(g)))
                         for g in v["groups"]),
             content=content_html(e["content"])) for e in entries)
         parts.append(render('<div class="topk"><h3>$title</h3><table class="grid $css">'
                             '<thead><tr>$head</tr></thead><tbody>$rows</tbody></table></div>',
                             title=title, css=css, head=head, rows=rows))
-    parts.append(_tokens_html(v))
+    parts.append(_tokens_html(v, links))
     extra = [plots.histogram(v["distribution"], title="all scores of this query",
                              xlabel="score", mark=0.0)]
     if v["group_totals"]:
@@ -305,7 +336,9 @@ def _query_html(v: Dict[str, Any]) -> Markup:
     return join(parts, "\n")
 
 
-def _tokens_html(v: Dict[str, Any]) -> Markup:
+def _tokens_html(v: Dict[str, Any], links: Links) -> Markup:
+    """The query's words coloured by their scores for each shown training example, on one
+    colour scale for the query (legend), beside the example's text."""
     tokens = v["tokens"]
     if tokens is None:
         return join([])
@@ -314,20 +347,70 @@ def _tokens_html(v: Dict[str, Any]) -> Markup:
         return join([title, error_box(tokens["error"])])
     if not tokens["tokens"]:
         return join([title, render('<p class="muted">none for this query</p>')])
-    rows = []
-    for e in v["helpful"] + v["harmful"]:
-        values = tokens["rows"].get(json.dumps(e["id"]), [])
-        scale = max((abs(x) for x in values if x is not None), default=0.0)
-        spans = join(render('<span class="tok" style="background:$color" title="$score">$t</span>',
-                            color=plots.heat_color(x or 0.0, scale), score=_num(x), t=t)
-                     for t, x in zip(tokens["tokens"], values))
-        rows.append(render('<tr><td class="id">$id</td><td class="num">$score</td>'
-                           '<td class="heat">$spans</td></tr>', id=_id(e["id"]),
-                           score=f"{e['score']:.4g}", spans=spans))
-    return render('$title<p class="muted">Each query token coloured by its score for the '
-                  'training example: blue helpful, red harmful (scaled per row).</p>'
-                  '<table class="grid tokens"><tbody>$rows</tbody></table>', title=title,
-                  rows=join(rows))
+    entries = v["helpful"] + v["harmful"]
+    words = [group_words(tokens["tokens"], tokens["rows"].get(json.dumps(e["id"]), []),
+                         tokens.get("completion")) for e in entries]
+    scale = max((abs(w["score"]) for row in words for w in row), default=0.0)
+    rows = [render('<tr><td class="id">$id</td><td class="num">$score</td>'
+                   '<td class="heat">$words</td><td><div class="train-text">$content</div></td>'
+                   '</tr>', id=id_link(links, v["key"], e["id"]), score=f"{e['score']:.4g}",
+                   words=heat_words(row, scale), content=content_html(e["content"]))
+            for e, row in zip(entries, words)]
+    prompt = (" Prompt words are italic and underlined (dotted); only the completion is in the "
+              "query's loss.") if tokens.get("completion") else ""
+    return render('<div class="token-heat">$title<p class="muted">The query\'s words coloured '
+                  'by their score for each '
+                  'training example: blue helps, red hurts, one scale for the whole query (a '
+                  'word\'s score is the sum of its tokens\'; hover for the tokens).$prompt</p>'
+                  '$legend<table class="grid tokens"><thead><tr><th>training id</th>'
+                  '<th>score</th><th>query words</th><th>training example</th></tr></thead>'
+                  '<tbody>$rows</tbody></table></div>', title=title, prompt=prompt,
+                  legend=plots.heat_legend(scale), rows=join(rows))
+
+
+def heat_words(words: List[Dict[str, Any]], scale: float) -> Markup:
+    """Words as coloured spans; the title holds the word's score and its tokens' scores."""
+    spans = []
+    for w in words:
+        detail = " + ".join(f"{t!r} {_num(x)}" for t, x in w["tokens"])
+        spans.append(render('<span class="$cls" style="background:$color" title="$title">$t'
+                            '</span>', cls="tok" if w["completion"] else "tok prompt",
+                            color=plots.heat_color(w["score"], scale), t=w["text"],
+                            title=f"{w['score']:.4g}" + (f" = {detail}" if len(w["tokens"]) > 1
+                                                         else "")))
+    return join(spans)
+
+
+def meta_html(meta: Dict[str, Any]) -> Markup:
+    """A score file's meta in one line per key, long values summarised ("damping: 16 values,
+    0.0012 to 0.045"); everything in full under <details>."""
+    items = join(render('<li><b>$k</b>: $v</li>', k=k, v=summarise(v)) for k, v in meta.items())
+    return render('<ul class="meta" id="score-meta">$items</ul><details class="meta-details">'
+                  '<summary>all metadata</summary><pre>$full</pre></details>', items=items,
+                  full=json.dumps(meta, indent=1, default=str))
+
+
+def summarise(value: Any) -> str:
+    """A value in a few words: numbers to 4 digits, many numbers as their count and range,
+    other collections by their short parts and sizes."""
+    values = list(value.values()) if isinstance(value, dict) else value
+    if isinstance(values, list) and values and all(_number(x) is not None for x in values):
+        if len(values) > 3 or not isinstance(value, dict):
+            numbers = [float(x) for x in values]
+            if len(set(numbers)) == 1:
+                return f"{len(numbers)} values, all {numbers[0]:.3g}"
+            return f"{len(numbers)} values, {min(numbers):.3g} to {max(numbers):.3g}"
+    if isinstance(value, dict):
+        shown = [f"{k} {summarise(v)}" if not isinstance(v, (dict, list)) else
+                 f"{k}: {len(v)} entries" for k, v in list(value.items())[:6]]
+        return ", ".join(shown) + (f", ... ({len(value)} entries)" if len(value) > 6 else "")
+    if isinstance(value, list):
+        return f"{len(value)} items"
+    number = _number(value)
+    if number is not None and not isinstance(value, int):
+        return f"{number:.4g}"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def content_html(content: Dict[str, Any]) -> Markup:
@@ -345,7 +428,7 @@ def content_html(content: Dict[str, Any]) -> Markup:
     return join(parts)
 
 
-def _id(data_id) -> str:
+def id_text(data_id) -> str:
     return data_id if isinstance(data_id, str) else json.dumps(data_id)
 
 
@@ -362,6 +445,78 @@ def _num(value) -> str:
         return "-"
     number = _number(value)
     return f"{number:.4g}" if number is not None else str(value)
+
+
+# --------------------------------------------------------------------------- example
+NORM_NOTES = {
+    "max": "normalised: each score divided by its query's largest |score| over all training "
+           "examples (1 = this example is the query's most helpful, -1 its most harmful), so "
+           "queries with large and small gradients compare",
+    "raw": "raw scores as stored (their size differs from query to query)",
+}
+
+
+def example_page(data: Dict[str, Any], links: Links) -> Markup:
+    key, norm = data["key"], data["norm"]
+    toggle = join([render("<b>$n</b>", n=n) if n == norm else
+                   render('<a href="$h">$n</a>', h=links.example(key, data["id"], n), n=n)
+                   for n in NORM_NOTES], " | ")
+    parts = [_crumbs(links, key),
+             render('<h1>Training example <span class="example-id">$id</span></h1>',
+                    id=id_text(data["id"])),
+             render('<div class="query-content">$c</div>', c=content_html(data["content"])),
+             render('<p id="norm-note">Scores: $note (norm=$norm). View: $toggle</p>'
+                    '<p class="muted">$sign</p>', note=NORM_NOTES[norm], norm=norm,
+                    toggle=toggle, sign=SIGN_NOTE)]
+    parts += [error_box(p) for p in data["problems"]]
+    words = {id(e): _example_words(e) for e in data["helps"] + data["hurts"]}
+    scale = max((abs(w["score"]) for row in words.values() for w in row or []), default=0.0)
+    with_words = any(words.values())
+    if with_words:
+        parts.append(render('<p class="muted">Queries with per-token scores show their words '
+                            'coloured by this example\'s score for each (scaled like the score '
+                            'column, one scale for the page):</p>$legend',
+                            legend=plots.heat_legend(scale)))
+    head = render("<th>#</th><th>query</th><th>query content</th><th>score file</th>"
+                  "<th>score ($norm)</th><th>raw score</th>$words", norm=norm,
+                  words=render("<th>query words</th>") if with_words else "")
+    for title, entries, css in (("Queries it helps most", data["helps"], "helps"),
+                                ("Queries it hurts most", data["hurts"], "hurts")):
+        rows = join(render(
+            '<tr><td>$rank</td><td class="id"><a href="$href">$qid</a></td><td>$label</td>'
+            '<td>$file</td><td class="score num">$score</td><td class="num">$raw</td>$words</tr>',
+            rank=n + 1, href=links.scores(key, e["file"], e["query"]), qid=id_text(e["query_id"]),
+            label=e["query_label"] or "", file=e["file"], score=f"{e['score']:.4g}",
+            raw=f"{e['raw']:.4g}", words=render('<td class="heat">$w</td>', w=heat_words(
+                words[id(e)], scale) if words[id(e)] else "") if with_words else "")
+            for n, e in enumerate(entries))
+        body = render('<table class="grid $css"><thead><tr>$head</tr></thead><tbody>$rows'
+                      '</tbody></table>', css=css, head=head, rows=rows) if entries else \
+            render('<p class="muted">none</p>')
+        parts.append(render('<div class="topk"><h3>$t</h3>$b</div>', t=title, b=body))
+    files = join(render('<li><a href="$h">$f</a> <span class="muted">$n queries; $s</span></li>',
+                        h=links.scores(key, f["file"]), f=f["file"], n=f["queries"],
+                        s="scores this example" if f["scored"] else "does not score it")
+                 for f in data["files"])
+    parts.append(render("<h2>Score files</h2>$l", l=render("<ul>$i</ul>", i=files) if files
+                        else render('<p class="muted">none in this project</p>')))
+    parts.append(render(
+        '<h2>This example\'s own tokens</h2><p id="train-tokens" class="muted">Not available: '
+        'score files hold per-token scores of the query tokens only (token_influence), not of '
+        'a training example\'s tokens, so this example\'s text cannot be coloured for a query. '
+        'The query pages colour the query\'s words for this example.</p>'))
+    return join(parts, "\n")
+
+
+def _example_words(entry: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    """The entry's query words with this example's token scores, scaled as its score is
+    (divided by the query's largest |score| in the normalised view); None without tokens."""
+    tokens = entry.get("tokens")
+    if not tokens or not tokens.get("tokens") or tokens.get("values") is None:
+        return None
+    factor = entry["score"] / entry["raw"] if entry["raw"] else 0.0
+    values = [None if v is None else v * factor for v in tokens["values"]]
+    return group_words(tokens["tokens"], values, tokens.get("completion"))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -404,7 +559,7 @@ def evaluation_page(data: Dict[str, Any], links: Links) -> Markup:
             numbers, bins=20, title="LDS per query", xlabel="Spearman rho", mark=mean),
             l=plots.line_plot([("rho", range(1, len(ordered) + 1), ordered)],
                               title="queries sorted by LDS", xlabel="query (sorted)",
-                              ylabel="rho")))
+                              ylabel="rho", x_integer=True)))
     else:
         results = [r for r in data["results"] if isinstance(r, dict)] \
             if isinstance(data["results"], list) else []
@@ -428,5 +583,5 @@ def evaluation_page(data: Dict[str, Any], links: Links) -> Markup:
             rows=join(rows)))
         parts.append(render('<div class="plots">$p</div>', p=plots.line_plot(
             series, title="margin after removing the k most helpful", xlabel="k",
-            ylabel="margin")))
+            ylabel="margin", x_integer=True)))
     return join(parts, "\n")

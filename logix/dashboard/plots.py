@@ -14,14 +14,16 @@ import numpy as np
 from logix.dashboard.markup import Markup, join, render
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-_W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 460, 220, 56, 12, 14, 34
+_W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 460, 220, 56, 22, 14, 34
 
 Series = Tuple[str, Sequence[float], Sequence[float]]  # (label, xs, ys)
 
 
 def line_plot(series: List[Series], title: str = "", xlabel: str = "", ylabel: str = "",
-              log_y: bool = False, markers: bool = False, dashed: Sequence[str] = ()) -> Markup:
-    """Lines (or dots) of several series on shared axes; log_y drops values <= 0."""
+              log_y: bool = False, markers: bool = False, dashed: Sequence[str] = (),
+              x_integer: bool = False) -> Markup:
+    """Lines (or dots) of several series on shared axes; log_y drops values <= 0;
+    x_integer: the x axis counts things (an index, a shard, k), so its ticks are whole."""
     points = []
     for label, xs, ys in series:
         pts = [(float(x), float(y)) for x, y in zip(xs, ys)
@@ -32,11 +34,13 @@ def line_plot(series: List[Series], title: str = "", xlabel: str = "", ylabel: s
         return _empty(title, "nothing to plot")
     tx = lambda v: v  # noqa: E731
     ty = (lambda v: math.log10(v)) if log_y else tx  # noqa: E731
-    x0, x1 = _span([p[0] for p in every])
-    y0, y1 = _span([ty(p[1]) for p in every])
+    x_ticks = nice_ticks(*_span([p[0] for p in every]), integer=x_integer)
+    y_ticks = log_ticks(*_span([ty(p[1]) for p in every])) if log_y else \
+        nice_ticks(*_span([p[1] for p in every]))
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
     sx = lambda x: _PAD_L + (x - x0) / (x1 - x0) * (_W - _PAD_L - _PAD_R)  # noqa: E731
     sy = lambda y: _H - _PAD_B - (ty(y) - y0) / (y1 - y0) * (_H - _PAD_T - _PAD_B)  # noqa: E731
-    parts = [_axes(x0, x1, y0, y1, log_y, xlabel, ylabel)]
+    parts = [_axes(x_ticks, y_ticks, log_y, xlabel, ylabel)]
     for n, (label, pts) in enumerate(points):
         color = COLORS[n % len(COLORS)]
         if markers or len(pts) == 1:
@@ -59,10 +63,11 @@ def bar_plot(labels: Sequence[str], values: Sequence[Optional[float]], title: st
              if v is not None and math.isfinite(float(v))]
     if not pairs:
         return _empty(title, "nothing to plot")
-    y0, y1 = _span([0.0] + [v for _, v in pairs])
+    y_ticks = nice_ticks(*_span([0.0] + [v for _, v in pairs]))
+    y0, y1 = y_ticks[0], y_ticks[-1]
     width = (_W - _PAD_L - _PAD_R) / len(pairs)
     sy = lambda y: _H - _PAD_B - (y - y0) / (y1 - y0) * (_H - _PAD_T - _PAD_B)  # noqa: E731
-    parts = [_axes(0, len(pairs), y0, y1, False, "", ylabel, x_ticks=False)]
+    parts = [_axes([], y_ticks, False, "", ylabel)]
     for n, (label, value) in enumerate(pairs):
         top, bottom = sorted((sy(value), sy(0.0)))
         x = _PAD_L + n * width
@@ -85,12 +90,14 @@ def histogram(values: Sequence[float], bins: int = 30, title: str = "", xlabel: 
     array = array[np.isfinite(array)]
     if array.size == 0:
         return _empty(title, "nothing to plot")
-    lo, hi = _span(array.tolist())
+    x_ticks = nice_ticks(*_span(array.tolist()))
+    lo, hi = x_ticks[0], x_ticks[-1]
     counts, edges = np.histogram(array, bins=bins, range=(lo, hi))
-    c1 = max(int(counts.max()), 1)
+    y_ticks = nice_ticks(0, max(int(counts.max()), 1), integer=True)
+    c1 = y_ticks[-1]
     sx = lambda x: _PAD_L + (x - lo) / (hi - lo) * (_W - _PAD_L - _PAD_R)  # noqa: E731
     sy = lambda y: _H - _PAD_B - y / c1 * (_H - _PAD_T - _PAD_B)  # noqa: E731
-    parts = [_axes(lo, hi, 0, c1, False, xlabel, "count")]
+    parts = [_axes(x_ticks, y_ticks, False, xlabel, "count")]
     for count, a, b in zip(counts, edges[:-1], edges[1:]):
         if count:
             parts.append(render('<rect x="$x" y="$y" width="$w" height="$h" fill="$c"/>',
@@ -129,6 +136,48 @@ def heat_color(value: float, scale: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
+def heat_legend(scale: float, width: int = 260) -> Markup:
+    """The colour scale of a heat map: -scale (red, harmful) to +scale (blue, helpful)."""
+    steps = 40
+    cells = join(render('<rect x="$x" y="0" width="$w" height="12" fill="$c"/>',
+                        x=f"{n * width / steps:.1f}", w=f"{width / steps + 0.5:.1f}",
+                        c=heat_color((2 * n / (steps - 1) - 1) * scale, scale))
+                 for n in range(steps))
+    labels = join(render('<text x="$x" y="26" text-anchor="$a" class="tick">$v</text>',
+                         x=x, a=a, v=v) for x, a, v in (
+        (0, "start", f"{-scale:.3g} harmful"), (width / 2, "middle", "0"),
+        (width, "end", f"helpful {scale:.3g}")))
+    return render('<svg class="heat-legend" viewBox="0 0 $w 30" width="$w" height="30" '
+                  'xmlns="http://www.w3.org/2000/svg" role="img">$cells'
+                  '<rect x="0" y="0" width="$w" height="12" fill="none" stroke="#bbb"/>$labels'
+                  '</svg>', w=width, cells=cells, labels=labels)
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> List[float]:
+    """Round ticks covering [lo, hi]: steps of 1, 2 or 5 x 10^k (whole steps when `integer`),
+    from the step below lo to the step above hi."""
+    raw = (hi - lo) / count
+    power = 10.0 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    if integer:
+        step = max(step, 1.0)
+    start, stop = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    if stop == start:
+        stop += 1
+    return [round(n * step, 12) for n in range(start, stop + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> List[float]:
+    """Ticks of a log10 axis (values are exponents): whole decades, every second or more when
+    there are many; the axis spans from the decade below lo to the one above hi."""
+    start, stop = math.floor(lo + 1e-9), math.ceil(hi - 1e-9)
+    if stop == start:
+        stop += 1
+    every = max(1, math.ceil((stop - start) / 6))
+    stop = start + every * math.ceil((stop - start) / every)
+    return [float(n) for n in range(start, stop + 1, every)]
+
+
 # --------------------------------------------------------------------------- helpers
 def _span(values: Sequence[float]) -> Tuple[float, float]:
     lo, hi = min(values), max(values)
@@ -139,25 +188,28 @@ def _span(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def _fmt(value: float) -> str:
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
     return f"{value:.3g}"
 
 
-def _axes(x0, x1, y0, y1, log_y, xlabel, ylabel, x_ticks: bool = True) -> Markup:
+def _axes(x_ticks: Sequence[float], y_ticks: Sequence[float], log_y: bool, xlabel: str,
+          ylabel: str) -> Markup:
+    """Frame, grid lines and tick labels at the given ticks (the first and last are the axis
+    ends; y ticks of a log axis are exponents)."""
     left, right, top, bottom = _PAD_L, _W - _PAD_R, _PAD_T, _H - _PAD_B
     parts = [render('<rect x="$x" y="$y" width="$w" height="$h" fill="none" stroke="#bbb"/>',
                     x=left, y=top, w=right - left, h=bottom - top)]
-    for n in range(5):
-        t = n / 4
-        y = bottom - t * (bottom - top)
-        value = y0 + t * (y1 - y0)
+    for value in y_ticks:
+        y = bottom - (value - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
         parts.append(render('<line x1="$l" x2="$r" y1="$y" y2="$y" stroke="#eee"/><text x="$x" '
                             'y="$ty" text-anchor="end" class="tick">$v</text>', l=left, r=right,
                             y=f"{y:.1f}", x=left - 4, ty=f"{y + 3:.1f}",
                             v=_fmt(10 ** value) if log_y else _fmt(value)))
-        if x_ticks:
-            parts.append(render('<text x="$x" y="$y" text-anchor="middle" class="tick">$v</text>',
-                                x=f"{left + t * (right - left):.1f}", y=bottom + 13,
-                                v=_fmt(x0 + t * (x1 - x0))))
+    for value in x_ticks:
+        x = left + (value - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
+        parts.append(render('<text x="$x" y="$y" text-anchor="middle" class="tick">$v</text>',
+                            x=f"{x:.1f}", y=bottom + 13, v=_fmt(value)))
     if xlabel:
         parts.append(render('<text x="$x" y="$y" text-anchor="middle" class="label">$l</text>',
                             x=(left + right) / 2, y=_H - 4, l=xlabel))

@@ -3,6 +3,7 @@
     GET /                                  projects page       /api/projects (or /api/)
     GET /project/<key>                     project page        /api/project/<key>[?hash=1]
     GET /scores/<key>/<file>?query=&k=&group=   scores page    /api/scores/<key>/<file>?...
+    GET /example/<key>?id=<json id>&norm=max|raw   example page   /api/example/<key>?id=...
     GET /evaluation/<key>/<file>           evaluation page     /api/evaluation/<key>/<file>
 
 Every problem (not a log, a corrupt file, a bad query number) is answered with a page or a JSON
@@ -201,12 +202,17 @@ class _Handler(BaseHTTPRequestHandler):
             data = d.scores(rest[0], "/".join(rest[1:]), _int(params, "query", 0, None),
                             _int(params, "k", 10, _MAX_K), params.get("group") or None)
             return data, lambda x: (f"{x['file']} - LogIX", pages.scores_page([x], links))
+        if kind == "example" and len(rest) == 1:
+            data = d.example(rest[0], _data_id(params), params.get("norm") or "max",
+                             _int(params, "k", 10, _MAX_K))
+            return data, lambda x: (f"example {pages.id_text(x['id'])} - LogIX",
+                                    pages.example_page(x, links))
         if kind == "evaluation" and len(rest) >= 2:
             data = d.evaluation(rest[0], "/".join(rest[1:]))
             return data, lambda x: (f"{x['name']} - LogIX", pages.evaluation_page(x, links))
         raise DashboardError(f"No page at {self.path!r}. Pages: /, /project/<name>, "
-                             "/scores/<name>/<file>, /evaluation/<name>/<file>; the same under "
-                             "/api/ as JSON.")
+                             "/scores/<name>/<file>, /example/<name>?id=<id>, "
+                             "/evaluation/<name>/<file>; the same under /api/ as JSON.")
 
     def do_POST(self) -> None:
         if self._host_refused():
@@ -243,6 +249,19 @@ def _display(value):
     if isinstance(value, dict):
         return {text(k) if isinstance(k, str) else k: _display(v) for k, v in value.items()}
     return value
+
+
+def _data_id(params: dict):
+    """?id= as JSON (7 is the int, "7" the string); text that is not a JSON str or int is
+    taken as the string itself, so ?id=doc-3 works typed by hand."""
+    raw = params.get("id")
+    if raw is None:
+        raise DashboardError("This page needs ?id=<training id> (JSON: 7, or \"doc-3\").", 400)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else raw
 
 
 def _int(params: dict, name: str, default: int, maximum: Optional[int]) -> int:

@@ -10,7 +10,8 @@
                "describes": JSON {"fingerprint", "rows", "ids"}: the training log scored
 
 Per-token scores (`logix.text.token_influence`) add tensor "token_influence" [n_tokens, n_train]
-and metadata "token_query" / "token_text" (docs/format.md, "Per-token scores").
+and metadata "token_query" / "token_text" [/ "token_completion"] (docs/format.md, "Per-token
+scores").
 
 `save_scores` writes what `compute_influence_all` (or `token_influence`) returns; `load_scores` reads it back whole and
 `open_scores` memory-maps it so one query's row can be read without loading the matrix.
@@ -45,6 +46,7 @@ META_KEY = "meta"
 TOKEN_INFLUENCE_KEY = "token_influence"
 TOKEN_QUERY_KEY = "token_query"
 TOKEN_TEXT_KEY = "token_text"
+TOKEN_COMPLETION_KEY = "token_completion"  # optional JSON list of bools: token in the completion
 
 
 def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = None) -> str:
@@ -100,6 +102,13 @@ def _token_rows(result: Mapping[str, Any], n_test: int, n_train: int, metadata: 
                              )
     metadata[TOKEN_QUERY_KEY] = _json([int(q) for q in owner], TOKEN_QUERY_KEY)
     metadata[TOKEN_TEXT_KEY] = _json([str(t) for t in text], TOKEN_TEXT_KEY)
+    completion = result.get(TOKEN_COMPLETION_KEY)
+    if completion is not None:
+        if len(completion) != scores.shape[0]:
+            raise LogFormatError(f"{TOKEN_COMPLETION_KEY!r} needs one flag per token row, got "
+                                 f"{len(completion)} for {scores.shape[0]}.")
+        metadata[TOKEN_COMPLETION_KEY] = _json([bool(c) for c in completion],
+                                               TOKEN_COMPLETION_KEY)
     return scores
 
 
@@ -301,6 +310,8 @@ def load_scores(path: str, project_dir: Optional[str] = None) -> Dict[str, Any]:
             out[TOKEN_INFLUENCE_KEY] = scores._file.get_tensor(TOKEN_INFLUENCE_KEY).float()
             out[TOKEN_QUERY_KEY] = json.loads(metadata[TOKEN_QUERY_KEY])
             out[TOKEN_TEXT_KEY] = json.loads(metadata[TOKEN_TEXT_KEY])
+            if TOKEN_COMPLETION_KEY in metadata:
+                out[TOKEN_COMPLETION_KEY] = json.loads(metadata[TOKEN_COMPLETION_KEY])
     return out
 
 

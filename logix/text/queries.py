@@ -164,8 +164,16 @@ def _token_ids(value: Text, tokenizer, special: bool, what: str) -> List[int]:
 
 def _token_text(token: int, tokenizer) -> str:
     """The token's text; without a tokenizer its id, after a space (as decoded words carry
-    theirs), so that heat maps read "5 7 9"."""
-    return f" {token}" if tokenizer is None else tokenizer.decode([token])
+    theirs), so that heat maps read "5 7 9". A sentencepiece word start ('▁') keeps its space,
+    which decoding one token drops, so heat maps can tell "pass word" from "password"."""
+    if tokenizer is None:
+        return f" {token}"
+    text = tokenizer.decode([token])
+    piece = tokenizer.convert_ids_to_tokens(token) if hasattr(tokenizer,
+                                                              "convert_ids_to_tokens") else None
+    if isinstance(piece, str) and piece.startswith("\u2581") and not text[:1].isspace():
+        text = " " + text
+    return text
 
 
 def _describe(out) -> str:
