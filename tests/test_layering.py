@@ -13,7 +13,7 @@ LAYERS = [
     {"log", "statistics"},
     {"tracking", "influence", "evaluation", "dashboard", "planning"},
     {"index", "text", "scheduler"},
-    {"run", "summary"},
+    {"run", "summary", "export"},
     {"__init__", "cli", "integrations"},
     {"huggingface", "lightning"},  # old LogIX's module names, aliases of the integrations
 ]

@@ -10,6 +10,7 @@ heat maps, and LDS / brittleness results (docs/export.md); no tracker is importe
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Optional, Sequence
@@ -27,11 +28,10 @@ def to_tensorboard(project_dir: str, out: Optional[str] = None, name: Optional[s
                    heatmaps: bool = True) -> str:
     """Write a TensorBoard run (event files) under `out` (default logix_export/tensorboard);
     returns its folder. `scores` / `results`: score and evaluation result files (default: those
-    in the project folder); `k` examples each way for the first `queries` queries."""
-    from logix.export import tensorboard
-
-    export = _collect(project_dir, scores, results, k, queries, heatmaps)
-    return tensorboard.write(export, out or os.path.join(DEFAULT_OUT, "tensorboard"), name)
+    in the project folder); `k` examples each way for the first `queries` queries; `heatmaps`:
+    per-token heat maps of score files that have token scores (needs matplotlib)."""
+    return write(_collect(project_dir, scores, results, k, queries, heatmaps), "tensorboard",
+                 out, name)
 
 
 def to_mlflow(project_dir: str, out: Optional[str] = None, name: Optional[str] = None,
@@ -39,12 +39,10 @@ def to_mlflow(project_dir: str, out: Optional[str] = None, name: Optional[str] =
               k: int = 10, queries: int = 20, heatmaps: bool = True,
               tracking_uri: Optional[str] = None, experiment: Optional[str] = None) -> str:
     """Log an MLflow run; returns its run id. Store: `tracking_uri`, else SQLite in `out`
-    (default logix_export/mlflow: mlflow.db and artifacts/). Experiment: the project's name."""
-    from logix.export import mlflow
-
-    export = _collect(project_dir, scores, results, k, queries, heatmaps)
-    return mlflow.write(export, out or os.path.join(DEFAULT_OUT, "mlflow"), name,
-                        tracking_uri=tracking_uri, experiment=experiment)
+    (default logix_export/mlflow: mlflow.db and artifacts/). Experiment: the project's name
+    unless `experiment`. Other arguments as `to_tensorboard`."""
+    return write(_collect(project_dir, scores, results, k, queries, heatmaps), "mlflow", out,
+                 name, tracking_uri=tracking_uri, experiment=experiment)
 
 
 def to_wandb(project_dir: str, out: Optional[str] = None, name: Optional[str] = None,
@@ -52,12 +50,21 @@ def to_wandb(project_dir: str, out: Optional[str] = None, name: Optional[str] = 
              k: int = 10, queries: int = 20, heatmaps: bool = True,
              project: Optional[str] = None, mode: str = "offline") -> str:
     """Log a Weights & Biases run (offline by default: `wandb sync` uploads it later) with its
-    files under `out` (default logix_export/wandb); returns the run's folder."""
-    from logix.export import wandb
+    files under `out` (default logix_export/wandb); returns the run's folder. W&B project: the
+    LogIX project's name unless `project`. Other arguments as `to_tensorboard`."""
+    return write(_collect(project_dir, scores, results, k, queries, heatmaps), "wandb", out,
+                 name, project=project, mode=mode)
 
-    export = _collect(project_dir, scores, results, k, queries, heatmaps)
-    return wandb.write(export, out or os.path.join(DEFAULT_OUT, "wandb"), name,
-                       project=project, mode=mode)
+
+def write(export: Export, to: str, out: Optional[str] = None, name: Optional[str] = None,
+          **options) -> str:
+    """Send a collected `Export` to tracker `to` (one of TRACKERS); `options` are that
+    tracker's (mlflow: tracking_uri, experiment; wandb: project, mode). Returns what `to_<to>`
+    returns."""
+    if to not in TRACKERS:
+        raise UsageError(f"Unknown tracker {to!r}; LogIX exports to {', '.join(TRACKERS)}.")
+    module = importlib.import_module(f"logix.export.{to}")
+    return module.write(export, out or os.path.join(DEFAULT_OUT, to), name, **options)
 
 
 def _collect(*args) -> Export:
@@ -68,13 +75,5 @@ def _collect(*args) -> Export:
     return export
 
 
-def export(project_dir: str, to: str, **options) -> str:
-    """`to_<to>(project_dir, **options)` for `to` in TRACKERS (what `logix export` calls)."""
-    if to not in TRACKERS:
-        raise UsageError(f"Unknown tracker {to!r}; LogIX exports to {', '.join(TRACKERS)}.")
-    return {"tensorboard": to_tensorboard, "mlflow": to_mlflow, "wandb": to_wandb}[to](
-        project_dir, **options)
-
-
-__all__ = ["TRACKERS", "Evaluation", "Export", "Image", "Table", "collect", "export",
-           "to_mlflow", "to_tensorboard", "to_wandb"]
+__all__ = ["TRACKERS", "Evaluation", "Export", "Image", "Table", "collect", "to_mlflow",
+           "to_tensorboard", "to_wandb", "write"]

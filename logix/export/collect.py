@@ -124,7 +124,8 @@ def collect(project_dir: str, scores: Optional[Sequence[str]] = None,
     info = log_summary(project_dir, manifest)
     store = load_content(project_dir)
     notes: List[str] = []
-    found_scores, found_results = _find_files(project_dir, notes)
+    if scores is None or results is None:
+        found_scores, found_results = _find_files(project_dir, notes if scores is None else [])
     scores = found_scores if scores is None else [os.fspath(p) for p in scores]
     results = found_results if results is None else [os.fspath(p) for p in results]
     out = Export(project=manifest.project, project_dir=os.path.abspath(project_dir),
@@ -224,11 +225,7 @@ def _topk(path: str, name: str, store, k: int, queries: int, text_chars: int) ->
     from logix.storage.scores import open_scores, top_of_row
 
     table = Table(f"topk/{name}", list(TOPK_COLUMNS))
-    try:
-        scores = open_scores(path)
-    except UsageError as e:
-        raise UsageError(f"--scores {path!r}: {e}") from None
-    with scores:
+    with open_scores(path) as scores:  # names the path when it is not a score file
         for q in range(min(queries, scores.shape[0])):
             query_id = scores.src_ids[q]
             about = store.get(query_id)
@@ -289,8 +286,10 @@ def _evaluation(path: str, name: str) -> Evaluation:
 
     try:
         data = load_results(path)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--results {path!r}: {e}") from None
+    except OSError as e:
+        raise UsageError(f"Cannot read the result file {path!r}: {e}") from None
+    except ValueError as e:  # names the path: not JSON, not a result file, newer version
+        raise UsageError(str(e)) from None
     label = str(data.get("name") or name)
     if data["kind"] == "lds":
         per_query = [_finite(v) for v in data.get("per_query", [])]

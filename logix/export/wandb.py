@@ -29,6 +29,7 @@ def write(export: Export, out: str, name: Optional[str] = None,
     os.makedirs(out, exist_ok=True)
     settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False,
                               x_disable_stats=True, x_save_requirements=False)
+    others = wandb.run is not None  # the caller's own run, which must go on
     run = wandb.init(project=project or export.project, name=name or export.default_name,
                      dir=os.path.abspath(out), mode=mode, config=dict(export.params),
                      job_type="attribution", reinit="create_new", settings=settings)
@@ -57,4 +58,8 @@ def write(export: Export, out: str, name: Optional[str] = None,
             exit_code = 0
     finally:
         run.finish(exit_code=exit_code)
+        if not others:
+            # finish() returns before wandb-core has written the run's last records; teardown
+            # waits for them, so the offline run is complete (and syncable) on return
+            wandb.teardown()
     return folder
