@@ -10,6 +10,7 @@
     logix index DIR [--kind K] [--sketch W] build or update a vector index of the log (FAISS)
     logix search DIR --queries FILE [--k N] most helpful training examples per query, via it
     logix plan CONFIG --examples N          row sizes, disk, memory and step overhead of a run
+    logix export DIR --to tensorboard|mlflow|wandb   summary, top-k, heat maps, LDS to a tracker
 
 Exit status: 0 fine; 1 the log or score file is damaged or unreadable (verify found an error, a
 corrupt manifest, a newer format version); 2 usage error (bad arguments, a path that does not
@@ -617,6 +618,13 @@ def _cmd_export(args) -> int:
         raise CliError(str(e), EXIT_USAGE) from None
     except LogFormatError as e:
         raise CliError(str(e)) from None
+    if args.to == "mlflow":  # a run id: say which store holds it
+        from logix.export import DEFAULT_OUT
+        from logix.export.mlflow import default_tracking_uri
+
+        store = args.tracking_uri or default_tracking_uri(
+            args.out or os.path.join(DEFAULT_OUT, "mlflow"))
+        where = f"run {where} in {store}"
     tables = [t for t in export.tables if t.startswith("topk/")]
     print(f"exported {project_dir} to {args.to}: {_plural(len(tables), 'score file')}, "
           f"{_plural(len(export.images), 'heat map')}, "

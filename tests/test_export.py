@@ -30,6 +30,13 @@ K = 3
 QUERY_TEXTS = ["The cat sat", "A dog", "Hi"]  # what the fixture describes its queries as
 
 
+@pytest.fixture(autouse=True)
+def no_telemetry(monkeypatch):
+    """MLflow 3 sends usage telemetry unless told not to; tests stay on this machine."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
+
+
 @pytest.fixture(scope="module")
 def project(root):
     return root["run"].project_dir

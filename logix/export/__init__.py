@@ -50,7 +50,7 @@ def to_wandb(project_dir: str, out: Optional[str] = None, name: Optional[str] = 
              k: int = 10, queries: int = 20, heatmaps: bool = True,
              project: Optional[str] = None, mode: str = "offline") -> str:
     """Log a Weights & Biases run (offline by default: `wandb sync` uploads it later) with its
-    files under `out` (default logix_export/wandb); returns the run's folder. W&B project: the
+    files under `out`/wandb (default logix_export/wandb); returns the run's folder. W&B project: the
     LogIX project's name unless `project`. Other arguments as `to_tensorboard`."""
     return write(_collect(project_dir, scores, results, k, queries, heatmaps), "wandb", out,
                  name, project=project, mode=mode)
@@ -64,7 +64,9 @@ def write(export: Export, to: str, out: Optional[str] = None, name: Optional[str
     if to not in TRACKERS:
         raise UsageError(f"Unknown tracker {to!r}; LogIX exports to {', '.join(TRACKERS)}.")
     module = importlib.import_module(f"logix.export.{to}")
-    return module.write(export, out or os.path.join(DEFAULT_OUT, to), name, **options)
+    # wandb adds a folder of its own: logix_export/wandb/offline-run-*
+    out = out or (DEFAULT_OUT if to == "wandb" else os.path.join(DEFAULT_OUT, to))
+    return module.write(export, out, name, **options)
 
 
 def _collect(*args) -> Export:

@@ -41,7 +41,7 @@ def write(export: Export, out: str, name: Optional[str] = None,
     artifact_location = None
     if tracking_uri is None:
         os.makedirs(out, exist_ok=True)
-        tracking_uri = "sqlite:///" + os.path.abspath(os.path.join(out, "mlflow.db"))
+        tracking_uri = default_tracking_uri(out)
         artifact_location = os.path.abspath(os.path.join(out, "artifacts"))
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = experiment or export.project
@@ -60,6 +60,11 @@ def write(export: Export, out: str, name: Optional[str] = None,
     finally:
         client.set_terminated(run_id, status)
     return run_id
+
+
+def default_tracking_uri(out: str) -> str:
+    """The SQLite store an export to `out` writes without a tracking URI."""
+    return "sqlite:///" + os.path.abspath(os.path.join(out, "mlflow.db"))
 
 
 def _log(client, run_id: str, export: Export) -> None:

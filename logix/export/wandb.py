@@ -1,6 +1,6 @@
 """Export to Weights & Biases: one run through `wandb.init` (pip install "logix[wandb]").
-Offline by default (`mode="offline"`): the run is written under `OUT/wandb/offline-run-*`, and
-`wandb sync OUT/wandb/offline-run-*` uploads it later; `mode="online"` logs straight to the
+Offline by default (`mode="offline"`): the run is written under `OUT/wandb/offline-run-*` (W&B
+adds the `wandb` folder), and `wandb sync OUT/wandb/offline-run-*` uploads it later; `mode="online"` logs straight to the
 server you are logged in to.
 
 What goes where (project: the LogIX project's name unless given):
