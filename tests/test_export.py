@@ -104,6 +104,24 @@ def test_collect_refuses_what_it_cannot_read(tmp_path, project):
         logix.export.collect(project, scores=[os.path.join(project, "manifest.json")])
     with pytest.raises(UsageError, match="not a LogIX evaluation result file"):
         logix.export.collect(project, results=[os.path.join(project, "manifest.json")])
+    with pytest.raises(UsageError, match="score file '.*nothing.safetensors' does not exist"):
+        logix.export.collect(project, scores=os.path.join(project, "nothing.safetensors"))
+
+
+def test_same_names_stay_apart(project, tmp_path):
+    """Two score files named alike and two results saved under one name get -2 suffixes."""
+    import shutil
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    copy = shutil.copy(os.path.join(project, "scores", "test.safetensors"), other)
+    lds = os.path.join(project, "evaluation", "lds.json")
+    export = logix.export.collect(project, scores=[os.path.join(project, "scores",
+                                                                "test.safetensors"), copy],
+                                  results=[lds, shutil.copy(lds, other)], heatmaps=False)
+    assert sorted(export.tables) == ["modules", "topk/test", "topk/test-2"]
+    assert [e.name for e in export.evaluations] == ["lds", "lds-2"]
+    assert export.evaluations[1].table.name == "lds/lds-2"
     with pytest.raises(UsageError, match="Unknown tracker 'neptune'"):
         logix.export.write(logix.export.collect(project), "neptune")
 

@@ -126,20 +126,31 @@ def collect(project_dir: str, scores: Optional[Sequence[str]] = None,
     notes: List[str] = []
     if scores is None or results is None:
         found_scores, found_results = _find_files(project_dir, notes if scores is None else [])
-    scores = found_scores if scores is None else [os.fspath(p) for p in scores]
-    results = found_results if results is None else [os.fspath(p) for p in results]
+    scores = found_scores if scores is None else _paths(scores, "score file")
+    results = found_results if results is None else _paths(results, "result file")
     out = Export(project=manifest.project, project_dir=os.path.abspath(project_dir),
                  summary=info, params=_params(info, len(store)),
                  tables={"modules": _modules(info)}, images=[], evaluations=[], notes=notes)
     out.notes.extend(f"content: {e}" for e in store.errors)
-    names = _unique_names(scores)
-    for path, name in zip(scores, names):
+    for path, name in zip(scores, _unique_names([_stem(p) for p in scores])):
         out.tables[f"topk/{name}"] = _topk(path, name, store, k, queries, text_chars)
         if heatmaps:
             out.images.extend(_heatmaps(path, name, queries, out.notes))
-    for path, name in zip(results, _unique_names(results)):
-        out.evaluations.append(_evaluation(path, name))
+    out.evaluations = [_evaluation(path) for path in results]
+    for ev, name in zip(out.evaluations, _unique_names([ev.name for ev in out.evaluations])):
+        ev.name = name  # two results saved under one name stay apart in the trackers
+        if ev.table is not None:
+            ev.table.name = f"{ev.kind}/{name}"
     return out
+
+
+def _paths(paths, what: str) -> List[str]:
+    """Given paths as a list (one path alone is taken as a list of one); each must exist."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"The {what} {os.fspath(path)!r} does not exist (or is a folder).")
+    return [os.fspath(p) for p in paths]
 
 
 # --------------------------------------------------------------------------- summary
@@ -206,11 +217,14 @@ def _is_result_file(path: str) -> bool:
         return False
 
 
-def _unique_names(paths: Sequence[str]) -> List[str]:
-    """File names without extension; a repeated one gets -2, -3, ..."""
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0] or "file"
+
+
+def _unique_names(bases: Sequence[str]) -> List[str]:
+    """The names as they are; a repeated one gets -2, -3, ..."""
     names, taken = [], set()
-    for path in paths:
-        base = os.path.splitext(os.path.basename(path))[0] or "file"
+    for base in bases:
         name, n = base, 1
         while name in taken:
             n += 1
@@ -281,7 +295,7 @@ def _heatmaps(path: str, name: str, queries: int, notes: List[str]) -> List[Imag
 
 
 # --------------------------------------------------------------------------- evaluations
-def _evaluation(path: str, name: str) -> Evaluation:
+def _evaluation(path: str) -> Evaluation:
     from logix.evaluation.results import load_results
 
     try:
@@ -290,7 +304,7 @@ def _evaluation(path: str, name: str) -> Evaluation:
         raise UsageError(f"Cannot read the result file {path!r}: {e}") from None
     except ValueError as e:  # names the path: not JSON, not a result file, newer version
         raise UsageError(str(e)) from None
-    label = str(data.get("name") or name)
+    label = str(data.get("name") or _stem(path))
     if data["kind"] == "lds":
         per_query = [_finite(v) for v in data.get("per_query", [])]
         return Evaluation(label, "lds", path, lds=_finite(data.get("lds")), per_query=per_query,
