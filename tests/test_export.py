@@ -325,6 +325,24 @@ def test_wandb_offline_round_trip(project, expected, tmp_path):
         assert png_size(f.read()) == expected["heatmap_size"]
 
 
+def test_wandb_export_leaves_the_callers_run_alone(project, tmp_path):
+    """An export in the middle of a training script's own W&B run neither finishes nor replaces
+    that run (the export is a run of its own, reinit="create_new")."""
+    wandb = pytest.importorskip("wandb")
+
+    mine = wandb.init(project="training", dir=str(tmp_path / "mine"), mode="offline",
+                      settings=wandb.Settings(silent=True, console="off", disable_git=True))
+    try:
+        folder = logix.export.to_wandb(project, out=str(tmp_path / "export"), k=1, queries=1,
+                                       heatmaps=False)
+        assert wandb.run is mine
+        wandb.log({"loss": 1.0})  # the module-level shortcut still reaches the caller's run
+        assert folder.startswith(str(tmp_path / "export")) and not folder.endswith(mine.id)
+    finally:
+        mine.finish()
+        wandb.teardown()
+
+
 # --------------------------------------------------------------------------- CLI
 def test_cli_export(project, tmp_path, capsys):
     pytest.importorskip("tensorboard")
