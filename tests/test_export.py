@@ -214,6 +214,9 @@ def test_mlflow_round_trip(project, expected, tmp_path):
     names = {a.path for a in client.list_artifacts(run_id, "tables")}
     assert names == {"tables/modules.json", "tables/topk-test.json", "tables/topk-tokens.json",
                      "tables/lds-lds.json", "tables/brittleness-brittle.json"}
+    # the tag by which the MLflow UI and mlflow.load_table find tables, as log_table writes it
+    tagged = json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    assert {t["path"] for t in tagged} == names and {t["type"] for t in tagged} == {"table"}
     summary = json.loads(artifact("summary.json"))
     assert summary["rows"] == N_TRAIN and len(summary["modules"]) == 2
     table = json.loads(artifact("tables/topk-test.json"))

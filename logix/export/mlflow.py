@@ -12,14 +12,16 @@ What goes where (experiment: the project's name unless given):
                brittleness/<name>/margin/test_<i> (step = k)
     artifacts  summary.json (what `logix show --json` prints), tables/modules.json,
                tables/topk-<score file>.json, tables/lds-<name>.json,
-               tables/brittleness-<name>.json ({"columns", "data"}: what mlflow.log_table
-               writes, so mlflow.load_table reads them), heatmaps/<score file>/query-<q>.png,
-               evaluation/<name>.json (the result file as written)
-    tags       logix.project_dir, logix.scores (the score files exported)
+               tables/brittleness-<name>.json ({"columns", "data"} and the run tag that
+               mlflow.log_table writes, so mlflow.load_table reads them),
+               heatmaps/<score file>/query-<q>.png, evaluation/<name>.json (the result file)
+    tags       logix.project_dir, logix.scores (the score files exported),
+               mlflow.loggedArtifacts (the tables, as log_table records them)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -29,6 +31,7 @@ from typing import Optional
 from logix.export.collect import Export, require
 
 TRACKER = "MLflow"
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS
 
 
 def write(export: Export, out: str, name: Optional[str] = None,
@@ -87,12 +90,17 @@ def _log(client, run_id: str, export: Export) -> None:
         client.log_batch(run_id, metrics=metrics[start:start + 100],
                          params=params[start:start + 100])
     client.log_dict(run_id, export.summary, "summary.json")
-    for table_name, table in export.tables.items():
-        client.log_dict(run_id, {"columns": table.columns, "data": table.rows},
-                        f"tables/{_key(table_name.replace('/', '-'))}.json")
+    tables = {f"tables/{_key(name.replace('/', '-'))}.json": table
+              for name, table in export.tables.items()}
+    tables.update({f"tables/{ev.kind}-{_key(ev.name)}.json": ev.table
+                   for ev in export.evaluations})
+    for path, table in tables.items():
+        client.log_dict(run_id, {"columns": table.columns, "data": table.rows}, path)
+    # what log_table records beside its files: the MLflow UI and mlflow.load_table find
+    # tables by this tag (log_table itself needs pandas, which mlflow-skinny does not bring)
+    client.set_tag(run_id, LOGGED_ARTIFACTS, json.dumps(
+        [{"path": path, "type": "table"} for path in tables]))
     for ev in export.evaluations:
-        client.log_dict(run_id, {"columns": ev.table.columns, "data": ev.table.rows},
-                        f"tables/{ev.kind}-{_key(ev.name)}.json")
         client.log_dict(run_id, ev.data, f"evaluation/{_key(ev.name)}.json")
     with tempfile.TemporaryDirectory() as tmp:
         for image in export.images:
