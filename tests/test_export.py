@@ -295,6 +295,9 @@ def test_wandb_offline_round_trip(project, expected, tmp_path):
     summary = merged(u for r in records if r.WhichOneof("record_type") == "summary"
                      for u in r.summary.update)
     assert summary["summary/rows"] == N_TRAIN and summary["lds/lds"] == pytest.approx(0.4)
+    # tables stay in the summary too (what the W&B UI shows them from)
+    assert {summary[k]["_type"] for k in ("topk/test", "lds/lds/per_query",
+                                          "brittleness/brittle")} == {"table-file"}
 
     def media(entry):
         with open(os.path.join(folder, "files", entry["path"]), "rb") as f:
@@ -313,7 +316,7 @@ def test_wandb_offline_round_trip(project, expected, tmp_path):
             assert [r["train_text"] for r in rows] == [f"train example {r['train_id']}"
                                                        for r in rows]
     assert history["summary/modules"]["nrows"] == 2
-    lds = json.loads(media(history["lds/lds"]))
+    lds = json.loads(media(history["lds/lds/per_query"]))
     assert lds["data"] == [[0, pytest.approx(0.2)], [1, None], [2, pytest.approx(0.6)]]
     brittle = json.loads(media(history["brittleness/brittle"]))
     assert [0, 4, pytest.approx(-0.1)] == brittle["data"][1][:3]

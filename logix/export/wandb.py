@@ -7,7 +7,7 @@ What goes where (project: the LogIX project's name unless given):
     config     the log's summary (project, dtype, rows, row_width, modules, shards, ...)
     summary    the same scalars under summary/<key>; lds/<name> (mean LDS)
     tables     summary/modules, topk/<score file> (k most helpful / harmful examples per query
-               with their text and labels), lds/<name> (per query), brittleness/<name>
+               with their text and labels), lds/<name>/per_query, brittleness/<name>
     images     heatmap/<score file>: per-token heat maps, one per query (caption: the pair)
 """
 
@@ -41,8 +41,9 @@ def write(export: Export, out: str, name: Optional[str] = None,
                 key = "summary/modules" if table_name == "modules" else table_name
                 data[key] = wandb.Table(columns=table.columns, data=table.rows,
                                         allow_mixed_types=True)
-            for ev in export.evaluations:
-                data[f"{ev.kind}/{ev.name}"] = wandb.Table(
+            for ev in export.evaluations:  # (the mean LDS goes to the summary as lds/<name>)
+                key = f"lds/{ev.name}/per_query" if ev.kind == "lds" else ev.table.name
+                data[key] = wandb.Table(
                     columns=ev.table.columns, data=ev.table.rows, allow_mixed_types=True)
             for n, image in enumerate(export.images):
                 path = os.path.join(tmp, f"{n}.png")
