@@ -32,6 +32,9 @@ SECTIONS = [
                     "logix.evaluation.load_results"]),
     ("Dashboard", ["logix.dashboard.make_server", "logix.dashboard.serve",
                    "logix.dashboard.build_report", "logix.storage.content.load_content"]),
+    ("Export to experiment trackers", ["logix.export.to_tensorboard", "logix.export.to_mlflow",
+                                       "logix.export.to_wandb", "logix.export.collect",
+                                       "logix.export.write"]),
 ]
 
 

@@ -17,7 +17,7 @@ LAYERS = [
     {"tracking", "influence", "evaluation", "planning", "summary"},
     {"dashboard"},  # shows evaluation results
     {"index", "text", "scheduler"},
-    {"run"},
+    {"run", "export"},
     {"__init__"},  # logix.init, get_run: what the tools and integrations drive
     {"cli", "integrations"},
     {"huggingface", "lightning"},  # old LogIX's module names, aliases of the integrations

@@ -28,6 +28,7 @@ def test_editable_install_of_a_clone_named_logix(tmp_path):
     prefix = tmp_path / "prefix"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--ignore-installed",  # else pip uninstalls this environment's own logix first
          "--prefix", str(prefix), "-e", str(clone)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
     site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
