@@ -27,7 +27,7 @@ from logix.export.collect import TOPK_COLUMNS
 pytestmark = pytest.mark.filterwarnings("ignore:scores/broken.safetensors left out")
 root = dashboard_fixtures.root  # pytest fixture: a logged project with scores and evaluations
 K = 3
-QUERY_TEXTS = ["The cat sat", "A dog", "Hi"]  # what the fixture describes its queries as
+QUERY_TEXTS = ["".join(t) for t in dashboard_fixtures.TOKENS]  # the fixture's query texts
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_collect_reads_scores_content_heatmaps_and_results(root, project, expect
             assert [r["train_text"] for r in rows] == [f"train example {r['train_id']}"
                                                        for r in rows]
             assert {r["query_id"] for r in rows} == {f"q{q}"}
-    assert table.records()[0]["query_text"] == "The cat sat"
+    assert table.records()[0]["query_text"] == QUERY_TEXTS[0]
     # heat maps: only the score file with per-token scores, one per query
     assert [(i.tag, i.step) for i in export.images] == [("heatmap/tokens", q)
                                                         for q in range(N_TEST)]
