@@ -56,6 +56,11 @@ def show(name, value):
     print(f"{name:58s} {digest(value).hexdigest()[:24]}")
 
 
+def self_keys(result):
+    """Self-influence under its LogIX keys (later versions add src_ids / tgt_ids beside ids)."""
+    return {k: result[k] for k in ("ids", "influence", "meta")}
+
+
 def project_files(project_dir):
     """The tensors of every safetensors file of the log (shards, statistics, projections) and
     the shards' data ids; not the metadata that names files, times or checksums of them."""
@@ -213,8 +218,8 @@ def main():
         show(f"{name} out", {k: v for k, v in dict(r).items() if k != "path"})
         show(f"{name} out file", dict(load_scores(out)))
         show(f"{name} pairwise", dict(run.compute_influence(query, query)))
-        show(f"{name} self of query", dict(run.compute_self_influence(query)))
-        show(f"{name} self of log", dict(run.compute_self_influence(**kw)))
+        show(f"{name} self of query", self_keys(run.compute_self_influence(query)))
+        show(f"{name} self of log", self_keys(run.compute_self_influence(**kw)))
         attributor = logix.Attributor(run.project_dir)
         show(f"{name} Attributor all", dict(attributor.compute_influence_all(query, **kw)))
     run, query = log_checkpoints(root)
