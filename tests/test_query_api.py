@@ -121,3 +121,11 @@ def test_shortcuts_are_listed_statically():
     assert len(shortcuts) == 17 and set(shortcuts) <= assigned
     for name in shortcuts:
         assert getattr(logix, name).__doc__ == getattr(logix.Run, name).__doc__
+
+
+def test_scores_load_back_with_torch_load(new_run, tmp_path):
+    """torch.load reads weights only by default: a saved result must still load (as Scores)."""
+    run, query = logged(new_run)
+    result = run.influence.influence(query, progress=False)
+    torch.save(result, tmp_path / "result.pt")
+    assert_same(torch.load(tmp_path / "result.pt"), result)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -38,6 +39,9 @@ class Scores(dict):
     bottom_scores: Optional[Tensor] = property(lambda self: self.get("bottom_scores"))
     path: Optional[str] = property(lambda self: self.get("path"))
 
+    def __reduce__(self):
+        return Scores, (dict(self),)  # a plain dict inside: what weights_only loading allows
+
     @property
     def is_topk(self) -> bool:
         return "top_ids" in self
@@ -48,6 +52,10 @@ class Scores(dict):
                                                     f"file {self.path!r}")
         return (f"Scores({what}, {len(self.src_ids or [])} queries, "
                 f"method={self.meta.get('method')!r})")
+
+
+# torch.save(result) then torch.load(path) (weights_only by default) reads Scores back.
+torch.serialization.add_safe_globals([Scores])
 
 
 def scores(result: Optional[dict]) -> Optional[Scores]:
