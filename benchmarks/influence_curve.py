@@ -46,7 +46,7 @@ def write_log(root: str, rows: int, dtype: str, chunk: int = 8192):
     run.watch(make_model())
     run.add_lora()
     session = run._session
-    session.open(run._new_manifest, run._save_projections, False, run._rows_per_shard())
+    run._open_session()
     g = torch.Generator().manual_seed(0)
     dim = sum(p.dim for p in run.projections.values())
     for start in range(0, rows, chunk):

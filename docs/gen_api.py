@@ -13,8 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (heading, object path) in reading order; methods of a class are listed under it.
 SECTIONS = [
     ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config", "logix.frozen"]),
-    ("Run", ["logix.Run"]),
-    ("Query results", ["logix.StepLog"]),
+    ("Run", ["logix.Run", "logix.mode.Mode"]),
+    ("Query results", ["logix.StepLog", "logix.Scores"]),
     ("Attributor (scoring a saved log)", ["logix.Attributor"]),
     ("Influence estimators", ["logix.influence.lissa.lissa"]),
     ("Reading logs", ["logix.storage.reader.LogReader", "logix.storage.scores.load_scores",
@@ -66,7 +66,8 @@ def render() -> str:
                 for method_name, method in inspect.getmembers(obj, inspect.isfunction):
                     if method_name.startswith("_") and method_name != "__call__":
                         continue
-                    if method.__qualname__.split(".")[0] != obj.__name__:
+                    owner = method.__qualname__.rpartition(".")[0]  # "" for a function
+                    if owner and owner != obj.__name__:  # bound from its room (resource_plan)
                         continue
                     doc = inspect.getdoc(method)
                     if not doc:

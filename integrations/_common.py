@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from logix.errors import ConfigError, UsageError
 from logix.log import StepLog
+from logix.mode import Mode
 from logix.tracking.frozen import frozen
 from logix.tracking.optimizer_state import has_second_moments
 from logix.storage.data_ids import normalize_data_ids
@@ -94,17 +95,16 @@ def saving_enabled(run, enabled: bool = True):
 
 @contextlib.contextmanager
 def query_mode(run):
-    """`run.eval()` for the block (log in memory only, no statistics), then the run's plan and
-    saving flag as they were; a finalized run stays in query mode (a later step is a query
+    """`run.eval()` for the block (log in memory only, no statistics), then the run's mode and
+    capture spec as they were; a finalized run stays in query mode (a later step is a query
     too, never a row of the closed training log)."""
-    plan, before = run.plan, run.saving
+    mode, spec = run.mode, run.capture_spec
     run.eval()
     try:
         yield run
     finally:
-        if not run.finalized:
-            run.plan = plan
-            run.save(before)
+        if mode is not Mode.FINALIZED and run.mode is Mode.QUERY:
+            run.mode, run.capture_spec = mode, spec
 
 
 @contextlib.contextmanager

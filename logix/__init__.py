@@ -14,7 +14,9 @@ from typing import Any, Optional
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
 from logix.index.attributor import Attributor
+from logix.influence.results import Scores
 from logix.log import StepLog
+from logix.mode import Mode
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
 from logix.tracking.frozen import frozen
@@ -45,6 +47,7 @@ def get_run() -> Run:
 
 
 def _shortcut(name: str):
+    """`logix.<name>(...)`: `get_run().<name>(...)`, with the method's docstring."""
     method = getattr(Run, name)
 
     @functools.wraps(method)
@@ -54,12 +57,24 @@ def _shortcut(name: str):
     return call
 
 
-for _name in ("watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",
-              "finalize", "initialize_from_log", "build_log_dataloader", "compute_influence_all",
-              "compute_influence", "compute_self_influence",
-              "summary", "flush"):
-    globals()[_name] = _shortcut(_name)
-del _name
+watch = _shortcut("watch")
+add_lora = _shortcut("add_lora")
+setup = _shortcut("setup")
+save = _shortcut("save")
+start = _shortcut("start")
+end = _shortcut("end")
+get_log = _shortcut("get_log")
+eval = _shortcut("eval")  # noqa: A001 (LogIX's name)
+clear = _shortcut("clear")
+flush = _shortcut("flush")
+finalize = _shortcut("finalize")
+initialize_from_log = _shortcut("initialize_from_log")
+build_log_dataloader = _shortcut("build_log_dataloader")
+compute_influence_all = _shortcut("compute_influence_all")
+compute_influence = _shortcut("compute_influence")
+compute_self_influence = _shortcut("compute_self_influence")
+summary = _shortcut("summary")
+
 
 def __getattr__(name: str):
     """`logix.text` is imported on first use (it pulls in more)."""
@@ -70,6 +85,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'logix' has no attribute {name!r}")
 
 
-__all__ = ["init", "Run", "Attributor", "LogIXScheduler", "Config", "load_config", "StepLog",
-           "get_run", "frozen", "LogIXError", "ConfigError", "UsageError", "LogFormatError",
-           "WriterError"]
+__all__ = ["init", "Run", "Attributor", "Scores", "Mode", "LogIXScheduler", "Config",
+           "load_config", "StepLog", "get_run", "frozen", "LogIXError", "ConfigError",
+           "UsageError", "LogFormatError", "WriterError",
+           # the current run's methods (get_run().<name>)
+           "watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",
+           "flush", "finalize", "initialize_from_log", "build_log_dataloader",
+           "compute_influence_all", "compute_influence", "compute_self_influence", "summary"]

@@ -114,11 +114,39 @@ class ResourcePlan:
         return "\n".join(lines)
 
 
-def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
+def resource_plan(run, examples: int, tokens_per_example: int = 1, disk_budget=None,
+                  model=None, train_step=None, batch_size: int = 8, timed_steps: int = 3,
+                  timing_budget: float = 30.0, show: bool = True) -> "ResourcePlan":
+    """Plan a long run before starting it (prints the plan when `show`; returns a
+    `logix.planning.ResourcePlan`): per watched module and in total the row width and
+    bytes, the disk of a log of `examples` rows, the statistics memory of the current
+    `setup`, and the largest rank whose log fits `disk_budget` (bytes or '50GB').
+
+    Step-time overhead is measured when `model` is given (a causal LM step on random tokens
+    [batch_size, tokens_per_example]) or `train_step` (a function running one training step
+    of `batch_size` examples): steps without and with the hooks in interleaved pairs, at least
+    `timed_steps` pairs and more until both medians are known to +-5% or `timing_budget`
+    seconds have passed; the plan reports the medians, the overhead's spread and the time of
+    one logged pass over `examples`. Nothing is logged; the statistics and the model's .grad
+    are untouched."""
+    if not run.modules:
+        raise UsageError("resource_plan() needs watched layers: call run.watch(model) (and "
+                         "run.add_lora(), run.setup(...)) first.")
+    layers, spec, cfg = run.layers, run.capture_spec, run.config.logging
+    result = make_plan(layers.layout(), spec, cfg, layers.rows_per_shard(cfg),
+                       lambda: layers.capture(spec, run.statistics.device, batch_size),
+                       examples, tokens_per_example, disk_budget, model, train_step,
+                       batch_size, timed_steps, timing_budget)
+    if show:
+        print(result.render())
+    return result
+
+
+def make_plan(layout: Sequence, spec, logging, rows_per_shard: int,
               capture: Callable[[], object], examples: int, tokens_per_example: int = 1,
               disk_budget=None, model=None, train_step=None, batch_size: int = 8,
               timed_steps: int = 3, timing_budget: float = 30.0) -> "ResourcePlan":
-    """The ResourcePlan of a row `layout` and setup `plan` (see `Run.resource_plan`);
+    """The ResourcePlan of a row `layout` and capture `spec` (see `Run.resource_plan`);
     `capture()` makes the hooks whose step-time overhead is measured."""
     for name, value in (("examples", examples), ("tokens_per_example", tokens_per_example),
                         ("batch_size", batch_size)):
@@ -126,7 +154,7 @@ def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
             raise UsageError(f"{name} must be a positive integer, got {value!r}.")
     itemsize = DTYPES[logging.log_dtype].itemsize
     result = ResourcePlan(examples, tokens_per_example, logging.log_dtype,
-                          module_costs(layout, plan, examples, itemsize),
+                          module_costs(layout, spec, examples, itemsize),
                           buffer_bytes=rows_per_shard * sum(e.dim for e in layout) * itemsize,
                           batch_size=batch_size)
     if disk_budget is not None:
@@ -140,11 +168,11 @@ def make_plan(layout: Sequence, plan, logging, rows_per_shard: int,
     return result
 
 
-def module_costs(entries: Sequence, plan, examples: int, itemsize: int) -> List[ModuleCost]:
-    """Per-module costs of a row layout (`run.layout()`) under a setup plan."""
+def module_costs(entries: Sequence, spec, examples: int, itemsize: int) -> List[ModuleCost]:
+    """Per-module costs of a row layout (`run.layout()`) under a capture spec."""
     costs = []
     for e in entries:
-        stats = sum(size for size, _, kind in sizes([e], plan, 0, itemsize) if kind != "rows")
+        stats = sum(size for size, _, kind in sizes([e], spec, 0, itemsize) if kind != "rows")
         width = e.rank_in * e.rank_out
         costs.append(ModuleCost(e.name, e.type, (e.out_dim, e.in_dim), e.rank_out, e.rank_in,
                                 width, width * itemsize, width * itemsize * examples, stats))

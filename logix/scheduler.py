@@ -60,12 +60,13 @@ class LogIXScheduler:
                               "gradient logs: use save='grad'.")
         self.run = run
         self.lora, self.hessian, self.save = lora, hessian, save
-        self._passes: List[Dict[str, List[str]]] = self._plan()
+        self._passes: List[Dict[str, List[str]]] = self._setups()
         self._next = 0
         self._saving_before = None
         self._done = False
 
-    def _plan(self) -> List[Dict[str, List[str]]]:
+    def _setups(self) -> List[Dict[str, List[str]]]:
+        """Each pass's `run.setup` argument."""
         passes = []
         if self.lora == "pca":
             passes.append({"forward": _COVARIANCE, "backward": _COVARIANCE})

@@ -26,3 +26,13 @@ def render_summary(run) -> str:
     with console.capture() as captured:
         console.print(table)
     return captured.get()
+
+
+def summary(run, show: bool = True):
+    """A table of watched layers, gradient shapes, ranks and row widths: printed (returns
+    None), or returned as text with `show=False`."""
+    text = render_summary(run)
+    if not show:
+        return text
+    print(text, end="")
+    return None

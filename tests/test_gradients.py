@@ -395,7 +395,7 @@ def test_a_run_of_equal_layers_matches_brute_force(new_run, include_bias, repeat
     model = EqualWidthMLP(repeat)
     x, y = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     run, _ = log_and_check(new_run, model, x, y, rank=3, include_bias=include_bias)
-    assert run._row_layout().runs == [[f"layers.{i}" for i in range(4)]]
+    assert run.layers.row_layout().runs == [[f"layers.{i}" for i in range(4)]]
     with run(data_id=list(range(5, 10))):  # the step buffers of the step before are reused
         batch_sq_loss(model(x * 2), y).backward()
     check_log(run, model, per_example_grads(model, example_sq_loss, x * 2, y), include_bias)

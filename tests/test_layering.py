@@ -11,7 +11,7 @@ PACKAGES = {"logix": ROOT / "logix", "logix.integrations": ROOT / "integrations"
 
 LAYERS = [
     {"errors"},
-    {"config", "distributed", "progress", "logra"},
+    {"config", "distributed", "progress", "logra", "mode"},
     {"storage"},
     {"log", "statistics"},
     {"tracking", "influence", "evaluation", "planning", "summary"},

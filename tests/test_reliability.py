@@ -456,7 +456,7 @@ def test_nonfinite_rows_of_outer_products_are_refused(new_run, bad):
     with run(data_id=[0, 1, 2, 3], scale=1e30):  # large, finite: kept
         model(x).pow(2).sum().backward()
     assert bool(torch.isfinite(run.get_log().grads).all())
-    assert run._capture is None and len(run._row_layout().runs) == 1
+    assert run._steps.current is None and len(run.layers.row_layout().runs) == 1
     if bad == "nan input":
         x[2, 0] = float("nan")
     else:

@@ -233,7 +233,7 @@ def test_mask_shape_errors(new_run):
     run = new_run().watch(model)
     with pytest.raises(UsageError, match="mask"):
         one_step(run, model, x, mask=torch.ones(2, 4))  # wrong batch
-    assert not model[0]._forward_hooks and run._capture is None
+    assert not model[0]._forward_hooks and run._steps.current is None
     with pytest.raises(UsageError, match="mask"):
         one_step(run, model, x, mask=torch.ones(3, 5))  # wrong number of tokens
     with pytest.raises(UsageError, match="mask"):
@@ -286,7 +286,7 @@ def test_a_scale_that_is_not_a_finite_positive_number_is_refused(new_run, scale)
     run = new_run().watch(make_mlp())
     with pytest.raises(UsageError, match="scale must be a finite number > 0"):
         run.start(data_id=[0, 1, 2], scale=scale)
-    assert run._capture is None  # nothing was attached: the next step starts cleanly
+    assert run._steps.current is None  # nothing was attached: the next step starts cleanly
 
 
 # --------------------------------------------------------------------------- data ids

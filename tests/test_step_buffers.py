@@ -38,7 +38,7 @@ def test_every_step_matches_brute_force_while_buffers_are_reused(new_run):
         _step(run, model, x, y, [f"{k}-{i}" for i in range(4)])
         expected = expected_rows(run, model, per_example_grads(model, example_sq_loss, x, y))
         log = run.get_log(copy=True)  # a copy: the buffer stays free for reuse
-        buffers.add(run._last_log.grads.data_ptr())
+        buffers.add(run._steps.last.grads.data_ptr())
         assert expected.abs().max() > 0
         assert_close_scaled(log.grads, expected)
     assert len(buffers) == 2, "steps should alternate between two row buffers"

@@ -11,6 +11,7 @@ from typing import Optional
 from logix.index.builder import build
 from logix.index.search import search
 from logix.influence import attributor
+from logix.influence.results import Scores, scores
 
 
 class Attributor(attributor.Attributor):
@@ -27,13 +28,13 @@ class Attributor(attributor.Attributor):
         Returns the index manifest."""
         return build(self, kind, mode, **options)
 
-    def search(self, test_log=None, k: int = 10, candidates: Optional[int] = None,
-               rerank: bool = True, bottom: bool = False, **options) -> dict:
+    def search(self, query=None, k: int = 10, candidates: Optional[int] = None,
+               rerank: bool = True, bottom: bool = False, **options) -> Scores:
         """The k most helpful training examples per query, fast: the index proposes
         `candidates` per query (default max(4k, 100)) and their exact scores rank them, so the
         scores are exact and only recall is approximate. bottom=True adds the k most harmful.
-        Returns {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"}
-        as compute_influence_all(..., topk=k). options: index (name), mode, hessian, damping,
+        Returns Scores with "src_ids", "top_ids", "top_scores"[, "bottom_ids",
+        "bottom_scores"], "meta", as influence(..., topk=k). options: index (name), mode, hessian, damping,
         precondition, nprobe, ef. Without FAISS or an index for the mode, the exact streaming
         top-k answers (with a notice); a stale index is refused."""
-        return search(self, self.query(test_log), k, candidates, rerank, bottom, **options)
+        return scores(search(self, self.query(query), k, candidates, rerank, bottom, **options))

@@ -27,10 +27,11 @@ from logix.influence import curvature
 from logix.influence import norms as norm_cache
 from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
-from logix.influence.scoring import (MODES, SCORE_CHUNK, TOTAL, ScorePlan, aligned,
+from logix.influence.scoring import (MODES, SCORE_CHUNK, TOTAL, Scorer, aligned,
                                      group_masks, score_buffer)
 from logix.influence.source import source_influence
 from logix.influence.ensemble import ensemble_influence
+from logix.influence.results import Scores, self_scores
 from logix.influence.tracin import tracin_influence
 from logix.influence.topk import TopK
 from logix.log import StepLog
@@ -153,95 +154,42 @@ class Attributor:
         """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
         self.fit("ekfac", reader, progress)
 
-    # ------------------------------------------------------------------ scoring
-    def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
-                          precondition: bool = True, hessian: Optional[str] = None,
-                          damping: Optional[float] = None, influence_groups=None) -> dict:
-        """Scores between two in-memory logs: {"src_ids", "tgt_ids", "influence" [n_src,
-        n_tgt]} (+ "groups" when influence_groups is given)."""
-        src = _as_log(src_log)
-        _check_layout(src, tgt_log.modules, tgt_log.projection, "target log")
-        grads = tgt_log.grads.float()
-        plan = self.score_plan(src, mode, precondition, hessian, damping, influence_groups)
-        train_norms = plan.norms_of(grads) if plan.needs_norms else None
-        scores = plan.score(grads, train_norms).T.contiguous()
-        return plan.result(src, list(tgt_log.data_ids), scores)
+    # ------------------------------------------------------------------ estimators
+    # Each takes only its own arguments and returns Scores (logix.influence.results).
+    def influence(self, query=None, *, mode: Optional[str] = None, precondition: bool = True,
+                  hessian: Optional[str] = None, damping: Optional[float] = None,
+                  influence_groups=None, topk: Optional[int] = None, out: Optional[str] = None,
+                  loader=None, block_rows: Optional[int] = None, progress: bool = True,
+                  gather: str = "all") -> Optional[Scores]:
+        """Influence of every saved training row on each query, streaming the shards.
 
-    def compute_influence_all(self, src_log=None, loader=None, mode: Optional[str] = None,
-                              precondition: bool = True, hessian: Optional[str] = None,
-                              damping: Optional[float] = None, influence_groups=None,
-                              topk: Optional[int] = None, out: Optional[str] = None,
-                              block_rows: Optional[int] = None, progress: bool = True,
-                              method: str = "influence", gather: str = "all") -> dict:
-        """Score query gradients against every saved training row, streaming the shards.
-
-        src_log: the query log (default: the run's last step; a list of logs is concatenated).
-        loader: a LogReader or project folder (default: this run's saved logs).
+        query: a StepLog (run.get_log()), a list of them, a StepLog file or a logged project
+        folder. loader: a LogReader or project folder (default: this log).
         mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
         "lissa" (solves each query against the saved rows' Fisher; mode "dot" only; settings
-        influence.lissa_depth / lissa_scale / lissa_tol; residuals in result["meta"]["solver"]);
+        influence.lissa_depth / lissa_scale / lissa_tol; residuals in meta["solver"]);
         damping: absolute damping for every module (default: relative, see config).
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
-        adds result["groups"][name], and the groups' scores sum to the total when they
-        partition the modules. topk=k (a positive int): instead of the full matrix, per query the
-        k most helpful and k most harmful training examples. out=path: write the full scores to
-        a safetensors file (not with topk). Arguments follow the config's rules (damping >= 0,
-        ...); a damped curvature that is singular, or scores with NaN/inf, raise UsageError.
-        Shards are checked against the manifest's checksums once per process (config
-        influence.verify; or pass loader=LogReader(dir, verify=False)).
-
-        method="source": SOURCE over the checkpoints logged with run.checkpoint(...) (see
-        logix.influence.source); hessian then picks its curvature (default ekfac).
-        method="ensemble": influence averaged over those checkpoints, each with its own
-        curvature (logix.influence.ensemble); method="tracin": TracIn-CP, sum over checkpoints of
-        lr x the dot products (logix.influence.tracin). For both, src_log may be
-        {checkpoint name: query log at that checkpoint's weights}; one log serves every
-        checkpoint otherwise.
+        adds `groups`, whose scores sum to the total when they partition the modules. topk=k (a
+        positive int): instead of the full matrix, per query the k most helpful and k most
+        harmful training examples. out=path: write the full scores to a safetensors file (not
+        with topk). Arguments follow the config's rules (damping >= 0, ...); a damped curvature
+        that is singular, or scores with NaN/inf, raise UsageError. Shards are checked against
+        the manifest's checksums once per process (config influence.verify; or pass
+        loader=LogReader(dir, verify=False)).
 
         Under torch.distributed every rank scores its share of the shards and the parts are
         gathered (full matrix in manifest order, or merged top-k): on every rank with
         gather="all", on rank 0 only with gather="rank0" (other ranks get None).
 
-        Returns {"src_ids", "tgt_ids", "influence" [n_query, n_train]}; positive = helpful.
-        Columns follow tgt_ids: the order rows were logged (for SOURCE: first appearance across
-        checkpoints); logix.evaluation.align_scores reorders them.
+        Returns Scores: `influence` [n_query, n_train] (positive = helpful), `src_ids`,
+        `tgt_ids` (the order rows were logged; logix.evaluation.align_scores reorders them),
+        `meta`; or the top-k or score-file fields (see Scores).
         """
         _check_topk(topk, out)
-        if gather not in ("all", "rank0"):
-            raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
-        block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
-        _refuse_unused(method, mode=mode, hessian=hessian, damping=damping,
-                       precondition=precondition)
-        if method in CHECKPOINT_METHODS:
-            if influence_groups is not None or out is not None or loader is not None:
-                raise UsageError(f"method={method!r} supports topk but not influence_groups, "
-                                 "out or loader.")
-            queries = {name: _as_log(log) for name, log in src_log.items()} \
-                if isinstance(src_log, dict) else _as_log(src_log)
-            if method == "tracin":
-                result = tracin_influence(self, queries, block_rows, progress)
-            else:
-                result = ensemble_influence(self, queries, mode, hessian, damping, block_rows,
-                                            progress)
-            return result if topk is None else _topk_of(result, topk)
-        src = _as_log(src_log)
-        if method == "source":
-            if influence_groups is not None or out is not None or loader is not None:
-                raise UsageError("method='source' supports topk but not influence_groups, out "
-                                 "or loader.")
-            reader = self.reader()
-            result = source_influence(reader, src, hessian or "ekfac",
-                                      aligned(block_rows, reader.dim))
-            if topk is not None:
-                top = TopK(topk, len(src))
-                top.update(result["influence"], 0)
-                plan = ScorePlan(src, "dot", Preconditioner("none", {}, src.modules),
-                                  group_masks(src.modules, None))
-                return {**plan.topk_result(src, result["tgt_ids"], top), "meta": result["meta"]}
-            return result
-        if method != "influence":
-            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', "
-                             f"'source', {', '.join(repr(m) for m in CHECKPOINT_METHODS)}.")
+        _check_gather(gather)
+        block_rows = self._block_rows(block_rows)
+        src = _as_log(query)
         reader = self._reader(loader)
         if reader.rows == 0:  # an empty score matrix would hide a logging pass that saved nothing
             raise UsageError(f"There are no logged rows to score against in "
@@ -252,34 +200,154 @@ class Attributor:
                              f"{reader.project_dir!r}); ask for topk <= {reader.rows}.")
         _check_layout(src, reader.manifest.modules, reader.manifest.projection, "saved log")
         block_rows = aligned(block_rows, reader.dim)
-        plan = self.score_plan(src, mode, precondition, hessian, damping, influence_groups)
+        scorer = self.scorer(src, mode, precondition, hessian, damping, influence_groups)
         log = {"project": self.project, "fingerprint": project_fingerprint(reader.project_dir)}
         if not distributed.is_distributed():
-            result = self._stream(src, reader, plan, topk, out, block_rows, progress, log)
-            return {**result, "meta": {**result["meta"], **log}}
+            result = self._stream(src, reader, scorer, topk, out, block_rows, progress, log)
+            return Scores({**result, "meta": {**result["meta"], **log}})
         # Each rank scores its share of the shards; the parts are gathered in manifest order.
-        local = self._stream(src, own_part(reader), plan, topk, None, block_rows, progress, log)
+        local = self._stream(src, own_part(reader), scorer, topk, None, block_rows, progress,
+                             log)
         merged = merge_topk(local, topk) if topk is not None else merge_full(local, reader)
         merged["meta"] = {**merged["meta"], **log}
         if out is not None and distributed.rank() == 0:
             merged["path"] = save_scores(out, merged)
-        return merged if gather == "all" or distributed.rank() == 0 else None
+        return Scores(merged) if gather == "all" or distributed.rank() == 0 else None
 
-    def _stream(self, src: StepLog, reader: LogReader, plan: "ScorePlan", topk, out,
+    def source(self, query=None, *, hessian: Optional[str] = None, topk: Optional[int] = None,
+               block_rows: Optional[int] = None) -> Scores:
+        """SOURCE over the checkpoints logged with run.checkpoint(...) (logix.influence.source):
+        dot products through each segment's own curvature (hessian=, default ekfac). Scores
+        as `influence` returns them (plus meta["segments"]); columns follow the first
+        appearance of each id across checkpoints."""
+        _check_topk(topk, None)
+        block_rows = self._block_rows(block_rows)
+        src = _as_log(query)
+        reader = self.reader()
+        result = source_influence(reader, src, hessian or "ekfac",
+                                  aligned(block_rows, reader.dim))
+        if topk is None:
+            return Scores(result)
+        top = TopK(topk, len(src))
+        top.update(result["influence"], 0)
+        scorer = Scorer(src, "dot", Preconditioner("none", {}, src.modules),
+                        group_masks(src.modules, None))
+        return Scores({**scorer.topk_result(src, result["tgt_ids"], top), "meta": result["meta"]})
+
+    def tracin(self, queries=None, *, topk: Optional[int] = None,
+               block_rows: Optional[int] = None, progress: bool = True) -> Scores:
+        """TracIn-CP (logix.influence.tracin): the sum over the logged checkpoints of lr x the
+        dot products. queries: one query log for every checkpoint, or {checkpoint name: query
+        log at that checkpoint's weights}."""
+        _check_topk(topk, None)
+        result = tracin_influence(self, _checkpoint_queries(queries),
+                                  self._block_rows(block_rows), progress)
+        return Scores(result if topk is None else _topk_of(result, topk))
+
+    def ensemble(self, queries=None, *, mode: Optional[str] = None,
+                 hessian: Optional[str] = None, damping: Optional[float] = None,
+                 topk: Optional[int] = None, block_rows: Optional[int] = None,
+                 progress: bool = True) -> Scores:
+        """Influence averaged over the logged checkpoints, each with its own curvature
+        (logix.influence.ensemble). queries as for `tracin`; mode, hessian, damping as for
+        `influence`."""
+        _check_topk(topk, None)
+        result = ensemble_influence(self, _checkpoint_queries(queries), mode, hessian, damping,
+                                    self._block_rows(block_rows), progress)
+        return Scores(result if topk is None else _topk_of(result, topk))
+
+    def self_influence(self, query=None, *, loader=None, precondition: bool = True,
+                       hessian: Optional[str] = None, damping: Optional[float] = None,
+                       block_rows: Optional[int] = None, progress: bool = True) -> Scores:
+        """g^T (H + lambda I)^-1 g per example: of `query` when given, else of every saved row.
+        Returns Scores with `influence` [n] and `src_ids` == `tgt_ids` (also `ids`)."""
+        block_rows = self._block_rows(block_rows)
+        kind = hessian if precondition else "none"
+        if query is not None:
+            log = _as_log(query)
+            scorer = self.scorer(log, "dot", precondition, kind, damping, None)
+            return self_scores(list(log.data_ids), scorer.norms_of(log.grads.float())[:, 0],
+                               scorer.meta)
+        reader = self._reader(loader)
+        dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
+        scorer = self.scorer(dummy, "dot", precondition, kind, damping, None)
+        if scorer.preconditioner.queries_only:
+            raise UsageError(f"hessian={scorer.preconditioner.kind!r} solves per query, so the "
+                             "self-influence of every saved row would take one solve per row. "
+                             "Pass src_log= (query= in self_influence: those examples only), or "
+                             "hessian='raw' / 'ekfac'.")
+        norms = norm_cache.train_norms(reader, scorer, aligned(block_rows, reader.dim), progress)
+        return self_scores(reader.data_ids(), norms[:, 0], scorer.meta)
+
+    def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
+                          precondition: bool = True, hessian: Optional[str] = None,
+                          damping: Optional[float] = None, influence_groups=None) -> Scores:
+        """Scores between two in-memory logs: `influence` [n_src, n_tgt], `src_ids`, `tgt_ids`
+        (+ `groups` when influence_groups is given)."""
+        src = _as_log(src_log)
+        _check_layout(src, tgt_log.modules, tgt_log.projection, "target log")
+        grads = tgt_log.grads.float()
+        scorer = self.scorer(src, mode, precondition, hessian, damping, influence_groups)
+        train_norms = scorer.norms_of(grads) if scorer.needs_norms else None
+        scores = scorer.score(grads, train_norms).T.contiguous()
+        return Scores(scorer.result(src, list(tgt_log.data_ids), scores))
+
+    # ------------------------------------------------------------------ LogIX's names
+    def compute_influence_all(self, src_log=None, loader=None, mode: Optional[str] = None,
+                              precondition: bool = True, hessian: Optional[str] = None,
+                              damping: Optional[float] = None, influence_groups=None,
+                              topk: Optional[int] = None, out: Optional[str] = None,
+                              block_rows: Optional[int] = None, progress: bool = True,
+                              method: str = "influence", gather: str = "all"):
+        """LogIX's entry point: `influence` (method="influence", the default), `source`,
+        `tracin` or `ensemble` with these arguments; one the method does not take is refused."""
+        _check_topk(topk, out)
+        _check_gather(gather)
+        self._block_rows(block_rows)
+        _refuse_unused(method, mode=mode, hessian=hessian, damping=damping,
+                       precondition=precondition)
+        if method == "influence":
+            return self.influence(src_log, mode=mode, precondition=precondition,
+                                  hessian=hessian, damping=damping,
+                                  influence_groups=influence_groups, topk=topk, out=out,
+                                  loader=loader, block_rows=block_rows, progress=progress,
+                                  gather=gather)
+        if method not in ("source",) + CHECKPOINT_METHODS:
+            raise UsageError(f"method={method!r} is not supported; allowed: 'influence', "
+                             f"'source', {', '.join(repr(m) for m in CHECKPOINT_METHODS)}.")
+        if influence_groups is not None or out is not None or loader is not None:
+            raise UsageError(f"method={method!r} supports topk but not influence_groups, out "
+                             "or loader.")
+        if method == "source":
+            return self.source(src_log, hessian=hessian, topk=topk, block_rows=block_rows)
+        if method == "tracin":
+            return self.tracin(src_log, topk=topk, block_rows=block_rows, progress=progress)
+        return self.ensemble(src_log, mode=mode, hessian=hessian, damping=damping, topk=topk,
+                             block_rows=block_rows, progress=progress)
+
+    def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
+                               hessian: Optional[str] = None, damping: Optional[float] = None,
+                               block_rows: Optional[int] = None, progress: bool = True):
+        """LogIX's name of `self_influence`."""
+        return self.self_influence(src_log, loader=loader, precondition=precondition,
+                                   hessian=hessian, damping=damping, block_rows=block_rows,
+                                   progress=progress)
+
+    def _stream(self, src: StepLog, reader: LogReader, scorer: Scorer, topk, out,
                 block_rows: int, progress: bool, log: dict) -> dict:
         n_train = reader.rows
-        train_norms = norm_cache.train_norms(reader, plan, block_rows, progress) \
-            if plan.needs_norms else None
-        names = plan.group_names
+        train_norms = norm_cache.train_norms(reader, scorer, block_rows, progress) \
+            if scorer.needs_norms else None
+        names = scorer.group_names
         n_query = len(src)
         writer = None
         if out is not None:
             shapes = {_tensor_name(g): (n_query, n_train) for g in names}
             writer = ScoreFileWriter(out, shapes, src.data_ids, reader.data_ids(),
-                                     meta={**plan.meta, **log})
+                                     meta={**scorer.meta, **log})
         top = TopK(topk, len(names) * n_query) if topk is not None else None
         width = len(names) * n_query
-        full = None if (writer or top) else score_buffer(n_train, width, plan.device)
+        full = None if (writer or top) else score_buffer(n_train, width, scorer.device)
         spare = None  # top-k and score files: one block's scores, reused block after block
         tgt_ids: List = []
         start = 0
@@ -293,9 +361,9 @@ class Attributor:
                     slab = full[start:start + n]
                 else:
                     if spare is None or spare.shape[0] < n:
-                        spare = score_buffer(n, width, plan.device)
+                        spare = score_buffer(n, width, scorer.device)
                     slab = spare[:n]
-                scores = plan.score(rows.to(plan.device), norms, out=slab)  # [n, G * n_query]
+                scores = scorer.score(rows.to(scorer.device), norms, out=slab)  # [n, G * n_query]
                 if writer is not None:
                     for g, name in enumerate(names):
                         writer.write_columns(_tensor_name(name), start,
@@ -311,40 +379,18 @@ class Attributor:
         if writer is not None:
             writer.close()
             return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "path": out,
-                    "meta": plan.meta}
+                    "meta": scorer.meta}
         if top is not None:
-            return plan.topk_result(src, tgt_ids, top)
-        return plan.result(src, tgt_ids, full.T.contiguous().cpu())
-
-    def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
-                               hessian: Optional[str] = None, damping: Optional[float] = None,
-                               block_rows: Optional[int] = None, progress: bool = True) -> dict:
-        """g^T (H + lambda I)^-1 g per example: of `src_log` when given, else of every saved
-        row. Returns {"ids", "influence" [n]}."""
-        block_rows = query_settings(self.influence_config, block_rows=block_rows).block_rows
-        kind = hessian if precondition else "none"
-        if src_log is not None:
-            log = _as_log(src_log)
-            plan = self.score_plan(log, "dot", precondition, kind, damping, None)
-            return {"ids": list(log.data_ids), "influence": plan.norms_of(log.grads.float())[:, 0],
-                    "meta": plan.meta}
-        reader = self._reader(loader)
-        dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
-        plan = self.score_plan(dummy, "dot", precondition, kind, damping, None)
-        if plan.preconditioner.queries_only:
-            raise UsageError(f"hessian={plan.preconditioner.kind!r} solves per query, so the "
-                             "self-influence of every saved row would take one solve per row. "
-                             "Pass src_log= (those examples only), or hessian='raw' / 'ekfac'.")
-        norms = norm_cache.train_norms(reader, plan, aligned(block_rows, reader.dim), progress)
-        return {"ids": reader.data_ids(), "influence": norms[:, 0], "meta": plan.meta}
+            return scorer.topk_result(src, tgt_ids, top)
+        return scorer.result(src, tgt_ids, full.T.contiguous().cpu())
 
     # ------------------------------------------------------------------ what logix.index builds on
-    def score_plan(self, src: StepLog, mode: Optional[str] = None, precondition: bool = True,
-                   hessian: Optional[str] = None, damping: Optional[float] = None,
-                   groups=None) -> ScorePlan:
+    def scorer(self, src: StepLog, mode: Optional[str] = None, precondition: bool = True,
+               hessian: Optional[str] = None, damping: Optional[float] = None,
+               groups=None) -> Scorer:
         """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
-        in `compute_influence_all`; groups: its influence_groups): what scores a block of
-        training rows (`ScorePlan.score`), here and in `logix.index`."""
+        in `influence`; groups: its influence_groups): what scores a block of training rows
+        (`Scorer.score`), here and in `logix.index`."""
         if not isinstance(precondition, bool):
             raise UsageError(f"precondition must be True or False, got {precondition!r}.")
         cfg = query_settings(self.influence_config, mode=mode, hessian=hessian,
@@ -357,7 +403,9 @@ class Attributor:
                              f"saved rows and has no train-side inverse, so mode={mode!r} (which "
                              "needs g^T H^-1 g of every training row) is not supported: use "
                              "mode='dot', or hessian='raw' / 'ekfac' for cosine and l2.")
-        return ScorePlan(src, mode, preconditioner, group_masks(src.modules, groups))
+        return Scorer(src, mode, preconditioner, group_masks(src.modules, groups))
+
+    score_plan = scorer  # its name before 0.3 (logix.index calls it)
 
     def query(self, log) -> StepLog:
         """The query log `log` (a StepLog, a list of them, a `StepLog.save` file or a project
@@ -368,6 +416,9 @@ class Attributor:
         return src
 
     # ------------------------------------------------------------------ helpers
+    def _block_rows(self, block_rows: Optional[int]) -> int:
+        return query_settings(self.influence_config, block_rows=block_rows).block_rows
+
     def _reader(self, loader) -> LogReader:
         if loader is None:
             return self.reader()
@@ -419,6 +470,18 @@ def _refuse_unused(method: str, **given) -> None:
         raise UsageError(f"method={method!r} does not take {', '.join(unused)}: {what}. Leave "
                          f"{'it' if len(unused) == 1 else 'them'} out, or use method='ensemble' "
                          "for influence with a chosen mode, curvature and damping per checkpoint.")
+
+
+def _check_gather(gather: str) -> None:
+    if gather not in ("all", "rank0"):
+        raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
+
+
+def _checkpoint_queries(queries):
+    """One query log, or {checkpoint name: query log}."""
+    if isinstance(queries, dict):
+        return {name: _as_log(log) for name, log in queries.items()}
+    return _as_log(queries)
 
 
 def _check_topk(topk, out) -> None:

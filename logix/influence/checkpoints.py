@@ -29,6 +29,18 @@ def checkpoint_info(name: str, segment: int, lr: float, steps: int, momentum: fl
             "train_ids": None if train_ids is None else normalize_data_ids(train_ids)}
 
 
+def check_new(name: str, info: dict, known) -> None:
+    """Refuse a checkpoint block the log (`known`: its Manifest, or None) cannot take."""
+    if known is None:
+        return
+    if name in known.checkpoints:
+        raise UsageError(f"Checkpoint {name!r} is already in this log; use a new name.")
+    check_same_segment(name, info, known.checkpoints)
+    if any(s.checkpoint == name for s in known.shards):
+        raise UsageError(f"Checkpoint {name!r} has rows from a block that did not finish "
+                         "(an exception left it); no query reads them. Use a new name.")
+
+
 def check_same_segment(name: str, info: dict, known: dict) -> None:
     """Refuse a checkpoint whose optimizer summary differs from the one the other checkpoints of
     its segment gave (`known`: the log's checkpoints, name -> record)."""

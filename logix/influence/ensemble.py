@@ -52,9 +52,8 @@ def checkpoint_influence(attributor, queries: Union[StepLog, Mapping[str, StepLo
         scorer = type(attributor)(attributor.project_dir, attributor.influence_config,
                                   statistics=statistics, reader=reader,
                                   project=attributor.project)
-        result = scorer.compute_influence_all(per_checkpoint[name], mode=mode, hessian=hessian,
-                                              damping=damping, block_rows=block_rows,
-                                              progress=progress)
+        result = scorer.influence(per_checkpoint[name], mode=mode, hessian=hessian,
+                                  damping=damping, block_rows=block_rows, progress=progress)
         for i in result["tgt_ids"]:
             columns.setdefault(i, len(columns))
         parts.append((result["tgt_ids"], result["influence"],

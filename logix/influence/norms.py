@@ -11,20 +11,20 @@ import os
 import torch
 from torch import Tensor
 
-from logix.influence.scoring import SCORE_CHUNK, ScorePlan
+from logix.influence.scoring import SCORE_CHUNK, Scorer
 from logix.progress import track
 from logix.storage.format import CACHE_DIR, atomic_file
 from logix.storage.reader import LogReader
 
 
-def train_norms(reader: LogReader, plan: ScorePlan, block_rows: int, progress: bool) -> Tensor:
+def train_norms(reader: LogReader, scorer: Scorer, block_rows: int, progress: bool) -> Tensor:
     """[n_train, groups] g^T (H + lambda I)^-1 g per group of every row of `reader`, in log
     order: read from the cache, else computed in one streaming pass and cached."""
     digest = hashlib.sha256(json.dumps({
-        "kind": plan.preconditioner.kind, "damping": plan.preconditioner.dampings,
+        "kind": scorer.preconditioner.kind, "damping": scorer.preconditioner.dampings,
         "shards": [(s.file, s.checksum) for s in reader.shards]},
         sort_keys=True, default=str).encode())
-    _hash_tensors(digest, plan)
+    _hash_tensors(digest, scorer)
     key = digest.hexdigest()[:24]
     path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
     if os.path.isfile(path):
@@ -33,21 +33,21 @@ def train_norms(reader: LogReader, plan: ScorePlan, block_rows: int, progress: b
     blocks = reader.fixed_blocks(block_rows, unit=SCORE_CHUNK)
     for _, rows in track(blocks, reader.count_blocks(block_rows, unit=SCORE_CHUNK),
                          "Train norms", progress):
-        parts.append(plan.norms_of(rows.to(plan.device)).cpu())
-    norms = torch.cat(parts) if parts else torch.zeros(0, len(plan.group_names))
+        parts.append(scorer.norms_of(rows.to(scorer.device)).cpu())
+    norms = torch.cat(parts) if parts else torch.zeros(0, len(scorer.group_names))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_file(path) as f:
         torch.save(norms, f)
     return norms
 
 
-def _hash_tensors(digest, plan: ScorePlan) -> None:
+def _hash_tensors(digest, scorer: Scorer) -> None:
     """Feed the group masks and every tensor of the preconditioner into `digest`: two plans
     share cached train norms only when their groups and inverses are identical."""
-    for name, mask in plan.groups.items():
+    for name, mask in scorer.groups.items():
         digest.update(name.encode() + b"\0")
         digest.update(mask.cpu().numpy().tobytes())
-    for name, inv in sorted(plan.preconditioner.inverses.items()):
+    for name, inv in sorted(scorer.preconditioner.inverses.items()):
         digest.update(name.encode() + b"\0")
         for tensor in (inv.values, inv.vectors, inv.q_out, inv.q_in):
             if tensor is not None:

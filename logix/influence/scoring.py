@@ -20,8 +20,9 @@ SCORE_CHUNK = 1024  # training rows per matrix multiply; fixed so that scores ar
 BLOCK_BYTES = 256 << 20  # float32 bytes of training rows per streamed block, at most
 
 
-class ScorePlan:
-    """Preconditioned queries stacked per group: one GEMM scores every group of every query."""
+class Scorer:
+    """Preconditioned queries stacked per group: one GEMM scores every group of every query
+    (`Attributor.scorer`; `logix.index` builds on it)."""
 
     def __init__(self, src: StepLog, mode: str, preconditioner: Preconditioner,
                  groups: Dict[str, Tensor]) -> None:
@@ -208,3 +209,6 @@ def group_masks(modules, groups) -> Dict[str, Tensor]:
             raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")
         masks[name] = mask
     return masks
+
+
+ScorePlan = Scorer  # its name before 0.3

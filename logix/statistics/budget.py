@@ -37,18 +37,18 @@ def default_budget(device: torch.device) -> int:
     return int(total * _FRACTION)
 
 
-def sizes(entries: Sequence, plan, rows_per_shard: int, row_itemsize: int
+def sizes(entries: Sequence, spec, rows_per_shard: int, row_itemsize: int
           ) -> List[Tuple[int, str, str]]:
-    """[(bytes, what, kind)] of every statistic the plan collects and of one shard of rows."""
+    """[(bytes, what, kind)] of each statistic the capture spec collects and of a shard of rows."""
     items = []
     for e in entries:
-        if plan.forward_covariance:
+        if spec.forward_covariance:
             items.append((4 * e.rank_in**2, f"forward covariance of {e.name!r} "
                           f"({e.rank_in}x{e.rank_in})", "forward"))
-        if plan.backward_covariance:
+        if spec.backward_covariance:
             items.append((4 * e.rank_out**2, f"backward covariance of {e.name!r} "
                           f"({e.rank_out}x{e.rank_out})", "backward"))
-        if plan.grad_covariance:
+        if spec.grad_covariance:
             d = e.rank_in * e.rank_out
             items.append((4 * d * d, f"grad covariance of {e.name!r} ({d}x{d})", "grad"))
     width = sum(e.rank_in * e.rank_out for e in entries)

@@ -247,6 +247,20 @@ class LogSession:
         return LogReader(self.project_dir, self.manifest, verify=verify)
 
     # ------------------------------------------------------------------ checkpoints and finalize
+    @contextlib.contextmanager
+    def checkpoint(self, name: str, open_writer: Callable[[], ShardWriter]):
+        """Rows appended inside the block are shards of checkpoint `name`; they are flushed
+        when the block ends, even when it fails."""
+        writer = open_writer()
+        writer.tag = name
+        try:
+            yield writer
+        finally:
+            try:
+                self.flush()
+            finally:
+                writer.tag = None
+
     def add_checkpoint(self, name: str, statistics: Dict[str, Tensor], info: dict) -> None:
         """Save a closed checkpoint's statistics (a state dict) and list it in the manifest
         (rank 0)."""
@@ -258,6 +272,24 @@ class LogSession:
             self.manifest.checkpoints[name] = {k: v for k, v in info.items()
                                                if k != "train_ids"}
             self.manifest.save(self.project_dir)
+
+    def finalize(self, statistics: Callable[[], Dict[str, Tensor]],
+                 new_manifest: Callable[[], Manifest], config_snapshot: dict,
+                 save_projections: Callable[[], None]) -> None:
+        """Every rank: write every buffered row and stop the writer, then `statistics()` (which
+        may reduce across ranks) gives the state that rank 0 saves with the final manifest.
+        The writer lock is given back even when this fails."""
+        try:
+            self.close()
+            distributed.barrier()  # every rank's shards are on disk and in its index
+            if distributed.is_distributed():
+                self.warn_of_ids_on_several_ranks()
+            tensors = statistics()
+            if distributed.rank() == 0:
+                self.save_final(new_manifest, config_snapshot, save_projections, tensors)
+            distributed.barrier()  # the manifest is complete when finalize returns on any rank
+        finally:
+            self.release()
 
     def save_final(self, new_manifest: Callable[[], Manifest], config_snapshot: dict,
                    save_projections: Callable[[], None], statistics: Dict[str, Tensor]) -> None:

@@ -28,8 +28,8 @@ from logix.tracking.modules import TrackedLinear, TrackedModule
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What a step collects (from `run.setup`)."""
+class CaptureSpec:
+    """What a step collects (from `run.setup`): `run.capture_spec`."""
 
     log_grad: bool = False
     grad_covariance: bool = False
@@ -46,7 +46,7 @@ class Plan:
 
     @functools.cached_property
     def covariances(self) -> frozenset:
-        """The covariance kinds this plan collects."""
+        """The covariance kinds this spec collects."""
         return frozenset(kind for kind, on in ((FORWARD, self.forward_covariance),
                                                (BACKWARD, self.backward_covariance),
                                                (GRAD, self.grad_covariance)) if on)
@@ -58,8 +58,8 @@ SETUP_CHOICES = {"forward": {"covariance"}, "backward": {"covariance"},
 _SETUP_ALIASES = {"cov": "covariance", "save": "log"}
 
 
-def plan_from_setup(spec: Dict[str, Iterable[str]]) -> Plan:
-    """The Plan of a `run.setup` spec such as {"grad": ["log", "covariance"], "forward":
+def spec_from_setup(spec: Dict[str, Iterable[str]]) -> CaptureSpec:
+    """The CaptureSpec of a `run.setup` argument such as {"grad": ["log", "covariance"], "forward":
     ["covariance"], "backward": ["covariance"]}."""
     if not isinstance(spec, dict):
         raise ConfigError(f"setup() takes a dict like {{'grad': ['log']}}, got {spec!r}.")
@@ -74,12 +74,13 @@ def plan_from_setup(spec: Dict[str, Iterable[str]]) -> Plan:
                 raise ConfigError(f"setup() {stage!r}: {item!r} is not supported; allowed: "
                                   f"{sorted(SETUP_CHOICES[stage])}.")
             chosen.add((stage, item))
-    return Plan(log_grad=("grad", "log") in chosen,
+    return CaptureSpec(log_grad=("grad", "log") in chosen,
                 grad_covariance=("grad", "covariance") in chosen,
                 forward_covariance=("forward", "covariance") in chosen,
                 backward_covariance=("backward", "covariance") in chosen)
 
 
+Plan, plan_from_setup = CaptureSpec, spec_from_setup  # their names before 0.3
 ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -122,13 +123,13 @@ class GradientCapture:
     run with one multiply instead of one per layer."""
 
     def __init__(self, modules: Dict[str, TrackedModule], projection_for: ProjectionFor,
-                 plan: Plan, statistics: CovarianceState, layout: RowLayout,
+                 spec: CaptureSpec, statistics: CovarianceState, layout: RowLayout,
                  mask: Optional[Tensor] = None, examples: Optional[int] = None,
                  counted: Optional[List[int]] = None, spare: Optional[Tensor] = None,
                  per_token: bool = False, factors: Optional[Dict] = None) -> None:
         self.modules = modules
         self.projection_for = projection_for
-        self.plan = plan
+        self.spec = spec
         self.statistics = statistics
         self.mask = mask
         self.examples = examples  # number of data ids of the step
@@ -149,12 +150,12 @@ class GradientCapture:
         self.mask_matched = False
         self._handles: List = []
         self._detached = False
-        self._needs_backward = plan.needs_backward
+        self._needs_backward = spec.needs_backward
         # The hot path: per run of layout.runs, x~ [layers, B, rank_in] and dy~ [layers, B,
         # rank_out] of each layer's first call (`_claimed`); `_deferred` (name -> slot) are the
         # layers whose outer product exit still has to write. `factors` keeps those buffers
         # for the next step ((run, side) -> tensor), which reuses them when their shape fits.
-        self._batched = plan.needs_grad and not per_token
+        self._batched = spec.needs_grad and not per_token
         self._factors = {} if factors is None else factors
         self._claimed: set = set()
         self._deferred: Dict[str, Tuple[int, int]] = {}
@@ -235,7 +236,7 @@ class GradientCapture:
             if self._detached:  # e.g. retain_graph: the step's shared buffers are the next's
                 return
             with torch.no_grad(), _full_precision(dy.device):
-                if self.plan.forward_covariance:
+                if self.spec.forward_covariance:
                     self._forward_statistics(name, x_proj, mask)
                 if slot is not None and name in self._deferred:
                     # A second backward through this call: its first product goes in first,
@@ -246,14 +247,14 @@ class GradientCapture:
                     dy_proj = self._project_output_into_slot(tracked, dy, projection, slot)
                 else:
                     dy_proj = tracked.project_output(dy.to(x_proj.dtype), projection.p_out)
-                if self.plan.backward_covariance:
+                if self.spec.backward_covariance:
                     # A sum over tokens and calls per example: a layer's later calls in the
                     # step add output gradients of the same examples, not new examples.
                     counted = self._counted(dy_proj)
                     rows = counted.reshape(-1, counted.shape[-1])
                     examples = counted.shape[0] if self.calls[name] == 0 else 0
                     self.statistics.update(name, BACKWARD, rows, examples)
-                if self.plan.needs_grad:
+                if self.spec.needs_grad:
                     if in_slot and name not in self.grads:
                         self.grads[name] = self._columns_of(name, dy.shape[0], dy.device)
                         self._deferred[name] = slot

@@ -1,10 +1,16 @@
-"""One step's rows: the checks that refuse a step whose gradients would be wrong or lost, and
-the assembly of every watched module's projected gradient into rows [batch, dim]."""
+"""One step, from run.start() to run.end(): `StepRunner` attaches its hooks, checks what they
+captured (refusing a step whose gradients would be wrong or lost), assembles every watched
+module's projected gradient into rows [batch, dim], merges the step's statistics, keeps the
+step's log and queues its rows for disk. It owns the buffers steps share: the last step's log,
+a row buffer no log holds any more, the hooks' factor buffers and shard rows reserved for a
+step that writes them in place."""
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -12,29 +18,51 @@ from torch import Tensor
 
 from logix.config import LoggingConfig
 from logix.errors import UsageError
+from logix.log import StepLog, TokenRows
 from logix.logra import Projection
-from logix.tracking.capture import GradientCapture, Plan
+from logix.statistics import resume
+from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
+from logix.storage.session import LogSession
+from logix.storage.data_ids import normalize_data_ids
+from logix.tracking.capture import FLOAT32_MAX, CaptureSpec, GradientCapture
 
 FLOAT16_MAX = 65504.0
 
 
-def check_capture(capture: GradientCapture, plan: Plan, on_unused_layer: str) -> None:
+def step_ids(data_id, mask: Optional[Tensor], scale) -> List:
+    """The data ids of a step about to start, its mask and scale checked."""
+    if mask is not None and not isinstance(mask, Tensor):
+        raise UsageError(f"mask must be a tensor [batch, tokens], got {type(mask).__name__}.")
+    # `scale` turns the backpropagated loss into the summed one: a finite number > 0.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
+            not 0 < float(scale) <= FLOAT32_MAX:
+        raise UsageError(f"scale must be a finite number > 0 (what the backpropagated loss is "
+                         f"multiplied by to become the loss summed over the batch, e.g. the "
+                         f"number of examples or real tokens of a mean), got {scale!r}.")
+    ids = normalize_data_ids(data_id, mask)
+    if not ids:
+        raise UsageError("run.start() got no data ids: a step needs at least one example. "
+                         "Skip empty batches before calling run.start().")
+    return ids
+
+
+def check_capture(capture: GradientCapture, spec: CaptureSpec, on_unused_layer: str) -> None:
     """Refuse a step whose mask lined up with no layer, or in which a watched layer ran no
-    forward or (when the plan needs a backward pass) received no output gradient: its part of
+    forward or (when the spec needs a backward pass) received no output gradient: its part of
     the row would be zeros."""
     if capture.mask is not None and capture.batch_size is not None \
             and not capture.mask_matched:
         raise UsageError(f"mask of shape {tuple(capture.mask.shape)} lines up with no tracked "
                          "layer's input [batch, tokens, ...]; pass the attention mask of "
                          "this batch.")
-    if on_unused_layer == "zero" or (plan.needs_grad and not capture.grads):
+    if on_unused_layer == "zero" or (spec.needs_grad and not capture.grads):
         return  # the second case: nothing reached any layer, which step_rows names itself
-    if 0 not in capture.forwards.values() and not (plan.needs_backward
+    if 0 not in capture.forwards.values() and not (spec.needs_backward
                                                    and 0 in capture.calls.values()):
         return
     no_forward = [n for n, count in capture.forwards.items() if count == 0]
     no_gradient = [n for n, count in capture.calls.items() if count == 0
-                   and capture.forwards[n] > 0] if plan.needs_backward else []
+                   and capture.forwards[n] > 0] if spec.needs_backward else []
     if not no_forward and not no_gradient:
         return
     problems = []
@@ -135,3 +163,134 @@ def token_rows(capture: GradientCapture, projections: Dict[str, Projection], sca
     query, position = keep.nonzero(as_tuple=True)  # row-major: queries ascending, tokens in order
     rows = rows[query.to(rows.device), position.to(rows.device)]
     return (rows * scale if scale != 1.0 else rows), query.tolist(), position.tolist()
+
+
+@dataclass
+class Step:
+    """A started step: its hooks (`capture`), its data `ids`, the positions of the examples whose
+    rows the log keeps (`keep`; None: nothing is written), the `scale` of its rows, the shard
+    rows `reserved` for it when its hooks write them in place, and its `checkpoint`."""
+
+    ids: List
+    keep: Optional[List[int]]
+    scale: float
+    capture: GradientCapture
+    reserved: Optional[Tensor] = None
+    checkpoint: Optional[str] = None
+
+
+class StepRunner:
+    """One step at a time (`start`, `stop`, `finish`), its rows going to `session`; `last` is
+    the last kept step's log (what run.get_log() returns)."""
+
+    def __init__(self, session: LogSession) -> None:
+        self.session = session
+        self.current: Optional[Step] = None
+        self.last: Optional[StepLog] = None
+        self._shared = False  # log() handed `last` out: its rows are never reused
+        self._in_shard = False  # `last`'s rows are a view of the shard being filled
+        self._spare: Optional[Tensor] = None  # a row buffer no StepLog holds any more
+        self._factors: Dict = {}  # the hooks' projected inputs / output gradients
+        self._warned_of_passes = False  # warn_of_repeated_passes said its piece
+
+    def start(self, layers, spec: CaptureSpec, device, ids: List, keep: Optional[List[int]],
+              scale: float, mask: Optional[Tensor], per_token: bool,
+              checkpoint: Optional[str]) -> Step:
+        """Attach the hooks of `layers` (a TrackedLayers). The step's forward/backward
+        statistics stay apart until `finish` keeps the step, and count only kept examples."""
+        reserved = None
+        if keep is not None and len(keep) == len(ids):
+            reserved = self.session.reserve(
+                len(ids), intact=None if self.last is None else self.last.grads)
+        capture = GradientCapture(
+            layers.modules, layers.projection_for, spec, CovarianceState(device=device),
+            layers.row_layout(), mask, examples=len(ids),
+            counted=None if keep is None or len(keep) == len(ids) else keep,
+            spare=self._spare if reserved is None else reserved,
+            per_token=per_token, factors=self._factors).__enter__()
+        if reserved is None:
+            self._spare = None
+        self.current = Step(ids, keep, scale, capture, reserved, checkpoint)
+        return self.current
+
+    def stop(self) -> Step:
+        """Detach the current step's hooks; the step, for `finish`."""
+        step, self.current = self.current, None
+        step.capture.__exit__(None, None, None)
+        return step
+
+    def drop(self) -> None:
+        """Give the current step up (an exception inside `with run(...)`)."""
+        if self.current is not None:
+            self.current.capture.detach()
+            self.current = None
+
+    def finish(self, step: Step, spec: CaptureSpec, cfg: LoggingConfig, saving: bool, layers,
+               statistics: CovarianceState, statistics_loaded: bool) -> bool:
+        """Check a stopped step, merge its statistics into `statistics`, keep its log and queue
+        its kept rows. False when the step was skipped (NaN/inf, logging.nonfinite: skip)."""
+        capture, ids, scale = step.capture, step.ids, step.scale
+        check_capture(capture, spec, cfg.on_unused_layer)
+        if not self._warned_of_passes:
+            self._warned_of_passes = warn_of_repeated_passes(capture)
+        if not spec.needs_grad:
+            _merge(statistics, capture.statistics, scale)
+            return True
+        rows = keep_rows(step_rows(capture, ids, scale), ids, cfg, saving,
+                         capture.rows_known_finite(scale))
+        if rows is None:
+            return False
+        keep = step.keep
+        if keep is not None and step.checkpoint is None and self.session.resumed_rows:
+            resume.check_same_kinds(self.session, spec.covariances, statistics,
+                                    statistics_loaded)
+        in_shard = rows is step.reserved
+        if in_shard and not self.session.takes_in_place(rows):
+            rows, in_shard = rows.clone(), False  # a flush wrote the shard out mid-step
+        kept = rows if keep is None or len(keep) == len(ids) else rows[keep]
+        _merge(statistics, capture.statistics, scale)
+        if spec.grad_covariance:
+            for entry in layers.layout():
+                statistics.update(entry.name, GRAD, kept[:, entry.columns], kept.shape[0])
+        tokens = None
+        if capture.per_token:
+            tokens = TokenRows(*token_rows(capture, layers.projections, scale, capture.mask))
+        self._set_last(StepLog(ids, rows, layers.layout(), dict(layers.projection_meta), tokens),
+                       in_shard)
+        if keep:
+            self.session.append([ids[k] for k in keep], kept, step.checkpoint)
+        return True
+
+    def _set_last(self, log: StepLog, in_shard: bool) -> None:
+        """Replace the last step's log; its row buffer is reused by the step after next unless
+        log() handed it out (the next step writes into the other buffer, so log() during a step
+        still returns the previous step intact). Rows `in_shard` (reserved in the shard being
+        filled) are never reused here, and log() hands out a copy of them."""
+        old = self.last
+        if old is not None and not self._shared and not self._in_shard \
+                and old.grads is not log.grads:
+            self._spare = old.grads
+        self.last, self._shared, self._in_shard = log, False, in_shard
+
+    def log(self, copy: bool = False) -> StepLog:
+        """The last step's log (a copy with `copy`; else the runner never reuses its rows)."""
+        if self.last is None:
+            raise UsageError("No step has been logged yet: run start()/backward()/end() first.")
+        if self._in_shard:  # rows in a shard buffer, which the writer recycles
+            self.last, self._in_shard = self.last.clone(), False
+        if copy:
+            return self.last.clone()
+        self._shared = True
+        return self.last
+
+    def clear(self) -> None:
+        self.drop()
+        self.last, self._spare = None, None
+
+
+def _merge(statistics: CovarianceState, step_statistics: CovarianceState, scale: float) -> None:
+    """Merge a step's statistics. Output gradients are those of the loss times `scale` (the
+    rows' scale), so their covariance takes scale squared; inputs are unchanged."""
+    if scale != 1.0:
+        step_statistics.scale(BACKWARD, scale * scale)
+    statistics.merge(step_statistics)
