@@ -389,7 +389,7 @@ class Run:
         """Keep the second moments of Adam, AdamW or Adafactor (a live optimizer, or its
         state_dict with `params` in the optimizer's order) as the `hessian="optimizer"`
         curvature of the watched layers (logix.tracking.optimizer_state); saved with the
-        statistics (at once when the log is already finalized)."""
+        statistics (at once unless the run is logging: its finalize() saves them)."""
         from logix.tracking.optimizer_state import add_to_statistics
 
         if not self.modules:
@@ -397,7 +397,8 @@ class Run:
                              "run.watch(model) (and run.add_lora or initialize_from_log) first.")
         add_to_statistics(self.statistics, self.modules, self.projections, optimizer, params)
         manifest = load_optional(self.project_dir)
-        if self.finalized and manifest is not None and distributed.rank() == 0:
+        if self.mode is not Mode.LOGGING and manifest is not None and distributed.rank() == 0:
+            # a log that is not being written: its finalize() already saved the statistics
             state.save_statistics(self.project_dir, self.statistics.state_dict(), manifest)
         return self
 
