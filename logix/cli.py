@@ -921,6 +921,10 @@ def _add_dataset_commands(sub) -> None:
                        help="on the fly: most helpful and harmful kept per row (default 10)")
     score.add_argument("--config", help="a build.yaml for the model and columns (default: "
                                         "PROJECT's)")
+    score.add_argument("--rank", type=int, help="on the fly: LoGra rank (default 16)")
+    score.add_argument("--seed", type=int, help="on the fly: projection and random-weight seed")
+    score.add_argument("--name-filter", action="append",
+                       help="on the fly: watch only layers whose name contains this")
     score.add_argument("--hessian", choices=_HESSIANS, help="default: the project's")
     score.add_argument("--mode", choices=("dot", "cosine", "l2"), help="default dot")
     score.add_argument("--damping", type=float)
@@ -973,7 +977,7 @@ def _cmd_score(args) -> int:
             raise CliError(f"{args.project!r} has no {BUILD_FILE} (not built by logix build): "
                            "pass --config or --model / --tokenizer.", EXIT_USAGE)
     try:
-        cfg = _build_config(args, _DATA_FIELDS, base)
+        cfg = _build_config(args, ("rank", "seed", "name_filter") + _DATA_FIELDS, base)
         if not cfg.model:
             raise CliError("logix score needs PROJECT, --config or --model.", EXIT_USAGE)
         report = score(args.project, args.queries, args.prompt, args.completion, args.out,

@@ -4,7 +4,7 @@ it (or against a dataset on the fly), driving a Run the way a user's loop would.
     cfg = BuildConfig(project="logs/code", model="path/to/model", data="train.jsonl")
     build(cfg)                                  # <project>/build.yaml, rows, EK-FAC, texts
     score("logs/code", queries="queries.jsonl", aggregate="mean")   # a score file `logix top`
-    score(None, queries="queries.jsonl", train="train.jsonl", model=..., out="s.safetensors")
+    score(None, queries="queries.jsonl", train="train.jsonl", cfg=cfg, out="s.safetensors")
 
 The build saves every choice in `<project>/build.yaml` first; `BuildConfig.load` of it replays
 the same build, and rerunning on the same project logs only the ids not logged yet.
@@ -156,7 +156,10 @@ class BuildReport:
     skipped: int  # examples already in the log (resumed)
     batches: int
     tokens: int  # real tokens of the logged examples
-    seconds: float
+    seconds: float  # in all
+    prepare_seconds: float = 0.0  # model, tokenizer, reading and tokenizing the data
+    log_seconds: float = 0.0  # the logging pass
+    finalize_seconds: float = 0.0  # flush, statistics, curvature fit
 
 
 # --------------------------------------------------------------------------- loading
@@ -275,6 +278,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     todo = [e for e in examples if e.id not in logged]
     report = BuildReport(project_dir, len(examples), len(todo), len(examples) - len(todo), 0,
                          sum(len(e) for e in todo), 0.0)
+    report.prepare_seconds = time.perf_counter() - clock
     if not todo:
         report.seconds = time.perf_counter() - clock
         return report
@@ -287,9 +291,14 @@ def build(cfg: BuildConfig, progress: bool = True) -> BuildReport:
                            pad_id(tokenizer)))
     report.batches = len(planned)
     run.save(True)
+    start = time.perf_counter()
     log_batches(run, model, track(planned, len(planned), "logging", progress), _describe,
                 _loss(model))
+    run.flush()
+    report.log_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     run.finalize()
+    report.finalize_seconds = time.perf_counter() - start
     report.seconds = time.perf_counter() - clock
     return report
 

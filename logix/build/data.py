@@ -175,10 +175,10 @@ def make_examples(rows: Sequence[Dict], tokenizer, columns: Columns, max_length:
     examples, cut, empty = [], 0, []
     fmt = columns.resolve(rows[0]) if rows else "text"
     for number, row in enumerate(rows):
-        row_id = prefix + str(row[columns.id] if columns.id else number)
         if columns.id and columns.id not in row:
             raise UsageError(f"Row {number} has no id column {columns.id!r} (columns: "
                              f"{sorted(row)}).")
+        row_id = prefix + str(row[columns.id] if columns.id else number)
         if fmt == "text":
             ids = _tokens(tokenizer, _field(row, columns.text, number), True)
             for chunk, start in enumerate(range(0, len(ids), max_length)):
