@@ -339,3 +339,17 @@ def test_cli_build_score_top(assets, tmp_path, capsys):
     top = json.loads(capsys.readouterr().out)
     assert top[0]["src_id"] == "p0" and "text" in top[0]["helpful"][0]
     assert main(["build", str(tmp_path / "x")]) == 2
+
+
+def test_models_from_a_weights_folder_or_a_config(assets, tmp_path):
+    first = load_model(str(assets / "model"), seed=3, device="cpu")
+    again = load_model(str(assets / "model" / "config.json"), seed=3, device="cpu")
+    other = load_model(str(assets / "model"), seed=4, device="cpu")
+    state = first.state_dict()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in state.items())
+    assert not torch.equal(state["lm_head.weight"], other.state_dict()["lm_head.weight"])
+    first.save_pretrained(tmp_path / "trained")
+    loaded = load_model(str(tmp_path / "trained"), seed=99, device="cpu")  # weights: no seed
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(UsageError, match="does not exist"):
+        load_model(str(tmp_path / "missing"))
