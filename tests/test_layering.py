@@ -19,7 +19,9 @@ LAYERS = [
     {"index", "text", "scheduler"},
     {"run", "export"},
     {"__init__"},  # logix.init, get_run: what the tools and integrations drive
-    {"cli", "integrations"},
+    {"integrations"},
+    {"build"},  # logix build / score: drive a Run over a dataset, with the integrations' passes
+    {"cli"},
     {"huggingface", "lightning"},  # old LogIX's module names, aliases of the integrations
 ]
 LAYER = {room: n for n, rooms in enumerate(LAYERS) for room in rooms}
