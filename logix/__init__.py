@@ -14,6 +14,7 @@ from typing import Any, Optional
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
 from logix.influence.attributor import Attributor
+from logix.influence.magic import MagicRecorder, magic_scores
 from logix.log import StepLog
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
@@ -72,4 +73,4 @@ def __getattr__(name: str):
 
 __all__ = ["init", "Run", "Attributor", "LogIXScheduler", "Config", "load_config", "StepLog",
            "get_run", "frozen", "LogIXError", "ConfigError", "UsageError", "LogFormatError",
-           "WriterError"]
+           "WriterError", "MagicRecorder", "magic_scores"]
