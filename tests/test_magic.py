@@ -194,3 +194,21 @@ def test_result_feeds_score_files_and_lds(tmp_path):
     assert torch.allclose(loaded["influence"].double(), result["influence"], rtol=1e-6)
     masks = torch.rand(5, len(result["tgt_ids"]), generator=torch.Generator().manual_seed(0)) > .5
     assert -1 <= lds(result["influence"], masks, torch.randn(5, 4))["lds"] <= 1
+
+
+def test_run_records_beside_its_project(tmp_path):
+    run = logix.init("magic-demo", root_dir=str(tmp_path))
+    model = make_model()
+    opt = OPTIMIZERS["sgd-momentum-wd"](model.parameters())
+    with run.magic_recorder(model, opt, every=10) as recorder:
+        for ids in ORDER:
+            recorder.record(ids)
+            opt.zero_grad()
+            loss_fn(model, get_batch(ids)).mean().backward()
+            opt.step()
+    assert (tmp_path / "magic-demo" / "replay" / RECORD_FILE).is_file()
+    result = logix.magic_scores(run.project_dir, make_model(), loss_fn, get_batch, (QX, QY),
+                                progress=False)
+    assert result["meta"]["checkpoints"] == 4  # steps 0, 10, 20 and the last (24)
+    with pytest.raises(UsageError, match="already holds a recorded run"):
+        run.magic_recorder(model, opt)

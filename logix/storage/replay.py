@@ -20,7 +20,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -279,7 +279,7 @@ class ReplayRecord:
                     else:
                         name, _, entry = rest.rpartition(KEY_SEP)
                         states.setdefault(name, {})[entry] = f.get_tensor(key)
-        except (OSError, Exception) as exc:
+        except Exception as exc:  # a missing, truncated or damaged file
             raise LogFormatError(f"Cannot read the replay checkpoint {path!r}: {exc}") from exc
         missing = [n for n in self.param_names if n not in params]
         if missing:
@@ -288,9 +288,14 @@ class ReplayRecord:
 
 
 def load_record(folder: str) -> ReplayRecord:
-    """Read a recorded run; UsageError when it cannot be replayed (unfinished, unknown data
-    order, changed hyperparameters, stochastic or non-deterministic ops), naming the reason."""
-    path = os.path.join(os.fspath(folder), RECORD_FILE)
+    """Read a recorded run (its folder, or a project folder holding it in `replay/`);
+    UsageError when it cannot be replayed (unfinished, unknown data order, changed
+    hyperparameters, stochastic or non-deterministic ops), naming the reason."""
+    folder = os.fspath(folder)
+    if not os.path.exists(os.path.join(folder, RECORD_FILE)) and \
+            os.path.exists(os.path.join(folder, REPLAY_DIR, RECORD_FILE)):
+        folder = os.path.join(folder, REPLAY_DIR)  # a project folder (run.magic_recorder)
+    path = os.path.join(folder, RECORD_FILE)
     try:
         with open(path) as f:
             record = json.load(f)
@@ -311,6 +316,6 @@ def load_record(folder: str) -> ReplayRecord:
                          "recorder.finish(), or it crashed): its final weights are unknown.")
     if not record["steps"]:
         raise UsageError(f"The run recorded in {folder!r} has no optimizer steps.")
-    return ReplayRecord(os.fspath(folder), record["optimizer"]["kind"],
+    return ReplayRecord(folder, record["optimizer"]["kind"],
                         record["optimizer"]["groups"], record["reduction"], record["every"],
                         record["steps"], record["checkpoints"], record)
