@@ -106,6 +106,40 @@ def test_metagradients_equal_finite_differences(tmp_path, optimizer, reduction):
         assert error <= 1e-6  # measured ~1e-10 in float64
 
 
+def test_param_groups_and_frozen_weights(tmp_path):
+    """Fine-tuning: the first layer's weight frozen (outside the optimizer), two groups with
+    their own lr and weight decay."""
+
+    def run(weights=None, folder=None):
+        model = make_model()
+        model[0].weight.requires_grad_(False)
+        opt = torch.optim.SGD([{"params": [model[0].bias], "lr": 0.05},
+                               {"params": model[2].parameters(), "weight_decay": 0.01}],
+                              lr=0.1, momentum=0.9)
+        recorder = MagicRecorder(folder, model, opt, every=7) if folder else None
+        w = torch.ones(N, dtype=torch.float64) if weights is None else weights
+        for ids in ORDER:
+            if recorder:
+                recorder.record(ids)
+            opt.zero_grad()
+            (w[ids] * loss_fn(model, get_batch(ids))).mean().backward()
+            opt.step()
+        if recorder:
+            recorder.finish()
+        return model
+
+    run(folder=tmp_path / "r")
+    result = magic_scores(tmp_path / "r", make_model(), loss_fn, get_batch, (QX, QY),
+                          progress=False)
+    example, eps = ORDER[3][1], 1e-5
+    up, down = torch.ones(N, dtype=torch.float64), torch.ones(N, dtype=torch.float64)
+    up[example] += eps
+    down[example] -= eps
+    finite = -(query_losses(run(up)) - query_losses(run(down))) / (2 * eps)
+    got = result["influence"][:, result["tgt_ids"].index(example)]
+    assert float((got - finite).abs().max() / finite.abs().max()) <= 1e-6
+
+
 def test_bisect_schedule_matches_and_holds_fewer_states(tmp_path):
     train("sgd-momentum-wd", folder=tmp_path / "r", every=12)
     store = magic_scores(tmp_path / "r", make_model(), loss_fn, get_batch, (QX, QY),

@@ -62,8 +62,10 @@ def magic_scores(record: Any, model: nn.Module, loss_fn: Callable, get_batch: Ca
                  tolerance: Optional[float] = None, progress: bool = True) -> dict:
     """Metagradient scores of a batch of queries against every example of a recorded run.
 
-    record: the folder a `MagicRecorder` wrote (or a loaded `ReplayRecord`). model: the trained
-    architecture (its parameters are not used or changed: the run's checkpoints are).
+    record: the folder a `MagicRecorder` wrote, a project folder holding it in `replay/`, or a
+    loaded `ReplayRecord`. model: the trained architecture; the parameters the optimizer trained
+    come from the run's checkpoints, the others (frozen ones) and buffers from `model`, which
+    is not changed.
     loss_fn(model, batch) -> Tensor[B]: the per-example training losses, as during training.
     get_batch(ids) -> batch: the training batch of these data ids (the same content and order
     the run trained on). query_batch: the queries' batch; query_loss_fn(model, query_batch) ->
@@ -96,7 +98,11 @@ def magic_scores(record: Any, model: nn.Module, loss_fn: Callable, get_batch: Ca
         return torch.func.functional_call(query_fn, _prefixed(params), (query_batch,))
 
     with torch.no_grad():
-        n_query = int(query_losses(final_params).reshape(-1).shape[0])
+        shape = tuple(query_losses(final_params).shape)
+    if len(shape) != 1:
+        raise UsageError(f"query_loss_fn(model, query_batch) must return one loss per query "
+                         f"(a 1-D tensor), got shape {shape}.")
+    n_query = shape[0]
     src_ids = list(range(n_query)) if query_ids is None else normalize_data_ids(query_ids)
     if len(src_ids) != n_query:
         raise UsageError(f"query_ids has {len(src_ids)} ids for {n_query} query losses.")
