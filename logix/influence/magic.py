@@ -79,7 +79,8 @@ def magic_scores(record: Any, model: nn.Module, loss_fn: Callable, get_batch: Ca
 
     Returns {"influence" [n_query, n_train] float64, "src_ids", "tgt_ids" (training ids in
     order of first use), "meta"}; influence[q, i] = -dQ_q/dw_i (> 0: helpful). meta holds
-    the cost: steps, replayed forward steps, seconds, states held and their bytes.
+    the cost: steps, replayed forward steps, seconds, states held and their bytes, and the
+    peak memory (CUDA: this call's; CPU: the process's peak resident memory so far).
     """
     if schedule not in SCHEDULES:
         raise UsageError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
@@ -143,7 +144,17 @@ def magic_scores(record: Any, model: nn.Module, loss_fn: Callable, get_batch: Ca
             "tolerance": tol}
     if torch.cuda.is_available() and replay.device.type == "cuda":
         meta["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:  # the process's peak resident memory so far (not this call's alone)
+        meta["process_peak_rss_bytes"] = _peak_rss()
     return {"influence": scores, "src_ids": src_ids, "tgt_ids": list(columns), "meta": meta}
+
+
+def _peak_rss() -> Optional[int]:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _prefixed(params: Params) -> Params:
