@@ -160,11 +160,13 @@ def test_record_on_disk(tmp_path):
     assert not [f for f in files if f.endswith(".tmp")]
     record = json.loads((folder / RECORD_FILE).read_text())
     assert record["finished"] and record["checkpoints"] == [0, 5, 10, 15, 20, 24]
-    assert [s["ids"] for s in record["steps"]] == ORDER
-    assert [s["lr"][0] for s in record["steps"][7:9]] == [0.02, 0.01]  # the schedule's drop
     assert record["optimizer"]["kind"] == "adamw"
     assert record["optimizer"]["groups"][0]["hparams"]["weight_decay"] == 0.1
     assert len([f for f in files if f.startswith("checkpoint-")]) == 6
+    assert len([f for f in files if f.startswith("steps-")]) == 5
+    steps = load_record(folder).steps
+    assert [s["ids"] for s in steps] == ORDER
+    assert [s["lr"][0] for s in steps[7:9]] == [0.02, 0.01]  # the schedule's drop
 
 
 def test_unsupported_optimizer_is_refused(tmp_path):

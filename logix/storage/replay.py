@@ -2,15 +2,17 @@
 
     <folder>/                           (by default <root_dir>/<project>/replay)
       replay.json                       the record: optimizer kind and hyperparameters, the
-                                        reduction of the per-example losses, seeds, and per step
-                                        the data ids in order and the learning rate used
+                                        reduction of the per-example losses, seeds, the
+                                        checkpoints' steps, whether the run finished
       checkpoint-<step>.safetensors     trained parameters ("param::<name>") and optimizer state
                                         ("state::<name>::<key>") before step <step> (0-based),
                                         every `every` steps and after the last one
+      steps-<start>.json                the steps from checkpoint <start> to the next one: per
+                                        step the data ids in order and the lr of each group
 
-Every file is written atomically (temporary name, fsync, rename). `replay.json` is rewritten at
-each checkpoint, so after a crash it describes the steps up to the last complete checkpoint and
-says the run did not finish. `MagicRecorder` writes a record; `load_record` reads it back and
+Every file is written atomically (temporary name, fsync, rename), each steps file once, before
+its closing checkpoint; `replay.json` (small) is rewritten at each checkpoint, so after a crash
+it describes the steps up to the last complete checkpoint and says the run did not finish. `MagicRecorder` writes a record; `load_record` reads it back and
 refuses one that cannot be replayed, naming why.
 """
 
@@ -56,6 +58,10 @@ _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDro
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.safetensors"
+
+
+def steps_name(start: int) -> str:
+    return f"steps-{start:08d}.json"
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> Tuple[str, Tuple[str, ...]]:
@@ -229,6 +235,10 @@ class MagicRecorder:
 
     def _save_checkpoint(self) -> None:
         step = len(self._steps)
+        if self._checkpoints:  # the steps since the last checkpoint, before the one closing them
+            start = self._checkpoints[-1]
+            atomic_write(os.path.join(self.folder, steps_name(start)),
+                         json.dumps(self._steps[start:]).encode())
         tensors = {}
         for name, p in self._params:
             tensors[KEY_SEP.join((PARAM_PREFIX, name))] = p.detach().cpu().contiguous()
@@ -242,9 +252,8 @@ class MagicRecorder:
         self._write_record(finished=False)
 
     def _write_record(self, finished: bool) -> None:
-        steps = self._steps[:self._checkpoints[-1]]  # what the last checkpoint covers
         record = {**self.record_info, "finished": finished, "problems": list(self._problems),
-                  "checkpoints": list(self._checkpoints), "steps": steps}
+                  "checkpoints": list(self._checkpoints)}
         atomic_write(os.path.join(self.folder, RECORD_FILE), json.dumps(record).encode())
 
 
@@ -314,8 +323,21 @@ def load_record(folder: str) -> ReplayRecord:
     if not record["finished"]:
         raise UsageError(f"The run recorded in {folder!r} did not finish (no "
                          "recorder.finish(), or it crashed): its final weights are unknown.")
-    if not record["steps"]:
+    checkpoints = record["checkpoints"]
+    if len(checkpoints) < 2:
         raise UsageError(f"The run recorded in {folder!r} has no optimizer steps.")
+    steps: List[dict] = []
+    for start, stop in zip(checkpoints[:-1], checkpoints[1:]):
+        name = os.path.join(folder, steps_name(start))
+        try:
+            with open(name) as f:
+                part = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LogFormatError(f"{name!r} is missing or damaged: {exc}") from exc
+        if len(part) != stop - start:
+            raise LogFormatError(f"{name!r} holds {len(part)} steps, the checkpoints "
+                                 f"{start} and {stop} need {stop - start}.")
+        steps += part
     return ReplayRecord(folder, record["optimizer"]["kind"],
                         record["optimizer"]["groups"], record["reduction"], record["every"],
-                        record["steps"], record["checkpoints"], record)
+                        steps, checkpoints, record)
