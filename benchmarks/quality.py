@@ -5,6 +5,10 @@ mode, damping and method on four small cases, next to the original LogIX and Kro
     python benchmarks/quality.py --cases mlp,staged   # some cases
     python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
     python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2  # + peers
+    python benchmarks/quality.py --cases mlp,staged --magic-cases mlp,staged --seeds 0,1,2
+                                        # MAGIC and the single-model ground truth on both
+    python benchmarks/quality.py --magic-cases ""   # without MAGIC (default: on mlp, which
+                                        # adds 3 x 50 single-model retrainings per seed)
 
 Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * mlp: tabular, 4 Gaussian classes in 16 dimensions with label noise; MLP 16-32-32-4 (tanh),
