@@ -45,15 +45,48 @@ class Case:
         other = logits.scatter(1, y[:, None], -math.inf).max(1).values
         return true - other
 
-    def train(self, indices, seed):
+    def optimizer(self, params):
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+    def train(self, indices, seed, record=None, weights=None):
+        """Full-batch training on `indices` with seed `seed`. record(model, optimizer): makes a
+        MAGIC recorder (logix.MagicRecorder), told each step's ids and finished at the end.
+        weights [N_TRAIN]: per-example data weights, the loss then being
+        sum_i w_i loss_i / len(indices) (the single-model ground truth)."""
         torch.manual_seed(seed)
         model = self.model()
-        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+        opt = self.optimizer(model.parameters())
+        recorder = None if record is None else record(model, opt)
+        y = None if self.y is None else self.y[indices]
         for _ in range(self.steps):
+            if recorder is not None:
+                recorder.record(indices.tolist())
             opt.zero_grad()
-            self.loss(model, self.x[indices], self.y[indices], "mean").backward()
+            if weights is None:
+                self.loss(model, self.x[indices], y, "mean").backward()
+            else:
+                per = self.per_example_loss(model, self.x[indices], y)
+                ((weights[indices] * per).sum() / len(indices)).backward()
             opt.step()
+        if recorder is not None:
+            recorder.finish()
         return model
+
+    def train_removed(self, indices, seed):
+        """The single-model ground truth: the attributed run itself (seed 0, every example in
+        the same order) with the examples outside `indices` given weight 0; `seed` is
+        ignored."""
+        weights = torch.zeros(N_TRAIN)
+        weights[indices] = 1.0
+        return self.train(torch.arange(N_TRAIN), 0, weights=weights)
+
+    def per_example_batch(self, ids):
+        """The batch of these training ids, as `magic_loss` takes it."""
+        return self.x[ids], None if self.y is None else self.y[ids]
+
+    def magic_loss(self, model, batch):  # per-example losses [B]
+        x, y = batch
+        return self.per_example_loss(model, x, y)
 
     def eval_loss(self, model):
         with torch.no_grad():
@@ -156,15 +189,8 @@ class LMCase(Case):
         true = logits.gather(1, target[:, None])[:, 0]
         return true - logits.scatter(1, target[:, None], -math.inf).max(1).values
 
-    def train(self, indices, seed):
-        torch.manual_seed(seed)
-        model = self.model()
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        for _ in range(self.steps):
-            opt.zero_grad()
-            self.loss(model, self.x[indices], None, "mean").backward()
-            opt.step()
-        return model
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.lr)
 
 
 class StagedCase(MLPCase):
@@ -172,22 +198,31 @@ class StagedCase(MLPCase):
     # (segment, classes trained on, steps, lr); two checkpoints per stage
     stages = ((0, (0, 1), 150, 0.1), (1, (0, 1, 2, 3), 40, 0.02))
 
-    def train(self, indices, seed, checkpoints=None):
+    def train(self, indices, seed, checkpoints=None, record=None, weights=None):
         torch.manual_seed(seed)
         model = self.model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=self.momentum)
+        recorder = None if record is None else record(model, opt)
         for segment, classes, steps, lr in self.stages:
             members = self.members(indices, classes)
             for group in opt.param_groups:
                 group["lr"] = lr
             for step in range(steps):
+                if recorder is not None:
+                    recorder.record(members.tolist())
                 opt.zero_grad()
-                self.loss(model, self.x[members], self.y[members], "mean").backward()
+                if weights is None:
+                    self.loss(model, self.x[members], self.y[members], "mean").backward()
+                else:
+                    per = self.per_example_loss(model, self.x[members], self.y[members])
+                    ((weights[members] * per).sum() / len(members)).backward()
                 opt.step()
                 if checkpoints is not None and step + 1 in (steps // 2, steps):
                     checkpoints.append((f"s{segment}-{step + 1}", segment, lr, steps,
                                         members.tolist(),
                                         {k: v.clone() for k, v in model.state_dict().items()}))
+        if recorder is not None:
+            recorder.finish()
         return model
 
     def members(self, indices, classes):

@@ -5,6 +5,10 @@ mode, damping and method on four small cases, next to the original LogIX and Kro
     python benchmarks/quality.py --cases mlp,staged   # some cases
     python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
     python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2  # + peers
+    python benchmarks/quality.py --cases mlp,staged --magic-cases mlp,staged --seeds 0,1,2
+                                        # MAGIC and the single-model ground truth on both
+    python benchmarks/quality.py --magic-cases ""   # without MAGIC (default: on mlp, which
+                                        # adds 3 x 50 single-model retrainings per seed)
 
 Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * mlp: tabular, 4 Gaussian classes in 16 dimensions with label noise; MLP 16-32-32-4 (tanh),
@@ -17,6 +21,16 @@ Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * staged: the mlp data, trained in two stages (stage 1: classes 0-1 only, 150 steps at lr 0.1;
   stage 2: every class, 40 steps at lr 0.02; momentum 0.9), two checkpoints per stage, so the
   final model is not converged on classes 2-3. Adds methods ensemble, tracin and source.
+
+MAGIC (--magic-cases, default mlp): the attributed run is recorded with `logix.MagicRecorder`
+(a checkpoint every 20 steps) and the queries are scored by exact metagradients
+(`logix.magic_scores`, row "magic exact dot replay"; its bytes/example are the record's bytes
+over the 240 examples). On these cases every estimator is also scored against a single-model
+ground truth: the attributed run itself (seed 0, same full-batch steps) retrained with the
+examples outside each subset given weight 0 (`Case.train_removed`), at 50%, 95% and 99% of the
+examples kept (columns "single-model LDS, ...% kept"; seed s draws the subsets, the run keeps seed
+0). The MAGIC table compares it with the best other configuration on each ground truth and
+gives its cost beside a plain training run.
 
 Every case: 240 training and 40 query examples; the attributed model is trained with seed 0.
 Logging passes: unprojected (full per-example gradients of every tracked layer), random LoGra
@@ -75,6 +89,9 @@ PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
 FISHER_PROJECTIONS = (("none", None), ("pca", 8))
 DEFAULT_DAMPING = 0.1  # influence.relative_damping; its rows carry no " d..." suffix
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative damping swept: raw, kfac, ekfac, dot
+MAGIC_EVERY = 20  # training steps between MAGIC's replay checkpoints
+MAGIC_CONFIG = "magic exact dot replay"
+SINGLE_FRACTIONS = (0.5, 0.95, 0.99)  # fractions kept in the single-model ground truth's subsets
 # one-sided 95% Student t quantiles by degrees of freedom, for the paired seed comparison
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
        9: 1.833}
@@ -250,6 +267,34 @@ def staged_methods(case, root):
     return model, out
 
 
+def magic_method(case, root):
+    """MAGIC: record the attributed run (seed 0, the steps of case.train), then score the
+    queries by exact metagradients. extra: its cost beside a plain training run."""
+    folder = root / "magic"
+    shutil.rmtree(folder, ignore_errors=True)
+    everything = torch.arange(N_TRAIN)
+    t0 = time.perf_counter()
+    plain = case.train(everything, 0)
+    train_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = case.train(everything, 0, record=lambda m, opt: logix.MagicRecorder(
+        folder, m, opt, every=MAGIC_EVERY, seed=0))
+    record_seconds = time.perf_counter() - t0
+    result = logix.magic_scores(folder, case.model(), case.magic_loss, case.per_example_batch,
+                                (case.qx, case.qy), progress=False)
+    meta = result["meta"]
+    disk = sum(f.stat().st_size for f in folder.iterdir())
+    extra = {"seconds": meta["seconds"], "train_seconds": train_seconds,
+             "record_seconds": record_seconds, "steps": meta["steps"],
+             "replays": meta["replays"], "states_held": meta["states_held"],
+             "record_bytes": disk, "replay_error": meta["replay_error"],
+             "same_as_plain": all(torch.equal(a, b) for a, b in
+                                  zip(plain.parameters(), model.parameters()))}
+    print(f"{case.name}: MAGIC {meta['steps']} steps, {N_QUERY} queries in "
+          f"{meta['seconds']:.1f} s (plain training {train_seconds:.2f} s)", flush=True)
+    return {MAGIC_CONFIG: (aligned(result), disk // N_TRAIN, extra)}
+
+
 # ============================================================================ peers
 def make_venv(path: Path, peer: Peer) -> None:
     """Create a venv with `peer` at `path` (kept if `peer.check` already passes there)."""
@@ -290,12 +335,19 @@ def peer_grid(case, model, peer, python, root):
 
 
 # ============================================================================ main
-def evaluate(case, scores, cache, subsets, seeds):
-    """LDS per seed: seed s draws its own subsets (subset_seed=s) and retrains with seed s;
-    each seed has its own retraining cache (cache/seed{s})."""
+def evaluate(case, scores, cache, subsets, seeds, train=None, fraction=0.5):
+    """LDS per seed: seed s draws its own subsets (subset_seed=s) and retrains with seed s
+    (train: default case.train; case.train_removed keeps seed 0); each seed has its own
+    retraining cache (cache/seed{s})."""
     return [float(linear_datamodeling_score(
-        case.train, case.eval_loss, scores, n_subsets=subsets, seeds=(s,), subset_seed=s,
-        cache_dir=cache / f"seed{s}", progress=False)["lds"]) for s in seeds]
+        train or case.train, case.eval_loss, scores, n_subsets=subsets, fraction=fraction,
+        seeds=(s,), subset_seed=s, cache_dir=cache / f"seed{s}", progress=False)["lds"])
+        for s in seeds]
+
+
+def single_key(fraction):
+    """The row key of the single-model LDS at this kept fraction, e.g. "lds_single50"."""
+    return f"lds_single{round(fraction * 100)}"
 
 
 def tool_of(config: str) -> str:
@@ -304,8 +356,9 @@ def tool_of(config: str) -> str:
     return first if first in PEERS else "ours"
 
 
-def run_case(case, out_dir, subsets, seeds, n_brittle, peers):
-    """peers: {peer name: its venv's python}."""
+def run_case(case, out_dir, subsets, seeds, n_brittle, peers, magic=False):
+    """peers: {peer name: its venv's python}. magic: add MAGIC and the single-model ground
+    truth."""
     root = out_dir / "logs" / case.name
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.time()
@@ -315,6 +368,8 @@ def run_case(case, out_dir, subsets, seeds, n_brittle, peers):
     else:
         model = case.train(torch.arange(N_TRAIN), 0)
         grid = score_grid(case, model, root)
+    if magic:
+        grid.update(magic_method(case, root))
     grid["random"] = (torch.randn(N_QUERY, N_TRAIN, generator=torch.Generator().manual_seed(9),
                                   dtype=torch.float64), 0, {})
     errors = {}
@@ -326,9 +381,16 @@ def run_case(case, out_dir, subsets, seeds, n_brittle, peers):
     rows = []
     for name, (scores, size, extra) in grid.items():
         per_seed = evaluate(case, scores, cache, subsets, seeds)
-        rows.append({"case": case.name, "config": name, "bytes": size,
-                     "lds": sum(per_seed) / len(per_seed), "lds_std": std(per_seed),
-                     "lds_seeds": per_seed, **extra})
+        row = {"case": case.name, "config": name, "bytes": size,
+               "lds": sum(per_seed) / len(per_seed), "lds_std": std(per_seed),
+               "lds_seeds": per_seed, **extra}
+        for fraction in SINGLE_FRACTIONS if magic else ():
+            key = single_key(fraction)
+            found = evaluate(case, scores, out_dir / "cache" / f"{case.name}-{key[4:]}",
+                             subsets, seeds, case.train_removed, fraction)
+            row.update({key: sum(found) / len(found), key + "_std": std(found),
+                        key + "_seeds": found})
+        rows.append(row)
     rows += [{"case": case.name, "config": name, "bytes": None, "lds": None, "error": text}
              for name, text in errors.items()]
     best = best_of(rows, "ours")
@@ -371,19 +433,57 @@ def best_of(rows, tool):
     return max(pool, key=lambda r: r["lds"]) if pool else None
 
 
-def fmt(r):
-    return f"{r['lds']:.3f} ± {r['lds_std']:.3f}"
+def fmt(r, key="lds"):
+    return f"{r[key]:.3f} ± {r[key + '_std']:.3f}"
 
 
 def render(rows):
-    lines = ["| case | configuration | bytes/example | LDS (mean ± std over seeds) | "
-             "brittleness (flipped at k<=40) |", "|---|---|---|---|---|"]
+    singles = [single_key(f) for f in SINGLE_FRACTIONS if any(single_key(f) in r for r in rows)]
+    extra = "".join(f" single-model LDS, {k[10:]}% kept |" for k in singles)
+    lines = ["| case | configuration | bytes/example | LDS (mean ± std over seeds) |" + extra +
+             " brittleness (flipped at k<=40) |", "|---|---|---|---|" + "---|" * len(singles)
+             + "---|"]
     for r in sorted(rows, key=lambda r: (r["case"], r["lds"] is None, -(r["lds"] or 0))):
         flip = f"{r['brittle_flipped']:.0%}" if "brittle_flipped" in r else ""
         lds = fmt(r) if r["lds"] is not None else "failed: " + one_line(r["error"])
         size = "-" if r["bytes"] is None else r["bytes"]
-        lines.append(f"| {r['case']} | {r['config']} | {size} | {lds} | {flip} |")
+        cells = "".join(f" {fmt(r, k)} |" if k in r else " - |" for k in singles)
+        lines.append(f"| {r['case']} | {r['config']} | {size} | {lds} |{cells} {flip} |")
     return "\n".join(lines)
+
+
+def render_magic(rows):
+    """Per case with MAGIC: its LDS on each ground truth beside the best other configuration
+    of this library (picked per ground truth), exact influence and random scores; then its
+    cost beside a plain training run."""
+    cases = sorted({r["case"] for r in rows if r["config"] == MAGIC_CONFIG})
+    if not cases:
+        return ""
+    keys = ["lds"] + [single_key(f) for f in SINGLE_FRACTIONS]
+    names = ["resampled (seed s retrains)"] + [f"single-model, {k[10:]}% kept" for k in keys[1:]]
+    lines = ["| case | ground truth | MAGIC | best other (ours) | LDS | influence raw dot full |"
+             " random |", "|---|---|---|---|---|---|---|"]
+    costs = ["| case | steps | plain training s | recorded training s | MAGIC scoring s "
+             f"({N_QUERY} queries) | scoring / plain training | replays | states held | "
+             "record bytes |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        part = {r["config"]: r for r in rows if r["case"] == case and r["lds"] is not None}
+        magic = part[MAGIC_CONFIG]
+        for key, name in zip(keys, names):
+            others = [r for c, r in part.items() if c not in (MAGIC_CONFIG, "random")
+                      and tool_of(c) == "ours" and key in r]
+            best = max(others, key=lambda r: r[key]) if others else None
+            exact = part.get("influence raw dot full")
+            cells = [fmt(magic, key), best["config"] if best else "-",
+                     fmt(best, key) if best else "-", fmt(exact, key) if exact else "-",
+                     fmt(part["random"], key)]
+            lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
+        costs.append(f"| {case} | {magic['steps']} | {magic['train_seconds']:.2f} | "
+                     f"{magic['record_seconds']:.2f} | {magic['seconds']:.1f} | "
+                     f"{magic['seconds'] / magic['train_seconds']:.0f}x | "
+                     f"{magic['replays']:g} | {magic['states_held']} | "
+                     f"{magic['record_bytes']} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(costs)
 
 
 def one_line(text):
@@ -455,8 +555,9 @@ def plot(rows, path):
     cases = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
-               "logix0.1.1": "x", "kronfluence": "D"}
-    colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3"}
+               "logix0.1.1": "x", "kronfluence": "D", "magic": "P"}
+    colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
+              "exact": "k"}
     for ax, case in zip(axes[0], cases):
         for r in rows:
             if r["case"] != case or r["config"] == "random" or r["lds"] is None:
@@ -489,6 +590,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4",
                         help="retraining seeds: each draws its own subsets and retrains")
     parser.add_argument("--brittle", type=int, default=5, help="queries per brittleness test")
+    parser.add_argument("--magic-cases", default="mlp",
+                        help="cases that add MAGIC and the single-model ground truth ('' none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
     peer = parser.add_mutually_exclusive_group()
     peer.add_argument("--peer-venv", type=Path, help="a venv with LogIX 0.1.1 (logix-ai)")
@@ -500,7 +603,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.cases.split(","):
+    magic_cases = [c for c in args.magic_cases.split(",") if c]
+    for name in args.cases.split(",") + magic_cases:
         if name not in CASES:
             parser.error(f"unknown case {name!r}; cases: {list(CASES)}")
     try:
@@ -522,9 +626,11 @@ def main(argv=None) -> int:
                          f"--make-{flag}-venv {venv}")
     rows = []
     for name in args.cases.split(","):
-        rows += run_case(CASES[name](), args.out, args.subsets, seeds, args.brittle, peers)
+        rows += run_case(CASES[name](), args.out, args.subsets, seeds, args.brittle, peers,
+                         magic=name in magic_cases)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = "\n\n".join((render(rows), render_summary(rows), render_damping(rows)))
+    table = "\n\n".join(t for t in (render(rows), render_summary(rows), render_damping(rows),
+                                     render_magic(rows)) if t)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     plot(rows, args.out / "lds_vs_bytes.png")

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
 from logix.index.attributor import Attributor
+from logix.influence.magic import MagicRecorder, magic_scores
 from logix.influence.results import Scores
 from logix.log import StepLog
 from logix.mode import Mode
@@ -87,7 +88,7 @@ def __getattr__(name: str):
 
 __all__ = ["init", "Run", "Attributor", "Scores", "Mode", "LogIXScheduler", "Config",
            "load_config", "StepLog", "get_run", "frozen", "LogIXError", "ConfigError",
-           "UsageError", "LogFormatError", "WriterError",
+           "UsageError", "LogFormatError", "WriterError", "MagicRecorder", "magic_scores",
            # the current run's methods (get_run().<name>)
            "watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",
            "flush", "finalize", "initialize_from_log", "build_log_dataloader",

@@ -271,6 +271,15 @@ class Run:
         inner.all_reduce()
         self._session.add_checkpoint(name, inner.state_dict(), info)
 
+    def magic_recorder(self, model: nn.Module, optimizer, **kwargs):
+        """A `logix.MagicRecorder` that records this training run into `<project>/replay`, for
+        exact metagradient scores (`logix.magic_scores(run.project_dir, ...)`; docs/magic.md).
+        kwargs: every, reduction, seed."""
+        from logix.influence.magic import REPLAY_DIR, MagicRecorder
+
+        return MagicRecorder(os.path.join(self.project_dir, REPLAY_DIR), model, optimizer,
+                             **kwargs)
+
     def get_log(self, copy: bool = False) -> StepLog:
         """The last step's projected gradients (a query's test log)."""
         return self._steps.log(copy)

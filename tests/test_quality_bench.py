@@ -58,3 +58,22 @@ def test_swept_marks_only_damping_rows():
     assert quality.swept("kronfluence ekfac dot full d0.1")
     assert not quality.swept("influence ekfac dot full")  # "dot" is not a damping
     assert not quality.swept("influence kfac dot full-tf")
+
+
+def test_render_magic_compares_per_ground_truth():
+    def row(config, lds, **extra):
+        r = {"case": "mlp", "config": config, "bytes": 1, "lds": lds, "lds_std": 0.0}
+        for f in quality.SINGLE_FRACTIONS:
+            key = quality.single_key(f)
+            r.update({key: lds + f, key + "_std": 0.01})
+        return {**r, **extra}
+
+    rows = [row(quality.MAGIC_CONFIG, 0.2, steps=200, train_seconds=0.5, record_seconds=0.6,
+                seconds=5.0, replays=1.0, states_held=21, record_bytes=1000),
+            row("influence ekfac dot full", 0.4), row("influence raw dot full", 0.3),
+            row("random", 0.0)]
+    text = quality.render_magic(rows)
+    assert "| mlp | single-model, 99% kept | 1.190 ± 0.010 | influence ekfac dot full |" in text
+    assert "| mlp | 200 | 0.50 | 0.60 | 5.0 | 10x | 1 | 21 | 1000 |" in text
+    assert quality.render_magic(rows[1:]) == ""
+    assert "single-model LDS, 95% kept" in quality.render(rows)
