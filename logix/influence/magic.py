@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from logix.errors import UsageError
+from logix.influence.results import Scores
 from logix.progress import progress_bar
 from logix.storage.data_ids import normalize_data_ids
 from logix.storage.replay import (REPLAY_DIR, MagicRecorder, ReplayRecord,  # noqa: F401
@@ -146,7 +147,7 @@ def magic_scores(record: Any, model: nn.Module, loss_fn: Callable, get_batch: Ca
         meta["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:  # the process's peak resident memory so far (not this call's alone)
         meta["process_peak_rss_bytes"] = _peak_rss()
-    return {"influence": scores, "src_ids": src_ids, "tgt_ids": list(columns), "meta": meta}
+    return Scores(influence=scores, src_ids=src_ids, tgt_ids=list(columns), meta=meta)
 
 
 def _peak_rss() -> Optional[int]:
