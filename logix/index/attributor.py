@@ -10,11 +10,21 @@ from typing import Optional
 
 from logix.index.builder import build
 from logix.index.search import search
+from logix.index.warm import Warm
 from logix.influence import attributor
 
 
 class Attributor(attributor.Attributor):
     # the class docstring is influence's (inspect.getdoc inherits it)
+
+    @property
+    def index_cache(self) -> Warm:
+        """What `search` keeps open between calls (index files, row stores over the mapped
+        shards, train norms), each reopened when its file changes; `.clear()` drops it."""
+        warm = self.__dict__.get("_index_cache")
+        if warm is None:
+            warm = self.__dict__["_index_cache"] = Warm()
+        return warm
 
     def build_index(self, kind: str = "auto", mode: str = "dot", **options):
         """Build (or bring up to date) a FAISS index of the saved rows under
