@@ -89,10 +89,18 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
             index, manifest, truth,
             lambda at: _read_normalised(full.project_dir, reader, transform, at), transform.finish)
         if found["pick"] == "flat" and manifest.kind != "flat":  # an index that does not pay off
+            rejected = found["calibration"]
             manifest, index = _new("flat", None, reader.rows, dim, **options)
             transform = _Transform(manifest, dim, attributor, full, plan, block_rows, progress)
             _fill(index, manifest, reader, transform, block_rows, None, full.project_dir,
                   progress)
+            found = calibrate.measure(
+                index, manifest, truth,
+                lambda at: _read_normalised(full.project_dir, reader, transform, at),
+                transform.finish)
+            found["calibration"]["why"] = "an IVF index did not pay off: " + rejected["why"]
+            found["calibration"]["rejected"] = {key: rejected[key] for key in (
+                "picked", "nprobe", "recall_at_10", "speedup", "why", "tried")}
         elif manifest.kind == "ivf":
             manifest.faiss["nprobe"] = found["nprobe"]
         manifest.calibration = found["calibration"]

@@ -102,7 +102,8 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
         "exact_scan_ms": round(scan_ms, 3), "index_ms": best["index_and_rerank_ms"],
         "speedup": round(speedup, 2), "tried": tried,
         "picked": manifest.faiss["factory"] if pick == "index" else "Flat (full rows)",
-        "why": "recall and speed-up measured" if pick == "index" else
+        "why": "below backend.AUTO_FLAT_ROWS rows: exact flat index" if manifest.kind == "flat"
+        else "recall and speed-up measured" if pick == "index" else
                f"the index measured recall {best['recall_at_10']} and {speedup:.2f}x the exact "
                f"scan (needs >= {backend.AUTO_RECALL} and > {backend.AUTO_MIN_SPEEDUP}x): a flat index is faster or "
                "more accurate"}
