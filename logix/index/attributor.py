@@ -43,7 +43,10 @@ class Attributor(attributor.Attributor):
         `candidates` per query (default max(4k, 100)) and their exact scores rank them, so the
         scores are exact and only recall is approximate. bottom=True adds the k most harmful.
         Returns {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"}
-        as compute_influence_all(..., topk=k). options: index (name), mode, hessian, damping,
-        precondition, nprobe, ef. Without FAISS or an index for the mode, the exact streaming
-        top-k answers (with a notice); a stale index is refused."""
+        as compute_influence_all(..., topk=k); meta["search"]["seconds"] splits the time
+        (index, read, rerank, total). options: index (name), mode, hessian, damping,
+        precondition, nprobe, ef, fallback. Without FAISS or an index for the mode, the exact
+        streaming top-k answers (with a notice; fallback=False: a UsageError instead); a stale
+        index is refused. The index, the row stores over the mapped shards and the train norms
+        stay open between calls (`index_cache`)."""
         return search(self, self.query(test_log), k, candidates, rerank, bottom, **options)

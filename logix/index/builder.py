@@ -100,7 +100,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                 transform.finish)
             found["calibration"]["why"] = "an IVF index did not pay off: " + rejected["why"]
             found["calibration"]["rejected"] = {key: rejected[key] for key in (
-                "picked", "nprobe", "recall_at_10", "speedup", "why", "tried")}
+                "measured", "nprobe", "recall_at_10", "speedup", "why", "tried")}
         elif manifest.kind == "ivf":
             manifest.faiss["nprobe"] = found["nprobe"]
         manifest.calibration = found["calibration"]

@@ -101,6 +101,7 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
         "nprobe": best["nprobe"], "recall_at_10": best["recall_at_10"],
         "exact_scan_ms": round(scan_ms, 3), "index_ms": best["index_and_rerank_ms"],
         "speedup": round(speedup, 2), "tried": tried,
+        "measured": manifest.faiss["factory"],
         "picked": manifest.faiss["factory"] if pick == "index" else "Flat (full rows)",
         "why": "below backend.AUTO_FLAT_ROWS rows: exact flat index" if manifest.kind == "flat"
         else "recall and speed-up measured" if pick == "index" else

@@ -34,7 +34,8 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
            rerank: bool = True, bottom: bool = False, *, index: Optional[str] = None,
            mode: Optional[str] = None, hessian: Optional[str] = None,
            damping: Optional[float] = None, precondition: bool = True,
-           nprobe: Optional[int] = None, ef: Optional[int] = None) -> dict:
+           nprobe: Optional[int] = None, ef: Optional[int] = None,
+           fallback: bool = True) -> dict:
     started = time.perf_counter()
     full = attributor.reader()
     if full.rows == 0:
@@ -60,6 +61,9 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     curvature = store.curvature_of(plan.preconditioner) if mode == "cosine" else None
     warm = getattr(attributor, "index_cache", None) or Warm()
     found, why = _pick(full.project_dir, mode, curvature, part, index, warm)
+    if found is None and not fallback:
+        raise UsageError(f"logix search: {why}; this search answers from a fresh index only "
+                         "(no fallback to the exact stream).")
     if found is None:
         warnings.warn(f"logix search: {why}; using the exact streaming top-k instead.",
                       stacklevel=3)

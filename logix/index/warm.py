@@ -15,6 +15,7 @@ import os
 import threading
 from typing import Callable, Dict, Tuple
 
+from logix.errors import UsageError
 from logix.index import backend, store
 from logix.index.rows import RowStore
 
@@ -31,6 +32,7 @@ class Warm:
         self._indexes: Dict[str, tuple] = {}
         self._rows: Dict[tuple, RowStore] = {}
         self._norms: Dict[str, object] = {}
+        self.read_only = False  # True (`logix serve`): train norms not cached yet are refused
 
     def manifest(self, project_dir: str, name: str) -> store.IndexManifest:
         path = os.path.join(store.folder(project_dir, name), store.INDEX_MANIFEST)
@@ -70,6 +72,10 @@ class Warm:
         with self._lock:
             if path in self._norms:
                 return self._norms[path]
+        if self.read_only and not os.path.isfile(path):
+            raise UsageError("The train norms this cosine search needs are not cached, and "
+                             "this search writes nothing (logix serve). Build the cosine index "
+                             "first (`logix index DIR --mode cosine`), which caches them.")
         value = load()
         with self._lock:
             self._norms[path] = value
