@@ -32,7 +32,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
           hessian: Optional[str] = None, damping: Optional[float] = None,
           nlist: Optional[int] = None, nprobe: Optional[int] = None, hnsw_m: int = 32,
           ef: int = 128, pq_m: Optional[int] = None, seed: int = 0, block_rows: int = 65536,
-          progress: bool = True) -> store.IndexManifest:
+          progress: bool = True, measure: bool = False) -> store.IndexManifest:
     backend.import_faiss()
     full = attributor.reader()
     if full.rows == 0:
@@ -77,8 +77,10 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
         resolved = backend.resolve_kind(kind, reader.rows)
         width = backend.auto_sketch(dim, sketch) if kind == "auto" and resolved != "flat" \
             else sketch
+        if kind == "auto" and resolved == "hnsw":
+            options["ef"] = backend.AUTO_HNSW_EF_CONSTRUCTION
         manifest, index = _new(resolved, width, reader.rows, dim, **options)
-        if kind == "auto":
+        if kind == "auto" or measure:
             truth = "measure"
     transform = _Transform(manifest, dim, attributor, full, plan, block_rows, progress)
     if truth == "measure":  # the exact top-10 of sample rows, gathered during the add pass
@@ -103,6 +105,8 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                 "measured", "nprobe", "recall_at_10", "speedup", "why", "tried")}
         elif manifest.kind == "ivf":
             manifest.faiss["nprobe"] = found["nprobe"]
+        elif manifest.kind == "hnsw":
+            manifest.faiss["ef"] = found["ef"]
         manifest.calibration = found["calibration"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     manifest.bytes = backend.write(index, path)

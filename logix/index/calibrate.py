@@ -68,9 +68,13 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
             if nprobe >= nlist:
                 break
             nprobe = min(2 * nprobe, nlist)
+    field = "nprobe"
+    if manifest.kind == "hnsw":  # search breadth
+        field, ladder = "ef", [16, 32, 64, 128, 256, 512]
     tried = []
     for nprobe in ladder:
-        backend.set_search_params(index, nprobe, None)
+        backend.set_search_params(index, *((nprobe, None) if field == "nprobe" else
+                                           (None, nprobe)))
         started = time.perf_counter()
         _, found = index.search(queries, c)
         found = torch.from_numpy(found).long()  # [n, c]
@@ -82,15 +86,16 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
         got = _top_without_self(scores, found, truth.positions)
         seconds = time.perf_counter() - started
         recall = sum(len(g & w) for g, w in zip(got, want)) / max(1, sum(len(w) for w in want))
-        tried.append({"nprobe": nprobe, "recall_at_10": round(recall, 4),
+        tried.append({field: nprobe, "recall_at_10": round(recall, 4),
                       "index_ms": round(1e3 * (searched - started), 3),
                       "index_and_rerank_ms": round(1e3 * seconds, 3)})
         if recall >= backend.AUTO_RECALL:
             break
     best = tried[-1]
+    best.setdefault("nprobe", None)
     scan_ms = 1e3 * truth.seconds
     speedup = scan_ms / max(best["index_and_rerank_ms"], 1e-6)
-    pick = "index" if manifest.kind == "flat" or (
+    pick = "index" if manifest.kind == "flat" or manifest.faiss["requested"] != "auto" or (
         best["recall_at_10"] >= backend.AUTO_RECALL and speedup > backend.AUTO_MIN_SPEEDUP) \
         else "flat"
     calibration = {
@@ -98,7 +103,7 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
         "sample": "evenly spaced rows of the log as queries, each row left out of its own "
                   "top-10; truth: exact inner products over every row",
         "positions": truth.positions.tolist(),
-        "nprobe": best["nprobe"], "recall_at_10": best["recall_at_10"],
+        "nprobe": best["nprobe"], "ef": best.get("ef"), "recall_at_10": best["recall_at_10"],
         "exact_scan_ms": round(scan_ms, 3), "index_ms": best["index_and_rerank_ms"],
         "speedup": round(speedup, 2), "tried": tried,
         "measured": manifest.faiss["factory"],
@@ -108,7 +113,8 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
                f"the index measured recall {best['recall_at_10']} and {speedup:.2f}x the exact "
                f"scan (needs >= {backend.AUTO_RECALL} and > {backend.AUTO_MIN_SPEEDUP}x): a flat index is faster or "
                "more accurate"}
-    return {"pick": pick, "nprobe": best["nprobe"], "calibration": calibration}
+    return {"pick": pick, "nprobe": best["nprobe"], "ef": best.get("ef"),
+            "calibration": calibration}
 
 
 def _top_without_self(scores: Tensor, ids: Tensor, positions: Tensor) -> List[set]:
