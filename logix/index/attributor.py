@@ -28,9 +28,11 @@ class Attributor(attributor.Attributor):
 
     def build_index(self, kind: str = "auto", mode: str = "dot", **options):
         """Build (or bring up to date) a FAISS index of the saved rows under
-        ``<project>/index/<name>/``, for `search`. kind: "auto" (flat below 10,000 rows, else
-        ivf with sq8 codes over a 256-wide sketch of rows wider than 512, nprobe calibrated on
-        the log's own rows; flat where that index measures no faster or below 0.95 recall@10) | "flat" | "ivf" | "hnsw". mode "dot" (serves every curvature) or
+        ``<project>/index/<name>/``, for `search`. kind: "auto" | "flat" | "ivf" | "hnsw".
+        auto: flat below 10,000 rows, HNSW up to 300,000, else IVF-SQ8, the latter two over a
+        256-wide sketch of rows wider than 512 with ef / nprobe calibrated on the log's own rows
+        (recall@10 and speed-up recorded in the manifest's `calibration`; flat where that index
+        measures below 0.95 recall@10 or no faster). mode "dot" (serves every curvature) or
         "cosine" (built for one curvature and damping). options: sketch=width (seeded JL
         sketch of wide rows), quantize=None | "sq8" | "pq", name, rebuild, hessian, damping,
         nlist, nprobe, hnsw_m, ef, pq_m, seed, progress, measure (record recall@10 and

@@ -17,6 +17,7 @@ AUTO_HNSW_EF_CONSTRUCTION = 40  # built with this breadth, then IVF-SQ8 (fast bu
 AUTO_SKETCH_WIDTH = 256  # kind="auto": index a JL sketch of this width when rows are wider than
 AUTO_SKETCH_ABOVE = 512  # this (the re-ranking reads the full rows)
 AUTO_RECALL = 0.95  # kind="auto": recall@10 the calibration must measure, else a flat index
+AUTO_RECALL_TARGET = 0.97  # ... and walks nprobe / ef up to this (a margin for other queries)
 AUTO_MIN_SPEEDUP = 1.0  # kind="auto": ... and a speed-up over the exact scan above this
 
 

@@ -178,7 +178,8 @@ def _existing(project_dir, name, path, reader, layout, wanted, rebuild):
         warnings.warn(f"Rebuilding index {name!r}: {e}", stacklevel=4)
         return None, None
     have = {"mode": manifest.mode, "curvature": manifest.curvature, "part": manifest.part,
-            "sketch": manifest.faiss.get("asked_sketch", manifest.sketch), "requested": manifest.faiss.get("requested"),
+            "sketch": manifest.faiss.get("asked_sketch", manifest.sketch),
+            "requested": manifest.faiss.get("requested"),
             "quantize": manifest.faiss.get("quantize")}
     state, why = store.state(manifest, reader.shards, layout)
     if have != wanted:

@@ -59,12 +59,12 @@ class SearchService:
 
     def __init__(self, project_dir: str, query_dirs: Sequence[str] = (), searches: int = 2,
                  max_wait_s: float = 30.0) -> None:
-        import logix
+        from logix.index.attributor import Attributor
 
         self.project_dir = os.path.abspath(project_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. no statistics: said by /api/health instead
-            self.attributor = logix.Attributor(self.project_dir)
+            self.attributor = Attributor(self.project_dir)
         self.attributor.index_cache.read_only = True  # train norms: read, never computed
         self.query_dirs = [os.path.realpath(d) for d in query_dirs]
         self._turns = threading.BoundedSemaphore(searches)

@@ -1,6 +1,10 @@
 """What one Attributor keeps open between searches, so that the second question costs only the
 search: the index manifests, the opened FAISS indexes, the row stores over the memory-mapped
-shards (`rows._shard_rows` keeps the maps) and the train norms of cosine indexes.
+shards (`rows._shard_map` keeps the maps) and the train norms of cosine indexes.
+
+An index file of at most IN_MEMORY_BYTES is read into memory (a memory-mapped one pages in from
+disk again whenever the page cache drops it: an HNSW search touches pages all over the file);
+a larger one stays memory-mapped.
 
 Every entry is keyed by the version of the file it came from (path, size, mtime, inode), so an
 index rebuilt or updated on disk, by this process or another, is opened again on the next call;
@@ -18,6 +22,9 @@ from typing import Callable, Dict, Tuple
 from logix.errors import UsageError
 from logix.index import backend, store
 from logix.index.rows import RowStore
+
+
+IN_MEMORY_BYTES = 2 << 30
 
 
 def _version(path: str) -> Tuple[int, int, int]:
@@ -53,7 +60,7 @@ class Warm:
             held = self._indexes.get(path)
             if held is not None and held[0] == key:
                 return held[1], held[2]
-        index = backend.read(path, kind)
+        index = backend.read(path, kind, mmap=key[0] > IN_MEMORY_BYTES)
         with self._lock:
             self._indexes[path] = (key, index, threading.Lock())
             return index, self._indexes[path][2]
