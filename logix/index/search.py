@@ -186,7 +186,7 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
         if rerank:
             values, positions = _exact_top(plan, rows, found, norms,
                                            _log_starts(full, manifest), min(k, c), largest,
-                                           timing)
+                                           timing, warm.block(SCORE_CHUNK, full.dim))
         else:
             scores = torch.from_numpy(found_scores).float()
             scores = sign * scores
@@ -207,7 +207,7 @@ _UNIT_ROUNDOFF = 2.0 ** -24
 
 
 def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], starts: Tensor,
-               k: int, largest: bool, timing: dict):
+               k: int, largest: bool, timing: dict, block: Tensor):
     """(values, positions) [n_query, k]: each query's best k candidates by their exact scores,
     with the stream's bits.
 
@@ -243,7 +243,7 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     exact = torch.full_like(fast, float("nan"))
     needed = torch.unique(inverse[near])
     bits = _stream_bits(plan, union[needed], values[needed],
-                        None if train_norms is None else train_norms[needed])  # [n_query, m]
+                        None if train_norms is None else train_norms[needed], block)
     slot = torch.full((len(union),), -1, dtype=torch.long)
     slot[needed] = torch.arange(len(needed))
     exact[near] = bits[near.nonzero()[:, 0], slot[inverse[near]]]
@@ -254,30 +254,35 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     return sign * best, positions
 
 
-def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tensor]) -> Tensor:
+def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tensor],
+                 block: Tensor) -> Tensor:
     """[n_query, n] scores of rows at log positions `union` with the stream's bits.
 
     Each row goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its position
     modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the same matrix
     multiply of the same queries at the same row and has the stream's bits; rows sharing a slot
-    go to successive matrices."""
+    go to successive matrices. `block`: a zeroed [SCORE_CHUNK, dim] scratch matrix, left zeroed.
+    Returns [n_query, n]."""
     slots = union % SCORE_CHUNK
     by_slot = torch.argsort(slots, stable=True)
     first = torch.searchsorted(slots[by_slot], slots[by_slot])  # first of each slot group
     chunk = torch.empty_like(union)
     chunk[by_slot] = torch.arange(len(union)) - first  # k-th row of its slot -> chunk k
     scores = torch.empty(len(union), plan.n_query)
-    block = torch.zeros(SCORE_CHUNK, values.shape[1])
-    for c in range(int(chunk.max()) + 1 if len(union) else 0):
-        members = (chunk == c).nonzero().flatten()
-        if c:
-            block[slots[chunk == c - 1]] = 0  # only the slots the last chunk filled
-        block[slots[members]] = values[members]
-        block_norms = None
-        if train_norms is not None:
-            block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
-            block_norms[slots[members]] = train_norms[members]
-        scores[members] = plan.score(block, block_norms)[slots[members]]
+    previous = slots[:0]
+    try:
+        for c in range(int(chunk.max()) + 1 if len(union) else 0):
+            members = (chunk == c).nonzero().flatten()
+            block[previous] = 0  # only the slots the last chunk filled
+            block[slots[members]] = values[members]
+            previous = slots[members]
+            block_norms = None
+            if train_norms is not None:
+                block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
+                block_norms[slots[members]] = train_norms[members]
+            scores[members] = plan.score(block, block_norms)[slots[members]]
+    finally:
+        block[previous] = 0
     return scores.T
 
 

@@ -39,6 +39,7 @@ class Warm:
         self._indexes: Dict[str, tuple] = {}
         self._rows: Dict[tuple, RowStore] = {}
         self._norms: Dict[str, object] = {}
+        self._local = threading.local()  # per thread: the re-ranking's scratch block
         self.read_only = False  # True (`logix serve`): train norms not cached yet are refused
 
     def manifest(self, project_dir: str, name: str) -> store.IndexManifest:
@@ -87,6 +88,16 @@ class Warm:
         with self._lock:
             self._norms[path] = value
         return value
+
+    def block(self, rows: int, dim: int):
+        """A zeroed [rows, dim] float32 scratch matrix of this thread, kept between searches
+        (a fresh one costs page faults every call); the caller zeroes what it wrote."""
+        import torch
+
+        block = getattr(self._local, "block", None)
+        if block is None or block.shape != (rows, dim):
+            block = self._local.block = torch.zeros(rows, dim)
+        return block
 
     def clear(self) -> None:
         with self._lock:
