@@ -314,9 +314,10 @@ def study(name: str, params: dict, variants, candidates, report: dict, builds: d
     report[name] = entry
 
 
-def latency(root: str, sizes, dim: int, n_queries: int, report: dict) -> None:
+def latency(root: str, sizes, dim: int, n_queries: int, report: dict, reuse: bool) -> None:
     """kind="auto" on float32 logs of each size: build (with its calibration), the exact stream,
-    warm searches in one process and a cold one in a new process."""
+    warm searches in one process and a cold one in a new process. `reuse`: the build and the
+    stream's timings and ids of an earlier run under the same --out."""
     rows_out = []
     for rows in sizes:
         project = os.path.join(root, f"lat-{rows}")
@@ -324,8 +325,14 @@ def latency(root: str, sizes, dim: int, n_queries: int, report: dict) -> None:
                        "dtype": "float32"})
         params = {"project": project, "queries": n_queries, "dim": dim, "hessian": "none",
                   "repeats": 2}
-        built = call("build", {**params, "kind": "auto"})
-        exact = call("exact", params)
+        cache_file = os.path.join(project, "latency-cache.json")  # --out: reuse build, stream
+        cached = json.load(open(cache_file)) if reuse and os.path.isfile(cache_file) else {}
+        index_there = os.path.isdir(os.path.join(project, "index", "auto-dot"))
+        built = cached["build"] if "build" in cached and index_there else \
+            call("build", {**params, "kind": "auto"})
+        exact = cached.get("exact") or call("exact", params)
+        with open(cache_file, "w") as f:
+            json.dump({"build": built, "exact": exact}, f)
         load = os.getloadavg()[0]
         started = time.perf_counter()
         cold = call("cold", params)
@@ -399,6 +406,8 @@ def main(argv=None) -> int:
                         help="study 'latency': log sizes (float32, --latency-dim wide)")
     parser.add_argument("--latency-dim", type=int, default=928,
                         help="row width of the latency study (928: a 4x512 MLP, LoGra rank 16)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="latency: reuse the build and the stream of an earlier run in --out")
     parser.add_argument("--worker")
     parser.add_argument("--params")
     args = parser.parse_args(argv)
@@ -414,7 +423,7 @@ def main(argv=None) -> int:
         studies = args.studies.split(",")
         if "latency" in studies:
             latency(root, [int(r) for r in args.latency_rows.split(",")], args.latency_dim,
-                    args.queries, report)
+                    args.queries, report, args.reuse)
         if "digits" in studies:
             qfile = os.path.join(root, "digits-queries.safetensors")
             d = call("digits", {"root": root, "queries_file": qfile})

@@ -4,8 +4,8 @@ memory-mapped shards: only the asked rows are read.
 A gather from a mapped file faults its pages in one at a time, each a disk read when the page
 cache no longer holds them (a shard written past it, or evicted since): 100 candidates cost 100
 sequential reads. `read` first advises the kernel of every page it will touch in a shard
-(MADV_WILLNEED: the reads are issued together, in parallel), then gathers the rows in one
-vectorised index per shard."""
+(MADV_WILLNEED, for every shard before the first gather: the reads are issued together and
+run in parallel), then gathers the rows with one vectorised index per shard."""
 
 from __future__ import annotations
 
@@ -63,12 +63,12 @@ class RowStore:
         order = torch.argsort(positions)
         shard, local = self.locate(positions[order])
         bounds = torch.searchsorted(shard, torch.arange(len(self.files) + 1)).tolist()
-        for s in range(len(self.files)):
-            part = slice(bounds[s], bounds[s + 1])
-            if part.start < part.stop:
-                mapped = _shard_map(*self._version(s), self.dim)
-                mapped.will_need(local[part])
-                out[order[part]] = mapped.rows.index_select(0, local[part]).float()
+        parts = [(_shard_map(*self._version(s), self.dim), slice(bounds[s], bounds[s + 1]))
+                 for s in range(len(self.files)) if bounds[s] < bounds[s + 1]]
+        for mapped, part in parts:  # every shard's reads issued before the first gather waits
+            mapped.will_need(local[part])
+        for mapped, part in parts:
+            out[order[part]] = mapped.rows.index_select(0, local[part]).float()
         return out
 
     def ids(self, lists: Sequence[Sequence[int]]) -> List[List]:
@@ -102,7 +102,7 @@ class _Mapped:
 
     def will_need(self, local: Tensor) -> None:
         """Ask the kernel to read the pages of these rows (sorted) now, all together."""
-        if self.map is None or not hasattr(self.map, "madvise") or len(local) < 2:
+        if self.map is None or not hasattr(self.map, "madvise"):
             return
         begin = (self.first + local * self.row_bytes) // _PAGE
         end = (self.first + (local + 1) * self.row_bytes - 1) // _PAGE
