@@ -125,6 +125,24 @@ def test_auto_records_the_recall_a_brute_force_check_measures(tmp_path, monkeypa
     assert cal["recall_at_10"] == round(recall, 4)
     assert cal["recall_at_10"] >= backend.AUTO_RECALL  # this log reaches it
     assert cal["speedup"] > 0 and cal["exact_scan_ms"] > 0
+    # the fewer candidates it keeps for searches hold that recall on the same queries
+    c = manifest.faiss["candidates"]
+    assert c == cal["search_candidates"] and c <= cal["candidates"]
+    short = scores[:, :c]
+    got = torch.gather(found[:, :c], 1, torch.topk(short, 10, dim=1).indices)
+    kept = sum(len(set(g.tolist()) & set(t.tolist())) for g, t in zip(got, truth)) / \
+        (10 * len(positions))
+    assert kept >= min(cal["recall_at_10"], backend.AUTO_RECALL_TARGET)
+    assert att.search(queries_log(att, queries), k=10, hessian="none")["meta"]["search"][
+        "candidates"] == c
+
+
+def queries_log(att, rows):
+    from logix.log import StepLog
+
+    manifest = att.reader().manifest
+    return StepLog([f"q{i}" for i in range(len(rows))], rows, manifest.modules,
+                   dict(manifest.projection))
 
 
 def test_auto_falls_back_to_flat_when_the_index_does_not_pay_off(tmp_path, monkeypatch):

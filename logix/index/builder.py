@@ -100,10 +100,13 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                 index, manifest, truth,
                 lambda at: _read_normalised(full.project_dir, reader, transform, at),
                 transform.finish)
-            found["calibration"]["why"] = "an IVF index did not pay off: " + rejected["why"]
+            found["calibration"]["why"] = \
+                f"{rejected['measured']} did not pay off: {rejected['why']}"
             found["calibration"]["rejected"] = {key: rejected[key] for key in (
                 "measured", "nprobe", "recall_at_10", "speedup", "why", "tried")}
-        elif manifest.kind == "ivf":
+        if manifest.kind != "flat":
+            manifest.faiss["candidates"] = found["candidates"]
+        if manifest.kind == "ivf":
             manifest.faiss["nprobe"] = found["nprobe"]
         elif manifest.kind == "hnsw":
             manifest.faiss["ef"] = found["ef"]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from logix import distributed
 from logix.errors import UsageError
-from logix.index import backend, store
+from logix.index import backend, calibrate, store
 from logix.index.builder import SERVED_MODES
 from logix.index.rows import RowStore
 from logix.index import sketch
@@ -47,6 +47,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
         raise UsageError(f"k={k} is larger than the log, which holds {full.rows} rows; ask for "
                          f"k <= {full.rows}.")
     backend.check_search_params(nprobe, ef)
+    asked = candidates
     candidates = max(k, candidates if candidates is not None else max(4 * k, MIN_CANDIDATES))
     if len(src) == 0:
         raise UsageError("The query log holds no rows; log at least one query step.")
@@ -79,6 +80,9 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
         raise UsageError(f"Index {found.name!r} is {store.STALE}: {why}. Bring it up to date "
                          f"with {store.build_hint(found, full.project_dir)} (only new shards "
                          f"are read; changed shards mean a rebuild).")
+    calibrated = found.faiss.get("candidates")
+    if asked is None and calibrated and k <= calibrate.K:  # measured at build: kind="auto"
+        candidates = max(k, calibrated)
     timing = {"index": 0.0, "read": 0.0, "rerank": 0.0}
     local = _search_part(attributor, full, found, plan, src, k, candidates, rerank, bottom,
                          nprobe, ef, warm, timing)
