@@ -4,6 +4,12 @@ re-ranking) against the exact streaming top-k (`compute_influence_all(topk=10)`)
     python benchmarks/search.py [--rows 1000000] [--dim 1024] [--wide-rows 100000]
                                 [--wide-dim 8192] [--studies digits,synthetic,wide]
                                 [--variants hnsw,ivf,ivf-sq8,flat] [--out DIR] [--json FILE]
+    python benchmarks/search.py --studies latency [--latency-rows 10000,100000,1000000]
+
+Study "latency" (issue 29): kind="auto" on float32 logs of 928-wide rows (a 4x512 MLP at LoGra
+rank 16) of each size: build with its calibration, the exact stream, warm searches (one
+process, one Attributor: median of 20 single queries, best of 3 batches of 64) and a cold one
+(a new process: import, open, one query; the OS page cache as the earlier phases left it).
 
 Logs: (1) a synthetic log of --rows x --dim bfloat16 rows written as shards directly (rows from
 a 64-dimensional latent with log-normal norms plus noise, so that neighbours are structured as
@@ -39,8 +45,8 @@ SYNTHETIC_VARIANTS = {"hnsw": {"kind": "hnsw", "sketch": 256, "ef": 40},  # efCo
 
 
 # ----------------------------------------------------------------------------- data
-def write_log(project_dir: str, rows: int, dim: int, seed: int) -> None:
-    """Shards of bf16 rows and a manifest, as the writer lays them out."""
+def write_log(project_dir: str, rows: int, dim: int, seed: int, dtype: str = "bfloat16") -> None:
+    """Shards of rows (bf16 or float32) and a manifest, as the writer lays them out."""
     import torch
 
     from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, atomic_write,
@@ -49,18 +55,20 @@ def write_log(project_dir: str, rows: int, dim: int, seed: int) -> None:
 
     side = max(d for d in range(1, int(dim ** 0.5) + 1) if dim % d == 0)  # side x dim/side
     module = ModuleEntry("body", "Linear", 4096, 4096, side, dim // side, 0)
-    manifest = Manifest(project=os.path.basename(project_dir), dtype="bfloat16",
+    torch_dtype = getattr(torch, dtype)
+    manifest = Manifest(project=os.path.basename(project_dir), dtype=dtype,
                         modules=[module], projection={"init": "random", "seed": 0})
     os.makedirs(os.path.join(project_dir, LOGS_DIR), exist_ok=True)
     for seq, start in enumerate(range(0, rows, SHARD_ROWS)):
         n = min(SHARD_ROWS, rows - start)
-        block = sample(n, dim, seed * 1_000_003 + seq).to(torch.bfloat16)
+        block = sample(n, dim, seed * 1_000_003 + seq).to(torch_dtype)
         ids = list(range(start, start + n))
-        header = safetensors_header({GRAD_KEY: (torch.bfloat16, [n, dim])},
+        header = safetensors_header({GRAD_KEY: (torch_dtype, [n, dim])},
                                     {DATA_IDS_KEY: json.dumps(ids)})
         rel = os.path.join(LOGS_DIR, shard_name(0, seq))
         sha = atomic_write(os.path.join(project_dir, rel), header, tensor_bytes(block))
-        manifest.shards.append(ShardEntry(rel, n, len(header) + n * dim * 2, sha, 0, seq))
+        manifest.shards.append(ShardEntry(rel, n, len(header) + n * dim * block.element_size(),
+                                          sha, 0, seq))
     manifest.save(project_dir)
 
 
@@ -99,7 +107,7 @@ def worker_write(p: dict) -> dict:
             return {"seconds": 0.0, "reused": True}
         shutil.rmtree(p["project"])
     started = time.perf_counter()
-    write_log(p["project"], p["rows"], p["dim"], p["seed"])
+    write_log(p["project"], p["rows"], p["dim"], p["seed"], p.get("dtype", "bfloat16"))
     return {"seconds": time.perf_counter() - started}
 
 
@@ -112,6 +120,7 @@ def worker_build(p: dict) -> dict:
                         hessian=p.get("hessian"), progress=False, rebuild=True,
                         **{key: p[key] for key in ("ef",) if key in p})
     return {"name": m.name, "factory": m.faiss["factory"], "nlist": m.faiss["nlist"],
+            "calibration": {k: v for k, v in (m.calibration or {}).items() if k != "positions"},
             "nprobe": m.faiss["nprobe"], "ef": m.faiss["ef"], "seconds":
             time.perf_counter() - started, "bytes": m.bytes, "rows": m.rows,
             "peak_rss_mb": _common.peak_rss_mb()}
@@ -123,7 +132,7 @@ def worker_exact(p: dict) -> dict:
 
     att = logix.Attributor(p["project"])
     q = load_queries(p)
-    out = {"ids": None, "seconds": {}}
+    out = {"ids": None, "scores": None, "seconds": {}}
     for batch in (1, len(q)):
         sub = subset(q, batch)
         times = []
@@ -135,6 +144,7 @@ def worker_exact(p: dict) -> dict:
         out["seconds"][str(batch)] = min(times)
         if batch == len(q):
             out["ids"] = result["top_ids"]
+            out["scores"] = result["top_scores"].tolist()
     out["peak_rss_mb"] = _common.peak_rss_mb()
     return out
 
@@ -164,6 +174,67 @@ def worker_search(p: dict) -> dict:
                                       zip(result["top_ids"], exact)) / (K * len(exact))
         rows.append(entry)
     return {"rows": rows, "peak_rss_mb": _common.peak_rss_mb()}
+
+
+def worker_warm(p: dict) -> dict:
+    """One process, one Attributor: the first search (opens everything), then warm searches of
+    1 query (each of the first `singles` queries once) and of the whole batch (best of 3);
+    recall@10 against the stream's ids and whether the scores have the stream's bits."""
+    import statistics as stats
+
+    import torch
+
+    import logix
+
+    att = logix.Attributor(p["project"])
+    q = load_queries(p)
+    started = time.perf_counter()
+    first = att.search(subset(q, 1), k=K, hessian="none")
+    out = {"first_s": time.perf_counter() - started, "first_split": first["meta"]["search"]
+           ["seconds"]}
+    singles, splits, cpu = [], [], []
+    for i in range(p.get("singles", 20)):
+        one = logix.log.StepLog(q.data_ids[i:i + 1], q.grads[i:i + 1], q.modules, q.projection)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = att.search(one, k=K, hessian="none")
+        singles.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)  # CPU seconds, all threads: the load
+        splits.append(result["meta"]["search"]["seconds"])  # on the 2 shared cores shows less
+    out["cpu_1_median_s"] = stats.median(cpu)
+    out["warm_1_median_s"], out["warm_1_p90_s"] = stats.median(singles), \
+        sorted(singles)[int(0.9 * len(singles))]
+    out["warm_1_split"] = splits[singles.index(stats.median_low(singles))]
+    times, cpu = [], []
+    for _ in range(3):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = att.search(q, k=K, hessian="none")
+        times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    out["cpu_batch_s"] = min(cpu)
+    out["warm_batch_s"], out["warm_batch_split"] = min(times), result["meta"]["search"]["seconds"]
+    exact_ids, exact_scores = p["exact_ids"], torch.tensor(p["exact_scores"])
+    out["recall"] = sum(len(set(a) & set(b)) for a, b in zip(result["top_ids"], exact_ids)) \
+        / (K * len(exact_ids))
+    same = total = 0
+    for qi, (got, want) in enumerate(zip(result["top_ids"], exact_ids)):
+        for j, i in enumerate(got):
+            if i in want:
+                total += 1
+                same += bool(result["top_scores"][qi, j] == exact_scores[qi, want.index(i)])
+    out["stream_bits"] = f"{same}/{total}"
+    out["peak_rss_mb"] = _common.peak_rss_mb()
+    return out
+
+
+def worker_cold(p: dict) -> dict:
+    """A new process answering one query: import, open, search (the process start included)."""
+    import logix
+
+    att = logix.Attributor(p["project"])
+    q = load_queries(p)
+    started = time.perf_counter()
+    att.search(subset(q, 1), k=K, hessian="none")
+    return {"search_s": time.perf_counter() - started}
 
 
 def load_queries(p: dict):
@@ -204,14 +275,16 @@ def worker_digits(p: dict) -> dict:
 
 
 WORKERS = {"write": worker_write, "build": worker_build, "exact": worker_exact,
-           "search": worker_search, "digits": worker_digits}
+           "search": worker_search, "digits": worker_digits, "warm": worker_warm,
+           "cold": worker_cold}
 
 
 # ----------------------------------------------------------------------------- driver
 def call(worker: str, params: dict) -> dict:
     result = _common.run_worker(sys.executable, os.path.abspath(__file__), worker, params,
                                 timeout=3600, echo=True)
-    print(f"  {worker}: {json.dumps({k: v for k, v in result.items() if k != 'ids'})[:300]}",
+    shown = {k: v for k, v in result.items() if k not in ("ids", "scores")}
+    print(f"  {worker}: {json.dumps(shown)[:600]}",
           file=sys.stderr, flush=True)
     return result
 
@@ -239,6 +312,57 @@ def study(name: str, params: dict, variants, candidates, report: dict, builds: d
         entry["indexes"].append({**built, "search": searched["rows"],
                                  "search_peak_rss_mb": searched["peak_rss_mb"]})
     report[name] = entry
+
+
+def latency(root: str, sizes, dim: int, n_queries: int, report: dict, reuse: bool) -> None:
+    """kind="auto" on float32 logs of each size: build (with its calibration), the exact stream,
+    warm searches in one process and a cold one in a new process. `reuse`: the build and the
+    stream's timings and ids of an earlier run under the same --out."""
+    rows_out = []
+    for rows in sizes:
+        project = os.path.join(root, f"lat-{rows}")
+        call("write", {"project": project, "rows": rows, "dim": dim, "seed": 0,
+                       "dtype": "float32"})
+        params = {"project": project, "queries": n_queries, "dim": dim, "hessian": "none",
+                  "repeats": 2}
+        cache_file = os.path.join(project, "latency-cache.json")  # --out: reuse build, stream
+        cached = json.load(open(cache_file)) if reuse and os.path.isfile(cache_file) else {}
+        index_there = os.path.isdir(os.path.join(project, "index", "auto-dot"))
+        built = cached["build"] if "build" in cached and index_there else \
+            call("build", {**params, "kind": "auto"})
+        exact = cached.get("exact") or call("exact", params)
+        with open(cache_file, "w") as f:
+            json.dump({"build": built, "exact": exact}, f)
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        cold = call("cold", params)
+        cold_process = time.perf_counter() - started
+        warm = call("warm", {**params, "exact_ids": exact["ids"], "exact_scores": exact["scores"]})
+        rows_out.append({"rows": rows, "load": load, "build": built, "exact": exact["seconds"],
+                         "cold_search_s": cold["search_s"], "cold_process_s": cold_process,
+                         **warm})
+    report["latency"] = rows_out
+
+
+def print_latency(entries) -> None:
+    table = []
+    for e in entries:
+        ex1, exb = e["exact"]["1"], e["exact"][max(e["exact"], key=int)]
+        cal = e["build"]["calibration"]
+        table.append([f"{e['rows']:,}", e["build"]["factory"], f"{e['build']['seconds']:.0f}",
+                      f"{cal.get('recall_at_10', 1):.3f}", f"{e['recall']:.3f}",
+                      e["stream_bits"], f"{ex1 * 1e3:.0f}",
+                      f"{e['warm_1_median_s'] * 1e3:.1f}", f"{ex1 / e['warm_1_median_s']:.0f}x",
+                      f"{e.get('cpu_1_median_s', float('nan')) * 1e3:.1f}",
+                      f"{exb * 1e3:.0f}", f"{e['warm_batch_s'] * 1e3:.1f}",
+                      f"{exb / e['warm_batch_s']:.0f}x",
+                      f"{e.get('cpu_batch_s', float('nan')) * 1e3:.0f}",
+                      f"{e['cold_search_s'] * 1e3:.0f}",
+                      f"{e['cold_process_s']:.1f}", f"{e['load']:.1f}"])
+    print(_common.table(["rows", "auto picked", "build s", "built recall", "recall@10",
+                         "stream bits", "exact 1q ms", "warm 1q ms", "x", "1q CPU ms",
+                         "exact 64q ms", "warm 64q ms", "x", "64q CPU ms", "cold 1q ms",
+                         "cold proc s", "load"], table))
 
 
 def print_study(name: str, entry: dict) -> None:
@@ -278,6 +402,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="keep and reuse logs, indexes and build "
                         "results here (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--latency-rows", default="10000,100000,1000000",
+                        help="study 'latency': log sizes (float32, --latency-dim wide)")
+    parser.add_argument("--latency-dim", type=int, default=928,
+                        help="row width of the latency study (928: a 4x512 MLP, LoGra rank 16)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="latency: reuse the build and the stream of an earlier run in --out")
     parser.add_argument("--worker")
     parser.add_argument("--params")
     args = parser.parse_args(argv)
@@ -291,6 +421,9 @@ def main(argv=None) -> int:
     report = {}
     try:
         studies = args.studies.split(",")
+        if "latency" in studies:
+            latency(root, [int(r) for r in args.latency_rows.split(",")], args.latency_dim,
+                    args.queries, report, args.reuse)
         if "digits" in studies:
             qfile = os.path.join(root, "digits-queries.safetensors")
             d = call("digits", {"root": root, "queries_file": qfile})
@@ -323,7 +456,10 @@ def main(argv=None) -> int:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     for name, entry in report.items():
-        print_study(name, entry)
+        if name == "latency":
+            print_latency(entry)
+        else:
+            print_study(name, entry)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -9,6 +9,8 @@
     logix report ROOT ... -o report.html   the same pages as one self-contained HTML file
     logix index DIR [--kind K] [--sketch W] build or update a vector index of the log (FAISS)
     logix search DIR --queries FILE [--k N] most helpful training examples per query, via it
+    logix serve DIR [--port P] [--queries-dir Q]
+                                           answer searches over HTTP from a warm index
     logix plan CONFIG --examples N          row sizes, disk, memory and step overhead of a run
     logix check CONFIG                      the same row padded left, right, per attention kernel
     logix export DIR --to tensorboard|mlflow|wandb   summary, top-k, heat maps, LDS to a tracker
@@ -671,8 +673,9 @@ def _add_search_commands(sub) -> None:
                                        "rebuilt). Needs pip install \"logix[search]\".")
     index.add_argument("dir", metavar="DIR", help="the project folder (<root_dir>/<project>)")
     index.add_argument("--kind", default="auto", choices=INDEX_KINDS,
-                       help="auto: flat up to 100,000 rows, else ivf with sq8 codes (default "
-                            "auto)")
+                       help="auto: flat below 10,000 rows, else ivf with sq8 codes over a "
+                            "256-wide sketch, nprobe calibrated to recall@10 >= 0.95 on the "
+                            "log's own rows (default auto)")
     index.add_argument("--mode", default="dot", choices=SERVED_MODES,
                        help="dot serves every curvature; cosine is built for one (--hessian)")
     index.add_argument("--hessian", default=None, choices=_HESSIANS,
@@ -714,6 +717,59 @@ def _add_search_commands(sub) -> None:
                         help="HNSW search breadth (default: the index's)")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     search.set_defaults(handler=_cmd_search)
+    _add_serve_command(sub)
+
+
+def _add_serve_command(sub) -> None:
+    serve = sub.add_parser("serve", help="answer search requests over HTTP from a warm index",
+                           description="Keep one project's index, shards and norms open and "
+                                       "answer JSON search requests (GET or POST /api/search, "
+                                       "GET /api/health) on a local port; read-only. See "
+                                       "docs/search.md.")
+    serve.add_argument("dir", metavar="DIR", help="the training project folder")
+    serve.add_argument("--port", type=_port, default=8766, help="port (default 8766; 0: any)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; another needs --allow-remote)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="allow a non-loopback --host (there is no authentication)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another name clients may use in the URL (repeatable)")
+    serve.add_argument("--queries-dir", action="append", default=[], metavar="DIR",
+                       help="a folder whose StepLog.save files requests may name by path "
+                            "(repeatable; default none: queries come as rows)")
+    serve.add_argument("--index", default=None, metavar="NAME",
+                       help="the index to open at start (default: the one search picks)")
+    serve.add_argument("--searches", type=_positive_int, default=2,
+                       help="searches at a time (default 2); more wait, then get 503")
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from logix.dashboard.server import remote_warning
+    from logix.errors import LogFormatError, UsageError
+    from logix.index.service import serve
+
+    project = _project_dir(args.dir)
+    for folder in args.queries_dir:
+        if not os.path.isdir(folder):
+            raise CliError(f"--queries-dir {folder!r} is not a folder.", EXIT_USAGE)
+    warning = remote_warning(args.host, "search service")
+    if warning and args.allow_remote:
+        print(warning, file=sys.stderr, flush=True)
+    try:
+        serve(project, args.host, args.port, allowed_hosts=args.allow_host,
+              query_dirs=args.queries_dir, allow_remote=args.allow_remote,
+              searches=args.searches, index=args.index,
+              ready=lambda url: print(f"LogIX search service for {project} on {url} "
+                                      "(read-only; Ctrl-C stops)", flush=True))
+    except UsageError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except LogFormatError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {e}. Pick another --port "
+                       "(0: any free one).", EXIT_USAGE) from None
+    return EXIT_OK
 
 
 def _indexes(project_dir: str, manifest) -> List[Dict]:
@@ -724,16 +780,18 @@ def _indexes(project_dir: str, manifest) -> List[Dict]:
 
 def _index_table(indexes: List[Dict]):
     table = _table_factory()(title=f"indexes ({len(indexes)})")
-    for column in ("name", "faiss", "mode", "sketch", "rows", "bytes", "state"):
-        table.add_column(column, overflow="fold",
+    for column in ("name", "faiss", "mode", "sketch", "rows", "bytes", "recall@10", "state"):
+        table.add_column(column, overflow="fold", no_wrap=column == "name",
                          justify="right" if column in ("rows", "bytes") else "left")
     for i in indexes:
         if "error" in i:
-            table.add_row(_esc(i["name"]), "", "", "", "", "", _esc(i["error"]))
+            table.add_row(_esc(i["name"]), "", "", "", "", "", "", _esc(i["error"]))
             continue
         mode = i["mode"] + (f" ({i['hessian']})" if i["hessian"] else "")
         table.add_row(_esc(i["name"]), _esc(i["factory"]), _esc(mode),
                       str(i["sketch"] or "-"), str(i["rows"]), _human_bytes(i["bytes"]),
+                      "-" if i.get("recall") is None else
+                      f"{i['recall']:.3f} ({i['speedup']:.0f}x)",
                       _esc(i["state"] if i["state"] in ("fresh", "part")
                            else f"{i['state']}: {i['why']}"))
     return table

@@ -433,8 +433,12 @@ def test_auto_on_a_large_log_builds_ivf_with_sq8_codes_and_scores_exactly(logged
 
     att, query = logged
     monkeypatch.setattr(backend, "AUTO_FLAT_ROWS", 100)  # the 400-row log counts as large
+    monkeypatch.setattr(backend, "AUTO_HNSW_ROWS", 200)  # ... and as very large
+    monkeypatch.setattr(backend, "AUTO_RECALL", 0.0)  # keep the IVF whatever it measures
+    monkeypatch.setattr(backend, "AUTO_MIN_SPEEDUP", -1.0)
     manifest = att.build_index(progress=False)
     assert manifest.kind == "ivf" and manifest.faiss["factory"].endswith(",SQ8")
+    assert manifest.calibration["queries"] == 64 and 0 <= manifest.calibration["recall_at_10"]
     got = att.search(query, k=5, candidates=20, hessian="ekfac")
     full = att.compute_influence_all(query, hessian="ekfac", progress=False)
     for q, ids in enumerate(got["top_ids"]):

@@ -114,6 +114,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def remote_warning(host: str, what: str = "dashboard") -> Optional[str]:
+    """The warning to print when `host` is not a loopback address (None when it is)."""
+    if is_loopback(host):
+        return None
+    return (f"warning: --host {host} is not a loopback address: anyone who can reach it can "
+            f"read what this {what} serves (it has no authentication). Use --host 127.0.0.1 "
+            "unless that is what you want; other machines reach it by the names given with "
+            "--allow-host.")
+
+
 def make_server(roots: List[str], host: str = "127.0.0.1", port: int = 0,
                 allowed_hosts: Iterable[str] = ()) -> DashboardServer:
     """A server bound to host:port (0: a free port; see server.server_address) over `roots`.
@@ -154,16 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _host_refused(self) -> bool:
         """Answer 421 unless the Host header names this machine (DNS rebinding defence)."""
-        header = self.headers.get("Host")
-        name = (urlsplit(f"//{header}").hostname or "") if header else ""
-        if name in self.server.allowed_hosts:
+        refusal = host_refusal(self.headers.get("Host"), self.server.allowed_hosts)
+        if refusal is None:
             return False
-        allowed = ", ".join(sorted(self.server.allowed_hosts))
-        message = (f"Host {header!r} is not served here: this dashboard answers requests for "
-                   f"{allowed} only. Open it by one of those names, or start it with "
-                   f"--allow-host NAME.\n" if header else
-                   "The request has no Host header; this dashboard needs one.\n")
-        self._send(421 if header else 400, "text/plain; charset=utf-8", message.encode())
+        self._send(refusal[0], "text/plain; charset=utf-8", refusal[1].encode())
         return True
 
     def do_GET(self) -> None:
@@ -276,3 +280,19 @@ def _int(params: dict, name: str, default: int, maximum: Optional[int]) -> int:
         raise DashboardError(f"{name}={value} is out of range (allowed: "
                              f"{'1' if name == 'k' else '0'}..{maximum or 'n-1'}).", 400)
     return value
+
+
+def host_refusal(header: Optional[str], allowed_hosts, what: str = "dashboard"
+                 ) -> Optional[Tuple[int, str]]:
+    """None when the Host header names this machine (one of `allowed_hosts`, with or without a
+    port), else (status, message): 421 for another name, 400 without a Host header. Shared by
+    every LogIX server (`logix ui`, `logix serve`): the DNS rebinding defence."""
+    name = (urlsplit(f"//{header}").hostname or "") if header else ""
+    if name in allowed_hosts:
+        return None
+    allowed = ", ".join(sorted(allowed_hosts))
+    if not header:
+        return 400, f"The request has no Host header; this {what} needs one.\n"
+    return 421, (f"Host {header!r} is not served here: this {what} answers requests for "
+                 f"{allowed} only. Open it by one of those names, or start it with "
+                 f"--allow-host NAME.\n")

@@ -8,7 +8,10 @@ curvature and damping. ``l2`` has no index (use ``compute_influence_all(topk=k, 
 
 Rooms: `backend` (faiss: import, factory strings, files), `sketch` (seeded JL sketch of wide
 rows), `store` (the index's manifest and staleness), `builder` (build and incremental update),
-`search` (candidates, then exact re-ranking from the shards), `attributor` (`logix.Attributor`:
-influence's Attributor plus `build_index` and `search`). The index builds on two public parts of
+`search` (candidates, then exact re-ranking from the shards), `calibrate` (kind="auto" measures
+recall@10 and speed-up on the log's own rows), `warm` (what an Attributor keeps open between
+searches), `rows` (candidate rows from the mapped shards), `attributor` (`logix.Attributor`:
+influence's Attributor plus `build_index` and `search`), `service` (`logix serve`: JSON searches
+over HTTP with the dashboard server's safety rules) and `client` (asks it). The index builds on two public parts of
 `logix.influence`: `Attributor.score_plan` and the train-norm cache `influence.norms`.
 """

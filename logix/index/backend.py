@@ -11,7 +11,14 @@ from logix.storage.format import atomic_file
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 QUANTIZERS = (None, "sq8", "pq")
-AUTO_FLAT_ROWS = 100_000  # kind="auto": exact flat scan up to this many rows, IVF-SQ8 beyond
+AUTO_FLAT_ROWS = 10_000  # kind="auto": exact flat index below this many rows,
+AUTO_HNSW_ROWS = 300_000  # HNSW up to this many (fast searches; builds 4-6x slower than IVF),
+AUTO_HNSW_EF_CONSTRUCTION = 40  # built with this breadth, then IVF-SQ8 (fast builds, w B/row)
+AUTO_SKETCH_WIDTH = 256  # kind="auto": index a JL sketch of this width when rows are wider than
+AUTO_SKETCH_ABOVE = 512  # this (the re-ranking reads the full rows)
+AUTO_RECALL = 0.95  # kind="auto": recall@10 the calibration must measure, else a flat index
+AUTO_RECALL_TARGET = 0.97  # ... and walks nprobe / ef up to this (a margin for other queries)
+AUTO_MIN_SPEEDUP = 1.0  # kind="auto": ... and a speed-up over the exact scan above this
 
 
 def import_faiss():
@@ -36,8 +43,17 @@ def resolve_kind(kind: str, rows: int) -> str:
     if kind not in KINDS:
         raise UsageError(f"index kind={kind!r} is not supported; allowed: {list(KINDS)}.")
     if kind == "auto":
-        return "flat" if rows <= AUTO_FLAT_ROWS else "ivf"
+        return "flat" if rows < AUTO_FLAT_ROWS else "hnsw" if rows <= AUTO_HNSW_ROWS else "ivf"
     return kind
+
+
+def auto_sketch(dim: int, sketch: Optional[int]) -> Optional[int]:
+    """kind="auto" without `sketch`: a 256-wide JL sketch of rows wider than 512 numbers (a
+    quarter of LoGra's 928-wide rows' bytes or less; recall stays >= 0.95 after re-ranking,
+    docs/search.md), the full rows otherwise."""
+    if sketch is not None:
+        return sketch
+    return AUTO_SKETCH_WIDTH if dim > AUTO_SKETCH_ABOVE else None
 
 
 def auto_codes(requested: str, resolved: str, quantize: Optional[str]) -> Optional[str]:

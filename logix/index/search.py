@@ -7,6 +7,7 @@ answers instead (with a one-line notice); a stale index is refused."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import List, Optional
 
@@ -16,10 +17,11 @@ from torch import Tensor
 
 from logix import distributed
 from logix.errors import UsageError
-from logix.index import backend, store
+from logix.index import backend, calibrate, store
 from logix.index.builder import SERVED_MODES
 from logix.index.rows import RowStore
 from logix.index import sketch
+from logix.index.warm import Warm
 from logix.influence import norms as norm_cache
 from logix.influence.gather import own_part
 from logix.influence.scoring import SCORE_CHUNK
@@ -32,7 +34,9 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
            rerank: bool = True, bottom: bool = False, *, index: Optional[str] = None,
            mode: Optional[str] = None, hessian: Optional[str] = None,
            damping: Optional[float] = None, precondition: bool = True,
-           nprobe: Optional[int] = None, ef: Optional[int] = None) -> dict:
+           nprobe: Optional[int] = None, ef: Optional[int] = None,
+           fallback: bool = True) -> dict:
+    started = time.perf_counter()
     full = attributor.reader()
     if full.rows == 0:
         raise UsageError(f"There are no logged rows to search in {full.project_dir!r}. Log "
@@ -43,6 +47,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
         raise UsageError(f"k={k} is larger than the log, which holds {full.rows} rows; ask for "
                          f"k <= {full.rows}.")
     backend.check_search_params(nprobe, ef)
+    asked = candidates
     candidates = max(k, candidates if candidates is not None else max(4 * k, MIN_CANDIDATES))
     if len(src) == 0:
         raise UsageError("The query log holds no rows; log at least one query step.")
@@ -55,7 +60,11 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     reader = own_part(full) if distributed.is_distributed() else full
     part = {"rank": distributed.rank(), "world": distributed.world_size()}
     curvature = store.curvature_of(plan.preconditioner) if mode == "cosine" else None
-    found, why = _pick(full.project_dir, mode, curvature, part, index)
+    warm = getattr(attributor, "index_cache", None) or Warm()
+    found, why = _pick(full.project_dir, mode, curvature, part, index, warm)
+    if found is None and not fallback:
+        raise UsageError(f"logix search: {why}; this search answers from a fresh index only "
+                         "(no fallback to the exact stream).")
     if found is None:
         warnings.warn(f"logix search: {why}; using the exact streaming top-k instead.",
                       stacklevel=3)
@@ -71,19 +80,25 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
         raise UsageError(f"Index {found.name!r} is {store.STALE}: {why}. Bring it up to date "
                          f"with {store.build_hint(found, full.project_dir)} (only new shards "
                          f"are read; changed shards mean a rebuild).")
+    calibrated = found.faiss.get("candidates")
+    if asked is None and calibrated and k <= calibrate.K:  # measured at build: kind="auto"
+        candidates = max(k, calibrated)
+    timing = {"index": 0.0, "read": 0.0, "rerank": 0.0}
     local = _search_part(attributor, full, found, plan, src, k, candidates, rerank, bottom,
-                         nprobe, ef)
+                         nprobe, ef, warm, timing)
     result = _merge(distributed.all_gather_objects(local), k, bottom) \
         if distributed.is_distributed() else local
     result["meta"] = {**plan.meta, "search": {
         "index": found.name,
         "kind": found.kind, "factory": found.faiss["factory"], "candidates": candidates,
-        "rerank": rerank, "exact": rerank}}  # exact: the scores, not the recall
+        "rerank": rerank, "exact": rerank,  # exact: the scores, not the recall
+        "seconds": {**{key: round(value, 6) for key, value in timing.items()},
+                    "total": round(time.perf_counter() - started, 6)}}}
     return result
 
 
 def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
-          name: Optional[str]):
+          name: Optional[str], warm: Warm):
     """(manifest, "") of the index to use, or (None, why there is none). Among the indexes that
     serve the query, an exact one (flat, full width, not quantised) first, then the newest."""
     if not backend.available():
@@ -95,7 +110,7 @@ def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
                              f"{names or 'none'}. Build one with attributor.build_index("
                              f"kind=..., mode=..., name={name!r}) or `logix index DIR --name "
                              f"{name} --kind K --mode M`.")
-        manifest = store.load(project_dir, name)
+        manifest = warm.manifest(project_dir, name)
         if manifest.mode != mode:
             raise UsageError(f"Index {name!r} serves mode {manifest.mode!r}, not {mode!r}. "
                              f"Build an index for it: attributor.build_index(mode={mode!r}) or "
@@ -109,7 +124,7 @@ def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
         return manifest, ""
     fitting = []
     for n in names:
-        manifest = store.load(project_dir, n)
+        manifest = warm.manifest(project_dir, n)
         if manifest.mode == mode and manifest.part == part and \
                 (curvature is None or manifest.curvature["key"] == curvature["key"]):
             mtime = os.path.getmtime(os.path.join(store.folder(project_dir, n),
@@ -139,20 +154,19 @@ def _curvature_text(curvature: Optional[dict]) -> str:
 
 
 def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, bottom,
-                 nprobe, ef) -> dict:
-    """This process's index: candidates, then exact scores; {src_ids, top_*[, bottom_*]}."""
+                 nprobe, ef, warm: Warm, timing: dict) -> dict:
+    """This process's index: candidates, then exact scores; {src_ids, top_*[, bottom_*]}.
+    `timing` gathers seconds: index (FAISS), read (candidate rows), rerank (exact scores)."""
     path = os.path.join(store.folder(full.project_dir, manifest.name), store.INDEX_FILE)
     if not os.path.isfile(path):
         raise UsageError(f"Index {manifest.name!r} has lost its file {path!r}. Rebuild it: "
                          f"{store.build_hint(manifest, full.project_dir, rebuild=True)}.")
-    index = backend.read(path, manifest.kind)
+    index, lock = warm.index(path, manifest.kind)
     if index.ntotal != manifest.rows:
         raise UsageError(f"Index {manifest.name!r} file holds {index.ntotal} vectors but its "
                          f"manifest says {manifest.rows} (an interrupted update). Rebuild it: "
                          f"build_index(name={manifest.name!r}, rebuild=True).")
-    backend.set_search_params(index, nprobe or manifest.faiss.get("nprobe"),
-                              ef or manifest.faiss.get("ef"))
-    rows = RowStore(full.project_dir, manifest.shards, full.dim, verify=full.verify)
+    rows = warm.rows(full.project_dir, manifest.shards, full.dim, full.verify)
     queries = plan.queries  # [n_query, dim] preconditioned
     if manifest.sketch:
         width, seed = manifest.sketch["width"], manifest.sketch["seed"]
@@ -161,60 +175,119 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
     c = min(candidates, int(index.ntotal))
     norms = None
     if plan.needs_norms:  # the cached train norms the streaming scores use, by log position
-        norms = norm_cache.train_norms(full, plan, attributor.influence_config.block_rows, False)
+        norms = warm.norms(norm_cache.cache_path(full, plan), lambda: norm_cache.train_norms(
+            full, plan, attributor.influence_config.block_rows, False))
     result = {"src_ids": list(src.data_ids)}
     sides = [("top", 1.0, True)] + ([("bottom", -1.0, False)] if bottom else [])
     for side, sign, largest in sides:
-        found_scores, found = index.search(sign * queries, c)
+        started = time.perf_counter()
+        with lock:  # nprobe / ef are the index's state: set and search as one step
+            backend.set_search_params(index, nprobe or manifest.faiss.get("nprobe"),
+                                      ef or manifest.faiss.get("ef"))
+            found_scores, found = index.search(sign * queries, c)
+        timing["index"] += time.perf_counter() - started
         found = torch.from_numpy(found).long()  # [n_query, c]; -1 where the index had fewer
         if rerank:
-            scores = _exact(plan, rows, found, norms, _log_starts(full, manifest))
+            values, positions = _exact_top(plan, rows, found, norms,
+                                           _log_starts(full, manifest), min(k, c), largest,
+                                           timing, warm.block(SCORE_CHUNK, full.dim))
         else:
             scores = torch.from_numpy(found_scores).float()
             scores = sign * scores
             if plan.needs_norms:  # cosine: the index's rows are normalised, the query is not
                 scores = scores / plan.query_norms[:, None].clamp_min(1e-30).sqrt()
-        fill = float("-inf") if largest else float("inf")
-        scores = scores.masked_fill(found < 0, fill)
-        values, order = torch.topk(scores, min(k, c), dim=1, largest=largest, sorted=True)
-        positions = torch.gather(found, 1, order)
+            fill = float("-inf") if largest else float("inf")
+            scores = scores.masked_fill(found < 0, fill)
+            values, order = torch.topk(scores, min(k, c), dim=1, largest=largest, sorted=True)
+            positions = torch.gather(found, 1, order)
         result[f"{side}_ids"] = rows.ids([row[row >= 0].tolist() for row in positions])
         result[f"{side}_scores"] = values
     return result
 
 
-def _exact(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor],
-           starts: Tensor) -> Tensor:
-    """[n_query, c] exact scores of each query's candidates.
+# float32 round-off bound of a dot product of n terms: |fl(q.r) - q.r| <= n u sum|q_d r_d|
+# (u = 2^-24); two orders of summation differ by at most twice that.
+_UNIT_ROUNDOFF = 2.0 ** -24
 
-    The union of all queries' candidates is read once, in shard and offset order. Each
-    candidate goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its position
-    modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the same matrix
-    multiply of the same queries at the same row and has the stream's bits; candidates sharing
-    a slot go to successive matrices."""
+
+def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], starts: Tensor,
+               k: int, largest: bool, timing: dict, block: Tensor):
+    """(values, positions) [n_query, k]: each query's best k candidates by their exact scores,
+    with the stream's bits.
+
+    Two steps. (1) Every candidate's score to round-off: one read of the union of all queries'
+    candidates (one gather per shard), then per query a batched product with its own candidates
+    only. (2) The stream's bits, for the candidates that can still be in the top k: those within
+    the round-off bound of the k-th score (usually k or a few more), through `_stream_bits`."""
+    started = time.perf_counter()
+    valid = found >= 0
     union, inverse = torch.unique(found.clamp_min(0), return_inverse=True)  # sorted
     values = rows.read(union)  # [n_union, dim]
+    read = time.perf_counter()
+    timing["read"] += read - started
+    queries = plan.queries  # [n_query, dim]
+    fast = torch.bmm(values[inverse], queries[:, :, None])[:, :, 0]  # [n_query, c]
+    # sum_d |q_d r_d| <= |q| |r| (Cauchy-Schwarz): a looser bound that needs no second product
+    bound = 2 * rows.dim * _UNIT_ROUNDOFF * queries.norm(dim=1)[:, None] * \
+        values.norm(dim=1)[inverse]
+    bound = bound + 8 * _UNIT_ROUNDOFF * fast.abs()  # the divisions of cosine
+    train_norms = None
+    if norms is not None:
+        shard, local = rows.locate(union)
+        train_norms = norms[starts[shard] + local]  # [n_union, 1]
+        scale = plan.query_norms[:, None].clamp_min(1e-30).sqrt() * \
+            train_norms[inverse][:, :, 0].clamp_min(1e-30).sqrt()
+        fast, bound = fast / scale, bound / scale * 1.01
+    sign = 1.0 if largest else -1.0
+    fill = float("-inf")
+    signed = (sign * fast).masked_fill(~valid, fill)
+    kth = torch.topk(signed, k, dim=1).values[:, -1:]  # [n_query, 1]
+    near = valid & (signed + bound >= kth - bound.masked_fill(~valid, 0).max(1, keepdim=True)
+                    .values)
+    exact = torch.full_like(fast, float("nan"))
+    needed = torch.unique(inverse[near])
+    bits = _stream_bits(plan, union[needed], values[needed],
+                        None if train_norms is None else train_norms[needed], block)
+    slot = torch.full((len(union),), -1, dtype=torch.long)
+    slot[needed] = torch.arange(len(needed))
+    exact[near] = bits[near.nonzero()[:, 0], slot[inverse[near]]]
+    ranked = (sign * exact).masked_fill(~near, fill)
+    best, order = torch.topk(ranked, k, dim=1, sorted=True)
+    positions = torch.gather(found, 1, order).masked_fill(best == fill, -1)
+    timing["rerank"] += time.perf_counter() - read
+    return sign * best, positions
+
+
+def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tensor],
+                 block: Tensor) -> Tensor:
+    """[n_query, n] scores of rows at log positions `union` with the stream's bits.
+
+    Each row goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its position
+    modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the same matrix
+    multiply of the same queries at the same row and has the stream's bits; rows sharing a slot
+    go to successive matrices. `block`: a zeroed [SCORE_CHUNK, dim] scratch matrix, left zeroed.
+    Returns [n_query, n]."""
     slots = union % SCORE_CHUNK
     by_slot = torch.argsort(slots, stable=True)
     first = torch.searchsorted(slots[by_slot], slots[by_slot])  # first of each slot group
     chunk = torch.empty_like(union)
-    chunk[by_slot] = torch.arange(len(union)) - first  # k-th candidate of its slot -> chunk k
-    train_norms = None
-    if norms is not None:
-        shard, local = rows.locate(union)
-        train_norms = norms[starts[shard] + local]
+    chunk[by_slot] = torch.arange(len(union)) - first  # k-th row of its slot -> chunk k
     scores = torch.empty(len(union), plan.n_query)
-    block = torch.empty(SCORE_CHUNK, rows.dim)
-    for c in range(int(chunk.max()) + 1 if len(union) else 0):
-        members = (chunk == c).nonzero().flatten()
-        block.zero_()
-        block[slots[members]] = values[members]
-        block_norms = None
-        if train_norms is not None:
-            block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
-            block_norms[slots[members]] = train_norms[members]
-        scores[members] = plan.score(block, block_norms)[slots[members]]
-    return torch.gather(scores.T, 1, inverse)
+    previous = slots[:0]
+    try:
+        for c in range(int(chunk.max()) + 1 if len(union) else 0):
+            members = (chunk == c).nonzero().flatten()
+            block[previous] = 0  # only the slots the last chunk filled
+            block[slots[members]] = values[members]
+            previous = slots[members]
+            block_norms = None
+            if train_norms is not None:
+                block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
+                block_norms[slots[members]] = train_norms[members]
+            scores[members] = plan.score(block, block_norms)[slots[members]]
+    finally:
+        block[previous] = 0
+    return scores.T
 
 
 def _log_starts(full, manifest) -> Tensor:

@@ -36,6 +36,7 @@ class IndexManifest:
     rows: int = 0
     bytes: int = 0
     build_seconds: float = 0.0
+    calibration: Optional[dict] = None  # kind="auto": recall@10 and speed-up measured at build
     format_version: int = INDEX_VERSION
     format: str = INDEX_FORMAT
 
@@ -146,7 +147,8 @@ def summaries(project_dir: str, log_manifest) -> List[dict]:
         out.append({"name": name, "kind": m.kind, "factory": m.faiss["factory"],
                     "mode": m.mode, "hessian": (m.curvature or {}).get("hessian"),
                     "sketch": (m.sketch or {}).get("width"), "rows": m.rows, "bytes": m.bytes,
-                    "state": status, "why": why})
+                    "state": status, "why": why, "recall": (m.calibration or {}).get(
+                        "recall_at_10"), "speedup": (m.calibration or {}).get("speedup")})
     return out
 
 

@@ -20,13 +20,7 @@ from logix.storage.reader import LogReader
 def train_norms(reader: LogReader, scorer: Scorer, block_rows: int, progress: bool) -> Tensor:
     """[n_train, groups] g^T (H + lambda I)^-1 g per group of every row of `reader`, in log
     order: read from the cache, else computed in one streaming pass and cached."""
-    digest = hashlib.sha256(json.dumps({
-        "kind": scorer.preconditioner.kind, "damping": scorer.preconditioner.dampings,
-        "shards": [(s.file, s.checksum) for s in reader.shards]},
-        sort_keys=True, default=str).encode())
-    _hash_tensors(digest, scorer)
-    key = digest.hexdigest()[:24]
-    path = os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
+    path = cache_path(reader, scorer)
     if os.path.isfile(path):
         return torch.load(path, weights_only=True)
     parts = []
@@ -39,6 +33,18 @@ def train_norms(reader: LogReader, scorer: Scorer, block_rows: int, progress: bo
     with atomic_file(path) as f:
         torch.save(norms, f)
     return norms
+
+
+def cache_path(reader: LogReader, scorer: Scorer) -> str:
+    """Where `train_norms` caches the norms of this log, curvature, damping and groups (the name
+    hashes all of them: a path names one content)."""
+    digest = hashlib.sha256(json.dumps({
+        "kind": scorer.preconditioner.kind, "damping": scorer.preconditioner.dampings,
+        "shards": [(s.file, s.checksum) for s in reader.shards]},
+        sort_keys=True, default=str).encode())
+    _hash_tensors(digest, scorer)
+    key = digest.hexdigest()[:24]
+    return os.path.join(reader.project_dir, CACHE_DIR, f"norms-{key}.pt")
 
 
 def _hash_tensors(digest, scorer: Scorer) -> None:
