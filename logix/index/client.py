@@ -12,7 +12,6 @@ import json
 import os
 import urllib.error
 import urllib.request
-from typing import Optional
 
 import torch
 

@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from logix.errors import LogFormatError, LogIXError, UsageError
+from logix.log import StepLog
 
 logger = logging.getLogger("logix")
 MAX_BODY_BYTES = 64 << 20
@@ -123,9 +124,7 @@ class SearchService:
             self._turns.release()
         return _json_result(result)
 
-    def _query_file(self, path) -> "StepLog":
-        from logix.log import StepLog
-
+    def _query_file(self, path) -> StepLog:
         if not isinstance(path, str) or not path or "\0" in path:
             raise ServiceError("'path' must be a non-empty string.")
         if not self.query_dirs:
@@ -142,9 +141,7 @@ class SearchService:
         except (LogFormatError, UsageError, OSError, ValueError) as e:
             raise ServiceError(f"Query file {path!r} is not a saved StepLog: {e}") from None
 
-    def _query_rows(self, request: dict) -> "StepLog":
-        from logix.log import StepLog
-
+    def _query_rows(self, request: dict) -> StepLog:
         rows = request["rows"]
         manifest = self.attributor.reader().manifest
         if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
