@@ -326,8 +326,8 @@ def random_token_step(model, batch_size: int, tokens: int) -> Callable[[], None]
     def step() -> None:
         out = model(ids)
         logits = out if isinstance(out, torch.Tensor) else out.logits
-        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:],
-                               reduction="sum")
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               ids[:, 1:].reshape(-1), reduction="sum")
         torch.autograd.grad(loss, params, allow_unused=True)
 
     return step
