@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import logix
+from logix.dashboard.server import url_of
 from logix.errors import UsageError
 from logix.index import backend, client, store
-from logix.index.service import make_service, url_of
+from logix.index.service import make_service
 
 pytest.importorskip("faiss")
 sys.path.insert(0, os.path.dirname(__file__))

@@ -141,11 +141,19 @@ def make_server(roots: List[str], host: str = "127.0.0.1", port: int = 0,
 def serve(roots: List[str], host: str = "127.0.0.1", port: int = 8765,
           ready: Optional[Callable[[str], None]] = None, allowed_hosts: Iterable[str] = ()) -> None:
     """Serve until interrupted; `ready(url)` is called once the port is bound."""
-    server = make_server(roots, host, port, allowed_hosts)
+    serve_until_interrupted(make_server(roots, host, port, allowed_hosts), ready)
+
+
+def url_of(server) -> str:
+    """The http:// URL a bound server answers on."""
     address = server.server_address[0]
-    url = f"http://{f'[{address}]' if ':' in address else address}:{server.server_address[1]}/"
+    return f"http://{f'[{address}]' if ':' in address else address}:{server.server_address[1]}/"
+
+
+def serve_until_interrupted(server, ready: Optional[Callable[[str], None]] = None) -> None:
+    """Call `ready(url)`, then serve until Ctrl-C; the server is closed however it ends."""
     if ready is not None:
-        ready(url)
+        ready(url_of(server))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

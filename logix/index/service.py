@@ -333,19 +333,8 @@ def make_service(project_dir: str, host: str = "127.0.0.1", port: int = 0,
     return server
 
 
-def url_of(server) -> str:
-    address = server.server_address[0]
-    return f"http://{f'[{address}]' if ':' in address else address}:{server.server_address[1]}/"
-
-
 def serve(project_dir: str, host: str = "127.0.0.1", port: int = 8766, ready=None,
           **options) -> None:
-    server = make_service(project_dir, host, port, **options)
-    if ready is not None:
-        ready(url_of(server))
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    from logix.dashboard.server import serve_until_interrupted
+
+    serve_until_interrupted(make_service(project_dir, host, port, **options), ready)
