@@ -1,4 +1,4 @@
-"""Tests for the `logix` command line (logix/cli.py) and score files (logix/storage/scores.py).
+"""Tests for the `logix` command line (logix/cli/) and score files (logix/storage/scores.py).
 
 Every log here is written by the public API on a tiny model, then inspected, damaged and checked.
 """
