@@ -13,6 +13,7 @@ the same build, and rerunning on the same project logs only the ids not logged y
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -169,7 +170,7 @@ def load_model(path: str, seed: int = 0, device: Optional[str] = None) -> nn.Mod
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
-        raise UsageError("logix build / score need transformers: pip install "
+        raise UsageError("Loading a model needs transformers: pip install "
                          "'logix[huggingface]'.") from None
     if not os.path.exists(path):
         raise UsageError(f"The model {path!r} does not exist: pass a model folder "
@@ -185,12 +186,24 @@ def load_model(path: str, seed: int = 0, device: Optional[str] = None) -> nn.Mod
         config_path = os.path.join(folder, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(config_path):
             raise UsageError(f"{path!r} has neither weights nor a config.json.")
+        _check_config(config_path)
         config = AutoConfig.from_pretrained(config_path, local_files_only=True)
         config._attn_implementation = "eager"
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device)
+
+
+def _check_config(path: str) -> None:
+    """A readable JSON object with a `model_type`, or a UsageError saying which it is not."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the model config {path!r}: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UsageError(f"{path!r} has no 'model_type': pass a Hugging Face config.json.")
 
 
 def load_tokenizer(path: str):

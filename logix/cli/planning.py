@@ -3,10 +3,10 @@ and the same rows padded left, right and per attention kernel."""
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List
 
 from logix.cli._common import EXIT_OK, EXIT_ERROR, EXIT_USAGE, CliError, _positive_int
+from logix.errors import UsageError
 from logix.influence import curvature
 from logix.storage.format import DTYPES
 
@@ -71,31 +71,15 @@ def _plan_setup(hessian: str) -> Dict[str, List[str]]:
     return spec
 
 
-def _causal_lm(config_path: str, command: str):
-    """A causal LM with random weights from a Hugging Face config.json (or its folder), eager
-    attention; nothing is downloaded."""
-    import json
+def _causal_lm(config_path: str):
+    """The model `logix build` loads from this path (a config.json, or its folder, gives seeded
+    random weights; nothing is downloaded), or a usage error."""
+    from logix.build.commands import load_model
 
-    path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) \
-        else config_path
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot read the model config {path!r}: {e}", EXIT_USAGE) from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise CliError(f"{path!r} has no 'model_type': pass a Hugging Face config.json.",
-                       EXIT_USAGE)
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise CliError(f"logix {command} needs transformers: pip install 'logix[huggingface]'.",
-                       EXIT_USAGE) from None
-    model_type = config.pop("model_type")
-    config.pop("architectures", None)
-    hf_config = AutoConfig.for_model(model_type, **config)
-    hf_config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(hf_config)
+        return load_model(config_path)
+    except UsageError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
 
 
 def _cmd_plan(args) -> int:
@@ -104,7 +88,7 @@ def _cmd_plan(args) -> int:
     import logix
     from logix.errors import LogIXError
 
-    model = _causal_lm(args.config, "plan")
+    model = _causal_lm(args.config)
     with tempfile.TemporaryDirectory() as root:  # nothing is written: a scratch root
         try:
             run = logix.init("plan", root_dir=root, log_dtype=args.dtype)
@@ -130,7 +114,7 @@ def _cmd_check(args) -> int:
     from logix.errors import LogIXError
     from logix.text.check import check_consistency
 
-    model = _causal_lm(args.config, "check")
+    model = _causal_lm(args.config)
     vocab = model.config.vocab_size
     tokens = torch.randint(1, vocab, (args.tokens,), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as root:  # nothing is written: a scratch root
