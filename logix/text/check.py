@@ -4,7 +4,6 @@ a layer whose part of the row differs is named (`logix check`, `check_consistenc
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logix.errors import UsageError
+from logix.text.queries import _logits
 from logix.tracking.frozen import frozen
 
 ATTENTION = ("eager", "sdpa")
@@ -116,15 +116,9 @@ def _padded(tokens: Tensor, pad_id: int, pad: int) -> Dict[str, tuple]:
 
 def _rows(run, model, ids: Tensor, mask: Tensor, positions: Optional[Tensor], device) -> dict:
     ids, mask = ids.to(device), mask.to(device)
-    kwargs = {}
-    accepted = inspect.signature(model.forward).parameters
-    if "attention_mask" in accepted:
-        kwargs["attention_mask"] = mask
-    if positions is not None and "position_ids" in accepted:
-        kwargs["position_ids"] = positions.to(device)
+    positions = None if positions is None else positions.to(device)
     with run(data_id=["check"], mask=mask):
-        out = model(ids, **kwargs)
-        logits = out if isinstance(out, Tensor) else out.logits
+        logits = _logits(model, ids, mask, positions)
         real = (mask[:, 1:] * mask[:, :-1]).float()  # a real token predicted from a real one
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
                               reduction="none")

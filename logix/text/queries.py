@@ -127,12 +127,18 @@ def _model_limits(model: nn.Module) -> tuple:
     return vocab, positions
 
 
-def _logits(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+def _logits(model: nn.Module, input_ids: Tensor, mask: Tensor,
+            positions: Optional[Tensor] = None) -> Tensor:
+    """Logits [B, T, vocab] of `input_ids`, with the attention mask (and `positions` as
+    position ids) where the model's forward takes them."""
     try:
-        takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+        accepted = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        takes_mask = False
-    out = model(input_ids, attention_mask=mask) if takes_mask else model(input_ids)
+        accepted = {}
+    kwargs = {"attention_mask": mask} if "attention_mask" in accepted else {}
+    if positions is not None and "position_ids" in accepted:
+        kwargs["position_ids"] = positions
+    out = model(input_ids, **kwargs)
     logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
     if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         logits = out[0]
