@@ -75,13 +75,17 @@ class ResourcePlan:
         return self.timing.overhead if self.timing else None
 
     @property
+    def steps(self) -> int:
+        """Steps of `batch_size` examples in one pass over `examples`."""
+        return -(-self.examples // self.batch_size)
+
+    @property
     def logging_seconds(self) -> Optional[tuple]:
         """(low, median, high) seconds of one logged pass over `examples`: the logged step's
-        median and quartiles times the steps of `batch_size` examples it takes."""
+        median and quartiles times `steps`."""
         if not self.timing:
             return None
-        steps = -(-self.examples // self.batch_size)
-        return tuple(steps * t for t in self.timing.logged_quartiles)
+        return tuple(self.steps * t for t in self.timing.logged_quartiles)
 
     def render(self) -> str:
         """The plan as a text table (what `logix plan` prints)."""
@@ -102,8 +106,7 @@ class ResourcePlan:
         if self.timing:
             lines += self.timing.render()
             low, mid, high = self.logging_seconds
-            steps = -(-self.examples // self.batch_size)
-            lines.append(f"a logged pass over {self.examples:,} examples ({steps:,} steps of "
+            lines.append(f"a logged pass over {self.examples:,} examples ({self.steps:,} steps of "
                          f"{self.batch_size}): about {_duration(mid)} ({_duration(low)} to "
                          f"{_duration(high)}, from the middle half of the logged steps)")
         if self.disk_budget is not None:
