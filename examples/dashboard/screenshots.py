@@ -1,8 +1,8 @@
 """The screenshots of docs/dashboard.md: headless Chromium (selenium, as
 tests/test_dashboard_browser.py drives it) over the projects of demo.py.
 
-    python examples/dashboard/demo.py --root /tmp/ui-demo
-    python examples/dashboard/screenshots.py --root /tmp/ui-demo --out docs/images
+    python examples/dashboard/demo.py --root ui-demo
+    python examples/dashboard/screenshots.py --root ui-demo --out docs/images
 """
 
 from __future__ import annotations
