@@ -21,6 +21,7 @@ from logix.errors import ConfigError, UsageError
 LogDtype = Literal["float32", "bfloat16", "float16"]
 LoraInit = Literal["random", "pca"]
 Mode = Literal["dot", "cosine", "l2"]
+LissaSolver = Literal["cg", "neumann"]
 
 # Old LogIX wrote `log_dtype: none` for "the model's dtype"; we log float32 then.
 _DTYPE_ALIASES = {"none": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -94,11 +95,15 @@ class InfluenceConfig:
         "Used when `damping` is unset: damping = this x the mean eigenvalue, per module.", 0.1)
     block_rows: int = _help("Training rows read per streamed block, at most 256 MiB of float32 "
                             "rows (scores do not depend on it).", 8192)
-    lissa_depth: int = _help("hessian='lissa': most recursion steps (streaming passes) per query "
+    lissa_solver: LissaSolver = _help(
+        "hessian='lissa': 'cg' (conjugate gradients: about sqrt(condition number) streaming "
+        "passes) or 'neumann' (the LiSSA recursion: about condition number passes).", "cg")
+    lissa_depth: int = _help("hessian='lissa': most solver steps (streaming passes) per query "
                              "solve.", 1000)
     lissa_scale: Optional[float] = _help(
-        "hessian='lissa': the recursion's scale, above the largest eigenvalue of F + damping I "
-        "(default: estimated per module by 20 power-iteration passes).", None)
+        "hessian='lissa', lissa_solver='neumann': the recursion's scale, above the largest "
+        "eigenvalue of F + damping I (default: estimated per module by 20 power-iteration "
+        "passes).", None)
     lissa_tol: float = _help("hessian='lissa': stop once every query's relative residual "
                              "||g - (F + damping I) x|| / ||g|| is at most this.", 1e-4)
     verify: bool = _help(
@@ -123,6 +128,11 @@ class InfluenceConfig:
         if self.lissa_scale is not None and not 0 < self.lissa_scale < math.inf:
             raise ConfigError(f"influence.lissa_scale must be a finite number > 0 or null, got "
                               f"{self.lissa_scale}.")
+        if self.lissa_scale is not None and self.lissa_solver != "neumann":
+            raise ConfigError(f"influence.lissa_scale={self.lissa_scale} is the scale of "
+                              f"lissa_solver='neumann', and the solver is "
+                              f"{self.lissa_solver!r} (which has none): pass "
+                              "lissa_solver='neumann' with it, or leave lissa_scale unset.")
         if not 0 <= self.lissa_tol < math.inf:
             raise ConfigError(f"influence.lissa_tol must be a finite number >= 0, got "
                               f"{self.lissa_tol}.")

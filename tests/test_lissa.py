@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
 import logix
-from logix.errors import UsageError
+from logix.errors import ConfigError, UsageError
 from logix.influence.lissa import lissa
 from logix.storage.reader import LogReader
 
@@ -73,10 +73,46 @@ def test_lissa_kind_equals_the_explicit_inverse_of_the_rows_fisher(tmp_path, ran
     assert solver["residuals"][-1] < solver["residuals"][0]
 
 
+@pytest.mark.parametrize("damping", [None, 1e-3])
+def test_lissa_kind_solves_raws_system_to_its_tolerance(tmp_path, damping):
+    """Conjugate gradients (the default solver) solve (F + lambda I) x = g_q to lissa_tol, so the
+    scores are raw's (the same F, from the logged covariance) to round-off, even at a small
+    damping where the recursion would need thousands of steps."""
+    run, query = logged_run(tmp_path, lissa_tol=1e-10)
+    result = run.compute_influence_all(query, hessian="lissa", damping=damping, progress=False)
+    solver = result["meta"]["solver"]
+    assert solver["solver"] == "cg" and solver["converged"] and solver["residuals"][-1] <= 1e-10
+    # in exact arithmetic at most one step per distinct eigenvalue (<= d_m + 1); round-off adds some
+    assert solver["iterations"] <= 2 * (max(m.dim for m in query.modules) + 1)
+    # float32 scores: round-off is all that is left
+    assert relative_error(result["influence"], explicit_scores(run, query, damping)) <= 1e-6
+    raw = run.compute_influence_all(query, hessian="raw", damping=damping, progress=False)
+    assert relative_error(result["influence"], raw["influence"].double()) <= 1e-4
+
+
+def test_lissa_kind_reports_an_unconverged_solve(tmp_path):
+    run, query = logged_run(tmp_path)
+    with pytest.warns(UserWarning, match="conjugate gradients stopped at depth 3 with relative "
+                                         "residual"):
+        result = logix.Attributor(run.project_dir, logix.config.InfluenceConfig(
+            lissa_depth=3)).compute_influence_all(query, hessian="lissa", progress=False)
+    solver = result["meta"]["solver"]
+    assert solver["iterations"] == 3 and not solver["converged"]
+    assert solver["residuals"][-1] > 1e-4
+    # the recursion's depth is known before it runs: refused up front, with the depth it needs
+    neumann = logix.Attributor(run.project_dir, logix.config.InfluenceConfig(
+        lissa_solver="neumann", lissa_depth=50))
+    with pytest.raises(UsageError, match=r"takes up to \d+ steps.*lissa_depth=50.*"
+                                         r"lissa_solver='cg'.*lissa_depth >= \d+"):
+        neumann.compute_influence_all(query, hessian="lissa", progress=False)
+    with pytest.raises(ConfigError, match="lissa_scale=1.0 is the scale of lissa_solver="):
+        logix.config.InfluenceConfig(lissa_scale=1.0)
+
+
 def test_lissa_kind_with_absolute_damping_scale_and_topk(tmp_path):
     run, query = logged_run(tmp_path)
     attributor = logix.Attributor(run.project_dir, logix.config.InfluenceConfig(
-        lissa_scale=1.0, lissa_tol=1e-7, lissa_depth=5000))
+        lissa_solver="neumann", lissa_scale=1.0, lissa_tol=1e-7, lissa_depth=5000))
     expected = explicit_scores(run, query, damping=0.05)
     full = attributor.compute_influence_all(query, hessian="lissa", damping=0.05, progress=False)
     assert relative_error(full["influence"], expected) <= 1e-3
@@ -92,7 +128,8 @@ def test_lissa_kind_refuses_train_side_modes_and_reports_divergence(tmp_path):
         run.compute_influence_all(query, hessian="lissa", mode="cosine", progress=False)
     with pytest.raises(UsageError, match="src_log="):
         run.compute_self_influence(hessian="lissa", progress=False)
-    tiny = logix.Attributor(run.project_dir, logix.config.InfluenceConfig(lissa_scale=1e-4))
+    tiny = logix.Attributor(run.project_dir, logix.config.InfluenceConfig(
+        lissa_solver="neumann", lissa_scale=1e-4))
     with pytest.raises(UsageError, match="diverged.*larger scale"):
         tiny.compute_influence_all(query, hessian="lissa", progress=False)
     with pytest.warns(UserWarning, match="depth 2"):
@@ -143,6 +180,18 @@ def test_model_lissa_equals_the_explicit_inverse(gauss_newton):
     expected = torch.linalg.solve(h + damping * torch.eye(h.shape[0], dtype=h.dtype), vectors.T).T
     assert relative_error(out["solution"], expected) <= 1e-3
     assert out["converged"] and out["residuals"][-1] <= 1e-7 and out["scale"] > 0
+
+
+def test_model_lissa_refuses_up_front_what_cannot_converge():
+    model, batch, loss_fn = model_and_loss()
+    h = explicit_curvature(model, batch, loss_fn, gauss_newton=True)
+    vectors = torch.ones(1, h.shape[0], dtype=torch.float64)
+    with pytest.raises(UsageError, match=r"takes at least (\d+) steps.*over depth=20.*depth >="):
+        lissa(model, loss_fn, [batch], vectors, damping=1e-3, depth=20, gauss_newton=True)
+    eigenvalues = torch.linalg.eigvalsh(explicit_curvature(model, batch, loss_fn, False))
+    assert eigenvalues[0] < -1e-3  # the Hessian is indefinite here: damping 0 cannot converge
+    with pytest.raises(UsageError, match="eigenvalue <= 0.*gauss_newton=True"):
+        lissa(model, loss_fn, [batch], vectors, damping=0.0, depth=10 ** 6)
 
 
 def test_model_lissa_argument_errors_and_divergence():

@@ -178,8 +178,9 @@ class EKFAC(KFAC, name="ekfac"):
 
 class LiSSA(Curvature, name="lissa"):
     """H = the empirical Fisher of the saved rows, per module, never formed: each query solves
-    (F + lambda I) x = g_q by the LiSSA recursion, one streaming pass over the rows per step
-    (logix.influence.lissa). Scores in mode 'dot' only (no train-side inverse)."""
+    (F + lambda I) x = g_q by conjugate gradients (or the LiSSA recursion), one streaming pass
+    over the rows per step (logix.influence.lissa). Scores in mode 'dot' only (no train-side
+    inverse)."""
 
     needs_rows = True
 
@@ -193,7 +194,8 @@ class LiSSA(Curvature, name="lissa"):
 
         return LissaPreconditioner(reader(), modules, settings.damping, settings.relative_damping,
                                    settings.lissa_depth, settings.lissa_scale,
-                                   settings.lissa_tol, settings.block_rows, progress)
+                                   settings.lissa_tol, settings.block_rows, progress,
+                                   settings.lissa_solver)
 
 
 class OptimizerState(Curvature, name="optimizer"):

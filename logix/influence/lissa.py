@@ -1,33 +1,42 @@
-"""LiSSA: (H + lambda I)^-1 v by the truncated Neumann recursion, matrix-free.
+"""LiSSA: (H + lambda I)^-1 v, matrix-free, by the Neumann recursion or conjugate gradients.
 
 For A = H + lambda I and a scale s above A's largest eigenvalue, the recursion
 
     u_0 = v,   u_{t+1} = v + u_t - A u_t / s,   x_t = u_t / s
 
 converges to A^-1 v (Agarwal et al., 2017; Koh & Liang, 2017) whenever A's eigenvalues lie in
-(0, 2 s); the error shrinks by (1 - lambda_min(A) / s) per step. Each step's residual
-||v - A x_t|| / ||v|| comes for free with A u_t and is kept as the convergence diagnostic.
+(0, 2 s); the error shrinks by (1 - lambda_min(A) / s) per step, so reaching a relative residual
+tol takes about log(tol) / log(1 - lambda_min(A) / s) steps: known before the first step once
+lambda_min(A) is estimated (`needed_depth`), and refused when over the depth allowed. Each step's
+residual ||v - A x_t|| / ||v|| comes for free with A u_t and is kept as the diagnostic.
+
+Conjugate gradients (`conjugate_gradients`) solve the same system with the same products in
+about sqrt(lambda_max / lambda_min) steps instead of lambda_max / lambda_min, and in at most
+(number of distinct eigenvalues) steps: a Fisher of N rows plus damping has at most N + 1.
 
 Two uses:
 
-* `solve_rows`: the ``lissa`` curvature kind. H is the empirical Fisher of the saved rows, per
-  module, F v = (1/N) sum_i g_i (g_i^T v): one streaming pass per step, batched over every query,
-  so it works where the [d, d] ``raw`` covariance does not fit. Rows that fit in
-  `memory_rows_bytes` are read once and kept in memory.
+* `LissaPreconditioner`: the ``lissa`` curvature kind. H is the empirical Fisher of the saved
+  rows, per module, F v = (1/N) sum_i g_i (g_i^T v): one streaming pass per step, batched over
+  every query, so it works where the [d, d] ``raw`` covariance does not fit. Rows that fit in
+  MEMORY_ROWS_BYTES are read once and kept in memory. Solver: conjugate gradients (default,
+  influence.lissa_solver='cg') or the recursion ('neumann').
 * `lissa(model, loss_fn, loader, vectors)`: the model's own Hessian (or Gauss-Newton matrix) by
   Hessian-vector products, one batch of `loader` per step: the classical estimator.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
 
 from logix import distributed
+from logix.config import LissaSolver
 from logix.errors import UsageError
 from logix.influence.gather import own_part
 from logix.influence.preconditioner import Preconditioner
@@ -36,10 +45,12 @@ from logix.progress import track
 DIVERGED = 1e3  # a relative residual above this (or not finite) means the recursion diverged
 MEMORY_ROWS_BYTES = 256 * 2 ** 20
 POWER_ITERATIONS = 20
+NEVER = 2 ** 62  # needed_depth when the recursion does not converge
 
 
 class LissaPreconditioner(Preconditioner):
-    """A query-side solve: `apply(queries)` runs LiSSA against the saved rows' Fisher.
+    """A query-side solve: `apply(queries)` solves (F + lambda I) x = g_q against the saved rows'
+    Fisher, by conjugate gradients (solver 'cg') or the LiSSA recursion ('neumann').
 
     There are no per-module inverses to apply to training rows, so only the queries are
     preconditioned (mode 'dot'); `diagnostics` holds the last solve's residuals.
@@ -49,13 +60,17 @@ class LissaPreconditioner(Preconditioner):
 
     def __init__(self, reader, modules, damping: Optional[float], relative_damping: float,
                  depth: int, scale: Optional[float], tol: float, block_rows: int,
-                 progress: bool = True) -> None:
+                 progress: bool = True, solver: str = "cg") -> None:
         super().__init__("lissa", {}, list(modules))
+        if solver not in get_args(LissaSolver):
+            raise UsageError(f"LiSSA solver {solver!r} is not supported; allowed: "
+                             f"{list(get_args(LissaSolver))}.")
         self.fisher = RowFisher(reader, self.modules, block_rows)
         traces = self.fisher.mean_diagonal()
         self._dampings = {m.name: float(damping) if damping is not None
                           else float(relative_damping * traces[m.name]) for m in self.modules}
         self.depth, self.scale, self.tol, self.progress = depth, scale, tol, progress
+        self.solver = solver
         self.diagnostics: dict = {}
 
     @property
@@ -72,21 +87,42 @@ class LissaPreconditioner(Preconditioner):
                                  f"{value:g} (its logged rows are all zero, or damping=0 was "
                                  "passed). Pass damping > 0.")
         damping = _per_column(self.modules, self._dampings, rows.shape[1])
-        if self.scale is not None:
-            scale = torch.full((rows.shape[1],), float(self.scale), dtype=torch.float64)
-        else:
-            top = self.fisher.largest_eigenvalues(self.progress)
-            scale = _per_column(self.modules, {m.name: top[m.name] + self._dampings[m.name]
-                                               for m in self.modules}, rows.shape[1])
-        solution, self.diagnostics = neumann(
-            lambda u: self.fisher.apply(u) + damping * u, rows.double(), scale, self.depth,
-            self.tol, self.progress, "hessian='lissa'")
-        self.diagnostics["scale"] = {m.name: float(scale[m.offset]) for m in self.modules}
+
+        def product(u: Tensor) -> Tensor:
+            return self.fisher.apply(u) + damping * u
+
+        if self.solver == "cg":
+            solution, self.diagnostics = conjugate_gradients(
+                product, rows.double(), _segments(self.modules, rows.shape[1]), self.depth,
+                self.tol, self.progress, "hessian='lissa'")
+            return solution.to(rows.dtype)
+        scales = self._scales()
+        # lambda_min(F + lambda I) >= lambda, so the recursion needs at most this many steps
+        needed = max(needed_depth(self._dampings[m.name], scales[m.name], self.tol)
+                     for m in self.modules)
+        if needed > self.depth:
+            raise UsageError(
+                f"hessian='lissa' (solver 'neumann'): the recursion contracts by 1 - damping / "
+                f"scale per step, and reaching lissa_tol={self.tol:g} takes up to {needed} steps "
+                f"(dampings {_short(self._dampings)}, scales {_short(scales)}), over "
+                f"lissa_depth={self.depth}. Pass lissa_solver='cg' (conjugate gradients: about "
+                f"the square root of that), lissa_depth >= {needed}, or a larger damping.")
+        scale = _per_column(self.modules, scales, rows.shape[1])
+        solution, self.diagnostics = neumann(product, rows.double(), scale, self.depth, self.tol,
+                                             self.progress, "hessian='lissa'")
+        self.diagnostics["scale"] = scales
         return solution.to(rows.dtype)
+
+    def _scales(self) -> Dict[str, float]:
+        if self.scale is not None:
+            return {m.name: float(self.scale) for m in self.modules}
+        top = self.fisher.largest_eigenvalues(self.progress)
+        return {m.name: top[m.name] + self._dampings[m.name] for m in self.modules}
 
 
 class RowFisher:
-    """F v = (1/N) sum_i g_i (g_i^T v) per module (block diagonal), from a log's saved rows."""
+    """F v = (1/N) sum_i g_i (g_i^T v) per module (block diagonal), from a log's saved rows,
+    in float64."""
 
     def __init__(self, reader, modules, block_rows: int) -> None:
         self.modules = modules
@@ -120,11 +156,11 @@ class RowFisher:
     def apply(self, vectors: Tensor) -> Tensor:
         """vectors [q, dim] (float64) -> F vectors, one pass over the rows."""
         out = torch.zeros_like(vectors)
-        v = vectors.float()
         for rows in self._blocks():
+            rows = rows.double()
             for m in self.modules:
                 g = rows[:, m.columns]  # [n, d_m]
-                out[:, m.columns] += (g.T @ (g @ v[:, m.columns].T)).T.double()
+                out[:, m.columns] += (vectors[:, m.columns] @ g.T) @ g
         distributed.all_reduce_sum(out)
         return out / self.count
 
@@ -140,6 +176,63 @@ class RowFisher:
                         for m in self.modules}
             v = fv
         return estimate
+
+
+def needed_depth(smallest: float, scale: float, tol: float) -> int:
+    """Steps the recursion takes to shrink the error by `tol` when A's smallest eigenvalue is
+    `smallest` (each step multiplies it by 1 - smallest / scale). NEVER when it never does."""
+    if smallest >= scale:
+        return 1
+    if smallest <= 0 or tol <= 0:
+        return NEVER
+    return max(1, math.ceil(math.log(tol) / math.log1p(-smallest / scale)))
+
+
+def conjugate_gradients(product: Callable[[Tensor], Tensor], v: Tensor, segments: Tensor,
+                        depth: int, tol: float, progress: bool, what: str):
+    """x ~ A^-1 v by conjugate gradients, A symmetric positive definite and block diagonal over
+    the column `segments` ([dim] block index per column): each (row of v, block) pair is its own
+    system, all advanced by one product(p) = A p per step. Stops once every row's relative
+    residual ||v - A x|| / ||v|| is at most `tol`, else after `depth` steps (with a warning).
+    Returns (x, diagnostics)."""
+    _check_solver_args(depth, tol)
+    blocks = int(segments.max()) + 1 if segments.numel() else 0
+
+    def block_dot(a: Tensor, b: Tensor) -> Tensor:  # [q, blocks]
+        return torch.zeros(a.shape[0], blocks, dtype=a.dtype).index_add_(1, segments, a * b)
+
+    norms = v.norm(dim=-1).clamp_min(torch.finfo(v.dtype).tiny)
+    x = torch.zeros_like(v)
+    r = v.clone()
+    p = r.clone()
+    rr = block_dot(r, r)
+    residuals: List[float] = []
+    for step in track(range(depth), depth, "LiSSA (cg)", progress):
+        ap = product(p)
+        curvature = block_dot(p, ap)
+        if bool((curvature[rr > 0] <= 0).any()) or not bool(torch.isfinite(curvature).all()):
+            raise UsageError(f"{what}: conjugate gradients met a direction of zero or negative "
+                             f"curvature at step {step}: H + damping I is not positive definite "
+                             "(to round-off). Pass a larger damping.")
+        alpha = torch.where(rr > 0, rr / curvature.where(rr > 0, torch.ones_like(rr)), 0)
+        x += alpha[:, segments] * p
+        r -= alpha[:, segments] * ap
+        new = block_dot(r, r)
+        residual = float((new.sum(1).sqrt() / norms).max())
+        residuals.append(residual)
+        if residual <= tol:
+            break
+        beta = torch.where(rr > 0, new / rr.where(rr > 0, torch.ones_like(rr)), 0)
+        p = r + beta[:, segments] * p
+        rr = new
+    else:
+        warnings.warn(f"{what}: conjugate gradients stopped at depth {depth} with relative "
+                      f"residual {residuals[-1]:.3g} > tol {tol:g}; pass a larger depth "
+                      "(influence.lissa_depth in the config, e.g. logix.init(..., "
+                      "lissa_depth=5000)) or a larger damping. The scores solve the system only "
+                      "to that residual.", stacklevel=3)
+    return x, {"solver": "cg", "iterations": len(residuals), "residuals": residuals,
+               "converged": residuals[-1] <= tol}
 
 
 def neumann(product: Callable[[Tensor], Tensor], v: Tensor, scale, depth: int, tol: float,
@@ -174,8 +267,8 @@ def neumann(product: Callable[[Tensor], Tensor], v: Tensor, scale, depth: int, t
                       "eigenvalue steps); the truncated recursion damps small eigenvalues "
                       "further.",
                       stacklevel=3)
-    return u / scale, {"iterations": len(residuals), "residuals": residuals,
-                       "converged": residuals[-1] <= tol}
+    return u / scale, {"solver": "neumann", "iterations": len(residuals),
+                       "residuals": residuals, "converged": residuals[-1] <= tol}
 
 
 def lissa(model: nn.Module, loss_fn: Callable, loader: Iterable, vectors: Tensor, *,
@@ -190,10 +283,15 @@ def lissa(model: nn.Module, loss_fn: Callable, loader: Iterable, vectors: Tensor
     over `params` (default: every parameter that requires grad, in named_parameters order).
     gauss_newton=True uses the Gauss-Newton matrix J^T H_out J (positive semi-definite when the
     loss is convex in the outputs) instead of H. scale: default 1.5 x the largest eigenvalue of
-    H + damping I on the first batch (power iteration). Stops when every vector's relative
-    residual (on that step's batch) is at most `tol`, else after `depth` steps.
+    H + damping I on the first batch (power iteration). Before the first step, A = H + damping I's
+    smallest eigenvalue is estimated on the first batch (power iteration on scale I - A, 20
+    products); when it is <= 0 (the recursion would diverge), or when reaching `tol` takes more
+    than `depth` steps even at that estimate (about log(tol) / log(1 - lambda_min / scale)), a
+    UsageError says so and what to change. Stops when every vector's relative residual (on that
+    step's batch) is at most `tol`, else after `depth` steps (with a warning).
 
-    Returns {"solution" [k, P], "iterations", "residuals" (per step), "converged", "scale"}.
+    Returns {"solution" [k, P], "iterations", "residuals" (per step), "converged", "scale",
+    "smallest_eigenvalue", "needed_depth"}.
     """
     if damping < 0 or not math.isfinite(damping):
         raise UsageError(f"lissa damping must be a finite number >= 0, got {damping!r}.")
@@ -218,15 +316,28 @@ def lissa(model: nn.Module, loss_fn: Callable, loader: Iterable, vectors: Tensor
         return hvp(model, forward, loss_fn, batch, base, names, shapes, u) + damping * u
 
     v = vectors.detach().to(weights[names[0]].dtype)
+    first = next(batches)
     if scale is None:
-        first = next(batches)
         scale = 1.5 * _largest_eigenvalue(lambda u: product(u, first), total, v.dtype)
     elif not scale > 0:
         raise UsageError(f"lissa scale must be > 0, got {scale!r}.")
-    current = iter(batches)
+    smallest = _smallest_eigenvalue(lambda u: product(u, first), scale, total, v.dtype)
+    needed = needed_depth(smallest, scale, tol)
+    if smallest <= 0:
+        raise UsageError(f"logix.influence.lissa: H + damping I has an eigenvalue <= 0 (about "
+                         f"{smallest:.3g} on the first batch), so the recursion diverges: pass "
+                         f"damping > {damping - smallest:.3g}, or gauss_newton=True.")
+    if needed > depth:
+        raise UsageError(
+            f"logix.influence.lissa: reaching tol={tol:g} takes at least {needed} steps (each "
+            f"shrinks the error by 1 - lambda_min / scale, lambda_min of H + damping I about "
+            f"{smallest:.3g} on the first batch, scale {scale:.3g}), over depth={depth}. Pass "
+            f"depth >= {needed}, a larger damping, or a larger tol.")
+    current = itertools.chain([first], batches)
     solution, info = neumann(lambda u: product(u, next(current)), v, scale, depth, tol,
                              progress, "logix.influence.lissa")
-    return {"solution": solution, **info, "scale": float(scale)}
+    return {"solution": solution, **info, "scale": float(scale),
+            "smallest_eigenvalue": smallest, "needed_depth": needed}
 
 
 def _hvp(model, forward, loss_fn, batch, base, names, shapes, u: Tensor) -> Tensor:
@@ -279,6 +390,20 @@ def _unflatten(flat: Tensor, names, shapes) -> Dict[str, Tensor]:
 
 
 def _largest_eigenvalue(product, size: int, dtype) -> float:
+    value = _power_iteration(product, size, dtype)
+    if not value > 0:
+        raise UsageError(f"logix.influence.lissa: H + damping I has no positive top eigenvalue "
+                         f"({value:.3g}); pass a larger damping, gauss_newton=True, or scale=.")
+    return value
+
+
+def _smallest_eigenvalue(product, scale: float, size: int, dtype) -> float:
+    """An estimate of A's smallest eigenvalue from the top one of scale I - A; power iteration
+    approaches the top from below, so the estimate is at least the true value."""
+    return scale - _power_iteration(lambda u: scale * u - product(u), size, dtype)
+
+
+def _power_iteration(product, size: int, dtype) -> float:
     v = torch.randn(1, size, generator=torch.Generator().manual_seed(0)).to(dtype)
     value = 0.0
     for _ in range(POWER_ITERATIONS):
@@ -286,9 +411,6 @@ def _largest_eigenvalue(product, size: int, dtype) -> float:
         av = product(v)
         value = float((v * av).sum())
         v = av
-    if not value > 0:
-        raise UsageError(f"logix.influence.lissa: H + damping I has no positive top eigenvalue "
-                         f"({value:.3g}); pass a larger damping, gauss_newton=True, or scale=.")
     return value
 
 
@@ -307,6 +429,18 @@ def _per_column(modules, values: Dict[str, float], dim: int) -> Tensor:
     for m in modules:
         out[m.columns] = values[m.name]
     return out
+
+
+def _segments(modules, dim: int) -> Tensor:
+    """[dim] the index of each column's module."""
+    out = torch.empty(dim, dtype=torch.long)
+    for i, m in enumerate(modules):
+        out[m.columns] = i
+    return out
+
+
+def _short(values: Dict[str, float]) -> str:
+    return ", ".join(f"{name}: {value:.3g}" for name, value in values.items())
 
 
 def _normalized(modules, v: Tensor) -> Tensor:
