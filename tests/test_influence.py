@@ -399,4 +399,4 @@ def test_missing_statistics_name_the_fix(tmp_path):
         run.compute_influence_all(test, hessian="raw")
     with pytest.raises(logix.UsageError, match="allowed values"):
         run.compute_influence_all(test, hessian="hessian-free")
-    assert run.influence.available_hessians() == ["none", "lissa"]  # lissa needs only rows
+    assert run.influence.available_hessians() == ["none", "lissa", "full"]  # rows alone

@@ -217,7 +217,7 @@ def test_state_files_without_a_checksum_still_load(tmp_path):
 def test_auto_does_not_hide_a_damaged_log(tmp_path):
     run, test = logged(tmp_path, setup=("kfac",))
     run.statistics.drop(EKFAC)  # so that "auto" has to look at the saved rows
-    assert run.influence.available_hessians() == ["none", "kfac", "ekfac", "lissa"]
+    assert run.influence.available_hessians() == ["none", "kfac", "ekfac", "lissa", "full"]
     index = os.path.join(run.project_dir, "logs", "index-r0.jsonl")
     with open(index, "r+b") as f:
         f.write(b"{not json")  # the first of three lines: not a torn tail

@@ -111,8 +111,8 @@ class Attributor:
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
                        modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
-        are cached until the statistics change); for a kind that solves each query (lissa), a
-        Preconditioner whose `apply` runs that solve against the saved rows."""
+        are cached until the statistics change); for a kind built from the saved rows (lissa: a
+        solve per query; full: one inverse across modules), a Preconditioner from those rows."""
         cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
         name = cfg.hessian
         if name == curvature.AUTO:
@@ -166,8 +166,11 @@ class Attributor:
         query: a StepLog (run.get_log()), a list of them, a StepLog file or a logged project
         folder. loader: a LogReader or project folder (default: this log).
         mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
-        "lissa" (solves each query against the saved rows' Fisher; mode "dot" only; settings
-        influence.lissa_depth / lissa_scale / lissa_tol; residuals in meta["solver"]);
+        "lissa" (solves each query against the saved rows' Fisher by conjugate gradients; mode
+        "dot" only; settings influence.lissa_solver / lissa_depth / lissa_scale / lissa_tol;
+        residuals in meta["solver"]) | "full" (the saved rows' Fisher across all modules, one
+        eigendecomposition of the [dim, dim] covariance, rows of at most 16384 numbers; with
+        influence_groups, mode "dot" only) | "optimizer";
         damping: absolute damping for every module (default: relative, see config).
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds `groups`, whose scores sum to the total when they partition the modules. topk=k (a
@@ -403,6 +406,12 @@ class Attributor:
                              f"saved rows and has no train-side inverse, so mode={mode!r} (which "
                              "needs g^T H^-1 g of every training row) is not supported: use "
                              "mode='dot', or hessian='raw' / 'ekfac' for cosine and l2.")
+        if preconditioner.cross_layer and groups is not None and mode != "dot":
+            raise UsageError(f"hessian={preconditioner.kind!r} couples the modules, so a group's "
+                             f"share of g^T H^-1 g can be negative and mode={mode!r} per group "
+                             "has no meaning: use mode='dot' with influence_groups (each group "
+                             "gets its modules' share of the total score), or leave "
+                             "influence_groups out.")
         return Scorer(src, mode, preconditioner, group_masks(src.modules, groups))
 
     score_plan = scorer  # its name before 0.3 (logix.index calls it)

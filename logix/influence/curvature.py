@@ -92,10 +92,10 @@ class Curvature:
     @classmethod
     def query_solver(cls, reader, modules, settings, progress: bool = True
                      ) -> Optional[Preconditioner]:
-        """For a kind that is no eigendecomposition: a Preconditioner that solves
-        (H + lambda I) x = g_q for the queries against the saved rows (reader: a function
-        returning the log's LogReader; settings: the query's InfluenceConfig). None (the
-        default) for kinds with a spectrum."""
+        """For a kind that is not one eigendecomposition per module: a Preconditioner built
+        from the saved rows that applies (H + lambda I)^-1 (lissa: a solve per query; full: one
+        inverse across modules) (reader: a function returning the log's LogReader; settings:
+        the query's InfluenceConfig). None (the default) for kinds with a spectrum."""
         return None
 
     @classmethod
@@ -196,6 +196,26 @@ class LiSSA(Curvature, name="lissa"):
                                    settings.lissa_depth, settings.lissa_scale,
                                    settings.lissa_tol, settings.block_rows, progress,
                                    settings.lissa_solver)
+
+
+class Full(Curvature, name="full"):
+    """H = the empirical Fisher of the saved rows across every module (whole rows, cross-layer
+    blocks included), formed in one streaming pass and eigendecomposed once per log
+    (logix.influence.full); rows of at most full.MAX_WIDTH numbers. Influence groups split the
+    total score by the training rows' modules (mode 'dot' only)."""
+
+    needs_rows = True
+
+    @classmethod
+    def fitted(cls, statistics: CovarianceState) -> bool:
+        return False  # formed from the rows at the first query, cached in that process
+
+    @classmethod
+    def query_solver(cls, reader, modules, settings, progress: bool = True) -> Preconditioner:
+        from logix.influence.full import full_preconditioner
+
+        return full_preconditioner(reader(), modules, settings.damping,
+                                   settings.relative_damping, settings.block_rows, progress)
 
 
 class OptimizerState(Curvature, name="optimizer"):

@@ -23,8 +23,8 @@ class ModuleInverse:
 
     kind: str
     damping: float
-    values: Optional[Tensor] = None  # raw: [d]; kfac/ekfac: [r_out, r_in]
-    vectors: Optional[Tensor] = None  # raw: [d, d]
+    values: Optional[Tensor] = None  # raw, full: [d]; kfac/ekfac: [r_out, r_in]
+    vectors: Optional[Tensor] = None  # raw, full: [d, d]
     q_out: Optional[Tensor] = None  # kfac/ekfac: [r_out, r_out]
     q_in: Optional[Tensor] = None  # kfac/ekfac: [r_in, r_in]
 
@@ -38,7 +38,7 @@ class ModuleInverse:
         """grads [n, r_out, r_in] -> f(H) grads, f applied to H's eigenvalues (float64)."""
         dtype = grads.dtype
         factor = fn(self.values).to(grads.device, dtype)
-        if self.kind == "raw":
+        if self.vectors is not None:  # raw, full: one dense eigenbasis
             vectors = self.vectors.to(grads.device, dtype)
             flat = grads.reshape(grads.shape[0], grads.shape[1] * grads.shape[2])
             return ((flat @ vectors) * factor @ vectors.T).reshape(grads.shape)
@@ -48,7 +48,7 @@ class ModuleInverse:
 
     def matrix(self) -> Tensor:
         """(H + lambda I)^-1 as an explicit [d, d] matrix (row-major vec of [r_out, r_in])."""
-        if self.kind == "raw":
+        if self.vectors is not None:
             return self.vectors @ torch.diag(1 / (self.values + self.damping)) @ self.vectors.T
         basis = torch.kron(self.q_out, self.q_in)
         return basis @ torch.diag(1 / (self.values + self.damping).flatten()) @ basis.T
@@ -65,6 +65,7 @@ class Preconditioner:
     """One ModuleInverse per module of a row layout."""
 
     queries_only: ClassVar[bool] = False  # a query-side solve (lissa): no train-side inverse
+    cross_layer: ClassVar[bool] = False  # one inverse across modules (full), not one per module
 
     kind: str
     inverses: Dict[str, ModuleInverse]

@@ -40,7 +40,9 @@ def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
         hessian = "ekfac"
     if not curvature.get(hessian).covariances:
         allowed = [k for k in curvature.names() if curvature.get(k).covariances]
-        raise UsageError(f"method='source' takes hessian in {allowed}, got {hessian!r}.")
+        raise UsageError(f"method='source' takes hessian in {allowed}, got {hessian!r}: SOURCE "
+                         "averages each segment's curvature from covariances collected during "
+                         "logging at its checkpoints, and this kind has none.")
     manifest = base.manifest
     if not manifest.checkpoints:
         raise UsageError("method='source' needs checkpoints: log each one inside `with "
