@@ -64,6 +64,11 @@ def test_two_processes_score_like_one(logs):
     torch.testing.assert_close(r2["top"]["top_scores"], values[:, :4])
     torch.testing.assert_close(r2["top"]["bottom_scores"], values[:, -4:].flip(1))
     assert r2["rank0"]["influence"].shape == (3, 40)
+    for kind in ("hessian-full", "hessian-lissa"):  # fitted from the rows each rank reads
+        order = [r2[kind]["tgt_ids"].index(i) for i in r1[kind]["tgt_ids"]]
+        torch.testing.assert_close(r2[kind]["influence"][:, order], r1[kind]["influence"],
+                                   rtol=1e-4, atol=1e-5)
+        assert r2[kind]["meta"]["damping"] == pytest.approx(r1[kind]["meta"]["damping"])
 
 
 @pytest.mark.slow  # torchrun

@@ -68,10 +68,12 @@ def main(root: str, mode: str) -> None:
     full = run.compute_influence_all(test, hessian="ekfac", block_rows=8)
     top = run.compute_influence_all(test, hessian="ekfac", topk=4, block_rows=8)
     only_rank0 = run.compute_influence_all(test, hessian="kfac", gather="rank0")
+    rows = {f"hessian-{kind}": run.compute_influence_all(test, hessian=kind, block_rows=8)
+            for kind in ("full", "lissa")}  # curvatures fitted from the rows
     if rank == 0:
         stats = {f"{m}::{k}": run.statistics.get(m, k) for m in run.projections
                  for k in ("forward", "backward", "grad", "ekfac")}
-        torch.save({"full": full, "top": top, "stats": stats, "rank0": only_rank0},
+        torch.save({"full": full, "top": top, "stats": stats, "rank0": only_rank0, **rows},
                    os.path.join(root, f"result-{mode}-{world}.pt"))
     elif only_rank0 is not None:
         raise AssertionError("gather='rank0' returned scores on another rank")
