@@ -102,7 +102,7 @@ def test_lissa_kind_reports_an_unconverged_solve(tmp_path):
     # the recursion's depth is known before it runs: refused up front, with the depth it needs
     neumann = logix.Attributor(run.project_dir, logix.config.InfluenceConfig(
         lissa_solver="neumann", lissa_depth=50))
-    with pytest.raises(UsageError, match=r"takes up to \d+ steps.*lissa_depth=50.*"
+    with pytest.raises(UsageError, match=r"takes at least \d+ steps.*lissa_depth=50.*"
                                          r"lissa_solver='cg'.*lissa_depth >= \d+"):
         neumann.compute_influence_all(query, hessian="lissa", progress=False)
     with pytest.raises(ConfigError, match="lissa_scale=1.0 is the scale of lissa_solver="):

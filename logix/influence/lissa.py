@@ -97,16 +97,17 @@ class LissaPreconditioner(Preconditioner):
                 self.tol, self.progress, "hessian='lissa'")
             return solution.to(rows.dtype)
         scales = self._scales()
-        # lambda_min(F + lambda I) >= lambda, so the recursion needs at most this many steps
-        needed = max(needed_depth(self._dampings[m.name], scales[m.name], self.tol)
+        smallest = self.fisher.smallest_eigenvalues(self._dampings, scales, self.progress)
+        needed = max(needed_depth(smallest[m.name], scales[m.name], self.tol)
                      for m in self.modules)
         if needed > self.depth:
             raise UsageError(
-                f"hessian='lissa' (solver 'neumann'): the recursion contracts by 1 - damping / "
-                f"scale per step, and reaching lissa_tol={self.tol:g} takes up to {needed} steps "
-                f"(dampings {_short(self._dampings)}, scales {_short(scales)}), over "
-                f"lissa_depth={self.depth}. Pass lissa_solver='cg' (conjugate gradients: about "
-                f"the square root of that), lissa_depth >= {needed}, or a larger damping.")
+                f"hessian='lissa' (solver 'neumann'): the recursion shrinks the error by 1 - "
+                f"lambda_min / scale per step, and reaching lissa_tol={self.tol:g} takes at "
+                f"least {needed} steps (lambda_min of F + damping I about "
+                f"{_short(smallest)}; scales {_short(scales)}), over lissa_depth={self.depth}. "
+                f"Pass lissa_solver='cg' (conjugate gradients: about the square root of that), "
+                f"lissa_depth >= {needed}, or a larger damping.")
         scale = _per_column(self.modules, scales, rows.shape[1])
         solution, self.diagnostics = neumann(product, rows.double(), scale, self.depth, self.tol,
                                              self.progress, "hessian='lissa'")
@@ -166,12 +167,28 @@ class RowFisher:
 
     def largest_eigenvalues(self, progress: bool = True) -> Dict[str, float]:
         """Per module, F's largest eigenvalue by power iteration from a seeded start."""
+        return self._power_iteration(self.apply, progress)
+
+    def smallest_eigenvalues(self, dampings: Dict[str, float], scales: Dict[str, float],
+                             progress: bool = True) -> Dict[str, float]:
+        """Per module, an estimate of A = F + damping I's smallest eigenvalue from the top one of
+        scale I - A: power iteration approaches that from below, so each estimate is at least
+        the true value (and at least the damping)."""
+        damping = _per_column(self.modules, dampings, self.reader.dim)
+        scale = _per_column(self.modules, scales, self.reader.dim)
+        top = self._power_iteration(lambda u: (scale - damping) * u - self.apply(u), progress)
+        return {m.name: max(scales[m.name] - top[m.name], dampings[m.name])
+                for m in self.modules}
+
+    def _power_iteration(self, product, progress: bool) -> Dict[str, float]:
+        """Per module, the Rayleigh quotient of a block-diagonal `product` after
+        POWER_ITERATIONS steps from a seeded start."""
         generator = torch.Generator().manual_seed(0)
         v = torch.randn(1, self.reader.dim, generator=generator, dtype=torch.float64)
         estimate = {m.name: 0.0 for m in self.modules}
-        for _ in track(range(POWER_ITERATIONS), POWER_ITERATIONS, "LiSSA scale", progress):
+        for _ in track(range(POWER_ITERATIONS), POWER_ITERATIONS, "LiSSA spectrum", progress):
             v = _normalized(self.modules, v)
-            fv = self.apply(v)
+            fv = product(v)
             estimate = {m.name: float((v[:, m.columns] * fv[:, m.columns]).sum())
                         for m in self.modules}
             v = fv
