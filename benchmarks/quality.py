@@ -35,9 +35,9 @@ gives its cost beside a plain training run.
 Every case: 240 training and 40 query examples; the attributed model is trained with seed 0.
 Logging passes: unprojected (full per-example gradients of every tracked layer), random LoGra
 rank 8, PCA LoGra ranks 8 and 4; each with the gradient covariance (raw) and forward/backward
-covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa x mode
-dot / cosine at the default damping (lissa: dot only, depth 300), and raw / kfac / ekfac with dot
-at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
+covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa / full x
+mode dot / cosine at the default damping (lissa: dot only, depth 300), and raw / kfac / ekfac with
+dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
 retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
 s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). Rows report the
@@ -83,7 +83,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _quality_cases import CASES, N_QUERY, N_TRAIN  # noqa: E402  (shared with _peer_logix.py)
 
-CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa")
+CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa", "full")
 PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
 # also logged with true-Fisher K-FAC factors (a statistics pass on sampled labels; rows "-tf")
 FISHER_PROJECTIONS = (("none", None), ("pca", 8))
@@ -557,7 +557,7 @@ def plot(rows, path):
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
                "logix0.1.1": "x", "kronfluence": "D", "magic": "P"}
     colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
-              "exact": "k"}
+              "full": "C4", "exact": "k"}
     for ax, case in zip(axes[0], cases):
         for r in rows:
             if r["case"] != case or r["config"] == "random" or r["lds"] is None:
