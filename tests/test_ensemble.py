@@ -82,6 +82,21 @@ def test_ensemble_averages_each_checkpoints_preconditioned_scores(tmp_path):
                                atol=1e-5 * expected.abs().max().item())
 
 
+def test_ensemble_with_the_full_curvature_uses_each_checkpoints_cross_layer_fisher(tmp_path):
+    run, queries = logged_checkpoints(tmp_path)
+    result = run.compute_influence_all(queries, method="ensemble", hessian="full", progress=False)
+    expected = torch.zeros(2, N, dtype=torch.float64)
+    for name in ("c0", "c1"):  # F over whole rows: both modules, cross-layer blocks included
+        ids, rows = LogReader(run.project_dir, checkpoint=name).read_all()
+        rows, q = rows.double(), queries[name].grads.double()
+        fisher = rows.T @ rows / rows.shape[0]
+        system = fisher + 0.1 * fisher.diagonal().mean() * torch.eye(rows.shape[1],
+                                                                     dtype=torch.float64)
+        expected[:, ids] += torch.linalg.solve(system, q.T).T @ rows.T / 2
+    torch.testing.assert_close(by_id(result), expected, rtol=1e-4,
+                               atol=1e-5 * expected.abs().max().item())
+
+
 def test_tracin_is_the_lr_weighted_sum_of_dot_products_and_topk_agrees(tmp_path):
     run, queries = logged_checkpoints(tmp_path)
     result = run.influence.compute_influence_all(queries, method="tracin", progress=False)
