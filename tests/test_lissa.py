@@ -11,6 +11,7 @@ from torch.nn import functional as F
 import logix
 from logix.errors import ConfigError, UsageError
 from logix.influence.lissa import lissa
+from logix.storage.manifest import Manifest
 from logix.storage.reader import LogReader
 
 N = 24
@@ -203,3 +204,16 @@ def test_model_lissa_argument_errors_and_divergence():
         lissa(model, loss_fn, [batch], torch.zeros(1, 3), params=["nope"])
     with pytest.raises(UsageError, match="diverged"):
         lissa(model, loss_fn, [batch], torch.ones(1, total, dtype=torch.float64), scale=1e-3)
+
+
+def test_a_log_whose_snapshot_set_a_lissa_scale_keeps_the_recursion(tmp_path):
+    """Logs from before influence.lissa_solver existed: a snapshot with lissa_scale meant the
+    recursion at that scale."""
+    run, query = logged_run(tmp_path)
+    manifest = Manifest.load(run.project_dir)
+    snapshot = {k: v for k, v in manifest.config["influence"].items() if k != "lissa_solver"}
+    manifest.config["influence"] = {**snapshot, "lissa_scale": 1.0}
+    manifest.save(run.project_dir)
+    attributor = logix.Attributor(run.project_dir)
+    assert attributor.influence_config.lissa_solver == "neumann"
+    assert attributor.influence_config.lissa_scale == 1.0

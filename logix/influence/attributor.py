@@ -543,6 +543,8 @@ def _influence_config(config, manifest) -> InfluenceConfig:
         raise UsageError(f"config must be a logix.Config, an InfluenceConfig or None, got "
                          f"{type(config).__name__}.")
     saved = (manifest.config.get("influence") if manifest else None) or {}
+    if saved.get("lissa_scale") is not None and "lissa_solver" not in saved:
+        saved = {**saved, "lissa_solver": "neumann"}  # a log from before lissa_solver existed
     known = {f.name for f in dataclasses.fields(InfluenceConfig)}
     return load_config(None, influence={k: v for k, v in saved.items() if k in known}).influence
 
