@@ -2,10 +2,10 @@
 mode, damping and method on five small cases, next to the original LogIX, Kronfluence, TRAK
 and dattri.
 
-    python benchmarks/quality.py                      # ours only, 10 seeds (~TIME on 2 cores)
+    python benchmarks/quality.py                      # ours only, 10 seeds (~35 min, see below)
     python benchmarks/quality.py --cases mlp,staged   # some cases
     python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
-    python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2 \
+    python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2 \\
         --make-trak-venv DIR3 --make-dattri-venv DIR4   # + peers (then --peer-venv DIR ...)
     python benchmarks/quality.py --cases mlp,staged --magic-cases mlp,staged --seeds 0,1,2
                                         # MAGIC and the single-model ground truth on both
@@ -46,16 +46,20 @@ dot / cosine at the default damping (lissa: dot only, depth 300), and raw / kfac
 at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
 retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
-s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). Rows report the
-mean and std over seeds; the summary compares this library's best with each peer's best by a
-one-sided paired t-test over the same seeds (95%). (Each tool's best is picked by its mean over
-the same seeds, which favours tools with more configurations a little.) Brittleness: for the
-best configuration of each case and for random scores, the first --brittle queries the model
-gets right; the fraction whose prediction flips after removing their k = 10 / 20 / 40 most
-helpful examples. Results: --out/results.json, markdown tables (printed, and --out/table.md:
-every row, the per-case summary, each tool's default configuration beside its tuned best (ours
-and LogIX 0.1.1 per projection, dattri per method), the damping sweep averaged over cases) and
---out/lds_vs_bytes.png (matplotlib, if installed).
+s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). A seed is 50
+trainings per case (one training, one thread, on the shared 2-core VM at load 3: mlp 0.1 s, cnn
+0.4 s, attn 0.8 s, lm 2.8 s), ~3.5 min for the five cases, so 10 seeds take ~35 min there; the
+peers add ~2 (mlp) to ~20 (attn: dattri's explicit Hessian, once per regularisation) min per
+case on the busy VM. Rows report the mean and std over seeds; the summary compares this
+library's best with each peer's best by a one-sided paired t-test over the same seeds (95%).
+(Each tool's best is picked by its mean over the same seeds, which favours tools with more
+configurations a little.) Brittleness: for the best configuration of each case and for random
+scores, the first --brittle queries the model gets right; the fraction whose prediction flips
+after removing their k = 10 / 20 / 40 most helpful examples. Results: --out/results.json,
+markdown tables (printed, and --out/table.md: every row, the per-case summary, each tool's
+default configuration beside its tuned best (ours and LogIX 0.1.1 per projection, dattri per
+method), the damping sweep averaged over cases) and --out/lds_vs_bytes.png (matplotlib, if
+installed).
 
 Peers run in subprocesses under venvs of their own (their import names can clash with this
 library's, and their requirements with its pins); `--peer-venv PATH` / `--kronfluence-venv
