@@ -358,6 +358,8 @@ def peer_grid(case, model, peer, python, root):
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0 or not outp.exists():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            if proc.returncode < 0:  # last, as the tables show the last line
+                tail += f"\nkilled by signal {-proc.returncode} (9: out of memory?)"
             return {}, {f"{peer.name} (worker)": f"rc={proc.returncode}: {tail}"}
         found = torch.load(outp)
     print(f"{case.name}: {peer.name} ({found['version']}) scored in {time.time() - t0:.0f} s",
