@@ -31,6 +31,7 @@ means helpful, as in this library. "bytes": the float32 gradient (or projected g
 example these methods recompute.
 """
 
+import resource
 import sys
 import time
 import traceback
@@ -52,6 +53,9 @@ TRAK_PROJ_DIM = 512  # TRAKAttributor's default
 # IFAttributorExplicit forms the Hessian with torch.func over the whole training batch at once;
 # on attn (2,644 parameters) that worker was killed for memory on a 24 GiB machine
 EXPLICIT_MAX_PARAMS = 2000
+# address space the worker may use: an attributor that needs more fails with an error row
+# (dattri's CG held 20 GB after 10 min on attn) instead of taking the machine's memory
+MEMORY_LIMIT = 6 << 30
 
 
 def mean_loss(model, lm):
@@ -120,6 +124,7 @@ def grid(model, lm):
 
 
 def main(inp, outp):
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     torch.set_num_threads(1)
     job = torch.load(inp)
     case = CASES[job["case"]]()
