@@ -112,3 +112,14 @@ def test_every_peer_has_flags_and_a_documented_worker():
         assert f"--{flag}-venv" in worker, name
         assert f"--make-{flag}-venv" in quality.__doc__, name
         assert peer.install[0] == ("torch==2.13.0",)  # torch first: no CUDA build is pulled
+
+
+def test_attn_case_is_learnable_from_its_tokens():
+    from benchmarks._quality_cases import CASES, N_QUERY, N_TRAIN
+
+    case = CASES["attn"]()
+    assert case.x.shape == (N_TRAIN, 10) and case.qx.shape == (N_QUERY, 10)
+    assert case.x.dtype == torch.long and set(case.y.tolist()) == {0, 1, 2, 3}
+    model = case.train(torch.arange(N_TRAIN), 0)
+    accuracy = (case.logits(model, case.qx).argmax(-1) == case.qy).float().mean()
+    assert accuracy > 0.5  # chance is 0.25
