@@ -1,4 +1,4 @@
-"""The four synthetic cases of quality.py (data, model, training, losses).
+"""The synthetic cases of quality.py (data, model, training, losses).
 
 Only torch is imported, not `logix`: the LogIX 0.1.1 peer worker (_peer_logix.py) imports this
 module under the peer venv, where `logix` is the original package.
@@ -230,4 +230,50 @@ class StagedCase(MLPCase):
         return indices[keep]
 
 
-CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase)}
+class TinyEncoder(nn.Module):
+    """One bidirectional self-attention block over token sequences, mean-pooled, then a
+    linear classifier."""
+
+    def __init__(self, vocab=16, d=16, length=10, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(length, d) * 0.1)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):  # [B, T] -> [B, classes]
+        h = self.embed(ids) + self.pos[:ids.shape[-1]]
+        att = self.q(h) @ self.k(h).transpose(-1, -2) / math.sqrt(h.shape[-1])
+        h = h + self.o(att.softmax(-1) @ self.v(h))
+        h = h + self.down(torch.tanh(self.up(h)))
+        return self.head(h.mean(-2))
+
+
+class AttnCase(Case):
+    """Sequences of 10 tokens (vocabulary 16); each class has 3 marker tokens, and every
+    position is a marker of its class with probability 0.25, else uniform; 10% label noise."""
+    name = "attn"
+    steps, lr = 150, 0.01
+
+    def data(self):
+        g = torch.Generator().manual_seed(3)
+        n, length, vocab = N_TRAIN + N_QUERY, 10, 16
+        markers = torch.randperm(vocab, generator=g)[:12].view(4, 3)
+        y = torch.randint(0, 4, (n,), generator=g)
+        noise = torch.randint(0, vocab, (n, length), generator=g)
+        pick = markers[y][torch.arange(n)[:, None], torch.randint(0, 3, (n, length),
+                                                                   generator=g)]
+        x = torch.where(torch.rand(n, length, generator=g) < 0.25, pick, noise)
+        flip = torch.rand(n, generator=g) < 0.1
+        y = torch.where(flip, torch.randint(0, 4, y.shape, generator=g), y)
+        return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
+
+    def model(self):
+        return TinyEncoder()
+
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.lr)
+
+
+CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase, AttnCase)}

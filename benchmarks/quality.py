@@ -1,10 +1,12 @@
 """Attribution quality per byte logged: LDS (and brittleness) for every curvature, projection,
-mode, damping and method on four small cases, next to the original LogIX and Kronfluence.
+mode, damping and method on five small cases, next to the original LogIX, Kronfluence, TRAK
+and dattri.
 
-    python benchmarks/quality.py                      # ours only, 5 seeds (~5 min on 2 cores)
+    python benchmarks/quality.py                      # ours only, 10 seeds (~35 min, see below)
     python benchmarks/quality.py --cases mlp,staged   # some cases
     python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
-    python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2  # + peers
+    python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2 \\
+        --make-trak-venv DIR3 --make-dattri-venv DIR4   # + peers (then --peer-venv DIR ...)
     python benchmarks/quality.py --cases mlp,staged --magic-cases mlp,staged --seeds 0,1,2
                                         # MAGIC and the single-model ground truth on both
     python benchmarks/quality.py --magic-cases ""   # without MAGIC (default: on mlp, which
@@ -21,6 +23,10 @@ Cases (synthetic data, so nothing is downloaded; seeds fixed):
 * staged: the mlp data, trained in two stages (stage 1: classes 0-1 only, 150 steps at lr 0.1;
   stage 2: every class, 40 steps at lr 0.02; momentum 0.9), two checkpoints per stage, so the
   final model is not converged on classes 2-3. Adds methods ensemble, tracin and source.
+* attn: a transformer classifier: sequences of 10 tokens (vocabulary 16) whose class's 3 marker
+  tokens fill each position with probability 0.25 (else uniform), 10% label noise; one
+  bidirectional self-attention block (q, k, v, o, a 2-layer MLP), d_model 16, mean-pooled, a
+  linear head; Adam.
 
 MAGIC (--magic-cases, default mlp): the attributed run is recorded with `logix.MagicRecorder`
 (a checkpoint every 20 steps) and the queries are scored by exact metagradients
@@ -40,15 +46,20 @@ mode dot / cosine at the default damping (lissa: dot only, depth 300), and raw /
 dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
 retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
-s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). Rows report the
-mean and std over seeds; the summary compares this library's best with each peer's best by a
-one-sided paired t-test over the same seeds (95%). (Each tool's best is picked by its mean over
-the same seeds, which favours tools with more configurations a little.) Brittleness: for the
-best configuration of each case and for random scores, the first --brittle queries the model
-gets right; the fraction whose prediction flips after removing their k = 10 / 20 / 40 most
-helpful examples. Results: --out/results.json, markdown tables (printed, and --out/table.md:
-every row, the per-case summary, the damping sweep averaged over cases) and
---out/lds_vs_bytes.png (matplotlib, if installed).
+s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). A seed is 50
+trainings per case (one training, one thread, on the shared 2-core VM at load 3: mlp 0.1 s, cnn
+0.4 s, attn 0.8 s, lm 2.8 s), ~3.5 min for the five cases, so 10 seeds take ~35 min there; the
+peers add ~2 (mlp) to ~20 (attn: dattri's explicit Hessian, once per regularisation) min per
+case on the busy VM. Rows report the mean and std over seeds; the summary compares this
+library's best with each peer's best by a one-sided paired t-test over the same seeds (95%).
+(Each tool's best is picked by its mean over the same seeds, which favours tools with more
+configurations a little.) Brittleness: for the best configuration of each case and for random
+scores, the first --brittle queries the model gets right; the fraction whose prediction flips
+after removing their k = 10 / 20 / 40 most helpful examples. Results: --out/results.json,
+markdown tables (printed, and --out/table.md: every row, the per-case summary, each tool's
+default configuration beside its tuned best (ours and LogIX 0.1.1 per projection, dattri per
+method), the damping sweep averaged over cases) and --out/lds_vs_bytes.png (matplotlib, if
+installed).
 
 Peers run in subprocesses under venvs of their own (their import names can clash with this
 library's, and their requirements with its pins); `--peer-venv PATH` / `--kronfluence-venv
@@ -59,7 +70,13 @@ retrainings. `_peer_logix.py` (PyPI logix-ai 0.1.1, rows `logix0.1.1 ...`): ever
 (its own LoRA), curvature (none, raw, kfac, ekfac) and mode that 0.1.1 has.
 `_peer_kronfluence.py` (PyPI kronfluence 1.0.1, rows `kronfluence ...`): EK-FAC and K-FAC with
 its defaults (true Fisher, damping 1e-8) and with its damping heuristic (0.1 x mean eigenvalue,
-" d0.1"). A configuration that fails keeps its error text in results.json and the table.
+" d0.1"). `_peer_trak.py` (PyPI traker 0.3.2, rows `trak ...`; its CPU projector, one checkpoint):
+its defaults (proj_dim 2048, float16, lambda 0), then proj_dim 128 / 512 / 2048 in float32 with
+lambda 0 and 1e-3 ... 1000 x the mean eigenvalue of XᵀX. `_peer_dattri.py` (PyPI dattri 0.3.0,
+rows `dattri ...`): explicit-inverse and CG influence on the exact Hessian, EK-FAC (nn.Linear)
+and TRAK (proj_dim 512), each at its default regularisation 0 and at 1e-3 ... 100 (absolute).
+Their workers take only classification cases' TRAK (the lm case gets error rows there). A
+configuration that fails keeps its error text in results.json and the table.
 """
 
 from __future__ import annotations
@@ -124,7 +141,27 @@ PEERS = {
           "opt-einsum==3.4.0", "safetensors", "tqdm", "numpy"),
          ("--no-deps", "kronfluence==1.0.1")),
         "import kronfluence, sys; sys.exit(kronfluence.__version__ != '1.0.1')"),
+    "trak": Peer(
+        "trak", "_peer_trak.py",
+        (("torch==2.13.0",),
+         ("torch==2.13.0", "numpy", "tqdm"),
+         # its CPU projector needs nothing else (fast_jl, the GPU one, is an extra)
+         ("--no-deps", "traker==0.3.2")),
+        "import importlib.metadata as m, sys, trak; sys.exit(m.version('traker') != '0.3.2')"),
+    "dattri": Peer(
+        "dattri", "_peer_dattri.py",
+        (("torch==2.13.0",),
+         # what dattri.algorithm imports; its pretty_midi requirement (a music data set's
+         # loader) is never imported
+         ("torch==2.13.0", "numpy", "scipy", "pyyaml", "tqdm"),
+         ("--no-deps", "dattri==0.3.0")),
+        "import dattri.algorithm, importlib.metadata as m, sys; "
+        "sys.exit(m.version('dattri') != '0.3.0')"),
 }
+# each peer's command-line flags (--FLAG-venv, --make-FLAG-venv) and what its venv holds
+PEER_FLAGS = {"logix0.1.1": ("peer", "LogIX 0.1.1 (logix-ai)"),
+              "kronfluence": ("kronfluence", "kronfluence 1.0.1"),
+              "trak": ("trak", "TRAK (traker 0.3.2)"), "dattri": ("dattri", "dattri 0.3.0")}
 
 
 # ============================================================================ logging
@@ -321,6 +358,8 @@ def peer_grid(case, model, peer, python, root):
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0 or not outp.exists():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            if proc.returncode < 0:  # last, as the tables show the last line
+                tail += f"\nkilled by signal {-proc.returncode} (9: out of memory?)"
             return {}, {f"{peer.name} (worker)": f"rc={proc.returncode}: {tail}"}
         found = torch.load(outp)
     print(f"{case.name}: {peer.name} ({found['version']}) scored in {time.time() - t0:.0f} s",
@@ -517,6 +556,51 @@ def render_summary(rows):
     return "\n".join(lines)
 
 
+def family_of(config: str):
+    """(tool, family): the group a configuration's tuned best is picked in, beside that
+    family's default. Ours and LogIX 0.1.1: the projection ("full", "pca8", ...; true-Fisher
+    rows belong to theirs); dattri: the method (explicit, cg, ekfac, trak); the others: one."""
+    tool, words = tool_of(config), config.split()
+    if tool in ("ours", "logix0.1.1"):
+        return tool, words[3].removesuffix("-tf") if len(words) > 3 else ""
+    return tool, words[1] if tool == "dattri" else ""
+
+
+def default_config(tool: str, family: str) -> str:
+    """The configuration a tool runs with nothing set, in that family: ours and LogIX 0.1.1
+    pick EK-FAC when its statistics are logged, dot, their default damping; Kronfluence EK-FAC
+    at damping 1e-8; TRAK proj_dim 2048, float16, lambda 0; dattri regularisation 0."""
+    return {"ours": f"influence ekfac dot {family}",
+            "logix0.1.1": f"logix0.1.1 ekfac dot {family}",
+            "kronfluence": "kronfluence ekfac dot full",
+            "trak": "trak xtx dot p2048",
+            "dattri": f"dattri {family} dot " + ("p512" if family == "trak" else "full")}[tool]
+
+
+def render_defaults(rows):
+    """Per case, tool and family: the default configuration's LDS beside the family's tuned
+    best (picked by mean LDS over the same seeds)."""
+    lines = ["| case | tool | family | default | LDS | tuned best | LDS | best - default |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case in sorted({r["case"] for r in rows}):
+        groups = {}
+        for r in rows:
+            if r["case"] == case and r["lds"] is not None and r["config"] != "random":
+                groups.setdefault(family_of(r["config"]), []).append(r)
+        order = ["ours"] + list(PEERS)
+        for (tool, family), members in sorted(groups.items(),
+                                              key=lambda g: (order.index(g[0][0]), g[0][1])):
+            default = next((r for r in members
+                            if r["config"] == default_config(tool, family)), None)
+            if default is None:
+                continue
+            best = max(members, key=lambda r: r["lds"])
+            lines.append(f"| {case} | {tool} | {family or '-'} | {default['config']} | "
+                         f"{fmt(default)} | {best['config']} | {fmt(best)} | "
+                         f"{best['lds'] - default['lds']:+.3f} |")
+    return "\n".join(lines)
+
+
 def render_damping(rows):
     """Mean LDS over the four cases per curvature, projection and relative damping (dot)."""
     lines = ["| curvature | projection | " + " | ".join(f"{d:g}" for d in DAMPINGS) + " |",
@@ -555,9 +639,10 @@ def plot(rows, path):
     cases = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
-               "logix0.1.1": "x", "kronfluence": "D", "magic": "P"}
+               "logix0.1.1": "x", "kronfluence": "D", "magic": "P", "trak": "v", "dattri": "h"}
     colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
-              "full": "C4", "exact": "k"}
+              "full": "C7", "exact": "k", "xtx": "C4", "explicit": "C5", "cg": "C6",
+              "trak": "C4"}
     for ax, case in zip(axes[0], cases):
         for r in rows:
             if r["case"] != case or r["config"] == "random" or r["lds"] is None:
@@ -577,7 +662,7 @@ def plot(rows, path):
                colors.items()]
     handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=k) for k, m in
                 markers.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=11, fontsize=8)
+    fig.legend(handles=handles, loc="lower center", ncol=10, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -587,19 +672,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--subsets", type=int, default=50)
-    parser.add_argument("--seeds", default="0,1,2,3,4",
+    parser.add_argument("--seeds", default=",".join(map(str, range(10))),
                         help="retraining seeds: each draws its own subsets and retrains")
     parser.add_argument("--brittle", type=int, default=5, help="queries per brittleness test")
     parser.add_argument("--magic-cases", default="mlp",
                         help="cases that add MAGIC and the single-model ground truth ('' none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
-    peer = parser.add_mutually_exclusive_group()
-    peer.add_argument("--peer-venv", type=Path, help="a venv with LogIX 0.1.1 (logix-ai)")
-    peer.add_argument("--make-peer-venv", type=Path, help="create that venv here, then use it")
-    kron = parser.add_mutually_exclusive_group()
-    kron.add_argument("--kronfluence-venv", type=Path, help="a venv with kronfluence 1.0.1")
-    kron.add_argument("--make-kronfluence-venv", type=Path,
-                      help="create that venv here, then use it")
+    for flag, holds in PEER_FLAGS.values():
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(f"--{flag}-venv", type=Path, help=f"a venv with {holds}")
+        group.add_argument(f"--make-{flag}-venv", type=Path,
+                           help="create that venv here, then use it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -612,16 +695,15 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected comma-separated ints, e.g. 0,1,2")
     peers = {}
-    for name, made, given in (("logix0.1.1", args.make_peer_venv, args.peer_venv),
-                              ("kronfluence", args.make_kronfluence_venv, args.kronfluence_venv)):
+    for name, (flag, _) in PEER_FLAGS.items():
+        made = getattr(args, f"make_{flag}_venv")
         if made:
             make_venv(made, PEERS[name])
-        venv = made or given
+        venv = made or getattr(args, f"{flag}_venv")
         if venv is None:
             continue
         peers[name] = venv.resolve() / "bin" / "python"
         if not peers[name].exists():
-            flag = "peer" if name == "logix0.1.1" else "kronfluence"
             parser.error(f"--{flag}-venv {venv}: no bin/python there; create it with "
                          f"--make-{flag}-venv {venv}")
     rows = []
@@ -629,8 +711,8 @@ def main(argv=None) -> int:
         rows += run_case(CASES[name](), args.out, args.subsets, seeds, args.brittle, peers,
                          magic=name in magic_cases)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = "\n\n".join(t for t in (render(rows), render_summary(rows), render_damping(rows),
-                                     render_magic(rows)) if t)
+    table = "\n\n".join(t for t in (render(rows), render_summary(rows), render_defaults(rows),
+                                     render_damping(rows), render_magic(rows)) if t)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     plot(rows, args.out / "lds_vs_bytes.png")

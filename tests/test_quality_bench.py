@@ -77,3 +77,49 @@ def test_render_magic_compares_per_ground_truth():
     assert "| mlp | 200 | 0.50 | 0.60 | 5.0 | 10x | 1 | 21 | 1000 |" in text
     assert quality.render_magic(rows[1:]) == ""
     assert "single-model LDS, 95% kept" in quality.render(rows)
+
+
+def test_render_defaults_pairs_each_default_with_its_family_best():
+    def row(config, lds):
+        return {"case": "mlp", "config": config, "bytes": 1, "lds": lds, "lds_std": 0.01}
+
+    rows = [row("influence ekfac dot pca8", 0.30), row("influence kfac dot pca8-tf d1", 0.36),
+            row("influence raw dot full d1", 0.50), row("influence ekfac dot full", 0.40),
+            row("trak xtx dot p2048", 0.00), row("trak xtx dot p512-fp32 d10", 0.45),
+            row("dattri explicit dot full", 0.02), row("dattri explicit dot full d0.1", 0.52),
+            row("dattri trak dot p512", 0.05), row("dattri cg dot full d0.1", 0.51),
+            row("random", 0.9), {**row("kronfluence ekfac dot full", None), "error": "x"}]
+    lines = quality.render_defaults(rows).splitlines()[2:]
+    assert lines == [
+        "| mlp | ours | full | influence ekfac dot full | 0.400 ± 0.010 | "
+        "influence raw dot full d1 | 0.500 ± 0.010 | +0.100 |",
+        "| mlp | ours | pca8 | influence ekfac dot pca8 | 0.300 ± 0.010 | "
+        "influence kfac dot pca8-tf d1 | 0.360 ± 0.010 | +0.060 |",
+        "| mlp | trak | - | trak xtx dot p2048 | 0.000 ± 0.010 | "
+        "trak xtx dot p512-fp32 d10 | 0.450 ± 0.010 | +0.450 |",
+        "| mlp | dattri | explicit | dattri explicit dot full | 0.020 ± 0.010 | "
+        "dattri explicit dot full d0.1 | 0.520 ± 0.010 | +0.500 |",
+        "| mlp | dattri | trak | dattri trak dot p512 | 0.050 ± 0.010 | "
+        "dattri trak dot p512 | 0.050 ± 0.010 | +0.000 |",
+    ]  # random is no tool's; a failed default and a family without its default are left out
+
+
+def test_every_peer_has_flags_and_a_documented_worker():
+    assert set(quality.PEER_FLAGS) == set(quality.PEERS)
+    for name, peer in quality.PEERS.items():
+        flag = quality.PEER_FLAGS[name][0]
+        worker = (quality.HERE / peer.worker).read_text()
+        assert f"--{flag}-venv" in worker, name
+        assert f"--make-{flag}-venv" in quality.__doc__, name
+        assert peer.install[0] == ("torch==2.13.0",)  # torch first: no CUDA build is pulled
+
+
+def test_attn_case_is_learnable_from_its_tokens():
+    from benchmarks._quality_cases import CASES, N_QUERY, N_TRAIN
+
+    case = CASES["attn"]()
+    assert case.x.shape == (N_TRAIN, 10) and case.qx.shape == (N_QUERY, 10)
+    assert case.x.dtype == torch.long and set(case.y.tolist()) == {0, 1, 2, 3}
+    model = case.train(torch.arange(N_TRAIN), 0)
+    accuracy = (case.logits(model, case.qx).argmax(-1) == case.qy).float().mean()
+    assert accuracy > 0.5  # chance is 0.25
