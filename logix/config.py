@@ -120,8 +120,8 @@ class InfluenceConfig:
         if isinstance(self.damping, bool) or not (
                 self.damping in (None, "auto", "relative") or
                 isinstance(self.damping, (int, float)) and 0 <= self.damping < math.inf):
-            raise ConfigError(f"influence.damping must be 'auto', 'relative', a finite number "
-                              f">= 0 or null, got {self.damping!r}.")
+            raise ConfigError(f"influence.damping must be a finite number >= 0, 'auto', "
+                              f"'relative' or null, got {self.damping!r}.")
         if self.relative_damping is not None and not 0 <= self.relative_damping < math.inf:
             raise ConfigError(f"influence.relative_damping must be a finite number >= 0 or null, "
                               f"got {self.relative_damping}.")

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 import logix
 from logix.errors import UsageError
+from logix.influence.damping import AUTO_FACTOR
 from logix.storage.reader import LogReader
 
 N = 12
@@ -56,7 +57,8 @@ def explicit(run, queries, name, precondition):
         inverse = torch.eye(m.dim, dtype=torch.float64)
         if precondition:
             fisher = g.T @ g / g.shape[0]
-            inverse = torch.linalg.inv(fisher + 0.1 * fisher.diagonal().mean() * inverse)
+            damping = AUTO_FACTOR * torch.linalg.matrix_norm(fisher) / m.dim ** 0.5  # the default
+            inverse = torch.linalg.inv(fisher + damping * inverse)
         scores[:, ids] += q[:, m.columns] @ inverse @ g.T
     return scores
 

@@ -99,5 +99,5 @@ def check_invertible(module: str, inverse: ModuleInverse) -> None:
     raise UsageError(
         f"Module {module!r}: its {inverse.kind} curvature plus damping {inverse.damping:g} is "
         f"singular (eigenvalues from {smallest:.3g} to {largest:.3g}), so (H + damping I)^-1 "
-        f"and the scores would be inf/NaN. Pass damping='auto', or a number > 0 (e.g. "
-        f"damping={suggestion:.3g}, 0.1 x that module's mean eigenvalue), or hessian='none'.")
+        f"and the scores would be inf/NaN. Pass damping > 0 (e.g. damping={suggestion:.3g}, "
+        f"0.1 x that module's mean eigenvalue, or damping='auto'), or hessian='none'.")
