@@ -1,4 +1,5 @@
-"""The synthetic cases of quality.py (data, model, training, losses).
+"""The cases of quality.py (data, model, training, losses): five synthetic, two on scikit-learn's
+bundled data sets (nothing is downloaded).
 
 Only torch is imported, not `logix`: the LogIX 0.1.1 peer worker (_peer_logix.py) imports this
 module under the peer venv, where `logix` is the original package.
@@ -276,4 +277,47 @@ class AttnCase(Case):
         return torch.optim.Adam(params, lr=self.lr)
 
 
-CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase, AttnCase)}
+def sklearn_split(load, seed):
+    """N_TRAIN training and N_QUERY query examples drawn (seeded) from a scikit-learn data set
+    bundled with the package; scikit-learn is imported here only (the peer venvs lack it)."""
+    from sklearn import datasets
+
+    data = getattr(datasets, load)()
+    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, query = order[:N_TRAIN], order[N_TRAIN:N_TRAIN + N_QUERY]
+    return x[train], y[train], x[query], y[query]
+
+
+class BreastCancerCase(Case):
+    """Wisconsin breast cancer (30 features, 2 classes), standardised on the training part;
+    MLP 30-32-32-2 (tanh)."""
+    name = "breast_cancer"
+
+    def data(self):
+        x, y, qx, qy = sklearn_split("load_breast_cancer", 3)
+        mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+        return (x - mean) / scale, y, (qx - mean) / scale, qy
+
+    def model(self):
+        return nn.Sequential(nn.Linear(30, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                             nn.Linear(32, 2))
+
+
+class DigitsCase(Case):
+    """scikit-learn's 8x8 handwritten digits (10 classes, pixels scaled to [0, 1]);
+    Conv2d(1,6,3) -> Conv2d(6,8,3) -> Linear(128,10)."""
+    name = "digits"
+    steps, lr = 150, 0.05
+
+    def data(self):
+        x, y, qx, qy = sklearn_split("load_digits", 4)
+        return (x / 16).reshape(-1, 1, 8, 8), y, (qx / 16).reshape(-1, 1, 8, 8), qy
+
+    def model(self):
+        return nn.Sequential(nn.Conv2d(1, 6, 3), nn.Tanh(), nn.Conv2d(6, 8, 3), nn.Tanh(),
+                             nn.Flatten(), nn.Linear(128, 10))
+
+
+CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase, AttnCase,
+                             BreastCancerCase, DigitsCase)}

@@ -12,7 +12,8 @@ and dattri.
     python benchmarks/quality.py --magic-cases ""   # without MAGIC (default: on mlp, which
                                         # adds 3 x 50 single-model retrainings per seed)
 
-Cases (synthetic data, so nothing is downloaded; seeds fixed):
+Cases (synthetic data, or scikit-learn's bundled data sets, so nothing is downloaded; seeds
+fixed):
 * mlp: tabular, 4 Gaussian classes in 16 dimensions with label noise; MLP 16-32-32-4 (tanh),
   full-batch SGD (momentum 0.9).
 * cnn: 8x8 single-channel "images" (a class-specific stroke pattern + noise, 4 classes);
@@ -27,6 +28,9 @@ Cases (synthetic data, so nothing is downloaded; seeds fixed):
   tokens fill each position with probability 0.25 (else uniform), 10% label noise; one
   bidirectional self-attention block (q, k, v, o, a 2-layer MLP), d_model 16, mean-pooled, a
   linear head; Adam.
+* breast_cancer: scikit-learn's Wisconsin breast cancer (30 features, 2 classes, standardised);
+  MLP 30-32-32-2 (tanh), trained as mlp.
+* digits: scikit-learn's 8x8 handwritten digits (10 classes); the cnn's layers with 10 outputs.
 
 MAGIC (--magic-cases, default mlp): the attributed run is recorded with `logix.MagicRecorder`
 (a checkpoint every 20 steps) and the queries are scored by exact metagradients
@@ -42,8 +46,10 @@ Every case: 240 training and 40 query examples; the attributed model is trained 
 Logging passes: unprojected (full per-example gradients of every tracked layer), random LoGra
 rank 8, PCA LoGra ranks 8 and 4; each with the gradient covariance (raw) and forward/backward
 covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa / full x
-mode dot / cosine at the default damping (lissa: dot only, depth 300), and raw / kfac / ekfac with
-dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default 0.1 has no suffix).
+mode dot / cosine at the default damping, `auto` (lissa: dot only, depth 300), and raw / kfac /
+ekfac with dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default has no suffix).
+The auto table puts each auto row beside the best swept damping of the same curvature and
+projection; on staged, SOURCE also runs undamped (" d0", its form before auto).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
 retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
 s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). A seed is 50
@@ -104,7 +110,7 @@ CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa", "full")
 PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
 # also logged with true-Fisher K-FAC factors (a statistics pass on sampled labels; rows "-tf")
 FISHER_PROJECTIONS = (("none", None), ("pca", 8))
-DEFAULT_DAMPING = 0.1  # influence.relative_damping; its rows carry no " d..." suffix
+DEFAULT_DAMPING = "auto"  # influence.damping's default; its rows carry no " d..." suffix
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative damping swept: raw, kfac, ekfac, dot
 MAGIC_EVERY = 20  # training steps between MAGIC's replay checkpoints
 MAGIC_CONFIG = "magic exact dot replay"
@@ -233,7 +239,7 @@ def score_grid(case, model, root):
         test = query_log(run, case, model)
         run.config.influence.lissa_depth = 300
         for hessian, mode, damping in grid_configs(("kfac", "ekfac") if fisher else CURVATURES):
-            run.config.influence.relative_damping = damping
+            run.config.influence.relative_damping = None if damping == "auto" else damping
             t0 = time.time()
             result = run.compute_influence_all(test, hessian=hessian, mode=mode, progress=False)
             extra = {"seconds": time.time() - t0}
@@ -256,8 +262,7 @@ def grid_configs(curvatures):
         if hessian not in curvatures:
             continue
         for damping in DAMPINGS:
-            if damping != DEFAULT_DAMPING:
-                yield hessian, "dot", damping
+            yield hessian, "dot", damping
 
 
 def aligned(result):
@@ -295,8 +300,10 @@ def staged_methods(case, root):
         test = query_log(run, case, model)
         size = row_bytes(run) * len(checkpoints)
         for hessian in ("raw", "kfac", "ekfac"):
-            out[f"source {hessian} dot {label}"] = (aligned(run.compute_influence_all(
-                test, method="source", hessian=hessian, progress=False)), size, {})
+            for damping, suffix in ((None, ""), (0.0, " d0")):
+                out[f"source {hessian} dot {label}{suffix}"] = (aligned(run.compute_influence_all(
+                    test, method="source", hessian=hessian, damping=damping, progress=False)),
+                    size, {})
             out[f"ensemble {hessian} dot {label}"] = (aligned(run.compute_influence_all(
                 queries, method="ensemble", hessian=hessian, progress=False)), size, {})
         out[f"tracin none dot {label}"] = (aligned(run.compute_influence_all(
@@ -602,22 +609,44 @@ def render_defaults(rows):
 
 
 def render_damping(rows):
-    """Mean LDS over the four cases per curvature, projection and relative damping (dot)."""
-    lines = ["| curvature | projection | " + " | ".join(f"{d:g}" for d in DAMPINGS) + " |",
-             "|---|---|" + "---|" * len(DAMPINGS)]
+    """Mean LDS over the cases per curvature, projection and relative damping (dot), and auto."""
+    lines = ["| curvature | projection | " + " | ".join(f"{d:g}" for d in DAMPINGS) + " | auto |",
+             "|---|---|" + "---|" * (len(DAMPINGS) + 1)]
     cases = sorted({r["case"] for r in rows})
     by_name = {(r["case"], r["config"]): r for r in rows if r["lds"] is not None}
     for hessian in ("raw", "kfac", "ekfac"):
         for init, rank in PROJECTIONS:
             label = "full" if init == "none" else f"{init}{rank}"
             cells = []
-            for d in DAMPINGS:
+            for d in DAMPINGS + (DEFAULT_DAMPING,):
                 suffix = "" if d == DEFAULT_DAMPING else f" d{d:g}"
                 found = [by_name.get((c, f"influence {hessian} dot {label}{suffix}"))
                          for c in cases]
                 found = [r["lds"] for r in found if r is not None]
                 cells.append(f"{sum(found) / len(found):.3f}" if found else "-")
             lines.append(f"| {hessian} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_auto(rows):
+    """Per case, curvature and projection (dot): the default damping (auto) beside the best
+    swept relative damping of the same curvature and projection, and the gap."""
+    lines = ["| case | curvature | projection | auto | best swept | best LDS | auto - best |",
+             "|---|---|---|---|---|---|---|"]
+    by_name = {(r["case"], r["config"]): r for r in rows if r["lds"] is not None}
+    for case in sorted({r["case"] for r in rows}):
+        for hessian in ("raw", "kfac", "ekfac"):
+            for init, rank in PROJECTIONS:
+                label = "full" if init == "none" else f"{init}{rank}"
+                auto = by_name.get((case, f"influence {hessian} dot {label}"))
+                swept = [(d, by_name.get((case, f"influence {hessian} dot {label} d{d:g}")))
+                         for d in DAMPINGS]
+                swept = [(d, r) for d, r in swept if r is not None]
+                if auto is None or not swept:
+                    continue
+                d, best = max(swept, key=lambda x: x[1]["lds"])
+                lines.append(f"| {case} | {hessian} | {label} | {fmt(auto)} | {d:g} | "
+                             f"{fmt(best)} | {auto['lds'] - best['lds']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -712,7 +741,8 @@ def main(argv=None) -> int:
                          magic=name in magic_cases)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     table = "\n\n".join(t for t in (render(rows), render_summary(rows), render_defaults(rows),
-                                     render_damping(rows), render_magic(rows)) if t)
+                                     render_damping(rows), render_auto(rows), render_magic(rows))
+                          if t)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     plot(rows, args.out / "lds_vs_bytes.png")

@@ -38,7 +38,8 @@ class BaseLogIXArguments:
         default=16, metadata={"help": "Batch size of post-hoc logging and queries."})
     log_num_workers: int = field(default=1, metadata={"help": "Kept for LogIX compatibility."})
     influence_damping: Optional[float] = field(
-        default=None, metadata={"help": "Absolute damping of influence queries (None: relative)."})
+        default=None, metadata={"help": "Absolute damping of influence queries (None: the "
+                                        "config's, 'auto' by default)."})
     influence_mode: str = field(default="dot", metadata={"help": "'dot', 'cosine' or 'l2'."})
 
     def __post_init__(self) -> None:

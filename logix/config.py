@@ -90,9 +90,14 @@ class InfluenceConfig:
         "(ekfac > kfac > raw > none).",
         "auto")
     mode: Mode = _help("Score: dot product, cosine similarity, or negative squared distance.", "dot")
-    damping: Optional[float] = _help("Absolute damping added to every module's curvature.", None)
-    relative_damping: float = _help(
-        "Used when `damping` is unset: damping = this x the mean eigenvalue, per module.", 0.1)
+    damping: Union[float, str, None] = _help(
+        "Damping added to each module's curvature: 'auto' (chosen per module from the log, see "
+        "docs/concepts.md), 'relative' (relative_damping x the module's mean eigenvalue) or a "
+        "number >= 0 (that absolute value for every module). Unset: 'relative' when "
+        "relative_damping is set, else 'auto'.", None)
+    relative_damping: Optional[float] = _help(
+        "The relative rule's factor (unset: 0.1); setting it with damping unset selects that "
+        "rule.", None)
     block_rows: int = _help("Training rows read per streamed block, at most 256 MiB of float32 "
                             "rows (scores do not depend on it).", 8192)
     lissa_solver: LissaSolver = _help(
@@ -117,12 +122,14 @@ class InfluenceConfig:
         if self.hessian not in allowed:
             raise ConfigError(f"Config key 'hessian' is {self.hessian!r}; allowed values: "
                               f"{allowed}.")
-        if self.damping is not None and not 0 <= self.damping < math.inf:
-            raise ConfigError(f"influence.damping must be a finite number >= 0 or null, got "
-                              f"{self.damping}.")
-        if not 0 <= self.relative_damping < math.inf:
-            raise ConfigError(f"influence.relative_damping must be a finite number >= 0, got "
-                              f"{self.relative_damping}.")
+        if isinstance(self.damping, bool) or not (
+                self.damping in (None, "auto", "relative") or
+                isinstance(self.damping, (int, float)) and 0 <= self.damping < math.inf):
+            raise ConfigError(f"influence.damping must be a finite number >= 0, 'auto', "
+                              f"'relative' or null, got {self.damping!r}.")
+        if self.relative_damping is not None and not 0 <= self.relative_damping < math.inf:
+            raise ConfigError(f"influence.relative_damping must be a finite number >= 0 or null, "
+                              f"got {self.relative_damping}.")
         _positive(self, "block_rows")
         _positive(self, "lissa_depth")
         if self.lissa_scale is not None and not 0 < self.lissa_scale < math.inf:
@@ -259,8 +266,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # several types (influence.damping): __post_init__ checks the value
+            return float(value) if isinstance(value, int) and not isinstance(value, bool) \
+                else value
+        return _check_type(key, value, inner[0])
     if origin is Literal:
         if isinstance(value, str) and key.endswith("log_dtype"):
             value = _DTYPE_ALIASES.get(value.lower(), value.lower())

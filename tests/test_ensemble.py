@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 import logix
 from logix.errors import UsageError
+from logix.influence.damping import AUTO_FACTOR
 from logix.storage.reader import LogReader
 
 N = 12
@@ -56,7 +57,8 @@ def explicit(run, queries, name, precondition):
         inverse = torch.eye(m.dim, dtype=torch.float64)
         if precondition:
             fisher = g.T @ g / g.shape[0]
-            inverse = torch.linalg.inv(fisher + 0.1 * fisher.diagonal().mean() * inverse)
+            damping = AUTO_FACTOR * torch.linalg.matrix_norm(fisher) / m.dim ** 0.5  # the default
+            inverse = torch.linalg.inv(fisher + damping * inverse)
         scores[:, ids] += q[:, m.columns] @ inverse @ g.T
     return scores
 
@@ -90,8 +92,8 @@ def test_ensemble_with_the_full_curvature_uses_each_checkpoints_cross_layer_fish
         ids, rows = LogReader(run.project_dir, checkpoint=name).read_all()
         rows, q = rows.double(), queries[name].grads.double()
         fisher = rows.T @ rows / rows.shape[0]
-        system = fisher + 0.1 * fisher.diagonal().mean() * torch.eye(rows.shape[1],
-                                                                     dtype=torch.float64)
+        auto = 0.3 * (fisher.square().sum() / rows.shape[1]).sqrt()  # damping="auto"
+        system = fisher + auto * torch.eye(rows.shape[1], dtype=torch.float64)
         expected[:, ids] += torch.linalg.solve(system, q.T).T @ rows.T / 2
     torch.testing.assert_close(by_id(result), expected, rtol=1e-4,
                                atol=1e-5 * expected.abs().max().item())

@@ -35,12 +35,18 @@ def logged_run(tmp_path, width_in=5, covariance=True):
     return run, run.get_log(copy=True)
 
 
-def dense(run, damping=None, relative=0.1):
-    """(rows G [N, dim], F + lambda I, lambda) with F = G^T G / N over the whole rows."""
+def dense(run, damping="auto"):
+    """(rows G [N, dim], F + lambda I, lambda) with F = G^T G / N over the whole rows; lambda by
+    the auto rule (0.3 x the RMS eigenvalue of F), the relative one (0.1 x the mean) or given."""
     _, rows = LogReader(run.project_dir).read_all()
     rows = rows.double()
     fisher = rows.T @ rows / rows.shape[0]
-    lam = damping if damping is not None else relative * float(fisher.diagonal().mean())
+    if damping == "auto":
+        lam = 0.3 * float((fisher.square().sum() / fisher.shape[0]).sqrt())
+    elif damping == "relative":
+        lam = 0.1 * float(fisher.diagonal().mean())
+    else:
+        lam = damping
     return rows, fisher + lam * torch.eye(rows.shape[1], dtype=torch.float64), lam
 
 
@@ -48,7 +54,7 @@ def relative_error(got, expected):
     return float((got.double() - expected).norm() / expected.norm())
 
 
-@pytest.mark.parametrize("damping", [None, 1e-3])
+@pytest.mark.parametrize("damping", ["auto", "relative", 1e-3])
 def test_full_equals_a_dense_solve_with_the_cross_layer_fisher(tmp_path, damping):
     run, query = logged_run(tmp_path)
     rows, system, lam = dense(run, damping)

@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import logix
+from logix.influence.damping import AUTO_FACTOR
 from logix.storage.reader import LogReader
 from logix.storage.scores import load_scores
 
@@ -90,7 +91,10 @@ def explicit_inverse(run, train_rows, hessian, damping=None):
                 rotated = qs.T @ g.reshape(-1, m.rank_out, m.rank_in) @ qa
                 basis = torch.kron(qs, qa)
                 h = basis @ torch.diag(rotated.square().mean(0).flatten()) @ basis.T
-        lam = damping if damping is not None else 0.1 * torch.linalg.eigvalsh(h).clamp_min(0).mean()
+        if damping is None:  # the default, damping="auto": AUTO_FACTOR x the RMS eigenvalue
+            lam = AUTO_FACTOR * torch.linalg.matrix_norm(h) / m.dim ** 0.5
+        else:
+            lam = damping
         blocks.append(torch.linalg.inv(h + lam * eye))
     return torch.block_diag(*blocks)
 

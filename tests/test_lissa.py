@@ -43,15 +43,22 @@ def logged_run(tmp_path, rank=None, **config):
     return run, run.get_log(copy=True)
 
 
-def explicit_scores(run, query, damping=None, relative=0.1):
-    """q^T (F_m + lambda_m I)^-1 g summed over modules, F_m = G_m^T G_m / N from the rows."""
+def explicit_scores(run, query, damping="relative"):
+    """q^T (F_m + lambda_m I)^-1 g summed over modules, F_m = G_m^T G_m / N from the rows;
+    lambda_m by the relative rule (0.1 x mean eigenvalue), the auto one (0.3 x the RMS
+    eigenvalue) or given."""
     _, rows = LogReader(run.project_dir).read_all()
     rows, q = rows.double(), query.grads.double()
     total = torch.zeros(q.shape[0], rows.shape[0], dtype=torch.float64)
     for m in query.modules:
         g = rows[:, m.columns]
         fisher = g.T @ g / g.shape[0]
-        lam = damping if damping is not None else relative * fisher.diagonal().mean()
+        if damping == "relative":
+            lam = 0.1 * fisher.diagonal().mean()
+        elif damping == "auto":
+            lam = 0.3 * (fisher.square().sum() / m.dim).sqrt()
+        else:
+            lam = damping
         total += q[:, m.columns] @ torch.linalg.inv(fisher + lam * torch.eye(m.dim,
                                                                               dtype=torch.float64)) @ g.T
     return total
@@ -64,17 +71,18 @@ def relative_error(got, expected):
 @pytest.mark.parametrize("rank", [None, 2])
 def test_lissa_kind_equals_the_explicit_inverse_of_the_rows_fisher(tmp_path, rank):
     run, query = logged_run(tmp_path, rank=rank, lissa_tol=1e-6, lissa_depth=5000)
-    result = run.compute_influence_all(query, hessian="lissa", progress=False)
+    result = run.compute_influence_all(query, hessian="lissa", damping="relative",
+                                       progress=False)
     expected = explicit_scores(run, query)
     assert relative_error(result["influence"], expected) <= 1e-3
-    raw = run.compute_influence_all(query, hessian="raw", progress=False)
+    raw = run.compute_influence_all(query, hessian="raw", damping="relative", progress=False)
     assert result["meta"]["damping"] == pytest.approx(raw["meta"]["damping"], rel=1e-6)
     solver = result["meta"]["solver"]
     assert solver["converged"] and solver["residuals"][-1] <= 1e-6
     assert solver["residuals"][-1] < solver["residuals"][0]
 
 
-@pytest.mark.parametrize("damping", [None, 1e-3])
+@pytest.mark.parametrize("damping", ["auto", "relative", 1e-3])
 def test_lissa_kind_solves_raws_system_to_its_tolerance(tmp_path, damping):
     """Conjugate gradients (the default solver) solve (F + lambda I) x = g_q to lissa_tol, so the
     scores are raw's (the same F, from the logged covariance) to round-off, even at a small

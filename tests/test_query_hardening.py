@@ -123,7 +123,7 @@ def test_nan_rows_read_unchecked_raise_naming_the_module(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"damping": -1.0}, "damping must be a finite number >= 0"),
     ({"damping": float("nan")}, "damping must be a finite number >= 0"),
-    ({"damping": "big"}, "'damping' must be a number"),
+    ({"damping": "big"}, "damping must be a finite number >= 0, 'auto', 'relative'"),
     ({"hessian": "fisher"}, "'hessian' is 'fisher'; allowed values"),
     ({"mode": "angle"}, "'mode' is 'angle'; allowed values"),
     ({"block_rows": 0}, "`block_rows` must be a positive integer"),

@@ -114,7 +114,7 @@ def test_source_matches_closed_form_with_two_segments(tmp_path):
             ("c2", 1, 0.05, 40, None), ("c3", 1, 0.05, 40, None)]
     run, model, snapshots, test = log_checkpoints(
         tmp_path, plan, {"grad": ["log", "covariance"]})
-    result = run.compute_influence_all(test, method="source", hessian="raw")
+    result = run.compute_influence_all(test, method="source", hessian="raw", damping=0)
     expected = explicit_source(model, snapshots, plan, query_grads_of(model), raw_fisher)
     assert result["tgt_ids"] == list(range(N)) and result["influence"].shape == (2, N)
     torch.testing.assert_close(result["influence"].double(), expected, rtol=1e-4,
@@ -126,7 +126,7 @@ def test_examples_absent_from_a_segment_lose_exactly_its_contribution(tmp_path):
     plan = [("c0", 0, 0.1, 20, list(range(4, N))), ("c1", 1, 0.05, 40, None)]
     run, model, snapshots, test = log_checkpoints(
         tmp_path, plan, {"grad": ["log", "covariance"]})
-    result = run.compute_influence_all(test, method="source", hessian="raw")
+    result = run.compute_influence_all(test, method="source", hessian="raw", damping=0)
     # Columns come in order of first appearance: ids 4.. (segment 0) before 0-3 (segment 1 only).
     got = result["influence"].double()[:, [result["tgt_ids"].index(i) for i in range(N)]]
     final_query = query_grads_of(model)  # explicit_source loads checkpoint weights into model
@@ -143,7 +143,8 @@ def test_one_checkpoint_ekfac_matches_explicit_ekfac_spectrum(tmp_path):
     plan = [("only", 0, 0.2, 50, None)]
     setup = {"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]}
     run, model, snapshots, test = log_checkpoints(tmp_path, plan, setup, rank=3)
-    result = run.compute_influence_all(test, method="source", hessian="ekfac")["influence"]
+    result = run.compute_influence_all(test, method="source", hessian="ekfac",
+                                       damping=0)["influence"]
     from logix.storage.reader import LogReader
 
     reader = LogReader(run.project_dir, checkpoint="only")
@@ -170,7 +171,8 @@ def test_small_steps_reduce_to_scaled_gradient_dot_products(tmp_path):
     """F_r(s) -> eta K as eta K s -> 0: SOURCE becomes (eta K / N) q . g (TracIn-like)."""
     plan = [("tiny", 0, 1e-9, 1, None)]
     run, model, snapshots, test = log_checkpoints(tmp_path, plan, {"grad": ["log", "covariance"]})
-    result = run.compute_influence_all(test, method="source", hessian="raw")["influence"]
+    result = run.compute_influence_all(test, method="source", hessian="raw",
+                                       damping=0)["influence"]
     from logix.storage.reader import LogReader
 
     _, rows = LogReader(run.project_dir, checkpoint="tiny").read_all()
@@ -187,8 +189,9 @@ def test_checkpoint_bookkeeping_and_errors(tmp_path, capsys):
     assert manifest.rows == 0  # no plain rows: checkpoint rows are kept apart
     assert main(["verify", run.project_dir]) == 0 and main(["show", run.project_dir]) == 0
     assert f"0 rows, and {N} in SOURCE checkpoints" in capsys.readouterr().out
-    top = run.compute_influence_all(test, method="source", hessian="raw", topk=3)
-    full = run.compute_influence_all(test, method="source", hessian="raw")["influence"]
+    top = run.compute_influence_all(test, method="source", hessian="raw", damping=0, topk=3)
+    full = run.compute_influence_all(test, method="source", hessian="raw",
+                                     damping=0)["influence"]
     torch.testing.assert_close(top["top_scores"], full.topk(3, dim=1).values)
     with pytest.raises(logix.UsageError, match="already in this log"):
         with run.checkpoint("c0", segment=0, lr=0.1, steps=5):
@@ -202,8 +205,8 @@ def test_checkpoint_bookkeeping_and_errors(tmp_path, capsys):
             pass
     with pytest.raises(logix.UsageError, match="hessian"):
         run.compute_influence_all(test, method="source", hessian="none")
-    for method, ignored in (("source", {"mode": "cosine"}), ("source", {"damping": 0.1}),
-                            ("source", {"precondition": False}), ("tracin", {"mode": "l2"}),
+    for method, ignored in (("source", {"mode": "cosine"}), ("source", {"precondition": False}),
+                            ("tracin", {"mode": "l2"}),
                             ("tracin", {"hessian": "kfac"}), ("tracin", {"damping": 0.1})):
         name, value = next(iter(ignored.items()))
         with pytest.raises(logix.UsageError, match=f"does not take {name}={value!r}"):
@@ -267,4 +270,4 @@ def test_an_empty_or_unsaved_checkpoint_block_is_named(tmp_path):
     with run(data_id=["q"]):
         F.cross_entropy(model(x[:1]), y[:1], reduction="sum").backward()
     with pytest.raises(logix.UsageError, match=r"logged no rows \(checkpoints \['c1'\]\)"):
-        run.compute_influence_all(run.get_log(), method="source", hessian="raw")
+        run.compute_influence_all(run.get_log(), method="source", hessian="raw", damping=0)

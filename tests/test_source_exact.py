@@ -56,7 +56,7 @@ def test_source_raw_unprojected_equals_full_matrix_source_with_momentum(tmp_path
     run.eval()
     with run(data_id=["q"]):
         F.cross_entropy(model(x[:1] * 2), y[:1], reduction="sum").backward()
-    result = run.compute_influence_all(run.get_log(), method="source", hessian="raw",
+    result = run.compute_influence_all(run.get_log(), method="source", hessian="raw", damping=0,
                                        progress=False)
 
     q = vmap(grad(lambda p, xi, yi: F.cross_entropy(functional_call(model, p, (xi[None],)),

@@ -96,7 +96,7 @@ class Settings:
     n_random: int = 2  # random-removal control draws per (query, k)
     picture_queries: int = 4  # rows of the PNG
     methods: Tuple[Method, ...] = METHODS
-    relative_damping: Optional[float] = None  # None: the library default (0.1 x mean eigenvalue)
+    relative_damping: Optional[float] = None  # None: the library default (damping="auto")
     progress: bool = True
     plot: bool = True
     results_file: str = "results.json"  # written to `out`: the table and every number in it

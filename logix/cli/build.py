@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Optional
 
@@ -93,7 +94,8 @@ def add_parser(sub) -> None:
                        help="on the fly: watch only layers whose name contains this")
     score.add_argument("--hessian", choices=_HESSIANS, help="default: the project's")
     score.add_argument("--mode", choices=("dot", "cosine", "l2"), help="default dot")
-    score.add_argument("--damping", type=float)
+    score.add_argument("--damping", type=_damping,
+                       help="auto (default), relative, or a number (absolute)")
     score.add_argument("-o", "--out", help="score file (default PROJECT/scores/NAME.safetensors)")
     data_options(score)
     score.set_defaults(handler=_cmd_score)
@@ -102,6 +104,17 @@ def add_parser(sub) -> None:
 _DATA_FIELDS = ("model", "tokenizer", "format", "text_column", "prompt_column",
                 "completion_column", "messages_column", "id_column", "split", "max_length",
                 "batch_size", "batch_tokens", "batching", "device")
+
+
+def _damping(text: str):
+    """--damping: 'auto', 'relative' or a number."""
+    if text in ("auto", "relative"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, relative or a number, got {text!r}"
+                                         ) from None
 
 
 def _build_config(args, fields, base: Optional[str]):

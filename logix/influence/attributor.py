@@ -24,6 +24,7 @@ from logix import distributed
 from logix.config import Config, InfluenceConfig, load_config, query_settings
 from logix.errors import UsageError
 from logix.influence import curvature
+from logix.influence import damping as damping_rules
 from logix.influence import norms as norm_cache
 from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
@@ -108,7 +109,7 @@ class Attributor:
             return LogReader(self.project_dir, verify=self.influence_config.verify)
         return source if isinstance(source, LogReader) else source()
 
-    def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
+    def preconditioner(self, hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                        modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
         are cached until the statistics change); for a kind built from the saved rows (lissa: a
@@ -131,7 +132,8 @@ class Attributor:
         for m in modules:
             inverses[m.name] = kind.inverse(m.name, spectra, cfg.damping, cfg.relative_damping)
             check_invertible(m.name, inverses[m.name])
-        return Preconditioner(name, inverses, modules)
+        return Preconditioner(name, inverses, modules,
+                              damping_rules.describe(cfg.damping, cfg.relative_damping))
 
     def _declared(self) -> Optional[str]:
         """The curvature the logging run declared (its manifest's config snapshot), if any."""
@@ -157,7 +159,7 @@ class Attributor:
     # ------------------------------------------------------------------ estimators
     # Each takes only its own arguments and returns Scores (logix.influence.results).
     def influence(self, query=None, *, mode: Optional[str] = None, precondition: bool = True,
-                  hessian: Optional[str] = None, damping: Optional[float] = None,
+                  hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                   influence_groups=None, topk: Optional[int] = None, out: Optional[str] = None,
                   loader=None, block_rows: Optional[int] = None, progress: bool = True,
                   gather: str = "all") -> Optional[Scores]:
@@ -171,7 +173,9 @@ class Attributor:
         residuals in meta["solver"]) | "full" (the saved rows' Fisher across all modules, one
         eigendecomposition of the [dim, dim] covariance, rows of at most 16384 numbers; with
         influence_groups, mode "dot" only) | "optimizer";
-        damping: absolute damping for every module (default: relative, see config).
+        damping: 'auto' (default: chosen per module from the log's curvature, values in
+        meta["damping"]), 'relative' (influence.relative_damping x each module's mean
+        eigenvalue) or a number (absolute, every module); docs/concepts.md, "Damping".
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds `groups`, whose scores sum to the total when they partition the modules. topk=k (a
         positive int): instead of the full matrix, per query the k most helpful and k most
@@ -217,18 +221,22 @@ class Attributor:
             merged["path"] = save_scores(out, merged)
         return Scores(merged) if gather == "all" or distributed.rank() == 0 else None
 
-    def source(self, query=None, *, hessian: Optional[str] = None, topk: Optional[int] = None,
+    def source(self, query=None, *, hessian: Optional[str] = None,
+               damping: Union[None, str, float] = None, topk: Optional[int] = None,
                block_rows: Optional[int] = None) -> Scores:
         """SOURCE over the checkpoints logged with run.checkpoint(...) (logix.influence.source):
-        dot products through each segment's own curvature (hessian=, default ekfac). Scores
-        as `influence` returns them (plus meta["segments"]); columns follow the first
-        appearance of each id across checkpoints."""
+        dot products through each segment's own damped curvature (hessian=, default ekfac;
+        damping as for `influence`, per segment and module in meta["damping"]). Scores as
+        `influence` returns them (plus meta["segments"]); columns follow the first appearance
+        of each id across checkpoints."""
         _check_topk(topk, None)
         block_rows = self._block_rows(block_rows)
+        cfg = query_settings(self.influence_config, damping=damping)
         src = _as_log(query)
         reader = self.reader()
         result = source_influence(reader, src, hessian or "ekfac",
-                                  aligned(block_rows, reader.dim))
+                                  aligned(block_rows, reader.dim), cfg.damping,
+                                  cfg.relative_damping)
         if topk is None:
             return Scores(result)
         top = TopK(topk, len(src))
@@ -248,7 +256,7 @@ class Attributor:
         return Scores(result if topk is None else _topk_of(result, topk))
 
     def ensemble(self, queries=None, *, mode: Optional[str] = None,
-                 hessian: Optional[str] = None, damping: Optional[float] = None,
+                 hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                  topk: Optional[int] = None, block_rows: Optional[int] = None,
                  progress: bool = True) -> Scores:
         """Influence averaged over the logged checkpoints, each with its own curvature
@@ -260,7 +268,7 @@ class Attributor:
         return Scores(result if topk is None else _topk_of(result, topk))
 
     def self_influence(self, query=None, *, loader=None, precondition: bool = True,
-                       hessian: Optional[str] = None, damping: Optional[float] = None,
+                       hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                        block_rows: Optional[int] = None, progress: bool = True) -> Scores:
         """g^T (H + lambda I)^-1 g per example: of `query` when given, else of every saved row.
         Returns Scores with `influence` [n] and `src_ids` == `tgt_ids` (also `ids`)."""
@@ -284,7 +292,7 @@ class Attributor:
 
     def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
                           precondition: bool = True, hessian: Optional[str] = None,
-                          damping: Optional[float] = None, influence_groups=None) -> Scores:
+                          damping: Union[None, str, float] = None, influence_groups=None) -> Scores:
         """Scores between two in-memory logs: `influence` [n_src, n_tgt], `src_ids`, `tgt_ids`
         (+ `groups` when influence_groups is given)."""
         src = _as_log(src_log)
@@ -298,7 +306,7 @@ class Attributor:
     # ------------------------------------------------------------------ LogIX's names
     def compute_influence_all(self, src_log=None, loader=None, mode: Optional[str] = None,
                               precondition: bool = True, hessian: Optional[str] = None,
-                              damping: Optional[float] = None, influence_groups=None,
+                              damping: Union[None, str, float] = None, influence_groups=None,
                               topk: Optional[int] = None, out: Optional[str] = None,
                               block_rows: Optional[int] = None, progress: bool = True,
                               method: str = "influence", gather: str = "all"):
@@ -322,14 +330,16 @@ class Attributor:
             raise UsageError(f"method={method!r} supports topk but not influence_groups, out "
                              "or loader.")
         if method == "source":
-            return self.source(src_log, hessian=hessian, topk=topk, block_rows=block_rows)
+            return self.source(src_log, hessian=hessian, damping=damping, topk=topk,
+                               block_rows=block_rows)
         if method == "tracin":
             return self.tracin(src_log, topk=topk, block_rows=block_rows, progress=progress)
         return self.ensemble(src_log, mode=mode, hessian=hessian, damping=damping, topk=topk,
                              block_rows=block_rows, progress=progress)
 
     def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
-                               hessian: Optional[str] = None, damping: Optional[float] = None,
+                               hessian: Optional[str] = None,
+                               damping: Union[None, str, float] = None,
                                block_rows: Optional[int] = None, progress: bool = True):
         """LogIX's name of `self_influence`."""
         return self.self_influence(src_log, loader=loader, precondition=precondition,
@@ -389,7 +399,7 @@ class Attributor:
 
     # ------------------------------------------------------------------ what logix.index builds on
     def scorer(self, src: StepLog, mode: Optional[str] = None, precondition: bool = True,
-               hessian: Optional[str] = None, damping: Optional[float] = None,
+               hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                groups=None) -> Scorer:
         """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
         in `influence`; groups: its influence_groups): what scores a block of training rows
@@ -464,8 +474,8 @@ def _topk_of(result: dict, topk: int) -> dict:
 # mean "not given").
 _FIXED = {
     "source": ("SOURCE scores are dot products through its own curvature of each segment "
-               "(chosen with hessian=)",
-               (("mode", (None, "dot")), ("damping", (None,)), ("precondition", (True,)))),
+               "(chosen with hessian= and damping=)",
+               (("mode", (None, "dot")), ("precondition", (True,)))),
     "tracin": ("TracIn scores are plain dot products summed over the checkpoints",
                (("mode", (None, "dot")), ("hessian", (None, "none")), ("damping", (None,)))),
 }

@@ -99,10 +99,10 @@ class Curvature:
         return None
 
     @classmethod
-    def inverse(cls, module: str, spectra: "Spectra", damping: Optional[float],
-                relative_damping: float) -> ModuleInverse:
-        """(H + lambda I)^-1 for one module; damping absolute, else relative to the mean
-        eigenvalue."""
+    def inverse(cls, module: str, spectra: "Spectra", damping,
+                relative_damping: Optional[float]) -> ModuleInverse:
+        """(H + lambda I)^-1 for one module; lambda from `damping` and `relative_damping` by
+        logix.influence.damping (auto, relative or absolute)."""
         spec = cls.spectrum(module, spectra)
         if spec.values is None:
             return spec

@@ -25,7 +25,7 @@ from logix.storage.reader import LogReader
 def checkpoint_influence(attributor, queries: Union[StepLog, Mapping[str, StepLog]],
                          weight: Callable[[dict, int], float], method: str,
                          mode: Optional[str] = None, hessian: Optional[str] = None,
-                         damping: Optional[float] = None, block_rows: Optional[int] = None,
+                         damping: Union[None, str, float] = None, block_rows: Optional[int] = None,
                          progress: bool = True) -> dict:
     """sum_c weight(info_c, C) x (checkpoint c's influence scores) over every logged checkpoint.
 
@@ -72,7 +72,7 @@ def checkpoint_influence(attributor, queries: Union[StepLog, Mapping[str, StepLo
 
 
 def ensemble_influence(attributor, queries, mode: Optional[str] = None,
-                       hessian: Optional[str] = None, damping: Optional[float] = None,
+                       hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                        block_rows: Optional[int] = None, progress: bool = True) -> dict:
     """Influence averaged over the logged checkpoints, each with its own curvature."""
     return checkpoint_influence(attributor, queries, lambda info, count: 1.0 / count,

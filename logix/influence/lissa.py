@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from logix import distributed
 from logix.config import LissaSolver
 from logix.errors import UsageError
+from logix.influence import damping as damping_rules
 from logix.influence.gather import own_part
 from logix.influence.preconditioner import Preconditioner
 from logix.progress import track
@@ -46,6 +47,8 @@ DIVERGED = 1e3  # a relative residual above this (or not finite) means the recur
 MEMORY_ROWS_BYTES = 256 * 2 ** 20
 POWER_ITERATIONS = 20
 NEVER = 2 ** 62  # needed_depth when the recursion does not converge
+EXACT_DIM = 2048  # modules at most this wide get tr(F^2) exactly (a [d, d] sum), wider estimated
+PROBES = 64  # Hutchinson probes for tr(F^2) of wider modules
 
 
 class LissaPreconditioner(Preconditioner):
@@ -58,7 +61,8 @@ class LissaPreconditioner(Preconditioner):
 
     queries_only = True
 
-    def __init__(self, reader, modules, damping: Optional[float], relative_damping: float,
+    def __init__(self, reader, modules, damping: damping_rules.Setting,
+                 relative_damping: Optional[float],
                  depth: int, scale: Optional[float], tol: float, block_rows: int,
                  progress: bool = True, solver: str = "cg") -> None:
         super().__init__("lissa", {}, list(modules))
@@ -66,9 +70,13 @@ class LissaPreconditioner(Preconditioner):
             raise UsageError(f"LiSSA solver {solver!r} is not supported; allowed: "
                              f"{list(get_args(LissaSolver))}.")
         self.fisher = RowFisher(reader, self.modules, block_rows)
-        traces = self.fisher.mean_diagonal()
-        self._dampings = {m.name: float(damping) if damping is not None
-                          else float(relative_damping * traces[m.name]) for m in self.modules}
+        means = self.fisher.mean_diagonal()
+        squares = self.fisher.squared_traces() if damping_rules.rule(
+            damping, relative_damping) == damping_rules.AUTO else {}
+        self._dampings = {m.name: damping_rules.from_moments(
+            damping, relative_damping, m.dim, means[m.name] * m.dim, squares.get(m.name, 0.0))
+            for m in self.modules}
+        self.damping_rule = damping_rules.describe(damping, relative_damping)
         self.depth, self.scale, self.tol, self.progress = depth, scale, tol, progress
         self.solver = solver
         self.diagnostics: dict = {}
@@ -164,6 +172,30 @@ class RowFisher:
                 out[:, m.columns] += (vectors[:, m.columns] @ g.T) @ g
         distributed.all_reduce_sum(out)
         return out / self.count
+
+    def squared_traces(self) -> Dict[str, float]:
+        """tr(F_m^2) per module, for damping='auto': exact from G^T G (one pass) for modules at
+        most EXACT_DIM wide, else the seeded Hutchinson estimate mean ||F_m z||^2 over PROBES
+        Rademacher vectors z (one more pass)."""
+        exact = [m for m in self.modules if m.dim <= EXACT_DIM]
+        grams = {m.name: torch.zeros(m.dim, m.dim, dtype=torch.float64) for m in exact}
+        for rows in self._blocks() if exact else ():
+            for m in exact:
+                g = rows[:, m.columns].double()
+                grams[m.name] += g.T @ g
+        out = {}
+        for m in exact:
+            distributed.all_reduce_sum(grams[m.name])
+            out[m.name] = float((grams[m.name] / self.count).square().sum())
+        wide = [m for m in self.modules if m.dim > EXACT_DIM]
+        if wide:
+            generator = torch.Generator().manual_seed(0)
+            probes = torch.randint(0, 2, (PROBES, self.reader.dim), generator=generator
+                                   ).double() * 2 - 1
+            products = self.apply(probes)
+            out.update({m.name: float(products[:, m.columns].square().sum(1).mean())
+                        for m in wide})
+        return out
 
     def largest_eigenvalues(self, progress: bool = True) -> Dict[str, float]:
         """Per module, F's largest eigenvalue by power iteration from a seeded start."""

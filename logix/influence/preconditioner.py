@@ -2,8 +2,8 @@
 
 Each module's H is kept as an eigendecomposition: [d] values and [d, d] vectors (``raw``) or
 [r_out, r_in] values in a Kronecker eigenbasis (``kfac``, ``ekfac``); `logix.influence.curvature`
-says how each kind builds it. Damping is `damping` when given, else `relative_damping` x the
-mean eigenvalue of that module's curvature. Stored statistics are never modified: every call builds new tensors.
+says how each kind builds it. Each module's damping comes from `logix.influence.damping` (auto,
+relative or absolute). Stored statistics are never modified: every call builds new tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from logix.errors import UsageError
+from logix.influence import damping as damping_rules
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,10 @@ class ModuleInverse:
         return basis @ torch.diag(1 / (self.values + self.damping).flatten()) @ basis.T
 
 
-def resolve_damping(values: Tensor, damping: Optional[float], relative_damping: float) -> float:
-    if damping is not None:
-        return float(damping)
-    return float(relative_damping * values.mean())
+def resolve_damping(values: Tensor, damping: damping_rules.Setting,
+                    relative_damping: Optional[float]) -> float:
+    """The damping of one module whose undamped curvature has eigenvalues `values`."""
+    return damping_rules.resolve(values, damping, relative_damping)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Preconditioner:
     kind: str
     inverses: Dict[str, ModuleInverse]
     modules: List  # ModuleEntry in row order
+    damping_rule: str = ""  # "auto", "relative" or "absolute" (logix.influence.damping.describe)
 
     def apply(self, rows: Tensor) -> Tensor:
         """rows [n, dim] -> preconditioned rows [n, dim]."""
@@ -99,4 +101,4 @@ def check_invertible(module: str, inverse: ModuleInverse) -> None:
         f"Module {module!r}: its {inverse.kind} curvature plus damping {inverse.damping:g} is "
         f"singular (eigenvalues from {smallest:.3g} to {largest:.3g}), so (H + damping I)^-1 "
         f"and the scores would be inf/NaN. Pass damping > 0 (e.g. damping={suggestion:.3g}, "
-        f"0.1 x that module's mean eigenvalue), or hessian='none'.")
+        f"0.1 x that module's mean eigenvalue, or damping='auto'), or hessian='none'.")

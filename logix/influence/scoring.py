@@ -43,10 +43,13 @@ class Scorer:
 
     @property
     def meta(self) -> dict:
-        """What these scores are: curvature, damping per module, mode and projection used."""
+        """What these scores are: curvature, damping per module (and the rule that chose it),
+        mode and projection used."""
         meta = {"method": "influence", "hessian": self.preconditioner.kind,
                 "damping": self.preconditioner.dampings, "mode": self.mode,
                 "projection": self.projection}
+        if self.preconditioner.damping_rule:
+            meta["damping_rule"] = self.preconditioner.damping_rule
         diagnostics = getattr(self.preconditioner, "diagnostics", None)
         if diagnostics:
             meta["solver"] = diagnostics  # lissa: iterations, residual per step, scale

@@ -11,19 +11,22 @@ a = eta_l K_l, and f applied to H's eigenvalues:
 
 with q the query gradient at the final weights and N_l the number of examples segment l trained
 on; an example a segment did not train on contributes nothing to that segment. As for influence
-functions, a positive score means training on example i lowered the query's loss.
+functions, a positive score means training on example i lowered the query's loss. H_l is damped
+like an influence query's curvature, per module (`logix.influence.damping`; damping=0 gives the
+undamped form above), and meta["damping"] holds each segment's values.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from logix.errors import UsageError
 from logix.influence import curvature
+from logix.influence import damping as damping_rules
 from logix.influence.preconditioner import ModuleInverse
 from logix.log import StepLog
 from logix.statistics.covariance import CovarianceState
@@ -33,9 +36,11 @@ from logix.storage.reader import LogReader
 
 
 def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
-                     block_rows: int = 8192) -> dict:
+                     block_rows: int = 8192, damping: damping_rules.Setting = None,
+                     relative_damping: Optional[float] = None) -> dict:
     """SOURCE scores of the queries `src` against the checkpoints logged in `base`'s project:
-    {"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments", "meta"}; see module doc."""
+    {"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments", "meta"}; see module doc.
+    damping, relative_damping: as influence.damping / relative_damping (default: auto)."""
     if hessian == curvature.AUTO:
         hessian = "ekfac"
     if not curvature.get(hessian).covariances:
@@ -75,6 +80,7 @@ def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
         names = segments[segment]
         spectra = _segment_spectra(manifest.modules, [stats[n] for n in names], hessian,
                                    [readers[n] for n in names])
+        spectra = {m: _damped(spec, damping, relative_damping) for m, spec in spectra.items()}
         a = _segment_step(names, manifest.checkpoints)
         weighted = _apply(manifest.modules, spectra, query, lambda s: _f_r(s, a)).float()
         trained = _trained_ids(names, infos, readers)
@@ -89,11 +95,21 @@ def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
                 scores.index_add_(1, index, contribution)
         query = _apply(manifest.modules, spectra, query, lambda s: torch.exp(-a * s))
         summary.append({"segment": segment, "checkpoints": names, "eta_k": a,
-                        "examples": len(trained)})
-    meta = {"method": "source", "hessian": hessian, "damping": {}, "mode": "dot",
+                        "examples": len(trained),
+                        "damping": {m: spec.damping for m, spec in spectra.items()}})
+    meta = {"method": "source", "hessian": hessian, "mode": "dot",
+            "damping": {str(s["segment"]): s["damping"] for s in summary[::-1]},
+            "damping_rule": damping_rules.describe(damping, relative_damping),
             "projection": dict(src.projection)}
     return {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids, "influence": scores.float(),
             "segments": summary[::-1], "meta": meta}
+
+
+def _damped(spectrum: ModuleInverse, damping, relative_damping) -> ModuleInverse:
+    """H + lambda I for one module's undamped spectrum (its eigenvalues shifted by lambda)."""
+    value = damping_rules.resolve(spectrum.values, damping, relative_damping)
+    return ModuleInverse(spectrum.kind, value, values=spectrum.values + value,
+                         vectors=spectrum.vectors, q_out=spectrum.q_out, q_in=spectrum.q_in)
 
 
 def _f_r(values: Tensor, a: float) -> Tensor:
