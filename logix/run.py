@@ -419,7 +419,7 @@ class Run:
         return self
 
     def add_curvature_source(self, model: nn.Module, loss_fn, loader, *, forward=None,
-                             tol: float = 1e-6, max_iterations: int = 500,
+                             tol: float = 1e-4, max_iterations: int = 500,
                              query_block: int = 32, allow_unconverged: bool = False) -> "Run":
         """The model, its loss and the training loader for hessian="hessian" / "ggn": the
         Hessian (or Gauss-Newton matrix) of the mean training loss with respect to the watched

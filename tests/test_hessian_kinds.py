@@ -1,7 +1,7 @@
-"""The ``hessian`` and ``ggn`` curvature kinds equal the explicit inverse: the Hessian / Gauss-Newton
-matrix of the mean training loss from torch.func, projected by the log's LoGra matrices (M H M^T)
-and solved with torch.linalg.solve, on tiny float64 models (Linear with and without bias, Conv2d),
-unprojected and projected."""
+"""The ``hessian`` and ``ggn`` curvature kinds equal the explicit inverse: the Hessian /
+Gauss-Newton matrix of the mean training loss from torch.func, projected by the log's LoGra
+matrices (M H M^T) and solved with torch.linalg.solve, on tiny float64 models (Linear with and
+without bias, Conv2d), unprojected and projected."""
 
 import pytest
 import torch
