@@ -116,8 +116,9 @@ class Attributor:
     def preconditioner(self, hessian: Optional[str] = None, damping: Optional[float] = None,
                        modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
-        are cached until the statistics change); for a kind built from the saved rows (lissa: a
-        solve per query; full: one inverse across modules), a Preconditioner from those rows."""
+        are cached until the statistics change); for a kind that is no per-module spectrum
+        (lissa, hessian, ggn: a solve per query; full: one inverse across modules), the
+        Preconditioner its query_solver builds."""
         cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
         name = cfg.hessian
         if name == curvature.AUTO:
