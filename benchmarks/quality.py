@@ -47,9 +47,11 @@ Logging passes: unprojected (full per-example gradients of every tracked layer),
 rank 8, PCA LoGra ranks 8 and 4; each with the gradient covariance (raw) and forward/backward
 covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa / full x
 mode dot / cosine at the default damping, `auto` (lissa: dot only, depth 300), and raw / kfac /
-ekfac with dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default has no suffix).
-The auto table puts each auto row beside the best swept damping of the same curvature and
-projection; on staged, SOURCE also runs undamped (" d0", its form before auto).
+ekfac with dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default has no suffix);
+on the labelled cases the model's own ggn / hessian (CG over the training set) at absolute
+damping 0.1 (rows suffixed " a0.1"). The auto table puts each auto row beside the best swept
+damping of the same curvature and projection; on staged, SOURCE also runs undamped (" d0", its
+form before auto).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
 retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
 s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). A seed is 50
@@ -98,6 +100,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 import logix
 from logix.evaluation import brittleness, linear_datamodeling_score
@@ -248,6 +251,24 @@ def score_grid(case, model, root):
             suffix = "" if damping == DEFAULT_DAMPING else f" d{damping:g}"
             out[f"influence {hessian} {mode} {label}{suffix}"] = (
                 aligned(result), row_bytes(run), extra)
+        if not fisher and case.y is not None:
+            out.update(model_hessian_rows(case, model, run, test, label))
+    return out
+
+
+def model_hessian_rows(case, model, run, test, label):
+    """hessian / ggn (CG with Hessian-vector products over the training set, one batch) at
+    absolute damping 0.1, the peer comparison's: at the default relative damping the trained
+    model's Hessian is indefinite."""
+    run.add_curvature_source(model, lambda out, batch: F.cross_entropy(out, batch[1]),
+                             [(case.x, case.y)], forward=lambda f, b: case.logits(f, b[0]))
+    out = {}
+    for hessian in ("ggn", "hessian"):
+        t0 = time.time()
+        result = run.compute_influence_all(test, hessian=hessian, damping=0.1, progress=False)
+        extra = {"seconds": time.time() - t0,
+                 "cg_iterations": result["meta"]["solver"]["iterations"]}
+        out[f"influence {hessian} dot {label} a0.1"] = (aligned(result), row_bytes(run), extra)
     return out
 
 
@@ -670,8 +691,8 @@ def plot(rows, path):
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
                "logix0.1.1": "x", "kronfluence": "D", "magic": "P", "trak": "v", "dattri": "h"}
     colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
-              "full": "C7", "exact": "k", "xtx": "C4", "explicit": "C5", "cg": "C6",
-              "trak": "C4"}
+              "full": "C7", "ggn": "C8", "hessian": "C9", "exact": "k", "xtx": "C4",
+              "explicit": "C5", "cg": "C6", "trak": "C4"}
     for ax, case in zip(axes[0], cases):
         for r in rows:
             if r["case"] != case or r["config"] == "random" or r["lds"] is None:

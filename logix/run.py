@@ -20,6 +20,7 @@ from logix.errors import ConfigError, UsageError
 from logix.index.attributor import Attributor
 from logix.influence import curvature
 from logix.influence.checkpoints import check_inside, check_new, checkpoint_info
+from logix.influence.hessian import CurvatureSource, watched_weights
 from logix.log import StepLog
 from logix.mode import Mode
 from logix.statistics import resume
@@ -68,6 +69,7 @@ class Run:
         self._checkpoint: Optional[str] = None
         self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._influence: Optional[Attributor] = None
+        self._curvature_source: Optional[CurvatureSource] = None
 
     modules = property(lambda self: self.layers.modules, doc="name -> TrackedModule watched.")
     projections = property(lambda self: self.layers.projections,
@@ -151,8 +153,10 @@ class Run:
         return self
 
     def _new_space(self) -> None:
-        """New projections: statistics of the old space are dropped, memory is rechecked."""
+        """New projections: statistics (and the curvature source) of the old space are
+        dropped, memory is rechecked."""
         self.statistics.clear()
+        self._curvature_source = None
         self._check_memory()
 
     def setup(self, spec: Dict[str, Iterable[str]]) -> "Run":
@@ -338,6 +342,7 @@ class Run:
                              "first, with the same filters as the logging run.")
         manifest = Manifest.load(self.project_dir)
         self.layers.load(manifest, *state.load_projections(self.project_dir))
+        self._curvature_source = None  # built with the projections it replaced
         self.config.logging.log_dtype = manifest.dtype  # the run's own copy of the config
         self._stats.load(state.load_statistics(self.project_dir))
         self.layers.check_same_as(manifest)
@@ -358,10 +363,12 @@ class Run:
     def influence(self) -> Attributor:
         """The `Attributor` over this run's log and live statistics (also LogIX's
         `run.influence.*` names for the query methods)."""
-        if self._influence is None or self._influence.statistics is not self.statistics:
+        if self._influence is None or self._influence.statistics is not self.statistics or \
+                self._influence.curvature_source is not self._curvature_source:
             self._influence = Attributor(self.project_dir, self.config, statistics=self.statistics,
                                          reader=self.reader, modules=self.layout,
-                                         project=self.project)
+                                         project=self.project,
+                                         curvature_source=self._curvature_source)
         return self._influence
 
     def compute_influence_all(self, src_log: Optional[StepLog] = None, loader=None, **kwargs):
@@ -409,6 +416,27 @@ class Run:
         if self.mode is not Mode.LOGGING and manifest is not None and distributed.rank() == 0:
             # a log that is not being written: its finalize() already saved the statistics
             state.save_statistics(self.project_dir, self.statistics.state_dict(), manifest)
+        return self
+
+    def add_curvature_source(self, model: nn.Module, loss_fn, loader, *, forward=None,
+                             tol: float = 1e-4, max_iterations: int = 500,
+                             query_block: int = 32, allow_unconverged: bool = False) -> "Run":
+        """The model, its loss and the training loader for hessian="hessian" / "ggn": the
+        Hessian (or Gauss-Newton matrix) of the mean training loss with respect to the watched
+        layers' weights, solved per query by conjugate gradients (logix.influence.hessian).
+
+        model: the watched model, at the weights the rows were logged at (call model.eval()
+        first: every CG iteration must see the same function). loss_fn(outputs, batch) -> the
+        batch's mean loss; forward(model, batch) -> outputs (default model(batch[0])). tol,
+        max_iterations, query_block, allow_unconverged: see `CurvatureSource`. In a new
+        process: run.watch(model); run.initialize_from_log(); then this."""
+        if not self.modules:
+            raise UsageError("add_curvature_source() needs the watched layers: call "
+                             "run.watch(model) (and run.add_lora or initialize_from_log) first.")
+        self._curvature_source = CurvatureSource(
+            model, loss_fn, loader, watched_weights(model, self.modules, self.projections),
+            forward=forward, tol=tol, max_iterations=max_iterations, query_block=query_block,
+            allow_unconverged=allow_unconverged)
         return self
 
     def describe(self, ids, texts=None, images=None, labels=None) -> str:

@@ -12,7 +12,8 @@ from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
 
 
 def test_every_reader_of_curvature_kinds_sees_the_registry():
-    assert curvature.names() == ("none", "raw", "kfac", "ekfac", "lissa", "full", "optimizer")
+    assert curvature.names() == ("none", "raw", "kfac", "ekfac", "lissa", "full", "optimizer",
+                                 "hessian", "ggn")
     for name in ("auto",) + curvature.names():
         assert InfluenceConfig(hessian=name).hessian == name
     with pytest.raises(ConfigError, match="allowed"):

@@ -28,6 +28,7 @@ from logix.influence import damping as damping_rules
 from logix.influence import norms as norm_cache
 from logix.influence.preconditioner import Preconditioner, check_invertible
 from logix.influence.gather import merge_full, merge_topk, own_part
+from logix.influence.hessian import CurvatureSource
 from logix.influence.scoring import (MODES, SCORE_CHUNK, TOTAL, Scorer, aligned,
                                      group_masks, score_buffer)
 from logix.influence.source import source_influence
@@ -60,14 +61,17 @@ class Attributor:
     statistics: a `CovarianceState` (default: loaded from ``state/statistics.safetensors``).
     reader: a `LogReader`, or a function returning a fresh one per query (default: a reader of
     `project_dir`). modules: a function returning the row layout when there is no manifest yet.
-    A `Run` builds one from its live values (`run.influence`).
+    curvature_source: the model, loss and training loader of the ``hessian`` / ``ggn`` kinds
+    (`run.add_curvature_source` builds it). A `Run` builds one from its live values
+    (`run.influence`).
     """
 
     def __init__(self, project_dir: Union[str, os.PathLike], config=None, *,
                  statistics: Optional[CovarianceState] = None,
                  reader: Union[None, LogReader, Callable[[], LogReader]] = None,
                  modules: Optional[Callable[[], List[ModuleEntry]]] = None,
-                 project: Optional[str] = None) -> None:
+                 project: Optional[str] = None,
+                 curvature_source: Optional[CurvatureSource] = None) -> None:
         self.project_dir = os.fspath(project_dir)
         manifest = load_optional(self.project_dir)
         if manifest is None and statistics is None and reader is None:
@@ -88,6 +92,7 @@ class Attributor:
                                    os.path.basename(os.path.normpath(self.project_dir)))
         self._reader_source = reader
         self._modules = modules
+        self.curvature_source = curvature_source
         self._spectra_cache: Optional[curvature.Spectra] = None
 
     # ------------------------------------------------------------------ preconditioning
@@ -112,15 +117,17 @@ class Attributor:
     def preconditioner(self, hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                        modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
-        are cached until the statistics change); for a kind built from the saved rows (lissa: a
-        solve per query; full: one inverse across modules), a Preconditioner from those rows."""
+        are cached until the statistics change); for a kind that is no per-module spectrum
+        (lissa, hessian, ggn: a solve per query; full: one inverse across modules), the
+        Preconditioner its query_solver builds."""
         cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
         name = cfg.hessian
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
         kind = curvature.get(name)
         modules = modules if modules is not None else self.modules()
-        solver = kind.query_solver(self.reader, modules, cfg, progress)
+        solver = kind.query_solver(self.reader, modules, cfg, progress,
+                                   source=self.curvature_source)
         if solver is not None:
             return solver
         if kind.identity:
@@ -172,7 +179,11 @@ class Attributor:
         "dot" only; settings influence.lissa_solver / lissa_depth / lissa_scale / lissa_tol;
         residuals in meta["solver"]) | "full" (the saved rows' Fisher across all modules, one
         eigendecomposition of the [dim, dim] covariance, rows of at most 16384 numbers; with
-        influence_groups, mode "dot" only) | "optimizer";
+        influence_groups, mode "dot" only) | "optimizer" |
+        "hessian" | "ggn" (the model's own Hessian / Gauss-Newton matrix of the training loss,
+        jointly over the watched layers, solved per query by conjugate gradients with
+        Hessian-vector products; needs run.add_curvature_source(model, loss_fn, loader); mode
+        "dot" only; iterations and residuals in meta["solver"]);
         damping: 'auto' (default: chosen per module from the log's curvature, values in
         meta["damping"]), 'relative' (influence.relative_damping x each module's mean
         eigenvalue) or a number (absolute, every module); docs/concepts.md, "Damping".

@@ -90,12 +90,13 @@ class Curvature:
         ...
 
     @classmethod
-    def query_solver(cls, reader, modules, settings, progress: bool = True
+    def query_solver(cls, reader, modules, settings, progress: bool = True, source=None
                      ) -> Optional[Preconditioner]:
-        """For a kind that is not one eigendecomposition per module: a Preconditioner built
-        from the saved rows that applies (H + lambda I)^-1 (lissa: a solve per query; full: one
-        inverse across modules) (reader: a function returning the log's LogReader; settings:
-        the query's InfluenceConfig). None (the default) for kinds with a spectrum."""
+        """For a kind that is not one eigendecomposition per module: a Preconditioner that
+        applies (H + lambda I)^-1 (lissa, hessian, ggn: a solve per query; full: one inverse
+        across modules) (reader: a function returning the log's LogReader; settings: the
+        query's InfluenceConfig; source: the CurvatureSource of `run.add_curvature_source`, or
+        None). None (the default) for kinds with a spectrum."""
         return None
 
     @classmethod
@@ -189,7 +190,8 @@ class LiSSA(Curvature, name="lissa"):
         return False  # nothing to fit: the rows themselves are the curvature
 
     @classmethod
-    def query_solver(cls, reader, modules, settings, progress: bool = True) -> Preconditioner:
+    def query_solver(cls, reader, modules, settings, progress: bool = True,
+                     source=None) -> Preconditioner:
         from logix.influence.lissa import LissaPreconditioner
 
         return LissaPreconditioner(reader(), modules, settings.damping, settings.relative_damping,
@@ -211,7 +213,8 @@ class Full(Curvature, name="full"):
         return False  # formed from the rows at the first query, cached in that process
 
     @classmethod
-    def query_solver(cls, reader, modules, settings, progress: bool = True) -> Preconditioner:
+    def query_solver(cls, reader, modules, settings, progress: bool = True,
+                     source=None) -> Preconditioner:
         from logix.influence.full import full_preconditioner
 
         return full_preconditioner(reader(), modules, settings.damping,
@@ -239,6 +242,36 @@ class OptimizerState(Curvature, name="optimizer"):
         out, inp = spectra.eig(module, OPTIMIZER_OUT), spectra.eig(module, OPTIMIZER_IN)
         return ModuleInverse("optimizer", 0.0, values=torch.outer(out.values, inp.values),
                              q_out=out.vectors, q_in=inp.vectors)
+
+
+class Hessian(Curvature, name="hessian"):
+    """H = the Hessian of the mean training loss with respect to the watched layers' weights,
+    jointly over every layer, in the log's projected space (M H M^T), never formed: each block
+    of queries solves (M H M^T + lambda I) x = g_q by conjugate gradients with Hessian-vector
+    products over the training loader of `run.add_curvature_source(model, loss_fn, loader)`
+    (logix.influence.hessian). Can be indefinite (then refused). Scores in mode 'dot' only."""
+
+    gauss_newton: ClassVar[bool] = False
+
+    @classmethod
+    def ready(cls, statistics: CovarianceState, modules: List[str],
+              has_rows: Callable[[], bool]) -> bool:
+        return False  # nothing on disk makes it: it needs the model (add_curvature_source)
+
+    @classmethod
+    def query_solver(cls, reader, modules, settings, progress: bool = True,
+                     source=None) -> Preconditioner:
+        from logix.influence.hessian import HessianSolve
+
+        return HessianSolve(cls.name, source, modules, settings.damping,
+                            settings.relative_damping, cls.gauss_newton, progress)
+
+
+class GaussNewton(Hessian, name="ggn"):
+    """H = the generalized Gauss-Newton matrix J^T H_out J of the mean training loss (positive
+    semi-definite for a loss convex in the outputs), solved like ``hessian``."""
+
+    gauss_newton = True
 
 
 class Spectra:

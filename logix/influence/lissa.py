@@ -40,6 +40,7 @@ from logix.config import LissaSolver
 from logix.errors import UsageError
 from logix.influence import damping as damping_rules
 from logix.influence.gather import own_part
+from logix.influence.hvp import gauss_newton_products, hessian_products
 from logix.influence.preconditioner import Preconditioner
 from logix.progress import track
 
@@ -359,7 +360,7 @@ def lissa(model: nn.Module, loss_fn: Callable, loader: Iterable, vectors: Tensor
     forward = forward or (lambda m, batch: m(batch[0]))
     batches = _cycle(loader)
     base = {n: weights[n].detach() for n in names}
-    hvp = _gnvp if gauss_newton else _hvp
+    hvp = gauss_newton_products if gauss_newton else hessian_products
 
     def product(u: Tensor, batch) -> Tensor:
         return hvp(model, forward, loss_fn, batch, base, names, shapes, u) + damping * u
@@ -387,55 +388,6 @@ def lissa(model: nn.Module, loss_fn: Callable, loader: Iterable, vectors: Tensor
                              progress, "logix.influence.lissa")
     return {"solution": solution, **info, "scale": float(scale),
             "smallest_eigenvalue": smallest, "needed_depth": needed}
-
-
-def _hvp(model, forward, loss_fn, batch, base, names, shapes, u: Tensor) -> Tensor:
-    """[k, P] Hessian-vector products of the batch loss at `base`."""
-    from torch.func import grad, jvp, vmap
-
-    def loss(flat):
-        return loss_fn(forward_at(model, forward, batch, _unflatten(flat, names, shapes)), batch)
-
-    point = _flatten(base, names)
-    return vmap(lambda t: jvp(grad(loss), (point,), (t,))[1])(u)
-
-
-def _gnvp(model, forward, loss_fn, batch, base, names, shapes, u: Tensor) -> Tensor:
-    """[k, P] Gauss-Newton-vector products J^T H_out J u at `base`."""
-    from torch.func import grad, jvp, vjp, vmap
-
-    point = _flatten(base, names)
-
-    def outputs(flat):
-        return forward_at(model, forward, batch, _unflatten(flat, names, shapes))
-
-    out, pullback = vjp(outputs, point)
-
-    def one(t):
-        _, ju = jvp(outputs, (point,), (t,))
-        _, hju = jvp(grad(lambda o: loss_fn(o, batch)), (out,), (ju,))
-        return pullback(hju)[0]
-
-    return vmap(one)(u)
-
-
-def forward_at(model, forward, batch, params: Dict[str, Tensor]):
-    """forward(model, batch) with the model's `params` replaced (torch.func.functional_call)."""
-    from torch.func import functional_call
-
-    return forward(lambda *args, **kwargs: functional_call(model, params, args, kwargs), batch)
-
-
-def _flatten(tensors: Dict[str, Tensor], names) -> Tensor:
-    return torch.cat([tensors[n].reshape(-1) for n in names])
-
-
-def _unflatten(flat: Tensor, names, shapes) -> Dict[str, Tensor]:
-    out, start = {}, 0
-    for n, s in zip(names, shapes):
-        out[n] = flat[start:start + s.numel()].reshape(s)
-        start += s.numel()
-    return out
 
 
 def _largest_eigenvalue(product, size: int, dtype) -> float:
