@@ -77,6 +77,11 @@ class Scorer:
         contiguous [G * n_query, n'] matrix, see `score_buffer`): the GEMM writes them in place
         with that leading dimension, and the full matrix, top-k and score files read contiguous
         rows per query without a transposing copy."""
+        return self.finish(self.products(rows, out), rows, train_norms)
+
+    def products(self, rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The inner products of `score` ([n, G * n_query], before the mode): the GEMMs alone,
+        whose bits depend on the thread count (`logix.index.search` runs them on the stream's)."""
         n, width = rows.shape[0], self.queries.shape[0]
         out = out if out is not None else score_buffer(n, width, rows.device)
         queries_t = self.queries.T  # [dim, G * n_query]
@@ -90,6 +95,11 @@ class Scorer:
                 full = score_buffer(SCORE_CHUNK, width, rows.device)
                 torch.mm(padded, queries_t, out=full)
                 out[start:start + k] = full[:k]
+        return out
+
+    def finish(self, out: Tensor, rows: Tensor, train_norms: Optional[Tensor]) -> Tensor:
+        """`products` -> scores of the mode, in place (elementwise: the same bits on any thread
+        count), checked finite."""
         if self.mode != "dot":
             train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*nq]
             query = self.query_norms.to(out.device)[None, :]

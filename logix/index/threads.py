@@ -1,0 +1,57 @@
+"""How many threads a search's torch and FAISS operations use.
+
+A warm search is a few dozen small operations (a FAISS walk, a gather of candidate rows, small
+products). Split over threads, each operation ends at a barrier where a thread waits for its
+peers; on a busy machine a peer that lost its core costs a scheduler time slice at every one of
+them (measured on the shared 2-core VM at load 8: one query 70-170 ms on two threads, 13-15 ms
+on one). `search` therefore runs torch on SEARCH_THREADS, and FAISS too for a single query (a batch is
+one parallel loop over its queries in FAISS: one barrier, worth the threads), except the
+products that must carry the exact stream's bits: a GEMM's bits depend on its thread count, so
+those run on the thread count the stream uses (the one set outside the search).
+
+Both counts are process-wide, so `limited` holds one process-wide lock while it has changed
+them: concurrent searches (`logix serve`) take turns there instead of setting each other's
+counts (and the stream-bits products of one running on the other's single thread). Other
+threads' torch work during a search runs on its counts too: same values to round-off, not the
+same bits as on the default count."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Optional
+
+import torch
+
+from logix.index import backend
+
+SEARCH_THREADS = 1
+_CHANGED = threading.RLock()  # held while the counts are changed
+
+
+@contextlib.contextmanager
+def limited(n: int, faiss_n: Optional[int] = None):
+    """torch on `n` threads inside, FAISS on `faiss_n` (None: as set); yields the torch thread
+    count set before."""
+    faiss = backend.import_faiss()
+    with _CHANGED:
+        torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+        torch.set_num_threads(n)
+        faiss.omp_set_num_threads(faiss_n or faiss_before)
+        try:
+            yield torch_before
+        finally:
+            torch.set_num_threads(torch_before)
+            faiss.omp_set_num_threads(faiss_before)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch alone on `n` threads inside (the stream's bits), restored after; called inside
+    `limited`, whose lock keeps other searches from changing the count meanwhile."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
