@@ -250,8 +250,9 @@ def test_cli_serve_refuses_a_remote_host_and_missing_folders(project, capsys):
 
 def test_a_search_on_one_thread_keeps_the_bits_of_a_stream_on_two(tmp_path):
     """A search runs on one thread (logix.index.threads), except the products that carry the
-    stream's bits: they run on the stream's thread count, since a GEMM's bits depend on it (64
-    queries of 928 numbers differ between one and two threads). The counts are restored."""
+    stream's bits: they run on the stream's thread count where a GEMM's bits depend on it (64
+    queries of 928 numbers differ between one and two threads), on one where a probe finds
+    they do not. The counts are restored."""
     from logix.log import StepLog
 
     project = str(tmp_path / "wide")
@@ -263,10 +264,13 @@ def test_a_search_on_one_thread_keeps_the_bits_of_a_stream_on_two(tmp_path):
     try:
         att = logix.Attributor(project)
         att.build_index("flat", progress=False)
-        got = att.search(queries, k=10, hessian="none")
-        assert torch.get_num_threads() == 2
-        want = att.compute_influence_all(queries, hessian="none", topk=10, progress=False)
+        for n in (1, 4, 64):  # where one thread gives the same bits (threads.bits_threads) or not
+            some = StepLog(queries.data_ids[:n], queries.grads[:n], query.modules,
+                           query.projection)
+            got = att.search(some, k=10, hessian="none")
+            assert torch.get_num_threads() == 2
+            want = att.compute_influence_all(some, hessian="none", topk=10, progress=False)
+            assert got["top_ids"] == want["top_ids"]
+            assert torch.equal(got["top_scores"], want["top_scores"])
     finally:
         torch.set_num_threads(before)
-    assert got["top_ids"] == want["top_ids"]
-    assert torch.equal(got["top_scores"], want["top_scores"])

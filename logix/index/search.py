@@ -293,9 +293,10 @@ def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tens
             if train_norms is not None:
                 block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
                 block_norms[slots[members]] = train_norms[members]
-            with threads.torch_threads(stream_threads):
-                products = plan.products(block)
-            scores[members] = plan.finish(products, block, block_norms)[slots[members]]
+            with threads.torch_threads(threads.bits_threads(plan.queries.shape[0], block.shape[1],
+                                                            stream_threads)):
+                raw = plan.products(block)
+            scores[members] = plan.finish(raw, block, block_norms)[slots[members]]
     finally:
         block[previous] = 0
     return scores.T

@@ -6,8 +6,10 @@ peers; on a busy machine a peer that lost its core costs a scheduler time slice 
 them (measured on the shared 2-core VM at load 8: one query 70-170 ms on two threads, 13-15 ms
 on one). `search` therefore runs torch on SEARCH_THREADS, and FAISS too for a single query (a batch is
 one parallel loop over its queries in FAISS: one barrier, worth the threads), except the
-products that must carry the exact stream's bits: a GEMM's bits depend on its thread count, so
-those run on the thread count the stream uses (the one set outside the search).
+products that must carry the exact stream's bits: a GEMM's bits may depend on its thread count
+(here, MKL: the same on one and two threads for up to 8 queries, not for 16 or more), so those
+run on the thread count the stream uses (the one set outside the search), unless a probe of
+the same GEMM shape on random rows gives the same bits on one thread (`bits_threads`).
 
 Both counts are process-wide, so `limited` holds one process-wide lock while it has changed
 them: concurrent searches (`logix serve`) take turns there instead of setting each other's
@@ -18,6 +20,7 @@ same bits as on the default count."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Optional
 
@@ -55,3 +58,23 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=256)
+def bits_threads(width: int, dim: int, stream_threads: int) -> int:
+    """The thread count for the stream-bits GEMMs of `width` query columns over `dim`-wide rows:
+    SEARCH_THREADS when a probe (random [SCORE_CHUNK, dim] rows against random queries, through
+    scoring.products) gives the same bits on it as on `stream_threads`, else `stream_threads`.
+    Random rows almost surely expose a different order of summation."""
+    from logix.influence.scoring import SCORE_CHUNK, products
+
+    if stream_threads <= SEARCH_THREADS:
+        return stream_threads
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(SCORE_CHUNK, dim, generator=generator)
+    queries = torch.randn(width, dim, generator=generator)
+    with torch_threads(stream_threads):
+        want = products(rows, queries)
+    with torch_threads(SEARCH_THREADS):
+        got = products(rows, queries)
+    return SEARCH_THREADS if torch.equal(got, want) else stream_threads
