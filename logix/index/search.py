@@ -84,8 +84,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     if asked is None and calibrated and k <= calibrate.K:  # measured at build: kind="auto"
         candidates = max(k, calibrated)
     timing = {"index": 0.0, "read": 0.0, "rerank": 0.0}
-    one = threads.SEARCH_THREADS
-    with threads.limited(one, one if len(src) == 1 else None) as stream_threads:
+    with threads.limited(threads.SEARCH_THREADS) as stream_threads:
         local = _search_part(attributor, full, found, plan, src, k, candidates, rerank, bottom,
                              nprobe, ef, warm, timing, stream_threads)
     result = _merge(distributed.all_gather_objects(local), k, bottom) \

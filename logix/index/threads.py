@@ -4,8 +4,7 @@ A warm search is a few dozen small operations (a FAISS walk, a gather of candida
 products). Split over threads, each operation ends at a barrier where a thread waits for its
 peers; on a busy machine a peer that lost its core costs a scheduler time slice at every one of
 them (measured on the shared 2-core VM at load 8: one query 70-170 ms on two threads, 13-15 ms
-on one). `search` therefore runs torch on SEARCH_THREADS, and FAISS too for a single query (a batch is
-one parallel loop over its queries in FAISS: one barrier, worth the threads), except the
+on one). `search` therefore runs torch and FAISS on SEARCH_THREADS, except the
 products that must carry the exact stream's bits: a GEMM's bits may depend on its thread count
 (here, MKL: the same on one and two threads for up to 8 queries, not for 16 or more), so those
 run on the thread count the stream uses (the one set outside the search), unless a probe of
@@ -22,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Optional
 
 import torch
 
@@ -33,15 +31,14 @@ _CHANGED = threading.RLock()  # held while the counts are changed
 
 
 @contextlib.contextmanager
-def limited(n: int, faiss_n: Optional[int] = None):
-    """torch on `n` threads inside, FAISS on `faiss_n` (None: as set); yields the torch thread
-    count set before."""
+def limited(n: int):
+    """torch and FAISS on `n` threads inside; yields the torch thread count set before."""
     faiss = backend.import_faiss()
     with _CHANGED:
         torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
         torch.set_num_threads(n)
-        faiss.omp_set_num_threads(faiss_n or faiss_before)
-        try:
+        faiss.omp_set_num_threads(n)  # both: OpenMP's count is shared, and a mismatch (FAISS
+        try:  # on 2, torch on 1) made torch's small gathers 30x slower
             yield torch_before
         finally:
             torch.set_num_threads(torch_before)
