@@ -274,3 +274,23 @@ def test_a_search_on_one_thread_keeps_the_bits_of_a_stream_on_two(tmp_path):
             assert torch.equal(got["top_scores"], want["top_scores"])
     finally:
         torch.set_num_threads(before)
+
+
+def test_calibration_tries_settings_cheapest_first():
+    """IVF: nprobe first, then candidates; HNSW: by max(ef, candidates) + 2 candidates, each
+    (walk, candidates) pair once (FAISS walks at least as wide as the candidates asked)."""
+    from logix.index import calibrate
+    from logix.index.store import IndexManifest
+
+    ivf = IndexManifest(name="i", kind="ivf", mode="dot", faiss={"nlist": 20}, layout={})
+    assert calibrate.settings(ivf, 10_000) == [(n, c) for n in (8, 16, 20)
+                                               for c in calibrate.CANDIDATE_LADDER]
+    hnsw = calibrate.settings(IndexManifest(name="h", kind="hnsw", mode="dot", faiss={}, layout={}),
+                              10_000)
+    assert hnsw[:4] == [(16, 20), (32, 20), (16, 30), (32, 30)]
+    cost = [max(ef, c) + 2 * c for ef, c in hnsw]
+    assert cost == sorted(cost)
+    assert len({(max(ef, c), c) for ef, c in hnsw}) == len(hnsw)
+    assert hnsw[-1] == (512, 100)
+    assert calibrate.settings(IndexManifest(name="f", kind="flat", mode="dot", faiss={}, layout={}), 25) \
+        == [(None, 20)]

@@ -232,8 +232,9 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     timing["read"] += read - started
     queries = plan.queries  # [n_query, dim]
     fast = torch.empty(inverse.shape)  # [n_query, c]
-    for q in range(len(queries)):
+    for q in range(inverse.shape[0]):
         torch.mv(values.index_select(0, inverse[q]), queries[q], out=fast[q])
+    # sum_d |q_d r_d| <= |q| |r| (Cauchy-Schwarz): a looser bound that needs no second product
     bound = 2 * rows.dim * _UNIT_ROUNDOFF * queries.norm(dim=1)[:, None] * \
         values.norm(dim=1)[inverse]
     bound = bound + 8 * _UNIT_ROUNDOFF * fast.abs()  # the divisions of cosine
@@ -273,7 +274,8 @@ def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tens
     modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the same matrix
     multiply of the same queries at the same row and has the stream's bits; rows sharing a slot
     go to successive matrices, each multiplied on the stream's thread count (`stream_threads`:
-    the bits depend on it). `block`: a zeroed [SCORE_CHUNK, dim] scratch matrix, left zeroed.
+    the bits can depend on it), or on one thread where `threads.bits_threads` finds the same
+    bits there. `block`: a zeroed [SCORE_CHUNK, dim] scratch matrix, left zeroed.
     Returns [n_query, n]."""
     slots = union % SCORE_CHUNK
     by_slot = torch.argsort(slots, stable=True)
