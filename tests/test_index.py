@@ -473,3 +473,47 @@ def test_cli_search_shows_what_describe_stored(tmp_path, capsys):
     assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2"]) == 0
     best = printed["queries"][0]["top"][0]
     assert f"{best['label']} example text {best['id']}" in capsys.readouterr().out
+
+
+def test_row_store_reads_rows_in_asked_order_and_advises_the_missing_pages(tmp_path,
+                                                                          monkeypatch):
+    """RowStore.read returns the rows at the asked positions, in the asked order (sorted or
+    not, across shards); when its resident sample says pages are out it advises one range per
+    run of touching pages."""
+    import mmap
+
+    from logix.index import rows as rowstore
+
+    project = str(tmp_path / "rows")
+    write_clustered_log(project, rows=3072, dim=1024)  # 4 KiB rows: one page each
+    manifest = logix.Attributor(project).reader().manifest
+    every = logix.Attributor(project).reader().read_all()[1].float()
+    store = rowstore.RowStore(project, [{"file": s.file, "checksum": s.checksum,
+                                         "rows": s.rows} for s in manifest.shards],
+                              manifest.dim)
+    for positions in ([5, 3000, 0, 1024, 6], [0, 1, 2, 1500, 3071]):
+        at = torch.tensor(positions)
+        assert torch.equal(store.read(at), every[at])
+    class Recorder:  # stands in for a shard's mmap: records the advice
+        def __init__(self):
+            self.calls = []
+
+        def madvise(self, advice, start, length):
+            self.calls.append((advice, start, length))
+
+    mapped = rowstore._shard_map(*store._version(0), manifest.dim)
+    kept, mapped.map = mapped.map, Recorder()
+    try:
+        monkeypatch.setattr(rowstore, "_resident", lambda *_: True)  # warm: no advice
+        store.read(torch.tensor([10, 11, 12, 40]))
+        assert mapped.map.calls == []
+        monkeypatch.setattr(rowstore, "_resident", lambda *_: False)
+        store.read(torch.tensor([40, 12, 11, 10]))
+        calls = mapped.map.calls
+    finally:
+        mapped.map = kept
+    page = mmap.PAGESIZE
+    first = [(mapped.first + r * mapped.row_bytes) // page for r in (10, 40)]
+    last = [(mapped.first + (r + 1) * mapped.row_bytes - 1) // page for r in (12, 40)]
+    assert calls == [(mmap.MADV_WILLNEED, f * page, (l - f + 1) * page)
+                     for f, l in zip(first, last)]

@@ -10,8 +10,10 @@ Rooms: `backend` (faiss: import, factory strings, files), `sketch` (seeded JL sk
 rows), `store` (the index's manifest and staleness), `builder` (build and incremental update),
 `search` (candidates, then exact re-ranking from the shards), `calibrate` (kind="auto" measures
 recall@10 and speed-up on the log's own rows), `warm` (what an Attributor keeps open between
-searches), `rows` (candidate rows from the mapped shards), `attributor` (`logix.Attributor`:
+searches), `threads` (a search on one thread, the stream-bits GEMMs on the stream's count),
+`rows` (candidate rows from the mapped shards), `attributor` (`logix.Attributor`:
 influence's Attributor plus `build_index` and `search`), `service` (`logix serve`: JSON searches
-over HTTP with the dashboard server's safety rules) and `client` (asks it). The index builds on two public parts of
-`logix.influence`: `Attributor.score_plan` and the train-norm cache `influence.norms`.
+over HTTP with the dashboard server's safety rules) and `client` (asks it). The index builds on public parts of
+`logix.influence`: `Attributor.score_plan` (its Scorer's `products` and `finish`), the GEMM
+loop `influence.scoring.products` and the train-norm cache `influence.norms`.
 """

@@ -104,8 +104,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                 f"{rejected['measured']} did not pay off: {rejected['why']}"
             found["calibration"]["rejected"] = {key: rejected[key] for key in (
                 "measured", "nprobe", "recall_at_10", "speedup", "why", "tried")}
-        if manifest.kind != "flat":
-            manifest.faiss["candidates"] = found["candidates"]
+        manifest.faiss["candidates"] = found["candidates"]
         if manifest.kind == "ivf":
             manifest.faiss["nprobe"] = found["nprobe"]
         elif manifest.kind == "hnsw":

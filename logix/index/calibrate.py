@@ -6,19 +6,20 @@ it would be a free hit). The truth is the exact top-10 by inner product over eve
 block by block while the rows are added (`Truth`), and timed: that in-memory scan is what the
 exact stream does for the same queries, less reading the shards. The index answers the same
 queries the way `search` does (candidates, then exact inner products of the candidates' full
-rows); the smallest nprobe (HNSW: ef) on a doubling ladder that reaches
-`backend.AUTO_RECALL_TARGET` (0.97, a margin over the 0.95 asked of it) becomes the index's
-default, and the fewest candidates (20, 30, 50, else 100) that keep its recall become the
-default for k <= 10 (`search_candidates`: re-ranking 64 queries' candidates is most of a batch's
-time). A flat index replaces an IVF one that reaches it at no nprobe, or is not faster
-than the scan (`pick`). Both numbers, and how they were measured, go to the index manifest
+rows), one setting after another, cheapest first (`settings`): nprobe (HNSW: ef) together with
+the number of candidates, each searched with its own count (an HNSW walk is as wide as the
+candidates it returns, so fewer candidates are not a prefix of more). The first setting that
+reaches `backend.AUTO_RECALL_TARGET` (0.97, a margin over the 0.95 asked of it: queries that
+are not log rows measured 0.01-0.02 lower at 10^5 rows) becomes the index's default, for
+k <= 10. A flat index replaces an IVF or HNSW one that reaches it at no setting, or is not
+faster than the scan (`pick`). The numbers, and how they were measured, go to the index manifest
 (`calibration`) and `logix show`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,8 +29,8 @@ from logix.index import backend
 
 SAMPLE_QUERIES = 64
 K = 10
-CANDIDATES = 100  # search's default for k = 10: max(4k, 100)
-CANDIDATE_LADDER = (20, 30, 50)  # fewer candidates tried, kept when the recall holds
+CANDIDATE_LADDER = (20, 30, 40, 50, 100)  # candidates per query tried (search's default: 100)
+EF_LADDER = (16, 32, 64, 128, 256, 512)  # HNSW search breadths tried
 
 
 class Truth:
@@ -57,28 +58,38 @@ class Truth:
         return _top_without_self(self.scores, self.ids, self.positions)
 
 
-def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
-            finish: Callable[[Tensor], np.ndarray]) -> dict:
-    """{"pick": "index" | "flat", "nprobe", "calibration": what goes to the manifest}."""
-    want = truth.top()
-    queries = finish(truth.queries)
-    c = min(CANDIDATES, int(index.ntotal))
-    ladder = [None]
+def settings(manifest, rows: int) -> List[Tuple[Optional[int], int]]:
+    """(nprobe or ef, candidates) to try, cheapest first. IVF: by nprobe (the lists scanned are
+    most of the cost), then candidates. HNSW: by a rough cost, max(ef, candidates) for the walk
+    (FAISS walks at least as wide as the candidates asked) plus twice the candidates for reading
+    and re-ranking them (what a 64-query batch at 10^5 rows measured). Flat: candidates."""
+    counts = [c for c in CANDIDATE_LADDER if c <= rows] or [rows]
     if manifest.kind == "ivf":
-        nlist = manifest.faiss["nlist"]
-        ladder, nprobe = [], min(8, nlist)
+        nlist, nprobe, probes = manifest.faiss["nlist"], min(8, manifest.faiss["nlist"]), []
         while True:
-            ladder.append(nprobe)
+            probes.append(nprobe)
             if nprobe >= nlist:
                 break
             nprobe = min(2 * nprobe, nlist)
-    field = "nprobe"
-    if manifest.kind == "hnsw":  # search breadth
-        field, ladder = "ef", [16, 32, 64, 128, 256, 512]
+        return [(n, c) for n in probes for c in counts]
+    if manifest.kind == "hnsw":
+        pairs = {(max(ef, c), c): (ef, c) for ef in reversed(EF_LADDER) for c in counts}
+        return [pairs[key] for key in sorted(pairs, key=lambda w: (w[0] + 2 * w[1], w))]
+    return [(None, c) for c in counts]
+
+
+def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
+            finish: Callable[[Tensor], np.ndarray]) -> dict:
+    """{"pick": "index" | "flat", "nprobe", "ef", "candidates", "calibration": what goes to the
+    manifest}. Every setting is searched as `search` does (k = its candidates), cheapest first,
+    until one reaches backend.AUTO_RECALL_TARGET; else the last (the widest) is kept."""
+    want = truth.top()
+    queries = finish(truth.queries)
+    field = {"ivf": "nprobe", "hnsw": "ef"}.get(manifest.kind)
     tried = []
-    for nprobe in ladder:
-        backend.set_search_params(index, *((nprobe, None) if field == "nprobe" else
-                                           (None, nprobe)))
+    for setting, c in settings(manifest, int(index.ntotal)):
+        backend.set_search_params(index, *((setting, None) if field == "nprobe" else
+                                           (None, setting)))
         started = time.perf_counter()
         _, found = index.search(queries, c)
         found = torch.from_numpy(found).long()  # [n, c]
@@ -89,36 +100,26 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
         scores = scores.masked_fill(found < 0, float("-inf"))
         got = _top_without_self(scores, found, truth.positions)
         seconds = time.perf_counter() - started
-        last = (found, scores)
         recall = sum(len(g & w) for g, w in zip(got, want)) / max(1, sum(len(w) for w in want))
-        tried.append({field: nprobe, "recall_at_10": round(recall, 4),
+        tried.append({**({field: setting} if field else {}), "candidates": c,
+                      "recall_at_10": round(recall, 4),
                       "index_ms": round(1e3 * (searched - started), 3),
                       "index_and_rerank_ms": round(1e3 * seconds, 3)})
         if recall >= backend.AUTO_RECALL_TARGET:
             break
     best = tried[-1]
-    best.setdefault("nprobe", None)
-    # candidates: FAISS returns them best first, so fewer is a prefix of the same answer
-    fewer = c
-    for n in CANDIDATE_LADDER:
-        if n >= c:
-            break
-        got = _top_without_self(last[1][:, :n], last[0][:, :n], truth.positions)
-        recall = sum(len(g & w) for g, w in zip(got, want)) / max(1, sum(len(w) for w in want))
-        if recall >= min(best["recall_at_10"], backend.AUTO_RECALL_TARGET):
-            fewer = n
-            break
     scan_ms = 1e3 * truth.seconds
     speedup = scan_ms / max(best["index_and_rerank_ms"], 1e-6)
     pick = "index" if manifest.kind == "flat" or manifest.faiss["requested"] != "auto" or (
         best["recall_at_10"] >= backend.AUTO_RECALL and speedup > backend.AUTO_MIN_SPEEDUP) \
         else "flat"
     calibration = {
-        "queries": len(truth.positions), "k": K, "candidates": c, "search_candidates": fewer,
+        "queries": len(truth.positions), "k": K, "candidates": best["candidates"],
         "sample": "evenly spaced rows of the log as queries, each row left out of its own "
                   "top-10; truth: exact inner products over every row",
         "positions": truth.positions.tolist(),
-        "nprobe": best["nprobe"], "ef": best.get("ef"), "recall_at_10": best["recall_at_10"],
+        "nprobe": best.get("nprobe"), "ef": best.get("ef"),
+        "recall_at_10": best["recall_at_10"],
         "exact_scan_ms": round(scan_ms, 3), "index_ms": best["index_and_rerank_ms"],
         "speedup": round(speedup, 2), "tried": tried,
         "measured": manifest.faiss["factory"],
@@ -128,8 +129,8 @@ def measure(index, manifest, truth: Truth, read: Callable[[Tensor], Tensor],
                f"the index measured recall {best['recall_at_10']} and {speedup:.2f}x the exact "
                f"scan (needs >= {backend.AUTO_RECALL} and > {backend.AUTO_MIN_SPEEDUP}x): a "
                "flat index is faster or more accurate"}
-    return {"pick": pick, "nprobe": best["nprobe"], "ef": best.get("ef"), "candidates": fewer,
-            "calibration": calibration}
+    return {"pick": pick, "nprobe": best.get("nprobe"), "ef": best.get("ef"),
+            "candidates": best["candidates"], "calibration": calibration}
 
 
 def _top_without_self(scores: Tensor, ids: Tensor, positions: Tensor) -> List[set]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from logix import distributed
 from logix.errors import UsageError
-from logix.index import backend, calibrate, store
+from logix.index import backend, calibrate, store, threads
 from logix.index.builder import SERVED_MODES
 from logix.index.rows import RowStore
 from logix.index import sketch
@@ -84,8 +84,9 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
     if asked is None and calibrated and k <= calibrate.K:  # measured at build: kind="auto"
         candidates = max(k, calibrated)
     timing = {"index": 0.0, "read": 0.0, "rerank": 0.0}
-    local = _search_part(attributor, full, found, plan, src, k, candidates, rerank, bottom,
-                         nprobe, ef, warm, timing)
+    with threads.limited(threads.SEARCH_THREADS) as stream_threads:
+        local = _search_part(attributor, full, found, plan, src, k, candidates, rerank, bottom,
+                             nprobe, ef, warm, timing, stream_threads)
     result = _merge(distributed.all_gather_objects(local), k, bottom) \
         if distributed.is_distributed() else local
     result["meta"] = {**plan.meta, "search": {
@@ -154,9 +155,10 @@ def _curvature_text(curvature: Optional[dict]) -> str:
 
 
 def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, bottom,
-                 nprobe, ef, warm: Warm, timing: dict) -> dict:
+                 nprobe, ef, warm: Warm, timing: dict, stream_threads: int) -> dict:
     """This process's index: candidates, then exact scores; {src_ids, top_*[, bottom_*]}.
-    `timing` gathers seconds: index (FAISS), read (candidate rows), rerank (exact scores)."""
+    `timing` gathers seconds: index (FAISS), read (candidate rows), rerank (exact scores);
+    `stream_threads`: the stream's torch thread count (its bits)."""
     path = os.path.join(store.folder(full.project_dir, manifest.name), store.INDEX_FILE)
     if not os.path.isfile(path):
         raise UsageError(f"Index {manifest.name!r} has lost its file {path!r}. Rebuild it: "
@@ -190,7 +192,8 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
         if rerank:
             values, positions = _exact_top(plan, rows, found, norms,
                                            _log_starts(full, manifest), min(k, c), largest,
-                                           timing, warm.block(SCORE_CHUNK, full.dim))
+                                           timing, warm.block(SCORE_CHUNK, full.dim),
+                                           stream_threads)
         else:
             scores = torch.from_numpy(found_scores).float()
             scores = sign * scores
@@ -211,14 +214,16 @@ _UNIT_ROUNDOFF = 2.0 ** -24
 
 
 def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], starts: Tensor,
-               k: int, largest: bool, timing: dict, block: Tensor):
+               k: int, largest: bool, timing: dict, block: Tensor, stream_threads: int):
     """(values, positions) [n_query, k]: each query's best k candidates by their exact scores,
     with the stream's bits.
 
     Two steps. (1) Every candidate's score to round-off: one read of the union of all queries'
-    candidates (one gather per shard), then per query a batched product with its own candidates
-    only. (2) The stream's bits, for the candidates that can still be in the top k: those within
-    the round-off bound of the k-th score (usually k or a few more), through `_stream_bits`."""
+    candidates (one gather per shard), then per query a product with its own candidates only
+    (a gather small enough to stay in cache; one product of the union with every query, or one
+    batched product over a gathered [n_query, c, dim] copy, were 2-15x slower for 64 queries).
+    (2) The stream's bits, for the candidates that can still be in the top k: those within the
+    round-off bound of the k-th score (usually k or a few more), through `_stream_bits`."""
     started = time.perf_counter()
     valid = found >= 0
     union, inverse = torch.unique(found.clamp_min(0), return_inverse=True)  # sorted
@@ -226,7 +231,9 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     read = time.perf_counter()
     timing["read"] += read - started
     queries = plan.queries  # [n_query, dim]
-    fast = torch.bmm(values[inverse], queries[:, :, None])[:, :, 0]  # [n_query, c]
+    fast = torch.empty(inverse.shape)  # [n_query, c]
+    for q in range(inverse.shape[0]):
+        torch.mv(values.index_select(0, inverse[q]), queries[q], out=fast[q])
     # sum_d |q_d r_d| <= |q| |r| (Cauchy-Schwarz): a looser bound that needs no second product
     bound = 2 * rows.dim * _UNIT_ROUNDOFF * queries.norm(dim=1)[:, None] * \
         values.norm(dim=1)[inverse]
@@ -247,7 +254,8 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     exact = torch.full_like(fast, float("nan"))
     needed = torch.unique(inverse[near])
     bits = _stream_bits(plan, union[needed], values[needed],
-                        None if train_norms is None else train_norms[needed], block)
+                        None if train_norms is None else train_norms[needed], block,
+                        stream_threads)
     slot = torch.full((len(union),), -1, dtype=torch.long)
     slot[needed] = torch.arange(len(needed))
     exact[near] = bits[near.nonzero()[:, 0], slot[inverse[near]]]
@@ -259,13 +267,15 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
 
 
 def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tensor],
-                 block: Tensor) -> Tensor:
+                 block: Tensor, stream_threads: int) -> Tensor:
     """[n_query, n] scores of rows at log positions `union` with the stream's bits.
 
     Each row goes to the slot of a SCORE_CHUNK-row matrix it has in the stream (its position
     modulo SCORE_CHUNK, blocks being chunk aligned), so its score is computed by the same matrix
     multiply of the same queries at the same row and has the stream's bits; rows sharing a slot
-    go to successive matrices. `block`: a zeroed [SCORE_CHUNK, dim] scratch matrix, left zeroed.
+    go to successive matrices, each multiplied on the stream's thread count (`stream_threads`:
+    the bits can depend on it), or on one thread where `threads.bits_threads` finds the same
+    bits there. `block`: a zeroed [SCORE_CHUNK, dim] scratch matrix, left zeroed.
     Returns [n_query, n]."""
     slots = union % SCORE_CHUNK
     by_slot = torch.argsort(slots, stable=True)
@@ -284,7 +294,10 @@ def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tens
             if train_norms is not None:
                 block_norms = torch.ones(SCORE_CHUNK, train_norms.shape[1])
                 block_norms[slots[members]] = train_norms[members]
-            scores[members] = plan.score(block, block_norms)[slots[members]]
+            with threads.torch_threads(threads.bits_threads(plan.queries.shape[0], block.shape[1],
+                                                            stream_threads)):
+                raw = plan.products(block)
+            scores[members] = plan.finish(raw, block, block_norms)[slots[members]]
     finally:
         block[previous] = 0
     return scores.T

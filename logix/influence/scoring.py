@@ -80,19 +80,16 @@ class Scorer:
         contiguous [G * n_query, n'] matrix, see `score_buffer`): the GEMM writes them in place
         with that leading dimension, and the full matrix, top-k and score files read contiguous
         rows per query without a transposing copy."""
-        n, width = rows.shape[0], self.queries.shape[0]
-        out = out if out is not None else score_buffer(n, width, rows.device)
-        queries_t = self.queries.T  # [dim, G * n_query]
-        for start in range(0, n, SCORE_CHUNK):
-            chunk = rows[start:start + SCORE_CHUNK]
-            k = chunk.shape[0]
-            if k == SCORE_CHUNK:
-                torch.mm(chunk, queries_t, out=out[start:start + k])
-            else:  # pad: the same matrix shape and layout as every chunk, see fixed_chunks
-                padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
-                full = score_buffer(SCORE_CHUNK, width, rows.device)
-                torch.mm(padded, queries_t, out=full)
-                out[start:start + k] = full[:k]
+        return self.finish(self.products(rows, out), rows, train_norms)
+
+    def products(self, rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The inner products of `score` ([n, G * n_query], before the mode): the GEMMs alone,
+        whose bits depend on the thread count (`logix.index.search` runs them on the stream's)."""
+        return products(rows, self.queries, out)
+
+    def finish(self, out: Tensor, rows: Tensor, train_norms: Optional[Tensor]) -> Tensor:
+        """`products` -> scores of the mode, in place (elementwise: the same bits on any thread
+        count), checked finite."""
         if self.mode != "dot":
             train = train_norms.to(out.device).repeat_interleave(self.n_query, 1)  # [n, G*nq]
             query = self.query_norms.to(out.device)[None, :]
@@ -151,6 +148,26 @@ class Scorer:
                        "bottom_scores": worst[g * nq:(g + 1) * nq]}
                 for g, name in enumerate(self.groups) if name != TOTAL}
         return out
+
+
+def products(rows: Tensor, queries: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """rows [n, dim] x queries [width, dim] -> [n, width] in `score_buffer`'s layout, one GEMM
+    of the same shape per SCORE_CHUNK rows (the last padded): each row's products have the same
+    bits wherever it is scored (for one thread count)."""
+    n, width = rows.shape[0], queries.shape[0]
+    out = out if out is not None else score_buffer(n, width, rows.device)
+    queries_t = queries.T  # [dim, width]
+    for start in range(0, n, SCORE_CHUNK):
+        chunk = rows[start:start + SCORE_CHUNK]
+        k = chunk.shape[0]
+        if k == SCORE_CHUNK:
+            torch.mm(chunk, queries_t, out=out[start:start + k])
+        else:  # pad: the same matrix shape and layout as every chunk, see fixed_chunks
+            padded = torch.cat([chunk, chunk.new_zeros(SCORE_CHUNK - k, chunk.shape[1])])
+            full = score_buffer(SCORE_CHUNK, width, rows.device)
+            torch.mm(padded, queries_t, out=full)
+            out[start:start + k] = full[:k]
+    return out
 
 
 def score_buffer(n: int, width: int, device) -> Tensor:
