@@ -39,10 +39,6 @@ def per_example_grads(model, ids, name):
     return torch.cat([g[f"{name}.weight"].transpose(1, 2), g[f"{name}.bias"][..., None]], 2)
 
 
-def head_index(split: HeadSplit, width: int, bias: bool):
-    return split.head_of(width, bias)
-
-
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("heads"))
@@ -88,7 +84,8 @@ def test_split_projections_are_block_diagonal(logged):
     assert c_attn.p_out.shape == (6, 96)  # 3 rows per head
     for h in range(N_HEADS):
         rows = c_attn.p_out[3 * h:3 * h + 3]
-        assert float(rows[:, heads != h].abs().max()) == 0 and float(rows[:, heads == h].abs().min()) > 0
+        assert float(rows[:, heads != h].abs().max()) == 0
+        assert float(rows[:, heads == h].abs().min()) > 0
     assert c_proj.p_in.shape == (7, 33)  # 3 rows per head, then the bias column kept whole
     assert c_proj.p_in[6].tolist() == [0.0] * 32 + [1.0]
     assert run.projection_meta["heads"]["transformer.h.0.attn.c_attn"] == \

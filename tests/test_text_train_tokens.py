@@ -142,3 +142,26 @@ def test_score_file_and_dashboard_example_page(logged):
     with pytest.raises(LogFormatError, match="train_tokens"):
         save_scores(os.path.join(run.project_dir, "scores", "bad.safetensors"),
                     {**result, "train_tokens": [broken]})
+
+
+def test_a_damaged_train_tokens_entry_is_a_dashboard_message(logged):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from logix.dashboard.data import Dashboard
+
+    run, model, train, log = logged
+    result = run.compute_influence_all(log, progress=False)
+    pair = train_token_scores(run, model, log, train[6], query=1, data_id=6)
+    path = save_scores(os.path.join(run.project_dir, "scores", "damaged.safetensors"),
+                       attach_train_tokens(result, [pair]))
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    metadata["train_tokens"] = '[{"query": 1, "train": 6, "text": ["a"]}]'  # no in_loss
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(LogFormatError, match="train_tokens"):
+        load_scores(path)
+    data = Dashboard([os.path.dirname(run.project_dir)]).example("lm", 6)
+    assert any("training-token scores are not readable" in p for p in data["problems"])
+    os.remove(path)

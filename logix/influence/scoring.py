@@ -207,7 +207,8 @@ def group_masks(modules, groups) -> Dict[str, Tensor]:
                 if any(m.name == p or p in m.name for p in patterns):
                     mask[m.columns] = True
         if not mask.any():
-            raise UsageError(f"influence group {name!r} ({patterns}) matches no logged module; "
+            what = "an empty column mask" if isinstance(patterns, Tensor) else patterns
+            raise UsageError(f"influence group {name!r} ({what}) matches no logged module; "
                              f"modules: {[m.name for m in modules]}.")
         if name == TOTAL:
             raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")

@@ -346,23 +346,31 @@ def load_scores(path: str, project_dir: Optional[str] = None) -> Dict[str, Any]:
             if TOKEN_COMPLETION_KEY in metadata:
                 out[TOKEN_COMPLETION_KEY] = json.loads(metadata[TOKEN_COMPLETION_KEY])
         if TRAIN_TOKEN_INFLUENCE_KEY in scores._file.keys():
-            out[TRAIN_TOKENS_KEY] = train_token_pairs(scores._file.metadata(), scores._file.get_tensor(
-                TRAIN_TOKEN_INFLUENCE_KEY), out[SRC_IDS_KEY])
+            values = scores._file.get_tensor(TRAIN_TOKEN_INFLUENCE_KEY)
+            out[TRAIN_TOKENS_KEY] = train_token_pairs(scores._file.metadata(), values,
+                                                      out[SRC_IDS_KEY])
     return out
 
 
 def train_token_pairs(metadata: Dict[str, str], values: Tensor, src_ids: List) -> List[Dict]:
     """The training-side per-token scores of a score file, as train_token_scores() returns
     them (query_id, train_id, token_text, token_scores, token_in_loss, score)."""
-    pairs, start = json.loads(metadata[TRAIN_TOKENS_KEY]), 0
-    if not isinstance(pairs, list):
-        raise LogFormatError(f"{TRAIN_TOKENS_KEY} must be a JSON list.")
+    try:
+        pairs, start = json.loads(metadata[TRAIN_TOKENS_KEY]), 0
+    except (KeyError, ValueError) as e:
+        raise LogFormatError(f"{TRAIN_TOKENS_KEY} metadata is missing or not JSON: {e}") from e
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("text"), list)
+            and isinstance(p.get("in_loss"), list) and isinstance(p.get("query"), int)
+            and "train" in p and isinstance(p.get("score"), (int, float)) for p in pairs):
+        raise LogFormatError(f"{TRAIN_TOKENS_KEY} must be a JSON list of objects with query, "
+                             "train, text, in_loss and score (docs/format.md).")
     out = []
     for pair in pairs:
         n = len(pair["text"])
         if len(pair["in_loss"]) != n or start + n > values.numel() or \
                 not 0 <= pair["query"] < len(src_ids):
-            raise LogFormatError(f"{TRAIN_TOKENS_KEY} entry for training id {pair.get('train')!r} "
+            raise LogFormatError(f"{TRAIN_TOKENS_KEY} entry for training id {pair['train']!r} "
                                  "does not line up with its tokens, flags or the queries.")
         out.append({"query_id": src_ids[pair["query"]], "train_id": pair["train"],
                     "token_text": pair["text"], "token_in_loss": pair["in_loss"],
