@@ -181,3 +181,27 @@ def test_refusals(new_run):
     plain.watch(model)
     with pytest.raises(UsageError, match="split over heads"):
         head_groups(plain)
+
+
+def test_pca_blocks_are_each_heads_top_eigenvectors(new_run):
+    model = make_tiny_gpt2()
+    run = new_run()
+    run.watch(model, name_filter=[LAYERS[0]], heads={LAYERS[0]: HeadSplit(N_HEADS, "out", 3)})
+    run.setup({"forward": ["covariance"], "backward": ["covariance"]})
+    ids = torch.randint(1, 50, (4, 8), generator=torch.Generator().manual_seed(1))
+    with run(data_id=[0, 1, 2, 3]):
+        summed_nll(model(ids).logits, ids).backward()
+    backward = run.statistics.get(LAYERS[0], "backward").double()
+    run.add_lora(init="pca", rank=6)
+    p_out = run.projections[LAYERS[0]].p_out
+    heads = HeadSplit(N_HEADS, "out", 3).head_of(96, False)
+    for h in range(N_HEADS):
+        keep = heads == h
+        block = p_out[3 * h:3 * h + 3]
+        assert float(block[:, ~keep].abs().max()) == 0
+        values, vectors = torch.linalg.eigh(backward[keep][:, keep])
+        top = vectors[:, -3:].flip(-1).T  # the head's top 3 eigenvectors, largest first
+        overlap = (block[:, keep].double() @ top.T).abs()
+        torch.testing.assert_close(overlap, torch.eye(3, dtype=torch.float64), atol=1e-4,
+                                   rtol=0)
+    assert run.projection_meta["heads"][LAYERS[0]]["rank"] == 3
