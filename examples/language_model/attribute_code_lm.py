@@ -21,8 +21,6 @@ import json
 import os
 import random
 import resource
-import subprocess
-import sys
 import sysconfig
 import time
 
@@ -86,18 +84,20 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def logix_build(project: str, model_dir: str, corpus: str, length: int, batch: int, rank: int,
-                threads: int) -> float:
-    """`logix build` over the corpus file, as a command; its wall time (interpreter start, model
-    load, the frozen logging pass, EK-FAC fit, texts described)."""
-    command = [sys.executable, "-m", "logix.cli", "build", project, "--model", model_dir,
-               "--data", corpus, "--id-column", "id", "--max-length", str(length),
-               "--batch-size", str(batch), "--rank", str(rank), "--hessian", "ekfac",
-               "--name-filter", "transformer.h.", "--no-progress"]
-    print("$ logix build " + " ".join(command[4:]))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def logix_build(project: str, model_dir: str, corpus: str, length: int, batch: int,
+                rank: int) -> float:
+    """`logix build` over the corpus file (the command's own entry point, run in this process so
+    that the time is the build's, not an interpreter start); its wall time: model load, the
+    frozen logging pass, EK-FAC fit, texts described."""
+    from logix.cli import main as logix_command
+
+    argv = ["build", project, "--model", model_dir, "--data", corpus, "--id-column", "id",
+            "--max-length", str(length), "--batch-size", str(batch), "--rank", str(rank),
+            "--hessian", "ekfac", "--name-filter", "transformer.h.", "--no-progress"]
+    print("$ logix " + " ".join(argv))
     clock = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    if logix_command(argv) != 0:
+        raise SystemExit("logix build failed")
     return time.perf_counter() - clock
 
 
@@ -170,7 +170,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- logix build
     project = os.path.join(args.root, PROJECT)
-    times["build"] = logix_build(project, model_dir, corpus, length, batch, rank, args.threads)
+    times["build"] = logix_build(project, model_dir, corpus, length, batch, rank)
     run = logix.init(PROJECT, root_dir=args.root)
     run.watch(model, name_filter="transformer.h.")  # the build's layers: the blocks' Conv1D
     run.initialize_from_log()  # its projections and EK-FAC statistics
@@ -244,7 +244,7 @@ def main() -> None:
     times["retrieval"] = time.perf_counter() - clock
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"\nwall times (s): {', '.join(f'{k} {v:.1f}' for k, v in times.items())}; "
-          f"peak RSS {peak:.0f} MiB (this process; the build runs in its own); torch threads "
+          f"peak RSS {peak:.0f} MiB; torch threads "
           f"{torch.get_num_threads()}")
 
 
