@@ -6,6 +6,12 @@ bias, and no module's weight in a summed score depends on its rank or width. Eac
 mixes the run's seed with a stable hash of the module's name, so a query run regenerates exactly
 the projections of the log. PCA projections are the top eigenvectors of the forward / backward
 covariances of a statistics pass.
+
+A layer split over attention heads (`HeadSplit`, `run.watch(model, heads=...)`) gets a
+block-diagonal projection on its split side: each head's slice of the gradient is projected by its
+own block (rank // heads rows, JL-scaled for that rank), rows ordered head by head, so that each
+head's projected gradient is a fixed set of the row's columns (`head_columns`) and the per-head
+scores of those columns sum to the layer's score.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +27,69 @@ from torch import Tensor
 from logix.errors import ConfigError, UsageError
 
 INITS = ("random", "pca")
+SIDES = ("out", "in")
+NO_HEAD = -1  # head index of a bias column on the input side: it belongs to no head
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """How a layer's gradient matrix [out, in] splits over attention heads.
+
+    side: "out" when each head owns a slice of the layer's outputs (query / key / value
+    projections: GPT-2's c_attn, Llama's q_proj, k_proj, v_proj, GPT-NeoX's query_key_value),
+    "in" when it owns a slice of its inputs (the output projection: GPT-2's attn.c_proj, Llama's
+    o_proj). parts: fused projections laid side by side on that axis, each split over the heads
+    in order (GPT-2's c_attn is q | k | v: parts=3); GPT-NeoX's query_key_value interleaves
+    [head, (q, k, v), head_dim] and is parts=1."""
+
+    heads: int
+    side: str = "out"
+    parts: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("heads", "parts"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"HeadSplit {key}={value!r} must be a positive integer.")
+        if self.side not in SIDES:
+            raise ConfigError(f"HeadSplit side={self.side!r}; allowed values: {list(SIDES)}.")
+
+    def head_of(self, width: int, bias: bool) -> Tensor:
+        """[width] the head of each index along the split side (NO_HEAD for an input-side
+        bias column, the last)."""
+        features = width - (bias and self.side == "in")
+        if features % (self.parts * self.heads):
+            raise ConfigError(f"A {self.side}-side of {features} features does not split into "
+                              f"{self.parts} x {self.heads} equal head slices; check heads= and "
+                              "parts=.")
+        per_head = features // self.parts // self.heads
+        index = torch.arange(features) % (features // self.parts) // per_head
+        return torch.cat([index, torch.full((width - features,), NO_HEAD)])
+
+    def to_dict(self) -> dict:
+        return {"heads": self.heads, "side": self.side, "parts": self.parts}
+
+
+def head_splits(meta: Dict) -> Dict[str, Tuple[HeadSplit, Optional[int]]]:
+    """{layer: (its HeadSplit, rank per head or None when its split side is not projected)}
+    from a log's projection metadata."""
+    return {name: (HeadSplit(s["heads"], s["side"], s["parts"]), s.get("rank"))
+            for name, s in (meta.get("heads") or {}).items()}
+
+
+def head_columns(split: HeadSplit, rank_per_head: Optional[int], in_dim: int, out_dim: int,
+                 rank_in: int, rank_out: int, bias: bool) -> Tensor:
+    """[rank_out * rank_in] the head of each column of the layer's part of a row (its
+    [rank_out, rank_in] block read row by row), NO_HEAD for the input-side bias column."""
+    width, rank = (out_dim, rank_out) if split.side == "out" else (in_dim, rank_in)
+    if rank_per_head is None:
+        heads = split.head_of(width, bias)
+    else:  # rows ordered head by head, then the bias row
+        heads = torch.arange(split.heads).repeat_interleave(rank_per_head)
+        heads = torch.cat([heads, torch.full((rank - len(heads),), NO_HEAD)])
+    if split.side == "out":
+        return heads.repeat_interleave(rank_in)
+    return heads.repeat(rank_out)
 
 
 @dataclass
@@ -75,6 +144,69 @@ def random_projection(name: str, in_dim: int, out_dim: int, rank_in: int, rank_o
     return Projection(gaussian(rank_in, in_dim), gaussian(rank_out, out_dim), in_dim, out_dim)
 
 
+def _split_side(split: HeadSplit, rank: int, width: int, bias: bool,
+                block: Callable[[int, Tensor], Tensor]) -> Tuple[Optional[Tensor], Optional[int]]:
+    """(the block-diagonal projection of a head-split side, rank per head); (None, None) when
+    `rank` reaches the side's width. `block(rank_per_head, indices)` gives a head's block."""
+    if rank >= width:
+        return None, None
+    per_head = rank // split.heads
+    if per_head < 1:
+        raise ConfigError(f"A rank of {rank} gives no row to each of {split.heads} heads; use a "
+                          f"rank of at least {split.heads} (a multiple of it uses all of it).")
+    heads = split.head_of(width, bias)
+    rows: List[Tensor] = []
+    for h in range(split.heads):
+        indices = (heads == h).nonzero().flatten()
+        p = torch.zeros(per_head, width)
+        p[:, indices] = block(per_head, indices)
+        rows.append(p)
+    if (heads == NO_HEAD).any():
+        rows.append((heads == NO_HEAD).float()[None])  # the bias column, kept whole
+    return torch.cat(rows), per_head
+
+
+def random_split_projection(name: str, in_dim: int, out_dim: int, rank_in: int, rank_out: int,
+                            seed: int, split: HeadSplit, bias: bool) -> Tuple[Projection, dict]:
+    """A seeded projection whose split side is block-diagonal over the heads (each block a
+    Gaussian with entries of variance 1 / rank per head); (projection, head metadata)."""
+    generator = torch.Generator().manual_seed(module_seed(seed, name))
+
+    def gaussian(rank: int, dim: int) -> Optional[Tensor]:
+        return None if rank >= dim else torch.randn(rank, dim, generator=generator) / rank**0.5
+
+    def block(rank: int, indices: Tensor) -> Tensor:
+        return torch.randn(rank, len(indices), generator=generator) / rank**0.5
+
+    if split.side == "out":
+        p_in = gaussian(rank_in, in_dim)
+        p_out, per_head = _split_side(split, rank_out, out_dim, bias, block)
+    else:
+        p_in, per_head = _split_side(split, rank_in, in_dim, bias, block)
+        p_out = gaussian(rank_out, out_dim)
+    return Projection(p_in, p_out, in_dim, out_dim), {**split.to_dict(), "rank": per_head}
+
+
+def pca_split_projection(forward_cov: Tensor, backward_cov: Tensor, rank_in: int, rank_out: int,
+                         split: HeadSplit, bias: bool) -> Tuple[Projection, dict]:
+    """PCA on the unsplit side; on the split side each head's block holds the top eigenvectors
+    of that head's diagonal block of the covariance."""
+    cov = backward_cov if split.side == "out" else forward_cov
+
+    def block(rank: int, indices: Tensor) -> Tensor:
+        vectors = top_eigenvectors(cov[indices][:, indices], rank)
+        return torch.eye(len(indices)) if vectors is None else vectors
+
+    if split.side == "out":
+        p_in = top_eigenvectors(forward_cov, rank_in)
+        p_out, per_head = _split_side(split, rank_out, backward_cov.shape[0], bias, block)
+    else:
+        p_in, per_head = _split_side(split, rank_in, forward_cov.shape[0], bias, block)
+        p_out = top_eigenvectors(backward_cov, rank_out)
+    projection = Projection(p_in, p_out, forward_cov.shape[0], backward_cov.shape[0])
+    return projection, {**split.to_dict(), "rank": per_head}
+
+
 def pca_projection(forward_cov: Tensor, backward_cov: Tensor, rank_in: int,
                    rank_out: int) -> Projection:
     """Rows of P_in / P_out are the top eigenvectors of the input / output-gradient covariances;
@@ -106,25 +238,38 @@ def resolve_ranks(lora, rank: Optional[int], rank_in: Optional[int],
 
 
 def build_projections(dims: Dict[str, Tuple[int, int]], init: str, rank_in: int, rank_out: int,
-                      seed: int, covariance: Callable[[str, str], Optional[Tensor]]
-                      ) -> Dict[str, Projection]:
+                      seed: int, covariance: Callable[[str, str], Optional[Tensor]],
+                      splits: Optional[Dict[str, Tuple[HeadSplit, bool]]] = None
+                      ) -> Tuple[Dict[str, Projection], Dict[str, dict]]:
     """One projection per module ({name: (in_dim, out_dim)}): seeded random, or PCA from
-    `covariance(name, "forward" | "backward")` of an unprojected statistics pass."""
+    `covariance(name, "forward" | "backward")` of an unprojected statistics pass. `splits`
+    ({name: (HeadSplit, tracks its bias)}) are projected head by head. Returns (projections,
+    {name: head metadata} of the split layers, for the log's projection metadata)."""
     if init not in INITS:
         raise ConfigError(f"add_lora init={init!r}; allowed values: {list(INITS)}.")
-    if init == "random":
-        return {name: random_projection(name, in_dim, out_dim, rank_in, rank_out, seed)
-                for name, (in_dim, out_dim) in dims.items()}
-    projections = {}
-    for name in dims:
-        forward, backward = covariance(name, "forward"), covariance(name, "backward")
-        if forward is None or backward is None:
-            raise UsageError(
-                f"add_lora(init='pca') needs forward and backward covariances of {name!r}. Run "
-                "one pass first with run.setup({'forward': ['covariance'], 'backward': "
-                "['covariance']}) and start()/end() around each step, then call add_lora.")
-        projections[name] = pca_projection(forward, backward, rank_in, rank_out)
-    return projections
+    splits = splits or {}
+    projections, heads = {}, {}
+    for name, (in_dim, out_dim) in dims.items():
+        if init == "random":
+            forward = backward = None
+        else:
+            forward, backward = covariance(name, "forward"), covariance(name, "backward")
+            if forward is None or backward is None:
+                raise UsageError(
+                    f"add_lora(init='pca') needs forward and backward covariances of {name!r}. "
+                    "Run one pass first with run.setup({'forward': ['covariance'], 'backward': "
+                    "['covariance']}) and start()/end() around each step, then call add_lora.")
+        if name in splits:
+            split, bias = splits[name]
+            projections[name], heads[name] = (
+                random_split_projection(name, in_dim, out_dim, rank_in, rank_out, seed, split,
+                                        bias) if init == "random" else
+                pca_split_projection(forward, backward, rank_in, rank_out, split, bias))
+        elif init == "random":
+            projections[name] = random_projection(name, in_dim, out_dim, rank_in, rank_out, seed)
+        else:
+            projections[name] = pca_projection(forward, backward, rank_in, rank_out)
+    return projections, heads
 
 
 def _first_set(*values):

@@ -10,7 +10,7 @@ import copy
 import logging
 import os
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -102,19 +102,23 @@ class Run:
 
     # ------------------------------------------------------------------ what to track
     def watch(self, model: nn.Module, name_filter: NameFilter = None,
-              type_filter: Union[None, type, Sequence[type]] = None) -> "Run":
+              type_filter: Union[None, type, Sequence[type]] = None,
+              heads: Optional[Dict[str, Any]] = None) -> "Run":
         """Track every supported layer of `model` whose name and type pass the filters.
 
         name_filter: substrings (a layer is kept if any occurs in its name) or a predicate on the
-        name. type_filter: layer classes to keep (one class or a list). Parameters'
-        requires_grad is never changed.
+        name. type_filter: layer classes to keep (one class or a list). heads: attention layers
+        to split over heads, {layer name: logix.logra.HeadSplit or a number of heads}
+        (`logix.text.attention_heads(model)` finds them): their projections keep each head's
+        slice apart, so `logix.text.head_groups` can score heads. Parameters' requires_grad is
+        never changed.
         """
         if self._session.has_rows:
             raise UsageError("watch() after rows were logged would change the row layout. "
                              "Finish this project (run.finalize()) and start a new one.")
         modules = select_modules(model, name_filter, type_filter,
                                  self.config.logging.include_bias)
-        self.layers.watch(modules, self.config.seed)
+        self.layers.watch(modules, self.config.seed, heads)
         self._new_space()
         logger.info("LogIX watches %d layers of %s", len(modules), type(model).__name__)
         return self

@@ -238,3 +238,47 @@ def test_hostile_fields_are_text_not_code(browser, hostile, tmp_path):
     shown += assert_nothing_ran(browser, "report, second queries")
     for value in (X_SCRIPT, X_ATTR, X_MODULE, X_URL, X_JSON, "img_\\udcff.png", "q_\\udcfe"):
         assert value in shown, value
+
+
+def test_training_example_token_heat_map(browser, tmp_path):
+    """A tiny GPT-2's training example coloured by its tokens' shares of its score for a query
+    (logix.text.train_token_scores, saved with the scores): the words show, their scores sum to
+    the pair's score, and a token holding markup is text."""
+    from conftest import make_tiny_gpt2
+
+    import logix
+    from dashboard_fixtures import serving
+    from logix.storage.scores import save_scores
+    from logix.text import attach_train_tokens, query_log, train_token_scores
+
+    model = make_tiny_gpt2()
+    run = logix.init("lm", root_dir=str(tmp_path / "root"))
+    run.watch(model, name_filter=["attn", "mlp"]).add_lora(rank=4)
+    run.setup({"grad": ["log"]})
+    run.save(True)
+    train = torch.randint(1, 50, (4, 8), generator=torch.Generator().manual_seed(2))
+    with run(data_id=[0, 1, 2, 3]):
+        logits = model(train).logits
+        F.cross_entropy(logits[:, :-1].transpose(1, 2), train[:, 1:], reduction="sum").backward()
+    run.finalize()
+    run.eval()
+    log = query_log(run, model, [[1, 2]], [[3, 4, 5]], data_ids=["q0"])
+    result = run.compute_influence_all(log, progress=False)
+    pair = train_token_scores(run, model, log, train[1], data_id=1)
+    pair["token_text"][2] = X_SCRIPT
+    save_scores(os.path.join(run.project_dir, "scores", "pairs.safetensors"),
+                attach_train_tokens(result, [pair]))
+    with serving([str(tmp_path / "root")]) as base:
+        browser.get(base + "/example/lm?id=1")
+        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-tokens"))
+        assert_nothing_ran(browser, "training tokens")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#train-tokens table.tokens tbody tr")
+        assert len(rows) == 1 and rows[0].find_element(By.CSS_SELECTOR, "td.id").text == "q0"
+        words = rows[0].find_elements(By.CSS_SELECTOR, "span.tok, span.prompt")
+        assert X_SCRIPT in rows[0].text and len(words) >= 2
+        shown = sum(float(w.get_attribute("title").split(" = ")[0]) for w in words)
+        rounding = 1e-3 * sum(abs(v) for v in pair["token_scores"])  # titles keep 4 digits
+        assert shown == pytest.approx(pair["score"], abs=rounding)
+        assert float(rows[0].find_element(By.CSS_SELECTOR, "td.num").text) == \
+            pytest.approx(pair["score"], rel=1e-3)
+        assert_not_blank(browser, str(tmp_path / "train_tokens.png"))

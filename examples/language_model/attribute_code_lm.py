@@ -1,9 +1,11 @@
 """Which training code made the model write this? A GPT-2-style causal LM (6 layers x 256) trained
 from scratch with the Hugging Face Trainer on the Python standard library's own source (shipped
-with Python: nothing is downloaded), logged with LogIXCallback (LoGra rank 16, EK-FAC), then:
+with Python: nothing is downloaded), its training corpus logged afterwards with `logix build`
+(LoGra rank 16, EK-FAC; timed against a plain training epoch), then:
 
-  1. completions generated for a few prompts, attributed: top training sequences and per-token
-     heat maps (terminal, HTML, PNG, and a score file the dashboard draws);
+  1. completions generated for a few prompts, attributed: top training sequences, per-token heat
+     maps of the completion (terminal, HTML, PNG) and of the best training sequence's own tokens
+     (`train_token_scores`), in a score file the dashboard draws;
   2. a retrieval check: 100 training sequences queried verbatim, how often each finds itself
      first, for dot and cosine scores.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import random
 import resource
@@ -25,9 +28,11 @@ import torch
 
 import logix
 from logix.storage.scores import save_scores
-from logix.text import heatmap_html, heatmap_png, print_heatmap, query_log, token_influence
+from logix.text import (attach_train_tokens, heatmap_html, heatmap_png, print_heatmap, query_log,
+                        token_influence, train_token_scores)
 
 PROMPTS = ["def __init__(self", "import os\nimport", "    for i in range(", "        raise ValueError("]
+PROJECT = "stdlib_lm"
 
 
 def corpus_files():
@@ -48,14 +53,17 @@ def build_tokenizer(files, vocab: int):
 
 
 def build_sequences(files, tokenizer, length: int, count: int, seed: int):
-    """`count` distinct windows of `length` tokens cut from the corpus, shuffled (seeded)."""
+    """`count` distinct windows of `length` tokens cut from the corpus, shuffled (seeded); only
+    windows whose text tokenizes back to them, so that `logix build` (which tokenizes the
+    text) logs exactly the sequences the model was trained on."""
     seen, sequences = set(), []
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
             ids = tokenizer(f.read())["input_ids"]
         for start in range(0, len(ids) - length + 1, length):
             window = tuple(ids[start:start + length])
-            if window not in seen:
+            if window not in seen and \
+                    tokenizer(tokenizer.decode(window))["input_ids"] == list(window):
                 seen.add(window)
                 sequences.append(list(window))
     random.Random(seed).shuffle(sequences)
@@ -73,7 +81,29 @@ class Sequences(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         ids = torch.tensor(self.sequences[i])
-        return {"input_ids": ids, "labels": ids, "idx": i}
+        return {"input_ids": ids, "labels": ids}
+
+
+def logix_build(project: str, model_dir: str, corpus: str, length: int, batch: int,
+                rank: int) -> float:
+    """`logix build` over the corpus file (the command's own entry point, run in this process so
+    that the time is the build's, not an interpreter start); its wall time: model load, the
+    frozen logging pass, EK-FAC fit, texts described."""
+    from logix.cli import main as logix_command
+
+    argv = ["build", project, "--model", model_dir, "--data", corpus, "--id-column", "id",
+            "--max-length", str(length), "--batch-size", str(batch), "--rank", str(rank),
+            "--hessian", "ekfac", "--name-filter", "transformer.h.", "--no-progress"]
+    print("$ logix " + " ".join(argv))
+    clock = time.perf_counter()
+    if logix_command(argv) != 0:
+        raise SystemExit("logix build failed")
+    return time.perf_counter() - clock
+
+
+def sequence_of(data_id: str) -> int:
+    """The sequence number of a built example id: row "<id>:<window>" (one window per row)."""
+    return int(str(data_id).split(":")[0])
 
 
 def main() -> None:
@@ -87,22 +117,26 @@ def main() -> None:
                               TrainingArguments)
     from transformers.utils import logging as hf_logging
 
-    from logix.integrations.huggingface import LogIXCallback
-
     hf_logging.set_verbosity_error()
     size = dict(n_layer=2, n_embd=64, n_seq=640, vocab=512) if args.quick else \
         dict(n_layer=6, n_embd=256, n_seq=10_000, vocab=2048)
-    length, rank, seed = 32, 16, 0
+    length, rank, seed, batch = 32, 16, 0, 32
     times = {}
     clock = time.perf_counter()
 
     files = corpus_files()
     tokenizer = build_tokenizer(files, size["vocab"])
     sequences = build_sequences(files, tokenizer, length, size["n_seq"], seed)
+    os.makedirs(args.root, exist_ok=True)
+    corpus = os.path.join(args.root, "corpus.jsonl")
+    with open(corpus, "w", encoding="utf-8") as f:
+        for i, ids in enumerate(sequences):
+            f.write(json.dumps({"id": i, "text": tokenizer.decode(ids)}) + "\n")
     times["data"] = time.perf_counter() - clock
     print(f"corpus: {len(files)} stdlib modules -> {len(sequences):,} distinct sequences of "
-          f"{length} tokens (BPE vocab {size['vocab']}), {times['data']:.0f}s")
+          f"{length} tokens (BPE vocab {size['vocab']}), {corpus}, {times['data']:.0f}s")
 
+    # ---------------------------------------------------------------- training (no LogIX)
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=size["n_layer"], n_embd=size["n_embd"], n_head=4,
                         vocab_size=size["vocab"], n_positions=64, bos_token_id=0, eos_token_id=0,
@@ -110,16 +144,6 @@ def main() -> None:
     model = GPT2LMHeadModel(config)
     print(f"model: GPT-2, {config.n_layer} layers x {config.n_embd}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-
-    run = logix.init("stdlib_lm", root_dir=args.root)
-    run.watch(model, name_filter="transformer.h.")  # the blocks' Conv1D layers
-    run.add_lora(rank=rank)
-    run.setup({"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]})
-    run.save(True)
-    batch = 32
-    plan = run.resource_plan(examples=len(sequences), tokens_per_example=length, model=model,
-                             batch_size=batch)
-
     epoch_times = []
 
     class EpochTimer(TrainerCallback):
@@ -129,28 +153,33 @@ def main() -> None:
         def on_epoch_end(self, *a, **k):
             epoch_times.append(time.perf_counter() - self.start)
 
-    trainer = Trainer(model=model, train_dataset=Sequences(sequences),
-                      callbacks=[EpochTimer(), LogIXCallback(run, data_id_column="idx")],
+    trainer = Trainer(model=model, train_dataset=Sequences(sequences), callbacks=[EpochTimer()],
                       args=TrainingArguments(
                           output_dir=os.path.join(args.root, "trainer"), num_train_epochs=2,
                           per_device_train_batch_size=batch, learning_rate=1e-3,
                           warmup_steps=30, weight_decay=0.01, lr_scheduler_type="cosine",
                           logging_steps=100, save_strategy="no", report_to=[], seed=seed,
-                          use_cpu=True, remove_unused_columns=False, disable_tqdm=True))
-    clock = time.perf_counter()
-    trainer.train()  # epoch 1 plain, epoch 2 logged (LogIXCallback logs the last epoch)
-    times["train"] = time.perf_counter() - clock
-    times["epoch_plain"], times["epoch_logged"] = epoch_times
-    times["finalize"] = times["train"] - sum(epoch_times)  # on_train_end: flush + EK-FAC fit
+                          use_cpu=True, disable_tqdm=True))
+    trainer.train()
+    times["epoch_1"], times["epoch_2"] = epoch_times
+    model_dir = os.path.join(args.root, "model")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    print(f"training: 2 plain epochs, {times['epoch_1']:.0f}s and {times['epoch_2']:.0f}s; "
+          f"saved to {model_dir}")
+
+    # ---------------------------------------------------------------- logix build
+    project = os.path.join(args.root, PROJECT)
+    times["build"] = logix_build(project, model_dir, corpus, length, batch, rank)
+    run = logix.init(PROJECT, root_dir=args.root)
+    run.watch(model, name_filter="transformer.h.")  # the build's layers: the blocks' Conv1D
+    run.initialize_from_log()  # its projections and EK-FAC statistics
     reader = run.reader()
-    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run.project_dir)
-               for f in fs)
-    print(f"training: epoch 1 (no logging) {times['epoch_plain']:.0f}s, epoch 2 (logged) "
-          f"{times['epoch_logged']:.0f}s, finalize (flush + EK-FAC fit) {times['finalize']:.0f}s;"
-          f" {reader.rows:,} rows x {reader.dim} numbers, log on disk {disk / 2**20:.0f} MiB")
-    low, planned, high = plan.logging_seconds
-    print(f"the plan's logged pass: {planned:.0f}s (middle half {low:.0f}-{high:.0f}s), "
-          f"{planned / times['epoch_logged'] - 1:+.0%} against the logged epoch")
+    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(project) for f in fs)
+    print(f"logix build: {times['build']:.0f}s for {reader.rows:,} rows x {reader.dim} numbers "
+          f"({disk / 2**20:.0f} MiB on disk) = {times['build'] / times['epoch_2']:.2f}x the "
+          f"second plain epoch ({times['epoch_2']:.0f}s); load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     # ---------------------------------------------------------------- generated completions
     model.eval()
@@ -168,7 +197,7 @@ def main() -> None:
     times["query"] = time.perf_counter() - clock
     print(f"\n{len(PROMPTS)} completions attributed (generation, query log, per-token EK-FAC "
           f"scores against {reader.rows:,} rows): {times['query']:.1f}s")
-    out_dir = os.path.join(run.project_dir, "scores")
+    out_dir = os.path.join(project, "scores")
     os.makedirs(out_dir, exist_ok=True)
     for q, prompt in enumerate(PROMPTS):
         text = tokenizer.decode(completions[q])
@@ -176,28 +205,47 @@ def main() -> None:
         top = result["influence"][q].topk(3)
         for score, column in zip(top.values.tolist(), top.indices.tolist()):
             train_id = result["tgt_ids"][column]
-            print(f"  {score:+.3e}  #{train_id}: {tokenizer.decode(sequences[train_id])!r}")
+            print(f"  {score:+.3e}  #{train_id}: "
+                  f"{tokenizer.decode(sequences[sequence_of(train_id)])!r}")
         print_heatmap(result, query=q)
     heatmap_html(result, query=0, path=os.path.join(out_dir, "prompt0.html"))
     heatmap_png(result, os.path.join(out_dir, "prompt0.png"), query=0, width=60)
-    save_scores(os.path.join(out_dir, "completions.safetensors"), result)
-    run.describe(list(range(len(sequences))), texts=[tokenizer.decode(s) for s in sequences])
+
+    # ---------------------------------------------------------------- the training side
+    clock = time.perf_counter()
+    pairs = []
+    for q in range(len(PROMPTS)):  # each completion's best training sequence, token by token
+        best = result["tgt_ids"][int(result["influence"][q].argmax())]
+        pairs.append(train_token_scores(run, model, log, sequences[sequence_of(best)], query=q,
+                                        data_id=best, tokenizer=tokenizer, hessian="ekfac"))
+    times["train_tokens"] = time.perf_counter() - clock
+    pair = pairs[0]
+    top = sorted(range(len(pair["token_scores"])), key=lambda t: -pair["token_scores"][t])[:5]
+    print(f"\ntraining sequence #{pair['train_id']} for prompt0: score {pair['score']:.4g} "
+          f"(logged row {pair['logged_score']:.4g}) = the sum of its {len(pair['token_scores'])} "
+          "token scores; its most helpful tokens: "
+          + ", ".join(f"{pair['token_text'][t]!r} {pair['token_scores'][t]:+.3g}" for t in top))
+    save_scores(os.path.join(out_dir, "completions.safetensors"),
+                attach_train_tokens(result, pairs))
 
     # ---------------------------------------------------------------- verbatim retrieval
     picks = random.Random(1).sample(range(len(sequences)), 100)
     clock = time.perf_counter()
     verbatim = query_log(run, model, [sequences[i][:1] for i in picks],
-                         [sequences[i][1:] for i in picks], data_ids=picks, batch_size=50)
+                         [sequences[i][1:] for i in picks], data_ids=[f"{i}:0" for i in picks],
+                         batch_size=50)
     for mode in ("dot", "cosine"):
         scores = run.compute_influence_all(verbatim, mode=mode, hessian="ekfac",
                                            progress=False)
         tgt = scores["tgt_ids"]
-        hits = sum(tgt[int(scores["influence"][n].argmax())] == i for n, i in enumerate(picks))
+        hits = sum(sequence_of(tgt[int(scores["influence"][n].argmax())]) == i
+                   for n, i in enumerate(picks))
         print(f"verbatim retrieval ({mode}, EK-FAC): {hits}/100 queries find themselves first")
     times["retrieval"] = time.perf_counter() - clock
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"\nwall times (s): {', '.join(f'{k} {v:.1f}' for k, v in times.items())}; "
-          f"peak RSS {peak:.0f} MiB; torch threads {torch.get_num_threads()}")
+          f"peak RSS {peak:.0f} MiB; torch threads "
+          f"{torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ class Dashboard:
             raise DashboardError(f"norm={norm!r} is not known; use one of {sorted(NORMS)}.", 400)
         path = self.folder(key)
         store = self.content(path)
-        files, pooled, problems = [], [], []
+        files, pooled, problems, train_tokens = [], [], [], []
         for f in self._files(path)["score_files"]:
             full = os.path.join(path, f["file"])
             try:
@@ -329,6 +329,11 @@ class Dashboard:
             column = index["columns"].get(_id_key(data_id))
             files.append({"file": f["file"], "queries": len(index["src_ids"]),
                           "scored": column is not None})
+            pairs = _train_tokens(full, data_id, index["src_ids"])
+            if isinstance(pairs, str):
+                problems.append(f"{f['file']}: {pairs}")
+            else:
+                train_tokens += [{**pair, "file": f["file"]} for pair in pairs]
             if column is None:
                 continue
             raw = _column(full, column)  # [n_test]
@@ -356,7 +361,8 @@ class Dashboard:
                                           "error": tokens.get("error")}
         return {"key": key, "id": data_id, "norm": norm, "k": k,
                 "content": _content(store, data_id), "files": files, "problems": problems,
-                "helps": helps, "hurts": hurts, "scores_seen": len(pooled)}
+                "helps": helps, "hurts": hurts, "scores_seen": len(pooled),
+                "train_tokens": train_tokens}
 
     def _score_index(self, full: str) -> Dict[str, Any]:
         """A score file's ids, its training ids' columns and each query's largest |score|
@@ -538,6 +544,28 @@ def _tokens(path: str, query: int, entries: List[Dict], index: Dict[str, int]
             "rows": {_id_key(e["id"]): [_finite(v) for v in
                                         block[:, index[_id_key(e["id"])]].tolist()]
                      for e in entries}}
+
+
+def _train_tokens(path: str, data_id, src_ids: List) -> Any:
+    """This training example's own per-token scores in a score file (train_token_scores
+    results saved with it), one entry per query; a string when they are not readable."""
+    from safetensors import SafetensorError, safe_open
+
+    from logix.storage.scores import (TRAIN_TOKEN_INFLUENCE_KEY, TRAIN_TOKENS_KEY,
+                                      train_token_pairs)
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            if TRAIN_TOKEN_INFLUENCE_KEY not in f.keys():
+                return []
+            pairs = train_token_pairs(f.metadata() or {}, f.get_tensor(TRAIN_TOKEN_INFLUENCE_KEY),
+                                      src_ids)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, LogFormatError) as e:
+        return f"training-token scores are not readable: {e}"
+    return [{"query_id": p["query_id"], "query": src_ids.index(p["query_id"]),
+             "tokens": p["token_text"], "completion": p["token_in_loss"],
+             "values": [_finite(v) for v in p["token_scores"]], "score": p["score"]}
+            for p in pairs if _id_key(p["train_id"]) == _id_key(data_id)]
 
 
 def _column(path: str, column: int):

@@ -500,12 +500,37 @@ def example_page(data: Dict[str, Any], links: Links) -> Markup:
                  for f in data["files"])
     parts.append(render("<h2>Score files</h2>$l", l=render("<ul>$i</ul>", i=files) if files
                         else render('<p class="muted">none in this project</p>')))
-    parts.append(render(
-        '<h2>This example\'s own tokens</h2><p id="train-tokens" class="muted">Not available: '
-        'score files hold per-token scores of the query tokens only (token_influence), not of '
-        'a training example\'s tokens, so this example\'s text cannot be coloured for a query. '
-        'The query pages colour the query\'s words for this example.</p>'))
+    parts.append(_train_tokens_html(data, links))
     return join(parts, "\n")
+
+
+def _train_tokens_html(data: Dict[str, Any], links: Links) -> Markup:
+    """This example's own words coloured by their share of its score for each query whose
+    training-side token scores a score file holds (logix.text.train_token_scores)."""
+    pairs = data.get("train_tokens") or []
+    title = render("<h2>This example's own tokens</h2>")
+    if not pairs:
+        return join([title, render(
+            '<p id="train-tokens" class="muted">Not available: no score file holds this '
+            'example\'s own per-token scores. Compute them for a query with '
+            'logix.text.train_token_scores and save them with the scores '
+            '(logix.text.attach_train_tokens, then save_scores).</p>')])
+    words = [group_words(p["tokens"], p["values"], p["completion"]) for p in pairs]
+    scale = max((abs(w["score"]) for row in words for w in row), default=0.0)
+    rows = join(render('<tr><td class="id"><a href="$href">$qid</a></td><td>$file</td>'
+                       '<td class="num">$score</td><td class="heat">$words</td></tr>',
+                       href=links.scores(data["key"], p["file"], p["query"]),
+                       qid=id_text(p["query_id"]), file=p["file"], score=f"{p['score']:.4g}",
+                       words=heat_words(row, scale))
+                for p, row in zip(pairs, words))
+    return render('$title<div id="train-tokens" class="token-heat"><p class="muted">This '
+                  'example\'s words coloured by their share of its score for each query (raw '
+                  'scores, one scale for the page; a word\'s score is the sum of its tokens\', '
+                  'and the tokens sum to the score). Words outside its training loss are italic '
+                  'and underlined (dotted).</p>$legend<table class="grid tokens"><thead><tr>'
+                  '<th>query</th><th>score file</th><th>score</th><th>this example\'s words'
+                  '</th></tr></thead><tbody>$rows</tbody></table></div>', title=title,
+                  legend=plots.heat_legend(scale), rows=rows)
 
 
 def _example_words(entry: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:

@@ -215,20 +215,32 @@ def group_masks(modules, groups) -> Dict[str, Tensor]:
                   for i, g in enumerate(groups)}
     if not isinstance(groups, dict):
         raise UsageError("influence_groups must be 'module', a list of lists of module names, "
-                         f"or a dict name -> [module-name substrings]; got {groups!r}.")
+                         "or a dict name -> [module-name substrings] or a boolean column mask "
+                         f"of the row (logix.text.head_groups); got {groups!r}.")
     for name, patterns in groups.items():
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        mask = torch.zeros(dim, dtype=torch.bool)
-        for m in modules:
-            if any(m.name == p or p in m.name for p in patterns):
-                mask[m.columns] = True
+        if isinstance(patterns, Tensor):
+            mask = _column_mask(name, patterns, dim)
+        else:
+            patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+            mask = torch.zeros(dim, dtype=torch.bool)
+            for m in modules:
+                if any(m.name == p or p in m.name for p in patterns):
+                    mask[m.columns] = True
         if not mask.any():
-            raise UsageError(f"influence group {name!r} ({patterns}) matches no logged module; "
+            what = "an empty column mask" if isinstance(patterns, Tensor) else patterns
+            raise UsageError(f"influence group {name!r} ({what}) matches no logged module; "
                              f"modules: {[m.name for m in modules]}.")
         if name == TOTAL:
             raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")
         masks[name] = mask
     return masks
+
+
+def _column_mask(name: str, mask: Tensor, dim: int) -> Tensor:
+    if mask.dtype != torch.bool or tuple(mask.shape) != (dim,):
+        raise UsageError(f"influence group {name!r} is a tensor of {mask.dtype} {tuple(mask.shape)}"
+                         f"; a column mask must be bool [{dim}] (the row's width).")
+    return mask.cpu()
 
 
 ScorePlan = Scorer  # its name before 0.3

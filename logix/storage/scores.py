@@ -11,7 +11,10 @@
 
 Per-token scores (`logix.text.token_influence`) add tensor "token_influence" [n_tokens, n_train]
 and metadata "token_query" / "token_text" [/ "token_completion"] (docs/format.md, "Per-token
-scores").
+scores"). Training-side per-token scores (`logix.text.train_token_scores`, attached as
+"train_tokens") add tensor "train_token_influence" [their tokens, back to back] and metadata
+"train_tokens" (one object per query and training example: query row, training id, token texts,
+which tokens were in the loss, the score).
 
 `save_scores` writes what `compute_influence_all` (or `token_influence`) returns; `load_scores` reads it back whole and
 `open_scores` memory-maps it so one query's row can be read without loading the matrix.
@@ -47,6 +50,12 @@ TOKEN_INFLUENCE_KEY = "token_influence"
 TOKEN_QUERY_KEY = "token_query"
 TOKEN_TEXT_KEY = "token_text"
 TOKEN_COMPLETION_KEY = "token_completion"  # optional JSON list of bools: token in the completion
+# Training-side per-token scores (optional): tensor TRAIN_TOKEN_INFLUENCE_KEY, the token scores of
+# every pair back to back; metadata TRAIN_TOKENS_KEY, a JSON list of pairs {"query": query row,
+# "train": training id, "text": [token strings], "in_loss": [bools], "score": float}, in the
+# tensor's order (a pair's tokens sum to its score).
+TRAIN_TOKEN_INFLUENCE_KEY = "train_token_influence"
+TRAIN_TOKENS_KEY = "train_tokens"
 
 
 def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = None) -> str:
@@ -78,6 +87,9 @@ def save_scores(path: str, result: Mapping[str, Any], meta: Optional[Mapping] = 
     metadata[DESCRIBES_KEY] = _json(describes(meta.get("fingerprint"), tgt_ids), DESCRIBES_KEY)
     if result.get(TOKEN_INFLUENCE_KEY) is not None:
         tensors[TOKEN_INFLUENCE_KEY] = _token_rows(result, len(src_ids), len(tgt_ids), metadata)
+    if result.get(TRAIN_TOKENS_KEY):
+        tensors[TRAIN_TOKEN_INFLUENCE_KEY] = _train_tokens(result[TRAIN_TOKENS_KEY], src_ids,
+                                                           metadata)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     header = safetensors_header({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
                                 metadata)
@@ -110,6 +122,27 @@ def _token_rows(result: Mapping[str, Any], n_test: int, n_train: int, metadata: 
         metadata[TOKEN_COMPLETION_KEY] = _json([bool(c) for c in completion],
                                                TOKEN_COMPLETION_KEY)
     return scores
+
+
+def _train_tokens(pairs, src_ids: List, metadata: dict) -> Tensor:
+    """Check training-side per-token scores (logix.text.train_token_scores results) and put
+    their description in `metadata`; returns their scores back to back."""
+    described, values = [], []
+    for pair in pairs:
+        scores, text = list(pair.get("token_scores") or []), list(pair.get("token_text") or [])
+        flags = list(pair.get("token_in_loss") or [])
+        if pair.get("query_id") not in src_ids or not scores or \
+                not len(scores) == len(text) == len(flags):
+            raise LogFormatError(f"{TRAIN_TOKENS_KEY!r} entries must be train_token_scores() "
+                                 "results of the file's queries (one text, in-loss flag and score "
+                                 f"per token); got one for query {pair.get('query_id')!r} with "
+                                 f"{len(scores)} scores, {len(text)} texts, {len(flags)} flags.")
+        described.append({"query": src_ids.index(pair["query_id"]), "train": pair["train_id"],
+                          "text": [str(t) for t in text], "in_loss": [bool(f) for f in flags],
+                          "score": float(pair["score"])})
+        values += [float(v) for v in scores]
+    metadata[TRAIN_TOKENS_KEY] = _json(described, TRAIN_TOKENS_KEY)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 class ScoreFileWriter:
@@ -312,6 +345,40 @@ def load_scores(path: str, project_dir: Optional[str] = None) -> Dict[str, Any]:
             out[TOKEN_TEXT_KEY] = json.loads(metadata[TOKEN_TEXT_KEY])
             if TOKEN_COMPLETION_KEY in metadata:
                 out[TOKEN_COMPLETION_KEY] = json.loads(metadata[TOKEN_COMPLETION_KEY])
+        if TRAIN_TOKEN_INFLUENCE_KEY in scores._file.keys():
+            values = scores._file.get_tensor(TRAIN_TOKEN_INFLUENCE_KEY)
+            out[TRAIN_TOKENS_KEY] = train_token_pairs(scores._file.metadata(), values,
+                                                      out[SRC_IDS_KEY])
+    return out
+
+
+def train_token_pairs(metadata: Dict[str, str], values: Tensor, src_ids: List) -> List[Dict]:
+    """The training-side per-token scores of a score file, as train_token_scores() returns
+    them (query_id, train_id, token_text, token_scores, token_in_loss, score)."""
+    try:
+        pairs, start = json.loads(metadata[TRAIN_TOKENS_KEY]), 0
+    except (KeyError, ValueError) as e:
+        raise LogFormatError(f"{TRAIN_TOKENS_KEY} metadata is missing or not JSON: {e}") from e
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("text"), list)
+            and isinstance(p.get("in_loss"), list) and isinstance(p.get("query"), int)
+            and "train" in p and isinstance(p.get("score"), (int, float)) for p in pairs):
+        raise LogFormatError(f"{TRAIN_TOKENS_KEY} must be a JSON list of objects with query, "
+                             "train, text, in_loss and score (docs/format.md).")
+    out = []
+    for pair in pairs:
+        n = len(pair["text"])
+        if len(pair["in_loss"]) != n or start + n > values.numel() or \
+                not 0 <= pair["query"] < len(src_ids):
+            raise LogFormatError(f"{TRAIN_TOKENS_KEY} entry for training id {pair['train']!r} "
+                                 "does not line up with its tokens, flags or the queries.")
+        out.append({"query_id": src_ids[pair["query"]], "train_id": pair["train"],
+                    "token_text": pair["text"], "token_in_loss": pair["in_loss"],
+                    "token_scores": values[start:start + n].tolist(), "score": pair["score"]})
+        start += n
+    if start != values.numel():
+        raise LogFormatError(f"{TRAIN_TOKEN_INFLUENCE_KEY} holds {values.numel()} scores for "
+                             f"{start} tokens described in {TRAIN_TOKENS_KEY}.")
     return out
 
 

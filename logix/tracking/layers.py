@@ -10,7 +10,7 @@ import torch
 from logix import logra
 from logix.config import Config, LoggingConfig, LoraConfig
 from logix.errors import UsageError
-from logix.logra import Projection
+from logix.logra import HeadSplit, Projection
 from logix.statistics import budget
 from logix.statistics.covariance import CovarianceState
 from logix.storage.format import DTYPES
@@ -21,10 +21,12 @@ from logix.tracking.modules import TrackedModule
 
 class TrackedLayers:
     """`modules` (name -> TrackedModule) and their `projections`, with `projection_meta` (init,
-    seed, fingerprint) and what add_lora() used (`lora_used`, for the config snapshot)."""
+    seed, fingerprint, the layers split over attention heads) and what add_lora() used
+    (`lora_used`, for the config snapshot)."""
 
     def __init__(self, seed: int) -> None:
         self.modules: Dict[str, TrackedModule] = {}
+        self.splits: Dict[str, HeadSplit] = {}
         self.projections: Dict[str, Projection] = {}
         self.projection_meta: Dict = {"init": "none", "seed": seed}
         self.lora_used: Optional[dict] = None
@@ -32,26 +34,32 @@ class TrackedLayers:
         self._layout: Optional[tuple] = None  # (projections it was computed for, entries)
         self._row_layout: Optional[tuple] = None  # (layout entries, RowLayout)
 
-    def watch(self, modules: Dict[str, TrackedModule], seed: int) -> None:
-        """Track `modules`, unprojected."""
+    def watch(self, modules: Dict[str, TrackedModule], seed: int,
+              heads: Optional[Dict[str, HeadSplit]] = None) -> None:
+        """Track `modules`, unprojected; `heads` (layer name -> HeadSplit) split over heads."""
+        self.splits = _checked_splits(heads or {}, modules)
         self.modules = modules
         self.use({n: logra.identity(m.in_dim, m.out_dim) for n, m in modules.items()}, "none",
-                 seed)
+                 seed, heads={n: {**s.to_dict(), "rank": None} for n, s in self.splits.items()})
 
     def add_lora(self, lora: LoraConfig, seed: int, init: str, rank: Optional[int],
                  rank_in: Optional[int], rank_out: Optional[int], covariance) -> None:
         """A LoGra projection per layer (logix.logra); `covariance(name, kind)` feeds PCA."""
         r_in, r_out = logra.resolve_ranks(lora, rank, rank_in, rank_out)
         dims = {name: (m.in_dim, m.out_dim) for name, m in self.modules.items()}
-        projections = logra.build_projections(dims, init, r_in, r_out, seed, covariance)
+        splits = {n: (s, self.modules[n].has_bias) for n, s in self.splits.items()}
+        projections, heads = logra.build_projections(dims, init, r_in, r_out, seed, covariance,
+                                                     splits)
         self.use(projections, init, seed, lora_used={
             "init": init, "rank": rank if rank is not None else lora.rank, "rank_in": r_in,
-            "rank_out": r_out})
+            "rank_out": r_out}, heads=heads)
 
     def use(self, projections: Dict[str, Projection], init: str, seed: int,
-            lora_used: Optional[dict] = None) -> None:
-        self.set_projections(projections, {"init": init, "seed": seed,
-                                           "checksum": logra.fingerprint(projections)}, lora_used)
+            lora_used: Optional[dict] = None, heads: Optional[Dict[str, dict]] = None) -> None:
+        meta = {"init": init, "seed": seed, "checksum": logra.fingerprint(projections)}
+        if heads:
+            meta["heads"] = heads
+        self.set_projections(projections, meta, lora_used)
 
     def set_projections(self, projections: Dict[str, Projection], meta: Dict,
                         lora_used: Optional[dict] = None) -> None:
@@ -135,6 +143,7 @@ class TrackedLayers:
             raise UsageError(f"The watched layers differ from the log's: missing {missing}, "
                              f"not in the log {extra}. Watch with the logging run's filters.")
         self.modules = {n: self.modules[n] for n in names}
+        self.splits = {n: split for n, (split, _) in logra.head_splits(meta).items()}
         self.set_projections({n: projections[n] for n in names}, meta, self.lora_used)
 
     def check_same_as(self, manifest: Manifest) -> None:
@@ -144,6 +153,30 @@ class TrackedLayers:
                     f"The watched layer {ours.name!r} differs from the log's: watched "
                     f"{_shape(ours)}, logged {_shape(logged)}. Load the same model architecture "
                     "(and logging.include_bias) as the logging run.")
+
+
+def _checked_splits(heads: Dict[str, object], modules: Dict[str, TrackedModule]
+                    ) -> Dict[str, HeadSplit]:
+    """`heads` as {watched layer: HeadSplit} (an int n stands for HeadSplit(n)), each checked
+    against its layer's gradient shape."""
+    if not isinstance(heads, dict):
+        raise UsageError(f"heads= takes {{layer name: HeadSplit or number of heads}}, got "
+                         f"{heads!r}; logix.text.attention_heads(model) builds it.")
+    splits = {}
+    for name, split in heads.items():
+        if name not in modules:
+            raise UsageError(f"heads= names {name!r}, which is not a watched layer; watched: "
+                             f"{sorted(modules)[:8]}{' ...' if len(modules) > 8 else ''}.")
+        split = HeadSplit(split) if isinstance(split, int) and not isinstance(split, bool) \
+            else split
+        if not isinstance(split, HeadSplit):
+            raise UsageError(f"heads[{name!r}] must be a logix.logra.HeadSplit or a number of "
+                             f"heads, got {split!r}.")
+        tracked = modules[name]
+        split.head_of(tracked.out_dim if split.side == "out" else tracked.in_dim,
+                      tracked.has_bias)  # refuses a width the heads do not divide
+        splits[name] = split
+    return splits
 
 
 def _shape(entry: ModuleEntry) -> str:
