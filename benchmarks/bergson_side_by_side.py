@@ -132,7 +132,7 @@ def save_model(model, folder: Path, max_tokens: int) -> None:
 
 
 # ============================================================================ exact
-def exact_scores(model, train: list, queries: list, chunk: int = 16):
+def exact_scores(model, train: list, queries: list, chunk: int = 8):
     """[n_query, n_train] dot products of exact per-example gradients of the tracked matrices."""
     import torch
     from torch.func import functional_call, grad, vmap
@@ -145,14 +145,19 @@ def exact_scores(model, train: list, queries: list, chunk: int = 16):
             return functional_call(model, p, (x,), {"position_ids": position_ids})
         return lm_loss(forward, ids[None])
 
+    width = max(len(s) for s in train + queries)  # one shape for every call: memory stays flat
+
     def flat(seqs):
-        _, ids = next(batches(seqs, len(seqs)))
+        ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq)] = torch.tensor(seq)
         g = vmap(grad(loss), in_dims=(None, 0))(params, ids)
         return torch.cat([g[n].reshape(len(seqs), -1) for n in names], 1)
 
-    q = flat(queries)
-    return torch.cat([flat(train[i:i + chunk]) @ q.T for i in range(0, len(train), chunk)]).T, \
-        len(names)
+    with torch.no_grad():  # grad() still differentiates; no graph through the other weights
+        q = flat(queries)
+        scores = torch.cat([flat(train[i:i + chunk]) @ q.T for i in range(0, len(train), chunk)])
+    return scores.T, len(names)
 
 
 # ============================================================================ tools
