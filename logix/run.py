@@ -409,7 +409,9 @@ class Run:
         """Keep the second moments of Adam, AdamW or Adafactor (a live optimizer, or its
         state_dict with `params` in the optimizer's order) as the `hessian="optimizer"`
         curvature of the watched layers (logix.tracking.optimizer_state); saved with the
-        statistics (at once unless the run is logging: its finalize() saves them)."""
+        statistics (at once unless the run is logging: its finalize() saves them). Inside a
+        `run.checkpoint(...)` block they are that checkpoint's, for SOURCE with
+        hessian="optimizer": pass the optimizer state saved with the checkpoint's weights."""
         from logix.tracking.optimizer_state import add_to_statistics
 
         if not self.modules:
@@ -417,7 +419,8 @@ class Run:
                              "run.watch(model) (and run.add_lora or initialize_from_log) first.")
         add_to_statistics(self.statistics, self.modules, self.projections, optimizer, params)
         manifest = load_optional(self.project_dir)
-        if self.mode is not Mode.LOGGING and manifest is not None and distributed.rank() == 0:
+        if self.mode is not Mode.LOGGING and self._checkpoint is None and manifest is not None \
+                and distributed.rank() == 0:
             # a log that is not being written: its finalize() already saved the statistics
             state.save_statistics(self.project_dir, self.statistics.state_dict(), manifest)
         return self

@@ -450,5 +450,7 @@ def test_the_trainers_adamw_state_is_kept_for_hessian_optimizer(tmp_path):
     run.add_optimizer_state(trainer.optimizer)  # the same state, added by hand
     again = influence_of(run, model, query, batch_size=2, hessian="optimizer")["influence"]
     assert torch.equal(kept, again) and kept.abs().sum() > 0
+    with pytest.raises(UsageError, match="callbacks log none"):  # SOURCE: no checkpoint blocks
+        influence_of(run, model, query, batch_size=2, method="source", hessian="optimizer")
     fresh = logix.Attributor(run.project_dir)
     assert "optimizer" in fresh.available_hessians()

@@ -59,6 +59,17 @@ class Curvature:
         return spec
 
     @classmethod
+    def checkpoint_statistics(cls) -> Tuple[str, ...]:
+        """What SOURCE averages over a segment's checkpoints for this kind (empty: SOURCE
+        cannot use it)."""
+        return cls.covariances
+
+    @classmethod
+    def how_to_collect(cls) -> str:
+        """The call that gives a log (or a checkpoint block) this kind's statistics."""
+        return f"run.setup({cls.setup_spec()})"
+
+    @classmethod
     def collected(cls, statistics: CovarianceState, modules: Iterable[str]) -> bool:
         """Whether every module has the covariances this kind is built from."""
         modules = list(modules)
@@ -225,7 +236,16 @@ class OptimizerState(Curvature, name="optimizer"):
     """H = sqrt(v), the diagonal curvature Adam, AdamW and Adafactor divide their updates by,
     factored per layer into out (x) in as Adafactor does and projected like K-FAC's covariances
     (logix.tracking.optimizer_state). Nothing is collected while logging: the factors come from
-    the optimizer, `run.add_optimizer_state(optimizer)`."""
+    the optimizer, `run.add_optimizer_state(optimizer)` (inside each checkpoint block for
+    SOURCE: each segment's factors from the optimizer state at its checkpoints)."""
+
+    @classmethod
+    def checkpoint_statistics(cls) -> Tuple[str, ...]:
+        return (OPTIMIZER_OUT, OPTIMIZER_IN)
+
+    @classmethod
+    def how_to_collect(cls) -> str:
+        return "run.add_optimizer_state(optimizer)"
 
     @classmethod
     def ready(cls, statistics: CovarianceState, modules: List[str],

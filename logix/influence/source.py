@@ -11,9 +11,11 @@ a = eta_l K_l, and f applied to H's eigenvalues:
 
 with q the query gradient at the final weights and N_l the number of examples segment l trained
 on; an example a segment did not train on contributes nothing to that segment. As for influence
-functions, a positive score means training on example i lowered the query's loss. H_l is damped
-like an influence query's curvature, per module (`logix.influence.damping`; damping=0 gives the
-undamped form above), and meta["damping"] holds each segment's values.
+functions, a positive score means training on example i lowered the query's loss. With
+hessian="optimizer", H_l is the factored sqrt(v) of the optimizer states added in segment l's
+checkpoint blocks (run.add_optimizer_state), averaged per side like K-FAC's factors. H_l is
+damped like an influence query's curvature, per module (`logix.influence.damping`; damping=0
+gives the undamped form above), and meta["damping"] holds each segment's values.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
     damping, relative_damping: as influence.damping / relative_damping (default: auto)."""
     if hessian == curvature.AUTO:
         hessian = "ekfac"
-    if not curvature.get(hessian).covariances:
-        allowed = [k for k in curvature.names() if curvature.get(k).covariances]
+    if not curvature.get(hessian).checkpoint_statistics():
+        allowed = [k for k in curvature.names() if curvature.get(k).checkpoint_statistics()]
         raise UsageError(f"method='source' takes hessian in {allowed}, got {hessian!r}: SOURCE "
-                         "averages each segment's curvature from covariances collected during "
-                         "logging at its checkpoints, and this kind has none.")
+                         "averages each segment's curvature from statistics collected at its "
+                         "checkpoints, and this kind has none.")
     manifest = base.manifest
     if not manifest.checkpoints:
         raise UsageError("method='source' needs checkpoints: log each one inside `with "
-                         "run.checkpoint(name, segment=..., lr=..., steps=...)`.")
+                         "run.checkpoint(name, segment=..., lr=..., steps=...)` (the Hugging "
+                         "Face and Lightning callbacks log none; docs/source.md).")
     if list(src.modules) != list(manifest.modules) or \
             src.projection.get("checksum") not in (None, manifest.projection.get("checksum")):
         raise UsageError("The query's modules, ranks or projections differ from the saved log's; "
@@ -138,16 +141,16 @@ def _segment_spectra(modules, stats: List[CovarianceState], hessian: str,
     """Per module, the eigendecomposition of the segment's average curvature (undamped)."""
     kind = curvature.get(hessian)
     average = CovarianceState()
-    for name, cov in ((m.name, c) for m in modules for c in kind.covariances):
+    for name, cov in ((m.name, c) for m in modules for c in kind.checkpoint_statistics()):
         covs = [s.get(name, cov) for s in stats]
         if any(c is None for c in covs):
             if any(reader.rows == 0 for reader in readers):
                 raise UsageError(f"A checkpoint block of this log logged no rows (checkpoints "
                                  f"{[r.checkpoint for r in readers if r.rows == 0]}), so it has "
                                  "no curvature: log its segment's examples inside the block.")
-            raise UsageError(f"SOURCE with hessian={hessian!r} needs {cov} covariances at every "
-                             f"checkpoint: run.setup({kind.setup_spec()}) inside each "
-                             "checkpoint block.")
+            raise UsageError(f"SOURCE with hessian={hessian!r} needs {cov} statistics at every "
+                             f"checkpoint: {kind.how_to_collect()} inside each checkpoint "
+                             "block.")
         average.accumulate(name, cov, sum(c.double() for c in covs) / len(covs), 1)
     spectra = curvature.Spectra(average)
     if kind.needs_rows:
