@@ -19,6 +19,7 @@ from logix.config import Config
 from logix.errors import ConfigError, UsageError
 from logix.index.attributor import Attributor
 from logix.influence import curvature
+from logix.influence.attributor import check_config
 from logix.influence.checkpoints import check_inside, check_new, checkpoint_info
 from logix.log import StepLog
 from logix.mode import Mode
@@ -54,6 +55,7 @@ class Run:
             raise ConfigError(f"project must be a non-empty folder name, got {project!r}.")
         self.project = project
         self.config = copy.deepcopy(config)  # the run may declare its curvature in it
+        check_config(self.config.influence)
         self.project_dir = os.path.join(config.root_dir, project)
         if os.path.abspath(config.root_dir) == os.path.abspath("logix"):
             warnings.warn("root_dir ./logix is a folder named like the package: scripts run from "

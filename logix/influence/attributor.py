@@ -22,7 +22,7 @@ import torch
 
 from logix import distributed
 from logix.config import Config, InfluenceConfig, load_config, query_settings
-from logix.errors import UsageError
+from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 from logix.influence import norms as norm_cache
 from logix.influence.preconditioner import Preconditioner, check_invertible
@@ -72,7 +72,7 @@ class Attributor:
         if manifest is None and statistics is None and reader is None:
             raise UsageError(f"{self.project_dir!r} holds no LogIX log (no manifest.json). Pass "
                              "the folder of a finalized project: <root_dir>/<project>.")
-        self.influence_config = _influence_config(config, manifest)
+        self.influence_config = check_config(_influence_config(config, manifest))
         if statistics is None:
             statistics = CovarianceState()
             if os.path.isfile(os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
@@ -113,7 +113,8 @@ class Attributor:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
         are cached until the statistics change); for a kind built from the saved rows (lissa: a
         solve per query; full: one inverse across modules), a Preconditioner from those rows."""
-        cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
+        cfg = check_config(query_settings(self.influence_config, hessian=hessian,
+                                          damping=damping), query=True)
         name = cfg.hessian
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
@@ -396,8 +397,8 @@ class Attributor:
         (`Scorer.score`), here and in `logix.index`."""
         if not isinstance(precondition, bool):
             raise UsageError(f"precondition must be True or False, got {precondition!r}.")
-        cfg = query_settings(self.influence_config, mode=mode, hessian=hessian,
-                             damping=damping)
+        cfg = check_config(query_settings(self.influence_config, mode=mode, hessian=hessian,
+                                          damping=damping), query=True)
         preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
                                              cfg.damping, src.modules)
         mode = cfg.mode
@@ -531,6 +532,18 @@ def _as_log(log) -> StepLog:
                          "written by StepLog.save, or the folder of a logged query project.")
     raise UsageError(f"Expected a StepLog from run.get_log() (or a list of them, a StepLog file "
                      f"or a project folder), got {type(log).__name__}.")
+
+
+def check_config(cfg: InfluenceConfig, query: bool = False) -> InfluenceConfig:
+    """`cfg`, its `hessian` a kind of the curvature registry or 'auto' (config.py, below the
+    registry, leaves this check to the layers that read it: this one and the Run). query: the
+    hessian is a query argument (a UsageError), not a config key (a ConfigError)."""
+    allowed = [curvature.AUTO, *curvature.names()]
+    if cfg.hessian not in allowed:
+        what = "Invalid query argument: argument" if query else "Config key"
+        raise (UsageError if query else ConfigError)(
+            f"{what} 'hessian' is {cfg.hessian!r}; allowed values: {allowed}.")
+    return cfg
 
 
 def _influence_config(config, manifest) -> InfluenceConfig:
