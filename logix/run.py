@@ -20,7 +20,6 @@ from logix.errors import ConfigError, UsageError
 from logix.index.attributor import Attributor
 from logix.influence import curvature
 from logix.influence.attributor import check_config
-from logix.influence.checkpoints import check_inside, check_new, checkpoint_info
 from logix.log import StepLog
 from logix.mode import Mode
 from logix.statistics import resume
@@ -32,6 +31,7 @@ from logix.storage.reader import LogReader
 from logix.summary import summary as summary_table
 from logix.storage.session import LogSession
 from logix.tracking.capture import CaptureSpec, spec_from_setup
+from logix.tracking.checkpoint import checkpoint_block, checkpoint_info
 from logix.tracking.layers import TrackedLayers
 from logix.tracking.selection import NameFilter, select_modules
 from logix.tracking.step import StepRunner, step_ids
@@ -67,8 +67,6 @@ class Run:
         self.capture_spec = self._setup_spec = CaptureSpec(log_grad=True)
         self._session = LogSession(self.project_dir, self.config.logging)
         self._steps = StepRunner(self._session)
-        self._checkpoint: Optional[str] = None
-        self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._influence: Optional[Attributor] = None
 
     modules = property(lambda self: self.layers.modules, doc="name -> TrackedModule watched.")
@@ -208,13 +206,11 @@ class Run:
         if not self.modules:
             raise UsageError("Nothing is watched: call run.watch(model) before run.start().")
         ids = step_ids(data_id, mask, scale)
-        keep = None
         if writes:  # refusals come before anything of the step runs
             self._open_session()
             self._stats.hand_over(self._session, spec.covariances)
-            keep = self._session.unseen(ids, self._checkpoint)
-        self._steps.start(self.layers, spec, self.statistics.device, ids, keep, scale, mask,
-                          per_token, self._checkpoint)
+        self._steps.start(self.layers, spec, self.statistics.device, ids, writes, scale, mask,
+                          per_token)
 
     def end(self) -> None:
         """Detach hooks, assemble the step's rows, update statistics and queue rows for disk."""
@@ -223,7 +219,6 @@ class Run:
                              "the forward pass.")
         step = self._steps.stop()
         self._session.raise_if_failed()
-        check_inside(self._checkpoint, self._checkpoint_ids, step.ids)
         spec = self.capture_spec
         if self._steps.finish(step, spec, self.config.logging, self.saving, self.layers,
                               self.statistics, self._stats.loaded) and spec.covariances:
@@ -253,25 +248,8 @@ class Run:
         and statistics are kept apart from other checkpoints', named in the manifest.
         """
         info = checkpoint_info(name, segment, lr, steps, momentum, train_ids)
-        if self._checkpoint is not None:
-            raise UsageError(f"checkpoint({name!r}) inside checkpoint({self._checkpoint!r}): "
-                             "close one checkpoint block before opening the next.")
-        self.flush()
-        check_new(name, info, self._session.manifest or load_optional(self.project_dir))
-        if not self.saving:
-            raise self.mode.refuse(f"checkpoint({name!r}) records a logging pass, but this run "
-                                   "does not save", "Call run.save(True) first.")
-        outer, self._stats.state = self._stats.state, self._stats.fresh()
-        self._checkpoint = name
-        self._checkpoint_ids = None if train_ids is None else set(info["train_ids"])
-        try:
-            with self._session.checkpoint(name, self._open_session):
-                yield self  # the block's rows go out under its name, even when it fails
-        finally:
-            inner, self._stats.state = self._stats.state, outer
-            self._checkpoint = self._checkpoint_ids = None
-        inner.all_reduce()
-        self._session.add_checkpoint(name, inner.state_dict(), info)
+        with checkpoint_block(self._steps, self._stats, self.mode, info, name, self._open_session):
+            yield self
 
     def magic_recorder(self, model: nn.Module, optimizer, **kwargs):
         """A `logix.MagicRecorder` that records this training run into `<project>/replay`, for

@@ -25,6 +25,7 @@ from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
 from logix.storage.session import LogSession
 from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.capture import FLOAT32_MAX, CaptureSpec, GradientCapture
+from logix.tracking.checkpoint import OpenCheckpoint
 
 FLOAT16_MAX = 65504.0
 
@@ -181,23 +182,28 @@ class Step:
 
 class StepRunner:
     """One step at a time (`start`, `stop`, `finish`), its rows going to `session`; `last` is
-    the last kept step's log (what run.get_log() returns)."""
+    the last kept step's log (what run.get_log() returns); `checkpoint` the checkpoint block
+    steps log into (tracking.checkpoint.checkpoint_block opens and closes it)."""
 
     def __init__(self, session: LogSession) -> None:
         self.session = session
         self.current: Optional[Step] = None
         self.last: Optional[StepLog] = None
+        self.checkpoint: Optional[OpenCheckpoint] = None
         self._shared = False  # log() handed `last` out: its rows are never reused
         self._in_shard = False  # `last`'s rows are a view of the shard being filled
         self._spare: Optional[Tensor] = None  # a row buffer no StepLog holds any more
         self._factors: Dict = {}  # the hooks' projected inputs / output gradients
         self._warned_of_passes = False  # warn_of_repeated_passes said its piece
 
-    def start(self, layers, spec: CaptureSpec, device, ids: List, keep: Optional[List[int]],
-              scale: float, mask: Optional[Tensor], per_token: bool,
-              checkpoint: Optional[str]) -> Step:
-        """Attach the hooks of `layers` (a TrackedLayers). The step's forward/backward
-        statistics stay apart until `finish` keeps the step, and count only kept examples."""
+    def start(self, layers, spec: CaptureSpec, device, ids: List, writes: bool, scale: float,
+              mask: Optional[Tensor], per_token: bool) -> Step:
+        """Attach the hooks of `layers` (a TrackedLayers) for a step that `writes` its rows (its
+        ids not yet logged, by logging.on_duplicate) or keeps them in memory. The step's
+        forward/backward statistics stay apart until `finish` keeps the step, and count only
+        kept examples."""
+        checkpoint = None if self.checkpoint is None else self.checkpoint.name
+        keep = self.session.unseen(ids, checkpoint) if writes else None
         reserved = None
         if keep is not None and len(keep) == len(ids):
             reserved = self.session.reserve(
@@ -230,6 +236,8 @@ class StepRunner:
         """Check a stopped step, merge its statistics into `statistics`, keep its log and queue
         its kept rows. False when the step was skipped (NaN/inf, logging.nonfinite: skip)."""
         capture, ids, scale = step.capture, step.ids, step.scale
+        if self.checkpoint is not None:
+            self.checkpoint.check_inside(ids)
         check_capture(capture, spec, cfg.on_unused_layer)
         if not self._warned_of_passes:
             self._warned_of_passes = warn_of_repeated_passes(capture)
