@@ -33,6 +33,8 @@ SECTIONS = [
                     "logix.evaluation.load_results"]),
     ("Dashboard", ["logix.dashboard.make_server", "logix.dashboard.serve",
                    "logix.dashboard.build_report", "logix.storage.content.load_content"]),
+    ("Coming from LogIX 0.1 (logix.compat)", ["logix.compat.RunNames",
+                                               "logix.compat.AttributorNames"]),
     ("Export to experiment trackers", ["logix.export.to_tensorboard", "logix.export.to_mlflow",
                                        "logix.export.to_wandb", "logix.export.collect",
                                        "logix.export.write"]),

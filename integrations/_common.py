@@ -138,7 +138,7 @@ def log_batches(run, model: nn.Module, batches: Iterable,
     computes no weight gradient; requires_grad and .grad as they were after).
     Returns the concatenated in-memory logs when the run is in query mode, else None."""
     collected = []
-    keep = run.plan.log_grad and not run.saving
+    keep = run.capture_spec.log_grad and not run.saving
     device = model_device(model)
     with eval_mode(model), frozen(model), torch.enable_grad():
         for index, batch in enumerate(batches):

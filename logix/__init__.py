@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+from logix import compat
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
 from logix.index.attributor import Attributor
@@ -78,11 +79,14 @@ summary = _shortcut("summary")
 
 
 def __getattr__(name: str):
-    """`logix.text` is imported on first use (it pulls in more)."""
+    """`logix.text` is imported on first use (it pulls in more); older names come from
+    logix.compat (with a DeprecationWarning)."""
     if name == "text":
         import importlib
 
         return importlib.import_module(f"logix.{name}")
+    if name in compat.RENAMED:
+        return compat.old_name(name)
     raise AttributeError(f"module 'logix' has no attribute {name!r}")
 
 

@@ -15,7 +15,7 @@ LAYERS = [
     {"storage"},
     {"log", "statistics"},
     {"tracking", "influence", "evaluation", "planning", "summary"},
-    {"dashboard"},  # shows evaluation results
+    {"dashboard", "compat"},  # dashboard shows evaluation results; compat: older names
     {"index", "text", "scheduler"},
     {"run", "export"},
     {"__init__"},  # logix.init, get_run: what the tools and integrations drive

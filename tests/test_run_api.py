@@ -184,7 +184,7 @@ def test_setup_validation(new_run):
     with pytest.raises(ConfigError, match="dict"):
         run.setup(["grad"])
     run.setup({"grad": "save", "forward": ["cov"]})  # LogIX spellings
-    assert run.plan.log_grad and run.plan.forward_covariance and not run.plan.grad_covariance
+    assert run.capture_spec.log_grad and run.capture_spec.forward_covariance and not run.capture_spec.grad_covariance
 
 
 # --------------------------------------------------------------------------- protocol errors

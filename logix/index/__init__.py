@@ -13,5 +13,5 @@ recall@10 and speed-up on the log's own rows), `warm` (what an Attributor keeps 
 searches), `rows` (candidate rows from the mapped shards), `attributor` (`logix.Attributor`:
 influence's Attributor plus `build_index` and `search`), `service` (`logix serve`: JSON searches
 over HTTP with the dashboard server's safety rules) and `client` (asks it). The index builds on two public parts of
-`logix.influence`: `Attributor.score_plan` and the train-norm cache `influence.norms`.
+`logix.influence`: `Attributor.scorer` and the train-norm cache `influence.norms`.
 """

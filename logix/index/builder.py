@@ -56,7 +56,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
     plan, curvature = None, None
     if mode == "cosine":
         dummy = StepLog([], torch.zeros(0, dim), full.manifest.modules)
-        plan = attributor.score_plan(dummy, "cosine", True, hessian, damping, None)
+        plan = attributor.scorer(dummy, "cosine", True, hessian, damping, None)
         curvature = store.curvature_of(plan.preconditioner)
     name = name or store.default_name(kind, mode, quantize, sketch,
                                       curvature and curvature["hessian"], part)

@@ -59,14 +59,16 @@ class Attributor:
     statistics: a `CovarianceState` (default: loaded from ``state/statistics.safetensors``).
     reader: a `LogReader`, or a function returning a fresh one per query (default: a reader of
     `project_dir`). modules: a function returning the row layout when there is no manifest yet.
-    A `Run` builds one from its live values (`run.influence`).
+    last_query: a function returning the query when none is given (a Run's `get_log`: its last
+    step). A `Run` builds one from its live values (`run.influence`).
     """
 
     def __init__(self, project_dir: Union[str, os.PathLike], config=None, *,
                  statistics: Optional[CovarianceState] = None,
                  reader: Union[None, LogReader, Callable[[], LogReader]] = None,
                  modules: Optional[Callable[[], List[ModuleEntry]]] = None,
-                 project: Optional[str] = None) -> None:
+                 project: Optional[str] = None,
+                 last_query: Optional[Callable[[], StepLog]] = None) -> None:
         self.project_dir = os.fspath(project_dir)
         manifest = load_optional(self.project_dir)
         if manifest is None and statistics is None and reader is None:
@@ -87,6 +89,7 @@ class Attributor:
                                    os.path.basename(os.path.normpath(self.project_dir)))
         self._reader_source = reader
         self._modules = modules
+        self._last_query = last_query
         self._spectra_cache: Optional[curvature.Spectra] = None
 
     # ------------------------------------------------------------------ preconditioning
@@ -151,10 +154,6 @@ class Attributor:
         curvature.fit(hessian, self.statistics, reader or self.reader(),
                       self.influence_config.block_rows, progress)
 
-    def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
-        """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
-        self.fit("ekfac", reader, progress)
-
     # ------------------------------------------------------------------ estimators
     # Each takes only its own arguments and returns Scores (logix.influence.results).
     def influence(self, query=None, *, mode: Optional[str] = None, precondition: bool = True,
@@ -193,7 +192,7 @@ class Attributor:
         _check_topk(topk, out)
         _check_gather(gather)
         block_rows = self._block_rows(block_rows)
-        src = _as_log(query)
+        src = self._query_log(query)
         reader = self._reader(loader)
         if reader.rows == 0:  # an empty score matrix would hide a logging pass that saved nothing
             raise UsageError(f"There are no logged rows to score against in "
@@ -226,7 +225,7 @@ class Attributor:
         appearance of each id across checkpoints."""
         _check_topk(topk, None)
         block_rows = self._block_rows(block_rows)
-        src = _as_log(query)
+        src = self._query_log(query)
         reader = self.reader()
         result = source_influence(reader, src, hessian or "ekfac",
                                   aligned(block_rows, reader.dim))
@@ -244,7 +243,7 @@ class Attributor:
         dot products. queries: one query log for every checkpoint, or {checkpoint name: query
         log at that checkpoint's weights}."""
         _check_topk(topk, None)
-        result = tracin_influence(self, _checkpoint_queries(queries),
+        result = tracin_influence(self, self._checkpoint_queries(queries),
                                   self._block_rows(block_rows), progress)
         return Scores(result if topk is None else _topk_of(result, topk))
 
@@ -256,8 +255,8 @@ class Attributor:
         (logix.influence.ensemble). queries as for `tracin`; mode, hessian, damping as for
         `influence`."""
         _check_topk(topk, None)
-        result = ensemble_influence(self, _checkpoint_queries(queries), mode, hessian, damping,
-                                    self._block_rows(block_rows), progress)
+        result = ensemble_influence(self, self._checkpoint_queries(queries), mode, hessian,
+                                    damping, self._block_rows(block_rows), progress)
         return Scores(result if topk is None else _topk_of(result, topk))
 
     def self_influence(self, query=None, *, loader=None, precondition: bool = True,
@@ -328,14 +327,6 @@ class Attributor:
             return self.tracin(src_log, topk=topk, block_rows=block_rows, progress=progress)
         return self.ensemble(src_log, mode=mode, hessian=hessian, damping=damping, topk=topk,
                              block_rows=block_rows, progress=progress)
-
-    def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
-                               hessian: Optional[str] = None, damping: Optional[float] = None,
-                               block_rows: Optional[int] = None, progress: bool = True):
-        """LogIX's name of `self_influence`."""
-        return self.self_influence(src_log, loader=loader, precondition=precondition,
-                                   hessian=hessian, damping=damping, block_rows=block_rows,
-                                   progress=progress)
 
     def _stream(self, src: StepLog, reader: LogReader, scorer: Scorer, topk, out,
                 block_rows: int, progress: bool, log: dict) -> dict:
@@ -415,17 +406,27 @@ class Attributor:
                              "influence_groups out.")
         return Scorer(src, mode, preconditioner, group_masks(src.modules, groups))
 
-    score_plan = scorer  # its name before 0.3 (logix.index calls it)
-
     def query(self, log) -> StepLog:
         """The query log `log` (a StepLog, a list of them, a `StepLog.save` file or a project
         folder), checked against the saved log's layers and projections."""
-        src = _as_log(log)
+        src = self._query_log(log)
         manifest = self.reader().manifest
         _check_layout(src, manifest.modules, manifest.projection, "saved log")
         return src
 
     # ------------------------------------------------------------------ helpers
+    def _query_log(self, query) -> StepLog:
+        """The query log `query` (see `_as_log`); None: `last_query()` where there is one."""
+        if query is None and self._last_query is not None:
+            return self._last_query()
+        return _as_log(query)
+
+    def _checkpoint_queries(self, queries):
+        """One query log, or {checkpoint name: query log}."""
+        if isinstance(queries, dict):
+            return {name: _as_log(log) for name, log in queries.items()}
+        return self._query_log(queries)
+
     def _block_rows(self, block_rows: Optional[int]) -> int:
         return query_settings(self.influence_config, block_rows=block_rows).block_rows
 
@@ -485,13 +486,6 @@ def _refuse_unused(method: str, **given) -> None:
 def _check_gather(gather: str) -> None:
     if gather not in ("all", "rank0"):
         raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
-
-
-def _checkpoint_queries(queries):
-    """One query log, or {checkpoint name: query log}."""
-    if isinstance(queries, dict):
-        return {name: _as_log(log) for name, log in queries.items()}
-    return _as_log(queries)
 
 
 def _check_topk(topk, out) -> None:

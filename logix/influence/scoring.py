@@ -209,6 +209,3 @@ def group_masks(modules, groups) -> Dict[str, Tensor]:
             raise UsageError(f"influence group name {TOTAL!r} is reserved for the sum.")
         masks[name] = mask
     return masks
-
-
-ScorePlan = Scorer  # its name before 0.3

@@ -22,6 +22,7 @@ from logix.log import StepLog, TokenRows
 from logix.logra import Projection
 from logix.statistics import resume
 from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
+from logix.statistics.live import RunStatistics
 from logix.storage.session import LogSession
 from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.capture import FLOAT32_MAX, CaptureSpec, GradientCapture
@@ -202,6 +203,9 @@ class StepRunner:
         ids not yet logged, by logging.on_duplicate) or keeps them in memory. The step's
         forward/backward statistics stay apart until `finish` keeps the step, and count only
         kept examples."""
+        if self.current is not None:
+            raise UsageError("start() called twice without end(): call run.end() after each "
+                             "step's backward pass.")
         checkpoint = None if self.checkpoint is None else self.checkpoint.name
         keep = self.session.unseen(ids, checkpoint) if writes else None
         reserved = None
@@ -221,6 +225,9 @@ class StepRunner:
 
     def stop(self) -> Step:
         """Detach the current step's hooks; the step, for `finish`."""
+        if self.current is None:
+            raise UsageError("end() called without start(): call run.start(data_id=...) before "
+                             "the forward pass.")
         step, self.current = self.current, None
         step.capture.__exit__(None, None, None)
         return step
@@ -232,9 +239,15 @@ class StepRunner:
             self.current = None
 
     def finish(self, step: Step, spec: CaptureSpec, cfg: LoggingConfig, saving: bool, layers,
-               statistics: CovarianceState, statistics_loaded: bool) -> bool:
-        """Check a stopped step, merge its statistics into `statistics`, keep its log and queue
-        its kept rows. False when the step was skipped (NaN/inf, logging.nonfinite: skip)."""
+               run_statistics: RunStatistics) -> None:
+        """Check a stopped step, merge its statistics into the run's, keep its log and queue its
+        kept rows (nothing of a step skipped for NaN/inf, logging.nonfinite: skip)."""
+        if self._keep(step, spec, cfg, saving, layers, run_statistics) and spec.covariances:
+            run_statistics.unreduced = True
+
+    def _keep(self, step: Step, spec: CaptureSpec, cfg: LoggingConfig, saving: bool, layers,
+              run_statistics: RunStatistics) -> bool:
+        statistics = run_statistics.state
         capture, ids, scale = step.capture, step.ids, step.scale
         if self.checkpoint is not None:
             self.checkpoint.check_inside(ids)
@@ -251,7 +264,7 @@ class StepRunner:
         keep = step.keep
         if keep is not None and step.checkpoint is None and self.session.resumed_rows:
             resume.check_same_kinds(self.session, spec.covariances, statistics,
-                                    statistics_loaded)
+                                    run_statistics.loaded)
         in_shard = rows is step.reserved
         if in_shard and not self.session.takes_in_place(rows):
             rows, in_shard = rows.clone(), False  # a flush wrote the shard out mid-step
