@@ -7,6 +7,7 @@ step that writes them in place."""
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 import warnings
@@ -167,6 +168,14 @@ def token_rows(capture: GradientCapture, projections: Dict[str, Projection], sca
     return (rows * scale if scale != 1.0 else rows), query.tolist(), position.tolist()
 
 
+class LastRows(enum.Enum):
+    """Whose the last step's row buffer is."""
+
+    RUNNER = "runner"  # the runner's: the step after next writes into it
+    HANDED_OUT = "handed out"  # log() gave it to the caller: never reused
+    IN_SHARD = "in shard"  # a view of the shard being filled, which the writer recycles
+
+
 @dataclass
 class Step:
     """A started step: its hooks (`capture`), its data `ids`, the positions of the examples whose
@@ -191,8 +200,7 @@ class StepRunner:
         self.current: Optional[Step] = None
         self.last: Optional[StepLog] = None
         self.checkpoint: Optional[OpenCheckpoint] = None
-        self._shared = False  # log() handed `last` out: its rows are never reused
-        self._in_shard = False  # `last`'s rows are a view of the shard being filled
+        self._last_rows = LastRows.RUNNER
         self._spare: Optional[Tensor] = None  # a row buffer no StepLog holds any more
         self._factors: Dict = {}  # the hooks' projected inputs / output gradients
         self._warned_of_passes = False  # warn_of_repeated_passes said its piece
@@ -288,20 +296,20 @@ class StepRunner:
         still returns the previous step intact). Rows `in_shard` (reserved in the shard being
         filled) are never reused here, and log() hands out a copy of them."""
         old = self.last
-        if old is not None and not self._shared and not self._in_shard \
-                and old.grads is not log.grads:
+        if old is not None and self._last_rows is LastRows.RUNNER and old.grads is not log.grads:
             self._spare = old.grads
-        self.last, self._shared, self._in_shard = log, False, in_shard
+        self.last = log
+        self._last_rows = LastRows.IN_SHARD if in_shard else LastRows.RUNNER
 
     def log(self, copy: bool = False) -> StepLog:
         """The last step's log (a copy with `copy`; else the runner never reuses its rows)."""
         if self.last is None:
             raise UsageError("No step has been logged yet: run start()/backward()/end() first.")
-        if self._in_shard:  # rows in a shard buffer, which the writer recycles
-            self.last, self._in_shard = self.last.clone(), False
+        if self._last_rows is LastRows.IN_SHARD:
+            self.last, self._last_rows = self.last.clone(), LastRows.RUNNER
         if copy:
             return self.last.clone()
-        self._shared = True
+        self._last_rows = LastRows.HANDED_OUT
         return self.last
 
     def clear(self) -> None:
