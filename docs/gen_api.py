@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = [
     ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config", "logix.frozen"]),
     ("Run", ["logix.Run", "logix.mode.Mode"]),
-    ("Query results", ["logix.StepLog", "logix.Scores"]),
+    ("Query results", ["logix.StepRows", "logix.Scores"]),
     ("Attributor (scoring a saved log)", ["logix.Attributor"]),
     ("Influence estimators", ["logix.influence.lissa.lissa", "logix.MagicRecorder",
                               "logix.magic_scores"]),

@@ -17,7 +17,7 @@ from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, Wr
 from logix.index.attributor import Attributor
 from logix.influence.magic import MagicRecorder, magic_scores
 from logix.influence.results import Scores
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.mode import Mode
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
@@ -91,7 +91,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["init", "Run", "Attributor", "Scores", "Mode", "LogIXScheduler", "Config",
-           "load_config", "StepLog", "get_run", "frozen", "LogIXError", "ConfigError",
+           "load_config", "StepRows", "get_run", "frozen", "LogIXError", "ConfigError",
            "UsageError", "LogFormatError", "WriterError", "MagicRecorder", "magic_scores",
            # the current run's methods (get_run().<name>)
            "watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",

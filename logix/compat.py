@@ -13,6 +13,7 @@ process (a DeprecationWarning) and will go in a later version.
 | `compute_self_influence(src_log)` | `Attributor.self_influence(query)` | no |
 | `build_log_dataloader(batch_size)` | `run.reader()` (`block_rows` rows per block) | no |
 | `add_lora(clear=True)` | `add_lora()`: statistics of the old space are always reset (`clear=False` is refused) | yes |
+| `StepLog` | `logix.StepRows` (a step's or a query's rows in memory; a log is what is saved) | yes |
 | `run.plan` | `run.capture_spec` | yes |
 | `Plan`, `plan_from_setup` | `logix.tracking.capture.CaptureSpec`, `spec_from_setup` | yes |
 | `ScorePlan`, `Attributor.score_plan` | `logix.influence.scoring.Scorer`, `Attributor.scorer` | yes |
@@ -31,12 +32,14 @@ from typing import Optional
 
 from logix.errors import UsageError
 from logix.influence.scoring import Scorer
+from logix.log import StepRows
 from logix.tracking.capture import CaptureSpec, spec_from_setup
 
 _warned: set = set()  # the old names that have warned in this process
 
 # old module-level name -> (its new name, the object)
 RENAMED = {
+    "StepLog": ("logix.StepRows", StepRows),
     "Plan": ("logix.tracking.capture.CaptureSpec", CaptureSpec),
     "plan_from_setup": ("logix.tracking.capture.spec_from_setup", spec_from_setup),
     "ScorePlan": ("logix.influence.scoring.Scorer", Scorer),

@@ -23,7 +23,7 @@ from logix.errors import ConfigError, UsageError
 from logix.index.attributor import Attributor
 from logix.influence import curvature
 from logix.influence.attributor import check_config
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.mode import Mode
 from logix.statistics import resume
 from logix.statistics.covariance import CovarianceState
@@ -250,7 +250,7 @@ class Run(RunNames):
         return MagicRecorder(os.path.join(self.project_dir, REPLAY_DIR), model, optimizer,
                              **kwargs)
 
-    def get_log(self, copy: bool = False) -> StepLog:
+    def get_log(self, copy: bool = False) -> StepRows:
         """The last step's projected gradients (a query's test log)."""
         return self._steps.log(copy)
 

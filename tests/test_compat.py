@@ -41,7 +41,7 @@ def silent(call):
         return call()
 
 
-@pytest.mark.parametrize("old, new", [("Plan", CaptureSpec),
+@pytest.mark.parametrize("old, new", [("StepLog", logix.StepRows), ("Plan", CaptureSpec),
                                       ("plan_from_setup", spec_from_setup),
                                       ("ScorePlan", Scorer)])
 def test_old_module_level_names(old, new):

@@ -57,9 +57,9 @@ def test_warm_and_cold_searches_return_the_streams_ids_and_bits(project, tmp_pat
     # cold: a new process
     out = tmp_path / "cold.json"
     code = ("import json, sys, logix, warnings; warnings.simplefilter('ignore');"
-            "from logix.log import StepLog;"
+            "from logix.log import StepRows;"
             f"r = logix.Attributor({att.project_dir!r}).search("
-            f"StepLog.load({os.path.join(queries_dir, 'q.safetensors')!r}), k=5, "
+            f"StepRows.load({os.path.join(queries_dir, 'q.safetensors')!r}), k=5, "
             "hessian='ekfac');"
             f"json.dump([r['top_ids'], r['top_scores'].tolist()], open({str(out)!r}, 'w'))")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
@@ -139,10 +139,10 @@ def test_auto_records_the_recall_a_brute_force_check_measures(tmp_path, monkeypa
 
 
 def queries_log(att, rows):
-    from logix.log import StepLog
+    from logix.log import StepRows
 
     manifest = att.reader().manifest
-    return StepLog([f"q{i}" for i in range(len(rows))], rows, manifest.modules,
+    return StepRows([f"q{i}" for i in range(len(rows))], rows, manifest.modules,
                    dict(manifest.projection))
 
 

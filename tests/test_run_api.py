@@ -389,7 +389,7 @@ def test_import_is_light():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# --------------------------------------------------------------------------- StepLog
+# --------------------------------------------------------------------------- StepRows
 def test_step_log_views(new_run):
     g = seeded(8)
     model = make_mlp()
@@ -402,14 +402,14 @@ def test_step_log_views(new_run):
         first.module("nope")
     second = one_step(run, model, torch.randn(2, 6, generator=g), ids=["d", "e"])
     assert not torch.equal(first.grads[:2], second.grads)  # clone() did not alias
-    both = logix.StepLog.concat([first, second])
+    both = logix.StepRows.concat([first, second])
     assert both.data_ids == ["a", "b", "c", "d", "e"]
     assert torch.equal(both.grads, torch.cat([first.grads, second.grads]))
     with pytest.raises(UsageError):
-        logix.StepLog.concat([])
+        logix.StepRows.concat([])
     other = new_run().watch(model).add_lora(rank=3)
     with pytest.raises(UsageError, match="different"):
-        logix.StepLog.concat([first, one_step(other, model, torch.randn(2, 6, generator=g))])
+        logix.StepRows.concat([first, one_step(other, model, torch.randn(2, 6, generator=g))])
 
 
 def test_watch_refuses_what_is_not_a_module_and_skips_frozen_layers(new_run):

@@ -25,12 +25,12 @@ from logix.index.warm import Warm
 from logix.influence import norms as norm_cache
 from logix.influence.gather import own_part
 from logix.influence.scoring import SCORE_CHUNK
-from logix.log import StepLog
+from logix.log import StepRows
 
 MIN_CANDIDATES = 100
 
 
-def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = None,
+def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = None,
            rerank: bool = True, bottom: bool = False, *, index: Optional[str] = None,
            mode: Optional[str] = None, hessian: Optional[str] = None,
            damping: Optional[float] = None, precondition: bool = True,

@@ -34,7 +34,7 @@ from logix.influence.ensemble import ensemble_influence
 from logix.influence.results import Scores, self_scores
 from logix.influence.tracin import tracin_influence
 from logix.influence.topk import TopK
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.progress import track
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
@@ -52,7 +52,7 @@ class Attributor:
     the statistics and the shards. No model and no `Run` is needed:
 
         attributor = logix.Attributor("logix_logs/myproject")
-        result = attributor.compute_influence_all(query_log)   # a StepLog, file or folder
+        result = attributor.compute_influence_all(query_log)   # a StepRows, file or folder
 
     project_dir: the training log's folder. config: a `Config` or `InfluenceConfig` (default: the
     logging run's config snapshot in the manifest, so its declared curvature is kept).
@@ -68,7 +68,7 @@ class Attributor:
                  reader: Union[None, LogReader, Callable[[], LogReader]] = None,
                  modules: Optional[Callable[[], List[ModuleEntry]]] = None,
                  project: Optional[str] = None,
-                 last_query: Optional[Callable[[], StepLog]] = None) -> None:
+                 last_query: Optional[Callable[[], StepRows]] = None) -> None:
         self.project_dir = os.fspath(project_dir)
         manifest = load_optional(self.project_dir)
         if manifest is None and statistics is None and reader is None:
@@ -163,7 +163,7 @@ class Attributor:
                   gather: str = "all") -> Optional[Scores]:
         """Influence of every saved training row on each query, streaming the shards.
 
-        query: a StepLog (run.get_log()), a list of them, a StepLog file or a logged project
+        query: a StepRows (run.get_log()), a list of them, a StepRows file or a logged project
         folder. loader: a LogReader or project folder (default: this log).
         mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
         "lissa" (solves each query against the saved rows' Fisher by conjugate gradients; mode
@@ -272,7 +272,7 @@ class Attributor:
             return self_scores(list(log.data_ids), scorer.norms_of(log.grads.float())[:, 0],
                                scorer.meta)
         reader = self._reader(loader)
-        dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
+        dummy = StepRows([], torch.zeros(0, reader.dim), reader.manifest.modules)
         scorer = self.scorer(dummy, "dot", precondition, kind, damping, None)
         if scorer.preconditioner.queries_only:
             raise UsageError(f"hessian={scorer.preconditioner.kind!r} solves per query, so the "
@@ -282,7 +282,7 @@ class Attributor:
         norms = norm_cache.train_norms(reader, scorer, aligned(block_rows, reader.dim), progress)
         return self_scores(reader.data_ids(), norms[:, 0], scorer.meta)
 
-    def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
+    def compute_influence(self, src_log, tgt_log: StepRows, mode: Optional[str] = None,
                           precondition: bool = True, hessian: Optional[str] = None,
                           damping: Optional[float] = None, influence_groups=None) -> Scores:
         """Scores between two in-memory logs: `influence` [n_src, n_tgt], `src_ids`, `tgt_ids`
@@ -328,7 +328,7 @@ class Attributor:
         return self.ensemble(src_log, mode=mode, hessian=hessian, damping=damping, topk=topk,
                              block_rows=block_rows, progress=progress)
 
-    def _stream(self, src: StepLog, reader: LogReader, scorer: Scorer, topk, out,
+    def _stream(self, src: StepRows, reader: LogReader, scorer: Scorer, topk, out,
                 block_rows: int, progress: bool, log: dict) -> dict:
         n_train = reader.rows
         train_norms = norm_cache.train_norms(reader, scorer, block_rows, progress) \
@@ -380,7 +380,7 @@ class Attributor:
         return scorer.result(src, tgt_ids, full.T.contiguous().cpu())
 
     # ------------------------------------------------------------------ what logix.index builds on
-    def scorer(self, src: StepLog, mode: Optional[str] = None, precondition: bool = True,
+    def scorer(self, src: StepRows, mode: Optional[str] = None, precondition: bool = True,
                hessian: Optional[str] = None, damping: Optional[float] = None,
                groups=None) -> Scorer:
         """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
@@ -406,8 +406,8 @@ class Attributor:
                              "influence_groups out.")
         return Scorer(src, mode, preconditioner, group_masks(src.modules, groups))
 
-    def query(self, log) -> StepLog:
-        """The query log `log` (a StepLog, a list of them, a `StepLog.save` file or a project
+    def query(self, log) -> StepRows:
+        """The query log `log` (a StepRows, a list of them, a `StepRows.save` file or a project
         folder), checked against the saved log's layers and projections."""
         src = self._query_log(log)
         manifest = self.reader().manifest
@@ -415,7 +415,7 @@ class Attributor:
         return src
 
     # ------------------------------------------------------------------ helpers
-    def _query_log(self, query) -> StepLog:
+    def _query_log(self, query) -> StepRows:
         """The query log `query` (see `_as_log`); None: `last_query()` where there is one."""
         if query is None and self._last_query is not None:
             return self._last_query()
@@ -504,27 +504,27 @@ def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
 
-def _as_log(log) -> StepLog:
-    """A query log from a StepLog, a list of them, a `StepLog.save` file or a project folder
+def _as_log(log) -> StepRows:
+    """A query log from a StepRows, a list of them, a `StepRows.save` file or a project folder
     (every saved row of it becomes a query)."""
-    if isinstance(log, StepLog):
+    if isinstance(log, StepRows):
         return log
-    if isinstance(log, (list, tuple)) and log and all(isinstance(x, StepLog) for x in log):
-        return StepLog.concat(log)
+    if isinstance(log, (list, tuple)) and log and all(isinstance(x, StepRows) for x in log):
+        return StepRows.concat(log)
     if isinstance(log, (str, os.PathLike)):
         path = os.fspath(log)
         if os.path.isdir(path):
             reader = LogReader(path)
             ids, rows = reader.read_all()
-            return StepLog(ids, rows.float(), reader.manifest.modules,
+            return StepRows(ids, rows.float(), reader.manifest.modules,
                            dict(reader.manifest.projection))
         if os.path.isfile(path):
-            return StepLog.load(path)
+            return StepRows.load(path)
         raise UsageError(f"Query log {path!r} does not exist.")
     if log is None:
-        raise UsageError("Pass the query log: a StepLog (run.get_log()), a list of them, a file "
-                         "written by StepLog.save, or the folder of a logged query project.")
-    raise UsageError(f"Expected a StepLog from run.get_log() (or a list of them, a StepLog file "
+        raise UsageError("Pass the query log: a StepRows (run.get_log()), a list of them, a file "
+                         "written by StepRows.save, or the folder of a logged query project.")
+    raise UsageError(f"Expected a StepRows from run.get_log() (or a list of them, a StepRows file "
                      f"or a project folder), got {type(log).__name__}.")
 
 
@@ -556,7 +556,7 @@ def _influence_config(config, manifest) -> InfluenceConfig:
     return load_config(None, influence={k: v for k, v in saved.items() if k in known}).influence
 
 
-def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str) -> None:
+def _check_layout(src: StepRows, saved_modules, saved_projection: dict, what: str) -> None:
     fix = ("Query with the same watched layers and projections: in a new process call "
            "run.watch(model) then run.initialize_from_log().")
     if list(src.modules) != list(saved_modules):

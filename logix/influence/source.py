@@ -25,14 +25,14 @@ from torch import Tensor
 from logix.errors import UsageError
 from logix.influence import curvature
 from logix.influence.preconditioner import ModuleInverse
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
 from logix.storage.reader import LogReader
 
 
 
-def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
+def source_influence(base: LogReader, src: StepRows, hessian: str = "ekfac",
                      block_rows: int = 8192) -> dict:
     """SOURCE scores of the queries `src` against the checkpoints logged in `base`'s project:
     {"src_ids", "tgt_ids", "influence" [n_query, n_train], "segments", "meta"}; see module doc."""

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from logix.config import LoggingConfig
 from logix.errors import UsageError
-from logix.log import StepLog, TokenRows
+from logix.log import StepRows, TokenRows
 from logix.logra import Projection
 from logix.statistics import resume
 from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
@@ -198,10 +198,10 @@ class StepRunner:
     def __init__(self, session: LogSession) -> None:
         self.session = session
         self.current: Optional[Step] = None
-        self.last: Optional[StepLog] = None
+        self.last: Optional[StepRows] = None
         self.checkpoint: Optional[OpenCheckpoint] = None
         self._last_rows = LastRows.RUNNER
-        self._spare: Optional[Tensor] = None  # a row buffer no StepLog holds any more
+        self._spare: Optional[Tensor] = None  # a row buffer no StepRows holds any more
         self._factors: Dict = {}  # the hooks' projected inputs / output gradients
         self._warned_of_passes = False  # warn_of_repeated_passes said its piece
 
@@ -284,13 +284,13 @@ class StepRunner:
         tokens = None
         if capture.per_token:
             tokens = TokenRows(*token_rows(capture, layers.projections, scale, capture.mask))
-        self._set_last(StepLog(ids, rows, layers.layout(), dict(layers.projection_meta), tokens),
+        self._set_last(StepRows(ids, rows, layers.layout(), dict(layers.projection_meta), tokens),
                        in_shard)
         if keep:
             self.session.append([ids[k] for k in keep], kept, step.checkpoint)
         return True
 
-    def _set_last(self, log: StepLog, in_shard: bool) -> None:
+    def _set_last(self, log: StepRows, in_shard: bool) -> None:
         """Replace the last step's log; its row buffer is reused by the step after next unless
         log() handed it out (the next step writes into the other buffer, so log() during a step
         still returns the previous step intact). Rows `in_shard` (reserved in the shard being
@@ -301,7 +301,7 @@ class StepRunner:
         self.last = log
         self._last_rows = LastRows.IN_SHARD if in_shard else LastRows.RUNNER
 
-    def log(self, copy: bool = False) -> StepLog:
+    def log(self, copy: bool = False) -> StepRows:
         """The last step's log (a copy with `copy`; else the runner never reuses its rows)."""
         if self.last is None:
             raise UsageError("No step has been logged yet: run start()/backward()/end() first.")
