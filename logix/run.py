@@ -196,6 +196,7 @@ class Run(RunNames):
 
         After `finalize()` a step that would write rows is refused until `run.eval()` (a query,
         kept in memory) or `run.save(True)` (more training rows) says which one it is."""
+        self._steps.check_idle()
         spec = self.capture_spec
         writes = self.mode.check_step(spec, per_token)
         if not self.modules:

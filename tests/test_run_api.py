@@ -431,3 +431,19 @@ def test_a_run_appending_to_an_existing_log_says_so(new_run):
     again = new_run().watch(model).setup({"grad": ["log"]}).save(True)
     with pytest.warns(UserWarning, match="already holds a log of 3 rows: this run appends"):
         one_step(again, model, torch.randn(3, 6), ids=[10, 11, 12])
+
+
+def test_a_step_inside_a_step_is_refused_before_anything_runs(new_run):
+    import os
+
+    run = new_run(rank=2)
+    model = make_mlp(seed=0)
+    run.watch(model).add_lora()
+    run.start(data_id=[0, 1])
+    run.save(True)  # the next step would write: it must not open the log
+    with pytest.raises(UsageError, match="called twice"):
+        run.start(data_id=[2, 3])
+    assert not os.path.exists(run.project_dir)
+    model(torch.randn(2, 6)).sum().backward()
+    run.end()
+    assert run.get_log().data_ids == [0, 1]

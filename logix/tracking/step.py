@@ -211,9 +211,6 @@ class StepRunner:
         ids not yet logged, by logging.on_duplicate) or keeps them in memory. The step's
         forward/backward statistics stay apart until `finish` keeps the step, and count only
         kept examples."""
-        if self.current is not None:
-            raise UsageError("start() called twice without end(): call run.end() after each "
-                             "step's backward pass.")
         checkpoint = None if self.checkpoint is None else self.checkpoint.name
         keep = self.session.unseen(ids, checkpoint) if writes else None
         reserved = None
@@ -230,6 +227,12 @@ class StepRunner:
             self._spare = None
         self.current = Step(ids, keep, scale, capture, reserved, checkpoint)
         return self.current
+
+    def check_idle(self) -> None:
+        """Refuse a step started inside another (before anything of it runs)."""
+        if self.current is not None:
+            raise UsageError("start() called twice without end(): call run.end() after each "
+                             "step's backward pass.")
 
     def stop(self) -> Step:
         """Detach the current step's hooks; the step, for `finish`."""
