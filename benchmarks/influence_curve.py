@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import logix  # noqa: E402
 from benchmarks._common import best_of  # noqa: E402  (the same module influence_throughput uses)
 from benchmarks.influence_throughput import make_model, peak_sampler  # noqa: E402
-from logix.log import StepLog  # noqa: E402
+from logix.log import StepRows  # noqa: E402
 
 ROOFLINE_ROWS = 65536
 
@@ -56,10 +56,10 @@ def write_log(root: str, rows: int, dtype: str, chunk: int = 8192):
     return run
 
 
-def queries(run, n: int) -> StepLog:
+def queries(run, n: int) -> StepRows:
     g = torch.Generator().manual_seed(1)
     dim = sum(p.dim for p in run.projections.values())
-    return StepLog([f"q{i}" for i in range(n)], torch.randn(n, dim, generator=g), run.layout(),
+    return StepRows([f"q{i}" for i in range(n)], torch.randn(n, dim, generator=g), run.layout(),
                    dict(run.projection_meta))
 
 

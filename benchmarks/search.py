@@ -91,11 +91,11 @@ def sample(n: int, dim: int, seed: int):
 def queries(project_dir: str, n: int, dim: int):
     import torch
 
-    from logix.log import StepLog
+    from logix.log import StepRows
     from logix.storage.manifest import Manifest
 
     manifest = Manifest.load(project_dir)
-    return StepLog([f"q{i}" for i in range(n)], sample(n, dim, 99).to(torch.bfloat16).float(),
+    return StepRows([f"q{i}" for i in range(n)], sample(n, dim, 99).to(torch.bfloat16).float(),
                    manifest.modules, dict(manifest.projection))
 
 
@@ -196,7 +196,7 @@ def worker_warm(p: dict) -> dict:
            ["seconds"]}
     singles, splits, cpu = [], [], []
     for i in range(p.get("singles", 20)):
-        one = logix.log.StepLog(q.data_ids[i:i + 1], q.grads[i:i + 1], q.modules, q.projection)
+        one = logix.log.StepRows(q.data_ids[i:i + 1], q.grads[i:i + 1], q.modules, q.projection)
         started, cpu_started = time.perf_counter(), time.process_time()
         result = att.search(one, k=K, hessian="none")
         singles.append(time.perf_counter() - started)
@@ -244,14 +244,14 @@ def load_queries(p: dict):
     import logix.log
 
     if p.get("queries_file"):
-        return logix.log.StepLog.load(p["queries_file"])
+        return logix.log.StepRows.load(p["queries_file"])
     return queries(p["project"], p["queries"], p["dim"])
 
 
 def subset(q, n):
-    from logix.log import StepLog
+    from logix.log import StepRows
 
-    return StepLog(q.data_ids[:n], q.grads[:n], q.modules, q.projection)
+    return StepRows(q.data_ids[:n], q.grads[:n], q.modules, q.projection)
 
 
 def worker_digits(p: dict) -> dict:

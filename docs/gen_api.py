@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = [
     ("Starting a run", ["logix.init", "logix.get_run", "logix.load_config", "logix.frozen"]),
     ("Run", ["logix.Run", "logix.mode.Mode"]),
-    ("Query results", ["logix.StepLog", "logix.Scores"]),
+    ("Query results", ["logix.StepRows", "logix.Scores"]),
     ("Attributor (scoring a saved log)", ["logix.Attributor"]),
     ("Influence estimators", ["logix.influence.lissa.lissa", "logix.MagicRecorder",
                               "logix.magic_scores"]),
@@ -33,6 +33,8 @@ SECTIONS = [
                     "logix.evaluation.load_results"]),
     ("Dashboard", ["logix.dashboard.make_server", "logix.dashboard.serve",
                    "logix.dashboard.build_report", "logix.storage.content.load_content"]),
+    ("Coming from LogIX 0.1 (logix.compat)", ["logix.compat.RunNames",
+                                               "logix.compat.AttributorNames"]),
     ("Export to experiment trackers", ["logix.export.to_tensorboard", "logix.export.to_mlflow",
                                        "logix.export.to_wandb", "logix.export.collect",
                                        "logix.export.write"]),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from logix.errors import ConfigError, UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.mode import Mode
 from logix.tracking.frozen import frozen
 from logix.tracking.optimizer_state import has_second_moments
@@ -131,14 +131,14 @@ def watch_like_log(run, model: nn.Module) -> None:
 
 def log_batches(run, model: nn.Module, batches: Iterable,
                 describe: Callable[[Any], Described],
-                loss_of: Callable[[Any, int], Tensor]) -> Optional[StepLog]:
+                loss_of: Callable[[Any, int], Tensor]) -> Optional[StepRows]:
     """One pass of post-hoc logging: for each batch (moved to the model's device), start(ids,
     mask, scale) -> loss -> gradients -> end(). `describe` may take its id entry out of the
     batch. The model is in eval mode (no dropout) and frozen (`logix.frozen`: backward
     computes no weight gradient; requires_grad and .grad as they were after).
     Returns the concatenated in-memory logs when the run is in query mode, else None."""
     collected = []
-    keep = run.plan.log_grad and not run.saving
+    keep = run.capture_spec.log_grad and not run.saving
     device = model_device(model)
     with eval_mode(model), frozen(model), torch.enable_grad():
         for index, batch in enumerate(batches):
@@ -154,7 +154,7 @@ def log_batches(run, model: nn.Module, batches: Iterable,
                 loss.backward()
             if keep:
                 collected.append(run.get_log(copy=True))
-    return StepLog.concat(collected) if collected else None
+    return StepRows.concat(collected) if collected else None
 
 
 def run_passes(run, scheduler, one_pass: Callable[[], Any], finalize: bool = True) -> None:
@@ -190,7 +190,7 @@ def extract(run, model: nn.Module, batches: Iterable, describe: Callable[[Any], 
 
 
 def query_log(run, model: nn.Module, batches: Iterable, describe: Callable[[Any], Described],
-              loss_of: Callable[[Any, int], Tensor]) -> StepLog:
+              loss_of: Callable[[Any, int], Tensor]) -> StepRows:
     """The in-memory query log of `batches` (both integrations' `influence_of` and
     `self_influence`): query mode, nothing written, statistics unchanged. A run that watches
     nothing yet (a new process) watches the log's layers and loads its state first."""

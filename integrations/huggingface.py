@@ -167,7 +167,7 @@ class LogIXCallback(TrainerCallback):
                 "remove_unused_columns=False), or pass data_id_column=None to name examples by a "
                 "hash of their tokens.")
         saved_by_scheduler = self.scheduler is not None and self.scheduler.save == "grad"
-        if self.run.plan.log_grad and not self.run.saving and not saved_by_scheduler:
+        if self.run.capture_spec.log_grad and not self.run.saving and not saved_by_scheduler:
             warnings.warn("LogIXCallback: run.save(True) was not called, so no training row will "
                           "be written (only the last micro-batch stays in memory). Call "
                           "run.save(True) before trainer.train() to log the training set.",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+from logix import compat
 from logix.config import Config, load_config
 from logix.errors import ConfigError, LogFormatError, LogIXError, UsageError, WriterError
 from logix.index.attributor import Attributor
 from logix.influence.magic import MagicRecorder, magic_scores
 from logix.influence.results import Scores
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.mode import Mode
 from logix.run import Run
 from logix.scheduler import LogIXScheduler
@@ -78,16 +79,19 @@ summary = _shortcut("summary")
 
 
 def __getattr__(name: str):
-    """`logix.text` is imported on first use (it pulls in more)."""
+    """`logix.text` is imported on first use (it pulls in more); older names come from
+    logix.compat (with a DeprecationWarning)."""
     if name == "text":
         import importlib
 
         return importlib.import_module(f"logix.{name}")
+    if name in compat.RENAMED:
+        return compat.old_name(name)
     raise AttributeError(f"module 'logix' has no attribute {name!r}")
 
 
 __all__ = ["init", "Run", "Attributor", "Scores", "Mode", "LogIXScheduler", "Config",
-           "load_config", "StepLog", "get_run", "frozen", "LogIXError", "ConfigError",
+           "load_config", "StepRows", "get_run", "frozen", "LogIXError", "ConfigError",
            "UsageError", "LogFormatError", "WriterError", "MagicRecorder", "magic_scores",
            # the current run's methods (get_run().<name>)
            "watch", "add_lora", "setup", "save", "start", "end", "get_log", "eval", "clear",

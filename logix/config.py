@@ -116,12 +116,8 @@ class InfluenceConfig:
         "(cached by path, size and modification time); false reads shards unchecked.", True)
 
     def __post_init__(self) -> None:
-        from logix.influence import curvature  # the registry of kinds; imported when checked
-
-        allowed = [curvature.AUTO, *curvature.names()]
-        if self.hessian not in allowed:
-            raise ConfigError(f"Config key 'hessian' is {self.hessian!r}; allowed values: "
-                              f"{allowed}.")
+        # `hessian` is checked against the curvature registry where the influence layer reads
+        # the config (logix.influence.attributor.check_config), above this module.
         if isinstance(self.damping, bool) or not (
                 self.damping in (None, "auto", "relative") or
                 isinstance(self.damping, (int, float)) and 0 <= self.damping < math.inf):

@@ -1,4 +1,5 @@
-"""Old LogIX's `logix.huggingface`: an alias of `logix.integrations.huggingface`.
+"""Old LogIX's `logix.huggingface`: an alias of `logix.integrations.huggingface` (logix.compat
+lists every older name).
 
 Importing it imports transformers; `import logix` alone does not.
 """

@@ -1,4 +1,5 @@
-"""Old LogIX's `logix.lightning`: an alias of `logix.integrations.lightning`.
+"""Old LogIX's `logix.lightning`: an alias of `logix.integrations.lightning` (logix.compat
+lists every older name).
 
 Importing it imports lightning; `import logix` alone does not.
 """

@@ -1,4 +1,4 @@
-"""StepLog: projected per-example gradients held in memory (a query, or the last logged step)."""
+"""StepRows: projected per-example gradients held in memory (a query, or the last logged step)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, atomic_write, safetens
 from logix.storage.manifest import ModuleEntry
 
 STEP_LOG_FORMAT = "logix-step-log"
-TOKEN_GRAD_KEY = "token_grad"  # a saved StepLog's per-token rows, described by TOKEN_ROWS_KEY
+TOKEN_GRAD_KEY = "token_grad"  # a saved StepRows's per-token rows, described by TOKEN_ROWS_KEY
 TOKEN_ROWS_KEY = "token_rows"
 
 
@@ -25,7 +25,7 @@ TOKEN_ROWS_KEY = "token_rows"
 class TokenRows:
     """Per-token rows of a query log (`run.start(..., per_token=True)`): row k is the part of
     query `query[k]`'s projected gradient that flows through token position `position[k]`; the
-    rows of one query sum to its row of `StepLog.grads`. `text` (token strings) and
+    rows of one query sum to its row of `StepRows.grads`. `text` (token strings) and
     `completion` (whether the token belongs to the scored completion) are optional."""
 
     grads: Tensor  # [n_tokens, dim]
@@ -48,7 +48,7 @@ class TokenRows:
 
 
 @dataclass
-class StepLog:
+class StepRows:
     """Rows [n, dim]: every tracked module's flattened G~ side by side, as in a shard."""
 
     data_ids: List
@@ -72,17 +72,17 @@ class StepLog:
         raise UsageError(f"Module {name!r} is not in this log; it holds "
                          f"{[m.name for m in self.modules]}.")
 
-    def clone(self) -> "StepLog":
+    def clone(self) -> "StepRows":
         tokens = None if self.tokens is None else dataclasses.replace(
             self.tokens, grads=self.tokens.grads.clone())
-        return StepLog(list(self.data_ids), self.grads.clone(), list(self.modules),
+        return StepRows(list(self.data_ids), self.grads.clone(), list(self.modules),
                        dict(self.projection), tokens)
 
     @staticmethod
-    def concat(logs: Sequence["StepLog"]) -> "StepLog":
+    def concat(logs: Sequence["StepRows"]) -> "StepRows":
         """Join the logs of several query batches into one."""
         if not logs:
-            raise UsageError("StepLog.concat needs at least one log.")
+            raise UsageError("StepRows.concat needs at least one log.")
         if any(log.modules != logs[0].modules or log.projection != logs[0].projection
                for log in logs):
             raise UsageError("Cannot concatenate logs with different modules, ranks or "
@@ -96,7 +96,7 @@ class StepLog:
         for log in logs if all(with_tokens) else []:
             tokens.append(log.tokens.shifted(offset))
             offset += len(log)
-        return StepLog(ids, torch.cat([log.grads for log in logs]), list(logs[0].modules),
+        return StepRows(ids, torch.cat([log.grads for log in logs]), list(logs[0].modules),
                        dict(logs[0].projection), TokenRows.concat(tokens) if tokens else None)
 
     def save(self, path: Union[str, os.PathLike]) -> str:
@@ -119,8 +119,8 @@ class StepLog:
         return path
 
     @staticmethod
-    def load(path: Union[str, os.PathLike]) -> "StepLog":
-        """Read a log written by `StepLog.save`."""
+    def load(path: Union[str, os.PathLike]) -> "StepRows":
+        """Read a log written by `StepRows.save`."""
         from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
@@ -128,7 +128,7 @@ class StepLog:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata() or {}
                 if metadata.get("format") != STEP_LOG_FORMAT:
-                    raise UsageError(f"{path!r} is not a saved StepLog (its metadata format is "
+                    raise UsageError(f"{path!r} is not a saved StepRows (its metadata format is "
                                      f"{metadata.get('format')!r}); write one with "
                                      "run.get_log().save(path).")
                 grads = f.get_tensor(GRAD_KEY)
@@ -140,9 +140,9 @@ class StepLog:
             ids = json.loads(metadata[DATA_IDS_KEY])
             projection = json.loads(metadata["projection"])
         except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
-            raise LogFormatError(f"Cannot read the StepLog file {path!r}: {e}") from e
+            raise LogFormatError(f"Cannot read the StepRows file {path!r}: {e}") from e
         if grads.dim() != 2 or grads.shape[0] != len(ids) or \
                 grads.shape[1] != sum(m.dim for m in modules):
             raise LogFormatError(f"{path!r}: grad of shape {tuple(grads.shape)} does not match "
                                  f"{len(ids)} data ids and the modules' width.")
-        return StepLog(ids, grads, modules, projection, tokens)
+        return StepRows(ids, grads, modules, projection, tokens)

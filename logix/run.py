@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import logging
 import os
 import warnings
@@ -14,24 +16,26 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from logix import distributed, logra, planning
+from logix import distributed, planning
+from logix.compat import RunNames, check_clear, renamed_argument
 from logix.config import Config
 from logix.errors import ConfigError, UsageError
 from logix.index.attributor import Attributor
 from logix.influence import curvature
-from logix.influence.checkpoints import check_inside, check_new, checkpoint_info
+from logix.influence.attributor import check_config
 from logix.influence.hessian import CurvatureSource, watched_weights
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.mode import Mode
 from logix.statistics import resume
 from logix.statistics.covariance import CovarianceState
 from logix.statistics.live import RunStatistics, device_of
 from logix.storage import state
-from logix.storage.manifest import Manifest, ModuleEntry, load_optional
+from logix.storage.manifest import Manifest, ModuleEntry
 from logix.storage.reader import LogReader
 from logix.summary import summary as summary_table
 from logix.storage.session import LogSession
 from logix.tracking.capture import CaptureSpec, spec_from_setup
+from logix.tracking.checkpoint import checkpoint_block, checkpoint_info
 from logix.tracking.layers import TrackedLayers
 from logix.tracking.selection import NameFilter, select_modules
 from logix.tracking.step import StepRunner, step_ids
@@ -40,7 +44,22 @@ logger = logging.getLogger("logix")
 QUERY_SPEC = CaptureSpec(log_grad=True)
 
 
-class Run:
+def _influence_call(name: str, last_step: bool = False):
+    """`Run.<name>`: `run.influence.<name>`, with that method's docstring (`last_step`: no
+    query means the last step's log)."""
+    method = getattr(Attributor, name)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return getattr(self.influence, name)(*args, **kwargs)
+
+    call.__qualname__ = f"Run.{name}"
+    call.__doc__ = f"`run.influence.{name}`{' (no query: the last step)' if last_step else ''}." \
+                   f"\n\n{inspect.cleandoc(method.__doc__)}"
+    return call
+
+
+class Run(RunNames):
     """One logging project: `logix.init(project)` returns it.
 
     Train time: `watch` a model, optionally `add_lora`, `setup` what to collect, `save(True)`,
@@ -55,6 +74,7 @@ class Run:
             raise ConfigError(f"project must be a non-empty folder name, got {project!r}.")
         self.project = project
         self.config = copy.deepcopy(config)  # the run may declare its curvature in it
+        check_config(self.config.influence)
         self.project_dir = os.path.join(config.root_dir, project)
         if os.path.abspath(config.root_dir) == os.path.abspath("logix"):
             warnings.warn("root_dir ./logix is a folder named like the package: scripts run from "
@@ -66,8 +86,6 @@ class Run:
         self.capture_spec = self._setup_spec = CaptureSpec(log_grad=True)
         self._session = LogSession(self.project_dir, self.config.logging)
         self._steps = StepRunner(self._session)
-        self._checkpoint: Optional[str] = None
-        self._checkpoint_ids: Optional[set] = None  # train_ids of the open checkpoint block
         self._influence: Optional[Attributor] = None
         self._curvature_source: Optional[CurvatureSource] = None
 
@@ -86,15 +104,6 @@ class Run:
     def statistics(self) -> CovarianceState:
         """The covariances collected so far (a checkpoint block's inside one)."""
         return self._stats.state
-
-    @property
-    def plan(self) -> CaptureSpec:
-        """`capture_spec` under its LogIX name."""
-        return self.capture_spec
-
-    @plan.setter
-    def plan(self, spec: CaptureSpec) -> None:
-        self.capture_spec = spec
 
     def layout(self) -> List[ModuleEntry]:
         """Each watched module's slice of a log row (cached until the projections change)."""
@@ -123,7 +132,8 @@ class Run:
         logger.info("LogIX watches %d layers of %s", len(modules), type(model).__name__)
         return self
 
-    def add_lora(self, model: Optional[nn.Module] = None, watch: bool = True, clear: bool = True,
+    def add_lora(self, model: Optional[nn.Module] = None, watch: bool = True,
+                 clear: Optional[bool] = None,
                  type_filter=None, name_filter=None, init: Optional[str] = None,
                  rank: Optional[int] = None, rank_in: Optional[int] = None,
                  rank_out: Optional[int] = None) -> "Run":
@@ -133,26 +143,14 @@ class Run:
         keys; a side no wider than its rank is not projected (the identity).
 
         PCA needs forward and backward covariances from an earlier pass without projections.
-        Statistics collected so far belong to the old space and are reset (`clear` is kept for
-        LogIX compatibility and must stay True).
+        Statistics collected so far belong to the old space and are reset (`clear`: LogIX's
+        flag, logix.compat).
         """
+        check_clear(clear)
         if model is not None and (watch or not self.modules):
             self.watch(model, name_filter=name_filter, type_filter=type_filter)
-        if not self.modules:
-            raise UsageError("add_lora() needs watched layers: call run.watch(model) first, or "
-                             "pass the model: run.add_lora(model).")
-        if not clear:
-            raise UsageError("add_lora(clear=False) would keep statistics of the unprojected "
-                             "space next to projected ones; they cannot be mixed.")
-        init = init or self.config.lora.init
-        logra.resolve_ranks(self.config.lora, rank, rank_in, rank_out)  # refused before PCA's
-        if init == "pca":
-            if self.projection_meta["init"] != "none":
-                raise UsageError("add_lora(init='pca') must come before any other add_lora(): "
-                                 "PCA needs covariances of the unprojected layers.")
-            self._stats.reduce()  # every rank derives the same projection
         self.layers.add_lora(self.config.lora, self.config.seed, init, rank, rank_in, rank_out,
-                             self.statistics.get)
+                             self._stats)
         self._new_space()
         return self
 
@@ -206,34 +204,24 @@ class Run:
 
         After `finalize()` a step that would write rows is refused until `run.eval()` (a query,
         kept in memory) or `run.save(True)` (more training rows) says which one it is."""
-        if self._steps.current is not None:
-            raise UsageError("start() called twice without end(): call run.end() after each "
-                             "step's backward pass.")
+        self._steps.check_idle()
         spec = self.capture_spec
         writes = self.mode.check_step(spec, per_token)
         if not self.modules:
             raise UsageError("Nothing is watched: call run.watch(model) before run.start().")
         ids = step_ids(data_id, mask, scale)
-        keep = None
         if writes:  # refusals come before anything of the step runs
             self._open_session()
             self._stats.hand_over(self._session, spec.covariances)
-            keep = self._session.unseen(ids, self._checkpoint)
-        self._steps.start(self.layers, spec, self.statistics.device, ids, keep, scale, mask,
-                          per_token, self._checkpoint)
+        self._steps.start(self.layers, spec, self.statistics.device, ids, writes, scale, mask,
+                          per_token)
 
     def end(self) -> None:
         """Detach hooks, assemble the step's rows, update statistics and queue rows for disk."""
-        if self._steps.current is None:
-            raise UsageError("end() called without start(): call run.start(data_id=...) before "
-                             "the forward pass.")
         step = self._steps.stop()
         self._session.raise_if_failed()
-        check_inside(self._checkpoint, self._checkpoint_ids, step.ids)
-        spec = self.capture_spec
-        if self._steps.finish(step, spec, self.config.logging, self.saving, self.layers,
-                              self.statistics, self._stats.loaded) and spec.covariances:
-            self._stats.unreduced = True
+        self._steps.finish(step, self.capture_spec, self.config.logging, self.saving,
+                           self.layers, self._stats)
 
     @contextlib.contextmanager
     def __call__(self, data_id, mask: Optional[Tensor] = None, scale: float = 1.0,
@@ -259,25 +247,8 @@ class Run:
         and statistics are kept apart from other checkpoints', named in the manifest.
         """
         info = checkpoint_info(name, segment, lr, steps, momentum, train_ids)
-        if self._checkpoint is not None:
-            raise UsageError(f"checkpoint({name!r}) inside checkpoint({self._checkpoint!r}): "
-                             "close one checkpoint block before opening the next.")
-        self.flush()
-        check_new(name, info, self._session.manifest or load_optional(self.project_dir))
-        if not self.saving:
-            raise self.mode.refuse(f"checkpoint({name!r}) records a logging pass, but this run "
-                                   "does not save", "Call run.save(True) first.")
-        outer, self._stats.state = self._stats.state, self._stats.fresh()
-        self._checkpoint = name
-        self._checkpoint_ids = None if train_ids is None else set(info["train_ids"])
-        try:
-            with self._session.checkpoint(name, self._open_session):
-                yield self  # the block's rows go out under its name, even when it fails
-        finally:
-            inner, self._stats.state = self._stats.state, outer
-            self._checkpoint = self._checkpoint_ids = None
-        inner.all_reduce()
-        self._session.add_checkpoint(name, inner.state_dict(), info)
+        with checkpoint_block(self._steps, self._stats, self.mode, info, name, self._open_session):
+            yield self
 
     def magic_recorder(self, model: nn.Module, optimizer, **kwargs):
         """A `logix.MagicRecorder` that records this training run into `<project>/replay`, for
@@ -288,7 +259,7 @@ class Run:
         return MagicRecorder(os.path.join(self.project_dir, REPLAY_DIR), model, optimizer,
                              **kwargs)
 
-    def get_log(self, copy: bool = False) -> StepLog:
+    def get_log(self, copy: bool = False) -> StepRows:
         """The last step's projected gradients (a query's test log)."""
         return self._steps.log(copy)
 
@@ -324,43 +295,28 @@ class Run:
         self.mode = self.mode.after("finalize()")
 
     def _final_statistics(self) -> dict:
-        """Reduced across ranks, joined with a reopened log's, curvatures fitted from the rows."""
+        """Reduced across ranks, joined with a reopened log's, curvatures such as EK-FAC fitted
+        from the rows this run saved."""
         if self._stats.reduce():
             resume.merge_saved(self._session, self.statistics)
-            if distributed.any_rank(self._saved_rows()):
+            manifest = self._session.manifest
+            if distributed.any_rank(self.saving and manifest is not None and manifest.rows > 0):
                 for kind in curvature.fitted_after_logging(self.capture_spec.covariances):
-                    curvature.fit(kind, self.statistics, self.reader(),
-                                  self.config.influence.block_rows, progress=False)
+                    self.influence.fit(kind, progress=False)
         return self.statistics.state_dict()
-
-    def _saved_rows(self) -> bool:
-        """Whether this run saved rows (curvatures such as EK-FAC are fitted from them)."""
-        manifest = self._session.manifest
-        return self.saving and manifest is not None and manifest.rows > 0
 
     def initialize_from_log(self) -> "Run":
         """Load projections and statistics from this project's folder (a new process picks up
         where the logging run stopped). Watch the same model first."""
-        if not self.modules:
-            raise UsageError("initialize_from_log() needs the model: call run.watch(model) "
-                             "first, with the same filters as the logging run.")
-        manifest = Manifest.load(self.project_dir)
-        self.layers.load(manifest, *state.load_projections(self.project_dir))
+        manifest = self.layers.reopen(self.project_dir)
         self._curvature_source = None  # built with the projections it replaced
         self.config.logging.log_dtype = manifest.dtype  # the run's own copy of the config
         self._stats.load(state.load_statistics(self.project_dir))
-        self.layers.check_same_as(manifest)
         return self
 
     def reader(self) -> LogReader:
         """A reader over this project's saved logs (flushes pending rows first)."""
         return self._session.reader(verify=self.config.influence.verify)
-
-    def build_log_dataloader(self, batch_size: Optional[int] = None):
-        """LogIX compatibility: an iterable of saved row blocks (a LogReader)."""
-        reader = self.reader()
-        reader.block_rows = batch_size or self.config.influence.block_rows
-        return reader
 
     # ------------------------------------------------------------------ queries
     @property
@@ -371,35 +327,15 @@ class Run:
                 self._influence.curvature_source is not self._curvature_source:
             self._influence = Attributor(self.project_dir, self.config, statistics=self.statistics,
                                          reader=self.reader, modules=self.layout,
-                                         project=self.project,
+                                         project=self.project, last_query=self.get_log,
                                          curvature_source=self._curvature_source)
         return self._influence
 
-    def compute_influence_all(self, src_log: Optional[StepLog] = None, loader=None, **kwargs):
-        """Score the query log (default: the last step) against every logged training example,
-        streaming the shards. See `logix.Attributor.compute_influence_all`."""
-        return self.influence.compute_influence_all(self._query(src_log), loader, **kwargs)
-
-    def compute_influence(self, src_log: StepLog, tgt_log: StepLog, **kwargs):
-        """Scores between two in-memory logs. See `logix.Attributor.compute_influence`."""
-        return self.influence.compute_influence(src_log, tgt_log, **kwargs)
-
-    def compute_self_influence(self, src_log: Optional[StepLog] = None, **kwargs):
-        """g^T (H + lambda I)^-1 g per example (of src_log, or of every saved row)."""
-        return self.influence.compute_self_influence(src_log, **kwargs)
-
-    def search(self, src_log: Optional[StepLog] = None, k: int = 10, **kwargs):
-        """The k most helpful training examples per query (default: the last step) from a
-        vector index, with exact scores. See `logix.Attributor.search`."""
-        return self.influence.search(self._query(src_log), k, **kwargs)
-
-    def build_index(self, kind: str = "auto", **kwargs):
-        """Build or update the vector index of this run's log. See
-        `logix.Attributor.build_index`."""
-        return self.influence.build_index(kind, **kwargs)
-
-    def _query(self, src_log):
-        return self.get_log() if src_log is None else src_log
+    compute_influence_all = _influence_call("compute_influence_all", last_step=True)
+    compute_influence = _influence_call("compute_influence")
+    compute_self_influence = _influence_call("compute_self_influence")
+    search = renamed_argument("src_log", "query")(_influence_call("search", last_step=True))
+    build_index = _influence_call("build_index")
 
     # ------------------------------------------------------------------ tools
     resource_plan = planning.resource_plan  # (run, examples, ...): the run is `self`
@@ -412,17 +348,10 @@ class Run:
         statistics (at once unless the run is logging: its finalize() saves them). Inside a
         `run.checkpoint(...)` block they are that checkpoint's, for SOURCE with
         hessian="optimizer": pass the optimizer state saved with the checkpoint's weights."""
-        from logix.tracking.optimizer_state import add_to_statistics
+        from logix.tracking.optimizer_state import add_to_run
 
-        if not self.modules:
-            raise UsageError("add_optimizer_state() needs the watched layers: call "
-                             "run.watch(model) (and run.add_lora or initialize_from_log) first.")
-        add_to_statistics(self.statistics, self.modules, self.projections, optimizer, params)
-        manifest = load_optional(self.project_dir)
-        if self.mode is not Mode.LOGGING and self._checkpoint is None and manifest is not None \
-                and distributed.rank() == 0:
-            # a log that is not being written: its finalize() already saved the statistics
-            state.save_statistics(self.project_dir, self.statistics.state_dict(), manifest)
+        add_to_run(self.statistics, self.layers, optimizer, params, self.project_dir,
+                   logging=self.mode is Mode.LOGGING or self._steps.checkpoint is not None)
         return self
 
     def add_curvature_source(self, model: nn.Module, loss_fn, loader, *, forward=None,

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import logix
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 
 HESSIANS = ["none", "raw", "kfac", "ekfac"]
 MODES = ["dot", "cosine", "l2"]
@@ -80,7 +80,7 @@ def test_queries_from_a_file_or_a_logged_query_project(tmp_path):
     run, query = logged_run(tmp_path)
     attributor = logix.Attributor(run.project_dir)
     from_memory = attributor.compute_influence_all(query, progress=False)
-    loaded = StepLog.load(query.save(tmp_path / "q.safetensors"))
+    loaded = StepRows.load(query.save(tmp_path / "q.safetensors"))
     assert loaded.data_ids == ["q0", "q1", "q2"] and torch.equal(loaded.grads, query.grads)
     assert torch.equal(attributor.compute_influence_all(loaded, progress=False)["influence"],
                        from_memory["influence"])
@@ -103,7 +103,7 @@ def test_bad_inputs_are_named(tmp_path):
         attributor.compute_influence_all(str(tmp_path / "missing.safetensors"))
     not_a_log = tmp_path / "scores.safetensors"
     run.compute_influence_all(query, out=str(not_a_log), progress=False)
-    with pytest.raises(UsageError, match="not a saved StepLog"):
+    with pytest.raises(UsageError, match="not a saved StepRows"):
         attributor.compute_influence_all(str(not_a_log))
     with pytest.raises(UsageError, match="config must be"):
         logix.Attributor(run.project_dir, config={"hessian": "raw"})

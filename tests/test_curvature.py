@@ -8,6 +8,7 @@ import pytest
 from logix.config import InfluenceConfig, load_config
 from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
+from logix.influence.attributor import check_config
 from logix.statistics.covariance import BACKWARD, FORWARD, GRAD
 
 
@@ -15,9 +16,7 @@ def test_every_reader_of_curvature_kinds_sees_the_registry():
     assert curvature.names() == ("none", "raw", "kfac", "ekfac", "lissa", "full", "optimizer",
                                  "hessian", "ggn")
     for name in ("auto",) + curvature.names():
-        assert InfluenceConfig(hessian=name).hessian == name
-    with pytest.raises(ConfigError, match="allowed"):
-        load_config(None, influence={"hessian": "kfca"})
+        assert check_config(InfluenceConfig(hessian=name)).hessian == name
     with pytest.raises(UsageError, match="'kfac'"):
         curvature.get("kfca")
 
@@ -36,7 +35,7 @@ def test_cli_config_and_integrations_list_exactly_the_registry():
     assert _option_choices("index", "--hessian") == ["auto", *kinds]
     assert _option_choices("search", "--hessian") == ["auto", *kinds]
     with pytest.raises(ConfigError) as refused:
-        InfluenceConfig(hessian="kfca")
+        check_config(InfluenceConfig(hessian="kfca"))
     assert str(["auto", *kinds]) in str(refused.value)
 
     from logix.integrations._arguments import BaseLogIXArguments
@@ -51,6 +50,19 @@ def test_cli_config_and_integrations_list_exactly_the_registry():
     root = pathlib.Path(__file__).resolve().parent.parent
     comment = re.search(r"^  hessian: \w+ +# (.*)$", (root / "config.yaml").read_text(), re.M)
     assert comment.group(1).split(" | ") == ["auto", *kinds]
+
+
+def test_a_misspelt_hessian_is_refused_where_the_config_is_read(tmp_path):
+    """config.py sits below the registry: the Run and the Attributor check what they read."""
+    import logix
+
+    with pytest.raises(ConfigError, match="allowed values"):
+        logix.init("typo", root_dir=str(tmp_path), influence={"hessian": "kfca"})
+    cfg = load_config(None, root_dir=str(tmp_path))
+    run = logix.init("fine", cfg)
+    with pytest.raises(ConfigError, match="'kfca'"):
+        logix.Attributor(run.project_dir, load_config(None, influence={"hessian": "kfca"}),
+                         statistics=run.statistics)
 
 
 def test_finalize_fits_the_kinds_fitted_from_rows():

@@ -133,15 +133,15 @@ def test_a_batched_search_equals_per_query_searches(logged, options):
 
 
 def query_subset(log, q):
-    from logix.log import StepLog
+    from logix.log import StepRows
 
-    return StepLog(log.data_ids[q:q + 1], log.grads[q:q + 1], log.modules, log.projection)
+    return StepRows(log.data_ids[q:q + 1], log.grads[q:q + 1], log.modules, log.projection)
 
 
 def write_clustered_log(project_dir, rows=4096, dim=32, clusters=64, seed=0):
     """Shards of rows as gradients look: a few directions (clusters), norms spread over orders
     of magnitude (log-normal); returns queries drawn the same way."""
-    from logix.log import StepLog
+    from logix.log import StepRows
     from logix.storage.format import (DATA_IDS_KEY, GRAD_KEY, LOGS_DIR, atomic_write,
                                       safetensors_header, shard_name, tensor_bytes)
     from logix.storage.manifest import Manifest, ModuleEntry, ShardEntry
@@ -167,7 +167,7 @@ def write_clustered_log(project_dir, rows=4096, dim=32, clusters=64, seed=0):
         manifest.shards.append(ShardEntry(rel, 1024, len(header) + block.numel() * 4, sha, 0,
                                           seq))
     manifest.save(project_dir)
-    return StepLog([f"q{i}" for i in range(32)], draw(32), manifest.modules,
+    return StepRows([f"q{i}" for i in range(32)], draw(32), manifest.modules,
                    dict(manifest.projection))
 
 
@@ -309,11 +309,11 @@ def test_bad_inputs_are_named(logged, tmp_path):
         att.build_index("flat", sketch=0, progress=False)
     with pytest.raises(UsageError, match="quantize='int4' is not supported"):
         att.build_index("flat", quantize="int4", progress=False)
-    other = logix.StepLog(query.data_ids, query.grads[:, :-1], query.modules[:1],
+    other = logix.StepRows(query.data_ids, query.grads[:, :-1], query.modules[:1],
                           query.projection)
     with pytest.raises(UsageError, match="tracked layers differ"):
         att.search(other, k=3)
-    narrow = logix.StepLog(query.data_ids, query.grads[:, :5], query.modules, query.projection)
+    narrow = logix.StepRows(query.data_ids, query.grads[:, :5], query.modules, query.projection)
     with pytest.raises(UsageError, match=r"rows are \(\d+, 5\), but the saved log's layers"):
         att.search(narrow, k=3)
     with pytest.raises(UsageError, match=r"rows are \(\d+, 5\)"):
@@ -335,7 +335,7 @@ def test_an_empty_log_is_refused(tmp_path):
     att = logix.Attributor(run.project_dir)
     with pytest.raises(UsageError, match="no logged rows to index"):
         att.build_index(progress=False)
-    query = logix.StepLog(["q"], torch.zeros(1, 6), att.modules(),
+    query = logix.StepRows(["q"], torch.zeros(1, 6), att.modules(),
                           dict(att.reader().manifest.projection))
     with pytest.raises(UsageError, match="no logged rows to search"):
         att.search(query, k=1)
@@ -382,7 +382,7 @@ def test_run_search_and_cli_index_search_show(tmp_path, capsys):
     scores = str(tmp_path / "scores.safetensors")
     run.compute_influence_all(query, out=scores, progress=False)
     assert cli.main(["search", run.project_dir, "--queries", scores, "--k", "2"]) == 2
-    assert "is not a saved StepLog" in capsys.readouterr().err
+    assert "is not a saved StepRows" in capsys.readouterr().err
     assert cli.main(["search", run.project_dir, "--queries", queries, "--k", "2",
                      "--no-rerank"]) == 0
     printed = capsys.readouterr().out

@@ -57,9 +57,9 @@ def test_warm_and_cold_searches_return_the_streams_ids_and_bits(project, tmp_pat
     # cold: a new process
     out = tmp_path / "cold.json"
     code = ("import json, sys, logix, warnings; warnings.simplefilter('ignore');"
-            "from logix.log import StepLog;"
+            "from logix.log import StepRows;"
             f"r = logix.Attributor({att.project_dir!r}).search("
-            f"StepLog.load({os.path.join(queries_dir, 'q.safetensors')!r}), k=5, "
+            f"StepRows.load({os.path.join(queries_dir, 'q.safetensors')!r}), k=5, "
             "hessian='ekfac');"
             f"json.dump([r['top_ids'], r['top_scores'].tolist()], open({str(out)!r}, 'w'))")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
@@ -135,10 +135,10 @@ def test_auto_records_the_recall_a_brute_force_check_measures(tmp_path, monkeypa
 
 
 def queries_log(att, rows):
-    from logix.log import StepLog
+    from logix.log import StepRows
 
     manifest = att.reader().manifest
-    return StepLog([f"q{i}" for i in range(len(rows))], rows, manifest.modules,
+    return StepRows([f"q{i}" for i in range(len(rows))], rows, manifest.modules,
                    dict(manifest.projection))
 
 
@@ -253,11 +253,11 @@ def test_a_search_on_one_thread_keeps_the_bits_of_a_stream_on_two(tmp_path):
     stream's bits: they run on the stream's thread count where a GEMM's bits depend on it (64
     queries of 928 numbers differ between one and two threads), on one where a probe finds
     they do not. The counts are restored."""
-    from logix.log import StepLog
+    from logix.log import StepRows
 
     project = str(tmp_path / "wide")
     query = write_clustered_log(project, rows=2048, dim=928)
-    queries = StepLog([f"q{i}" for i in range(64)], torch.cat([query.grads, -query.grads.flip(1)]),
+    queries = StepRows([f"q{i}" for i in range(64)], torch.cat([query.grads, -query.grads.flip(1)]),
                       query.modules, query.projection)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -265,7 +265,7 @@ def test_a_search_on_one_thread_keeps_the_bits_of_a_stream_on_two(tmp_path):
         att = logix.Attributor(project)
         att.build_index("flat", progress=False)
         for n in (1, 4, 64):  # where one thread gives the same bits (threads.bits_threads) or not
-            some = StepLog(queries.data_ids[:n], queries.grads[:n], query.modules,
+            some = StepRows(queries.data_ids[:n], queries.grads[:n], query.modules,
                            query.projection)
             got = att.search(some, k=10, hessian="none")
             assert torch.get_num_threads() == 2

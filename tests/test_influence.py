@@ -214,9 +214,9 @@ def test_self_influence_is_the_diagonal(tmp_path):
     x, y = mlp_data(20)
     run = log_run(tmp_path, model, x, y)
     ids, train = run.reader().read_all()
-    from logix.log import StepLog
+    from logix.log import StepRows
 
-    train_log = StepLog(ids, train, run.layout())
+    train_log = StepRows(ids, train, run.layout())
     for hessian in HESSIANS:
         pairwise = run.compute_influence(train_log, train_log, hessian=hessian)["influence"]
         streamed = run.compute_self_influence(hessian=hessian)

@@ -184,7 +184,7 @@ def test_setup_validation(new_run):
     with pytest.raises(ConfigError, match="dict"):
         run.setup(["grad"])
     run.setup({"grad": "save", "forward": ["cov"]})  # LogIX spellings
-    assert run.plan.log_grad and run.plan.forward_covariance and not run.plan.grad_covariance
+    assert run.capture_spec.log_grad and run.capture_spec.forward_covariance and not run.capture_spec.grad_covariance
 
 
 # --------------------------------------------------------------------------- protocol errors
@@ -389,7 +389,7 @@ def test_import_is_light():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# --------------------------------------------------------------------------- StepLog
+# --------------------------------------------------------------------------- StepRows
 def test_step_log_views(new_run):
     g = seeded(8)
     model = make_mlp()
@@ -402,14 +402,14 @@ def test_step_log_views(new_run):
         first.module("nope")
     second = one_step(run, model, torch.randn(2, 6, generator=g), ids=["d", "e"])
     assert not torch.equal(first.grads[:2], second.grads)  # clone() did not alias
-    both = logix.StepLog.concat([first, second])
+    both = logix.StepRows.concat([first, second])
     assert both.data_ids == ["a", "b", "c", "d", "e"]
     assert torch.equal(both.grads, torch.cat([first.grads, second.grads]))
     with pytest.raises(UsageError):
-        logix.StepLog.concat([])
+        logix.StepRows.concat([])
     other = new_run().watch(model).add_lora(rank=3)
     with pytest.raises(UsageError, match="different"):
-        logix.StepLog.concat([first, one_step(other, model, torch.randn(2, 6, generator=g))])
+        logix.StepRows.concat([first, one_step(other, model, torch.randn(2, 6, generator=g))])
 
 
 def test_watch_refuses_what_is_not_a_module_and_skips_frozen_layers(new_run):
@@ -431,3 +431,19 @@ def test_a_run_appending_to_an_existing_log_says_so(new_run):
     again = new_run().watch(model).setup({"grad": ["log"]}).save(True)
     with pytest.warns(UserWarning, match="already holds a log of 3 rows: this run appends"):
         one_step(again, model, torch.randn(3, 6), ids=[10, 11, 12])
+
+
+def test_a_step_inside_a_step_is_refused_before_anything_runs(new_run):
+    import os
+
+    run = new_run(rank=2)
+    model = make_mlp(seed=0)
+    run.watch(model).add_lora()
+    run.start(data_id=[0, 1])
+    run.save(True)  # the next step would write: it must not open the log
+    with pytest.raises(UsageError, match="called twice"):
+        run.start(data_id=[2, 3])
+    assert not os.path.exists(run.project_dir)
+    model(torch.randn(2, 6)).sum().backward()
+    run.end()
+    assert run.get_log().data_ids == [0, 1]

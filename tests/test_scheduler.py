@@ -105,15 +105,15 @@ def test_each_pass_collects_what_its_choices_need(tmp_path, lora, hessian, save,
     scheduler = LogIXScheduler(run, lora=lora, hessian=hessian, save=save)
     seen = []
     for _ in scheduler:
-        plan = run.plan
+        plan = run.capture_spec
         seen.append({stage for stage, on in (("grad", plan.log_grad or plan.grad_covariance),
                                              ("forward", plan.forward_covariance),
                                              ("backward", plan.backward_covariance)) if on})
         one_pass(run, model, batches)
     assert seen == plans
     assert run.projection_meta["init"] == lora
-    assert run.plan.grad_covariance == (hessian == "raw")
-    assert run.plan.log_grad == (save == "grad")
+    assert run.capture_spec.grad_covariance == (hessian == "raw")
+    assert run.capture_spec.log_grad == (save == "grad")
     rows = run.reader().rows if os.path.isfile(os.path.join(run.project_dir, "manifest.json")) \
         else 0
     assert rows == (10 if save == "grad" else 0)

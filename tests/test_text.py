@@ -15,7 +15,7 @@ from torch import nn
 import logix
 from conftest import assert_close_scaled, make_tiny_gpt2, project, seeded
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.storage.scores import load_scores, save_scores
 from logix.text import (heatmap_html, heatmap_png, print_heatmap, query_log,
                         token_influence)
@@ -234,10 +234,10 @@ def test_heat_maps(trained, tmp_path):
 
 def test_token_log_round_trips_and_concatenates(trained, tmp_path):
     _, _, log = trained
-    back = StepLog.load(log.save(str(tmp_path / "q.safetensors")))
+    back = StepRows.load(log.save(str(tmp_path / "q.safetensors")))
     torch.testing.assert_close(back.tokens.grads, log.tokens.grads)
     assert back.tokens.text == log.tokens.text and back.tokens.query == log.tokens.query
-    both = StepLog.concat([log, log])
+    both = StepRows.concat([log, log])
     assert both.tokens.query == log.tokens.query + [q + 3 for q in log.tokens.query]
 
 
@@ -246,7 +246,7 @@ def test_refusals(trained, new_run):
     with pytest.raises(UsageError, match="mode='dot'"):
         token_influence(run, log, mode="cosine")
     with pytest.raises(UsageError, match="per-token query log"):
-        token_influence(run, StepLog(log.data_ids, log.grads, log.modules, log.projection))
+        token_influence(run, StepRows(log.data_ids, log.grads, log.modules, log.projection))
     with pytest.raises(UsageError, match="tokenizer="):
         query_log(run, model, ["a prompt"], ["done"])
     with pytest.raises(UsageError, match="empty completion"):

@@ -439,7 +439,7 @@ def _on_the_fly(cfg, model, tokenizer, train, planned, query_examples, contrast_
         run.eval()
         log = log_batches(run, model, planned(query_examples + contrast_examples),
                           _describe, _loss(model))
-        plan = run.influence.score_plan(log, mode=mode, hessian="none")
+        plan = run.influence.scorer(log, mode=mode, hessian="none")
         kept_scores: Optional[Tensor] = None  # [n_rows, kept]
         kept_ids: List = []
         train_batches = planned(train_examples)

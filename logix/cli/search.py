@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
                                         "exact streaming top-k answers (with a notice).")
     search.add_argument("dir", metavar="DIR", help="the training project folder")
     search.add_argument("--queries", required=True, metavar="FILE",
-                        help="query gradients: a StepLog.save file or a logged query project")
+                        help="query gradients: a StepRows.save file or a logged query project")
     search.add_argument("--k", type=_positive_int, default=10, help="how many (default 10)")
     search.add_argument("--candidates", type=_positive_int, default=None,
                         help="candidates re-ranked per query (default max(4k, 100))")
@@ -86,7 +86,7 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another name clients may use in the URL (repeatable)")
     serve.add_argument("--queries-dir", action="append", default=[], metavar="DIR",
-                       help="a folder whose StepLog.save files requests may name by path "
+                       help="a folder whose StepRows.save files requests may name by path "
                             "(repeatable; default none: queries come as rows)")
     serve.add_argument("--index", default=None, metavar="NAME",
                        help="the index to open at start (default: the one search picks)")

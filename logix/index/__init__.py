@@ -13,7 +13,7 @@ recall@10 and speed-up on the log's own rows), `warm` (what an Attributor keeps 
 searches), `threads` (a search on one thread, the stream-bits GEMMs on the stream's count),
 `rows` (candidate rows from the mapped shards), `attributor` (`logix.Attributor`:
 influence's Attributor plus `build_index` and `search`), `service` (`logix serve`: JSON searches
-over HTTP with the dashboard server's safety rules) and `client` (asks it). The index builds on public parts of
-`logix.influence`: `Attributor.score_plan` (its Scorer's `products` and `finish`), the GEMM
-loop `influence.scoring.products` and the train-norm cache `influence.norms`.
+over HTTP with the dashboard server's safety rules) and `client` (asks it). The index builds on
+public parts of `logix.influence`: `Attributor.scorer` (its Scorer's `products` and `finish`),
+the GEMM loop `influence.scoring.products` and the train-norm cache `influence.norms`.
 """

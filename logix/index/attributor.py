@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from logix.compat import AttributorNames
 from logix.index.builder import build
 from logix.index.search import search
 from logix.index.warm import Warm
@@ -15,7 +16,7 @@ from logix.influence import attributor
 from logix.influence.results import Scores, scores
 
 
-class Attributor(attributor.Attributor):
+class Attributor(attributor.Attributor, AttributorNames):
     # the class docstring is influence's (inspect.getdoc inherits it)
 
     @property

@@ -19,7 +19,7 @@ from logix.index.sketch import Sketch
 from logix.influence import norms as norm_cache
 from logix.influence.gather import own_part
 from logix.influence.scoring import aligned
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.progress import track
 
 SERVED_MODES = ("dot", "cosine")
@@ -55,8 +55,8 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
     layout = store.layout_of(full.manifest)
     plan, curvature = None, None
     if mode == "cosine":
-        dummy = StepLog([], torch.zeros(0, dim), full.manifest.modules)
-        plan = attributor.score_plan(dummy, "cosine", True, hessian, damping, None)
+        dummy = StepRows([], torch.zeros(0, dim), full.manifest.modules)
+        plan = attributor.scorer(dummy, "cosine", True, hessian, damping, None)
         curvature = store.curvature_of(plan.preconditioner)
     name = name or store.default_name(kind, mode, quantize, sketch,
                                       curvature and curvature["hessian"], part)

@@ -19,22 +19,22 @@ from logix.errors import UsageError
 
 
 def search(url: str, query, k: int = 10, timeout: float = 60.0, **options) -> dict:
-    """The service's answer for `query`: a StepLog (its rows are sent as JSON) or the path of a
-    `StepLog.save` file inside a folder the service reads (`--queries-dir`; the path is read by
+    """The service's answer for `query`: a StepRows (its rows are sent as JSON) or the path of a
+    `StepRows.save` file inside a folder the service reads (`--queries-dir`; the path is read by
     the service, on its machine). options: bottom, candidates, index, mode, hessian, nprobe,
     ef. Returns {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"},
     scores as float32 tensors (NaN where a query had fewer than k answers)."""
-    from logix.log import StepLog
+    from logix.log import StepRows
 
     body = {"k": k, **{key: v for key, v in options.items() if v is not None}}
     if isinstance(query, (str, os.PathLike)):
         body["path"] = os.path.abspath(os.fspath(query))
-    elif isinstance(query, StepLog):
+    elif isinstance(query, StepRows):
         body["rows"] = query.grads.float().tolist()
         body["ids"] = [i if isinstance(i, (str, int)) else str(i) for i in query.data_ids]
         body["projection"] = dict(query.projection or {})
     else:
-        raise UsageError(f"query must be a StepLog or the path of a StepLog.save file, got "
+        raise UsageError(f"query must be a StepRows or the path of a StepRows.save file, got "
                          f"{type(query).__name__}.")
     answer = _post(url.rstrip("/") + "/api/search", body, timeout)
     for side in ("top", "bottom"):

@@ -25,12 +25,12 @@ from logix.index.warm import Warm
 from logix.influence import norms as norm_cache
 from logix.influence.gather import own_part
 from logix.influence.scoring import SCORE_CHUNK
-from logix.log import StepLog
+from logix.log import StepRows
 
 MIN_CANDIDATES = 100
 
 
-def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = None,
+def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = None,
            rerank: bool = True, bottom: bool = False, *, index: Optional[str] = None,
            mode: Optional[str] = None, hessian: Optional[str] = None,
            damping: Optional[float] = None, precondition: bool = True,
@@ -56,7 +56,7 @@ def search(attributor, src: StepLog, k: int = 10, candidates: Optional[int] = No
         raise UsageError(f"mode={mode!r} is not served by an index; allowed: "
                          f"{list(SERVED_MODES)}. For 'l2' use compute_influence_all(topk=k, "
                          "mode='l2').")
-    plan = attributor.score_plan(src, mode, precondition, hessian, damping, None)
+    plan = attributor.scorer(src, mode, precondition, hessian, damping, None)
     reader = own_part(full) if distributed.is_distributed() else full
     part = {"rank": distributed.rank(), "world": distributed.world_size()}
     curvature = store.curvature_of(plan.preconditioner) if mode == "cosine" else None

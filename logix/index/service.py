@@ -8,7 +8,7 @@ so a notebook or an evaluation job does not open the index for every question.
 
 Queries are either the rows themselves (JSON numbers: the logged, unpreconditioned query
 gradients, as `run.get_log()` holds them, one row per query, the saved log's width) or the path
-of a `StepLog.save` file inside a folder given with `--queries-dir` (the only files the service
+of a `StepRows.save` file inside a folder given with `--queries-dir` (the only files the service
 reads besides the project; a path that resolves outside them, symlinks included, is refused).
 Answers are JSON: {"src_ids", "top_ids", "top_scores"[, "bottom_ids", "bottom_scores"], "meta"}
 with the scores of `Attributor.search` (exact, float32 values written as JSON numbers, which
@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from logix.errors import LogFormatError, LogIXError, UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 
 logger = logging.getLogger("logix")
 MAX_BODY_BYTES = 64 << 20
@@ -108,7 +108,7 @@ class SearchService:
             query = self._query_rows(request)
         else:
             raise ServiceError("The request has no query: send 'rows' (a list of query rows) "
-                               "or 'path' (a StepLog.save file inside an allowed folder).")
+                               "or 'path' (a StepRows.save file inside an allowed folder).")
         if len(query) > MAX_QUERIES:
             raise ServiceError(f"{len(query)} queries in one request; at most {MAX_QUERIES}.",
                                413)
@@ -124,7 +124,7 @@ class SearchService:
             self._turns.release()
         return _json_result(result)
 
-    def _query_file(self, path) -> StepLog:
+    def _query_file(self, path) -> StepRows:
         if not isinstance(path, str) or not path or "\0" in path:
             raise ServiceError("'path' must be a non-empty string.")
         if not self.query_dirs:
@@ -137,11 +137,11 @@ class SearchService:
         if not os.path.isfile(real):
             raise ServiceError(f"Query file {path!r} does not exist (or is not a file).", 404)
         try:
-            return self.attributor.query(StepLog.load(real))
+            return self.attributor.query(StepRows.load(real))
         except (LogFormatError, UsageError, OSError, ValueError) as e:
-            raise ServiceError(f"Query file {path!r} is not a saved StepLog: {e}") from None
+            raise ServiceError(f"Query file {path!r} is not a saved StepRows: {e}") from None
 
-    def _query_rows(self, request: dict) -> StepLog:
+    def _query_rows(self, request: dict) -> StepRows:
         rows = request["rows"]
         manifest = self.attributor.reader().manifest
         if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
@@ -165,7 +165,7 @@ class SearchService:
         if not isinstance(projection, dict):
             raise ServiceError("'projection' must be an object (the query log's projection).")
         try:
-            return self.attributor.query(StepLog(ids, grads, manifest.modules, projection))
+            return self.attributor.query(StepRows(ids, grads, manifest.modules, projection))
         except UsageError as e:
             raise ServiceError(str(e)) from None
 

@@ -22,7 +22,7 @@ import torch
 
 from logix import distributed
 from logix.config import Config, InfluenceConfig, load_config, query_settings
-from logix.errors import UsageError
+from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 from logix.influence import damping as damping_rules
 from logix.influence import norms as norm_cache
@@ -36,7 +36,7 @@ from logix.influence.ensemble import ensemble_influence
 from logix.influence.results import Scores, self_scores
 from logix.influence.tracin import tracin_influence
 from logix.influence.topk import TopK
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.progress import track
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
@@ -54,7 +54,7 @@ class Attributor:
     the statistics and the shards. No model and no `Run` is needed:
 
         attributor = logix.Attributor("logix_logs/myproject")
-        result = attributor.compute_influence_all(query_log)   # a StepLog, file or folder
+        result = attributor.compute_influence_all(query_log)   # a StepRows, file or folder
 
     project_dir: the training log's folder. config: a `Config` or `InfluenceConfig` (default: the
     logging run's config snapshot in the manifest, so its declared curvature is kept).
@@ -62,7 +62,8 @@ class Attributor:
     reader: a `LogReader`, or a function returning a fresh one per query (default: a reader of
     `project_dir`). modules: a function returning the row layout when there is no manifest yet.
     curvature_source: the model, loss and training loader of the ``hessian`` / ``ggn`` kinds
-    (`run.add_curvature_source` builds it). A `Run` builds one from its live values
+    (`run.add_curvature_source` builds it). last_query: a function returning the query when none
+    is given (a Run's `get_log`: its last step). A `Run` builds one from its live values
     (`run.influence`).
     """
 
@@ -71,13 +72,14 @@ class Attributor:
                  reader: Union[None, LogReader, Callable[[], LogReader]] = None,
                  modules: Optional[Callable[[], List[ModuleEntry]]] = None,
                  project: Optional[str] = None,
-                 curvature_source: Optional[CurvatureSource] = None) -> None:
+                 curvature_source: Optional[CurvatureSource] = None,
+                 last_query: Optional[Callable[[], StepRows]] = None) -> None:
         self.project_dir = os.fspath(project_dir)
         manifest = load_optional(self.project_dir)
         if manifest is None and statistics is None and reader is None:
             raise UsageError(f"{self.project_dir!r} holds no LogIX log (no manifest.json). Pass "
                              "the folder of a finalized project: <root_dir>/<project>.")
-        self.influence_config = _influence_config(config, manifest)
+        self.influence_config = check_config(_influence_config(config, manifest))
         if statistics is None:
             statistics = CovarianceState()
             if os.path.isfile(os.path.join(self.project_dir, STATE_DIR, STATISTICS_FILE)):
@@ -93,6 +95,7 @@ class Attributor:
         self._reader_source = reader
         self._modules = modules
         self.curvature_source = curvature_source
+        self._last_query = last_query
         self._spectra_cache: Optional[curvature.Spectra] = None
 
     # ------------------------------------------------------------------ preconditioning
@@ -120,7 +123,8 @@ class Attributor:
         are cached until the statistics change); for a kind that is no per-module spectrum
         (lissa, hessian, ggn: a solve per query; full: one inverse across modules), the
         Preconditioner its query_solver builds."""
-        cfg = query_settings(self.influence_config, hessian=hessian, damping=damping)
+        cfg = check_config(query_settings(self.influence_config, hessian=hessian,
+                                          damping=damping), query=True)
         name = cfg.hessian
         if name == curvature.AUTO:
             name = self._declared() or curvature.pick_auto(self.available_hessians())
@@ -159,10 +163,6 @@ class Attributor:
         curvature.fit(hessian, self.statistics, reader or self.reader(),
                       self.influence_config.block_rows, progress)
 
-    def fit_ekfac(self, reader: Optional[LogReader] = None, progress: bool = True) -> None:
-        """Fit EK-FAC's corrected eigenvalues from the saved logs (one streaming pass)."""
-        self.fit("ekfac", reader, progress)
-
     # ------------------------------------------------------------------ estimators
     # Each takes only its own arguments and returns Scores (logix.influence.results).
     def influence(self, query=None, *, mode: Optional[str] = None, precondition: bool = True,
@@ -172,7 +172,7 @@ class Attributor:
                   gather: str = "all") -> Optional[Scores]:
         """Influence of every saved training row on each query, streaming the shards.
 
-        query: a StepLog (run.get_log()), a list of them, a StepLog file or a logged project
+        query: a StepRows (run.get_log()), a list of them, a StepRows file or a logged project
         folder. loader: a LogReader or project folder (default: this log).
         mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
         "lissa" (solves each query against the saved rows' Fisher by conjugate gradients; mode
@@ -207,7 +207,7 @@ class Attributor:
         _check_topk(topk, out)
         _check_gather(gather)
         block_rows = self._block_rows(block_rows)
-        src = _as_log(query)
+        src = self._query_log(query)
         reader = self._reader(loader)
         if reader.rows == 0:  # an empty score matrix would hide a logging pass that saved nothing
             raise UsageError(f"There are no logged rows to score against in "
@@ -243,7 +243,7 @@ class Attributor:
         _check_topk(topk, None)
         block_rows = self._block_rows(block_rows)
         cfg = query_settings(self.influence_config, damping=damping)
-        src = _as_log(query)
+        src = self._query_log(query)
         reader = self.reader()
         result = source_influence(reader, src, hessian or "ekfac",
                                   aligned(block_rows, reader.dim), cfg.damping,
@@ -262,7 +262,7 @@ class Attributor:
         dot products. queries: one query log for every checkpoint, or {checkpoint name: query
         log at that checkpoint's weights}."""
         _check_topk(topk, None)
-        result = tracin_influence(self, _checkpoint_queries(queries),
+        result = tracin_influence(self, self._checkpoint_queries(queries),
                                   self._block_rows(block_rows), progress)
         return Scores(result if topk is None else _topk_of(result, topk))
 
@@ -274,8 +274,8 @@ class Attributor:
         (logix.influence.ensemble). queries as for `tracin`; mode, hessian, damping as for
         `influence`."""
         _check_topk(topk, None)
-        result = ensemble_influence(self, _checkpoint_queries(queries), mode, hessian, damping,
-                                    self._block_rows(block_rows), progress)
+        result = ensemble_influence(self, self._checkpoint_queries(queries), mode, hessian,
+                                    damping, self._block_rows(block_rows), progress)
         return Scores(result if topk is None else _topk_of(result, topk))
 
     def self_influence(self, query=None, *, loader=None, precondition: bool = True,
@@ -291,7 +291,7 @@ class Attributor:
             return self_scores(list(log.data_ids), scorer.norms_of(log.grads.float())[:, 0],
                                scorer.meta)
         reader = self._reader(loader)
-        dummy = StepLog([], torch.zeros(0, reader.dim), reader.manifest.modules)
+        dummy = StepRows([], torch.zeros(0, reader.dim), reader.manifest.modules)
         scorer = self.scorer(dummy, "dot", precondition, kind, damping, None)
         if scorer.preconditioner.queries_only:
             raise UsageError(f"hessian={scorer.preconditioner.kind!r} solves per query, so the "
@@ -301,7 +301,7 @@ class Attributor:
         norms = norm_cache.train_norms(reader, scorer, aligned(block_rows, reader.dim), progress)
         return self_scores(reader.data_ids(), norms[:, 0], scorer.meta)
 
-    def compute_influence(self, src_log, tgt_log: StepLog, mode: Optional[str] = None,
+    def compute_influence(self, src_log, tgt_log: StepRows, mode: Optional[str] = None,
                           precondition: bool = True, hessian: Optional[str] = None,
                           damping: Union[None, str, float] = None, influence_groups=None) -> Scores:
         """Scores between two in-memory logs: `influence` [n_src, n_tgt], `src_ids`, `tgt_ids`
@@ -348,16 +348,7 @@ class Attributor:
         return self.ensemble(src_log, mode=mode, hessian=hessian, damping=damping, topk=topk,
                              block_rows=block_rows, progress=progress)
 
-    def compute_self_influence(self, src_log=None, loader=None, precondition: bool = True,
-                               hessian: Optional[str] = None,
-                               damping: Union[None, str, float] = None,
-                               block_rows: Optional[int] = None, progress: bool = True):
-        """LogIX's name of `self_influence`."""
-        return self.self_influence(src_log, loader=loader, precondition=precondition,
-                                   hessian=hessian, damping=damping, block_rows=block_rows,
-                                   progress=progress)
-
-    def _stream(self, src: StepLog, reader: LogReader, scorer: Scorer, topk, out,
+    def _stream(self, src: StepRows, reader: LogReader, scorer: Scorer, topk, out,
                 block_rows: int, progress: bool, log: dict) -> dict:
         n_train = reader.rows
         train_norms = norm_cache.train_norms(reader, scorer, block_rows, progress) \
@@ -409,7 +400,7 @@ class Attributor:
         return scorer.result(src, tgt_ids, full.T.contiguous().cpu())
 
     # ------------------------------------------------------------------ what logix.index builds on
-    def scorer(self, src: StepLog, mode: Optional[str] = None, precondition: bool = True,
+    def scorer(self, src: StepRows, mode: Optional[str] = None, precondition: bool = True,
                hessian: Optional[str] = None, damping: Union[None, str, float] = None,
                groups=None) -> Scorer:
         """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
@@ -417,8 +408,8 @@ class Attributor:
         (`Scorer.score`), here and in `logix.index`."""
         if not isinstance(precondition, bool):
             raise UsageError(f"precondition must be True or False, got {precondition!r}.")
-        cfg = query_settings(self.influence_config, mode=mode, hessian=hessian,
-                             damping=damping)
+        cfg = check_config(query_settings(self.influence_config, mode=mode, hessian=hessian,
+                                          damping=damping), query=True)
         preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
                                              cfg.damping, src.modules)
         mode = cfg.mode
@@ -435,17 +426,27 @@ class Attributor:
                              "influence_groups out.")
         return Scorer(src, mode, preconditioner, group_masks(src.modules, groups))
 
-    score_plan = scorer  # its name before 0.3 (logix.index calls it)
-
-    def query(self, log) -> StepLog:
-        """The query log `log` (a StepLog, a list of them, a `StepLog.save` file or a project
+    def query(self, log) -> StepRows:
+        """The query log `log` (a StepRows, a list of them, a `StepRows.save` file or a project
         folder), checked against the saved log's layers and projections."""
-        src = _as_log(log)
+        src = self._query_log(log)
         manifest = self.reader().manifest
         _check_layout(src, manifest.modules, manifest.projection, "saved log")
         return src
 
     # ------------------------------------------------------------------ helpers
+    def _query_log(self, query) -> StepRows:
+        """The query log `query` (see `_as_log`); None: `last_query()` where there is one."""
+        if query is None and self._last_query is not None:
+            return self._last_query()
+        return _as_log(query)
+
+    def _checkpoint_queries(self, queries):
+        """One query log, or {checkpoint name: query log}."""
+        if isinstance(queries, dict):
+            return {name: _as_log(log) for name, log in queries.items()}
+        return self._query_log(queries)
+
     def _block_rows(self, block_rows: Optional[int]) -> int:
         return query_settings(self.influence_config, block_rows=block_rows).block_rows
 
@@ -507,13 +508,6 @@ def _check_gather(gather: str) -> None:
         raise UsageError(f"gather={gather!r} is not supported; allowed: 'all', 'rank0'.")
 
 
-def _checkpoint_queries(queries):
-    """One query log, or {checkpoint name: query log}."""
-    if isinstance(queries, dict):
-        return {name: _as_log(log) for name, log in queries.items()}
-    return _as_log(queries)
-
-
 def _check_topk(topk, out) -> None:
     if topk is None:
         return
@@ -530,28 +524,40 @@ def _tensor_name(group: str) -> str:
     return INFLUENCE_KEY if group == TOTAL else GROUP_PREFIX + group
 
 
-def _as_log(log) -> StepLog:
-    """A query log from a StepLog, a list of them, a `StepLog.save` file or a project folder
+def _as_log(log) -> StepRows:
+    """A query log from a StepRows, a list of them, a `StepRows.save` file or a project folder
     (every saved row of it becomes a query)."""
-    if isinstance(log, StepLog):
+    if isinstance(log, StepRows):
         return log
-    if isinstance(log, (list, tuple)) and log and all(isinstance(x, StepLog) for x in log):
-        return StepLog.concat(log)
+    if isinstance(log, (list, tuple)) and log and all(isinstance(x, StepRows) for x in log):
+        return StepRows.concat(log)
     if isinstance(log, (str, os.PathLike)):
         path = os.fspath(log)
         if os.path.isdir(path):
             reader = LogReader(path)
             ids, rows = reader.read_all()
-            return StepLog(ids, rows.float(), reader.manifest.modules,
+            return StepRows(ids, rows.float(), reader.manifest.modules,
                            dict(reader.manifest.projection))
         if os.path.isfile(path):
-            return StepLog.load(path)
+            return StepRows.load(path)
         raise UsageError(f"Query log {path!r} does not exist.")
     if log is None:
-        raise UsageError("Pass the query log: a StepLog (run.get_log()), a list of them, a file "
-                         "written by StepLog.save, or the folder of a logged query project.")
-    raise UsageError(f"Expected a StepLog from run.get_log() (or a list of them, a StepLog file "
+        raise UsageError("Pass the query log: a StepRows (run.get_log()), a list of them, a file "
+                         "written by StepRows.save, or the folder of a logged query project.")
+    raise UsageError(f"Expected a StepRows from run.get_log() (or a list of them, a StepRows file "
                      f"or a project folder), got {type(log).__name__}.")
+
+
+def check_config(cfg: InfluenceConfig, query: bool = False) -> InfluenceConfig:
+    """`cfg`, its `hessian` a kind of the curvature registry or 'auto' (config.py, below the
+    registry, leaves this check to the layers that read it: this one and the Run). query: the
+    hessian is a query argument (a UsageError), not a config key (a ConfigError)."""
+    allowed = [curvature.AUTO, *curvature.names()]
+    if cfg.hessian not in allowed:
+        what = "Invalid query argument: argument" if query else "Config key"
+        raise (UsageError if query else ConfigError)(
+            f"{what} 'hessian' is {cfg.hessian!r}; allowed values: {allowed}.")
+    return cfg
 
 
 def _influence_config(config, manifest) -> InfluenceConfig:
@@ -570,7 +576,7 @@ def _influence_config(config, manifest) -> InfluenceConfig:
     return load_config(None, influence={k: v for k, v in saved.items() if k in known}).influence
 
 
-def _check_layout(src: StepLog, saved_modules, saved_projection: dict, what: str) -> None:
+def _check_layout(src: StepRows, saved_modules, saved_projection: dict, what: str) -> None:
     fix = ("Query with the same watched layers and projections: in a new process call "
            "run.watch(model) then run.initialize_from_log().")
     if list(src.modules) != list(saved_modules):

@@ -16,21 +16,21 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 import torch
 
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.storage import state
 from logix.statistics.covariance import CovarianceState
 from logix.storage.reader import LogReader
 
 
-def checkpoint_influence(attributor, queries: Union[StepLog, Mapping[str, StepLog]],
+def checkpoint_influence(attributor, queries: Union[StepRows, Mapping[str, StepRows]],
                          weight: Callable[[dict, int], float], method: str,
                          mode: Optional[str] = None, hessian: Optional[str] = None,
                          damping: Union[None, str, float] = None, block_rows: Optional[int] = None,
                          progress: bool = True) -> dict:
     """sum_c weight(info_c, C) x (checkpoint c's influence scores) over every logged checkpoint.
 
-    attributor: the project's `Attributor` (its config and folder); queries: one StepLog for
-    every checkpoint, or {checkpoint name: StepLog} with one per checkpoint (the same query ids,
+    attributor: the project's `Attributor` (its config and folder); queries: one StepRows for
+    every checkpoint, or {checkpoint name: StepRows} with one per checkpoint (the same query ids,
     in the same order). Returns {"src_ids", "tgt_ids", "influence" [n_query, n_train], "meta"};
     columns in order of first appearance across checkpoints.
     """
@@ -79,15 +79,15 @@ def ensemble_influence(attributor, queries, mode: Optional[str] = None,
                                 "ensemble", mode, hessian, damping, block_rows, progress)
 
 
-def _queries_by_checkpoint(queries, names: List[str], method: str) -> Dict[str, StepLog]:
-    if isinstance(queries, StepLog):
+def _queries_by_checkpoint(queries, names: List[str], method: str) -> Dict[str, StepRows]:
+    if isinstance(queries, StepRows):
         return {name: queries for name in names}
     missing = [n for n in names if n not in queries]
     extra = [n for n in queries if n not in names]
     if missing or extra:
         raise UsageError(f"method={method!r} with one query log per checkpoint needs exactly the "
                          f"logged checkpoints {names}; missing {missing}, unknown {extra}. Or "
-                         "pass one StepLog for every checkpoint.")
+                         "pass one StepRows for every checkpoint.")
     ids = list(queries[names[0]].data_ids)
     for name in names[1:]:
         if list(queries[name].data_ids) != ids:

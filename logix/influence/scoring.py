@@ -12,7 +12,7 @@ from torch import Tensor
 from logix.errors import UsageError
 from logix.influence.preconditioner import Preconditioner
 from logix.influence.topk import TopK
-from logix.log import StepLog
+from logix.log import StepRows
 
 MODES = ("dot", "cosine", "l2")
 TOTAL = "total"
@@ -24,7 +24,7 @@ class Scorer:
     """Preconditioned queries stacked per group: one GEMM scores every group of every query
     (`Attributor.scorer`; `logix.index` builds on it)."""
 
-    def __init__(self, src: StepLog, mode: str, preconditioner: Preconditioner,
+    def __init__(self, src: StepRows, mode: str, preconditioner: Preconditioner,
                  groups: Dict[str, Tensor]) -> None:
         self.mode = mode
         self.preconditioner = preconditioner
@@ -122,7 +122,7 @@ class Scorer:
                          f"singular there. Pass a larger damping (now "
                          f"{self.preconditioner.dampings.get(worst.name, 0.0):g}).")
 
-    def result(self, src: StepLog, tgt_ids: List, scores: Tensor) -> dict:
+    def result(self, src: StepRows, tgt_ids: List, scores: Tensor) -> dict:
         out = {"src_ids": list(src.data_ids), "tgt_ids": tgt_ids,
                "influence": scores[:self.n_query], "meta": self.meta}
         if len(self.groups) > 1:
@@ -130,7 +130,7 @@ class Scorer:
                              for g, name in enumerate(self.groups) if name != TOTAL}
         return out
 
-    def topk_result(self, src: StepLog, tgt_ids: List, top: TopK) -> dict:
+    def topk_result(self, src: StepRows, tgt_ids: List, top: TopK) -> dict:
         best, best_idx, worst, worst_idx = top.result()
         nq = self.n_query
 
@@ -242,5 +242,3 @@ def _column_mask(name: str, mask: Tensor, dim: int) -> Tensor:
                          f"; a column mask must be bool [{dim}] (the row's width).")
     return mask.cpu()
 
-
-ScorePlan = Scorer  # its name before 0.3

@@ -30,14 +30,14 @@ from logix.errors import UsageError
 from logix.influence import curvature
 from logix.influence import damping as damping_rules
 from logix.influence.preconditioner import ModuleInverse
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.statistics.covariance import CovarianceState
 from logix.storage import state
 from logix.storage.reader import LogReader
 
 
 
-def source_influence(base: LogReader, src: StepLog, hessian: str = "ekfac",
+def source_influence(base: LogReader, src: StepRows, hessian: str = "ekfac",
                      block_rows: int = 8192, damping: damping_rules.Setting = None,
                      relative_damping: Optional[float] = None) -> dict:
     """SOURCE scores of the queries `src` against the checkpoints logged in `base`'s project:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.logra import NO_HEAD, HeadSplit, head_columns, head_splits
 from logix.storage.manifest import ModuleEntry
 
@@ -66,7 +66,7 @@ def attention_heads(model: nn.Module) -> Dict[str, HeadSplit]:
 def head_groups(source) -> Dict[str, Tensor]:
     """Influence groups {"<layer>/head<h>": column mask, "<layer>/bias": ...} of every layer
     split over heads, for `influence_groups=`. source: the Run, a `logix.Attributor` or a log
-    (StepLog) whose row layout and projections the scores use."""
+    (StepRows) whose row layout and projections the scores use."""
     modules, meta = _layout(source)
     splits = head_splits(meta)
     if not splits:
@@ -95,11 +95,11 @@ def _mask(dim: int, entry: ModuleEntry, columns: Tensor) -> Tensor:
 
 
 def _layout(source) -> Tuple[List[ModuleEntry], dict]:
-    if isinstance(source, StepLog):
+    if isinstance(source, StepRows):
         return list(source.modules), dict(source.projection)
     if hasattr(source, "projection_meta") and hasattr(source, "layout"):  # a Run
         return source.layout(), dict(source.projection_meta)
     if hasattr(source, "modules") and hasattr(source, "reader"):  # an Attributor
         return source.modules(), dict(source.reader().manifest.projection)
-    raise UsageError(f"head_groups() takes a Run, a logix.Attributor or a StepLog, got "
+    raise UsageError(f"head_groups() takes a Run, a logix.Attributor or a StepRows, got "
                      f"{type(source).__name__}.")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.frozen import frozen
 
@@ -29,7 +29,7 @@ Text = Union[str, Sequence[int], Tensor]
 
 def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Sequence[Text],
               tokenizer=None, data_ids: Optional[Sequence] = None, batch_size: int = 8,
-              per_token: bool = False) -> StepLog:
+              per_token: bool = False) -> StepRows:
     """The query log of `completions` given `prompts` (one query per pair), in batches.
 
     prompts, completions: strings (then `tokenizer` is needed: any Hugging Face tokenizer) or
@@ -87,10 +87,10 @@ def query_log(run, model: nn.Module, prompts: Sequence[Text], completions: Seque
                                          device, tokenizer, per_token))
     finally:
         model.train(was_training)
-    return StepLog.concat(logs)
+    return StepRows.concat(logs)
 
 
-def _query_batch(run, model, batch, ids, device, tokenizer, per_token) -> StepLog:
+def _query_batch(run, model, batch, ids, device, tokenizer, per_token) -> StepRows:
     length = max(len(p) + len(c) for p, c in batch)
     input_ids = torch.zeros(len(batch), length, dtype=torch.long)
     mask = torch.zeros(len(batch), length, dtype=torch.long)

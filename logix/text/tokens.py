@@ -19,12 +19,12 @@ from typing import Dict
 import torch
 
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 
 _NOT_PASSED_ON = ("topk", "out", "influence_groups", "method")
 
 
-def token_influence(scorer, log: StepLog, **kwargs) -> Dict:
+def token_influence(scorer, log: StepRows, **kwargs) -> Dict:
     """Sequence and per-token scores of a per-token query log against every training example.
 
     scorer: a `Run` or a `logix.Attributor`; kwargs go to its `compute_influence_all`
@@ -37,7 +37,7 @@ def token_influence(scorer, log: StepLog, **kwargs) -> Dict:
     "token_text" and "token_completion" (whether the token is part of the scored completion).
     `logix.storage.scores.save_scores` writes them in the dashboard's per-token layout.
     """
-    if not isinstance(log, StepLog) or log.tokens is None:
+    if not isinstance(log, StepRows) or log.tokens is None:
         raise UsageError("token_influence() needs a per-token query log: "
                          "logix.text.query_log(..., per_token=True), or run.start(..., "
                          "per_token=True) then run.get_log().")
@@ -51,7 +51,7 @@ def token_influence(scorer, log: StepLog, **kwargs) -> Dict:
         raise UsageError(f"token_influence() returns full score matrices and does not take "
                          f"{refused}; score the sequences with compute_influence_all for those.")
     tokens, n = log.tokens, len(log)
-    both = StepLog(list(range(n + len(tokens.query))), torch.cat([log.grads, tokens.grads]),
+    both = StepRows(list(range(n + len(tokens.query))), torch.cat([log.grads, tokens.grads]),
                    log.modules, log.projection)
     result = scorer.compute_influence_all(both, mode="dot", **kwargs)
     scores = result["influence"]

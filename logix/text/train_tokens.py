@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from logix.errors import UsageError
-from logix.log import StepLog
+from logix.log import StepRows
 from logix.storage.data_ids import normalize_data_ids
 from logix.text.queries import Text, _logits, _token_ids, _token_text
 from logix.tracking.frozen import frozen
 
 
-def train_token_scores(run, model, log: StepLog, tokens: Text, query: int = 0,
+def train_token_scores(run, model, log: StepRows, tokens: Text, query: int = 0,
                        data_id: Any = None, tokenizer=None,
                        in_loss: Optional[Sequence[bool]] = None, hessian: Optional[str] = None,
                        damping: Optional[float] = None, precondition: bool = True,
@@ -51,8 +51,8 @@ def train_token_scores(run, model, log: StepLog, tokens: Text, query: int = 0,
     if run.saving:
         raise UsageError("train_token_scores() would write into the training log: call "
                          "run.eval() first.")
-    if not isinstance(log, StepLog):
-        raise UsageError(f"log must be a query log (StepLog), got {type(log).__name__}.")
+    if not isinstance(log, StepRows):
+        raise UsageError(f"log must be a query log (StepRows), got {type(log).__name__}.")
     if isinstance(query, bool) or not isinstance(query, int) or not 0 <= query < len(log):
         raise UsageError(f"query must be a row index in [0, {len(log)}), got {query!r}.")
     ids = _token_ids(tokens, tokenizer, False, "training example")
@@ -65,7 +65,7 @@ def train_token_scores(run, model, log: StepLog, tokens: Text, query: int = 0,
                          "token (nothing predicts it) and True for at least one other.")
     train_id = "train" if data_id is None else normalize_data_ids([data_id])[0]
     rows, row = _token_rows(run, model, ids, targets, train_id)
-    src = StepLog([log.data_ids[query]], log.grads[query:query + 1], log.modules, log.projection)
+    src = StepRows([log.data_ids[query]], log.grads[query:query + 1], log.modules, log.projection)
     scorer = run.influence.scorer(src, "dot", precondition, hessian, damping)
     device = scorer.device
     token_scores = scorer.score(rows.to(device), None)[:, 0].double()

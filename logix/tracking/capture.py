@@ -80,7 +80,6 @@ def spec_from_setup(spec: Dict[str, Iterable[str]]) -> CaptureSpec:
                 backward_covariance=("backward", "covariance") in chosen)
 
 
-Plan, plan_from_setup = CaptureSpec, spec_from_setup  # their names before 0.3
 ProjectionFor = Callable[[str, torch.device, torch.dtype], Projection]
 FLOAT32_MAX = torch.finfo(torch.float32).max
 

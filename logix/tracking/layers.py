@@ -13,6 +13,8 @@ from logix.errors import UsageError
 from logix.logra import HeadSplit, Projection
 from logix.statistics import budget
 from logix.statistics.covariance import CovarianceState
+from logix.statistics.live import RunStatistics
+from logix.storage import state
 from logix.storage.format import DTYPES
 from logix.storage.manifest import Manifest, ModuleEntry
 from logix.tracking.capture import CaptureSpec, GradientCapture, RowLayout
@@ -42,14 +44,26 @@ class TrackedLayers:
         self.use({n: logra.identity(m.in_dim, m.out_dim) for n, m in modules.items()}, "none",
                  seed, heads={n: {**s.to_dict(), "rank": None} for n, s in self.splits.items()})
 
-    def add_lora(self, lora: LoraConfig, seed: int, init: str, rank: Optional[int],
-                 rank_in: Optional[int], rank_out: Optional[int], covariance) -> None:
-        """A LoGra projection per layer (logix.logra); `covariance(name, kind)` feeds PCA."""
-        r_in, r_out = logra.resolve_ranks(lora, rank, rank_in, rank_out)
+    def add_lora(self, lora: LoraConfig, seed: int, init: Optional[str], rank: Optional[int],
+                 rank_in: Optional[int], rank_out: Optional[int],
+                 statistics: RunStatistics) -> None:
+        """A LoGra projection per layer (logix.logra; init default lora.init). PCA reads the
+        covariances of `statistics`, all-reduced first so that every rank derives the same
+        projection."""
+        if not self.modules:
+            raise UsageError("add_lora() needs watched layers: call run.watch(model) first, or "
+                             "pass the model: run.add_lora(model).")
+        init = init or lora.init
+        r_in, r_out = logra.resolve_ranks(lora, rank, rank_in, rank_out)  # refused before PCA's
+        if init == "pca":
+            if self.projection_meta["init"] != "none":
+                raise UsageError("add_lora(init='pca') must come before any other add_lora(): "
+                                 "PCA needs covariances of the unprojected layers.")
+            statistics.reduce()
         dims = {name: (m.in_dim, m.out_dim) for name, m in self.modules.items()}
         splits = {n: (s, self.modules[n].has_bias) for n, s in self.splits.items()}
-        projections, heads = logra.build_projections(dims, init, r_in, r_out, seed, covariance,
-                                                     splits)
+        projections, heads = logra.build_projections(dims, init, r_in, r_out, seed,
+                                                     statistics.state.get, splits)
         self.use(projections, init, seed, lora_used={
             "init": init, "rank": rank if rank is not None else lora.rank, "rank_in": r_in,
             "rank_out": r_out}, heads=heads)
@@ -145,6 +159,17 @@ class TrackedLayers:
         self.modules = {n: self.modules[n] for n in names}
         self.splits = {n: split for n, (split, _) in logra.head_splits(meta).items()}
         self.set_projections({n: projections[n] for n in names}, meta, self.lora_used)
+
+    def reopen(self, project_dir: str) -> Manifest:
+        """Take the projections of the log in `project_dir` (run.initialize_from_log), the
+        watched layers checked against it; its manifest."""
+        if not self.modules:
+            raise UsageError("initialize_from_log() needs the model: call run.watch(model) "
+                             "first, with the same filters as the logging run.")
+        manifest = Manifest.load(project_dir)
+        self.load(manifest, *state.load_projections(project_dir))
+        self.check_same_as(manifest)
+        return manifest
 
     def check_same_as(self, manifest: Manifest) -> None:
         for ours, logged in zip(self.layout(), manifest.modules):

@@ -15,8 +15,11 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from logix import distributed
 from logix.errors import UsageError
 from logix.statistics.covariance import OPTIMIZER_IN, OPTIMIZER_OUT
+from logix.storage import state
+from logix.storage.manifest import load_optional
 from logix.tracking.modules import TrackedModule
 
 # Keys of the second moments in an optimizer's per-parameter state.
@@ -137,3 +140,16 @@ def add_to_statistics(statistics, modules: Mapping[str, TrackedModule],
         projection = projections[name]
         statistics.accumulate(name, OPTIMIZER_OUT, projected(s_out, projection.p_out).float(), 1)
         statistics.accumulate(name, OPTIMIZER_IN, projected(s_in, projection.p_in).float(), 1)
+
+
+def add_to_run(statistics, layers, optimizer, params, project_dir: str, logging: bool) -> None:
+    """`run.add_optimizer_state`: the factors of the run's watched `layers` (a TrackedLayers)
+    into its `statistics`, saved at once to the log in `project_dir` unless the run is
+    `logging` (its finalize() saves them)."""
+    if not layers.modules:
+        raise UsageError("add_optimizer_state() needs the watched layers: call "
+                         "run.watch(model) (and run.add_lora or initialize_from_log) first.")
+    add_to_statistics(statistics, layers.modules, layers.projections, optimizer, params)
+    manifest = load_optional(project_dir)
+    if not logging and manifest is not None and distributed.rank() == 0:
+        state.save_statistics(project_dir, statistics.state_dict(), manifest)

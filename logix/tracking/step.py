@@ -7,6 +7,7 @@ step that writes them in place."""
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 import warnings
@@ -18,13 +19,15 @@ from torch import Tensor
 
 from logix.config import LoggingConfig
 from logix.errors import UsageError
-from logix.log import StepLog, TokenRows
+from logix.log import StepRows, TokenRows
 from logix.logra import Projection
 from logix.statistics import resume
 from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
+from logix.statistics.live import RunStatistics
 from logix.storage.session import LogSession
 from logix.storage.data_ids import normalize_data_ids
 from logix.tracking.capture import FLOAT32_MAX, CaptureSpec, GradientCapture
+from logix.tracking.checkpoint import OpenCheckpoint
 
 FLOAT16_MAX = 65504.0
 
@@ -165,6 +168,14 @@ def token_rows(capture: GradientCapture, projections: Dict[str, Projection], sca
     return (rows * scale if scale != 1.0 else rows), query.tolist(), position.tolist()
 
 
+class LastRows(enum.Enum):
+    """Whose the last step's row buffer is."""
+
+    RUNNER = "runner"  # the runner's: the step after next writes into it
+    HANDED_OUT = "handed out"  # log() gave it to the caller: never reused
+    IN_SHARD = "in shard"  # a view of the shard being filled, which the writer recycles
+
+
 @dataclass
 class Step:
     """A started step: its hooks (`capture`), its data `ids`, the positions of the examples whose
@@ -181,23 +192,27 @@ class Step:
 
 class StepRunner:
     """One step at a time (`start`, `stop`, `finish`), its rows going to `session`; `last` is
-    the last kept step's log (what run.get_log() returns)."""
+    the last kept step's log (what run.get_log() returns); `checkpoint` the checkpoint block
+    steps log into (tracking.checkpoint.checkpoint_block opens and closes it)."""
 
     def __init__(self, session: LogSession) -> None:
         self.session = session
         self.current: Optional[Step] = None
-        self.last: Optional[StepLog] = None
-        self._shared = False  # log() handed `last` out: its rows are never reused
-        self._in_shard = False  # `last`'s rows are a view of the shard being filled
-        self._spare: Optional[Tensor] = None  # a row buffer no StepLog holds any more
+        self.last: Optional[StepRows] = None
+        self.checkpoint: Optional[OpenCheckpoint] = None
+        self._last_rows = LastRows.RUNNER
+        self._spare: Optional[Tensor] = None  # a row buffer no StepRows holds any more
         self._factors: Dict = {}  # the hooks' projected inputs / output gradients
         self._warned_of_passes = False  # warn_of_repeated_passes said its piece
 
-    def start(self, layers, spec: CaptureSpec, device, ids: List, keep: Optional[List[int]],
-              scale: float, mask: Optional[Tensor], per_token: bool,
-              checkpoint: Optional[str]) -> Step:
-        """Attach the hooks of `layers` (a TrackedLayers). The step's forward/backward
-        statistics stay apart until `finish` keeps the step, and count only kept examples."""
+    def start(self, layers, spec: CaptureSpec, device, ids: List, writes: bool, scale: float,
+              mask: Optional[Tensor], per_token: bool) -> Step:
+        """Attach the hooks of `layers` (a TrackedLayers) for a step that `writes` its rows (its
+        ids not yet logged, by logging.on_duplicate) or keeps them in memory. The step's
+        forward/backward statistics stay apart until `finish` keeps the step, and count only
+        kept examples."""
+        checkpoint = None if self.checkpoint is None else self.checkpoint.name
+        keep = self.session.unseen(ids, checkpoint) if writes else None
         reserved = None
         if keep is not None and len(keep) == len(ids):
             reserved = self.session.reserve(
@@ -213,8 +228,17 @@ class StepRunner:
         self.current = Step(ids, keep, scale, capture, reserved, checkpoint)
         return self.current
 
+    def check_idle(self) -> None:
+        """Refuse a step started inside another (before anything of it runs)."""
+        if self.current is not None:
+            raise UsageError("start() called twice without end(): call run.end() after each "
+                             "step's backward pass.")
+
     def stop(self) -> Step:
         """Detach the current step's hooks; the step, for `finish`."""
+        if self.current is None:
+            raise UsageError("end() called without start(): call run.start(data_id=...) before "
+                             "the forward pass.")
         step, self.current = self.current, None
         step.capture.__exit__(None, None, None)
         return step
@@ -226,10 +250,18 @@ class StepRunner:
             self.current = None
 
     def finish(self, step: Step, spec: CaptureSpec, cfg: LoggingConfig, saving: bool, layers,
-               statistics: CovarianceState, statistics_loaded: bool) -> bool:
-        """Check a stopped step, merge its statistics into `statistics`, keep its log and queue
-        its kept rows. False when the step was skipped (NaN/inf, logging.nonfinite: skip)."""
+               run_statistics: RunStatistics) -> None:
+        """Check a stopped step, merge its statistics into the run's, keep its log and queue its
+        kept rows (nothing of a step skipped for NaN/inf, logging.nonfinite: skip)."""
+        if self._keep(step, spec, cfg, saving, layers, run_statistics) and spec.covariances:
+            run_statistics.unreduced = True
+
+    def _keep(self, step: Step, spec: CaptureSpec, cfg: LoggingConfig, saving: bool, layers,
+              run_statistics: RunStatistics) -> bool:
+        statistics = run_statistics.state
         capture, ids, scale = step.capture, step.ids, step.scale
+        if self.checkpoint is not None:
+            self.checkpoint.check_inside(ids)
         check_capture(capture, spec, cfg.on_unused_layer)
         if not self._warned_of_passes:
             self._warned_of_passes = warn_of_repeated_passes(capture)
@@ -243,7 +275,7 @@ class StepRunner:
         keep = step.keep
         if keep is not None and step.checkpoint is None and self.session.resumed_rows:
             resume.check_same_kinds(self.session, spec.covariances, statistics,
-                                    statistics_loaded)
+                                    run_statistics.loaded)
         in_shard = rows is step.reserved
         if in_shard and not self.session.takes_in_place(rows):
             rows, in_shard = rows.clone(), False  # a flush wrote the shard out mid-step
@@ -255,32 +287,32 @@ class StepRunner:
         tokens = None
         if capture.per_token:
             tokens = TokenRows(*token_rows(capture, layers.projections, scale, capture.mask))
-        self._set_last(StepLog(ids, rows, layers.layout(), dict(layers.projection_meta), tokens),
+        self._set_last(StepRows(ids, rows, layers.layout(), dict(layers.projection_meta), tokens),
                        in_shard)
         if keep:
             self.session.append([ids[k] for k in keep], kept, step.checkpoint)
         return True
 
-    def _set_last(self, log: StepLog, in_shard: bool) -> None:
+    def _set_last(self, log: StepRows, in_shard: bool) -> None:
         """Replace the last step's log; its row buffer is reused by the step after next unless
         log() handed it out (the next step writes into the other buffer, so log() during a step
         still returns the previous step intact). Rows `in_shard` (reserved in the shard being
         filled) are never reused here, and log() hands out a copy of them."""
         old = self.last
-        if old is not None and not self._shared and not self._in_shard \
-                and old.grads is not log.grads:
+        if old is not None and self._last_rows is LastRows.RUNNER and old.grads is not log.grads:
             self._spare = old.grads
-        self.last, self._shared, self._in_shard = log, False, in_shard
+        self.last = log
+        self._last_rows = LastRows.IN_SHARD if in_shard else LastRows.RUNNER
 
-    def log(self, copy: bool = False) -> StepLog:
+    def log(self, copy: bool = False) -> StepRows:
         """The last step's log (a copy with `copy`; else the runner never reuses its rows)."""
         if self.last is None:
             raise UsageError("No step has been logged yet: run start()/backward()/end() first.")
-        if self._in_shard:  # rows in a shard buffer, which the writer recycles
-            self.last, self._in_shard = self.last.clone(), False
+        if self._last_rows is LastRows.IN_SHARD:
+            self.last, self._last_rows = self.last.clone(), LastRows.RUNNER
         if copy:
             return self.last.clone()
-        self._shared = True
+        self._last_rows = LastRows.HANDED_OUT
         return self.last
 
     def clear(self) -> None:

@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 import logix
-from logix.log import StepLog
+from logix.log import StepRows
 
 
 def main(project_dir: str, queries_file: str, out_file: str) -> None:
     dist.init_process_group("gloo")
     att = logix.Attributor(project_dir)
-    query = StepLog.load(queries_file)
+    query = StepRows.load(queries_file)
     flat = att.build_index("flat", progress=False)
     ivf = att.build_index("ivf", sketch=8, nlist=2, nprobe=2, progress=False)
     result = {

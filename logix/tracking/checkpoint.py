@@ -1,13 +1,67 @@
 """Checkpoints logged for SOURCE (`run.checkpoint(...)`): the arguments that summarise a
-training segment, checked once, and the record saved with the checkpoint's statistics."""
+training segment, checked once; the block that logs one (`checkpoint_block`: its rows and
+statistics kept apart from the other checkpoints'); the record saved with its statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from logix.errors import UsageError
+from logix.mode import Mode
+from logix.statistics.live import RunStatistics
 from logix.storage.data_ids import normalize_data_ids
+from logix.storage.manifest import load_optional
+
+
+@dataclass
+class OpenCheckpoint:
+    """The checkpoint block a step logs into: its `name` and `train_ids` (None: any id)."""
+
+    name: str
+    train_ids: Optional[set] = None
+
+    def check_inside(self, ids: Sequence) -> None:
+        """Refuse a step logging ids outside the block's train_ids."""
+        if self.train_ids is None:
+            return
+        outside = [i for i in ids if i not in self.train_ids]
+        if outside:
+            raise UsageError(
+                f"checkpoint({self.name!r}) was given train_ids, and this step logs ids outside "
+                f"them ({outside[:5]}); the segment's curvature would include examples it did "
+                "not train on. Log only train_ids inside the block.")
+
+
+@contextlib.contextmanager
+def checkpoint_block(steps, statistics: RunStatistics, mode: Mode, info: dict, name: str,
+                     open_writer: Callable):
+    """Log checkpoint `name` (`info`: its checkpoint_info record) inside the block: `steps` (the
+    run's StepRunner) tags its steps with it, their rows go out under its name (flushed when the
+    block ends, even when it fails), and `statistics` collects apart from the run's until the
+    block closes, when they are all-reduced and saved with the record."""
+    session = steps.session
+    if steps.checkpoint is not None:
+        raise UsageError(f"checkpoint({name!r}) inside checkpoint({steps.checkpoint.name!r}): "
+                         "close one checkpoint block before opening the next.")
+    session.flush()
+    check_new(name, info, session.manifest or load_optional(session.project_dir))
+    if not mode.saving:
+        raise mode.refuse(f"checkpoint({name!r}) records a logging pass, but this run does not "
+                          "save", "Call run.save(True) first.")
+    outer, statistics.state = statistics.state, statistics.fresh()
+    ids = info["train_ids"]
+    steps.checkpoint = OpenCheckpoint(name, None if ids is None else set(ids))
+    try:
+        with session.checkpoint(name, open_writer):
+            yield
+    finally:
+        inner, statistics.state = statistics.state, outer
+        steps.checkpoint = None
+    inner.all_reduce()
+    session.add_checkpoint(name, inner.state_dict(), info)
 
 
 def checkpoint_info(name: str, segment: int, lr: float, steps: int, momentum: float,
@@ -56,15 +110,3 @@ def check_same_segment(name: str, info: dict, known: dict) -> None:
                 f"{other!r} of that segment gave {logged}. lr, steps and momentum summarize the "
                 "whole segment (steps: its number of optimizer updates, not those since the "
                 "last checkpoint) and must be the same for each of its checkpoints.")
-
-
-def check_inside(checkpoint: str, train_ids: Optional[set], ids: Sequence) -> None:
-    """Refuse a step logging ids outside the open checkpoint's train_ids."""
-    if train_ids is None:
-        return
-    outside = [i for i in ids if i not in train_ids]
-    if outside:
-        raise UsageError(
-            f"checkpoint({checkpoint!r}) was given train_ids, and this step logs ids outside "
-            f"them ({outside[:5]}); the segment's curvature would include examples it did not "
-            "train on. Log only train_ids inside the block.")
