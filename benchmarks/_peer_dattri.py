@@ -127,7 +127,7 @@ def main(inp, outp):
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     torch.set_num_threads(1)
     job = torch.load(inp)
-    case = CASES[job["case"]]()
+    case = CASES[job["case"]](data=(job["x"], job["y"], job["qx"], job["qy"]))
     lm = job["y"] is None
     train = TensorDataset(job["x"]) if lm else TensorDataset(job["x"], job["y"])
     query = TensorDataset(job["qx"]) if lm else TensorDataset(job["qx"], job["qy"])

@@ -75,7 +75,7 @@ def main(inp, outp):
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the sampled labels of the Fisher
     job = torch.load(inp)
-    case = CASES[job["case"]]()
+    case = CASES[job["case"]](data=(job["x"], job["y"], job["qx"], job["qy"]))
     lm = job["y"] is None
     train = TensorDataset(job["x"]) if lm else TensorDataset(job["x"], job["y"])
     query = TensorDataset(job["qx"]) if lm else TensorDataset(job["qx"], job["qy"])

@@ -121,8 +121,7 @@ def error_text():
 def main(inp, outp):
     torch.set_num_threads(1)
     job = torch.load(inp)
-    case = CASES[job["case"]]()
-    case.x, case.y, case.qx, case.qy = job["x"], job["y"], job["qx"], job["qy"]
+    case = CASES[job["case"]](data=(job["x"], job["y"], job["qx"], job["qy"]))
     configs = {}
     for init, rank in job["projections"]:
         label = "full" if init == "none" else f"{init}{rank}"

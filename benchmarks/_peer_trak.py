@@ -62,7 +62,7 @@ def trak_scores(model, state, job, root, proj_dim, lambda_reg, half, scale):
 def main(inp, outp):
     torch.set_num_threads(1)
     job = torch.load(inp)
-    case = CASES[job["case"]]()
+    case = CASES[job["case"]](data=(job["x"], job["y"], job["qx"], job["qy"]))
     configs = {}
     # (proj_dim, relative lambda, float16 storage): TRAKer's defaults, then the float32 sweep
     grid = [(DEFAULT_PROJ_DIM, 0.0, True)]
