@@ -48,10 +48,10 @@ rank 8, PCA LoGra ranks 8 and 4; each with the gradient covariance (raw) and for
 covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac / lissa / full x
 mode dot / cosine at the default damping, `auto` (lissa: dot only, depth 300), and raw / kfac /
 ekfac with dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default has no suffix);
-on the labelled cases the model's own ggn / hessian (CG over the training set) at absolute
-damping 0.1 (rows suffixed " a0.1"). The auto table puts each auto row beside the best swept
-damping of the same curvature and projection; on staged, SOURCE also runs undamped (" d0", its
-form before auto).
+on the labelled cases the model's own ggn / hessian (CG over the training set) at the default
+damping and at absolute damping 0.01, 0.1 and 1 (rows suffixed " aX"). The auto table puts each
+auto row beside the best swept damping of the same curvature and projection; on staged, SOURCE
+also runs undamped (" d0", its form before auto).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
 retraining seed (--seeds): seed s draws its own subsets (subset_seed=s) and retrains with seed
 s, cached under --out/cache/CASE/seed{s} (resumable: a rerun trains nothing). A seed is 50
@@ -103,6 +103,7 @@ import torch
 from torch.nn import functional as F
 
 import logix
+from logix.errors import UsageError
 from logix.evaluation import brittleness, linear_datamodeling_score
 
 HERE = Path(__file__).resolve().parent
@@ -256,19 +257,31 @@ def score_grid(case, model, root):
     return out
 
 
+MODEL_HESSIAN_DAMPINGS = ("auto", 0.01, 0.1, 1.0)
+
+
 def model_hessian_rows(case, model, run, test, label):
-    """hessian / ggn (CG with Hessian-vector products over the training set, one batch) at
-    absolute damping 0.1, the peer comparison's: at the default relative damping the trained
-    model's Hessian is indefinite."""
+    """hessian / ggn (CG with Hessian-vector products over the training set, one batch) at the
+    default damping and at absolute dampings 0.01, 0.1 (the peers' default sweep point) and 1
+    (rows " aX"). A setting the solver refuses (an indefinite Hessian, no convergence in 500
+    iterations) gives no row; the reason is printed."""
     run.add_curvature_source(model, lambda out, batch: F.cross_entropy(out, batch[1]),
                              [(case.x, case.y)], forward=lambda f, b: case.logits(f, b[0]))
     out = {}
     for hessian in ("ggn", "hessian"):
-        t0 = time.time()
-        result = run.compute_influence_all(test, hessian=hessian, damping=0.1, progress=False)
-        extra = {"seconds": time.time() - t0,
-                 "cg_iterations": result["meta"]["solver"]["iterations"]}
-        out[f"influence {hessian} dot {label} a0.1"] = (aligned(result), row_bytes(run), extra)
+        for damping in MODEL_HESSIAN_DAMPINGS:
+            name = f"influence {hessian} dot {label}" + (
+                "" if damping == "auto" else f" a{damping:g}")
+            t0 = time.time()
+            try:
+                result = run.compute_influence_all(test, hessian=hessian, damping=damping,
+                                                   progress=False)
+            except UsageError as error:
+                print(f"{case.name}: {name}: refused: {str(error)[:160]}")
+                continue
+            extra = {"seconds": time.time() - t0,
+                     "cg_iterations": result["meta"]["solver"]["iterations"]}
+            out[name] = (aligned(result), row_bytes(run), extra)
     return out
 
 
@@ -651,17 +664,20 @@ def render_damping(rows):
 
 def render_auto(rows):
     """Per case, curvature and projection (dot): the default damping (auto) beside the best
-    swept relative damping of the same curvature and projection, and the gap."""
+    swept damping (relative for raw / kfac / ekfac, absolute for ggn / hessian) of the same
+    curvature and projection, and the gap."""
     lines = ["| case | curvature | projection | auto | best swept | best LDS | auto - best |",
              "|---|---|---|---|---|---|---|"]
     by_name = {(r["case"], r["config"]): r for r in rows if r["lds"] is not None}
     for case in sorted({r["case"] for r in rows}):
-        for hessian in ("raw", "kfac", "ekfac"):
+        for hessian in ("raw", "kfac", "ekfac", "ggn", "hessian"):
+            prefix, sweep = ("a", MODEL_HESSIAN_DAMPINGS[1:]) if hessian in ("ggn", "hessian") \
+                else ("d", DAMPINGS)
             for init, rank in PROJECTIONS:
                 label = "full" if init == "none" else f"{init}{rank}"
                 auto = by_name.get((case, f"influence {hessian} dot {label}"))
-                swept = [(d, by_name.get((case, f"influence {hessian} dot {label} d{d:g}")))
-                         for d in DAMPINGS]
+                swept = [(d, by_name.get((case, f"influence {hessian} dot {label} {prefix}{d:g}")))
+                         for d in sweep]
                 swept = [(d, r) for d, r in swept if r is not None]
                 if auto is None or not swept:
                     continue
