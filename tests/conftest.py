@@ -237,6 +237,25 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, rtol: float = 1e-4,
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
 
 
+def log_classifier(run, model: nn.Module, x: Tensor, y: Tensor, batch: int,
+                   query_scale: float):
+    """Log (x, y) in steps of `batch` ids with a summed cross-entropy, finalize, then log the
+    queries q0-q2 (the first three examples scaled by `query_scale`); returns (run, their
+    log). The run is watched and set up by the caller."""
+    from torch.nn import functional as F
+
+    run.save(True)
+    for start in range(0, len(x), batch):
+        ids = list(range(start, min(start + batch, len(x))))
+        with run(data_id=ids):
+            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
+    run.finalize()
+    run.eval()
+    with run(data_id=["q0", "q1", "q2"]):
+        F.cross_entropy(model(x[:3] * query_scale), y[:3], reduction="sum").backward()
+    return run, run.get_log(copy=True)
+
+
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture
 def tmp_root(tmp_path) -> str:

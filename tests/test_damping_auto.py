@@ -6,9 +6,9 @@ settings refused."""
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import logix
+from conftest import log_classifier
 from logix.errors import ConfigError, UsageError
 from logix.influence import curvature
 from logix.influence import damping as damping_rules
@@ -31,16 +31,7 @@ def logged_run(tmp_path, rank=None, **config):
         run.add_lora()
     run.setup({"grad": ["log", "covariance"], "forward": ["covariance"],
                "backward": ["covariance"]})
-    run.save(True)
-    for start in range(0, N, 5):
-        ids = list(range(start, start + 5))
-        with run(data_id=ids):
-            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
-    run.finalize()
-    run.eval()
-    with run(data_id=["q0", "q1", "q2"]):
-        F.cross_entropy(model(x[:3] * 1.3), y[:3], reduction="sum").backward()
-    return run, run.get_log(copy=True)
+    return log_classifier(run, model, x, y, 5, 1.3)
 
 
 def auto_of(h):

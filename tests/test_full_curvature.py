@@ -5,9 +5,9 @@ solve."""
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import logix
+from conftest import log_classifier
 from logix.errors import UsageError
 from logix.influence import full
 from logix.storage.reader import LogReader
@@ -23,16 +23,7 @@ def logged_run(tmp_path, width_in=5, covariance=True):
     run = logix.init("full", root_dir=str(tmp_path), shard_rows=7)
     run.watch(model)
     run.setup({"grad": ["log", "covariance"] if covariance else ["log"]})
-    run.save(True)
-    for start in range(0, N, 5):
-        ids = list(range(start, start + 5))
-        with run(data_id=ids):
-            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
-    run.finalize()
-    run.eval()
-    with run(data_id=["q0", "q1", "q2"]):
-        F.cross_entropy(model(x[:3] * 1.5), y[:3], reduction="sum").backward()
-    return run, run.get_log(copy=True)
+    return log_classifier(run, model, x, y, 5, 1.5)
 
 
 def dense(run, damping="auto"):

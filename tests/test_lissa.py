@@ -9,6 +9,7 @@ from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
 import logix
+from conftest import log_classifier
 from logix.errors import ConfigError, UsageError
 from logix.influence.lissa import lissa
 from logix.storage.manifest import Manifest
@@ -31,16 +32,7 @@ def logged_run(tmp_path, rank=None, **config):
     if rank:
         run.add_lora()
     run.setup({"grad": ["log", "covariance"]})
-    run.save(True)
-    for start in range(0, N, 6):
-        ids = list(range(start, start + 6))
-        with run(data_id=ids):
-            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
-    run.finalize()
-    run.eval()
-    with run(data_id=["q0", "q1", "q2"]):
-        F.cross_entropy(model(x[:3] * 1.5), y[:3], reduction="sum").backward()
-    return run, run.get_log(copy=True)
+    return log_classifier(run, model, x, y, 6, 1.5)
 
 
 def explicit_scores(run, query, damping="relative"):

@@ -551,8 +551,7 @@ def _train_tokens(path: str, data_id, src_ids: List) -> Any:
     results saved with it), one entry per query; a string when they are not readable."""
     from safetensors import SafetensorError, safe_open
 
-    from logix.storage.scores import (TRAIN_TOKEN_INFLUENCE_KEY, TRAIN_TOKENS_KEY,
-                                      train_token_pairs)
+    from logix.storage.scores import TRAIN_TOKEN_INFLUENCE_KEY, train_token_pairs
 
     try:
         with safe_open(path, framework="pt") as f:
