@@ -41,6 +41,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_gather_objects(obj: Any) -> List[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not is_distributed():

@@ -143,8 +143,12 @@ class Attributor:
         for m in modules:
             inverses[m.name] = kind.inverse(m.name, spectra, cfg.damping, cfg.relative_damping)
             check_invertible(m.name, inverses[m.name])
+        shares = curvature.concentrated(name, self.statistics, inverses)
+        if shares:
+            warnings.warn(curvature.concentration_warning(name, shares), UserWarning,
+                          stacklevel=2)
         return Preconditioner(name, inverses, modules,
-                              damping_rules.describe(cfg.damping, cfg.relative_damping))
+                              damping_rules.describe(cfg.damping, cfg.relative_damping), shares)
 
     def _declared(self) -> Optional[str]:
         """The curvature the logging run declared (its manifest's config snapshot), if any."""

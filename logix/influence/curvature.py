@@ -21,8 +21,8 @@ from logix import distributed
 from logix.errors import UsageError
 from logix.influence.gather import own_part
 from logix.influence.preconditioner import ModuleInverse, Preconditioner, resolve_damping
-from logix.statistics.covariance import (BACKWARD, FORWARD, GRAD, OPTIMIZER_IN, OPTIMIZER_OUT,
-                                        CovarianceState)
+from logix.statistics.covariance import (BACKWARD, EKFAC_PEAK, FORWARD, GRAD, GRAD_PEAK,
+                                        OPTIMIZER_IN, OPTIMIZER_OUT, CovarianceState)
 from logix.statistics.eigen import EKFAC as EKFAC_STATISTIC
 from logix.statistics.eigen import Eigen, eigh64, fit_ekfac
 from logix.progress import track
@@ -31,6 +31,9 @@ AUTO = "auto"
 # What `auto` picks, best first, among the kinds the statistics allow: the order of the LDS
 # measured by benchmarks/quality.py (docs/concepts.md, "Defaults").
 AUTO_ORDER = ("ekfac", "kfac", "raw", "none")
+# Above this share of a module's empirical Fisher carried by one example, queries warn
+# (docs/concepts.md, "When one example dominates the Fisher").
+CONCENTRATED = 0.5
 
 
 class Curvature:
@@ -96,6 +99,12 @@ class Curvature:
         """Fit from saved rows (`blocks` of (ids, rows)); kinds that need no rows do nothing."""
 
     @classmethod
+    def concentration(cls, module: str, statistics: CovarianceState) -> Optional[float]:
+        """The share of the module's empirical Fisher (its trace) that its largest single
+        example carries, for the kinds built from it and logs that recorded it; else None."""
+        return None
+
+    @classmethod
     def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
         """The module's curvature as an eigendecomposition, undamped (every kind defines it)."""
         ...
@@ -143,6 +152,12 @@ class Raw(Curvature, name="raw"):
         eig = spectra.eig(module, GRAD)
         return ModuleInverse("raw", 0.0, values=eig.values, vectors=eig.vectors)
 
+    @classmethod
+    def concentration(cls, module: str, statistics: CovarianceState) -> Optional[float]:
+        total = statistics.total(module, GRAD)
+        return _share(statistics.total(module, GRAD_PEAK),
+                      None if total is None else total.diagonal().sum())
+
 
 class KFAC(Curvature, name="kfac"):
     """H = A (x) S, the forward and backward covariances, in their Kronecker eigenbasis."""
@@ -170,12 +185,22 @@ class EKFAC(KFAC, name="ekfac"):
             reduce: Optional[Callable] = None) -> None:
         bases = {m.name: (spectra.eig(m.name, BACKWARD).vectors,
                           spectra.eig(m.name, FORWARD).vectors) for m in modules}
-        sums, count = fit_ekfac(blocks, modules, bases)
+        sums, peaks, count = fit_ekfac(blocks, modules, bases)
         if reduce is not None:
             sums, count = reduce(sums, count)
+            for name in sorted(peaks):
+                distributed.all_reduce_max(peaks[name])
         statistics.drop(EKFAC_STATISTIC)
+        statistics.drop(EKFAC_PEAK)
         for name, total in sums.items():
             statistics.accumulate(name, EKFAC_STATISTIC, total, count)
+            statistics.raise_peak(name, EKFAC_PEAK, peaks[name])
+
+    @classmethod
+    def concentration(cls, module: str, statistics: CovarianceState) -> Optional[float]:
+        total = statistics.total(module, EKFAC_STATISTIC)
+        return _share(statistics.total(module, EKFAC_PEAK),
+                      None if total is None else total.sum())
 
     @classmethod
     def spectrum(cls, module: str, spectra: "Spectra") -> ModuleInverse:
@@ -334,6 +359,13 @@ def fit(name: str, statistics: CovarianceState, reader, block_rows: int,
              reduce=_reduce_sums)
 
 
+def _share(peak: Optional[Tensor], total: Optional[Tensor]) -> Optional[float]:
+    """peak / total, or None when either was not recorded (logs from before the diagnostic)."""
+    if peak is None or total is None or float(total) <= 0:
+        return None
+    return float(peak) / float(total)
+
+
 def _reduce_sums(sums: Dict[str, Tensor], count: int):
     for module in sorted(sums):
         distributed.all_reduce_sum(sums[module])
@@ -381,6 +413,24 @@ def fitted_after_logging(collected: Iterable[str]) -> List[str]:
 def pick_auto(kinds: List[str]) -> str:
     """What 'auto' means given the available kinds."""
     return next(k for k in AUTO_ORDER if k in kinds)
+
+
+def concentrated(name: str, statistics: CovarianceState, modules: Iterable[str]
+                 ) -> Dict[str, float]:
+    """The modules whose empirical Fisher (as kind `name` uses it) one example dominates:
+    module -> that example's share of the trace, where over CONCENTRATED."""
+    shares = {m: get(name).concentration(m, statistics) for m in modules}
+    return {m: share for m, share in shares.items()
+            if share is not None and share > CONCENTRATED}
+
+
+def concentration_warning(name: str, shares: Dict[str, float]) -> str:
+    listed = ", ".join(f"{m!r} ({share:.1%})" for m, share in shares.items())
+    return (f"hessian={name!r}: one training example carries more than {CONCENTRATED:.0%} of "
+            f"the empirical Fisher of {listed}: the empirical Fisher of this layer is dominated "
+            "by one example (the model fits its training data almost perfectly); "
+            "hessian='kfac' or a plain dot product (hessian='none') is safer here "
+            "(docs/concepts.md, 'When one example dominates the Fisher').")
 
 
 def missing_statistics(module: str, kind: str) -> str:

@@ -8,7 +8,7 @@ relative or absolute). Stored statistics are never modified: every call builds n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional
 
 import torch
@@ -72,6 +72,8 @@ class Preconditioner:
     inverses: Dict[str, ModuleInverse]
     modules: List  # ModuleEntry in row order
     damping_rule: str = ""  # "auto", "relative" or "absolute" (logix.influence.damping.describe)
+    # module -> share of its Fisher one example carries, where over CONCENTRATED (curvature.py)
+    concentration: Dict[str, float] = field(default_factory=dict)
 
     def apply(self, rows: Tensor) -> Tensor:
         """rows [n, dim] -> preconditioned rows [n, dim]."""

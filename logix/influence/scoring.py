@@ -50,6 +50,8 @@ class Scorer:
                 "projection": self.projection}
         if self.preconditioner.damping_rule:
             meta["damping_rule"] = self.preconditioner.damping_rule
+        if self.preconditioner.concentration:
+            meta["fisher_concentration"] = dict(self.preconditioner.concentration)
         diagnostics = getattr(self.preconditioner, "diagnostics", None)
         if diagnostics:
             meta["solver"] = diagnostics  # lissa: iterations, residual per step, scale

@@ -4,6 +4,10 @@ Kinds and their definitions (x~, dy~ projected; per module):
 - ``forward``:  sum over real tokens of x~ x~^T,          divided by the number of real tokens.
 - ``backward``: sum over tokens of dy~ dy~^T,             divided by the number of examples.
 - ``grad``:     sum over examples of vec(G~) vec(G~)^T,    divided by the number of examples.
+- ``grad_peak``: the largest ||G~||^2 of one example, kept as a maximum (count 1); over the
+  trace of the ``grad`` sum it is the share of the Fisher one example carries (``ekfac_peak``:
+  the same over the rows EK-FAC is fitted from; docs/concepts.md, "When one example dominates
+  the Fisher").
 With these, forward (x) backward matches the per-example gradient covariance in scale (exactly so
 for one token per example), which is what K-FAC approximates.
 """
@@ -15,13 +19,15 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from logix.distributed import all_gather_objects, all_reduce_sum, is_distributed
+from logix.distributed import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed
 from logix.storage.format import KEY_SEP, state_key
 
 FORWARD, BACKWARD, GRAD = "forward", "backward", "grad"
 KINDS = (FORWARD, BACKWARD, GRAD)
 # An optimizer's second moments as projected Kronecker factors (logix.tracking.optimizer_state).
 OPTIMIZER_OUT, OPTIMIZER_IN = "optimizer_out", "optimizer_in"
+GRAD_PEAK, EKFAC_PEAK = "grad_peak", "ekfac_peak"
+PEAKS = (GRAD_PEAK, EKFAC_PEAK)  # combined by maximum, not by sum
 
 
 class CovarianceState:
@@ -55,6 +61,14 @@ class CovarianceState:
         self.sums[key] = self.sums[key] + total if key in self.sums else total.clone()
         self.counts[key] = self.counts.get(key, 0.0) + float(count)
 
+    def raise_peak(self, module: str, kind: str, value: Tensor) -> None:
+        """Keep the larger of `value` (a 0-d tensor) and the peak held for (module, kind)."""
+        self.version += 1
+        key = (module, kind)
+        value = value.detach().double().to(self.device or value.device)
+        self.sums[key] = torch.maximum(self.sums[key], value) if key in self.sums else value
+        self.counts[key] = 1.0
+
     def scale(self, kind: str, factor: float) -> None:
         """Multiply every module's sum of one kind by `factor` (counts unchanged)."""
         self.version += 1
@@ -73,6 +87,9 @@ class CovarianceState:
         if other.sums:
             self.version += 1
         for key, total in other.sums.items():
+            if key[1] in PEAKS:
+                self.raise_peak(*key, total)
+                continue
             if key in self.sums:
                 self.sums[key].add_(total.to(self.sums[key].device))
             else:
@@ -85,6 +102,10 @@ class CovarianceState:
         if key not in self.sums or self.counts[key] == 0:
             return None
         return self.sums[key] / self.counts[key]
+
+    def total(self, module: str, kind: str) -> Optional[Tensor]:
+        """The sum as accumulated, not divided by its count (a peak kind: the maximum)."""
+        return self.sums.get((module, kind))
 
     def has(self, kind: str) -> bool:
         return any(k == kind for _, k in self.sums)
@@ -112,6 +133,10 @@ class CovarianceState:
                 self.sums[key] = torch.zeros(shape, device=device, dtype=getattr(torch, dtype))
                 self.counts[key] = 0.0
         for key in sorted(self.sums):
+            if key[1] in PEAKS:
+                all_reduce_max(self.sums[key])
+                self.counts[key] = 1.0
+                continue
             all_reduce_sum(self.sums[key])
             count = all_reduce_sum(torch.tensor([self.counts[key]], dtype=torch.float64,
                                                 device=self.sums[key].device))

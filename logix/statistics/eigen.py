@@ -35,12 +35,16 @@ def eigh64(cov: Tensor) -> Eigen:
 
 
 def fit_ekfac(blocks: Iterable[Tuple[list, Tensor]], modules: List[ModuleEntry],
-              bases: Dict[str, Tuple[Tensor, Tensor]]) -> Tuple[Dict[str, Tensor], int]:
-    """Sums over logged rows of (Q_out^T G_n Q_in)^2 per module, and the number of rows.
+              bases: Dict[str, Tuple[Tensor, Tensor]]
+              ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], int]:
+    """Sums over logged rows of (Q_out^T G_n Q_in)^2 per module, the largest ||G_n||^2 per
+    module (the rotation keeps norms, so over the sum's total it is one row's share of the
+    Fisher), and the number of rows.
 
     bases: module name -> (Q_out [r_out, r_out], Q_in [r_in, r_in]).
     """
     sums = {m.name: torch.zeros(m.rank_out, m.rank_in, dtype=torch.float64) for m in modules}
+    peaks = {m.name: torch.zeros((), dtype=torch.float64) for m in modules}
     count = 0
     for _, rows in blocks:
         rows = rows.to(torch.float32)
@@ -50,4 +54,7 @@ def fit_ekfac(blocks: Iterable[Tuple[list, Tensor]], modules: List[ModuleEntry],
             grads = rows[:, m.columns].reshape(-1, m.rank_out, m.rank_in)
             rotated = q_out.T @ grads @ q_in  # [n, r_out, r_in]
             sums[m.name] += rotated.square().sum(0).double().cpu()
-    return sums, count
+            if len(grads):
+                peak = grads.square().sum((1, 2)).max().double().cpu()
+                peaks[m.name] = torch.maximum(peaks[m.name], peak)
+    return sums, peaks, count

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from logix.errors import UsageError
-from logix.statistics.covariance import KINDS, CovarianceState
+from logix.statistics.covariance import GRAD_PEAK, KINDS, CovarianceState
 from logix.storage.format import KEY_SEP, STATE_DIR, STATISTICS_FILE
 from logix.storage.session import LogSession
 
@@ -44,14 +44,14 @@ def check_same_kinds(session: LogSession, kinds: frozenset, statistics: Covarian
 def merge_saved(session: LogSession, statistics: CovarianceState) -> None:
     """Add the earlier session's saved statistics to `statistics` (after the all-reduce, so
     every rank holds them once). What was fitted from the rows after logging (EK-FAC's
-    eigenvalues: any kind but the collected covariances) is dropped, to be refitted over all
-    rows."""
+    eigenvalues: any kind but the collected covariances and their peak) is dropped, to be
+    refitted over all rows."""
     if not session.resumed_state:
         return
     saved = CovarianceState()
     saved.load_state_dict(session.resumed_state)
     for state in (saved, statistics):
-        for kind in {kind for _, kind in state.sums} - set(KINDS):
+        for kind in {kind for _, kind in state.sums} - {*KINDS, GRAD_PEAK}:
             state.drop(kind)
     statistics.merge(saved)
     session.resumed_state = None

@@ -22,7 +22,7 @@ from logix.errors import UsageError
 from logix.log import StepRows, TokenRows
 from logix.logra import Projection
 from logix.statistics import resume
-from logix.statistics.covariance import BACKWARD, GRAD, CovarianceState
+from logix.statistics.covariance import BACKWARD, GRAD, GRAD_PEAK, CovarianceState
 from logix.statistics.live import RunStatistics
 from logix.storage.session import LogSession
 from logix.storage.data_ids import normalize_data_ids
@@ -283,7 +283,11 @@ class StepRunner:
         _merge(statistics, capture.statistics, scale)
         if spec.grad_covariance:
             for entry in layers.layout():
-                statistics.update(entry.name, GRAD, kept[:, entry.columns], kept.shape[0])
+                block = kept[:, entry.columns]
+                statistics.update(entry.name, GRAD, block, kept.shape[0])
+                if len(block):
+                    norms = block.float().square().sum(1)  # [n] ||g_n||^2
+                    statistics.raise_peak(entry.name, GRAD_PEAK, norms.max())
         tokens = None
         if capture.per_token:
             tokens = TokenRows(*token_rows(capture, layers.projections, scale, capture.mask))

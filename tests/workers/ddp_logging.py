@@ -72,7 +72,7 @@ def main(root: str, mode: str) -> None:
             for kind in ("full", "lissa")}  # curvatures fitted from the rows
     if rank == 0:
         stats = {f"{m}::{k}": run.statistics.get(m, k) for m in run.projections
-                 for k in ("forward", "backward", "grad", "ekfac")}
+                 for k in ("forward", "backward", "grad", "ekfac", "grad_peak", "ekfac_peak")}
         torch.save({"full": full, "top": top, "stats": stats, "rank0": only_rank0, **rows},
                    os.path.join(root, f"result-{mode}-{world}.pt"))
     elif only_rank0 is not None:
