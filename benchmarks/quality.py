@@ -110,7 +110,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _quality_cases import CASES, N_QUERY, N_TRAIN  # noqa: E402  (shared with _peer_logix.py)
 
-CURVATURES = ("none", "raw", "kfac", "ekfac", "lissa", "full")
+CURVATURES = ("auto", "none", "raw", "kfac", "ekfac", "lissa", "full")
 PROJECTIONS = (("none", None), ("random", 8), ("pca", 8), ("pca", 4))
 # also logged with true-Fisher K-FAC factors (a statistics pass on sampled labels; rows "-tf")
 FISHER_PROJECTIONS = (("none", None), ("pca", 8))
@@ -608,10 +608,11 @@ def family_of(config: str):
 
 
 def default_config(tool: str, family: str) -> str:
-    """The configuration a tool runs with nothing set, in that family: ours and LogIX 0.1.1
-    pick EK-FAC when its statistics are logged, dot, their default damping; Kronfluence EK-FAC
+    """The configuration a tool runs with nothing set, in that family: ours hessian "auto" (EK-FAC
+    when its statistics are logged, K-FAC where one example dominates EK-FAC's Fisher), LogIX
+    0.1.1 EK-FAC; dot, their default damping; Kronfluence EK-FAC
     at damping 1e-8; TRAK proj_dim 2048, float16, lambda 0; dattri regularisation 0."""
-    return {"ours": f"influence ekfac dot {family}",
+    return {"ours": f"influence auto dot {family}",
             "logix0.1.1": f"logix0.1.1 ekfac dot {family}",
             "kronfluence": "kronfluence ekfac dot full",
             "trak": "trak xtx dot p2048",
@@ -706,7 +707,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
                "logix0.1.1": "x", "kronfluence": "D", "magic": "P", "trak": "v", "dattri": "h"}
-    colors = {"none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
+    colors = {"auto": "tab:olive", "none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
               "full": "C7", "ggn": "C8", "hessian": "C9", "exact": "k", "xtx": "C4",
               "explicit": "C5", "cg": "C6", "trak": "C4"}
     for ax, case in zip(axes[0], cases):

@@ -63,7 +63,7 @@ def test_the_share_equals_the_brute_force_over_the_logged_rows(tmp_path):
     assert attributor.statistics.has(GRAD_PEAK) and attributor.statistics.has(EKFAC_PEAK)
 
 
-@pytest.mark.parametrize("hessian", ["raw", "ekfac", "auto"])
+@pytest.mark.parametrize("hessian", ["raw", "ekfac"])
 def test_raw_and_ekfac_queries_warn_and_record_the_share(tmp_path, hessian):
     run, query = logged_run(tmp_path, loud=5)
     expected = brute_force_shares(run)
@@ -76,6 +76,22 @@ def test_raw_and_ekfac_queries_warn_and_record_the_share(tmp_path, hessian):
     assert shares.keys() == expected.keys()
     for module, share in expected.items():
         assert shares[module] == pytest.approx(share, rel=1e-5)
+
+
+def test_auto_takes_kfac_when_one_example_dominates_ekfacs_fisher(tmp_path):
+    """auto would pick ekfac; with one example carrying most of its Fisher it takes kfac, says
+    why in meta, and does not warn (it took the advice); a normal log keeps ekfac."""
+    run, query = logged_run(tmp_path / "loud", loud=5)
+    expected = brute_force_shares(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = run.compute_influence_all(query)
+    assert result["meta"]["hessian"] == "kfac"
+    assert result["meta"]["fisher_concentration"] == pytest.approx(expected, rel=1e-5)
+    kfac = run.compute_influence_all(query, hessian="kfac")
+    torch.testing.assert_close(result["influence"], kfac["influence"])
+    quiet, quiet_query = logged_run(tmp_path / "quiet")
+    assert quiet.compute_influence_all(quiet_query)["meta"]["hessian"] == "ekfac"
 
 
 @pytest.mark.parametrize("hessian", ["kfac", "none"])

@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import os
 import warnings
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -126,10 +126,15 @@ class Attributor:
         cfg = check_config(query_settings(self.influence_config, hessian=hessian,
                                           damping=damping), query=True)
         name = cfg.hessian
-        if name == curvature.AUTO:
-            name = self._declared() or curvature.pick_auto(self.available_hessians())
-        kind = curvature.get(name)
         modules = modules if modules is not None else self.modules()
+        avoided: Dict[str, float] = {}
+        if name == curvature.AUTO:
+            name = self._declared()
+            if name is None:
+                name, avoided = curvature.pick_auto_for(self.available_hessians(),
+                                                        self.statistics,
+                                                        [m.name for m in modules])
+        kind = curvature.get(name)
         solver = kind.query_solver(self.reader, modules, cfg, progress,
                                    source=self.curvature_source)
         if solver is not None:
@@ -148,7 +153,8 @@ class Attributor:
             warnings.warn(curvature.concentration_warning(name, shares), UserWarning,
                           stacklevel=2)
         return Preconditioner(name, inverses, modules,
-                              damping_rules.describe(cfg.damping, cfg.relative_damping), shares)
+                              damping_rules.describe(cfg.damping, cfg.relative_damping),
+                              shares or avoided)
 
     def _declared(self) -> Optional[str]:
         """The curvature the logging run declared (its manifest's config snapshot), if any."""

@@ -415,6 +415,18 @@ def pick_auto(kinds: List[str]) -> str:
     return next(k for k in AUTO_ORDER if k in kinds)
 
 
+def pick_auto_for(kinds: List[str], statistics: CovarianceState, modules: List[str]
+                  ) -> Tuple[str, Dict[str, float]]:
+    """(kind, shares): `pick_auto`'s kind, except K-FAC when one example dominates the empirical
+    Fisher of the kind it would pick (raw or ekfac) and K-FAC's factors were collected; shares
+    are that kind's concentrated modules (empty when nothing was avoided)."""
+    name = pick_auto(kinds)
+    if "kfac" not in kinds:
+        return name, {}
+    shares = concentrated(name, statistics, modules)
+    return ("kfac", shares) if shares else (name, {})
+
+
 def concentrated(name: str, statistics: CovarianceState, modules: Iterable[str]
                  ) -> Dict[str, float]:
     """The modules whose empirical Fisher (as kind `name` uses it) one example dominates:
