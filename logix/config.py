@@ -87,7 +87,8 @@ class InfluenceConfig:
     hessian: str = _help(
         "Preconditioner: a kind of logix.influence.curvature, or 'auto': the kind the logging run "
         "declared (its scheduler's hessian), else the best the statistics allow "
-        "(ekfac > kfac > raw > none).",
+        "(ekfac > kfac > raw > none; kfac first where one example dominates the empirical "
+        "Fisher).",
         "auto")
     mode: Mode = _help("Score: dot product, cosine similarity, or negative squared distance.", "dot")
     damping: Union[float, str, None] = _help(

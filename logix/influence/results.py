@@ -15,9 +15,10 @@ class Scores(dict):
 
     A score is g_q^T (H + lambda I)^-1 g_i: positive means training on example i lowers query
     q's loss (helpful), negative that it raises it (harmful). Always present: `src_ids` and
-    `meta` (the estimator, curvature, damping, mode, projection, project; with raw / ekfac,
-    `fisher_concentration` {module: share} where one example carries over half a module's
-    empirical Fisher: docs/concepts.md, "When one example dominates the Fisher"). Then one of:
+    `meta` (the estimator, curvature, damping, mode, projection, project; with raw / ekfac, or
+    kfac that auto took instead of them, `fisher_concentration` {module: share} where one
+    example carries over half a module's empirical Fisher: docs/concepts.md, "When one example
+    dominates the Fisher"). Then one of:
 
     - `influence` [n_src, n_tgt] with `tgt_ids` (columns in logging order); `groups`: name ->
       [n_src, n_tgt] per group of modules when influence_groups was given. Self-influence:
