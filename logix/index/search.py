@@ -1,8 +1,9 @@
 """Search: the index proposes candidates per query (the most positive inner products with the
 preconditioned query; the most negative ones with its negation for `bottom`), then the exact
-scores of the candidates are computed from the shards. Scores are exact; recall is what the
-index finds. Without FAISS or without an index for the asked mode, the exact streaming top-k
-answers instead (with a one-line notice); a stale index is refused."""
+scores of the candidates are computed from the shards: the stream's to float32 rounding (a
+single query's with its bits); recall is what the index finds. Without FAISS or without an
+index for the asked mode, the exact streaming top-k answers instead (with a one-line notice); a
+stale index is refused."""
 
 from __future__ import annotations
 
@@ -215,15 +216,17 @@ _UNIT_ROUNDOFF = 2.0 ** -24
 
 def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], starts: Tensor,
                k: int, largest: bool, timing: dict, block: Tensor, stream_threads: int):
-    """(values, positions) [n_query, k]: each query's best k candidates by their exact scores,
-    with the stream's bits.
+    """(values, positions) [n_query, k]: each query's best k candidates by their exact scores.
 
-    Two steps. (1) Every candidate's score to round-off: one read of the union of all queries'
-    candidates (one gather per shard), then per query a product with its own candidates only
-    (a gather small enough to stay in cache; one product of the union with every query, or one
-    batched product over a gathered [n_query, c, dim] copy, were 2-15x slower for 64 queries).
-    (2) The stream's bits, for the candidates that can still be in the top k: those within the
-    round-off bound of the k-th score (usually k or a few more), through `_stream_bits`."""
+    Every candidate's score to round-off: one read of the union of all queries' candidates (one
+    gather per shard), then per query a product with its own candidates only (a gather small
+    enough to stay in cache; one product of the union with every query was 2x slower for 64
+    queries, one batched product over a gathered [n_query, c, dim] copy up to 15x). A batch
+    (several queries) returns these: the stream's scores to float32 round-off. A single query
+    then takes the stream's bits for the candidates that can still be in its top k (within the
+    round-off bound of the k-th score, usually k or a few more) through `_stream_bits`: one
+    fixed-shape GEMM, cheap for one query, while a batch's near rows need several GEMMs over
+    every query on the stream's threads (most of a 64-query search)."""
     started = time.perf_counter()
     valid = found >= 0
     union, inverse = torch.unique(found.clamp_min(0), return_inverse=True)  # sorted
@@ -234,24 +237,45 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     fast = torch.empty(inverse.shape)  # [n_query, c]
     for q in range(inverse.shape[0]):
         torch.mv(values.index_select(0, inverse[q]), queries[q], out=fast[q])
-    # sum_d |q_d r_d| <= |q| |r| (Cauchy-Schwarz): a looser bound that needs no second product
-    bound = 2 * rows.dim * _UNIT_ROUNDOFF * queries.norm(dim=1)[:, None] * \
-        values.norm(dim=1)[inverse]
-    bound = bound + 8 * _UNIT_ROUNDOFF * fast.abs()  # the divisions of cosine
     train_norms = None
     if norms is not None:
         shard, local = rows.locate(union)
         train_norms = norms[starts[shard] + local]  # [n_union, 1]
         scale = plan.query_norms[:, None].clamp_min(1e-30).sqrt() * \
             train_norms[inverse][:, :, 0].clamp_min(1e-30).sqrt()
-        fast, bound = fast / scale, bound / scale * 1.01
+        fast = fast / scale
     sign = 1.0 if largest else -1.0
     fill = float("-inf")
     signed = (sign * fast).masked_fill(~valid, fill)
+    if plan.n_query > 1:
+        best, order = torch.topk(signed, k, dim=1, sorted=True)
+    else:
+        best, order = _stream_top(plan, union, inverse, values, train_norms, valid, signed,
+                                  sign, k, block, stream_threads)
+    positions = torch.gather(found, 1, order).masked_fill(best == fill, -1)
+    timing["rerank"] += time.perf_counter() - read
+    return sign * best, positions
+
+
+def _stream_top(plan, union: Tensor, inverse: Tensor, values: Tensor,
+                train_norms: Optional[Tensor], valid: Tensor, signed: Tensor, sign: float,
+                k: int, block: Tensor, stream_threads: int):
+    """(signed scores, candidate order) [n_query, k] of the best k candidates with the stream's
+    bits, from `signed`, their round-off accurate scores (-inf where invalid)."""
+    fill = float("-inf")
+    # sum_d |q_d r_d| <= |q| |r| (Cauchy-Schwarz): a looser bound that needs no second product
+    bound = 2 * values.shape[1] * _UNIT_ROUNDOFF * plan.queries.norm(dim=1)[:, None] * \
+        values.norm(dim=1)[inverse]
+    bound_scale = 1.0
+    if train_norms is not None:  # cosine: the bound of the product scaled, and its divisions'
+        bound = bound / (plan.query_norms[:, None].clamp_min(1e-30).sqrt() *
+                         train_norms[inverse][:, :, 0].clamp_min(1e-30).sqrt())
+        bound_scale = 1.01
+    bound = (bound + 8 * _UNIT_ROUNDOFF * signed.masked_fill(~valid, 0).abs()) * bound_scale
     kth = torch.topk(signed, k, dim=1).values[:, -1:]  # [n_query, 1]
     near = valid & (signed + bound >= kth - bound.masked_fill(~valid, 0).max(1, keepdim=True)
                     .values)
-    exact = torch.full_like(fast, float("nan"))
+    exact = torch.full_like(signed, float("nan"))
     needed = torch.unique(inverse[near])
     bits = _stream_bits(plan, union[needed], values[needed],
                         None if train_norms is None else train_norms[needed], block,
@@ -259,11 +283,7 @@ def _exact_top(plan, rows: RowStore, found: Tensor, norms: Optional[Tensor], sta
     slot = torch.full((len(union),), -1, dtype=torch.long)
     slot[needed] = torch.arange(len(needed))
     exact[near] = bits[near.nonzero()[:, 0], slot[inverse[near]]]
-    ranked = (sign * exact).masked_fill(~near, fill)
-    best, order = torch.topk(ranked, k, dim=1, sorted=True)
-    positions = torch.gather(found, 1, order).masked_fill(best == fill, -1)
-    timing["rerank"] += time.perf_counter() - read
-    return sign * best, positions
+    return torch.topk((sign * exact).masked_fill(~near, fill), k, dim=1, sorted=True)
 
 
 def _stream_bits(plan, union: Tensor, values: Tensor, train_norms: Optional[Tensor],

@@ -4,10 +4,10 @@ A warm search is a few dozen small operations (a FAISS walk, a gather of candida
 products). Split over threads, each operation ends at a barrier where a thread waits for its
 peers; on a busy machine a peer that lost its core costs a scheduler time slice at every one of
 them (measured on the shared 2-core VM at load 8: one query 70-170 ms on two threads, 13-15 ms
-on one). `search` therefore runs torch and FAISS on SEARCH_THREADS, except the
-products that must carry the exact stream's bits: a GEMM's bits may depend on its thread count
-(here, MKL: the same on one and two threads for up to 8 queries, not for 16 or more), so those
-run on the thread count the stream uses (the one set outside the search), unless a probe of
+on one). `search` therefore runs torch and FAISS on SEARCH_THREADS, except the products that
+carry a single query's exact stream bits: a GEMM's bits may depend on its thread count (here,
+MKL: the same on one and two threads for up to 8 query rows, not for 16 or more), so those run
+on the thread count the stream uses (the one set outside the search), unless a probe of
 the same GEMM shape on random rows gives the same bits on one thread (`bits_threads`).
 
 Both counts are process-wide, so `limited` holds one process-wide lock while it has changed
