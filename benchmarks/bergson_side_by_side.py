@@ -1,6 +1,6 @@
 """LogIX and Bergson side by side on one small language model.
 
-    python benchmarks/bergson_side_by_side.py --make-bergson-venv /work/scratch-NAME/bergson-venv
+    python benchmarks/bergson_side_by_side.py --make-bergson-venv DIR   # a new venv, outside the repo
     python benchmarks/bergson_side_by_side.py --bergson-venv PATH [--train 2006] [--rank 16]
 
 The model: GPT-2 from its config (4 layers x 128, byte-level vocabulary, a context of 32 x

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from logix.errors import UsageError
 from logix.influence.hvp import gauss_newton_products, hessian_products
 from logix.influence import damping as damping_rules
-from logix.influence.preconditioner import Preconditioner
+from logix.influence.preconditioner import QuerySolver
 from logix.logra import Projection
 from logix.progress import track
 
@@ -147,11 +147,9 @@ class ProjectedCurvature:
         return torch.cat(parts, 1)
 
 
-class HessianSolve(Preconditioner):
+class HessianSolve(QuerySolver):
     """A query-side solve: `apply(queries)` runs CG against M H M^T + lambda I (mode 'dot' only;
     `diagnostics` holds the last solve's iterations and residuals)."""
-
-    queries_only = True
 
     def __init__(self, kind: str, source: Optional[CurvatureSource], modules,
                  damping: damping_rules.Setting, relative_damping: Optional[float],
@@ -169,10 +167,6 @@ class HessianSolve(Preconditioner):
         self.progress = progress
         self._dampings: Dict[str, float] = {}
         self.diagnostics: dict = {}
-
-    @property
-    def dampings(self) -> Dict[str, float]:
-        return dict(self._dampings)
 
     def apply(self, rows: Tensor) -> Tensor:
         """queries [n, dim] -> (M H M^T + lambda I)^-1 queries (float64 solve)."""

@@ -41,7 +41,7 @@ from logix.errors import UsageError
 from logix.influence import damping as damping_rules
 from logix.influence.gather import own_part
 from logix.influence.hvp import gauss_newton_products, hessian_products
-from logix.influence.preconditioner import Preconditioner
+from logix.influence.preconditioner import QuerySolver
 from logix.progress import track
 
 DIVERGED = 1e3  # a relative residual above this (or not finite) means the recursion diverged
@@ -52,15 +52,10 @@ EXACT_DIM = 2048  # modules at most this wide get tr(F^2) exactly (a [d, d] sum)
 PROBES = 64  # Hutchinson probes for tr(F^2) of wider modules
 
 
-class LissaPreconditioner(Preconditioner):
+class LissaPreconditioner(QuerySolver):
     """A query-side solve: `apply(queries)` solves (F + lambda I) x = g_q against the saved rows'
-    Fisher, by conjugate gradients (solver 'cg') or the LiSSA recursion ('neumann').
-
-    There are no per-module inverses to apply to training rows, so only the queries are
-    preconditioned (mode 'dot'); `diagnostics` holds the last solve's residuals.
-    """
-
-    queries_only = True
+    Fisher, by conjugate gradients (solver 'cg') or the LiSSA recursion ('neumann');
+    `diagnostics` holds the last solve's residuals."""
 
     def __init__(self, reader, modules, damping: damping_rules.Setting,
                  relative_damping: Optional[float],
@@ -81,10 +76,6 @@ class LissaPreconditioner(Preconditioner):
         self.depth, self.scale, self.tol, self.progress = depth, scale, tol, progress
         self.solver = solver
         self.diagnostics: dict = {}
-
-    @property
-    def dampings(self) -> Dict[str, float]:
-        return dict(self._dampings)
 
     def apply(self, rows: Tensor) -> Tensor:
         """queries [n, dim] -> (F + lambda I)^-1 queries, per module (float64)."""

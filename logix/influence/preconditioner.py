@@ -90,6 +90,19 @@ class Preconditioner:
         return {name: inv.damping for name, inv in self.inverses.items()}
 
 
+class QuerySolver(Preconditioner):
+    """A query-side solve (lissa, hessian, ggn): no per-module inverse to apply to training
+    rows, so only the queries are preconditioned (mode 'dot'). A subclass sets `_dampings`
+    (module -> the damping it resolved) before `dampings` is read."""
+
+    queries_only = True
+    _dampings: Dict[str, float]
+
+    @property
+    def dampings(self) -> Dict[str, float]:
+        return dict(self._dampings)
+
+
 def check_invertible(module: str, inverse: ModuleInverse) -> None:
     """Refuse a curvature that is singular once damped (smallest eigenvalue of H + lambda I at
     or below round-off of the largest, as numpy's matrix_rank): its inverse, and every score,
