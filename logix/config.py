@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -228,13 +229,20 @@ def _field_names(cls) -> list:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    """A config class's resolved field types (resolving them compiles each annotation: worth
+    keeping, since every query checks its arguments through `_build`)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, data: Any, prefix: str):
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(f"Config section {prefix.rstrip('.') or 'root'!r} must be a mapping, got "
                           f"{data!r}.")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = _field_names(cls)
     unknown = sorted(set(data) - set(names))
     if unknown:

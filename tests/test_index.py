@@ -96,10 +96,12 @@ def test_flat_index_with_rerank_returns_exactly_the_streaming_topk(logged, hessi
 
 def test_cosine_index_serves_its_curvature_exactly_and_falls_back_for_another(logged):
     att, query = logged
-    att.build_index("flat", mode="cosine", hessian="ekfac", progress=False)
+    # every list probed: exact candidates through the index's batch re-rank (a flat index
+    # would hand the batch to the stream)
+    att.build_index("ivf", mode="cosine", hessian="ekfac", nlist=4, nprobe=4, progress=False)
     want = exact(att, query, 5, hessian="ekfac", mode="cosine")
     got = att.search(query, k=5, candidates=20, hessian="ekfac", mode="cosine")
-    assert got["top_ids"] == want["top_ids"]
+    assert "stream" not in got["meta"]["search"] and got["top_ids"] == want["top_ids"]
     assert_stream_scores(got["top_scores"], want["top_scores"])
     with pytest.warns(UserWarning, match="no index for mode 'cosine'.*kfac"):
         other = att.search(query, k=5, hessian="kfac", mode="cosine")
@@ -451,7 +453,7 @@ def test_auto_on_a_large_log_builds_ivf_with_sq8_codes_and_scores_exactly(logged
 
     att, query = logged
     monkeypatch.setattr(backend, "AUTO_FLAT_ROWS", 100)  # the 400-row log counts as large
-    monkeypatch.setattr(backend, "AUTO_HNSW_ROWS", 200)  # ... and as very large
+    monkeypatch.setattr(backend, "AUTO_HNSW_BYTES", 0)  # ... and as too large for HNSW
     monkeypatch.setattr(backend, "AUTO_RECALL", 0.0)  # keep the IVF whatever it measures
     monkeypatch.setattr(backend, "AUTO_MIN_SPEEDUP", -1.0)
     manifest = att.build_index(progress=False)
@@ -535,3 +537,31 @@ def test_row_store_reads_rows_in_asked_order_and_advises_the_missing_pages(tmp_p
     last = [(mapped.first + (r + 1) * mapped.row_bytes - 1) // page for r in (12, 40)]
     assert calls == [(mmap.MADV_WILLNEED, f * page, (l - f + 1) * page)
                      for f, l in zip(first, last)]
+
+
+def test_auto_builds_hnsw_while_its_index_fits_in_memory_then_ivf():
+    from logix.index import backend
+
+    width = backend.auto_sketch(928, None)  # LoGra rank 16 on a 4x512 MLP: a 256-wide sketch
+    assert backend.resolve_kind("auto", 9_999, width) == "flat"
+    assert backend.resolve_kind("auto", 10_000, width) == "hnsw"
+    assert backend.resolve_kind("auto", 1_000_000, width) == "hnsw"  # 1.3 GB
+    assert backend.resolve_kind("auto", 2_000_000, width) == "ivf"  # 2.6 GB
+    assert backend.resolve_kind("auto", 1_000_000, 512) == "ivf"  # unsketched 512-wide rows
+    assert backend.resolve_kind("hnsw", 10 ** 8, width) == "hnsw"  # asked for: built
+
+
+def test_a_batch_on_an_exact_flat_index_is_answered_by_the_stream(logged):
+    from logix.index.search import STREAM_BATCH
+
+    att, query = logged
+    att.build_index("flat", progress=False)
+    assert len(query) >= STREAM_BATCH
+    want = exact(att, query, 5, hessian="ekfac")
+    got = att.search(query, k=5, hessian="ekfac", bottom=True)
+    assert got["meta"]["search"]["stream"] and got["meta"]["search"]["index"] == "flat-dot"
+    assert got["top_ids"] == want["top_ids"] and got["bottom_ids"] == want["bottom_ids"]
+    assert torch.equal(got["top_scores"], want["top_scores"])
+    unranked = att.search(query, k=5, hessian="ekfac", rerank=False)  # the index's own scores
+    assert "stream" not in unranked["meta"]["search"]
+    assert unranked["top_ids"] == want["top_ids"]

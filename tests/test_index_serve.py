@@ -19,6 +19,7 @@ from logix.dashboard.server import url_of
 from logix.errors import UsageError
 from logix.index import backend, client, store
 from logix.index.service import make_service
+from logix.log import StepRows
 
 pytest.importorskip("faiss")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -43,30 +44,42 @@ def _stream(att, query, k):
     return att.compute_influence_all(query, hessian="ekfac", topk=k, progress=False)
 
 
+def _one(query, q):
+    return StepRows(query.data_ids[q:q + 1], query.grads[q:q + 1], query.modules,
+                    query.projection)
+
+
 def test_warm_and_cold_searches_return_the_streams_ids_and_scores(project, tmp_path):
     att, query, queries_dir = project
     want = _stream(att, query, 5)
     warm = logix.Attributor(att.project_dir)
-    for _ in range(3):  # the first call opens everything, the next ones reuse it
-        got = warm.search(query, k=5, hessian="ekfac")
-        assert got["top_ids"] == want["top_ids"]
-        assert_stream_scores(got["top_scores"], want["top_scores"])
+    for q in range(3):  # the first call opens everything, the next ones reuse it
+        got = warm.search(_one(query, q), k=5, hessian="ekfac")
+        assert got["top_ids"] == want["top_ids"][q:q + 1]
+        assert_stream_scores(got["top_scores"], want["top_scores"][q:q + 1])
+        assert "stream" not in got["meta"]["search"]
     assert len(warm.index_cache._indexes) == 1
     seconds = got["meta"]["search"]["seconds"]
     assert set(seconds) == {"index", "read", "rerank", "total"}
     assert seconds["total"] >= seconds["index"] + seconds["read"] + seconds["rerank"]
+    # a batch on an exact flat index: the stream answers it
+    batch = warm.search(query, k=5, hessian="ekfac")
+    assert batch["meta"]["search"]["stream"] and batch["meta"]["search"]["index"] == "flat-dot"
+    assert batch["top_ids"] == want["top_ids"]
+    assert torch.equal(batch["top_scores"], want["top_scores"])
     # cold: a new process
     out = tmp_path / "cold.json"
     code = ("import json, sys, logix, warnings; warnings.simplefilter('ignore');"
             "from logix.log import StepRows;"
+            f"q = StepRows.load({os.path.join(queries_dir, 'q.safetensors')!r});"
             f"r = logix.Attributor({att.project_dir!r}).search("
-            f"StepRows.load({os.path.join(queries_dir, 'q.safetensors')!r}), k=5, "
+            "StepRows(q.data_ids[:1], q.grads[:1], q.modules, q.projection), k=5, "
             "hessian='ekfac');"
             f"json.dump([r['top_ids'], r['top_scores'].tolist()], open({str(out)!r}, 'w'))")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     ids, scores = json.load(open(out))
-    assert ids == want["top_ids"]
-    assert_stream_scores(torch.tensor(scores, dtype=torch.float32), want["top_scores"])
+    assert ids == want["top_ids"][:1]
+    assert_stream_scores(torch.tensor(scores, dtype=torch.float32), want["top_scores"][:1])
 
 
 def test_a_batch_keeps_the_stream_scores_with_an_approximate_index(project):
@@ -92,13 +105,13 @@ def test_a_rebuilt_index_is_opened_again_by_a_warm_attributor(project):
     assert after is not before
 
 
-@pytest.mark.parametrize("kind,hnsw_rows", [("hnsw", 10 ** 6), ("ivf", 1000)])
+@pytest.mark.parametrize("kind,hnsw_bytes", [("hnsw", 1 << 40), ("ivf", 0)])
 def test_auto_records_the_recall_a_brute_force_check_measures(tmp_path, monkeypatch, kind,
-                                                               hnsw_rows):
+                                                               hnsw_bytes):
     project = str(tmp_path / "clustered")
     write_clustered_log(project, rows=3072, dim=48)
     monkeypatch.setattr(backend, "AUTO_FLAT_ROWS", 1000)
-    monkeypatch.setattr(backend, "AUTO_HNSW_ROWS", hnsw_rows)
+    monkeypatch.setattr(backend, "AUTO_HNSW_BYTES", hnsw_bytes)
     monkeypatch.setattr(backend, "AUTO_MIN_SPEEDUP", -1.0)  # keep the index, whatever its speed
     att = logix.Attributor(project)
     manifest = att.build_index(progress=False)

@@ -31,7 +31,8 @@ class Attributor(attributor.Attributor, AttributorNames):
     def build_index(self, kind: str = "auto", mode: str = "dot", **options):
         """Build (or bring up to date) a FAISS index of the saved rows under
         ``<project>/index/<name>/``, for `search`. kind: "auto" | "flat" | "ivf" | "hnsw".
-        auto: flat below 10,000 rows, HNSW up to 300,000, else IVF-SQ8, the latter two over a
+        auto: flat below 10,000 rows, HNSW while its file fits 2 GiB (about 1.6 million rows),
+        else IVF-SQ8, the latter two over a
         256-wide sketch of rows wider than 512 with ef / nprobe calibrated on the log's own rows
         (recall@10 and speed-up recorded in the manifest's `calibration`; flat where that index
         measures below 0.95 recall@10 or no faster). mode "dot" (serves every curvature) or

@@ -12,8 +12,9 @@ from logix.storage.format import atomic_file
 KINDS = ("auto", "flat", "ivf", "hnsw")
 QUANTIZERS = (None, "sq8", "pq")
 AUTO_FLAT_ROWS = 10_000  # kind="auto": exact flat index below this many rows,
-AUTO_HNSW_ROWS = 300_000  # HNSW up to this many (fast searches; builds 4-6x slower than IVF),
-AUTO_HNSW_EF_CONSTRUCTION = 40  # built with this breadth, then IVF-SQ8 (fast builds, w B/row)
+AUTO_HNSW_BYTES = 2 << 30  # HNSW while its file fits this (read into memory: fast searches;
+AUTO_HNSW_EF_CONSTRUCTION = 40  # built with this breadth), then IVF-SQ8 (fast builds, w B/row)
+HNSW_LINK_BYTES = 270  # HNSW32's neighbour lists per row, beside the 4w of its vectors
 AUTO_SKETCH_WIDTH = 256  # kind="auto": index a JL sketch of this width when rows are wider than
 AUTO_SKETCH_ABOVE = 512  # this (the re-ranking reads the full rows)
 AUTO_RECALL = 0.95  # kind="auto": recall@10 the calibration must measure, else a flat index
@@ -39,11 +40,16 @@ def available() -> bool:
     return True
 
 
-def resolve_kind(kind: str, rows: int) -> str:
+def resolve_kind(kind: str, rows: int, width: int) -> str:
+    """The kind to build; "auto": flat below AUTO_FLAT_ROWS rows, HNSW while an HNSW32 index of
+    `width`-wide vectors fits AUTO_HNSW_BYTES (about 1.6 million rows of a 256-wide sketch; a
+    walk's cost grows with the log of the rows, an IVF scan's with their root), else IVF."""
     if kind not in KINDS:
         raise UsageError(f"index kind={kind!r} is not supported; allowed: {list(KINDS)}.")
     if kind == "auto":
-        return "flat" if rows < AUTO_FLAT_ROWS else "hnsw" if rows <= AUTO_HNSW_ROWS else "ivf"
+        if rows < AUTO_FLAT_ROWS:
+            return "flat"
+        return "hnsw" if rows * (4 * width + HNSW_LINK_BYTES) <= AUTO_HNSW_BYTES else "ivf"
     return kind
 
 

@@ -48,7 +48,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                                or not 0 < sketch < dim):
         raise UsageError(f"sketch={sketch!r} must be an integer in [1, {dim}) (the row width), "
                          "or None to index full rows.")
-    backend.resolve_kind(kind, full.rows)  # validates the name early
+    backend.resolve_kind(kind, full.rows, dim)  # validates the name early
     backend.check_search_params(nprobe, ef)
     reader = own_part(full) if distributed.is_distributed() else full
     part = {"rank": distributed.rank(), "world": distributed.world_size()}
@@ -74,7 +74,7 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                    nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef=ef, pq_m=pq_m, seed=seed)
     truth = None
     if manifest is None:
-        resolved = backend.resolve_kind(kind, reader.rows)
+        resolved = backend.resolve_kind(kind, reader.rows, backend.auto_sketch(dim, sketch) or dim)
         width = backend.auto_sketch(dim, sketch) if kind == "auto" and resolved != "flat" \
             else sketch
         if kind == "auto" and resolved == "hnsw":

@@ -29,7 +29,7 @@ from logix.storage.format import DATA_IDS_KEY, GRAD_KEY, read_header
 from logix.storage.reader import map_shard, verify_file
 
 _PAGE = mmap.PAGESIZE
-RESIDENT_SAMPLE = 16  # rows whose pages are checked before advising a read
+RESIDENT_SAMPLE = 4  # rows whose pages are checked before advising a read
 
 
 class RowStore:

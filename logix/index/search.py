@@ -3,7 +3,9 @@ preconditioned query; the most negative ones with its negation for `bottom`), th
 scores of the candidates are computed from the shards: the stream's to float32 rounding (a
 single query's with its bits); recall is what the index finds. Without FAISS or without an
 index for the asked mode, the exact streaming top-k answers instead (with a one-line notice); a
-stale index is refused."""
+stale index is refused. A batch of STREAM_BATCH or more queries on an exact flat index goes to the
+stream too (at 10^4 rows, 64 queries: 100 ms as FAISS's flat scan, 20 ms as the stream's matrix
+products), with meta["search"]["stream"] set."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from logix.influence.scoring import SCORE_CHUNK
 from logix.log import StepRows
 
 MIN_CANDIDATES = 100
+STREAM_BATCH = 4  # queries from which an exact flat index hands a batch to the exact stream
 
 
 def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = None,
@@ -69,18 +72,17 @@ def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = N
     if found is None:
         warnings.warn(f"logix search: {why}; using the exact streaming top-k instead.",
                       stacklevel=3)
-        result = attributor.compute_influence_all(src, mode=mode, precondition=precondition,
-                                                  hessian=hessian, damping=damping, topk=k)
-        if not bottom:
-            result.pop("bottom_ids"), result.pop("bottom_scores")
-        result["meta"] = {**result["meta"], "search": {"index": None, "exact": True,
-                                                       "why": why}}
-        return result
+        return _streamed(attributor, src, mode, precondition, hessian, damping, k, bottom,
+                         None, why)
     state, why = store.state(found, reader.shards, store.layout_of(full.manifest))
     if state != store.FRESH:
         raise UsageError(f"Index {found.name!r} is {store.STALE}: {why}. Bring it up to date "
                          f"with {store.build_hint(found, full.project_dir)} (only new shards "
                          f"are read; changed shards mean a rebuild).")
+    if _exact(found) and rerank and len(src) >= STREAM_BATCH:
+        return _streamed(attributor, src, mode, precondition, hessian, damping, k, bottom,
+                         found.name, f"{len(src)} queries on an exact flat index: the exact "
+                         "stream's matrix products answer a batch faster than a flat scan")
     calibrated = found.faiss.get("candidates")
     if asked is None and calibrated and k <= calibrate.K:  # measured at build: kind="auto"
         candidates = max(k, calibrated)
@@ -97,6 +99,23 @@ def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = N
         "seconds": {**{key: round(value, 6) for key, value in timing.items()},
                     "total": round(time.perf_counter() - started, 6)}}}
     return result
+
+
+def _streamed(attributor, src, mode, precondition, hessian, damping, k: int, bottom: bool,
+              index: Optional[str], why: str) -> dict:
+    """The exact streaming top-k in search's result form, meta["search"] saying why."""
+    result = attributor.compute_influence_all(src, mode=mode, precondition=precondition,
+                                              hessian=hessian, damping=damping, topk=k)
+    if not bottom:
+        result.pop("bottom_ids"), result.pop("bottom_scores")
+    result["meta"] = {**result["meta"], "search": {"index": index, "exact": True,
+                                                   "stream": True, "why": why}}
+    return result
+
+
+def _exact(manifest) -> bool:
+    """Whether the index's candidates are exact: flat, full width, not quantised."""
+    return manifest.kind == "flat" and not manifest.faiss.get("quantize") and not manifest.sketch
 
 
 def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
@@ -131,9 +150,7 @@ def _pick(project_dir: str, mode: str, curvature: Optional[dict], part: dict,
                 (curvature is None or manifest.curvature["key"] == curvature["key"]):
             mtime = os.path.getmtime(os.path.join(store.folder(project_dir, n),
                                                   store.INDEX_MANIFEST))
-            exact = manifest.kind == "flat" and not manifest.faiss.get("quantize") \
-                and not manifest.sketch
-            fitting.append(((exact, mtime), n, manifest))
+            fitting.append(((_exact(manifest), mtime), n, manifest))
     if not fitting:
         return None, (f"{project_dir!r} has no index for mode {mode!r} "
                       f"{_curvature_text(curvature)}(build one with attributor.build_index("
@@ -187,7 +204,8 @@ def _search_part(attributor, full, manifest, plan, src, k, candidates, rerank, b
         with lock:  # nprobe / ef are the index's state: set and search as one step
             backend.set_search_params(index, nprobe or manifest.faiss.get("nprobe"),
                                       ef or manifest.faiss.get("ef"))
-            found_scores, found = index.search(sign * queries, c)
+            with threads.faiss_batch(len(queries), stream_threads):
+                found_scores, found = index.search(sign * queries, c)
         timing["index"] += time.perf_counter() - started
         found = torch.from_numpy(found).long()  # [n_query, c]; -1 where the index had fewer
         if rerank:

@@ -4,7 +4,8 @@ A warm search is a few dozen small operations (a FAISS walk, a gather of candida
 products). Split over threads, each operation ends at a barrier where a thread waits for its
 peers; on a busy machine a peer that lost its core costs a scheduler time slice at every one of
 them (measured on the shared 2-core VM at load 8: one query 70-170 ms on two threads, 13-15 ms
-on one). `search` therefore runs torch and FAISS on SEARCH_THREADS, except the products that
+on one). `search` therefore runs torch and FAISS on SEARCH_THREADS, except a batch's FAISS
+search (`faiss_batch`: one barrier for many queries' work) and the products that
 carry a single query's exact stream bits: a GEMM's bits may depend on its thread count (here,
 MKL: the same on one and two threads for up to 8 query rows, not for 16 or more), so those run
 on the thread count the stream uses (the one set outside the search), unless a probe of
@@ -27,6 +28,7 @@ import torch
 from logix.index import backend
 
 SEARCH_THREADS = 1
+BATCH_QUERIES = 16  # a FAISS search of at least this many queries runs on the stream's threads
 _CHANGED = threading.RLock()  # held while the counts are changed
 
 
@@ -55,6 +57,20 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def faiss_batch(n_query: int, stream_threads: int):
+    """FAISS on `stream_threads` inside for a batch of at least BATCH_QUERIES queries, which it
+    splits between its threads with one barrier at the end (at 10^5 rows, 64 queries' HNSW walk
+    took 15 ms on one thread, 7 on two); on SEARCH_THREADS otherwise. Called inside `limited`."""
+    faiss = backend.import_faiss()
+    n = stream_threads if n_query >= BATCH_QUERIES else SEARCH_THREADS
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(SEARCH_THREADS)
 
 
 @functools.lru_cache(maxsize=256)
