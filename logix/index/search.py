@@ -104,12 +104,14 @@ def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = N
 def _streamed(attributor, src, mode, precondition, hessian, damping, k: int, bottom: bool,
               index: Optional[str], why: str) -> dict:
     """The exact streaming top-k in search's result form, meta["search"] saying why."""
+    started = time.perf_counter()
     result = attributor.compute_influence_all(src, mode=mode, precondition=precondition,
                                               hessian=hessian, damping=damping, topk=k)
     if not bottom:
         result.pop("bottom_ids"), result.pop("bottom_scores")
-    result["meta"] = {**result["meta"], "search": {"index": index, "exact": True,
-                                                   "stream": True, "why": why}}
+    result["meta"] = {**result["meta"], "search": {
+        "index": index, "exact": True, "stream": True, "why": why,
+        "seconds": {"total": round(time.perf_counter() - started, 6)}}}
     return result
 
 
