@@ -9,8 +9,8 @@ re-ranking) against the exact streaming top-k (`compute_influence_all(topk=10)`)
 Study "latency" (issue 29): kind="auto" on float32 logs of 928-wide rows (a 4x512 MLP at LoGra
 rank 16) of each size: build with its calibration, the exact stream (best of 2 after an untimed
 pass), warm searches (one process, one Attributor: median and min of 20 single queries, best of
-3 batches of 64;
-wall and CPU time, and the split index / read / rerank) and a cold one (a new process: import,
+3 batches of 64; wall and CPU time, and the split index / read / rerank) and a cold one (a new
+process: import,
 open, one query; the OS page cache as the earlier phases left it). On a shared machine read the
 ratios to the stream of the same run, the mins and the CPU times, with the load printed.
 
