@@ -10,9 +10,9 @@ Study "latency" (issue 29): kind="auto" on float32 logs of 928-wide rows (a 4x51
 rank 16) of each size: build with its calibration, the exact stream (best of 2 after an untimed
 pass), warm searches (one process, one Attributor: median and min of 20 single queries, best of
 3 batches of 64; wall and CPU time, and the split index / read / rerank) and a cold one (a new
-process: import,
-open, one query; the OS page cache as the earlier phases left it). On a shared machine read the
-ratios to the stream of the same run, the mins and the CPU times, with the load printed.
+process: import, open, one query; the OS page cache as the earlier phases left it). On a shared
+machine read the ratios to the stream of the same run, the mins and the CPU times, with the load
+printed.
 
 Logs: (1) a synthetic log of --rows x --dim bfloat16 rows written as shards directly (rows from
 a 64-dimensional latent with log-normal norms plus noise, so that neighbours are structured as
