@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -200,7 +201,7 @@ def worker_warm(p: dict) -> dict:
            ["seconds"]}
     singles, splits, cpu = [], [], []
     for i in range(p.get("singles", 20)):
-        one = logix.log.StepRows(q.data_ids[i:i + 1], q.grads[i:i + 1], q.modules, q.projection)
+        one = subset(q, 1, start=i)
         started, cpu_started = time.perf_counter(), time.process_time()
         result = att.search(one, k=K, hessian="none")
         singles.append(time.perf_counter() - started)
@@ -233,7 +234,30 @@ def worker_warm(p: dict) -> dict:
                 same += a == b
                 close += abs(a - b) <= 1e-5 * abs(b) + tolerance
     out["stream_close"] = f"{close}/{total} ({same} bits)"
+    out["paired"] = _paired(att, q, p.get("pairs", 5))
     out["peak_rss_mb"] = _common.peak_rss_mb()
+    return out
+
+
+def _paired(att, q, rounds: int) -> dict:
+    """Search and stream timed alternately in this process, `rounds` times for 1 query (a
+    different one each round) and for the batch: both under the same load and page cache (on a
+    shared machine the stream's two threads slow far more than a one-thread search when the
+    other core is busy, and a log larger than the cache the VM keeps is read from disk).
+    {"1"|"batch": {"search": [s], "stream": [s]}}."""
+    out = {}
+    for name in ("1", "batch"):
+        times = {"search": [], "stream": []}
+        for r in range(rounds):
+            src = q if name == "batch" else subset(q, 1, start=r % len(q))
+            for how in ("search", "stream"):
+                started = time.perf_counter()
+                if how == "search":
+                    att.search(src, k=K, hessian="none")
+                else:
+                    att.compute_influence_all(src, hessian="none", topk=K, progress=False)
+                times[how].append(time.perf_counter() - started)
+        out[name] = times
     return out
 
 
@@ -256,10 +280,11 @@ def load_queries(p: dict):
     return queries(p["project"], p["queries"], p["dim"])
 
 
-def subset(q, n):
+def subset(q, n, start=0):
     from logix.log import StepRows
 
-    return StepRows(q.data_ids[:n], q.grads[:n], q.modules, q.projection)
+    part = slice(start, start + n)
+    return StepRows(q.data_ids[part], q.grads[part], q.modules, q.projection)
 
 
 def worker_digits(p: dict) -> dict:
@@ -377,6 +402,22 @@ def print_latency(entries) -> None:
                          "1q CPU ms",
                          "exact 64q ms", "warm 64q ms", "x", "64q CPU ms", "cold 1q ms",
                          "cold proc s", "load"], table))
+    paired = []
+    for e in entries:
+        if "paired" not in e:
+            continue
+        row = [f"{e['rows']:,}"]
+        for name in ("1", "batch"):
+            search, stream = e["paired"][name]["search"], e["paired"][name]["stream"]
+            row += [f"{1e3 * min(search):.1f} / {1e3 * min(stream):.0f}",
+                    f"{min(stream) / min(search):.0f}x",
+                    f"{statistics.median(stream) / statistics.median(search):.0f}x"]
+        paired.append(row)
+    if paired:
+        print("\nsearch and stream alternated in the warm process (min ms; ratio of mins, of "
+              "medians):")
+        print(_common.table(["rows", "1q search / stream", "x min", "x median",
+                             "64q search / stream", "x min", "x median"], paired))
 
 
 def print_study(name: str, entry: dict) -> None:
