@@ -13,7 +13,9 @@ the rows is M H M^T, never formed: its product with x is
 For an unprojected log M is a permutation and this is the exact Hessian. Each block of queries
 solves (M H M^T + lambda I) x = g_q by conjugate gradients, one pass over the loader per
 iteration; a non-positive p^T A p (the Hessian is indefinite) and a solve that does not reach
-`tol` within `max_iterations` raise UsageError.
+`tol` within `max_iterations` raise UsageError. Damping "auto" is these kinds' own rule
+(`damping.model_auto`: per module, from the moments of M H M^T and the queries' scale over the
+logged rows', so it depends on the batch of queries solved together).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class HessianSolve(QuerySolver):
 
     def __init__(self, kind: str, source: Optional[CurvatureSource], modules,
                  damping: damping_rules.Setting, relative_damping: Optional[float],
-                 gauss_newton: bool,
+                 gauss_newton: bool, reader: Callable, block_rows: int,
                  progress: bool = True) -> None:
         super().__init__(kind, {}, list(modules))
         if source is None:
@@ -164,7 +166,8 @@ class HessianSolve(QuerySolver):
         self.curvature = ProjectedCurvature(source, self.modules, gauss_newton)
         self.source, self.damping, self.relative_damping = source, damping, relative_damping
         self.damping_rule = damping_rules.describe(damping, relative_damping)
-        self.progress = progress
+        self.reader, self.block_rows, self.progress = reader, block_rows, progress
+        self._train_energy: Optional[Dict[str, float]] = None
         self._dampings: Dict[str, float] = {}
         self.diagnostics: dict = {}
 
@@ -172,7 +175,7 @@ class HessianSolve(QuerySolver):
         """queries [n, dim] -> (M H M^T + lambda I)^-1 queries (float64 solve)."""
         if rows.shape[0] == 0:
             return rows
-        estimate = self._resolve_dampings()
+        estimate = self._resolve_dampings(rows)
         damping = torch.cat([torch.full((m.dim,), self._dampings[m.name], dtype=torch.float64)
                              for m in self.modules])
         passes = self.curvature.passes
@@ -209,29 +212,58 @@ class HessianSolve(QuerySolver):
             warnings.warn(message, stacklevel=3)
         return torch.cat(solutions).to(rows.dtype)
 
-    def _resolve_dampings(self) -> dict:
+    def _resolve_dampings(self, queries: Tensor) -> dict:
         """Per module damping: absolute when given, else from the moments of M H M^T (exact for
-        a small log, else Hutchinson estimates): its diagonal for the relative rule, and for
-        auto also tr over the module's rows of (M H M^T)^2, i.e. the squared norm of those
-        rows, cross-module blocks included (the solve is joint); returns what meta reports."""
+        a small log, else Hutchinson estimates): its diagonal for the relative rule; for auto
+        also tr over the module's rows of (M H M^T)^2, i.e. the squared norm of those rows,
+        cross-module blocks included (the solve is joint), and the mean squared norm of the
+        module's part of these queries and of the logged rows (damping.model_auto); returns
+        what meta reports."""
         if isinstance(self.damping, (int, float)):
             self._dampings = {m.name: float(self.damping) for m in self.modules}
             return {}
         probes, products, how = self._probed()
         diagonal = (probes * products).mean(0) * (probes.shape[0] if how == "exact" else 1)
         squares = products.square().mean(0) * (probes.shape[0] if how == "exact" else 1)
-        self._dampings = {m.name: damping_rules.from_moments(
-            self.damping, self.relative_damping, m.dim, float(diagonal[m.columns].sum()),
-            float(squares[m.columns].sum())) for m in self.modules}
+        moments = {m.name: (float(diagonal[m.columns].sum()), float(squares[m.columns].sum()))
+                   for m in self.modules}
+        report: dict = {"moments": how}
+        if damping_rules.rule(self.damping, self.relative_damping) == damping_rules.AUTO:
+            train = self._train_energies()
+            query = {m.name: float(queries[:, m.columns].double().square().sum(1).mean())
+                     for m in self.modules}
+            self._dampings = {name: damping_rules.model_auto(*moments[name], query[name],
+                                                             train[name])
+                              for name in moments}
+            report["query_to_train"] = {name: query[name] / train[name] if train[name] > 0
+                                        else float("inf") for name in moments}
+        else:
+            self._dampings = {m.name: damping_rules.from_moments(
+                self.damping, self.relative_damping, m.dim, *moments[m.name])
+                for m in self.modules}
         bad = {name: value for name, value in self._dampings.items() if not value > 0}
         if bad:
             raise UsageError(
                 f"hessian={self.kind!r}: the {self.damping_rule} damping rule gives {bad}: that "
-                "module's curvature is zero or has a negative trace. Zero: the curvature "
-                "vanishes (for 'ggn', loss_fn must take the model's outputs; a loss computed "
-                "inside forward= leaves no output curvature). Negative: the Hessian is "
-                "indefinite there (use hessian='ggn'). Or pass an absolute damping > 0.")
-        return {"moments": how}
+                "module's curvature (or its logged rows) is zero or has a negative trace. Zero: "
+                "the curvature vanishes (for 'ggn', loss_fn must take the model's outputs; a "
+                "loss computed inside forward= leaves no output curvature). Negative: the "
+                "Hessian is indefinite there (use hessian='ggn'). Or pass an absolute damping "
+                "> 0.")
+        return report
+
+    def _train_energies(self) -> Dict[str, float]:
+        """Per module, the mean squared norm of the logged training rows (one pass over the
+        rows, once per solver)."""
+        if self._train_energy is None:
+            reader = self.reader()
+            totals = torch.zeros(len(self.modules), dtype=torch.float64)
+            for _, rows in reader.fixed_blocks(self.block_rows):
+                rows = rows.double()
+                totals += torch.stack([rows[:, m.columns].square().sum() for m in self.modules])
+            count = max(reader.rows, 1)
+            self._train_energy = {m.name: float(t) / count for m, t in zip(self.modules, totals)}
+        return self._train_energy
 
     def _probed(self) -> Tuple[Tensor, Tensor, str]:
         """(probes z [k, dim], products M H M^T z [k, dim], how): the unit vectors when the row
