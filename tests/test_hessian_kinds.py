@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import logix
 from logix.errors import UsageError
+from logix.influence import hessian as hessian_kinds
 from logix.log import StepRows
 from logix.storage.reader import LogReader
 
@@ -166,21 +167,24 @@ def rule_dampings(run, curvature, query, rule):
 
 @pytest.mark.parametrize("rule", ["auto", "relative"])
 def test_damping_rules_use_the_exact_moments_of_a_small_log(tmp_path, rule):
-    run, query, model, xy = logged_run(tmp_path)  # 5x4 + 4x3 = 32 columns: exact moments
+    run, query, model, xy = logged_run(tmp_path)  # modules of 20 and 12 numbers: exact
     result = run.compute_influence_all(query, hessian="ggn", damping=rule, progress=False)
     curvature = explicit_curvature(run, model, xy, gauss_newton=True)
     dampings = rule_dampings(run, curvature, query, rule)
     assert result["meta"]["damping"] == pytest.approx(dampings, rel=1e-8)
-    assert result["meta"]["solver"]["moments"] == "exact"
+    assert result["meta"]["solver"]["moments"] == {m.name: "exact" for m in query.modules}
     expected = explicit_scores(run, query, curvature, per_column(query, dampings))
     assert relative_error(result["influence"], expected) <= 1e-4
 
 
 @pytest.mark.parametrize("rule", ["auto", "relative"])
-def test_damping_rules_estimate_the_moments_of_a_large_log_by_hutchinson(tmp_path, rule):
-    run, query, model, xy = logged_run(tmp_path, bias=True)  # 39 columns
+def test_damping_rules_estimate_the_moments_of_a_large_log_by_hutchinson(tmp_path, rule,
+                                                                         monkeypatch):
+    monkeypatch.setattr(hessian_kinds, "EXACT_DIM", 8)  # wider modules: Hutchinson
+    run, query, model, xy = logged_run(tmp_path, bias=True)  # modules of 24 and 15 numbers
     result = run.compute_influence_all(query, hessian="ggn", damping=rule, progress=False)
-    assert result["meta"]["solver"]["moments"].startswith("hutchinson")
+    assert result["meta"]["solver"]["moments"] == {
+        m.name: f"hutchinson({hessian_kinds.PROBES})" for m in query.modules}
     curvature = explicit_curvature(run, model, xy, gauss_newton=True)
     dampings = result["meta"]["damping"]
     for name, exact in rule_dampings(run, curvature, query, rule).items():

@@ -34,7 +34,12 @@ from logix.influence.preconditioner import QuerySolver
 from logix.logra import Projection
 from logix.progress import track
 
-PROBES = 32  # Hutchinson probes for the moments behind the damping rules (exact up to this dim)
+# The moments behind the damping rules, per module: exact (its unit vectors) for a module of at
+# most EXACT_DIM numbers, else PROBES Hutchinson probes on that module (at 32 probes over whole
+# rows the ratio tr(H^2) / tr(H) of a nearly low-rank curvature was off by 2-3x, and up to 400x
+# for a small module beside wide ones: docs/concepts.md, "Damping")
+EXACT_DIM = 256
+PROBES = 128
 DRIFT = 10.0  # the true residual may exceed CG's recursive one by this factor (round-off)
 
 
@@ -213,20 +218,15 @@ class HessianSolve(QuerySolver):
         return torch.cat(solutions).to(rows.dtype)
 
     def _resolve_dampings(self, queries: Tensor) -> dict:
-        """Per module damping: absolute when given, else from the moments of M H M^T (exact for
-        a small log, else Hutchinson estimates): its diagonal for the relative rule; for auto
-        also tr over the module's rows of (M H M^T)^2, i.e. the squared norm of those rows,
-        cross-module blocks included (the solve is joint), and the mean squared norm of the
-        module's part of these queries and of the logged rows (damping.model_auto); returns
-        what meta reports."""
+        """Per module damping: absolute when given, else from the moments of M H M^T
+        (`_moments`): the trace of its diagonal block for the relative rule; for auto also tr
+        over the module's rows of (M H M^T)^2, i.e. the squared norm of those rows, cross-module
+        blocks included (the solve is joint), and the mean squared norm of the module's part of
+        these queries and of the logged rows (damping.model_auto); returns what meta reports."""
         if isinstance(self.damping, (int, float)):
             self._dampings = {m.name: float(self.damping) for m in self.modules}
             return {}
-        probes, products, how = self._probed()
-        diagonal = (probes * products).mean(0) * (probes.shape[0] if how == "exact" else 1)
-        squares = products.square().mean(0) * (probes.shape[0] if how == "exact" else 1)
-        moments = {m.name: (float(diagonal[m.columns].sum()), float(squares[m.columns].sum()))
-                   for m in self.modules}
+        moments, how = self._moments()
         report: dict = {"moments": how}
         if damping_rules.rule(self.damping, self.relative_damping) == damping_rules.AUTO:
             train = self._train_energies()
@@ -265,16 +265,37 @@ class HessianSolve(QuerySolver):
             self._train_energy = {m.name: float(t) / count for m, t in zip(self.modules, totals)}
         return self._train_energy
 
-    def _probed(self) -> Tuple[Tensor, Tensor, str]:
-        """(probes z [k, dim], products M H M^T z [k, dim], how): the unit vectors when the row
-        has at most PROBES numbers, else PROBES seeded Rademacher vectors."""
+    def _moments(self) -> Tuple[Dict[str, Tuple[float, float]], Dict[str, str]]:
+        """Per module (tr of its diagonal block of M H M^T, squared norm of its columns = of its
+        rows), and how each was found: from that module's unit vectors when it has at most
+        EXACT_DIM numbers, else from PROBES seeded Rademacher vectors supported on the module
+        (so other modules add no noise to its trace). Products in blocks of `query_block`
+        vectors, one pass over the loader each."""
         dim = sum(m.dim for m in self.modules)
-        if dim <= PROBES:
-            probes = torch.eye(dim, dtype=torch.float64)
-            return probes, self.curvature(probes), "exact"
         generator = torch.Generator().manual_seed(0)
-        probes = torch.randint(0, 2, (PROBES, dim), generator=generator).double() * 2 - 1
-        return probes, self.curvature(probes), f"hutchinson({PROBES})"
+        probes, owners, how = [], [], {}
+        for index, m in enumerate(self.modules):
+            if m.dim <= EXACT_DIM:
+                local, how[m.name] = torch.eye(m.dim, dtype=torch.float64), "exact"
+            else:
+                local = torch.randint(0, 2, (PROBES, m.dim), generator=generator).double() * 2 - 1
+                how[m.name] = f"hutchinson({PROBES})"
+            block = torch.zeros(local.shape[0], dim, dtype=torch.float64)
+            block[:, m.columns] = local
+            probes.append(block)
+            owners.extend([index] * local.shape[0])
+        probes = torch.cat(probes)
+        step = self.source.query_block
+        products = torch.cat([self.curvature(probes[i:i + step])
+                              for i in range(0, probes.shape[0], step)])
+        owners = torch.tensor(owners)
+        moments = {}
+        for index, m in enumerate(self.modules):
+            mine = owners == index
+            scale = 1 if how[m.name] == "exact" else 1 / int(mine.sum())
+            trace = float((probes[mine] * products[mine]).sum()) * scale
+            moments[m.name] = (trace, float(products[mine].square().sum()) * scale)
+        return moments, how
 
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, tol: float,
