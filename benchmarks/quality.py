@@ -720,8 +720,8 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
                "logix0.1.1": "x", "kronfluence": "D", "magic": "P", "trak": "v", "dattri": "h"}
-    colors = {"auto": "tab:olive", AUTO_WITH_SOURCE: "tab:brown", "none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
-              "full": "C7", "ggn": "C8", "hessian": "C9", "exact": "k", "xtx": "C4",
+    colors = {"auto": "tab:olive", AUTO_WITH_SOURCE: "tab:brown", "none": "gray", "raw": "C0",
+              "kfac": "C1", "ekfac": "C2", "lissa": "C3", "full": "C7", "ggn": "C8", "hessian": "C9", "exact": "k", "xtx": "C4",
               "explicit": "C5", "cg": "C6", "trak": "C4"}
     for ax, case in zip(axes[0], cases):
         for r in rows:

@@ -205,8 +205,9 @@ class Attributor:
         "dot" only; iterations and residuals in meta["solver"]);
         damping: 'auto' (default: chosen per module from the log's curvature, values in
         meta["damping"]; for "hessian" / "ggn" from the model's curvature and the scale of this
-        batch of queries over the logged rows'), 'relative' (influence.relative_damping x each module's mean
-        eigenvalue) or a number (absolute, every module); docs/concepts.md, "Damping".
+        batch of queries over the logged rows'), 'relative' (influence.relative_damping x each
+        module's mean eigenvalue) or a number (absolute, every module); docs/concepts.md,
+        "Damping".
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds `groups`, whose scores sum to the total when they partition the modules. topk=k (a
         positive int): instead of the full matrix, per query the k most helpful and k most

@@ -35,10 +35,10 @@ from logix.logra import Projection
 from logix.progress import track
 
 # The moments behind the damping rules, per module: exact (its unit vectors) for a module of at
-# most EXACT_DIM numbers, else PROBES Hutchinson probes on that module (at 32 probes over whole
-# rows the ratio tr(H^2) / tr(H) of a nearly low-rank curvature was off by 2-3x, and up to 400x
-# for a small module beside wide ones: docs/concepts.md, "Damping")
-EXACT_DIM = 256
+# most EXACT_DIM numbers, else PROBES Hutchinson probes on that module alone (probes of whole
+# rows let wide modules' cross terms swamp a small module's trace: docs/concepts.md, the
+# `hessian` and `ggn` kinds)
+EXACT_DIM = 128  # no more products than its probes would take
 PROBES = 128
 DRIFT = 10.0  # the true residual may exceed CG's recursive one by this factor (round-off)
 
