@@ -11,6 +11,8 @@ from torch.nn import functional as F
 
 import logix
 from logix.errors import UsageError
+from logix.influence import hessian as hessian_kinds
+from logix.log import StepRows
 from logix.storage.reader import LogReader
 
 N, BATCH = 24, 6
@@ -145,36 +147,47 @@ def test_cg_solve_equals_the_explicit_inverse(tmp_path, kind, rank, bias, conv):
     assert result["meta"]["damping"] == {m.name: damping for m in query.modules}
 
 
-def rule_dampings(curvature, modules, rule):
-    """Per module, the relative rule (0.1 x the mean of its diagonal) or the auto one (0.3 x
-    sqrt(squared norm of its rows / d): its rows' share of ||M H M^T||_F^2) of the explicit
-    curvature."""
+def rule_dampings(run, curvature, query, rule):
+    """Per module, the relative rule (0.1 x the mean of its diagonal) or the auto one of these
+    kinds (0.011 x tr over its rows of (M H M^T)^2 / tr of its diagonal block x sqrt(the
+    queries' mean squared norm there / the logged rows'), at least the rows' own scale) of the
+    explicit curvature, the query's rows and the log's rows."""
     if rule == "relative":
-        return {m.name: 0.1 * float(curvature.diagonal()[m.columns].mean()) for m in modules}
-    return {m.name: 0.3 * float((curvature[m.columns].square().sum() / m.dim).sqrt())
-            for m in modules}
+        return {m.name: 0.1 * float(curvature.diagonal()[m.columns].mean())
+                for m in query.modules}
+    _, rows = LogReader(run.project_dir).read_all()
+    out = {}
+    for m in query.modules:
+        ratio = float(query.grads[:, m.columns].double().square().sum(1).mean()
+                      / rows[:, m.columns].double().square().sum(1).mean())
+        scale = float(curvature[m.columns].square().sum() / curvature.diagonal()[m.columns].sum())
+        out[m.name] = 0.011 * scale * max(1.0, ratio) ** 0.5
+    return out
 
 
 @pytest.mark.parametrize("rule", ["auto", "relative"])
 def test_damping_rules_use_the_exact_moments_of_a_small_log(tmp_path, rule):
-    run, query, model, xy = logged_run(tmp_path)  # 5x4 + 4x3 = 32 columns: exact moments
+    run, query, model, xy = logged_run(tmp_path)  # modules of 20 and 12 numbers: exact
     result = run.compute_influence_all(query, hessian="ggn", damping=rule, progress=False)
     curvature = explicit_curvature(run, model, xy, gauss_newton=True)
-    dampings = rule_dampings(curvature, query.modules, rule)
+    dampings = rule_dampings(run, curvature, query, rule)
     assert result["meta"]["damping"] == pytest.approx(dampings, rel=1e-8)
-    assert result["meta"]["solver"]["moments"] == "exact"
+    assert result["meta"]["solver"]["moments"] == {m.name: "exact" for m in query.modules}
     expected = explicit_scores(run, query, curvature, per_column(query, dampings))
     assert relative_error(result["influence"], expected) <= 1e-4
 
 
 @pytest.mark.parametrize("rule", ["auto", "relative"])
-def test_damping_rules_estimate_the_moments_of_a_large_log_by_hutchinson(tmp_path, rule):
-    run, query, model, xy = logged_run(tmp_path, bias=True)  # 39 columns
+def test_damping_rules_estimate_the_moments_of_a_large_log_by_hutchinson(tmp_path, rule,
+                                                                         monkeypatch):
+    monkeypatch.setattr(hessian_kinds, "EXACT_DIM", 8)  # wider modules: Hutchinson
+    run, query, model, xy = logged_run(tmp_path, bias=True)  # modules of 24 and 15 numbers
     result = run.compute_influence_all(query, hessian="ggn", damping=rule, progress=False)
-    assert result["meta"]["solver"]["moments"].startswith("hutchinson")
+    assert result["meta"]["solver"]["moments"] == {
+        m.name: f"hutchinson({hessian_kinds.PROBES})" for m in query.modules}
     curvature = explicit_curvature(run, model, xy, gauss_newton=True)
     dampings = result["meta"]["damping"]
-    for name, exact in rule_dampings(curvature, query.modules, rule).items():
+    for name, exact in rule_dampings(run, curvature, query, rule).items():
         assert 0.5 * exact < dampings[name] < 2 * exact  # an estimate: within a factor of 2
     expected = explicit_scores(run, query, curvature, per_column(query, dampings))
     assert relative_error(result["influence"], expected) <= 1e-4
@@ -239,3 +252,38 @@ def test_source_must_be_the_watched_model(tmp_path):
     run.add_curvature_source(model, loss_fn, [])
     with pytest.raises(UsageError, match="loader yielded no examples"):
         run.compute_influence_all(query, hessian="ggn", damping=0.1, progress=False)
+
+
+def test_model_auto_damping_follows_the_query_batch_and_reports_its_ratio(tmp_path):
+    run, query, model, xy = logged_run(tmp_path)
+    curvature = explicit_curvature(run, model, xy, gauss_newton=True)
+    both = run.compute_influence_all(query, hessian="ggn", progress=False)["meta"]
+    small = StepRows(query.data_ids[:2], query.grads[:2] * 0.01, query.modules,
+                     query.projection)  # queries far smaller than the logged rows
+    floor = run.compute_influence_all(small, hessian="ggn", progress=False)["meta"]
+    assert both["damping"] == pytest.approx(rule_dampings(run, curvature, query, "auto"))
+    assert floor["damping"] == pytest.approx(rule_dampings(run, curvature, small, "auto"))
+    for name, ratio in floor["solver"]["query_to_train"].items():
+        assert ratio < 1  # so the rule's floor applies: 0.011 x tr(H^2) / tr(H)
+        assert floor["damping"][name] < both["damping"][name]
+    assert all(r > 1 for r in both["solver"]["query_to_train"].values())
+
+
+def test_auto_takes_the_models_gauss_newton_matrix_when_a_source_is_registered(tmp_path):
+    run, query, _, _ = logged_run(tmp_path)
+    auto = run.compute_influence_all(query, progress=False)  # hessian defaults to "auto"
+    ggn = run.compute_influence_all(query, hessian="ggn", progress=False)
+    assert auto["meta"]["hessian"] == "ggn" and "add_curvature_source" in \
+        auto["meta"]["hessian_reason"]
+    assert "hessian_reason" not in ggn["meta"]
+    assert torch.equal(auto["influence"], ggn["influence"])
+    assert auto["meta"]["damping"] == ggn["meta"]["damping"]
+    # a mode that needs a train-side inverse keeps the log's choice (no per-query solve)
+    cosine = run.compute_influence_all(query, mode="cosine", progress=False)
+    assert cosine["meta"]["hessian"] != "ggn" and "hessian_reason" not in cosine["meta"]
+    # without a source (the same log, a new Attributor) nothing changes
+    plain = logix.Attributor(run.project_dir).influence(query, progress=False)
+    assert plain["meta"]["hessian"] != "ggn" and "hessian_reason" not in plain["meta"]
+    explicit = logix.Attributor(run.project_dir).influence(
+        query, hessian=plain["meta"]["hessian"], progress=False)
+    assert torch.equal(plain["influence"], explicit["influence"])

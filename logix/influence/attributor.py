@@ -118,19 +118,25 @@ class Attributor:
         return source if isinstance(source, LogReader) else source()
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Union[None, str, float] = None,
-                       modules=None, progress: bool = True) -> Preconditioner:
+                       modules=None, progress: bool = True, *, per_query: bool = True
+                       ) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
         are cached until the statistics change); for a kind that is no per-module spectrum
         (lissa, hessian, ggn: a solve per query; full: one inverse across modules), the
-        Preconditioner its query_solver builds."""
+        Preconditioner its query_solver builds. hessian="auto" takes the model's own
+        Gauss-Newton matrix when the run has a curvature source (run.add_curvature_source) and
+        per_query (the caller can use a solve per query: mode "dot"), else the log's best kind."""
         cfg = check_config(query_settings(self.influence_config, hessian=hessian,
                                           damping=damping), query=True)
         name = cfg.hessian
         modules = modules if modules is not None else self.modules()
         avoided: Dict[str, float] = {}
+        reason = ""
         if name == curvature.AUTO:
             name = self._declared()
-            if name is None:
+            if name is None and self.curvature_source is not None and per_query:
+                name, reason = curvature.MODEL_AUTO, curvature.MODEL_AUTO_REASON
+            elif name is None:
                 name, avoided = curvature.pick_auto_for(self.available_hessians(),
                                                         self.statistics,
                                                         [m.name for m in modules])
@@ -138,6 +144,7 @@ class Attributor:
         solver = kind.query_solver(self.reader, modules, cfg, progress,
                                    source=self.curvature_source)
         if solver is not None:
+            solver.reason = reason
             return solver
         if kind.identity:
             return Preconditioner(name, {}, modules)
@@ -184,7 +191,9 @@ class Attributor:
 
         query: a StepRows (run.get_log()), a list of them, a StepRows file or a logged project
         folder. loader: a LogReader or project folder (default: this log).
-        mode: "dot" | "cosine" | "l2"; hessian: "auto" | "none" | "raw" | "kfac" | "ekfac" |
+        mode: "dot" | "cosine" | "l2"; hessian: "auto" (the model's own "ggn" when
+        run.add_curvature_source was called and mode is "dot", meta["hessian_reason"] says so;
+        else the best kind the log allows) | "none" | "raw" | "kfac" | "ekfac" |
         "lissa" (solves each query against the saved rows' Fisher by conjugate gradients; mode
         "dot" only; settings influence.lissa_solver / lissa_depth / lissa_scale / lissa_tol;
         residuals in meta["solver"]) | "full" (the saved rows' Fisher across all modules, one
@@ -195,8 +204,10 @@ class Attributor:
         Hessian-vector products; needs run.add_curvature_source(model, loss_fn, loader); mode
         "dot" only; iterations and residuals in meta["solver"]);
         damping: 'auto' (default: chosen per module from the log's curvature, values in
-        meta["damping"]), 'relative' (influence.relative_damping x each module's mean
-        eigenvalue) or a number (absolute, every module); docs/concepts.md, "Damping".
+        meta["damping"]; for "hessian" / "ggn" from the model's curvature and the scale of this
+        batch of queries over the logged rows'), 'relative' (influence.relative_damping x each
+        module's mean eigenvalue) or a number (absolute, every module); docs/concepts.md,
+        "Damping".
         influence_groups: "module" (one group per module) or {name: [module-name substrings]}:
         adds `groups`, whose scores sum to the total when they partition the modules. topk=k (a
         positive int): instead of the full matrix, per query the k most helpful and k most
@@ -302,7 +313,7 @@ class Attributor:
                                scorer.meta)
         reader = self._reader(loader)
         dummy = StepRows([], torch.zeros(0, reader.dim), reader.manifest.modules)
-        scorer = self.scorer(dummy, "dot", precondition, kind, damping, None)
+        scorer = self.scorer(dummy, "dot", precondition, kind, damping, None, per_query=False)
         if scorer.preconditioner.queries_only:
             raise UsageError(f"hessian={scorer.preconditioner.kind!r} solves per query, so the "
                              "self-influence of every saved row would take one solve per row. "
@@ -412,16 +423,18 @@ class Attributor:
     # ------------------------------------------------------------------ what logix.index builds on
     def scorer(self, src: StepRows, mode: Optional[str] = None, precondition: bool = True,
                hessian: Optional[str] = None, damping: Union[None, str, float] = None,
-               groups=None) -> Scorer:
+               groups=None, *, per_query: bool = True) -> Scorer:
         """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
         in `influence`; groups: its influence_groups): what scores a block of training rows
-        (`Scorer.score`), here and in `logix.index`."""
+        (`Scorer.score`), here and in `logix.index`. per_query=False: the caller needs a
+        train-side inverse, so hessian="auto" does not resolve to a solve per query."""
         if not isinstance(precondition, bool):
             raise UsageError(f"precondition must be True or False, got {precondition!r}.")
         cfg = check_config(query_settings(self.influence_config, mode=mode, hessian=hessian,
                                           damping=damping), query=True)
         preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
-                                             cfg.damping, src.modules)
+                                             cfg.damping, src.modules,
+                                             per_query=per_query and cfg.mode == "dot")
         mode = cfg.mode
         if preconditioner.queries_only and mode != "dot":
             raise UsageError(f"hessian={preconditioner.kind!r} solves each query against the "

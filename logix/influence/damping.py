@@ -14,6 +14,17 @@ than the examples that estimate it (most of its eigenvalues are then near zero, 
 damping lets the poorly estimated directions dominate); the second does not depend on those
 directions at all. It needs the spectrum's first two moments only, so every curvature kind
 (eigendecomposed or solved per query) and SOURCE's segments can use it.
+
+The model's own curvature (the ``hessian`` and ``ggn`` kinds) takes its own auto rule, per
+module and per batch of queries (`model_auto`):
+
+    lambda = MODEL_FACTOR * tr(H^2) / tr(H) * sqrt(max(1, E||q||^2 / E||g||^2)),
+
+tr(H^2) / tr(H) the curvature a typical gradient sees (as above), E||q||^2 / E||g||^2 the
+queries' mean squared row norm over the logged training rows'. When a model fits its training
+data, its training gradients and its Hessian shrink with the residuals while the queries'
+gradients keep their size, and the RMS rule above collapses with the fit; the geometric mean of
+the curvature at the training rows' scale and at the queries' scale does not.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ RELATIVE = "relative"
 ABSOLUTE = "absolute"
 DEFAULT_RELATIVE = 0.1  # the relative rule's factor when influence.relative_damping is unset
 AUTO_FACTOR = 0.3
+MODEL_FACTOR = 0.011  # the hessian / ggn kinds' auto (docs/concepts.md, "Damping")
 
 Setting = Union[None, str, float]
 
@@ -65,3 +77,14 @@ def from_moments(damping: Setting, relative_damping: Optional[float], dim: int, 
     if chosen == AUTO:
         return float(AUTO_FACTOR * math.sqrt(max(trace_sq, 0.0) / max(dim, 1)))
     return float(chosen)
+
+
+def model_auto(trace: float, trace_sq: float, query_energy: float, train_energy: float) -> float:
+    """The ``hessian`` / ``ggn`` kinds' auto damping of one module: tr(H) and tr(H^2) of its
+    curvature (the squared norm of its rows of H, cross-module blocks included), the mean
+    squared norm of its part of the queries' rows and of the logged training rows. The
+    queries' scale counts at least as much as the training rows' (a query batch with no
+    gradient in a module leaves the curvature term alone)."""
+    if trace <= 0 or train_energy <= 0:
+        return 0.0
+    return float(MODEL_FACTOR * trace_sq / trace * math.sqrt(max(1.0, query_energy / train_energy)))

@@ -13,7 +13,9 @@ the rows is M H M^T, never formed: its product with x is
 For an unprojected log M is a permutation and this is the exact Hessian. Each block of queries
 solves (M H M^T + lambda I) x = g_q by conjugate gradients, one pass over the loader per
 iteration; a non-positive p^T A p (the Hessian is indefinite) and a solve that does not reach
-`tol` within `max_iterations` raise UsageError.
+`tol` within `max_iterations` raise UsageError. Damping "auto" is these kinds' own rule
+(`damping.model_auto`: per module, from the moments of M H M^T and the queries' scale over the
+logged rows', so it depends on the batch of queries solved together).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from logix.influence.preconditioner import QuerySolver
 from logix.logra import Projection
 from logix.progress import track
 
-PROBES = 32  # Hutchinson probes for the moments behind the damping rules (exact up to this dim)
+# The moments behind the damping rules, per module: exact (its unit vectors) for a module of at
+# most EXACT_DIM numbers, else PROBES Hutchinson probes on that module alone (probes of whole
+# rows let wide modules' cross terms swamp a small module's trace: docs/concepts.md, the
+# `hessian` and `ggn` kinds)
+EXACT_DIM = 128  # no more products than its probes would take
+PROBES = 128
 DRIFT = 10.0  # the true residual may exceed CG's recursive one by this factor (round-off)
 
 
@@ -153,7 +160,7 @@ class HessianSolve(QuerySolver):
 
     def __init__(self, kind: str, source: Optional[CurvatureSource], modules,
                  damping: damping_rules.Setting, relative_damping: Optional[float],
-                 gauss_newton: bool,
+                 gauss_newton: bool, reader: Callable, block_rows: int,
                  progress: bool = True) -> None:
         super().__init__(kind, {}, list(modules))
         if source is None:
@@ -164,7 +171,8 @@ class HessianSolve(QuerySolver):
         self.curvature = ProjectedCurvature(source, self.modules, gauss_newton)
         self.source, self.damping, self.relative_damping = source, damping, relative_damping
         self.damping_rule = damping_rules.describe(damping, relative_damping)
-        self.progress = progress
+        self.reader, self.block_rows, self.progress = reader, block_rows, progress
+        self._train_energy: Optional[Dict[str, float]] = None
         self._dampings: Dict[str, float] = {}
         self.diagnostics: dict = {}
 
@@ -172,7 +180,7 @@ class HessianSolve(QuerySolver):
         """queries [n, dim] -> (M H M^T + lambda I)^-1 queries (float64 solve)."""
         if rows.shape[0] == 0:
             return rows
-        estimate = self._resolve_dampings()
+        estimate = self._resolve_dampings(rows)
         damping = torch.cat([torch.full((m.dim,), self._dampings[m.name], dtype=torch.float64)
                              for m in self.modules])
         passes = self.curvature.passes
@@ -209,40 +217,85 @@ class HessianSolve(QuerySolver):
             warnings.warn(message, stacklevel=3)
         return torch.cat(solutions).to(rows.dtype)
 
-    def _resolve_dampings(self) -> dict:
-        """Per module damping: absolute when given, else from the moments of M H M^T (exact for
-        a small log, else Hutchinson estimates): its diagonal for the relative rule, and for
-        auto also tr over the module's rows of (M H M^T)^2, i.e. the squared norm of those
-        rows, cross-module blocks included (the solve is joint); returns what meta reports."""
+    def _resolve_dampings(self, queries: Tensor) -> dict:
+        """Per module damping: absolute when given, else from the moments of M H M^T
+        (`_moments`): the trace of its diagonal block for the relative rule; for auto also tr
+        over the module's rows of (M H M^T)^2, i.e. the squared norm of those rows, cross-module
+        blocks included (the solve is joint), and the mean squared norm of the module's part of
+        these queries and of the logged rows (damping.model_auto); returns what meta reports."""
         if isinstance(self.damping, (int, float)):
             self._dampings = {m.name: float(self.damping) for m in self.modules}
             return {}
-        probes, products, how = self._probed()
-        diagonal = (probes * products).mean(0) * (probes.shape[0] if how == "exact" else 1)
-        squares = products.square().mean(0) * (probes.shape[0] if how == "exact" else 1)
-        self._dampings = {m.name: damping_rules.from_moments(
-            self.damping, self.relative_damping, m.dim, float(diagonal[m.columns].sum()),
-            float(squares[m.columns].sum())) for m in self.modules}
+        moments, how = self._moments()
+        report: dict = {"moments": how}
+        if damping_rules.rule(self.damping, self.relative_damping) == damping_rules.AUTO:
+            train = self._train_energies()
+            query = {m.name: float(queries[:, m.columns].double().square().sum(1).mean())
+                     for m in self.modules}
+            self._dampings = {name: damping_rules.model_auto(*moments[name], query[name],
+                                                             train[name])
+                              for name in moments}
+            report["query_to_train"] = {name: query[name] / train[name] if train[name] > 0
+                                        else float("inf") for name in moments}
+        else:
+            self._dampings = {m.name: damping_rules.from_moments(
+                self.damping, self.relative_damping, m.dim, *moments[m.name])
+                for m in self.modules}
         bad = {name: value for name, value in self._dampings.items() if not value > 0}
         if bad:
             raise UsageError(
                 f"hessian={self.kind!r}: the {self.damping_rule} damping rule gives {bad}: that "
-                "module's curvature is zero or has a negative trace. Zero: the curvature "
-                "vanishes (for 'ggn', loss_fn must take the model's outputs; a loss computed "
-                "inside forward= leaves no output curvature). Negative: the Hessian is "
-                "indefinite there (use hessian='ggn'). Or pass an absolute damping > 0.")
-        return {"moments": how}
+                "module's curvature (or its logged rows) is zero or has a negative trace. Zero: "
+                "the curvature vanishes (for 'ggn', loss_fn must take the model's outputs; a "
+                "loss computed inside forward= leaves no output curvature). Negative: the "
+                "Hessian is indefinite there (use hessian='ggn'). Or pass an absolute damping "
+                "> 0.")
+        return report
 
-    def _probed(self) -> Tuple[Tensor, Tensor, str]:
-        """(probes z [k, dim], products M H M^T z [k, dim], how): the unit vectors when the row
-        has at most PROBES numbers, else PROBES seeded Rademacher vectors."""
+    def _train_energies(self) -> Dict[str, float]:
+        """Per module, the mean squared norm of the logged training rows (one pass over the
+        rows, once per solver)."""
+        if self._train_energy is None:
+            reader = self.reader()
+            totals = torch.zeros(len(self.modules), dtype=torch.float64)
+            for _, rows in reader.fixed_blocks(self.block_rows):
+                rows = rows.double()
+                totals += torch.stack([rows[:, m.columns].square().sum() for m in self.modules])
+            count = max(reader.rows, 1)
+            self._train_energy = {m.name: float(t) / count for m, t in zip(self.modules, totals)}
+        return self._train_energy
+
+    def _moments(self) -> Tuple[Dict[str, Tuple[float, float]], Dict[str, str]]:
+        """Per module (tr of its diagonal block of M H M^T, squared norm of its columns = of its
+        rows), and how each was found: from that module's unit vectors when it has at most
+        EXACT_DIM numbers, else from PROBES seeded Rademacher vectors supported on the module
+        (so other modules add no noise to its trace). Products in blocks of `query_block`
+        vectors, one pass over the loader each."""
         dim = sum(m.dim for m in self.modules)
-        if dim <= PROBES:
-            probes = torch.eye(dim, dtype=torch.float64)
-            return probes, self.curvature(probes), "exact"
         generator = torch.Generator().manual_seed(0)
-        probes = torch.randint(0, 2, (PROBES, dim), generator=generator).double() * 2 - 1
-        return probes, self.curvature(probes), f"hutchinson({PROBES})"
+        probes, owners, how = [], [], {}
+        for index, m in enumerate(self.modules):
+            if m.dim <= EXACT_DIM:
+                local, how[m.name] = torch.eye(m.dim, dtype=torch.float64), "exact"
+            else:
+                local = torch.randint(0, 2, (PROBES, m.dim), generator=generator).double() * 2 - 1
+                how[m.name] = f"hutchinson({PROBES})"
+            block = torch.zeros(local.shape[0], dim, dtype=torch.float64)
+            block[:, m.columns] = local
+            probes.append(block)
+            owners.extend([index] * local.shape[0])
+        probes = torch.cat(probes)
+        step = self.source.query_block
+        products = torch.cat([self.curvature(probes[i:i + step])
+                              for i in range(0, probes.shape[0], step)])
+        owners = torch.tensor(owners)
+        moments = {}
+        for index, m in enumerate(self.modules):
+            mine = owners == index
+            scale = 1 if how[m.name] == "exact" else 1 / int(mine.sum())
+            trace = float((probes[mine] * products[mine]).sum()) * scale
+            moments[m.name] = (trace, float(products[mine].square().sum()) * scale)
+        return moments, how
 
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, tol: float,
