@@ -72,8 +72,10 @@ def auto_codes(requested: str, resolved: str, quantize: Optional[str]) -> Option
 
 
 def default_nlist(rows: int) -> int:
-    """IVF lists: about sqrt(rows), at least 39 training rows per list (FAISS's minimum)."""
-    return max(1, min(int(math.sqrt(rows)), rows // 39))
+    """IVF lists: about 4 sqrt(rows), at least 39 training rows per list (FAISS's minimum). At
+    10^6 gradient-like rows (a 256-wide sketch, SQ8) recall@10 0.97 took 512 of 4,000 lists
+    (13% of the rows scanned) against 256 of 1,000 (26%)."""
+    return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
 
 
 def factory_string(kind: str, width: int, quantize: Optional[str], nlist: int, hnsw_m: int,
