@@ -565,3 +565,14 @@ def test_a_batch_on_an_exact_flat_index_is_answered_by_the_stream(logged):
     unranked = att.search(query, k=5, hessian="ekfac", rerank=False)  # the index's own scores
     assert "stream" not in unranked["meta"]["search"]
     assert unranked["top_ids"] == want["top_ids"]
+
+
+def test_cli_show_states_a_measured_speed_up_below_one(tmp_path, capsys):
+    from logix.cli.inspect import _times
+
+    assert (_times(0.17), _times(2.345), _times(27.4)) == ("0.17x", "2.3x", "27x")
+    run, model, x, y = log_project(tmp_path)
+    finalize_with_query(run, model, x, y)
+    calibration = run.influence.build_index(progress=False).calibration  # auto: measured
+    assert cli.main(["show", run.project_dir]) == 0
+    assert f"({_times(calibration['speedup'])})" in capsys.readouterr().out
