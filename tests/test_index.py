@@ -576,3 +576,16 @@ def test_cli_show_states_a_measured_speed_up_below_one(tmp_path, capsys):
     calibration = run.influence.build_index(progress=False).calibration  # auto: measured
     assert cli.main(["show", run.project_dir]) == 0
     assert f"({_times(calibration['speedup'])})" in capsys.readouterr().out
+
+
+def test_an_index_that_needs_more_rows_to_train_is_refused_before_faiss(tmp_path):
+    run, model, x, y = log_project(tmp_path, steps=(0, 120))
+    finalize_with_query(run, model, x, y)
+    with pytest.raises(UsageError, match="quantize='pq'.*at least 256 rows; the log holds 120"):
+        run.influence.build_index("flat", quantize="pq", progress=False)
+    with pytest.raises(UsageError, match="quantize='pq'.*the log holds 120"):
+        run.influence.build_index("ivf", quantize="pq", nlist=2, progress=False)
+    with pytest.raises(UsageError, match="nlist=200 IVF lists.*the log holds 120.*nlist <= 120"):
+        run.influence.build_index("ivf", nlist=200, progress=False)
+    assert store.names(run.project_dir) == []  # nothing half-built left behind
+    assert run.influence.build_index("ivf", nlist=3, progress=False).rows == 120
