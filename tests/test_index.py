@@ -339,7 +339,8 @@ def test_bad_inputs_are_named(logged, tmp_path):
         att.search(narrow, k=3)
     with pytest.raises(UsageError, match=r"rows are \(\d+, 5\)"):
         att.compute_influence_all(narrow, progress=False)
-    for setting in ({"nprobe": 0}, {"ef": -1}, {"nprobe": 2.5}):
+    for setting in ({"nprobe": 0}, {"ef": -1}, {"nprobe": 2.5}, {"candidates": 0},
+                    {"candidates": -5}):
         with pytest.raises(UsageError, match=f"{next(iter(setting))} must be a positive integer"):
             att.search(query, k=3, **setting)
     with pytest.raises(UsageError, match="nprobe must be a positive integer"):

@@ -149,9 +149,10 @@ def read(path: str, kind: str, mmap: bool = True):
     return faiss.read_index(path, flags)
 
 
-def check_search_params(nprobe: Optional[int], ef: Optional[int]) -> None:
+def check_search_params(nprobe: Optional[int], ef: Optional[int],
+                        candidates: Optional[int] = None) -> None:
     """Refuse a search setting that is not a positive integer (None: the index's default)."""
-    for name, value in (("nprobe", nprobe), ("ef", ef)):
+    for name, value in (("nprobe", nprobe), ("ef", ef), ("candidates", candidates)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value <= 0):
             raise UsageError(f"{name} must be a positive integer or None (the index's default), "
