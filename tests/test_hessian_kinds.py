@@ -287,3 +287,32 @@ def test_auto_takes_the_models_gauss_newton_matrix_when_a_source_is_registered(t
     explicit = logix.Attributor(run.project_dir).influence(
         query, hessian=plain["meta"]["hessian"], progress=False)
     assert torch.equal(plain["influence"], explicit["influence"])
+
+
+def test_a_source_that_cannot_score_its_first_batch_is_refused_with_the_fix(tmp_path):
+    run, _, model, (x, y) = logged_run(tmp_path)
+    loader = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N, BATCH)]
+    with pytest.raises(UsageError, match=r"loss_fn\(outputs, batch\) failed.*TypeError"):
+        run.add_curvature_source(model, lambda outputs: outputs.sum(), loader)
+    with pytest.raises(UsageError, match=r"scalar tensor, got shape \(6,\)"):
+        run.add_curvature_source(
+            model, lambda o, b: F.cross_entropy(o, b[1], reduction="none"), loader)
+    with pytest.raises(UsageError, match=r"forward\(model, batch\) failed.*pass forward="):
+        run.add_curvature_source(model, loss_fn, [(x[:BATCH, :3], y[:BATCH])])
+    with pytest.raises(UsageError, match=r"forward\(model, batch\) failed.*KeyError"):
+        run.add_curvature_source(model, lambda o, b: F.cross_entropy(o, b["y"]),
+                                 [{"x": x[:BATCH], "y": y[:BATCH]}])
+    with pytest.raises(UsageError, match="one-shot iterator"):
+        run.add_curvature_source(model, loss_fn, iter(loader))
+
+
+def test_a_gauss_newton_solve_that_is_not_positive_asks_for_damping_not_ggn():
+    negative = torch.diag(torch.tensor([1.0, -1e-9], dtype=torch.float64))
+    b = torch.ones(1, 2, dtype=torch.float64)
+    with pytest.raises(UsageError, match="ggn.*semi-definite.*damping='auto'") as refused:
+        hessian_kinds.conjugate_gradient(lambda v: v @ negative, b, 1e-8, 10, False,
+                                         "hessian='ggn'", {"m": 0.0}, gauss_newton=True)
+    assert "Use hessian='ggn'" not in str(refused.value)
+    with pytest.raises(UsageError, match="indefinite.*Use hessian='ggn'"):
+        hessian_kinds.conjugate_gradient(lambda v: v @ negative, b, 1e-8, 10, False,
+                                         "hessian='hessian'", {"m": 0.0})

@@ -339,7 +339,8 @@ def test_bad_inputs_are_named(logged, tmp_path):
         att.search(narrow, k=3)
     with pytest.raises(UsageError, match=r"rows are \(\d+, 5\)"):
         att.compute_influence_all(narrow, progress=False)
-    for setting in ({"nprobe": 0}, {"ef": -1}, {"nprobe": 2.5}):
+    for setting in ({"nprobe": 0}, {"ef": -1}, {"nprobe": 2.5}, {"candidates": 0},
+                    {"candidates": -5}):
         with pytest.raises(UsageError, match=f"{next(iter(setting))} must be a positive integer"):
             att.search(query, k=3, **setting)
     with pytest.raises(UsageError, match="nprobe must be a positive integer"):
@@ -565,3 +566,27 @@ def test_a_batch_on_an_exact_flat_index_is_answered_by_the_stream(logged):
     unranked = att.search(query, k=5, hessian="ekfac", rerank=False)  # the index's own scores
     assert "stream" not in unranked["meta"]["search"]
     assert unranked["top_ids"] == want["top_ids"]
+
+
+def test_cli_show_states_a_measured_speed_up_below_one(tmp_path, capsys):
+    from logix.cli.inspect import _times
+
+    assert (_times(0.17), _times(2.345), _times(27.4)) == ("0.17x", "2.3x", "27x")
+    run, model, x, y = log_project(tmp_path)
+    finalize_with_query(run, model, x, y)
+    calibration = run.influence.build_index(progress=False).calibration  # auto: measured
+    assert cli.main(["show", run.project_dir]) == 0
+    assert f"({_times(calibration['speedup'])})" in capsys.readouterr().out
+
+
+def test_an_index_that_needs_more_rows_to_train_is_refused_before_faiss(tmp_path):
+    run, model, x, y = log_project(tmp_path, steps=(0, 120))
+    finalize_with_query(run, model, x, y)
+    with pytest.raises(UsageError, match="quantize='pq'.*at least 256 rows; the log holds 120"):
+        run.influence.build_index("flat", quantize="pq", progress=False)
+    with pytest.raises(UsageError, match="quantize='pq'.*the log holds 120"):
+        run.influence.build_index("ivf", quantize="pq", nlist=2, progress=False)
+    with pytest.raises(UsageError, match="nlist=200 IVF lists.*the log holds 120.*nlist <= 120"):
+        run.influence.build_index("ivf", nlist=200, progress=False)
+    assert store.names(run.project_dir) == []  # nothing half-built left behind
+    assert run.influence.build_index("ivf", nlist=3, progress=False).rows == 120

@@ -184,7 +184,12 @@ def _index_table(indexes: List[Dict]):
         table.add_row(_esc(i["name"]), _esc(i["factory"]), _esc(mode),
                       str(i["sketch"] or "-"), str(i["rows"]), _human_bytes(i["bytes"]),
                       "-" if i.get("recall") is None else
-                      f"{i['recall']:.3f} ({i['speedup']:.0f}x)",
+                      f"{i['recall']:.3f} ({_times(i['speedup'])})",
                       _esc(i["state"] if i["state"] in ("fresh", "part")
                            else f"{i['state']}: {i['why']}"))
     return table
+
+
+def _times(ratio: float) -> str:
+    """A measured speed-up: two significant digits below 10 (0.17x is slower, not 0x)."""
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"

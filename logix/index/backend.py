@@ -11,6 +11,7 @@ from logix.storage.format import atomic_file
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 QUANTIZERS = (None, "sq8", "pq")
+PQ_CENTROIDS = 256  # a product quantizer's 8-bit codebook, trained by k-means
 AUTO_FLAT_ROWS = 10_000  # kind="auto": exact flat index below this many rows,
 AUTO_HNSW_BYTES = 2 << 30  # HNSW while its file fits this (read into memory: fast searches;
 AUTO_HNSW_EF_CONSTRUCTION = 40  # built with this breadth), then IVF-SQ8 (fast builds, w B/row)
@@ -78,6 +79,19 @@ def default_nlist(rows: int) -> int:
     return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
 
 
+def check_trainable(kind: str, quantize: Optional[str], nlist: int, rows: int) -> None:
+    """Refuse, before FAISS's k-means fails on it, an index whose training needs more rows than
+    the log holds: one per IVF list, PQ_CENTROIDS per product quantizer's codebook."""
+    if kind == "ivf" and nlist > rows:
+        raise UsageError(f"nlist={nlist} IVF lists need at least {nlist} rows to train; the log "
+                         f"holds {rows}: pass nlist <= {rows} (the default is about sqrt(rows)) "
+                         "or kind='flat'.")
+    if quantize == "pq" and rows < PQ_CENTROIDS:
+        raise UsageError(f"quantize='pq' trains {PQ_CENTROIDS} centroids per codebook and needs "
+                         f"at least {PQ_CENTROIDS} rows; the log holds {rows}: use "
+                         "quantize='sq8' or None, or log more rows.")
+
+
 def factory_string(kind: str, width: int, quantize: Optional[str], nlist: int, hnsw_m: int,
                    pq_m: Optional[int] = None) -> str:
     """The faiss.index_factory description of an index kind."""
@@ -137,9 +151,10 @@ def read(path: str, kind: str, mmap: bool = True):
     return faiss.read_index(path, flags)
 
 
-def check_search_params(nprobe: Optional[int], ef: Optional[int]) -> None:
+def check_search_params(nprobe: Optional[int], ef: Optional[int],
+                        candidates: Optional[int] = None) -> None:
     """Refuse a search setting that is not a positive integer (None: the index's default)."""
-    for name, value in (("nprobe", nprobe), ("ef", ef)):
+    for name, value in (("nprobe", nprobe), ("ef", ef), ("candidates", candidates)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value <= 0):
             raise UsageError(f"{name} must be a positive integer or None (the index's default), "

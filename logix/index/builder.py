@@ -124,6 +124,7 @@ def _new(resolved, width, rows, dim, *, name, mode, layout, curvature, part, req
     """A new (empty) index and its manifest."""
     lists = nlist or backend.default_nlist(rows)
     codes = backend.auto_codes(requested, resolved, quantize)
+    backend.check_trainable(resolved, codes, lists, rows)
     description = backend.factory_string(resolved, width or dim, codes, lists, hnsw_m, pq_m)
     manifest = store.IndexManifest(
         name=name, kind=resolved, mode=mode, layout=layout, curvature=curvature,

@@ -50,7 +50,7 @@ def search(attributor, src: StepRows, k: int = 10, candidates: Optional[int] = N
     if k > full.rows:
         raise UsageError(f"k={k} is larger than the log, which holds {full.rows} rows; ask for "
                          f"k <= {full.rows}.")
-    backend.check_search_params(nprobe, ef)
+    backend.check_search_params(nprobe, ef, candidates)
     asked = candidates
     candidates = max(k, candidates if candidates is not None else max(4 * k, MIN_CANDIDATES))
     if len(src) == 0:

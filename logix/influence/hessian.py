@@ -84,6 +84,44 @@ class CurvatureSource:
         if not callable(self.loss_fn):
             raise UsageError("add_curvature_source loss_fn must be a function (outputs, batch) "
                              "-> the batch's mean loss.")
+        self.check_first_batch()
+
+    def check_first_batch(self) -> None:
+        """Run forward and loss_fn once on the loader's first batch, so a wrong signature, batch
+        layout or shape is refused here with what to change, not deep inside a CG solve."""
+        if iter(self.loader) is self.loader:
+            raise UsageError("add_curvature_source needs a loader it can pass over many times "
+                             "(one pass per CG iteration), got a one-shot iterator: pass the "
+                             "DataLoader (or a list of batches) itself.")
+        batch = next(iter(self.loader), None)
+        if batch is None:
+            return  # refused at the first solve: the loader yielded no examples
+        forward = self.forward or default_forward
+        try:
+            with torch.no_grad():
+                outputs = forward(self.model, batch)
+        except Exception as error:
+            raise UsageError(
+                f"add_curvature_source: forward(model, batch) failed on the loader's first batch "
+                f"({type(error).__name__}: {error}). The loader must yield the training batches "
+                "the model was logged on; the default forward is model(batch[0]): pass "
+                "forward=lambda model, batch: ... for another batch layout.") from error
+        try:
+            loss = self.loss_fn(outputs, batch)
+        except Exception as error:
+            raise UsageError(
+                f"add_curvature_source: loss_fn(outputs, batch) failed on the loader's first "
+                f"batch ({type(error).__name__}: {error}). loss_fn takes the model's outputs and "
+                "the whole batch and returns the batch's mean loss, e.g. lambda outputs, batch: "
+                "F.cross_entropy(outputs, batch[1]).") from error
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise UsageError(f"add_curvature_source: loss_fn must return the batch's mean loss as "
+                             f"a scalar tensor, got {got}: reduce it (reduction='mean').")
+
+
+def default_forward(model, batch):
+    return model(batch[0])
 
 
 class ProjectedCurvature:
@@ -91,7 +129,7 @@ class ProjectedCurvature:
 
     def __init__(self, source: CurvatureSource, modules, gauss_newton: bool) -> None:
         self.source, self.modules = source, modules
-        self.forward = source.forward or (lambda model, batch: model(batch[0]))
+        self.forward = source.forward or default_forward
         self.products = gauss_newton_products if gauss_newton else hessian_products
         weights = dict(source.model.named_parameters())
         self.layers = [_layer(source, m) for m in modules]
@@ -192,7 +230,7 @@ class HessianSolve(QuerySolver):
             x, info = conjugate_gradient(lambda v: self.curvature(v) + damping * v, block,
                                          self.source.tol, self.source.max_iterations,
                                          self.progress, f"hessian={self.kind!r}",
-                                         self._dampings)
+                                         self._dampings, self.kind == "ggn")
             solutions.append(x)
             iterations.append(info["iterations"])
             residuals.append(info["residuals"])
@@ -300,7 +338,7 @@ class HessianSolve(QuerySolver):
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, tol: float,
                        max_iterations: int, progress: bool, what: str,
-                       dampings: Dict[str, float]):
+                       dampings: Dict[str, float], gauss_newton: bool = False):
     """x = A^-1 b for each row of b [k, n] (A symmetric positive definite), CG on every row at
     once; product(v) = A v for v [k', n]. Rows stop once their relative residual is at most
     `tol`. Raises UsageError at a direction p with p^T A p <= 0. Returns (x, {"iterations",
@@ -322,14 +360,18 @@ def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, tol: floa
         ap = product(pa)
         curvature = (pa * ap).sum(1)
         if not bool((curvature > 0).all()):
+            cause = ("the Gauss-Newton matrix is only positive semi-definite, so too little "
+                     "damping leaves its null directions singular (or, in round-off, negative): "
+                     "use damping='auto' or" if gauss_newton else
+                     "the model's Hessian is indefinite here, and (H + damping I)^-1 would not be "
+                     "an influence. Use hessian='ggn' (positive semi-definite for a loss convex "
+                     "in the outputs), or")
             worst = int(curvature.argmin())
             quotient = float(curvature[worst] / (pa[worst] * pa[worst]).sum())
             raise UsageError(
                 f"{what}: the damped curvature is not positive definite (p^T A p = "
                 f"{float(curvature[worst]):.3g}, Rayleigh quotient {quotient:.3g}, at CG "
-                f"iteration {iteration}; dampings {dampings}): the model's Hessian is indefinite "
-                "here, and (H + damping I)^-1 would not be an influence. Use hessian='ggn' "
-                "(positive semi-definite for a loss convex in the outputs), or a damping above "
+                f"iteration {iteration}; dampings {dampings}): {cause} a damping above "
                 f"{max(dampings.values(), default=0.0) - quotient:.3g}.")
         alpha = rs[idx] / curvature
         x[idx] += alpha[:, None] * pa
