@@ -280,7 +280,8 @@ def test_auto_takes_the_models_gauss_newton_matrix_when_a_source_is_registered(t
     assert auto["meta"]["damping"] == ggn["meta"]["damping"]
     # a mode that needs a train-side inverse keeps the log's choice (no per-query solve)
     cosine = run.compute_influence_all(query, mode="cosine", progress=False)
-    assert cosine["meta"]["hessian"] != "ggn" and "hessian_reason" not in cosine["meta"]
+    assert cosine["meta"]["hessian"] != "ggn" and "training side" in \
+        cosine["meta"]["hessian_reason"]
     # without a source (the same log, a new Attributor) nothing changes
     plain = logix.Attributor(run.project_dir).influence(query, progress=False)
     assert plain["meta"]["hessian"] != "ggn" and "hessian_reason" not in plain["meta"]
@@ -316,3 +317,12 @@ def test_a_gauss_newton_solve_that_is_not_positive_asks_for_damping_not_ggn():
     with pytest.raises(UsageError, match="indefinite.*Use hessian='ggn'"):
         hessian_kinds.conjugate_gradient(lambda v: v @ negative, b, 1e-8, 10, False,
                                          "hessian='hessian'", {"m": 0.0})
+
+
+def test_auto_says_why_a_declared_kind_wins_over_the_curvature_source(tmp_path, monkeypatch):
+    run, query, _, _ = logged_run(tmp_path)
+    monkeypatch.setattr(run.influence, "_declared", lambda: "none")  # as a logged config does
+    result = run.compute_influence_all(query, progress=False)
+    plain = run.compute_influence_all(query, hessian="none", progress=False)
+    assert result["meta"]["hessian"] == "none" and "declared" in result["meta"]["hessian_reason"]
+    assert torch.equal(result["influence"], plain["influence"])

@@ -134,9 +134,18 @@ class Attributor:
         reason = ""
         if name == curvature.AUTO:
             name = self._declared()
-            if name is None and self.curvature_source is not None and per_query:
+            source = self.curvature_source is not None
+            if name is not None and source:
+                reason = (f"the log declared hessian={name!r}, which auto keeps over the "
+                          "curvature source (pass hessian='ggn' for the model's own)")
+            elif source and per_query:
                 name, reason = curvature.MODEL_AUTO, curvature.MODEL_AUTO_REASON
             elif name is None:
+                if source:
+                    reason = ("a curvature source is registered, but this score needs the "
+                              "inverse on the training side (mode 'cosine' or 'l2', or "
+                              "self-influence), which a solve per query cannot give: auto "
+                              "takes the log's best kind")
                 name, avoided = curvature.pick_auto_for(self.available_hessians(),
                                                         self.statistics,
                                                         [m.name for m in modules])
@@ -147,7 +156,9 @@ class Attributor:
             solver.reason = reason
             return solver
         if kind.identity:
-            return Preconditioner(name, {}, modules)
+            identity = Preconditioner(name, {}, modules)
+            identity.reason = reason
+            return identity
         if not kind.fitted(self.statistics):
             self.fit(name)
         spectra = self._spectra()
@@ -159,9 +170,12 @@ class Attributor:
         if shares:
             warnings.warn(curvature.concentration_warning(name, shares), UserWarning,
                           stacklevel=2)
-        return Preconditioner(name, inverses, modules,
-                              damping_rules.describe(cfg.damping, cfg.relative_damping),
-                              shares or avoided)
+        preconditioner = Preconditioner(name, inverses, modules,
+                                        damping_rules.describe(cfg.damping,
+                                                               cfg.relative_damping),
+                                        shares or avoided)
+        preconditioner.reason = reason
+        return preconditioner
 
     def _declared(self) -> Optional[str]:
         """The curvature the logging run declared (its manifest's config snapshot), if any."""
