@@ -49,9 +49,7 @@ covariances (kfac, ekfac). Configurations: curvature none / raw / kfac / ekfac /
 mode dot / cosine at the default damping, `auto` (lissa: dot only, depth 300), and raw / kfac /
 ekfac with dot at relative damping 1e-4 ... 10 (rows suffixed " dX"; the default has no suffix);
 on the labelled cases the model's own ggn / hessian (CG over the training set) at the default
-damping and at absolute damping 0.01, 0.1 and 1 (rows suffixed " aX"), and our default once
-`run.add_curvature_source` was called (row "influence auto+source dot ...": hessian "auto" then
-takes ggn; "influence auto dot ..." is the default from the log alone). The auto table puts each
+damping and at absolute damping 0.01, 0.1 and 1 (rows suffixed " aX"). The auto table puts each
 auto row beside the best swept damping of the same curvature and projection; on staged, SOURCE
 also runs undamped (" d0", its form before auto).
 LDS: `logix.evaluation.linear_datamodeling_score`, 50 random half subsets (--subsets) per
@@ -67,9 +65,9 @@ configurations a little.) Brittleness: for the best configuration of each case a
 scores, the first --brittle queries the model gets right; the fraction whose prediction flips
 after removing their k = 10 / 20 / 40 most helpful examples. Results: --out/results.json,
 markdown tables (printed, and --out/table.md: every row, the per-case summary, each tool's
-default configurations (ours: from the log alone and with a curvature source) beside its tuned
-best (ours and LogIX 0.1.1 per projection, dattri per method), the damping sweep averaged over
-cases) and --out/lds_vs_bytes.png (matplotlib, if installed).
+default configuration beside its tuned best (ours and LogIX 0.1.1 per projection, dattri per
+method), the damping sweep averaged over cases) and --out/lds_vs_bytes.png (matplotlib, if
+installed).
 
 Peers run in subprocesses under venvs of their own (their import names can clash with this
 library's, and their requirements with its pins); `--peer-venv PATH` / `--kronfluence-venv
@@ -260,24 +258,16 @@ def score_grid(case, model, root):
 
 
 MODEL_HESSIAN_DAMPINGS = ("auto", 0.01, 0.1, 1.0)
-# our default once run.add_curvature_source was called (hessian "auto" then takes "ggn")
-AUTO_WITH_SOURCE = "auto+source"
 
 
 def model_hessian_rows(case, model, run, test, label):
-    """Our default with the curvature source registered (row "influence auto+source ..."),
-    then hessian / ggn (CG with Hessian-vector products over the training set, one batch) at
-    the default damping and at absolute dampings 0.01, 0.1 (the peers' default sweep point) and
-    1 (rows " aX"). A setting the solver refuses (an indefinite Hessian, no convergence in 500
+    """hessian / ggn (CG with Hessian-vector products over the training set, one batch) at the
+    default damping and at absolute dampings 0.01, 0.1 (the peers' default sweep point) and 1
+    (rows " aX"). A setting the solver refuses (an indefinite Hessian, no convergence in 500
     iterations) gives no row; the reason is printed."""
     run.add_curvature_source(model, lambda out, batch: F.cross_entropy(out, batch[1]),
                              [(case.x, case.y)], forward=lambda f, b: case.logits(f, b[0]))
-    run.config.influence.relative_damping = None  # the sweep's last value; back to the default
-    t0 = time.time()
-    result = run.compute_influence_all(test, progress=False)  # every setting at its default
-    out = {f"influence {AUTO_WITH_SOURCE} dot {label}": (
-        aligned(result), row_bytes(run), {"seconds": time.time() - t0,
-                                          "resolved": result["meta"]["hessian"]})}
+    out = {}
     for hessian in ("ggn", "hessian"):
         for damping in MODEL_HESSIAN_DAMPINGS:
             name = f"influence {hessian} dot {label}" + (
@@ -617,19 +607,16 @@ def family_of(config: str):
     return tool, words[1] if tool == "dattri" else ""
 
 
-def default_configs(tool: str, family: str) -> tuple:
-    """The configurations a tool runs with nothing set, in that family: ours hessian "auto"
-    from the log alone (EK-FAC when its statistics are logged, K-FAC where one example dominates
-    EK-FAC's Fisher) and with a curvature source registered (the model's GGN, "auto+source");
-    LogIX 0.1.1 EK-FAC; dot, their default damping; Kronfluence EK-FAC at damping 1e-8; TRAK
-    proj_dim 2048, float16, lambda 0; dattri regularisation 0."""
-    return {"ours": (f"influence auto dot {family}",
-                     f"influence {AUTO_WITH_SOURCE} dot {family}"),
-            "logix0.1.1": (f"logix0.1.1 ekfac dot {family}",),
-            "kronfluence": ("kronfluence ekfac dot full",),
-            "trak": ("trak xtx dot p2048",),
-            "dattri": (f"dattri {family} dot " + ("p512" if family == "trak" else "full"),)
-            }[tool]
+def default_config(tool: str, family: str) -> str:
+    """The configuration a tool runs with nothing set, in that family: ours hessian "auto" (EK-FAC
+    when its statistics are logged, K-FAC where one example dominates EK-FAC's Fisher), LogIX
+    0.1.1 EK-FAC; dot, their default damping; Kronfluence EK-FAC
+    at damping 1e-8; TRAK proj_dim 2048, float16, lambda 0; dattri regularisation 0."""
+    return {"ours": f"influence auto dot {family}",
+            "logix0.1.1": f"logix0.1.1 ekfac dot {family}",
+            "kronfluence": "kronfluence ekfac dot full",
+            "trak": "trak xtx dot p2048",
+            "dattri": f"dattri {family} dot " + ("p512" if family == "trak" else "full")}[tool]
 
 
 def render_defaults(rows):
@@ -645,14 +632,14 @@ def render_defaults(rows):
         order = ["ours"] + list(PEERS)
         for (tool, family), members in sorted(groups.items(),
                                               key=lambda g: (order.index(g[0][0]), g[0][1])):
+            default = next((r for r in members
+                            if r["config"] == default_config(tool, family)), None)
+            if default is None:
+                continue
             best = max(members, key=lambda r: r["lds"])
-            for config in default_configs(tool, family):
-                default = next((r for r in members if r["config"] == config), None)
-                if default is None:
-                    continue
-                lines.append(f"| {case} | {tool} | {family or '-'} | {default['config']} | "
-                             f"{fmt(default)} | {best['config']} | {fmt(best)} | "
-                             f"{best['lds'] - default['lds']:+.3f} |")
+            lines.append(f"| {case} | {tool} | {family or '-'} | {default['config']} | "
+                         f"{fmt(default)} | {best['config']} | {fmt(best)} | "
+                         f"{best['lds'] - default['lds']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -720,8 +707,8 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
     markers = {"influence": "o", "source": "*", "ensemble": "s", "tracin": "^",
                "logix0.1.1": "x", "kronfluence": "D", "magic": "P", "trak": "v", "dattri": "h"}
-    colors = {"auto": "tab:olive", AUTO_WITH_SOURCE: "tab:brown", "none": "gray", "raw": "C0",
-              "kfac": "C1", "ekfac": "C2", "lissa": "C3", "full": "C7", "ggn": "C8", "hessian": "C9", "exact": "k", "xtx": "C4",
+    colors = {"auto": "tab:olive", "none": "gray", "raw": "C0", "kfac": "C1", "ekfac": "C2", "lissa": "C3",
+              "full": "C7", "ggn": "C8", "hessian": "C9", "exact": "k", "xtx": "C4",
               "explicit": "C5", "cg": "C6", "trak": "C4"}
     for ax, case in zip(axes[0], cases):
         for r in rows:

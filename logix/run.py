@@ -365,8 +365,7 @@ class Run(RunNames):
         first: every CG iteration must see the same function). loss_fn(outputs, batch) -> the
         batch's mean loss; forward(model, batch) -> outputs (default model(batch[0])). tol,
         max_iterations, query_block, allow_unconverged: see `CurvatureSource`. In a new
-        process: run.watch(model); run.initialize_from_log(); then this. From then on
-        hessian="auto" takes "ggn" for mode "dot" (unless the log declared a curvature)."""
+        process: run.watch(model); run.initialize_from_log(); then this."""
         if not self.modules:
             raise UsageError("add_curvature_source() needs the watched layers: call "
                              "run.watch(model) (and run.add_lora or initialize_from_log) first.")

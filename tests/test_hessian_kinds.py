@@ -269,25 +269,17 @@ def test_model_auto_damping_follows_the_query_batch_and_reports_its_ratio(tmp_pa
     assert all(r > 1 for r in both["solver"]["query_to_train"].values())
 
 
-def test_auto_takes_the_models_gauss_newton_matrix_when_a_source_is_registered(tmp_path):
+def test_auto_keeps_the_logs_curvature_when_a_source_is_registered(tmp_path):
+    """The model's curvature is opt-in (hessian="ggn" / "hessian"): with auto damping it won on
+    four of the quality cases and lost on two held-out ones (docs/concepts.md, "Defaults")."""
     run, query, _, _ = logged_run(tmp_path)
     auto = run.compute_influence_all(query, progress=False)  # hessian defaults to "auto"
-    ggn = run.compute_influence_all(query, hessian="ggn", progress=False)
-    assert auto["meta"]["hessian"] == "ggn" and "add_curvature_source" in \
-        auto["meta"]["hessian_reason"]
-    assert "hessian_reason" not in ggn["meta"]
-    assert torch.equal(auto["influence"], ggn["influence"])
-    assert auto["meta"]["damping"] == ggn["meta"]["damping"]
-    # a mode that needs a train-side inverse keeps the log's choice (no per-query solve)
-    cosine = run.compute_influence_all(query, mode="cosine", progress=False)
-    assert cosine["meta"]["hessian"] != "ggn" and "training side" in \
-        cosine["meta"]["hessian_reason"]
-    # without a source (the same log, a new Attributor) nothing changes
+    assert auto["meta"]["hessian"] not in ("ggn", "hessian")
+    explicit = run.compute_influence_all(query, hessian=auto["meta"]["hessian"], progress=False)
+    assert torch.equal(auto["influence"], explicit["influence"])
     plain = logix.Attributor(run.project_dir).influence(query, progress=False)
-    assert plain["meta"]["hessian"] != "ggn" and "hessian_reason" not in plain["meta"]
-    explicit = logix.Attributor(run.project_dir).influence(
-        query, hessian=plain["meta"]["hessian"], progress=False)
-    assert torch.equal(plain["influence"], explicit["influence"])
+    assert plain["meta"]["hessian"] == auto["meta"]["hessian"]
+    assert torch.equal(plain["influence"], auto["influence"])
 
 
 def test_a_source_that_cannot_score_its_first_batch_is_refused_with_the_fix(tmp_path):
@@ -317,12 +309,3 @@ def test_a_gauss_newton_solve_that_is_not_positive_asks_for_damping_not_ggn():
     with pytest.raises(UsageError, match="indefinite.*Use hessian='ggn'"):
         hessian_kinds.conjugate_gradient(lambda v: v @ negative, b, 1e-8, 10, False,
                                          "hessian='hessian'", {"m": 0.0})
-
-
-def test_auto_says_why_a_declared_kind_wins_over_the_curvature_source(tmp_path, monkeypatch):
-    run, query, _, _ = logged_run(tmp_path)
-    monkeypatch.setattr(run.influence, "_declared", lambda: "none")  # as a logged config does
-    result = run.compute_influence_all(query, progress=False)
-    plain = run.compute_influence_all(query, hessian="none", progress=False)
-    assert result["meta"]["hessian"] == "none" and "declared" in result["meta"]["hessian_reason"]
-    assert torch.equal(result["influence"], plain["influence"])

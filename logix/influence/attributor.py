@@ -118,34 +118,19 @@ class Attributor:
         return source if isinstance(source, LogReader) else source()
 
     def preconditioner(self, hessian: Optional[str] = None, damping: Union[None, str, float] = None,
-                       modules=None, progress: bool = True, *, per_query: bool = True
-                       ) -> Preconditioner:
+                       modules=None, progress: bool = True) -> Preconditioner:
         """The per-module inverse curvature for a hessian kind and damping (eigendecompositions
         are cached until the statistics change); for a kind that is no per-module spectrum
         (lissa, hessian, ggn: a solve per query; full: one inverse across modules), the
-        Preconditioner its query_solver builds. hessian="auto" takes the model's own
-        Gauss-Newton matrix when the run has a curvature source (run.add_curvature_source) and
-        per_query (the caller can use a solve per query: mode "dot"), else the log's best kind."""
+        Preconditioner its query_solver builds."""
         cfg = check_config(query_settings(self.influence_config, hessian=hessian,
                                           damping=damping), query=True)
         name = cfg.hessian
         modules = modules if modules is not None else self.modules()
         avoided: Dict[str, float] = {}
-        reason = ""
         if name == curvature.AUTO:
             name = self._declared()
-            source = self.curvature_source is not None
-            if name is not None and source:
-                reason = (f"the log declared hessian={name!r}, which auto keeps over the "
-                          "curvature source (pass hessian='ggn' for the model's own)")
-            elif source and per_query:
-                name, reason = curvature.MODEL_AUTO, curvature.MODEL_AUTO_REASON
-            elif name is None:
-                if source:
-                    reason = ("a curvature source is registered, but this score needs the "
-                              "inverse on the training side (mode 'cosine' or 'l2', or "
-                              "self-influence), which a solve per query cannot give: auto "
-                              "takes the log's best kind")
+            if name is None:
                 name, avoided = curvature.pick_auto_for(self.available_hessians(),
                                                         self.statistics,
                                                         [m.name for m in modules])
@@ -153,12 +138,9 @@ class Attributor:
         solver = kind.query_solver(self.reader, modules, cfg, progress,
                                    source=self.curvature_source)
         if solver is not None:
-            solver.reason = reason
             return solver
         if kind.identity:
-            identity = Preconditioner(name, {}, modules)
-            identity.reason = reason
-            return identity
+            return Preconditioner(name, {}, modules)
         if not kind.fitted(self.statistics):
             self.fit(name)
         spectra = self._spectra()
@@ -170,12 +152,9 @@ class Attributor:
         if shares:
             warnings.warn(curvature.concentration_warning(name, shares), UserWarning,
                           stacklevel=2)
-        preconditioner = Preconditioner(name, inverses, modules,
-                                        damping_rules.describe(cfg.damping,
-                                                               cfg.relative_damping),
-                                        shares or avoided)
-        preconditioner.reason = reason
-        return preconditioner
+        return Preconditioner(name, inverses, modules,
+                              damping_rules.describe(cfg.damping, cfg.relative_damping),
+                              shares or avoided)
 
     def _declared(self) -> Optional[str]:
         """The curvature the logging run declared (its manifest's config snapshot), if any."""
@@ -205,9 +184,8 @@ class Attributor:
 
         query: a StepRows (run.get_log()), a list of them, a StepRows file or a logged project
         folder. loader: a LogReader or project folder (default: this log).
-        mode: "dot" | "cosine" | "l2"; hessian: "auto" (the model's own "ggn" when
-        run.add_curvature_source was called and mode is "dot", meta["hessian_reason"] says so;
-        else the best kind the log allows) | "none" | "raw" | "kfac" | "ekfac" |
+        mode: "dot" | "cosine" | "l2"; hessian: "auto" (the declared kind, else the best the
+        log allows) | "none" | "raw" | "kfac" | "ekfac" |
         "lissa" (solves each query against the saved rows' Fisher by conjugate gradients; mode
         "dot" only; settings influence.lissa_solver / lissa_depth / lissa_scale / lissa_tol;
         residuals in meta["solver"]) | "full" (the saved rows' Fisher across all modules, one
@@ -327,7 +305,7 @@ class Attributor:
                                scorer.meta)
         reader = self._reader(loader)
         dummy = StepRows([], torch.zeros(0, reader.dim), reader.manifest.modules)
-        scorer = self.scorer(dummy, "dot", precondition, kind, damping, None, per_query=False)
+        scorer = self.scorer(dummy, "dot", precondition, kind, damping, None)
         if scorer.preconditioner.queries_only:
             raise UsageError(f"hessian={scorer.preconditioner.kind!r} solves per query, so the "
                              "self-influence of every saved row would take one solve per row. "
@@ -437,18 +415,16 @@ class Attributor:
     # ------------------------------------------------------------------ what logix.index builds on
     def scorer(self, src: StepRows, mode: Optional[str] = None, precondition: bool = True,
                hessian: Optional[str] = None, damping: Union[None, str, float] = None,
-               groups=None, *, per_query: bool = True) -> Scorer:
+               groups=None) -> Scorer:
         """The queries of `src` preconditioned for a mode, curvature and damping (arguments as
         in `influence`; groups: its influence_groups): what scores a block of training rows
-        (`Scorer.score`), here and in `logix.index`. per_query=False: the caller needs a
-        train-side inverse, so hessian="auto" does not resolve to a solve per query."""
+        (`Scorer.score`), here and in `logix.index`."""
         if not isinstance(precondition, bool):
             raise UsageError(f"precondition must be True or False, got {precondition!r}.")
         cfg = check_config(query_settings(self.influence_config, mode=mode, hessian=hessian,
                                           damping=damping), query=True)
         preconditioner = self.preconditioner(cfg.hessian if precondition else "none",
-                                             cfg.damping, src.modules,
-                                             per_query=per_query and cfg.mode == "dot")
+                                             cfg.damping, src.modules)
         mode = cfg.mode
         if preconditioner.queries_only and mode != "dot":
             raise UsageError(f"hessian={preconditioner.kind!r} solves each query against the "

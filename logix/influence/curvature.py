@@ -31,12 +31,6 @@ AUTO = "auto"
 # What `auto` picks, best first, among the kinds the statistics allow: the order of the LDS
 # measured by benchmarks/quality.py (docs/concepts.md, "Defaults").
 AUTO_ORDER = ("ekfac", "kfac", "raw", "none")
-# What `auto` picks when the run has a curvature source (run.add_curvature_source): the model's
-# own Gauss-Newton matrix, positive semi-definite where "hessian" can be refused as indefinite
-# (docs/concepts.md, "Defaults").
-MODEL_AUTO = "ggn"
-MODEL_AUTO_REASON = ("run.add_curvature_source was called: auto takes the model's own "
-                     "Gauss-Newton matrix")
 # Above this share of a module's empirical Fisher carried by one example, queries warn
 # (docs/concepts.md, "When one example dominates the Fisher").
 CONCENTRATED = 0.5

@@ -74,7 +74,6 @@ class Preconditioner:
     damping_rule: str = ""  # "auto", "relative" or "absolute" (logix.influence.damping.describe)
     # module -> share of its Fisher one example carries, where over CONCENTRATED (curvature.py)
     concentration: Dict[str, float] = field(default_factory=dict)
-    reason: str = ""  # why hessian="auto" resolved to this kind, where not by the log alone
 
     def apply(self, rows: Tensor) -> Tensor:
         """rows [n, dim] -> preconditioned rows [n, dim]."""

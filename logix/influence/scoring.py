@@ -52,8 +52,6 @@ class Scorer:
             meta["damping_rule"] = self.preconditioner.damping_rule
         if self.preconditioner.concentration:
             meta["fisher_concentration"] = dict(self.preconditioner.concentration)
-        if self.preconditioner.reason:
-            meta["hessian_reason"] = self.preconditioner.reason
         diagnostics = getattr(self.preconditioner, "diagnostics", None)
         if diagnostics:
             meta["solver"] = diagnostics  # lissa: iterations, residual per step, scale
