@@ -11,6 +11,8 @@ and dattri.
                                         # MAGIC and the single-model ground truth on both
     python benchmarks/quality.py --magic-cases ""   # without MAGIC (default: on mlp, which
                                         # adds 3 x 50 single-model retrainings per seed)
+    python benchmarks/quality.py --include-bias     # our logging passes log the bias
+                                        # gradients too (logging.include_bias)
 
 Cases (synthetic data, or scikit-learn's bundled data sets, so nothing is downloaded; seeds
 fixed):
@@ -175,12 +177,14 @@ PEER_FLAGS = {"logix0.1.1": ("peer", "LogIX 0.1.1 (logix-ai)"),
 
 
 # ============================================================================ logging
-def log_pass(case, model, root, project, init, rank, fisher=False, log_dtype="float32"):
-    """One logging pass at the model's weights; returns the run. fisher=True: the forward and
+def log_pass(case, model, root, project, init, rank, fisher=False, log_dtype="float32",
+             include_bias=False):
+    """One logging pass at the model's weights; returns the run. include_bias: the layers' bias
+    gradients are logged too (logging.include_bias). fisher=True: the forward and
     backward covariances (K-FAC's factors, EK-FAC's basis) come from a statistics pass whose
     labels are sampled from the model's predictions (the true Fisher, as Kronfluence does by
     default) instead of the logging pass's true labels (the empirical Fisher)."""
-    run = logix.init(project, root_dir=str(root), log_dtype=log_dtype)
+    run = logix.init(project, root_dir=str(root), log_dtype=log_dtype, include_bias=include_bias)
     run.watch(model)
     factors = {"forward": ["covariance"], "backward": ["covariance"]}
     if init == "pca":
@@ -232,14 +236,15 @@ def row_bytes(run) -> int:
 
 
 # ============================================================================ scoring
-def score_grid(case, model, root):
+def score_grid(case, model, root, include_bias=False):
     """{config name: (scores [n_query, n_train], bytes per example, extra)}."""
     out = {}
     passes = [(init, rank, False) for init, rank in PROJECTIONS]
     passes += [(init, rank, True) for init, rank in FISHER_PROJECTIONS]
     for init, rank, fisher in passes:
         label = ("full" if init == "none" else f"{init}{rank}") + ("-tf" if fisher else "")
-        run = log_pass(case, model, root, f"{case.name}-{label}", init, rank, fisher)
+        run = log_pass(case, model, root, f"{case.name}-{label}", init, rank, fisher,
+                       include_bias=include_bias)
         test = query_log(run, case, model)
         run.config.influence.lissa_depth = 300
         for hessian, mode, damping in grid_configs(("kfac", "ekfac") if fisher else CURVATURES):
@@ -436,18 +441,18 @@ def tool_of(config: str) -> str:
     return first if first in PEERS else "ours"
 
 
-def run_case(case, out_dir, subsets, seeds, n_brittle, peers, magic=False):
+def run_case(case, out_dir, subsets, seeds, n_brittle, peers, magic=False, include_bias=False):
     """peers: {peer name: its venv's python}. magic: add MAGIC and the single-model ground
-    truth."""
+    truth. include_bias: every logging pass logs the bias gradients too."""
     root = out_dir / "logs" / case.name
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.time()
     if case.name == "staged":
         model, grid = staged_methods(case, root)
-        grid.update(score_grid(case, model, root))
+        grid.update(score_grid(case, model, root, include_bias))
     else:
         model = case.train(torch.arange(N_TRAIN), 0)
-        grid = score_grid(case, model, root)
+        grid = score_grid(case, model, root, include_bias)
     if magic:
         grid.update(magic_method(case, root))
     grid["random"] = (torch.randn(N_QUERY, N_TRAIN, generator=torch.Generator().manual_seed(9),
@@ -745,6 +750,8 @@ def main(argv=None) -> int:
     parser.add_argument("--magic-cases", default="mlp",
                         help="cases that add MAGIC and the single-model ground truth ('' none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
+    parser.add_argument("--include-bias", action="store_true",
+                        help="log the bias gradients too (logging.include_bias; ours only)")
     for flag, holds in PEER_FLAGS.values():
         group = parser.add_mutually_exclusive_group()
         group.add_argument(f"--{flag}-venv", type=Path, help=f"a venv with {holds}")
@@ -776,7 +783,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.cases.split(","):
         rows += run_case(CASES[name](), args.out, args.subsets, seeds, args.brittle, peers,
-                         magic=name in magic_cases)
+                         magic=name in magic_cases, include_bias=args.include_bias)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     table = "\n\n".join(t for t in (render(rows), render_summary(rows), render_defaults(rows),
                                      render_damping(rows), render_auto(rows), render_magic(rows))

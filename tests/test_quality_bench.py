@@ -123,3 +123,16 @@ def test_attn_case_is_learnable_from_its_tokens():
     model = case.train(torch.arange(N_TRAIN), 0)
     accuracy = (case.logits(model, case.qx).argmax(-1) == case.qy).float().mean()
     assert accuracy > 0.5  # chance is 0.25
+
+
+def test_include_bias_logs_every_linear_bias(tmp_path):
+    """--include-bias: the unprojected rows grow by exactly the model's bias parameters."""
+    from benchmarks._quality_cases import CASES
+
+    case = CASES["mlp"]()
+    model = case.model()
+    biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    widths = [quality.row_bytes(quality.log_pass(case, model, tmp_path / str(bias), "b", "none",
+                                                 None, include_bias=bias)) // 4
+              for bias in (False, True)]
+    assert widths[1] - widths[0] == biases > 0
