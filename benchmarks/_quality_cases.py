@@ -1,5 +1,5 @@
-"""The cases of quality.py (data, model, training, losses): five synthetic, two on scikit-learn's
-bundled data sets (nothing is downloaded).
+"""The cases of quality.py (data, model, training, losses): five synthetic, four on
+scikit-learn's bundled data sets (nothing is downloaded).
 
 Only torch is imported, not `logix`: the LogIX 0.1.1 peer worker (_peer_logix.py) imports this
 module under the peer venv, where `logix` is the original package.
@@ -321,5 +321,30 @@ class DigitsCase(Case):
                              nn.Flatten(), nn.Linear(128, 10))
 
 
+class DigitsEarlyCase(DigitsCase):
+    """digits stopped short of convergence: 20 of the 150 Adam steps (a case held out of the
+    `ggn` / `hessian` damping rule's fit)."""
+    name = "digits_early"
+    steps = 20
+
+
+class DigitsMLPCase(DigitsCase):
+    """digits as 64 pixel features (scaled to [0, 1]) into an MLP 64-32-32-10 (tanh), SGD
+    (a case held out of the `ggn` / `hessian` damping rule's fit)."""
+    name = "digits_mlp"
+    steps, lr = 200, 0.1
+
+    def data(self):
+        x, y, qx, qy = sklearn_split("load_digits", 5)
+        return x / 16, y, qx / 16, qy
+
+    def model(self):
+        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                             nn.Linear(32, 10))
+
+    def optimizer(self, params):
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+
 CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase, AttnCase,
-                             BreastCancerCase, DigitsCase)}
+                             BreastCancerCase, DigitsCase, DigitsEarlyCase, DigitsMLPCase)}

@@ -125,6 +125,25 @@ def test_attn_case_is_learnable_from_its_tokens():
     assert accuracy > 0.5  # chance is 0.25
 
 
+def test_held_out_digits_cases_one_short_of_convergence_one_fitted():
+    """digits_early stops the digits CNN after 20 steps (still learning: training loss near 1,
+    against 0.04 at 150 steps); digits_mlp fits an MLP on the same pixels."""
+    from benchmarks._quality_cases import CASES, N_QUERY, N_TRAIN
+
+    losses = {}
+    for name in ("digits", "digits_early", "digits_mlp"):
+        case = CASES[name]()
+        assert len(case.x) == N_TRAIN and len(case.qx) == N_QUERY
+        model = case.train(torch.arange(N_TRAIN), 0)
+        with torch.no_grad():
+            losses[name] = float(case.per_example_loss(model, case.x, case.y).mean())
+            accuracy = (case.logits(model, case.qx).argmax(-1) == case.qy).float().mean()
+        assert accuracy > 0.7  # chance is 0.1
+    assert CASES["digits_mlp"]().x.shape == (N_TRAIN, 64)
+    assert losses["digits_early"] > 10 * losses["digits"]
+    assert losses["digits_mlp"] < 0.1
+
+
 def test_include_bias_logs_every_linear_bias(tmp_path):
     """--include-bias: the unprojected rows grow by exactly the model's bias parameters."""
     from benchmarks._quality_cases import CASES
