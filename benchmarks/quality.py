@@ -1,8 +1,8 @@
 """Attribution quality per byte logged: LDS (and brittleness) for every curvature, projection,
-mode, damping and method on five small cases, next to the original LogIX, Kronfluence, TRAK
+mode, damping and method on nine small cases, next to the original LogIX, Kronfluence, TRAK
 and dattri.
 
-    python benchmarks/quality.py                      # ours only, 10 seeds (~35 min, see below)
+    python benchmarks/quality.py                      # ours only, 10 seeds (see below)
     python benchmarks/quality.py --cases mlp,staged   # some cases
     python benchmarks/quality.py --out DIR --subsets 50 --seeds 0,1,2 --brittle 5
     python benchmarks/quality.py --make-peer-venv DIR --make-kronfluence-venv DIR2 \\
@@ -33,6 +33,9 @@ fixed):
 * breast_cancer: scikit-learn's Wisconsin breast cancer (30 features, 2 classes, standardised);
   MLP 30-32-32-2 (tanh), trained as mlp.
 * digits: scikit-learn's 8x8 handwritten digits (10 classes); the cnn's layers with 10 outputs.
+* digits_early, digits_mlp: held out of the fit of the ggn / hessian kinds' auto damping:
+  digits' CNN stopped after 20 of its 150 Adam steps (short of convergence), and the digits
+  pixels into an MLP 64-32-32-10 (tanh, fitted).
 
 MAGIC (--magic-cases, default mlp): the attributed run is recorded with `logix.MagicRecorder`
 (a checkpoint every 20 steps) and the queries are scored by exact metagradients
