@@ -237,11 +237,9 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, rtol: float = 1e-4,
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
 
 
-def log_classifier(run, model: nn.Module, x: Tensor, y: Tensor, batch: int,
-                   query_scale: float):
-    """Log (x, y) in steps of `batch` ids with a summed cross-entropy, finalize, then log the
-    queries q0-q2 (the first three examples scaled by `query_scale`); returns (run, their
-    log). The run is watched and set up by the caller."""
+def log_classifier_steps(run, model: nn.Module, x: Tensor, y: Tensor, batch: int) -> None:
+    """Log (x, y) in steps of `batch` ids (0, 1, ...) with a summed cross-entropy, then
+    finalize. The run is watched and set up by the caller."""
     from torch.nn import functional as F
 
     run.save(True)
@@ -250,10 +248,39 @@ def log_classifier(run, model: nn.Module, x: Tensor, y: Tensor, batch: int,
         with run(data_id=ids):
             F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
     run.finalize()
+
+
+def log_classifier(run, model: nn.Module, x: Tensor, y: Tensor, batch: int,
+                   query_scale: float):
+    """`log_classifier_steps`, then log the queries q0-q2 (the first three examples scaled by
+    `query_scale`); returns (run, their log)."""
+    from torch.nn import functional as F
+
+    log_classifier_steps(run, model, x, y, batch)
     run.eval()
     with run(data_id=["q0", "q1", "q2"]):
         F.cross_entropy(model(x[:3] * query_scale), y[:3], reduction="sum").backward()
     return run, run.get_log(copy=True)
+
+
+def summed_nll(logits: Tensor, ids: Tensor) -> Tensor:
+    """A causal LM's next-token cross-entropy of `ids`, summed over positions and sequences."""
+    from torch.nn import functional as F
+
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum")
+
+
+def log_token_windows(run, model: nn.Module, windows: Tensor, per_step: int) -> None:
+    """Log token windows [n, T] in steps of `per_step` (ids 0, 1, ...) with `summed_nll`,
+    finalize, and leave the run in eval mode for queries. Watched and set up by the caller."""
+    run.save(True)
+    for start in range(0, len(windows), per_step):
+        ids = windows[start:start + per_step]
+        with run(data_id=list(range(start, start + len(ids)))):
+            summed_nll(model(ids).logits, ids).backward()
+    run.finalize()
+    model.zero_grad()
+    run.eval()
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import logix
+from conftest import log_classifier_steps
 from logix.influence.damping import AUTO_FACTOR
 from logix.storage.reader import LogReader
 from logix.storage.scores import load_scores
@@ -54,12 +55,7 @@ def log_run(tmp_path, model, x, y, project="p", batch=8, rank=3, shard_rows=None
     if "kfac" in setup:
         spec.update(forward=["covariance"], backward=["covariance"])
     run.setup(spec)
-    run.save(True)
-    for start in range(0, len(x), batch):
-        ids = list(range(start, min(start + batch, len(x))))
-        with run(data_id=ids):
-            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
-    run.finalize()
+    log_classifier_steps(run, model, x, y, batch)
     return run
 
 

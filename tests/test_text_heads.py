@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import logix
-from conftest import make_tiny_gpt2
+from conftest import log_token_windows, make_tiny_gpt2, summed_nll
 from logix.errors import ConfigError, UsageError
 from logix.logra import NO_HEAD, HeadSplit
 from logix.text import attention_heads, head_groups
 
 LAYERS = ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj")
 N_HEADS = 2
-
-
-def summed_nll(logits, ids):
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum")
 
 
 def per_example_grads(model, ids, name):
@@ -48,16 +43,9 @@ def logged(tmp_path_factory):
     run.watch(model, name_filter=list(LAYERS), heads={n: heads[n] for n in LAYERS})
     run.add_lora(rank=6)
     run.setup({"grad": ["log"]})
-    run.save(True)
     g = torch.Generator().manual_seed(4)
     train = torch.randint(1, 50, (6, 8), generator=g)
-    for step in range(2):
-        ids = train[3 * step:3 * step + 3]
-        with run(data_id=list(range(3 * step, 3 * step + 3))):
-            summed_nll(model(ids).logits, ids).backward()
-    run.finalize()
-    model.zero_grad()
-    run.eval()
+    log_token_windows(run, model, train, 3)
     query = torch.randint(1, 50, (2, 8), generator=g)
     with run(data_id=["q0", "q1"]):
         summed_nll(model(query).logits, query).backward()

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import logix
-from conftest import make_tiny_gpt2, project
+from conftest import log_token_windows, make_tiny_gpt2, project, summed_nll
 from logix.errors import LogFormatError, UsageError
 from logix.storage.scores import load_scores, save_scores
 from logix.text import attach_train_tokens, query_log, train_token_scores
@@ -19,10 +18,6 @@ from logix.text import attach_train_tokens, query_log, train_token_scores
 PROMPTS = [[1, 2, 3], [4, 5]]
 COMPLETIONS = [[6, 7], [8, 9, 10]]
 LAYERS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-
-
-def summed_nll(logits, ids):
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum")
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +29,8 @@ def logged(tmp_path_factory):
     run = logix.init("lm", root_dir=root)
     run.watch(model, name_filter=LAYERS).add_lora(rank=4)
     run.setup({"grad": ["log"], "forward": ["covariance"], "backward": ["covariance"]})
-    run.save(True)
     train = torch.randint(1, 50, (8, 10), generator=torch.Generator().manual_seed(5))
-    for step in range(2):
-        ids = train[4 * step:4 * step + 4]
-        with run(data_id=list(range(4 * step, 4 * step + 4))):
-            summed_nll(model(ids).logits, ids).backward()
-    run.finalize()
-    model.zero_grad()
-    run.eval()
+    log_token_windows(run, model, train, 4)
     log = query_log(run, model, PROMPTS, COMPLETIONS, data_ids=["q0", "q1"])
     return run, model, train, log
 
