@@ -74,9 +74,9 @@ def build(attributor, kind: str = "auto", mode: str = "dot", *, sketch: Optional
                    nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef=ef, pq_m=pq_m, seed=seed)
     truth = None
     if manifest is None:
-        resolved = backend.resolve_kind(kind, reader.rows, backend.auto_sketch(dim, sketch) or dim)
-        width = backend.auto_sketch(dim, sketch) if kind == "auto" and resolved != "flat" \
-            else sketch
+        sketched = backend.auto_sketch(dim, sketch)  # the width auto indexes, None: full rows
+        resolved = backend.resolve_kind(kind, reader.rows, sketched or dim)
+        width = sketched if kind == "auto" and resolved != "flat" else sketch
         if kind == "auto" and resolved == "hnsw":
             options["ef"] = backend.AUTO_HNSW_EF_CONSTRUCTION
         manifest, index = _new(resolved, width, reader.rows, dim, **options)
