@@ -346,5 +346,92 @@ class DigitsMLPCase(DigitsCase):
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
 
+def standardised(x, qx):
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    return (x - mean) / scale, (qx - mean) / scale
+
+
+class DiabetesCase(Case):
+    """scikit-learn's diabetes table (10 features), its disease-progression target cut into
+    tertiles (3 classes, a noisy task); MLP 10-32-32-3 (ReLU), Adam. Held out of the `ggn` /
+    `hessian` damping rule's fit, like the four cases below."""
+    name = "diabetes3"
+    steps, lr = 150, 0.01
+
+    def data(self):
+        from sklearn import datasets
+
+        raw = datasets.load_diabetes()
+        x = torch.tensor(raw.data, dtype=torch.float32)
+        target = torch.tensor(raw.target, dtype=torch.float32)
+        y = torch.bucketize(target, torch.quantile(target, torch.tensor([1 / 3, 2 / 3])))
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(8))
+        train, query = order[:N_TRAIN], order[N_TRAIN:N_TRAIN + N_QUERY]
+        x, qx = standardised(x[train], x[query])
+        return x, y[train], qx, y[query]
+
+    def model(self):
+        return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                             nn.Linear(32, 3))
+
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.lr)
+
+
+class MoonsCase(Case):
+    """Two interleaved half-moons (scikit-learn's make_moons, noise 0.3, seeded); MLP 2-32-32-2
+    (tanh), SGD with momentum for 300 steps."""
+    name = "moons"
+    steps = 300
+
+    def data(self):
+        from sklearn import datasets
+
+        x, y = datasets.make_moons(N_TRAIN + N_QUERY, noise=0.3, random_state=7)
+        x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+        return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
+
+    def model(self):
+        return nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                             nn.Linear(32, 2))
+
+
+class BreastCancerAdamWCase(BreastCancerCase):
+    """breast_cancer drawn with another seed into a narrower ReLU MLP (30-16-16-2), AdamW with
+    weight decay 0.05 for 100 steps."""
+    name = "bc_adamw"
+    steps, lr = 100, 0.01
+
+    def data(self):
+        x, y, qx, qy = sklearn_split("load_breast_cancer", 11)
+        x, qx = standardised(x, qx)
+        return x, y, qx, qy
+
+    def model(self):
+        return nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                             nn.Linear(16, 2))
+
+    def optimizer(self, params):
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.05)
+
+
+class DigitsReLUCase(DigitsMLPCase):
+    """digits pixels drawn with another seed into a one-hidden-layer ReLU MLP (64-48-10), Adam
+    for 60 steps."""
+    name = "digits_relu"
+    steps, lr = 60, 0.005
+
+    def data(self):
+        x, y, qx, qy = sklearn_split("load_digits", 6)
+        return x / 16, y, qx / 16, qy
+
+    def model(self):
+        return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.lr)
+
+
 CASES = {c.name: c for c in (MLPCase, CNNCase, LMCase, StagedCase, AttnCase,
-                             BreastCancerCase, DigitsCase, DigitsEarlyCase, DigitsMLPCase)}
+                             BreastCancerCase, DigitsCase, DigitsEarlyCase, DigitsMLPCase,
+                             DiabetesCase, MoonsCase, BreastCancerAdamWCase, DigitsReLUCase)}

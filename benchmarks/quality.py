@@ -1,5 +1,5 @@
 """Attribution quality per byte logged: LDS (and brittleness) for every curvature, projection,
-mode, damping and method on nine small cases, next to the original LogIX, Kronfluence, TRAK
+mode, damping and method on thirteen small cases, next to the original LogIX, Kronfluence, TRAK
 and dattri.
 
     python benchmarks/quality.py                      # ours only, 10 seeds (see below)
@@ -36,6 +36,11 @@ fixed):
 * digits_early, digits_mlp: held out of the fit of the ggn / hessian kinds' auto damping:
   digits' CNN stopped after 20 of its 150 Adam steps (short of convergence), and the digits
   pixels into an MLP 64-32-32-10 (tanh, fitted).
+* diabetes3, moons, bc_adamw, digits_relu: a second set held out of every damping rule's fit:
+  scikit-learn's diabetes table with its target cut into tertiles (MLP 10-32-32-3, ReLU, Adam;
+  memorises its training rows), make_moons with noise 0.3 (MLP 2-32-32-2, tanh, SGD; short of
+  a perfect fit), breast_cancer drawn with another seed into a ReLU MLP trained by AdamW
+  (weight decay 0.05), and the digits pixels into a ReLU MLP 64-48-10 (Adam, 60 steps).
 
 MAGIC (--magic-cases, default mlp): the attributed run is recorded with `logix.MagicRecorder`
 (a checkpoint every 20 steps) and the queries are scored by exact metagradients

@@ -144,6 +144,26 @@ def test_held_out_digits_cases_one_short_of_convergence_one_fitted():
     assert losses["digits_mlp"] < 0.1
 
 
+def test_second_held_out_cases_learn_what_their_docstrings_say():
+    """diabetes3 (tertiles of a noisy target) memorises its training rows and generalises
+    poorly; moons stays short of a perfect fit (label noise); bc_adamw and digits_relu learn
+    their tables."""
+    from benchmarks._quality_cases import CASES, N_QUERY, N_TRAIN
+
+    found = {}
+    for name in ("diabetes3", "moons", "bc_adamw", "digits_relu"):
+        case = CASES[name]()
+        assert len(case.x) == N_TRAIN and len(case.qx) == N_QUERY
+        model = case.train(torch.arange(N_TRAIN), 0)
+        with torch.no_grad():
+            loss = float(case.per_example_loss(model, case.x, case.y).mean())
+            accuracy = float((case.logits(model, case.qx).argmax(-1) == case.qy).float().mean())
+        found[name] = (loss, accuracy)
+    assert set(CASES["diabetes3"]().y.tolist()) == {0, 1, 2}
+    assert found["diabetes3"][0] < 0.05 and found["diabetes3"][1] < 0.8  # chance is 1/3
+    assert found["moons"][0] > 0.1 and found["moons"][1] > 0.8
+    assert found["bc_adamw"][1] > 0.9 and found["digits_relu"][1] > 0.9
+
 def test_include_bias_logs_every_linear_bias(tmp_path):
     """--include-bias: the unprojected rows grow by exactly the model's bias parameters."""
     from benchmarks._quality_cases import CASES
