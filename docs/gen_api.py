@@ -29,6 +29,7 @@ SECTIONS = [
                       "logix.integrations.lightning.LogIXCallback"]),
     ("Evaluation", ["logix.evaluation.make_subsets", "logix.evaluation.lds",
                     "logix.evaluation.linear_datamodeling_score", "logix.evaluation.brittleness",
+                    "logix.evaluation.choose_damping", "logix.evaluation.DampingChoice",
                     "logix.evaluation.align_scores", "logix.evaluation.save_results",
                     "logix.evaluation.load_results"]),
     ("Dashboard", ["logix.dashboard.make_server", "logix.dashboard.serve",

@@ -6,6 +6,7 @@ training on example ``i`` lowers the loss of query ``q`` (helpful).
 
 from .align import align_scores
 from .brittleness import BrittlenessResult, brittleness
+from .damping_choice import DampingChoice, choose_damping
 from .lds import lds, linear_datamodeling_score, make_subsets, spearman
 from .results import load_results, save_results
 
@@ -13,6 +14,8 @@ __all__ = [
     "align_scores",
     "BrittlenessResult",
     "brittleness",
+    "choose_damping",
+    "DampingChoice",
     "lds",
     "linear_datamodeling_score",
     "load_results",

@@ -1,0 +1,159 @@
+"""Choosing the damping on the user's own model: the LDS of a grid of dampings, measured on a
+few retrainings. `damping="auto"` picks one without retraining, but no retraining-free rule we
+measured stays within 0.02 LDS of the best damping on every case (docs/concepts.md,
+"Damping"); this is how to check, and tune, for a model small enough to retrain 20 times."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+
+from logix.errors import UsageError
+from logix.progress import progress_bar
+
+from .align import align_scores
+from .lds import lds, linear_datamodeling_score
+
+GRID_STEPS = range(-6, 5)  # the default grid: auto's typical damping x 10^(k/2), 0.001x .. 100x
+BOOTSTRAP = 200  # resamples of the subsets behind `spread`
+AUTO = "auto"
+
+
+@dataclass
+class DampingChoice:
+    """What `choose_damping` measured, per candidate ("auto", whose per-module values are
+    `auto_damping`, then each number of the grid): `lds[d]`, the LDS with `damping=d` on the
+    retrained subsets, and `spread[d]`, its standard deviation over bootstrap resamples of
+    those subsets (how much the measurement itself moves). `best`: the candidate with the
+    highest LDS, to pass as `damping=`. `refused`: candidates the curvature refused (e.g. a
+    solve that does not converge at a tiny damping), with the reason; their LDS is NaN."""
+
+    best: Union[str, float]
+    lds: Dict[Union[str, float], float]
+    spread: Dict[Union[str, float], float]
+    auto_damping: Any = field(repr=False)
+    n_subsets: int = 0
+    seeds: Sequence[int] = ()
+    refused: Dict[float, str] = field(default_factory=dict)
+
+    @property
+    def auto_is_within_noise(self) -> bool:
+        """Whether auto's LDS is within two bootstrap deviations of the best candidate's."""
+        best, auto = self.best, AUTO
+        return self.lds[auto] >= self.lds[best] - 2 * max(self.spread[best], self.spread[auto])
+
+    def __str__(self) -> str:
+        lines = [f"LDS over {self.n_subsets} retrained subsets (seeds {list(self.seeds)}), "
+                 "+- bootstrap std over subsets:"]
+        for damping, value in self.lds.items():
+            name = damping if isinstance(damping, str) else f"{damping:.3g}"
+            mark = "  <- best" if damping == self.best else ""
+            if damping in self.refused:
+                lines.append(f"  {name:<9s} refused: {self.refused[damping]}")
+                continue
+            lines.append(f"  {name:<9s} {value:+.3f} +- {self.spread[damping]:.3f}{mark}")
+        verdict = ("auto is within noise of the best" if self.auto_is_within_noise else
+                   f"pass damping={self.best:.3g}: auto is more than two deviations below it")
+        return "\n".join(lines + [verdict])
+
+
+def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
+                   eval_fn: Callable[[Any], torch.Tensor], train_ids: Sequence, *,
+                   dampings: Optional[Sequence[float]] = None, hessian: Optional[str] = None,
+                   n_subsets: int = 20, seeds: Sequence[int] = (1,), fraction: float = 0.5,
+                   outputs_are: str = "loss", cache_dir=None,
+                   progress: bool = True) -> DampingChoice:
+    """The LDS of each damping in a grid (and of "auto") for these queries, from `n_subsets`
+    retrainings (`train_fn(indices, seed)` on each half subset, `eval_fn(model)` the queries'
+    outputs; as in `linear_datamodeling_score`, whose cache `cache_dir` is). `run` scores with
+    `run.compute_influence_all(query, hessian=hessian, damping=d)`; `train_ids` are the data ids
+    of the training examples in the order `train_fn` indexes them.
+
+    The grid defaults to 11 values from 0.001x to 100x the geometric mean of auto's per-module
+    dampings. Retrain with seeds other than the attributed run's: the LDS asks how models
+    trained from a new initialisation respond. With 20 subsets the chosen damping was within
+    0.031 LDS of the best on 50 subsets and other seeds on every case measured
+    (docs/concepts.md, "Damping"); fewer subsets pick noisily."""
+    if not hasattr(run, "compute_influence_all"):
+        raise UsageError(f"run must be a logix Run (with compute_influence_all), got "
+                         f"{type(run).__name__}.")
+    if n_subsets < 5:
+        raise UsageError(f"n_subsets={n_subsets}: the LDS of fewer than 5 retrained subsets "
+                         "cannot tell dampings apart; pass n_subsets >= 5 (20 recommended).")
+    seeds = tuple(seeds)
+
+    def scores(damping):
+        result = run.compute_influence_all(query, hessian=hessian, damping=damping,
+                                           progress=False)
+        return align_scores(result, train_ids), result["meta"]
+
+    auto_scores, meta = scores(AUTO)
+    auto_damping = meta.get("damping")
+    if dampings is None:
+        dampings = default_grid(auto_damping)
+    dampings = [_check_damping(d) for d in dampings]
+    retrained = linear_datamodeling_score(train_fn, eval_fn, auto_scores, n_subsets=n_subsets,
+                                          fraction=fraction, seeds=seeds, cache_dir=cache_dir,
+                                          outputs_are=outputs_are, progress=progress)
+    masks, outputs = retrained["subset_masks"], retrained["subset_outputs"]
+    resamples = torch.randint(0, n_subsets, (BOOTSTRAP, n_subsets),
+                              generator=torch.Generator().manual_seed(0))
+    picks = torch.nn.functional.one_hot(resamples, n_subsets).bool()  # [B, K, K]
+
+    def measure(matrix):
+        # each subset's summed scores once ([n_query, K]); a resample picks rows of them
+        sums = (masks.double() @ matrix.double().T).T
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # constant queries: NaN, left out
+            value = lds(matrix, masks, outputs, outputs_are)["lds"]
+            boots = [lds(sums, pick, outputs[r], outputs_are)["lds"]
+                     for pick, r in zip(picks, resamples)]
+        boots = torch.tensor([b for b in boots if not math.isnan(b)], dtype=torch.float64)
+        return value, float(boots.std()) if len(boots) > 1 else math.nan
+
+    values, spreads, refused = {}, {}, {}
+    values[AUTO], spreads[AUTO] = measure(auto_scores)
+    with progress_bar(len(dampings), "Damping grid", enabled=progress) as advance:
+        for damping in dampings:
+            try:
+                values[damping], spreads[damping] = measure(scores(damping)[0])
+            except UsageError as error:
+                values[damping] = spreads[damping] = math.nan
+                refused[damping] = str(error).split(". ")[0]
+            advance()
+    defined = {d: v for d, v in values.items() if not math.isnan(v)}
+    if not defined:
+        raise UsageError("the LDS is undefined at every damping: the queries' outputs (or the "
+                         "predictions) do not change across the retrained subsets; check "
+                         "eval_fn and train_fn.")
+    best = max(defined, key=defined.get)
+    return DampingChoice(best, values, spreads, auto_damping, n_subsets, seeds, refused)
+
+
+def default_grid(auto_damping) -> list:
+    """0.001x to 100x (half-decade steps) the geometric mean of auto's per-module dampings."""
+    found = [v for v in _numbers(auto_damping) if v > 0]
+    if not found:
+        raise UsageError("damping='auto' reported no damping for these settings (hessian "
+                         "'none' uses none); pass hessian= a curvature kind, or dampings=.")
+    centre = math.exp(sum(math.log(v) for v in found) / len(found))
+    return [centre * 10 ** (k / 2) for k in GRID_STEPS]
+
+
+def _numbers(value):
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield float(value)
+
+
+def _check_damping(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or not math.isfinite(value):
+        raise UsageError(f"dampings must be positive finite numbers, got {value!r}.")
+    return float(value)
