@@ -69,6 +69,9 @@ def test_each_dampings_lds_is_the_hand_computed_one(logged, tmp_path):
         assert choice.spread[damping] > 0 and math.isfinite(choice.spread[damping])
     assert choice.lds["auto"] == pytest.approx(lds(auto, masks, outputs)["lds"], abs=1e-12)
     assert choice.best == max(choice.lds, key=choice.lds.get)
+    noise = max(choice.spread[choice.best], choice.spread["auto"])
+    within = choice.lds["auto"] >= choice.lds[choice.best] - noise
+    assert choice.recommended == ("auto" if within else choice.best)
     assert choice.n_subsets == 8 and tuple(choice.seeds) == (1,)
     text = str(choice)
     assert "<- best" in text and "auto" in text
@@ -105,3 +108,17 @@ def test_a_damping_the_curvature_refuses_is_reported_not_raised(logged, tmp_path
     assert math.isnan(choice.lds[1e-30]) and not math.isnan(choice.lds[0.1])
     assert choice.best in ("auto", 0.1)
     assert "refused: " in str(choice)
+
+
+def test_the_benchmark_table_summarises_gaps_per_k():
+    from benchmarks import damping_choice as bench
+
+    def row(k, recommended, chosen, auto):
+        return {"case": "c", "kind": "auto", "rows": "full", "k": k, "recommended": "auto",
+                "best": 0.1, "best_lds": 0.5, "recommended_lds": recommended,
+                "chosen_lds": chosen, "auto_lds": auto}
+
+    table = bench.render([row(10, 0.49, 0.45, 0.49), row(10, 0.47, 0.5, 0.40)])
+    assert "| 10 | recommended | 0.020 | 0.030 | 1 of 2 |" in table
+    assert "| 10 | chosen | 0.025 | 0.050 | 1 of 2 |" in table
+    assert "| 10 | auto | 0.055 | 0.100 | 1 of 2 |" in table
