@@ -105,3 +105,39 @@ def test_a_damping_the_curvature_refuses_is_reported_not_raised(logged, tmp_path
     assert math.isnan(choice.lds[1e-30]) and not math.isnan(choice.lds[0.1])
     assert choice.best in ("auto", 0.1)
     assert "refused: " in str(choice)
+
+
+def test_auto_is_judged_on_its_paired_gap_to_the_best():
+    # "auto" scores = the exact influence plus noise; retraining outputs follow the exact
+    # influence plus noise of their own. Each candidate's LDS moves a lot across resamples,
+    # but both move together, so their difference is measured far more tightly.
+    n, n_query, noise_auto, noise_outputs = 40, 12, 0.3, 3.0
+    g = torch.Generator().manual_seed(0)
+    exact, noise = torch.randn(n_query, n, generator=g), torch.randn(n_query, n, generator=g)
+
+    class Scorer:
+        def compute_influence_all(self, query, hessian=None, damping=None, progress=False):
+            scores = exact + (noise_auto * noise if damping == "auto" else 0.0)
+            return {"influence": scores, "tgt_ids": list(range(n)),
+                    "meta": {"damping": {"layer": 0.1}}}
+
+    def train_mask(indices, seed):
+        mask = torch.zeros(n)
+        mask[indices] = 1.0
+        return mask
+
+    def outputs(mask):
+        own = torch.Generator().manual_seed(int(mask @ torch.arange(n, dtype=torch.float32)))
+        return -(exact @ mask) + noise_outputs * torch.randn(n_query, generator=own)
+
+    choice = choose_damping(Scorer(), None, train_mask, outputs, range(n), dampings=[1.0],
+                            n_subsets=12, progress=False)
+    gap = choice.lds[1.0] - choice.lds["auto"]
+    assert choice.best == 1.0
+    assert gap <= 2 * max(choice.spread[1.0], choice.spread["auto"])  # unpaired: "noise"
+    paired = choice.bootstrap[1.0] - choice.bootstrap["auto"]
+    assert choice.gap_spread == pytest.approx(float(paired.std()))
+    assert choice.spread["auto"] == pytest.approx(float(choice.bootstrap["auto"].std()))
+    assert gap > 2 * choice.gap_spread and not choice.auto_is_within_noise
+    assert str(choice).endswith(f"pass damping=1: auto is {gap:.3f} below the best, +- "
+                                f"{choice.gap_spread:.3f} paired bootstrap std")

@@ -30,7 +30,9 @@ class DampingChoice:
     retrained subsets, and `spread[d]`, its standard deviation over bootstrap resamples of
     those subsets (how much the measurement itself moves). `best`: the candidate with the
     highest LDS, to pass as `damping=`. `refused`: candidates the curvature refused (e.g. a
-    solve that does not converge at a tiny damping), with the reason; their LDS is NaN."""
+    solve that does not converge at a tiny damping), with the reason; their LDS is NaN.
+    `bootstrap[d]`: the LDS of each bootstrap resample (the same resamples for every
+    candidate, so two candidates' difference is measured pair by pair)."""
 
     best: Union[str, float]
     lds: Dict[Union[str, float], float]
@@ -39,12 +41,23 @@ class DampingChoice:
     n_subsets: int = 0
     seeds: Sequence[int] = ()
     refused: Dict[float, str] = field(default_factory=dict)
+    bootstrap: Dict[Union[str, float], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def gap_spread(self) -> float:
+        """The bootstrap std of LDS(best) - LDS(auto), resample by resample: both are measured
+        on the same subsets, so most of each one's own spread cancels in their difference."""
+        gap = self.bootstrap[self.best] - self.bootstrap[AUTO]
+        gap = gap[~gap.isnan()]
+        return float(gap.std()) if len(gap) > 1 else math.nan
 
     @property
     def auto_is_within_noise(self) -> bool:
-        """Whether auto's LDS is within two bootstrap deviations of the best candidate's."""
-        best, auto = self.best, AUTO
-        return self.lds[auto] >= self.lds[best] - 2 * max(self.spread[best], self.spread[auto])
+        """Whether auto's LDS is within two deviations of the best candidate's, the deviation
+        of their paired difference (`gap_spread`)."""
+        if self.best == AUTO:
+            return True
+        return self.lds[AUTO] >= self.lds[self.best] - 2 * self.gap_spread
 
     def __str__(self) -> str:
         lines = [f"LDS over {self.n_subsets} retrained subsets (seeds {list(self.seeds)}), "
@@ -56,8 +69,13 @@ class DampingChoice:
                 lines.append(f"  {name:<9s} refused: {self.refused[damping]}")
                 continue
             lines.append(f"  {name:<9s} {value:+.3f} +- {self.spread[damping]:.3f}{mark}")
-        verdict = ("auto is within noise of the best" if self.auto_is_within_noise else
-                   f"pass damping={self.best:.3g}: auto is more than two deviations below it")
+        if self.best == AUTO:
+            verdict = "auto is the best"
+        else:
+            gap = (f"{self.lds[self.best] - self.lds[AUTO]:.3f} below the best, +- "
+                   f"{self.gap_spread:.3f} paired bootstrap std")
+            verdict = (f"auto is within noise of the best ({gap})" if self.auto_is_within_noise
+                       else f"pass damping={self.best:.3g}: auto is {gap}")
         return "\n".join(lines + [verdict])
 
 
@@ -110,17 +128,18 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # constant queries: NaN, left out
             value = lds(matrix, masks, outputs, outputs_are)["lds"]
-            boots = [lds(sums, pick, outputs[r], outputs_are)["lds"]
-                     for pick, r in zip(picks, resamples)]
-        boots = torch.tensor([b for b in boots if not math.isnan(b)], dtype=torch.float64)
-        return value, float(boots.std()) if len(boots) > 1 else math.nan
+            boots = torch.tensor([lds(sums, pick, outputs[r], outputs_are)["lds"]
+                                  for pick, r in zip(picks, resamples)], dtype=torch.float64)
+        defined = boots[~boots.isnan()]
+        return value, float(defined.std()) if len(defined) > 1 else math.nan, boots
 
-    values, spreads, refused = {}, {}, {}
-    values[AUTO], spreads[AUTO] = measure(auto_scores)
+    values, spreads, refused, bootstrap = {}, {}, {}, {}
+    values[AUTO], spreads[AUTO], bootstrap[AUTO] = measure(auto_scores)
     with progress_bar(len(dampings), "Damping grid", enabled=progress) as advance:
         for damping in dampings:
             try:
-                values[damping], spreads[damping] = measure(scores(damping)[0])
+                values[damping], spreads[damping], bootstrap[damping] = \
+                    measure(scores(damping)[0])
             except UsageError as error:
                 values[damping] = spreads[damping] = math.nan
                 refused[damping] = str(error).split(". ")[0]
@@ -131,7 +150,8 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
                          "predictions) do not change across the retrained subsets; check "
                          "eval_fn and train_fn.")
     best = max(defined, key=defined.get)
-    return DampingChoice(best, values, spreads, auto_damping, n_subsets, seeds, refused)
+    return DampingChoice(best, values, spreads, auto_damping, n_subsets, seeds, refused,
+                         bootstrap)
 
 
 def default_grid(auto_damping) -> list:
