@@ -141,3 +141,27 @@ def test_auto_is_judged_on_its_paired_gap_to_the_best():
     assert gap > 2 * choice.gap_spread and not choice.auto_is_within_noise
     assert str(choice).endswith(f"pass damping=1: auto is {gap:.3f} below the best, +- "
                                 f"{choice.gap_spread:.3f} paired bootstrap std")
+
+
+def test_arguments_that_would_measure_the_wrong_thing_are_refused_before_retraining(logged):
+    run, query = logged
+
+    def never(indices, seed):
+        raise AssertionError("retrained")
+
+    refused = {  # the message says what was wrong and what to pass
+        "not among them": dict(train_ids=range(N - 4)),  # 4 logged examples never retrained
+        "were not logged": dict(train_ids=range(N + 2)),
+        "train_ids=range": dict(train_ids=N),
+        "e.g. n_subsets=20": dict(n_subsets="20"),
+        "e.g. seeds=": dict(seeds=1),
+        "list of positive numbers": dict(dampings=1e-3),
+        "got '0.1'": dict(dampings="0.1"),  # not read as the dampings '0', '.' and '1'
+        "leaves only 'auto'": dict(dampings=[]),
+    }
+    for message, arguments in refused.items():
+        arguments = {"train_ids": range(N), **arguments}
+        with pytest.raises(UsageError, match=message):
+            choose_damping(run, query, never, eval_fn, progress=False, **arguments)
+    with pytest.raises(UsageError, match=r"4 logged examples .* \[20, 21, 22, 23\]"):
+        choose_damping(run, query, never, eval_fn, range(N - 4))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from logix.errors import UsageError
 from logix.progress import progress_bar
+from logix.storage.data_ids import normalize_data_ids
 
 from .align import align_scores
 from .lds import lds, linear_datamodeling_score
@@ -89,7 +90,8 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
     retrainings (`train_fn(indices, seed)` on each half subset, `eval_fn(model)` the queries'
     outputs; as in `linear_datamodeling_score`, whose cache `cache_dir` is). `run` scores with
     `run.compute_influence_all(query, hessian=hessian, damping=d)`; `train_ids` are the data ids
-    of the training examples in the order `train_fn` indexes them.
+    of every logged training example, each once, in the order `train_fn` indexes them
+    (`range(n)` when the ids were the dataset positions).
 
     The grid defaults to 11 values from 0.001x to 100x the geometric mean of auto's per-module
     dampings. Retrain with seeds other than the attributed run's: the LDS asks how models
@@ -99,21 +101,21 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
     if not hasattr(run, "compute_influence_all"):
         raise UsageError(f"run must be a logix Run (with compute_influence_all), got "
                          f"{type(run).__name__}.")
-    if n_subsets < 5:
-        raise UsageError(f"n_subsets={n_subsets}: the LDS of fewer than 5 retrained subsets "
-                         "cannot tell dampings apart; pass n_subsets >= 5 (20 recommended).")
+    _check_arguments(n_subsets, seeds, train_ids)
     seeds = tuple(seeds)
+    dampings = None if dampings is None else _check_dampings(dampings)
 
     def scores(damping):
-        result = run.compute_influence_all(query, hessian=hessian, damping=damping,
-                                           progress=False)
-        return align_scores(result, train_ids), result["meta"]
+        return align_scores(run.compute_influence_all(query, hessian=hessian, damping=damping,
+                                                      progress=False), train_ids)
 
-    auto_scores, meta = scores(AUTO)
-    auto_damping = meta.get("damping")
+    auto_result = run.compute_influence_all(query, hessian=hessian, damping=AUTO,
+                                            progress=False)
+    _check_train_ids(train_ids, auto_result["tgt_ids"])
+    auto_scores = align_scores(auto_result, train_ids)
+    auto_damping = auto_result["meta"].get("damping")
     if dampings is None:
         dampings = default_grid(auto_damping)
-    dampings = [_check_damping(d) for d in dampings]
     retrained = linear_datamodeling_score(train_fn, eval_fn, auto_scores, n_subsets=n_subsets,
                                           fraction=fraction, seeds=seeds, cache_dir=cache_dir,
                                           outputs_are=outputs_are, progress=progress)
@@ -139,7 +141,7 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
         for damping in dampings:
             try:
                 values[damping], spreads[damping], bootstrap[damping] = \
-                    measure(scores(damping)[0])
+                    measure(scores(damping))
             except UsageError as error:
                 values[damping] = spreads[damping] = math.nan
                 refused[damping] = str(error).split(". ")[0]
@@ -170,6 +172,49 @@ def _numbers(value):
             yield from _numbers(item)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         yield float(value)
+
+
+def _check_arguments(n_subsets, seeds, train_ids) -> None:
+    if isinstance(n_subsets, bool) or not isinstance(n_subsets, int):
+        raise UsageError(f"n_subsets must be an int, got {n_subsets!r}; e.g. n_subsets=20.")
+    if n_subsets < 5:
+        raise UsageError(f"n_subsets={n_subsets}: the LDS of fewer than 5 retrained subsets "
+                         "cannot tell dampings apart; pass n_subsets >= 5 (20 recommended).")
+    if isinstance(seeds, (int, str)):
+        raise UsageError(f"seeds must be a sequence of ints, got {seeds!r}; e.g. seeds=(1,).")
+    if isinstance(train_ids, int):
+        raise UsageError(f"train_ids={train_ids} is a single id; pass the data id of every "
+                         f"training example, e.g. train_ids=range({train_ids}).")
+
+
+def _check_train_ids(train_ids, logged_ids) -> None:
+    """train_ids must name every logged training example once: retraining on half subsets of
+    fewer examples than the attributed model saw measures some other model."""
+    wanted = normalize_data_ids(train_ids)
+    logged = set(logged_ids)
+    unknown = [i for i in wanted if i not in logged]
+    left_out = sorted(logged - set(wanted), key=lambda i: (isinstance(i, str), i))
+    if unknown or left_out:
+        problems = []
+        if unknown:
+            problems.append(f"{len(unknown)} of them were not logged (e.g. {unknown[:5]})")
+        if left_out:
+            problems.append(f"{len(left_out)} logged examples are not among them (e.g. "
+                            f"{left_out[:5]})")
+        raise UsageError(f"train_ids ({len(wanted)} ids) must be the data ids of the "
+                         f"{len(logged)} logged training examples, each once, in the order "
+                         f"train_fn indexes them: {'; '.join(problems)}.")
+
+
+def _check_dampings(dampings) -> list:
+    if isinstance(dampings, (str, bytes)) or not isinstance(dampings, Iterable):
+        raise UsageError(f"dampings must be a list of positive numbers, got {dampings!r}; "
+                         "e.g. dampings=[1e-4, 1e-3], or None for the default grid.")
+    dampings = [_check_damping(d) for d in dampings]
+    if not dampings:
+        raise UsageError("dampings=[] leaves only 'auto', with nothing to compare it to; pass "
+                         "some dampings, or None for the default grid.")
+    return dampings
 
 
 def _check_damping(value) -> float:
