@@ -71,7 +71,10 @@ def test_each_dampings_lds_is_the_hand_computed_one(logged, tmp_path):
     assert choice.best == max(choice.lds, key=choice.lds.get)
     assert choice.n_subsets == 8 and tuple(choice.seeds) == (1,)
     text = str(choice)
-    assert "<- best" in text and "auto" in text
+    assert "<- best" in text
+    used = sorted(v for v in choice.auto_damping.values())  # the row says what auto used
+    assert f"  auto      {choice.lds['auto']:+.3f} +- {choice.spread['auto']:.3f}" in text
+    assert f"(damping {used[0]:.3g} to {used[-1]:.3g} across modules)" in text
 
 
 def test_the_default_grid_spans_auto():

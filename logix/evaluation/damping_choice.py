@@ -60,6 +60,13 @@ class DampingChoice:
             return True
         return self.lds[AUTO] >= self.lds[self.best] - 2 * self.gap_spread
 
+    def _auto_range(self) -> str:
+        found = sorted(_numbers(self.auto_damping))
+        if not found:
+            return "none"
+        low, high = f"{found[0]:.3g}", f"{found[-1]:.3g}"
+        return low if low == high else f"{low} to {high} across modules"
+
     def __str__(self) -> str:
         lines = [f"LDS over {self.n_subsets} retrained subsets (seeds {list(self.seeds)}), "
                  "+- bootstrap std over subsets:"]
@@ -69,7 +76,8 @@ class DampingChoice:
             if damping in self.refused:
                 lines.append(f"  {name:<9s} refused: {self.refused[damping]}")
                 continue
-            lines.append(f"  {name:<9s} {value:+.3f} +- {self.spread[damping]:.3f}{mark}")
+            used = f"  (damping {self._auto_range()})" if damping == AUTO else ""
+            lines.append(f"  {name:<9s} {value:+.3f} +- {self.spread[damping]:.3f}{mark}{used}")
         if self.best == AUTO:
             verdict = "auto is the best"
         else:
