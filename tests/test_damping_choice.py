@@ -168,3 +168,28 @@ def test_arguments_that_would_measure_the_wrong_thing_are_refused_before_retrain
             choose_damping(run, query, never, eval_fn, progress=False, **arguments)
     with pytest.raises(UsageError, match=r"4 logged examples .* \[20, 21, 22, 23\]"):
         choose_damping(run, query, never, eval_fn, range(N - 4))
+
+
+def test_a_cache_of_other_queries_is_refused(new_run, tmp_path):
+    x, y = data()
+    run = new_run("choice-cache")
+    model = train_fn(torch.arange(N), 0)
+    run.watch(model)
+    run.setup({"grad": ["log", "covariance"]})
+    run, first = log_classifier(run, model, x, y, batch=6, query_scale=1.0)
+    with run(data_id=["other0", "other1", "other2"]):  # as many queries, other examples
+        F.cross_entropy(model(x[3:6]), y[3:6], reduction="sum").backward()
+    other = run.get_log(copy=True)
+    cache = tmp_path / "cache"
+    choose_damping(run, first, train_fn, eval_fn, range(N), dampings=[0.1], n_subsets=5,
+                   cache_dir=cache, progress=False)
+
+    def never(indices, seed):
+        raise AssertionError("retrained")
+
+    with pytest.raises(UsageError, match=r"other queries .*'q0'.*'other0'.*another cache_dir"):
+        choose_damping(run, other, never, eval_fn, range(N), dampings=[0.1], n_subsets=5,
+                       cache_dir=cache, progress=False)
+    again = choose_damping(run, first, never, eval_fn, range(N), dampings=[0.1], n_subsets=5,
+                           cache_dir=cache, progress=False)  # the same queries: all cached
+    assert math.isfinite(again.lds[0.1])

@@ -5,9 +5,11 @@ measured stays within 0.02 LDS of the best damping on every case (docs/concepts.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from logix.errors import UsageError
 from logix.progress import progress_bar
 from logix.storage.data_ids import normalize_data_ids
+from logix.storage.format import atomic_file
 
 from .align import align_scores
 from .lds import lds, linear_datamodeling_score
@@ -22,6 +25,7 @@ from .lds import lds, linear_datamodeling_score
 GRID_STEPS = range(-6, 5)  # the default grid: auto's typical damping x 10^(k/2), 0.001x .. 100x
 BOOTSTRAP = 200  # resamples of the subsets behind `spread`
 AUTO = "auto"
+QUERIES_FILE = "choose_damping_queries.json"  # in cache_dir, beside the LDS cache
 
 
 @dataclass
@@ -105,7 +109,10 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
     dampings. Retrain with seeds other than the attributed run's: the LDS asks how models
     trained from a new initialisation respond. With 20 subsets the chosen damping was within
     0.031 LDS of the best on 50 subsets and other seeds on every case measured
-    (docs/concepts.md, "Damping"); fewer subsets pick noisily."""
+    (docs/concepts.md, "Damping"); fewer subsets pick noisily.
+
+    `cache_dir` remembers the queries' data ids and refuses other queries, but it cannot tell
+    whether `train_fn` or `eval_fn` changed: use a new folder when they do."""
     if not hasattr(run, "compute_influence_all"):
         raise UsageError(f"run must be a logix Run (with compute_influence_all), got "
                          f"{type(run).__name__}.")
@@ -124,6 +131,8 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
     auto_damping = auto_result["meta"].get("damping")
     if dampings is None:
         dampings = default_grid(auto_damping)
+    if cache_dir is not None:
+        _check_cache_queries(cache_dir, auto_result["src_ids"])
     retrained = linear_datamodeling_score(train_fn, eval_fn, auto_scores, n_subsets=n_subsets,
                                           fraction=fraction, seeds=seeds, cache_dir=cache_dir,
                                           outputs_are=outputs_are, progress=progress)
@@ -212,6 +221,24 @@ def _check_train_ids(train_ids, logged_ids) -> None:
         raise UsageError(f"train_ids ({len(wanted)} ids) must be the data ids of the "
                          f"{len(logged)} logged training examples, each once, in the order "
                          f"train_fn indexes them: {'; '.join(problems)}.")
+
+
+def _check_cache_queries(cache_dir, query_ids) -> None:
+    """The retrained outputs in cache_dir are those of one set of queries: record their ids
+    on first use and refuse others (the LDS cache itself checks only their number)."""
+    path = Path(cache_dir) / QUERIES_FILE
+    query_ids = list(query_ids)
+    if path.exists():
+        stored = json.loads(path.read_text())["query_ids"]
+        if stored != query_ids:
+            raise UsageError(f"cache_dir {str(cache_dir)!r} holds retrainings measured for "
+                             f"other queries ({len(stored)} ids, e.g. {stored[:3]}; these are "
+                             f"{len(query_ids)}, e.g. {query_ids[:3]}): use another cache_dir, "
+                             "or delete it.")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write(json.dumps({"query_ids": query_ids}).encode())
 
 
 def _check_dampings(dampings) -> list:
