@@ -110,11 +110,9 @@ def test_a_damping_the_curvature_refuses_is_reported_not_raised(logged, tmp_path
     assert "refused: " in str(choice)
 
 
-def test_auto_is_judged_on_its_paired_gap_to_the_best():
-    # "auto" scores = the exact influence plus noise; retraining outputs follow the exact
-    # influence plus noise of their own. Each candidate's LDS moves a lot across resamples,
-    # but both move together, so their difference is measured far more tightly.
-    n, n_query, noise_auto, noise_outputs = 40, 12, 0.3, 3.0
+def synthetic(n, n_query, noise_auto, noise_outputs):
+    """A scorer whose damping=1 scores are the exact influence and whose "auto" scores add
+    noise, and retrained outputs that follow the exact influence plus noise of their own."""
     g = torch.Generator().manual_seed(0)
     exact, noise = torch.randn(n_query, n, generator=g), torch.randn(n_query, n, generator=g)
 
@@ -122,6 +120,7 @@ def test_auto_is_judged_on_its_paired_gap_to_the_best():
         def compute_influence_all(self, query, hessian=None, damping=None, progress=False):
             scores = exact + (noise_auto * noise if damping == "auto" else 0.0)
             return {"influence": scores, "tgt_ids": list(range(n)),
+                    "src_ids": [f"q{i}" for i in range(n_query)],
                     "meta": {"damping": {"layer": 0.1}}}
 
     def train_mask(indices, seed):
@@ -133,7 +132,15 @@ def test_auto_is_judged_on_its_paired_gap_to_the_best():
         own = torch.Generator().manual_seed(int(mask @ torch.arange(n, dtype=torch.float32)))
         return -(exact @ mask) + noise_outputs * torch.randn(n_query, generator=own)
 
-    choice = choose_damping(Scorer(), None, train_mask, outputs, range(n), dampings=[1.0],
+    return Scorer(), train_mask, outputs
+
+
+def test_auto_is_judged_on_its_paired_gap_to_the_best():
+    # Each candidate's LDS moves a lot across resamples, but both move together, so their
+    # difference is measured far more tightly.
+    n = 40
+    scorer, train_mask, outputs = synthetic(n, 12, noise_auto=0.3, noise_outputs=3.0)
+    choice = choose_damping(scorer, None, train_mask, outputs, range(n), dampings=[1.0],
                             n_subsets=12, progress=False)
     gap = choice.lds[1.0] - choice.lds["auto"]
     assert choice.best == 1.0
@@ -193,3 +200,20 @@ def test_a_cache_of_other_queries_is_refused(new_run, tmp_path):
     again = choose_damping(run, first, never, eval_fn, range(N), dampings=[0.1], n_subsets=5,
                            cache_dir=cache, progress=False)  # the same queries: all cached
     assert math.isfinite(again.lds[0.1])
+
+
+def test_no_damping_is_recommended_when_no_lds_is_clearly_positive():
+    n = 40
+    scorer, train_mask, outputs = synthetic(n, 12, noise_auto=0.3, noise_outputs=3.0)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+    with pytest.warns(UserWarning, match="order train_fn indexes"):  # scores misaligned
+        choice = choose_damping(scorer, None, train_mask, outputs, shuffled, dampings=[1.0],
+                                n_subsets=12, progress=False)
+    best = choice.lds[choice.best]
+    assert best <= 2 * choice.spread[choice.best] and not choice.best_is_above_noise
+    assert str(choice).splitlines()[-1].startswith(
+        f"no candidate's LDS is clearly above 0 (the best: {best:+.3f} +- "
+        f"{choice.spread[choice.best]:.3f})")
+    aligned = choose_damping(scorer, None, train_mask, outputs, range(n), dampings=[1.0],
+                             n_subsets=12, progress=False)
+    assert aligned.best_is_above_noise

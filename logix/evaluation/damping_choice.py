@@ -25,6 +25,9 @@ from .lds import lds, linear_datamodeling_score
 GRID_STEPS = range(-6, 5)  # the default grid: auto's typical damping x 10^(k/2), 0.001x .. 100x
 BOOTSTRAP = 200  # resamples of the subsets behind `spread`
 AUTO = "auto"
+NOT_PREDICTIVE = ("the scores predict the retrained outputs at no damping, so none is chosen; "
+                  "check that train_ids are in the order train_fn indexes the examples and "
+                  "that eval_fn measures the logged queries")
 QUERIES_FILE = "choose_damping_queries.json"  # in cache_dir, beside the LDS cache
 
 
@@ -34,8 +37,10 @@ class DampingChoice:
     `auto_damping`, then each number of the grid): `lds[d]`, the LDS with `damping=d` on the
     retrained subsets, and `spread[d]`, its standard deviation over bootstrap resamples of
     those subsets (how much the measurement itself moves). `best`: the candidate with the
-    highest LDS, to pass as `damping=`. `refused`: candidates the curvature refused (e.g. a
-    solve that does not converge at a tiny damping), with the reason; their LDS is NaN.
+    highest LDS, to pass as `damping=` if `best_is_above_noise` (else no damping's scores
+    predict the retrained outputs, and choose_damping warns). `refused`: candidates the
+    curvature refused (e.g. a solve that does not converge at a tiny damping), with the
+    reason; their LDS is NaN.
     `bootstrap[d]`: the LDS of each bootstrap resample (the same resamples for every
     candidate, so two candidates' difference is measured pair by pair)."""
 
@@ -64,6 +69,12 @@ class DampingChoice:
             return True
         return self.lds[AUTO] >= self.lds[self.best] - 2 * self.gap_spread
 
+    @property
+    def best_is_above_noise(self) -> bool:
+        """Whether the best candidate's LDS is more than two bootstrap deviations above 0:
+        otherwise the scores do not predict the retrained outputs at any damping."""
+        return self.lds[self.best] > 2 * self.spread[self.best]
+
     def _auto_range(self) -> str:
         found = sorted(_numbers(self.auto_damping))
         if not found:
@@ -82,7 +93,11 @@ class DampingChoice:
                 continue
             used = f"  (damping {self._auto_range()})" if damping == AUTO else ""
             lines.append(f"  {name:<9s} {value:+.3f} +- {self.spread[damping]:.3f}{mark}{used}")
-        if self.best == AUTO:
+        if not self.best_is_above_noise:
+            verdict = (f"no candidate's LDS is clearly above 0 (the best: "
+                       f"{self.lds[self.best]:+.3f} +- {self.spread[self.best]:.3f}): "
+                       f"{NOT_PREDICTIVE}")
+        elif self.best == AUTO:
             verdict = "auto is the best"
         else:
             gap = (f"{self.lds[self.best] - self.lds[AUTO]:.3f} below the best, +- "
@@ -169,8 +184,13 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
                          "predictions) do not change across the retrained subsets; check "
                          "eval_fn and train_fn.")
     best = max(defined, key=defined.get)
-    return DampingChoice(best, values, spreads, auto_damping, n_subsets, seeds, refused,
-                         bootstrap)
+    choice = DampingChoice(best, values, spreads, auto_damping, n_subsets, seeds, refused,
+                           bootstrap)
+    if not choice.best_is_above_noise:
+        warnings.warn(f"choose_damping: no candidate's LDS is clearly above 0 (the best: "
+                      f"{values[best]:+.3f} +- {spreads[best]:.3f}): {NOT_PREDICTIVE}",
+                      stacklevel=2)
+    return choice
 
 
 def default_grid(auto_damping) -> list:
