@@ -3,7 +3,7 @@ case, curvature and projection, the damping it chooses from K retrained subsets 
 one the evaluation uses), scored by the LDS of quality.py (50 half subsets x the evaluation
 seeds) against the best damping of the same grid and against damping="auto".
 
-    python benchmarks/damping_choice.py                          # 11 cases, K = 20
+    python benchmarks/damping_choice.py                          # 12 cases, K = 20
     python benchmarks/damping_choice.py --cases mlp,moons --subsets-for-choice 10,20
     python benchmarks/damping_choice.py --kinds auto,ggn          # + the model's own GGN
 
@@ -31,7 +31,7 @@ from _quality_cases import CASES, N_TRAIN  # noqa: E402
 from logix.evaluation import choose_damping  # noqa: E402
 
 DEFAULT_CASES = ("mlp,cnn,breast_cancer,digits,staged,attn,digits_early,digits_mlp,diabetes3,"
-                 "moons,digits_relu")
+                 "moons,digits_relu,lm")
 CHOICE_SEED = 101
 
 
@@ -78,8 +78,6 @@ def measure(case, kind, label, init, rank, out, ks, seeds):
         best = max(grid, key=grid.get)
         rows.append({"case": case.name, "kind": kind, "rows": label, "k": k,
                      "chosen": choice.best, "chosen_lds": grid[choice.best],
-                     "recommended": choice.recommended,
-                     "recommended_lds": grid[choice.recommended],
                      "best": best, "best_lds": grid[best], "auto_lds": auto,
                      "auto_within_noise": choice.auto_is_within_noise,
                      "choice_lds": {name(d): v for d, v in choice.lds.items()},
@@ -87,8 +85,7 @@ def measure(case, kind, label, init, rank, out, ks, seeds):
                      "eval_lds": {name(d): v for d, v in grid.items()},
                      "choice_seconds": seconds})
         r = rows[-1]
-        print(f"{case.name:13s} {kind:4s} {label:8s} K={k:<3d} recommended "
-              f"{name(r['recommended'])} {r['recommended_lds']:.3f} | chosen {name(r['chosen'])} "
+        print(f"{case.name:13s} {kind:4s} {label:8s} K={k:<3d} chosen {name(r['chosen'])} "
               f"{r['chosen_lds']:.3f} | best {name(best)} {r['best_lds']:.3f} | auto "
               f"{auto:.3f} | chosen-best {r['chosen_lds'] - r['best_lds']:+.3f} auto-best "
               f"{auto - r['best_lds']:+.3f}", flush=True)
@@ -96,19 +93,18 @@ def measure(case, kind, label, init, rank, out, ks, seeds):
 
 
 def render(rows):
-    """Per row, the evaluated LDS of what choose_damping recommended, of its bare best and of
-    auto, each minus the best of the grid on the evaluation; then a summary per K."""
-    lines = ["| case | curvature | rows | K | recommended - best | chosen (best on K) - best | "
-             "auto - best | recommended | best |", "|---|---|---|---|---|---|---|---|---|"]
+    """Per row, the evaluated LDS of the damping choose_damping chose (its best on K subsets)
+    and of auto, each minus the best of the grid on the evaluation; then a summary per K."""
+    lines = ["| case | curvature | rows | K | chosen - best | auto - best | chosen | best |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['kind']} | {r['rows']} | {r['k']} | "
-                     f"{r['recommended_lds'] - r['best_lds']:+.3f} | "
                      f"{r['chosen_lds'] - r['best_lds']:+.3f} | "
-                     f"{r['auto_lds'] - r['best_lds']:+.3f} | {name(r['recommended'])} | "
+                     f"{r['auto_lds'] - r['best_lds']:+.3f} | {name(r['chosen'])} | "
                      f"{name(r['best'])} ({r['best_lds']:.3f}) |")
     lines += ["", "| K | what | mean gap to the best | largest | gaps > 0.02 |", "|---|---|---|---|---|"]
     for k in sorted({r["k"] for r in rows}):
-        for what in ("recommended", "chosen", "auto"):
+        for what in ("chosen", "auto"):
             gaps = [r["best_lds"] - r[f"{what}_lds"] for r in rows if r["k"] == k]
             lines.append(f"| {k} | {what} | {mean(gaps):.3f} | {max(gaps):.3f} | "
                          f"{sum(g > 0.02 for g in gaps)} of {len(gaps)} |")

@@ -71,7 +71,7 @@ def test_each_dampings_lds_is_the_hand_computed_one(logged, tmp_path):
     assert choice.best == max(choice.lds, key=choice.lds.get)
     gap = choice.bootstrap[choice.best] - choice.bootstrap["auto"]  # paired, per resample
     within = choice.lds["auto"] >= choice.lds[choice.best] - 2 * float(gap.std())
-    assert choice.recommended == ("auto" if within else choice.best)
+    assert choice.auto_is_within_noise == (choice.best == "auto" or within)
     assert choice.n_subsets == 8 and tuple(choice.seeds) == (1,)
     text = str(choice)
     assert "<- best" in text
@@ -116,13 +116,11 @@ def test_a_damping_the_curvature_refuses_is_reported_not_raised(logged, tmp_path
 def test_the_benchmark_table_summarises_gaps_per_k():
     from benchmarks import damping_choice as bench
 
-    def row(k, recommended, chosen, auto):
-        return {"case": "c", "kind": "auto", "rows": "full", "k": k, "recommended": "auto",
-                "best": 0.1, "best_lds": 0.5, "recommended_lds": recommended,
-                "chosen_lds": chosen, "auto_lds": auto}
+    def row(k, chosen, auto):
+        return {"case": "c", "kind": "auto", "rows": "full", "k": k, "chosen": 0.1,
+                "best": 0.1, "best_lds": 0.5, "chosen_lds": chosen, "auto_lds": auto}
 
-    table = bench.render([row(10, 0.49, 0.45, 0.49), row(10, 0.47, 0.5, 0.40)])
-    assert "| 10 | recommended | 0.020 | 0.030 | 1 of 2 |" in table
+    table = bench.render([row(10, 0.45, 0.49), row(10, 0.5, 0.40)])
     assert "| 10 | chosen | 0.025 | 0.050 | 1 of 2 |" in table
     assert "| 10 | auto | 0.055 | 0.100 | 1 of 2 |" in table
 
