@@ -102,7 +102,8 @@ def render(rows):
                      f"{r['chosen_lds'] - r['best_lds']:+.3f} | "
                      f"{r['auto_lds'] - r['best_lds']:+.3f} | {name(r['chosen'])} | "
                      f"{name(r['best'])} ({r['best_lds']:.3f}) |")
-    lines += ["", "| K | what | mean gap to the best | largest | gaps > 0.02 |", "|---|---|---|---|---|"]
+    lines += ["", "| K | what | mean gap to the best | largest | gaps > 0.02 |",
+              "|---|---|---|---|---|"]
     for k in sorted({r["k"] for r in rows}):
         for what in ("chosen", "auto"):
             gaps = [r["best_lds"] - r[f"{what}_lds"] for r in rows if r["k"] == k]

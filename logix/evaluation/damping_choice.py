@@ -38,8 +38,9 @@ class DampingChoice:
     retrained subsets, and `spread[d]`, its standard deviation over bootstrap resamples of
     those subsets (how much the measurement itself moves). `best`: the candidate with the
     highest LDS, what to pass as `damping=` when `best_is_above_noise` (else no damping's
-    scores predict the retrained outputs, and choose_damping warns). `refused`: candidates the curvature refused (e.g. a solve that does
-    not converge at a tiny damping), with the reason; their LDS is NaN.
+    scores predict the retrained outputs, and choose_damping warns). `refused`: candidates the
+    curvature refused (e.g. a solve that does not converge at a tiny damping), with the reason;
+    their LDS is NaN.
     `bootstrap[d]`: the LDS of each bootstrap resample (the same resamples for every
     candidate, so two candidates' difference is measured pair by pair)."""
 
