@@ -232,3 +232,15 @@ def test_no_damping_is_recommended_when_no_lds_is_clearly_positive():
     aligned = choose_damping(scorer, None, train_mask, outputs, range(n), dampings=[1.0],
                              n_subsets=12, progress=False)
     assert aligned.best_is_above_noise
+
+
+def test_the_example_runs_and_names_a_damping(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "choose_damping.py"
+    out = subprocess.run([sys.executable, str(example), "--root", str(tmp_path), "--subsets",
+                          "6"], capture_output=True, text=True, check=True).stdout
+    assert "LDS over 6 retrained subsets" in out and "<- best" in out
+    assert "its most helpful training wines are" in out
