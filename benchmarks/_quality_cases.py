@@ -400,7 +400,8 @@ class MoonsCase(Case):
 class BreastCancerAdamWCase(BreastCancerCase):
     """breast_cancer drawn with another seed into a narrower ReLU MLP (30-16-16-2), AdamW with
     weight decay 0.05 for 100 steps. It gets every query right, most so confidently that their
-    float32 losses are 0 in every retraining: the LDS counts the 17 of 40 that vary."""
+    float32 losses are 0 in every retraining: the LDS counts only those whose loss varies
+    (about 17 of 40)."""
     name = "bc_adamw"
     steps, lr = 100, 0.01
 
