@@ -473,6 +473,10 @@ def run_case(case, out_dir, subsets, seeds, n_brittle, peers, magic=False, inclu
     cache = out_dir / "cache" / case.name
     rows = []
     for name, (scores, size, extra) in grid.items():
+        if not torch.isfinite(scores).all():  # a peer's (or a setting's) failure, not a crash
+            errors[name] = "its scores contain NaN or inf"
+            print(f"{case.name}: {name}: {errors[name]}")
+            continue
         per_seed = evaluate(case, scores, cache, subsets, seeds)
         row = {"case": case.name, "config": name, "bytes": size,
                "lds": sum(per_seed) / len(per_seed), "lds_std": std(per_seed),
