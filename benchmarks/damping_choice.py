@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402
@@ -52,8 +51,7 @@ def measure(case, kind, label, init, rank, out, ks, seeds):
     test = Q.query_log(run, case, model)
     hessian = None
     if kind == "ggn":
-        run.add_curvature_source(model, lambda o, b: F.cross_entropy(o, b[1]),
-                                 [(case.x, case.y)], forward=lambda f, b: case.logits(f, b[0]))
+        Q.add_curvature_source(run, case, model)
         hessian = "ggn"
     cache = out / "cache" / case.name
 

@@ -273,13 +273,19 @@ def score_grid(case, model, root, include_bias=False):
 MODEL_HESSIAN_DAMPINGS = ("auto", 0.01, 0.1, 1.0)
 
 
+def add_curvature_source(run, case, model):
+    """The case's training set as the run's curvature source (one batch, its mean
+    cross-entropy), for the hessian / ggn kinds."""
+    run.add_curvature_source(model, lambda out, batch: F.cross_entropy(out, batch[1]),
+                             [(case.x, case.y)], forward=lambda f, b: case.logits(f, b[0]))
+
+
 def model_hessian_rows(case, model, run, test, label):
     """hessian / ggn (CG with Hessian-vector products over the training set, one batch) at the
     default damping and at absolute dampings 0.01, 0.1 (the peers' default sweep point) and 1
     (rows " aX"). A setting the solver refuses (an indefinite Hessian, no convergence in 500
     iterations) gives no row; the reason is printed."""
-    run.add_curvature_source(model, lambda out, batch: F.cross_entropy(out, batch[1]),
-                             [(case.x, case.y)], forward=lambda f, b: case.logits(f, b[0]))
+    add_curvature_source(run, case, model)
     out = {}
     for hessian in ("ggn", "hessian"):
         for damping in MODEL_HESSIAN_DAMPINGS:
