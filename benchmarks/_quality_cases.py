@@ -291,6 +291,11 @@ def sklearn_split(load, seed):
     return x[train], y[train], x[query], y[query]
 
 
+def standardised(x, qx):
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    return (x - mean) / scale, (qx - mean) / scale
+
+
 class BreastCancerCase(Case):
     """Wisconsin breast cancer (30 features, 2 classes), standardised on the training part;
     MLP 30-32-32-2 (tanh)."""
@@ -298,8 +303,8 @@ class BreastCancerCase(Case):
 
     def data(self):
         x, y, qx, qy = sklearn_split("load_breast_cancer", 3)
-        mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
-        return (x - mean) / scale, y, (qx - mean) / scale, qy
+        x, qx = standardised(x, qx)
+        return x, y, qx, qy
 
     def model(self):
         return nn.Sequential(nn.Linear(30, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
@@ -345,11 +350,6 @@ class DigitsMLPCase(DigitsCase):
 
     def optimizer(self, params):
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
-
-
-def standardised(x, qx):
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
-    return (x - mean) / scale, (qx - mean) / scale
 
 
 class DiabetesCase(Case):
