@@ -136,12 +136,11 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
     seeds = tuple(seeds)
     dampings = None if dampings is None else _check_dampings(dampings)
 
-    def scores(damping):
-        return align_scores(run.compute_influence_all(query, hessian=hessian, damping=damping,
-                                                      progress=False), train_ids)
+    def influence(damping):
+        return run.compute_influence_all(query, hessian=hessian, damping=damping,
+                                         progress=False)
 
-    auto_result = run.compute_influence_all(query, hessian=hessian, damping=AUTO,
-                                            progress=False)
+    auto_result = influence(AUTO)
     _check_train_ids(train_ids, auto_result["tgt_ids"])
     auto_scores = align_scores(auto_result, train_ids)
     auto_damping = auto_result["meta"].get("damping")
@@ -156,13 +155,15 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
     resamples = torch.randint(0, n_subsets, (BOOTSTRAP, n_subsets),
                               generator=torch.Generator().manual_seed(0))
     picks = torch.nn.functional.one_hot(resamples, n_subsets).bool()  # [B, K, K]
+    every = torch.eye(n_subsets, dtype=torch.bool)
 
     def measure(matrix):
-        # each subset's summed scores once ([n_query, K]); a resample picks rows of them
+        # each subset's summed scores once ([n_query, K]); the LDS and every resample pick
+        # subsets (rows of the masks) from them
         sums = (masks.double() @ matrix.double().T).T
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # constant queries: NaN, left out
-            value = lds(matrix, masks, outputs, outputs_are)["lds"]
+            value = lds(sums, every, outputs, outputs_are)["lds"]
             boots = torch.tensor([lds(sums, pick, outputs[r], outputs_are)["lds"]
                                   for pick, r in zip(picks, resamples)], dtype=torch.float64)
         defined = boots[~boots.isnan()]
@@ -174,7 +175,7 @@ def choose_damping(run, query, train_fn: Callable[[torch.Tensor, int], Any],
         for damping in dampings:
             try:
                 values[damping], spreads[damping], bootstrap[damping] = \
-                    measure(scores(damping))
+                    measure(align_scores(influence(damping), train_ids))
             except UsageError as error:
                 values[damping] = spreads[damping] = math.nan
                 refused[damping] = str(error).split(". ")[0]
